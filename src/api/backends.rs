@@ -1,0 +1,91 @@
+//! Backend routes: the farm as the database sees it, and the operator's controls.
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::{ApiError, AppState};
+use crate::store::BackendRecord;
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/backends", get(list_backends))
+        .route("/api/backends/{id}", get(get_backend))
+        .route("/api/backends/{id}/enable", post(enable_backend))
+        .route("/api/backends/{id}/disable", post(disable_backend))
+        .route("/api/backends/{id}/drain", post(drain_backend))
+}
+
+/// The configured backends.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BackendList {
+    /// By id.
+    pub backends: Vec<BackendRecord>,
+    /// A sentence when the list is empty or nothing can take jobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The configured backends with their state.
+#[utoipa::path(get, path = "/api/backends", tag = "backends", responses((status = 200, body = BackendList)))]
+pub(super) async fn list_backends(State(state): State<AppState>) -> Result<Json<BackendList>, ApiError> {
+    let backends = state.store.backends().await?;
+    let message = if backends.is_empty() {
+        Some("no backends are configured: jobs wait in the queue until one is added to the config".into())
+    } else if !backends.iter().any(|b| b.accepting_jobs) {
+        Some("no backend is accepting jobs now (offline, disabled or draining)".into())
+    } else {
+        None
+    };
+    Ok(Json(BackendList { backends, message }))
+}
+
+/// One backend.
+#[utoipa::path(
+    get,
+    path = "/api/backends/{id}",
+    tag = "backends",
+    params(("id" = String, Path, description = "Backend id")),
+    responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody))
+)]
+pub(super) async fn get_backend(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BackendRecord>, ApiError> {
+    state
+        .store
+        .backend(&id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("backend `{id}`")))
+}
+
+async fn set_admin(state: AppState, id: String, admin: &'static str) -> Result<Json<BackendRecord>, ApiError> {
+    state.store.set_backend_admin_state(&id, admin).await?;
+    tracing::info!(backend_id = %id, admin_state = admin, "backend admin state changed");
+    state.wake.notify_waiters();
+    get_backend(State(state), Path(id)).await
+}
+
+/// Let the backend take jobs again (kept across restarts).
+#[utoipa::path(post, path = "/api/backends/{id}/enable", tag = "backends",
+    params(("id" = String, Path, description = "Backend id")),
+    responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody)))]
+pub(super) async fn enable_backend(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BackendRecord>, ApiError> {
+    set_admin(state, id, "enabled").await
+}
+
+/// Take no new jobs; what it has keeps running (kept across restarts).
+#[utoipa::path(post, path = "/api/backends/{id}/disable", tag = "backends",
+    params(("id" = String, Path, description = "Backend id")),
+    responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody)))]
+pub(super) async fn disable_backend(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BackendRecord>, ApiError> {
+    set_admin(state, id, "disabled").await
+}
+
+/// Finish what it has, take nothing new (kept across restarts).
+#[utoipa::path(post, path = "/api/backends/{id}/drain", tag = "backends",
+    params(("id" = String, Path, description = "Backend id")),
+    responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody)))]
+pub(super) async fn drain_backend(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BackendRecord>, ApiError> {
+    set_admin(state, id, "draining").await
+}

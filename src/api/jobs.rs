@@ -1,0 +1,339 @@
+//! Job routes: submit, look up, history, events, cancel.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::{ApiError, AppState};
+use crate::manifest;
+use crate::store::{status, JobEvent, JobFilter, JobRecord, LeaseRecord, OutputRecord, SubmitOutcome};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/job", post(submit_job))
+        .route("/api/job/{id}", get(get_job))
+        .route("/api/job/{id}/events", get(job_events))
+        .route("/api/job/{id}/cancel", post(cancel_job))
+        .route("/api/jobs", get(list_jobs))
+}
+
+/// Answer to a submission.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubmitResponse {
+    /// The job's id.
+    pub job_id: String,
+    /// `queued` for a new job; the current status for an idempotent repeat.
+    pub status: String,
+    /// A sentence for people.
+    pub message: String,
+    /// When the job was stored (RFC 3339 UTC).
+    pub submitted_at: DateTime<Utc>,
+    /// Things accepted but worth knowing (ignored fields).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Requires a JSON body, then parses it into a value.
+pub(super) fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime != "application/json" && !mime.ends_with("+json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the body must be JSON with Content-Type: application/json (got `{}`)",
+                if content_type.is_empty() { "none" } else { content_type }
+            ),
+        ));
+    }
+    let body = body?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })
+}
+
+/// Submit a job. A `2xx` means it is stored on disk.
+#[utoipa::path(
+    post,
+    path = "/api/job",
+    tag = "jobs",
+    request_body = crate::manifest::JobManifest,
+    responses(
+        (status = 201, description = "Stored and queued", body = SubmitResponse),
+        (status = 200, description = "Same idempotency key and manifest as an earlier job: that job", body = SubmitResponse),
+        (status = 400, description = "Malformed JSON", body = super::ErrorBody),
+        (status = 409, description = "Idempotency key already used with another manifest", body = super::ErrorBody),
+        (status = 413, description = "Body over limits.max_body_bytes", body = super::ErrorBody),
+        (status = 415, description = "Not JSON", body = super::ErrorBody),
+        (status = 422, description = "A field or parameter is wrong; `field` names it; nothing stored", body = super::ErrorBody),
+        (status = 503, description = "Database unusable or full; nothing stored", body = super::ErrorBody),
+    )
+)]
+pub(super) async fn submit_job(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let value = json_body(&headers, body)?;
+    let parsed = manifest::parse(value, &state.catalog, state.config.dispatch.default_max_attempts)?;
+    let outcome = state.store.submit(parsed.job).await?;
+    let (code, summary, message) = match outcome {
+        SubmitOutcome::Created(s) => {
+            state.wake.notify_waiters();
+            tracing::info!(job_id = %s.id, "job submitted");
+            (StatusCode::CREATED, s, "Job stored and queued".to_string())
+        }
+        SubmitOutcome::Existing(s) => (
+            StatusCode::OK,
+            s,
+            "A job with this idempotency key and manifest exists; this is it".to_string(),
+        ),
+    };
+    let body = SubmitResponse {
+        job_id: summary.id,
+        status: summary.status,
+        message,
+        submitted_at: summary.submitted_at,
+        warnings: parsed.warnings,
+    };
+    Ok((code, Json(body)).into_response())
+}
+
+/// Everything about a job.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobDetail {
+    /// The job.
+    #[serde(flatten)]
+    pub job: JobRecord,
+    /// Files collected from the backend.
+    pub outputs: Vec<OutputRecord>,
+    /// Every lease: backend, prompt id, outcome.
+    pub leases: Vec<LeaseRecord>,
+}
+
+/// One job: manifest, bound graph, status, attempts, backend, outputs.
+#[utoipa::path(
+    get,
+    path = "/api/job/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, body = JobDetail),
+        (status = 404, body = super::ErrorBody),
+    )
+)]
+pub(super) async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobDetail>, ApiError> {
+    let job = state
+        .store
+        .job(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
+    let outputs = state.store.job_outputs(&id).await?;
+    let leases = state.store.job_leases(&id).await?;
+    Ok(Json(JobDetail { job, outputs, leases }))
+}
+
+/// The job's event log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    /// Oldest first.
+    pub events: Vec<JobEvent>,
+}
+
+/// The job's event log, oldest first: every state change.
+#[utoipa::path(
+    get,
+    path = "/api/job/{id}/events",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = EventList), (status = 404, body = super::ErrorBody))
+)]
+pub(super) async fn job_events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<EventList>, ApiError> {
+    let events = state.store.job_events(&id).await?;
+    if events.is_empty() && state.store.job(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!("job `{id}`")));
+    }
+    Ok(Json(EventList { events }))
+}
+
+/// Answer to a cancel.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CancelResponse {
+    /// The job.
+    pub job_id: String,
+    /// `cancelled`, or the current state while a backend is asked to stop it.
+    pub status: String,
+    /// A sentence for people.
+    pub message: String,
+}
+
+/// Cancel a job.
+#[utoipa::path(
+    post,
+    path = "/api/job/{id}/cancel",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Cancelled", body = CancelResponse),
+        (status = 202, description = "The backend is being asked to stop it", body = CancelResponse),
+        (status = 404, body = super::ErrorBody),
+        (status = 409, description = "Already finished", body = super::ErrorBody),
+    )
+)]
+pub(super) async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let status = state.store.cancel_queued(&id).await?;
+    if status == status::CANCELLED {
+        tracing::info!(job_id = %id, "job cancelled");
+        let body = CancelResponse {
+            job_id: id,
+            status,
+            message: "cancelled".into(),
+        };
+        return Ok((StatusCode::OK, Json(body)).into_response());
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "invalid_state",
+        format!("job `{id}` is {status} on a backend; it cannot be cancelled yet"),
+    ))
+}
+
+/// A page of history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    /// Newest first.
+    pub jobs: Vec<JobRecord>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn encode_cursor(seq: i64) -> String {
+    format!("j{seq:x}")
+}
+
+fn decode_cursor(s: &str) -> Option<i64> {
+    s.strip_prefix('j').and_then(|h| i64::from_str_radix(h, 16).ok())
+}
+
+fn parse_time_param(field: &str, v: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(v)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| ApiError::invalid(field, format!("`{v}` is not an RFC 3339 time (like 2026-01-28T12:00:00Z)")))
+}
+
+/// Parses the history query string into a filter.
+fn parse_filter(query: Option<&str>) -> Result<JobFilter, ApiError> {
+    let mut f = JobFilter {
+        limit: 50,
+        ..Default::default()
+    };
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        match key {
+            "status" => {
+                for s in value.split(',').filter(|s| !s.is_empty()) {
+                    if !status::ALL.contains(&s) {
+                        return Err(ApiError::invalid(
+                            "status",
+                            format!("unknown status `{s}` (one of {})", status::ALL.join(", ")),
+                        ));
+                    }
+                    f.statuses.push(s.to_string());
+                }
+            }
+            "workflow_id" => f.workflow_id = Some(value.to_string()),
+            "backend" | "backend_id" => f.backend_id = Some(value.to_string()),
+            "submitted_after" => f.submitted_after = Some(parse_time_param(key, value)?),
+            "submitted_before" => f.submitted_before = Some(parse_time_param(key, value)?),
+            "limit" => {
+                f.limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::invalid("limit", "must be an integer from 1 to 1000"))?
+            }
+            "cursor" => {
+                f.before_seq = Some(
+                    decode_cursor(value)
+                        .ok_or_else(|| ApiError::invalid("cursor", "is not a cursor this server gave out"))?,
+                )
+            }
+            k if k.starts_with("metadata.") && k.len() > "metadata.".len() => {
+                f.metadata
+                    .push((k["metadata.".len()..].to_string(), value.to_string()));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!(
+                        "unknown query parameter `{other}` (filters: status, workflow_id, backend, \
+                         submitted_after, submitted_before, metadata.KEY, limit, cursor)"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(f)
+}
+
+/// The history, newest first, filtered and paginated.
+#[utoipa::path(
+    get,
+    path = "/api/jobs",
+    tag = "jobs",
+    params(
+        ("status" = Option<String>, Query, description = "One or several statuses, repeated or comma-separated"),
+        ("workflow_id" = Option<String>, Query, description = "Template id"),
+        ("backend" = Option<String>, Query, description = "Backend id"),
+        ("submitted_after" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("submitted_before" = Option<String>, Query, description = "RFC 3339, exclusive"),
+        ("metadata.KEY" = Option<String>, Query, description = "Metadata field equals value, e.g. metadata.shot=sc01_sh010"),
+        ("limit" = Option<u32>, Query, description = "Page size, default 50, at most 1000"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+    ),
+    responses((status = 200, body = JobList), (status = 422, body = super::ErrorBody))
+)]
+pub(super) async fn list_jobs(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<JobList>, ApiError> {
+    let filter = parse_filter(query.as_deref())?;
+    let page = state.store.list_jobs(&filter).await?;
+    Ok(Json(JobList {
+        jobs: page.jobs,
+        next_cursor: page.next_before_seq.map(encode_cursor),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_and_unknown_ones_are_named() {
+        let f = parse_filter(Some("status=queued,running&status=failed&metadata.shot=sc01&limit=10")).unwrap();
+        assert_eq!(f.statuses, ["queued", "running", "failed"]);
+        assert_eq!(f.metadata, [("shot".to_string(), "sc01".to_string())]);
+        assert_eq!(f.limit, 10);
+        let e = parse_filter(Some("colour=red")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("colour"));
+        let e = parse_filter(Some("status=done")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("status"));
+        let e = parse_filter(Some("limit=5000")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("limit"));
+        assert_eq!(decode_cursor(&encode_cursor(12345)), Some(12345));
+    }
+}

@@ -1,0 +1,51 @@
+//! The OpenAPI document and the interactive docs at `/docs`.
+//!
+//! Why utoipa with a vendored Swagger UI: the document is generated from the
+//! handlers' own annotations, so it cannot drift from the routes, and the
+//! docs page works on a farm network with no internet.
+
+use axum::Router;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use super::{backends, jobs, system, AppState};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "orchestrator",
+        description = "Durable job queue and render-farm manager in front of ComfyUI servers. \
+            Every error answer is `{\"error\": {\"code\", \"message\", \"field\"?}}`."
+    ),
+    paths(
+        jobs::submit_job,
+        jobs::get_job,
+        jobs::job_events,
+        jobs::cancel_job,
+        jobs::list_jobs,
+        system::health,
+        system::workflows,
+        system::reload_workflows,
+        backends::list_backends,
+        backends::get_backend,
+        backends::enable_backend,
+        backends::disable_backend,
+        backends::drain_backend,
+    ),
+    tags(
+        (name = "jobs", description = "Submit jobs and read their history"),
+        (name = "backends", description = "The ComfyUI farm"),
+        (name = "workflows", description = "Workflow templates"),
+        (name = "service", description = "Health"),
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI document.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new().merge(SwaggerUi::new("/docs").url("/openapi.json", document()))
+}

@@ -1,0 +1,93 @@
+//! Service routes: health and the workflow catalogue.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::store::status;
+use crate::workflows::{Template, TemplateError};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/workflows", get(workflows))
+        .route("/api/workflows/reload", post(reload_workflows))
+}
+
+/// Health of the service.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `error` with a `503`.
+    pub status: String,
+    /// Version of this build.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// `ok`, or why the database is not usable.
+    pub database: String,
+    /// Number of jobs in each state.
+    pub jobs: BTreeMap<String, i64>,
+}
+
+/// Health: `200` when the database answers, `503` with the reason when not.
+#[utoipa::path(
+    get,
+    path = "/api/health",
+    tag = "service",
+    responses((status = 200, body = Health), (status = 503, body = Health))
+)]
+pub(super) async fn health(State(state): State<AppState>) -> Response {
+    let mut jobs: BTreeMap<String, i64> = status::ALL.iter().map(|s| (s.to_string(), 0)).collect();
+    let database = match state.store.job_counts().await {
+        Ok(counts) => {
+            for (s, n) in counts {
+                jobs.insert(s, n);
+            }
+            "ok".to_string()
+        }
+        Err(e) => e.to_string(),
+    };
+    let ok = database == "ok";
+    let body = Health {
+        status: if ok { "ok" } else { "error" }.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_s: state.started.elapsed().as_secs(),
+        database,
+        jobs,
+    };
+    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+/// The workflow catalogue.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowList {
+    /// Templates by id, with their parameters.
+    pub workflows: Vec<Template>,
+    /// Files in the workflows folder that could not be loaded, and why.
+    pub errors: Vec<TemplateError>,
+}
+
+/// Templates and their parameters.
+#[utoipa::path(get, path = "/api/workflows", tag = "workflows", responses((status = 200, body = WorkflowList)))]
+pub(super) async fn workflows(State(state): State<AppState>) -> Json<WorkflowList> {
+    let (templates, errors) = state.catalog.list();
+    Json(WorkflowList {
+        workflows: templates.iter().map(|t| (**t).clone()).collect(),
+        errors,
+    })
+}
+
+/// Rescans the workflows folder now.
+#[utoipa::path(post, path = "/api/workflows/reload", tag = "workflows", responses((status = 200, body = WorkflowList)))]
+pub(super) async fn reload_workflows(State(state): State<AppState>) -> Json<WorkflowList> {
+    state.catalog.reload();
+    workflows(State(state)).await
+}

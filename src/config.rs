@@ -1,0 +1,383 @@
+//! Typed settings, loaded once at start-up and validated there.
+//!
+//! Why a module of its own: a farm runs unattended overnight, so a typo in
+//! `config.yaml` must stop start-up with a message that names the key, not
+//! surface hours later as a job that never runs. Every key has a default, so
+//! the service runs with no file at all (listen on loopback, data in `./data`,
+//! no backends). A `config.yaml` written for the earlier Python server
+//! (`data_dir`, `log_dir`, `backends: [{id, name, host, port, enabled}]`)
+//! loads unchanged.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the service can be told. Unknown keys are errors.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on. Loopback by default: a shared network needs a
+    /// deliberate choice.
+    pub host: String,
+    /// HTTP port of the API.
+    pub port: u16,
+    /// Where the database, outputs and lock file live.
+    pub data_dir: PathBuf,
+    /// When set, logs are also written to a daily file in this folder.
+    pub log_dir: Option<PathBuf>,
+    /// Folder of user workflow templates, added to the built-in ones.
+    pub workflows_dir: PathBuf,
+    /// Request limits.
+    pub limits: Limits,
+    /// SQLite settings.
+    pub database: DatabaseConfig,
+    /// Scheduling and leasing.
+    pub dispatch: DispatchConfig,
+    /// Backend health polling.
+    pub monitor: MonitorConfig,
+    /// Bounded time for a graceful stop, in seconds.
+    pub shutdown_timeout_s: u64,
+    /// The ComfyUI servers of the farm.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// Limits on what a client may send.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted, in bytes (`413` above it).
+    pub max_body_bytes: usize,
+}
+
+/// How SQLite commits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `full` (default) makes every acknowledged submission survive a power
+    /// loss; `normal` survives a crash of the process but not of the machine.
+    pub synchronous: Synchronous,
+    /// Read connections in the pool (writes use one connection of their own).
+    pub read_connections: u32,
+    /// Most submissions or other writes committed together in one transaction.
+    pub max_batch: usize,
+}
+
+/// SQLite `synchronous` levels we allow; `off` would break the promise of a `2xx`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync the WAL at every commit.
+    Full,
+    /// fsync at checkpoints only.
+    Normal,
+}
+
+/// Leasing and retries.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// Default `max_attempts` of a job whose manifest does not say.
+    pub default_max_attempts: u32,
+    /// First retry delay after a run-time failure; doubles per attempt.
+    pub retry_backoff_ms: u64,
+    /// Cap of the retry delay.
+    pub retry_backoff_max_ms: u64,
+    /// Safety-net poll for queued jobs when no wake-up arrives.
+    pub poll_interval_ms: u64,
+    /// How long a backend may stop answering before its jobs are taken back.
+    pub backend_grace_s: u64,
+    /// Longest wait for a backend to confirm a cancel.
+    pub cancel_timeout_s: u64,
+    /// Timeout of every HTTP call to a backend.
+    pub request_timeout_ms: u64,
+}
+
+/// Backend health polling.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// Interval between two `/system_stats` polls of a backend.
+    pub poll_interval_ms: u64,
+}
+
+/// One ComfyUI server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Stable id, used in the API, the database and logs.
+    pub id: String,
+    /// Display name; defaults to the id.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Host name or address of the ComfyUI server.
+    pub host: String,
+    /// Port of the ComfyUI server.
+    #[serde(default = "default_comfy_port")]
+    pub port: u16,
+    /// A disabled backend gets no jobs; the API can change this later.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Capabilities that jobs may require (`requires` in the manifest).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Prompts held at once: one running, the rest waiting in ComfyUI's own
+    /// queue so the GPU never idles between jobs.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u32,
+}
+
+fn default_comfy_port() -> u16 {
+    8188
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_inflight() -> u32 {
+    2
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "127.0.0.1".into(),
+            port: 9800,
+            data_dir: PathBuf::from("./data"),
+            log_dir: None,
+            workflows_dir: PathBuf::from("./workflows"),
+            limits: Limits::default(),
+            database: DatabaseConfig::default(),
+            dispatch: DispatchConfig::default(),
+            monitor: MonitorConfig::default(),
+            shutdown_timeout_s: 10,
+            backends: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            synchronous: Synchronous::Full,
+            read_connections: 4,
+            max_batch: 512,
+        }
+    }
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            default_max_attempts: 3,
+            retry_backoff_ms: 2_000,
+            retry_backoff_max_ms: 300_000,
+            poll_interval_ms: 2_000,
+            backend_grace_s: 60,
+            cancel_timeout_s: 30,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            poll_interval_ms: 2_000,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, or a key is unknown or of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde's sentence, which names the key and the line.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_yaml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates YAML text (an empty text is the defaults).
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+                path: PathBuf::new(),
+                message: e.to_string(),
+            })?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_string(),
+                message: message.to_string(),
+            })
+        };
+        if self.host.trim().is_empty() {
+            return invalid("host", "must not be empty");
+        }
+        if self.limits.max_body_bytes < 1024 {
+            return invalid("limits.max_body_bytes", "must be at least 1024");
+        }
+        if self.database.read_connections == 0 {
+            return invalid("database.read_connections", "must be at least 1");
+        }
+        if self.database.max_batch == 0 {
+            return invalid("database.max_batch", "must be at least 1");
+        }
+        if !(1..=100).contains(&self.dispatch.default_max_attempts) {
+            return invalid("dispatch.default_max_attempts", "must be between 1 and 100");
+        }
+        if self.dispatch.poll_interval_ms == 0 || self.monitor.poll_interval_ms == 0 {
+            return invalid("monitor.poll_interval_ms", "intervals must be above 0");
+        }
+        if self.dispatch.request_timeout_ms == 0 {
+            return invalid("dispatch.request_timeout_ms", "must be above 0");
+        }
+        let mut seen = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let key = |field: &str| format!("backends[{i}].{field}");
+            if b.id.is_empty()
+                || !b
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return invalid(
+                    &key("id"),
+                    "must be non-empty letters, digits, '-', '_' or '.'",
+                );
+            }
+            if !seen.insert(b.id.clone()) {
+                return invalid(&key("id"), &format!("duplicate backend id `{}`", b.id));
+            }
+            if b.host.trim().is_empty() {
+                return invalid(&key("host"), "must not be empty");
+            }
+            if b.port == 0 {
+                return invalid(&key("port"), "must be between 1 and 65535");
+            }
+            if !(1..=64).contains(&b.max_inflight) {
+                return invalid(&key("max_inflight"), "must be between 1 and 64");
+            }
+        }
+        Ok(())
+    }
+
+    /// Path of the SQLite database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("orchestrator.db")
+    }
+
+    /// Folder where collected outputs are kept, one sub-folder per job.
+    pub fn outputs_dir(&self) -> PathBuf {
+        self.data_dir.join("outputs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_python_servers_config_loads_unchanged() {
+        let text = r#"
+data_dir: "./data"
+log_dir: "./logs"
+
+backends:
+  - id: node1
+    name: "Beast (5090)"
+    host: "192.168.1.100"
+    port: 8188
+    enabled: true
+"#;
+        let c = Config::from_yaml(text).unwrap();
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(c.backends[0].name.as_deref(), Some("Beast (5090)"));
+        assert_eq!(c.backends[0].max_inflight, 2);
+        assert_eq!(c.log_dir, Some(PathBuf::from("./logs")));
+        assert_eq!(c.port, 9800);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_in_the_error() {
+        let err = Config::from_yaml("data_dri: x\n").unwrap_err().to_string();
+        assert!(err.contains("data_dri"), "{err}");
+        let err = Config::from_yaml("limits:\n  max_body: 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_body"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_is_named_in_the_error() {
+        let err = Config::from_yaml("database:\n  synchronous: off\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("synchronous") || err.contains("off"), "{err}");
+        let err = Config::from_yaml(
+            "backends:\n  - {id: a, host: h}\n  - {id: a, host: h}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("backends[1].id"), "{err}");
+        let err = Config::from_yaml("port: 70000\n").unwrap_err().to_string();
+        assert!(err.contains("port") || err.contains("70000"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../config.example.yaml");
+        Config::from_yaml(text).unwrap();
+    }
+}

@@ -1,0 +1,28 @@
+//! orchestrator: a durable job queue and render-farm manager in front of a
+//! farm of ComfyUI servers.
+//!
+//! Artists' tools submit workflow manifests over HTTP; each accepted job is
+//! written to SQLite before the answer, so a `2xx` means the job survives a
+//! crash. Read `../shared/DESIGN.md` (in the project's shared folder) for the
+//! whole picture; this page says where things live.
+//!
+//! - [`config`]: typed settings, validated at start-up.
+//! - [`store`]: every SQL query; one writer task with group commit, a read pool.
+//! - [`workflows`]: templates (ComfyUI "Save (API)" graphs plus a parameter
+//!   declaration) and parameter binding at submit time.
+//! - [`manifest`]: the submitted manifest, checked field by field.
+//! - [`api`]: axum routes, the error shape, the OpenAPI document.
+//! - [`server`]: start-up (lock file, database, backends), serving, shutdown.
+//!
+//! The server is a library function, [`server::run`], that takes a bound
+//! listener and a shutdown future: `main` parses arguments and calls it, and
+//! the tests call the same function on `127.0.0.1:0`.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod manifest;
+pub mod server;
+pub mod store;
+pub mod workflows;

@@ -1,0 +1,149 @@
+//! The `orchestrator` binary: parses the command line and runs a subcommand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+use orchestrator::config::Config;
+
+/// Durable job queue and render-farm manager in front of ComfyUI servers.
+#[derive(Parser)]
+#[command(name = "orchestrator", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (HTTP API on 127.0.0.1:9800 by default).
+    Serve(ServeArgs),
+    /// Write a consistent copy of the database to FILE (safe while the service runs).
+    Backup {
+        /// Where to write the copy; must not exist yet.
+        file: PathBuf,
+        /// Config file whose data_dir holds the database.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data folder (overrides the config).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// YAML config file (see config.example.yaml); without it, built-in defaults.
+    #[arg(long, env = "ORCHESTRATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (overrides the config's `host`).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on; 0 picks a free one (overrides the config's `port`).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Folder for the database, outputs and lock file (overrides `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn init_logging(config: &Config) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match &config.log_dir {
+        Some(dir) => {
+            let appender = tracing_appender::rolling::daily(dir, "orchestrator.log");
+            let (writer, guard) = tracing_appender::non_blocking(appender);
+            let file = tracing_subscriber::fmt::layer().with_ansi(false).with_writer(writer);
+            tracing_subscriber::registry().with(filter).with(stderr).with(file).init();
+            Some(guard)
+        }
+        None => {
+            tracing_subscriber::registry().with(filter).with(stderr).init();
+            None
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = load_config(args.config.as_ref())?;
+    if let Some(h) = args.host {
+        config.host = h;
+    }
+    if let Some(p) = args.port {
+        config.port = p;
+    }
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    config.validate()?;
+    let _guard = init_logging(&config);
+    let service = orchestrator::server::Service::start(config.clone()).await?;
+    let addr: SocketAddr = tokio::net::lookup_host((config.host.as_str(), config.port))
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve host `{}`", config.host))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    // Scripts and tests read this line to find the port.
+    println!("orchestrator listening on http://{local}");
+    tracing::info!(%local, data_dir = %config.data_dir.display(), "orchestrator listening");
+    service
+        .serve(listener, orchestrator::server::shutdown_signal())
+        .await
+}
+
+async fn backup(file: PathBuf, config: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut config = load_config(config.as_ref())?;
+    if let Some(d) = data_dir {
+        config.data_dir = d;
+    }
+    if file.exists() {
+        anyhow::bail!("{} exists already; choose a new file", file.display());
+    }
+    let db = config.database_path();
+    if !db.exists() {
+        anyhow::bail!("no database at {}", db.display());
+    }
+    orchestrator::store::backup_file(&db, &file).await?;
+    println!("backup of {} written to {}", db.display(), file.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Backup { file, config, data_dir } => backup(file, config, data_dir).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

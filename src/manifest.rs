@@ -1,0 +1,254 @@
+//! The job manifest: what clients submit, checked field by field.
+//!
+//! Why by hand rather than a serde derive: every problem must come back as a
+//! `422` that names the field (`parameters.width`, `max_attempts`) in a
+//! sentence a person can act on, and the shape the earlier Python server
+//! accepted (`workflow_id`, `parameters`, `metadata`, nothing else) must keep
+//! working unchanged. Unknown top-level fields are accepted with a warning in
+//! the answer, as the earlier server ignored them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use crate::store::NewJob;
+use crate::workflows::{validate_graph, BindError, Catalog};
+
+/// The manifest as documented (the parser below reads it from raw JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "workflow_id": "image_blur",
+    "parameters": {"width": 640, "blur_radius": 9},
+    "metadata": {"source": "storyboard", "shot": "sc01_sh010"},
+    "priority": 0,
+    "idempotency_key": "storyboard-sc01_sh010-v3"
+}))]
+pub struct JobManifest {
+    /// Template id; give this or `workflow`.
+    pub workflow_id: Option<String>,
+    /// Values of the template's parameters.
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<Map<String, Value>>,
+    /// Free-form fields kept with the job and filterable (`metadata.shot=...`).
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+    /// Higher runs first (default 0, between -1000 and 1000).
+    pub priority: Option<i64>,
+    /// Submitting again with the same key returns the first job.
+    pub idempotency_key: Option<String>,
+    /// Backend tags the job needs.
+    pub requires: Option<Vec<String>>,
+    /// Run-time failures allowed before the job fails (1 to 100).
+    pub max_attempts: Option<u32>,
+    /// An inline ComfyUI API-format graph instead of `workflow_id`.
+    #[schema(value_type = Option<Object>)]
+    pub workflow: Option<Value>,
+    /// URL to POST a summary to when the job ends.
+    pub callback_url: Option<String>,
+}
+
+const KNOWN: [&str; 9] = [
+    "workflow_id",
+    "parameters",
+    "metadata",
+    "priority",
+    "idempotency_key",
+    "requires",
+    "max_attempts",
+    "workflow",
+    "callback_url",
+];
+
+/// A manifest turned into a job, with warnings for the client.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The job to store.
+    pub job: NewJob,
+    /// Things accepted but worth telling (ignored fields).
+    pub warnings: Vec<String>,
+}
+
+fn err(field: &str, message: impl Into<String>) -> BindError {
+    BindError {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+fn opt_object(m: &Map<String, Value>, field: &str) -> Result<Map<String, Value>, BindError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(o)) => Ok(o.clone()),
+        Some(_) => Err(err(field, "must be an object")),
+    }
+}
+
+fn opt_string(m: &Map<String, Value>, field: &str, max_len: usize) -> Result<Option<String>, BindError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(err(field, "must not be empty")),
+        Some(Value::String(s)) if s.len() > max_len => {
+            Err(err(field, format!("must be at most {max_len} characters")))
+        }
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(err(field, "must be a string")),
+    }
+}
+
+fn opt_int(m: &Map<String, Value>, field: &str, min: i64, max: i64) -> Result<Option<i64>, BindError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            Some(n) => Err(err(field, format!("must be between {min} and {max}, got {n}"))),
+            None => Err(err(field, "must be an integer")),
+        },
+    }
+}
+
+/// Parses and binds a manifest. `default_max_attempts` comes from the config.
+pub fn parse(body: Value, catalog: &Catalog, default_max_attempts: u32) -> Result<Parsed, BindError> {
+    let Value::Object(m) = &body else {
+        return Err(err("", "the manifest must be a JSON object"));
+    };
+    let mut warnings = Vec::new();
+    for key in m.keys() {
+        if !KNOWN.contains(&key.as_str()) {
+            warnings.push(format!("unknown field `{key}` was ignored"));
+        }
+    }
+    let workflow_id = opt_string(m, "workflow_id", 200)?;
+    let parameters = opt_object(m, "parameters")?;
+    let metadata = opt_object(m, "metadata")?;
+    let inline = match m.get("workflow") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.clone()),
+    };
+    let (workflow_id, graph, bound) = match (workflow_id, inline) {
+        (Some(_), Some(_)) => {
+            return Err(err("workflow", "give either `workflow_id` or `workflow`, not both"))
+        }
+        (None, None) => {
+            return Err(err(
+                "workflow_id",
+                "is required (or give an inline API-format graph as `workflow`)",
+            ))
+        }
+        (Some(id), None) => {
+            let template = catalog.get(&id).ok_or_else(|| {
+                let (known, _) = catalog.list();
+                let known = known.iter().map(|t| t.id.as_str()).collect::<Vec<_>>().join(", ");
+                err("workflow_id", format!("unknown workflow `{id}` (known: {known})"))
+            })?;
+            let (graph, bound) = template.bind(&parameters)?;
+            (Some(id), graph, bound)
+        }
+        (None, Some(graph)) => {
+            validate_graph(&graph)?;
+            if !parameters.is_empty() {
+                return Err(err(
+                    "parameters",
+                    "parameters apply to templates; an inline `workflow` carries its own values",
+                ));
+            }
+            (None, graph, Value::Object(Map::new()))
+        }
+    };
+    let priority = opt_int(m, "priority", -1000, 1000)?.unwrap_or(0);
+    let max_attempts = opt_int(m, "max_attempts", 1, 100)?
+        .map(|n| n as u32)
+        .unwrap_or(default_max_attempts);
+    let idempotency_key = opt_string(m, "idempotency_key", 256)?;
+    let requires = match m.get("requires") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v.as_str() {
+                Some(s) if !s.trim().is_empty() => Ok(s.to_string()),
+                _ => Err(err(&format!("requires[{i}]"), "must be a non-empty string")),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err(err("requires", "must be an array of tag strings")),
+    };
+    let callback_url = opt_string(m, "callback_url", 2000)?;
+    if let Some(url) = &callback_url {
+        match reqwest::Url::parse(url) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            _ => return Err(err("callback_url", "must be an http:// or https:// URL")),
+        }
+    }
+    let manifest_hash = {
+        // serde_json's map is ordered by key, so equal manifests hash equally.
+        let mut h = Sha256::new();
+        h.update(body.to_string().as_bytes());
+        format!("{:x}", h.finalize())
+    };
+    Ok(Parsed {
+        job: NewJob {
+            id: uuid::Uuid::new_v4().to_string(),
+            workflow_id,
+            priority,
+            requires,
+            max_attempts,
+            idempotency_key,
+            manifest_hash,
+            manifest: body.clone(),
+            parameters: bound,
+            metadata,
+            graph,
+            callback_url,
+        },
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn catalog() -> Catalog {
+        Catalog::load(Path::new("/nonexistent"))
+    }
+
+    #[test]
+    fn the_python_clients_shape_is_accepted() {
+        let body = json!({"workflow_id": "image_blur", "parameters": {"width": 256}, "metadata": {"source": "storyboard"}});
+        let p = parse(body, &catalog(), 3).unwrap();
+        assert_eq!(p.job.max_attempts, 3);
+        assert_eq!(p.job.graph["1"]["inputs"]["width"], 256);
+        assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let c = catalog();
+        let cases = [
+            (json!([1]), ""),
+            (json!({}), "workflow_id"),
+            (json!({"workflow_id": "nope"}), "workflow_id"),
+            (json!({"workflow_id": "image_blur", "priority": "high"}), "priority"),
+            (json!({"workflow_id": "image_blur", "max_attempts": 0}), "max_attempts"),
+            (json!({"workflow_id": "image_blur", "requires": [1]}), "requires[0]"),
+            (json!({"workflow_id": "image_blur", "metadata": 5}), "metadata"),
+            (json!({"workflow_id": "image_blur", "callback_url": "ftp://x"}), "callback_url"),
+            (json!({"workflow": {"1": {"inputs": {}}}}), "workflow.1.class_type"),
+            (json!({"workflow_id": "image_blur", "workflow": {}}), "workflow"),
+        ];
+        for (body, field) in cases {
+            let e = parse(body.clone(), &c, 3).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn equal_manifests_hash_equally_whatever_the_key_order() {
+        let a: Value = serde_json::from_str(r#"{"workflow_id":"image_blur","metadata":{"a":1,"b":2}}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"metadata":{"b":2,"a":1},"workflow_id":"image_blur"}"#).unwrap();
+        let c = catalog();
+        assert_eq!(parse(a, &c, 3).unwrap().job.manifest_hash, parse(b, &c, 3).unwrap().job.manifest_hash);
+    }
+}

@@ -1,0 +1,244 @@
+//! All SQL lives here: schema, migrations, and every query the service makes.
+//!
+//! Why one module: the rest of the service speaks of jobs, leases and
+//! backends, never of tables, so the storage can change (a PostgreSQL store
+//! for several orchestrators, say) without touching the API or dispatch.
+//!
+//! Layout: reads go through a pool of read-only connections; writes go through
+//! the single [`writer::Writer`] task, which commits many of them together.
+//! Connection settings (WAL, `synchronous`, `foreign_keys`, `busy_timeout`)
+//! are set on the connect options so that every connection gets them.
+
+mod backends;
+mod jobs;
+mod migrate;
+pub mod writer;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, SqlitePool};
+
+pub use backends::{BackendRecord, BackendStats, BackendUpsert};
+pub use jobs::*;
+
+use crate::config::{DatabaseConfig, Synchronous};
+
+/// What can go wrong in storage, as the API needs to tell it apart.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The disk (or `max_page_count`) is full: nothing was written.
+    #[error("the database disk is full; nothing was stored")]
+    Full,
+    /// The writer task has stopped (shutting down).
+    #[error("the database is closed")]
+    Closed,
+    /// A caller-level conflict detected inside a write (idempotency key reuse).
+    #[error("{0}")]
+    Conflict(String),
+    /// A row the operation needs does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The job is not in a state that allows the operation.
+    #[error("{0}")]
+    InvalidState(String),
+    /// A lease was taken back: the caller's fencing token is stale.
+    #[error("lease lost: the job was leased again")]
+    LeaseLost,
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Database(Arc<sqlx::Error>),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            // SQLITE_FULL is 13; extended codes keep it in the low byte.
+            if let Some(code) = db.code() {
+                if code.parse::<i64>().map(|c| c & 0xff == 13).unwrap_or(false) {
+                    return StoreError::Full;
+                }
+            }
+            if db.message().contains("database or disk is full") {
+                return StoreError::Full;
+            }
+        }
+        if let sqlx::Error::PoolClosed = e {
+            return StoreError::Closed;
+        }
+        StoreError::Database(Arc::new(e))
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Database(Arc::new(sqlx::Error::Decode(Box::new(e))))
+    }
+}
+
+/// The database: a read pool and the writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    read: SqlitePool,
+    writer: writer::Writer,
+    clock: jobs::SubmitClock,
+}
+
+/// Formats a time the way it is stored: RFC 3339 UTC with microseconds, so
+/// that text order is time order.
+pub fn fmt_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Parses a stored time.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn connect_options(path: &Path, db: &DatabaseConfig) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(match db.synchronous {
+            Synchronous::Full => SqliteSynchronous::Full,
+            Synchronous::Normal => SqliteSynchronous::Normal,
+        })
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(5))
+        .log_statements(tracing::log::LevelFilter::Trace)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, checks it, applies
+    /// migrations, and starts the writer.
+    pub async fn open(path: &Path, db: &DatabaseConfig) -> anyhow::Result<Store> {
+        let options = connect_options(path, db);
+        let mut conn = options
+            .clone()
+            .create_if_missing(true)
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+        let check: String = sqlx::query_scalar("PRAGMA quick_check")
+            .fetch_one(&mut conn)
+            .await?;
+        if check != "ok" {
+            anyhow::bail!(
+                "database {} failed its integrity check: {check}; restore a backup",
+                path.display()
+            );
+        }
+        migrate::run(&mut conn).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(db.read_connections)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await?;
+        let (writer, _handle) = writer::Writer::spawn(conn, db.max_batch);
+        let mut store = Store {
+            read,
+            writer,
+            clock: jobs::SubmitClock::default(),
+        };
+        store.clock = store.load_submit_clock().await?;
+        Ok(store)
+    }
+
+    /// The read pool, for queries.
+    pub(crate) fn reader(&self) -> &SqlitePool {
+        &self.read
+    }
+
+    /// The writer, for changes.
+    pub(crate) fn writer(&self) -> &writer::Writer {
+        &self.writer
+    }
+
+    /// Answers whether the database can be read.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
+    /// Writes a consistent copy of the database to `dest` while it is in use.
+    pub async fn backup(&self, dest: &Path) -> Result<(), StoreError> {
+        let dest = dest.to_string_lossy().to_string();
+        sqlx::query("VACUUM INTO ?")
+            .bind(dest)
+            .execute(&self.read)
+            .await?;
+        Ok(())
+    }
+
+    /// Closes the read pool; the writer ends when its last handle is dropped.
+    pub async fn close(&self) {
+        self.read.close().await;
+    }
+
+    /// Reads a pragma's value on a read connection (for tests and health).
+    pub async fn pragma(&self, name: &str) -> Result<String, StoreError> {
+        let mut conn = self.read.acquire().await?;
+        let row: (String,) = sqlx::query_as(&format!("SELECT CAST(({}) AS TEXT)", pragma_select(name)))
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(row.0)
+    }
+
+    /// Reads a pragma's value on the writer connection.
+    pub async fn writer_pragma(&self, name: &str) -> Result<String, StoreError> {
+        let sql = format!("SELECT CAST(({}) AS TEXT)", pragma_select(name));
+        self.writer
+            .write(move |conn| {
+                Box::pin(async move {
+                    let row: (String,) = sqlx::query_as(&sql).fetch_one(&mut *conn).await?;
+                    Ok(row.0)
+                })
+            })
+            .await
+    }
+
+    /// Sets SQLite's page cap on the writer: lets tests fill the "disk".
+    pub async fn set_max_page_count(&self, pages: i64) -> Result<(), StoreError> {
+        self.writer
+            .write(move |conn| {
+                Box::pin(async move {
+                    sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+}
+
+fn pragma_select(name: &str) -> String {
+    let name: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+    format!("SELECT * FROM pragma_{name}")
+}
+
+/// Opens a database read-only for offline commands (backup from the CLI).
+pub async fn open_read_only(path: &Path) -> anyhow::Result<SqlitePool> {
+    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        .read_only(true);
+    Ok(SqlitePoolOptions::new().max_connections(1).connect_with(options).await?)
+}
+
+/// Writes a consistent copy of the database file at `src` to `dest`.
+pub async fn backup_file(src: &Path, dest: &Path) -> anyhow::Result<()> {
+    let pool = open_read_only(src).await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::query("VACUUM INTO ?")
+        .bind(dest.to_string_lossy().to_string())
+        .execute(&mut *conn)
+        .await?;
+    drop(conn);
+    pool.close().await;
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! The one writer: every write to the database goes through this task.
+//!
+//! Why: SQLite allows one writer at a time. Funnelling writes through one
+//! connection removes `SQLITE_BUSY` retry loops, and lets many concurrent
+//! requests share one transaction and one fsync (group commit): the writer
+//! takes everything queued while the previous commit was on disk, runs each
+//! operation in its own savepoint (so one failing operation does not undo the
+//! others), commits once, and only then answers each caller. A caller that
+//! gets `Ok` knows its write is durable.
+
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use sqlx::SqliteConnection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::StoreError;
+
+type RunFn = Box<
+    dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>> + Send,
+>;
+
+/// One queued write: `run` does the work inside the batch's transaction,
+/// `finish` answers the caller once the batch's fate is known.
+struct Op {
+    run: RunFn,
+    finish: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+}
+
+/// Handle to the writer task; cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Op>,
+}
+
+impl Writer {
+    /// Starts the writer task on `conn`; it ends when every handle is dropped.
+    pub fn spawn(conn: SqliteConnection, max_batch: usize) -> (Writer, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel::<Op>(max_batch * 4);
+        let handle = tokio::spawn(run(conn, rx, max_batch));
+        (Writer { tx }, handle)
+    }
+
+    /// Runs `f` inside the current group transaction and returns its result
+    /// once the transaction is committed. If `f` fails, its own changes are
+    /// rolled back and the others in the batch still commit.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>
+            + Send
+            + 'static,
+    {
+        let (done_tx, done_rx) = oneshot::channel::<Result<T, StoreError>>();
+        let slot: Arc<Mutex<Option<Result<T, StoreError>>>> = Arc::new(Mutex::new(None));
+        let run_slot = slot.clone();
+        let run: RunFn = Box::new(move |conn| {
+            Box::pin(async move {
+                let result = f(conn).await;
+                let status = result.as_ref().map(|_| ()).map_err(Clone::clone);
+                *run_slot.lock().expect("writer slot") = Some(result);
+                status
+            })
+        });
+        let finish = Box::new(move |commit: Result<(), StoreError>| {
+            let result = slot.lock().expect("writer slot").take();
+            let answer = match (commit, result) {
+                (_, Some(Err(e))) => Err(e),
+                (Err(e), _) => Err(e),
+                (Ok(()), Some(Ok(v))) => Ok(v),
+                (Ok(()), None) => Err(StoreError::Closed),
+            };
+            let _ = done_tx.send(answer);
+        });
+        let op = Op { run, finish };
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
+        done_rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+async fn exec(conn: &mut SqliteConnection, sql: &str) -> Result<(), StoreError> {
+    sqlx::query(sql)
+        .execute(conn)
+        .await
+        .map(|_| ())
+        .map_err(StoreError::from)
+}
+
+async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, max_batch: usize) {
+    let mut batch: Vec<Op> = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, &mut batch).await;
+    }
+    tracing::debug!("store writer stopped");
+}
+
+async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Op>) {
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE").await {
+        tracing::error!(error = %e, "cannot begin a write transaction");
+        for op in batch.drain(..) {
+            (op.finish)(Err(e.clone()));
+        }
+        return;
+    }
+    let mut finishes = Vec::with_capacity(batch.len());
+    let mut aborted: Option<StoreError> = None;
+    for op in batch.drain(..) {
+        if aborted.is_none() {
+            if let Err(e) = run_in_savepoint(conn, op.run).await {
+                // SQLite may have rolled back the whole transaction (disk
+                // full, I/O error): nothing of this batch is stored.
+                aborted = Some(e);
+            }
+        }
+        finishes.push(op.finish);
+    }
+    let commit = match aborted {
+        Some(e) => {
+            let _ = exec(conn, "ROLLBACK").await;
+            Err(e)
+        }
+        None => match exec(conn, "COMMIT").await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; the batch is rolled back");
+                let _ = exec(conn, "ROLLBACK").await;
+                Err(e)
+            }
+        },
+    };
+    for finish in finishes {
+        finish(commit.clone());
+    }
+}
+
+/// Runs one op in a savepoint. An op that fails is undone alone (its caller
+/// gets its own error); an `Err` here means the transaction itself is lost.
+async fn run_in_savepoint(conn: &mut SqliteConnection, run: RunFn) -> Result<(), StoreError> {
+    exec(conn, "SAVEPOINT op").await?;
+    match run(conn).await {
+        Ok(()) => exec(conn, "RELEASE op").await,
+        Err(op_error) => {
+            if exec(conn, "ROLLBACK TO op").await.is_err() {
+                return Err(op_error);
+            }
+            exec(conn, "RELEASE op").await
+        }
+    }
+}
