@@ -365,11 +365,9 @@ backends:
             .unwrap_err()
             .to_string();
         assert!(err.contains("synchronous") || err.contains("off"), "{err}");
-        let err = Config::from_yaml(
-            "backends:\n  - {id: a, host: h}\n  - {id: a, host: h}\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let err = Config::from_yaml("backends:\n  - {id: a, host: h}\n  - {id: a, host: h}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("backends[1].id"), "{err}");
         let err = Config::from_yaml("port: 70000\n").unwrap_err().to_string();
         assert!(err.contains("port") || err.contains("70000"), "{err}");

@@ -66,12 +66,21 @@ fn init_logging(config: &Config) -> Option<tracing_appender::non_blocking::Worke
         Some(dir) => {
             let appender = tracing_appender::rolling::daily(dir, "orchestrator.log");
             let (writer, guard) = tracing_appender::non_blocking(appender);
-            let file = tracing_subscriber::fmt::layer().with_ansi(false).with_writer(writer);
-            tracing_subscriber::registry().with(filter).with(stderr).with(file).init();
+            let file = tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(writer);
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(stderr)
+                .with(file)
+                .init();
             Some(guard)
         }
         None => {
-            tracing_subscriber::registry().with(filter).with(stderr).init();
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(stderr)
+                .init();
             None
         }
     }
@@ -107,7 +116,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
 }
 
-async fn backup(file: PathBuf, config: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+async fn backup(
+    file: PathBuf,
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let mut config = load_config(config.as_ref())?;
     if let Some(d) = data_dir {
         config.data_dir = d;
@@ -136,7 +149,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
-            Command::Backup { file, config, data_dir } => backup(file, config, data_dir).await,
+            Command::Backup {
+                file,
+                config,
+                data_dir,
+            } => backup(file, config, data_dir).await,
         }
     });
     match result {

@@ -84,7 +84,11 @@ fn opt_object(m: &Map<String, Value>, field: &str) -> Result<Map<String, Value>,
     }
 }
 
-fn opt_string(m: &Map<String, Value>, field: &str, max_len: usize) -> Result<Option<String>, BindError> {
+fn opt_string(
+    m: &Map<String, Value>,
+    field: &str,
+    max_len: usize,
+) -> Result<Option<String>, BindError> {
     match m.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => Err(err(field, "must not be empty")),
@@ -96,19 +100,31 @@ fn opt_string(m: &Map<String, Value>, field: &str, max_len: usize) -> Result<Opt
     }
 }
 
-fn opt_int(m: &Map<String, Value>, field: &str, min: i64, max: i64) -> Result<Option<i64>, BindError> {
+fn opt_int(
+    m: &Map<String, Value>,
+    field: &str,
+    min: i64,
+    max: i64,
+) -> Result<Option<i64>, BindError> {
     match m.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_i64() {
             Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
-            Some(n) => Err(err(field, format!("must be between {min} and {max}, got {n}"))),
+            Some(n) => Err(err(
+                field,
+                format!("must be between {min} and {max}, got {n}"),
+            )),
             None => Err(err(field, "must be an integer")),
         },
     }
 }
 
 /// Parses and binds a manifest. `default_max_attempts` comes from the config.
-pub fn parse(body: Value, catalog: &Catalog, default_max_attempts: u32) -> Result<Parsed, BindError> {
+pub fn parse(
+    body: Value,
+    catalog: &Catalog,
+    default_max_attempts: u32,
+) -> Result<Parsed, BindError> {
     let Value::Object(m) = &body else {
         return Err(err("", "the manifest must be a JSON object"));
     };
@@ -127,7 +143,10 @@ pub fn parse(body: Value, catalog: &Catalog, default_max_attempts: u32) -> Resul
     };
     let (workflow_id, graph, bound) = match (workflow_id, inline) {
         (Some(_), Some(_)) => {
-            return Err(err("workflow", "give either `workflow_id` or `workflow`, not both"))
+            return Err(err(
+                "workflow",
+                "give either `workflow_id` or `workflow`, not both",
+            ))
         }
         (None, None) => {
             return Err(err(
@@ -138,8 +157,15 @@ pub fn parse(body: Value, catalog: &Catalog, default_max_attempts: u32) -> Resul
         (Some(id), None) => {
             let template = catalog.get(&id).ok_or_else(|| {
                 let (known, _) = catalog.list();
-                let known = known.iter().map(|t| t.id.as_str()).collect::<Vec<_>>().join(", ");
-                err("workflow_id", format!("unknown workflow `{id}` (known: {known})"))
+                let known = known
+                    .iter()
+                    .map(|t| t.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                err(
+                    "workflow_id",
+                    format!("unknown workflow `{id}` (known: {known})"),
+                )
             })?;
             let (graph, bound) = template.bind(&parameters)?;
             (Some(id), graph, bound)
@@ -230,13 +256,34 @@ mod tests {
             (json!([1]), ""),
             (json!({}), "workflow_id"),
             (json!({"workflow_id": "nope"}), "workflow_id"),
-            (json!({"workflow_id": "image_blur", "priority": "high"}), "priority"),
-            (json!({"workflow_id": "image_blur", "max_attempts": 0}), "max_attempts"),
-            (json!({"workflow_id": "image_blur", "requires": [1]}), "requires[0]"),
-            (json!({"workflow_id": "image_blur", "metadata": 5}), "metadata"),
-            (json!({"workflow_id": "image_blur", "callback_url": "ftp://x"}), "callback_url"),
-            (json!({"workflow": {"1": {"inputs": {}}}}), "workflow.1.class_type"),
-            (json!({"workflow_id": "image_blur", "workflow": {}}), "workflow"),
+            (
+                json!({"workflow_id": "image_blur", "priority": "high"}),
+                "priority",
+            ),
+            (
+                json!({"workflow_id": "image_blur", "max_attempts": 0}),
+                "max_attempts",
+            ),
+            (
+                json!({"workflow_id": "image_blur", "requires": [1]}),
+                "requires[0]",
+            ),
+            (
+                json!({"workflow_id": "image_blur", "metadata": 5}),
+                "metadata",
+            ),
+            (
+                json!({"workflow_id": "image_blur", "callback_url": "ftp://x"}),
+                "callback_url",
+            ),
+            (
+                json!({"workflow": {"1": {"inputs": {}}}}),
+                "workflow.1.class_type",
+            ),
+            (
+                json!({"workflow_id": "image_blur", "workflow": {}}),
+                "workflow",
+            ),
         ];
         for (body, field) in cases {
             let e = parse(body.clone(), &c, 3).unwrap_err();
@@ -246,9 +293,16 @@ mod tests {
 
     #[test]
     fn equal_manifests_hash_equally_whatever_the_key_order() {
-        let a: Value = serde_json::from_str(r#"{"workflow_id":"image_blur","metadata":{"a":1,"b":2}}"#).unwrap();
-        let b: Value = serde_json::from_str(r#"{"metadata":{"b":2,"a":1},"workflow_id":"image_blur"}"#).unwrap();
+        let a: Value =
+            serde_json::from_str(r#"{"workflow_id":"image_blur","metadata":{"a":1,"b":2}}"#)
+                .unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"metadata":{"b":2,"a":1},"workflow_id":"image_blur"}"#)
+                .unwrap();
         let c = catalog();
-        assert_eq!(parse(a, &c, 3).unwrap().job.manifest_hash, parse(b, &c, 3).unwrap().job.manifest_hash);
+        assert_eq!(
+            parse(a, &c, 3).unwrap().job.manifest_hash,
+            parse(b, &c, 3).unwrap().job.manifest_hash
+        );
     }
 }

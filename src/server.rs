@@ -139,7 +139,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    Service::start(config).await?.serve(listener, shutdown).await
+    Service::start(config)
+        .await?
+        .serve(listener, shutdown)
+        .await
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

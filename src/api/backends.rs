@@ -30,10 +30,15 @@ pub struct BackendList {
 
 /// The configured backends with their state.
 #[utoipa::path(get, path = "/api/backends", tag = "backends", responses((status = 200, body = BackendList)))]
-pub(super) async fn list_backends(State(state): State<AppState>) -> Result<Json<BackendList>, ApiError> {
+pub(super) async fn list_backends(
+    State(state): State<AppState>,
+) -> Result<Json<BackendList>, ApiError> {
     let backends = state.store.backends().await?;
     let message = if backends.is_empty() {
-        Some("no backends are configured: jobs wait in the queue until one is added to the config".into())
+        Some(
+            "no backends are configured: jobs wait in the queue until one is added to the config"
+                .into(),
+        )
     } else if !backends.iter().any(|b| b.accepting_jobs) {
         Some("no backend is accepting jobs now (offline, disabled or draining)".into())
     } else {
@@ -50,7 +55,10 @@ pub(super) async fn list_backends(State(state): State<AppState>) -> Result<Json<
     params(("id" = String, Path, description = "Backend id")),
     responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody))
 )]
-pub(super) async fn get_backend(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BackendRecord>, ApiError> {
+pub(super) async fn get_backend(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BackendRecord>, ApiError> {
     state
         .store
         .backend(&id)
@@ -59,7 +67,11 @@ pub(super) async fn get_backend(State(state): State<AppState>, Path(id): Path<St
         .ok_or_else(|| ApiError::not_found(format!("backend `{id}`")))
 }
 
-async fn set_admin(state: AppState, id: String, admin: &'static str) -> Result<Json<BackendRecord>, ApiError> {
+async fn set_admin(
+    state: AppState,
+    id: String,
+    admin: &'static str,
+) -> Result<Json<BackendRecord>, ApiError> {
     state.store.set_backend_admin_state(&id, admin).await?;
     tracing::info!(backend_id = %id, admin_state = admin, "backend admin state changed");
     state.wake.notify_waiters();
@@ -70,7 +82,10 @@ async fn set_admin(state: AppState, id: String, admin: &'static str) -> Result<J
 #[utoipa::path(post, path = "/api/backends/{id}/enable", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
     responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody)))]
-pub(super) async fn enable_backend(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BackendRecord>, ApiError> {
+pub(super) async fn enable_backend(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BackendRecord>, ApiError> {
     set_admin(state, id, "enabled").await
 }
 
@@ -78,7 +93,10 @@ pub(super) async fn enable_backend(State(state): State<AppState>, Path(id): Path
 #[utoipa::path(post, path = "/api/backends/{id}/disable", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
     responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody)))]
-pub(super) async fn disable_backend(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BackendRecord>, ApiError> {
+pub(super) async fn disable_backend(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BackendRecord>, ApiError> {
     set_admin(state, id, "disabled").await
 }
 
@@ -86,6 +104,9 @@ pub(super) async fn disable_backend(State(state): State<AppState>, Path(id): Pat
 #[utoipa::path(post, path = "/api/backends/{id}/drain", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
     responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody)))]
-pub(super) async fn drain_backend(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BackendRecord>, ApiError> {
+pub(super) async fn drain_backend(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BackendRecord>, ApiError> {
     set_admin(state, id, "draining").await
 }

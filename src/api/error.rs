@@ -65,7 +65,11 @@ impl ApiError {
 
     /// A `404` for a missing thing.
     pub fn not_found(what: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{} not found", what.into()))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{} not found", what.into()),
+        )
     }
 }
 
@@ -80,7 +84,11 @@ impl From<BindError> for ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             code: "validation_failed",
             message,
-            field: if e.field.is_empty() { None } else { Some(e.field) },
+            field: if e.field.is_empty() {
+                None
+            } else {
+                Some(e.field)
+            },
         }
     }
 }
@@ -103,7 +111,9 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidState(m) => {
                 ApiError::new(StatusCode::CONFLICT, "invalid_state", m.clone())
             }
-            StoreError::LeaseLost => ApiError::new(StatusCode::CONFLICT, "invalid_state", e.to_string()),
+            StoreError::LeaseLost => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_state", e.to_string())
+            }
             StoreError::Database(inner) => {
                 tracing::error!(error = %inner, "database error");
                 ApiError::new(
@@ -145,7 +155,11 @@ impl IntoResponse for ApiError {
 
 /// Answer for routes that do not exist.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {}", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {}", uri.path()),
+    )
 }
 
 /// Answer for a known route with the wrong method.

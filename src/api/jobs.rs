@@ -14,7 +14,9 @@ use utoipa::ToSchema;
 
 use super::{ApiError, AppState};
 use crate::manifest;
-use crate::store::{status, JobEvent, JobFilter, JobRecord, LeaseRecord, OutputRecord, SubmitOutcome};
+use crate::store::{
+    status, JobEvent, JobFilter, JobRecord, LeaseRecord, OutputRecord, SubmitOutcome,
+};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -42,19 +44,31 @@ pub struct SubmitResponse {
 }
 
 /// Requires a JSON body, then parses it into a value.
-pub(super) fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+pub(super) fn json_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if mime != "application/json" && !mime.ends_with("+json") {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             format!(
                 "the body must be JSON with Content-Type: application/json (got `{}`)",
-                if content_type.is_empty() { "none" } else { content_type }
+                if content_type.is_empty() {
+                    "none"
+                } else {
+                    content_type
+                }
             ),
         ));
     }
@@ -91,7 +105,11 @@ pub(super) async fn submit_job(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let value = json_body(&headers, body)?;
-    let parsed = manifest::parse(value, &state.catalog, state.config.dispatch.default_max_attempts)?;
+    let parsed = manifest::parse(
+        value,
+        &state.catalog,
+        state.config.dispatch.default_max_attempts,
+    )?;
     let outcome = state.store.submit(parsed.job).await?;
     let (code, summary, message) = match outcome {
         SubmitOutcome::Created(s) => {
@@ -138,7 +156,10 @@ pub struct JobDetail {
         (status = 404, body = super::ErrorBody),
     )
 )]
-pub(super) async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobDetail>, ApiError> {
+pub(super) async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobDetail>, ApiError> {
     let job = state
         .store
         .job(&id)
@@ -146,7 +167,11 @@ pub(super) async fn get_job(State(state): State<AppState>, Path(id): Path<String
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
     let outputs = state.store.job_outputs(&id).await?;
     let leases = state.store.job_leases(&id).await?;
-    Ok(Json(JobDetail { job, outputs, leases }))
+    Ok(Json(JobDetail {
+        job,
+        outputs,
+        leases,
+    }))
 }
 
 /// The job's event log.
@@ -164,7 +189,10 @@ pub struct EventList {
     params(("id" = String, Path, description = "Job id")),
     responses((status = 200, body = EventList), (status = 404, body = super::ErrorBody))
 )]
-pub(super) async fn job_events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<EventList>, ApiError> {
+pub(super) async fn job_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<EventList>, ApiError> {
     let events = state.store.job_events(&id).await?;
     if events.is_empty() && state.store.job(&id).await?.is_none() {
         return Err(ApiError::not_found(format!("job `{id}`")));
@@ -196,7 +224,10 @@ pub struct CancelResponse {
         (status = 409, description = "Already finished", body = super::ErrorBody),
     )
 )]
-pub(super) async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let status = state.store.cancel_queued(&id).await?;
     if status == status::CANCELLED {
         tracing::info!(job_id = %id, "job cancelled");
@@ -228,13 +259,19 @@ fn encode_cursor(seq: i64) -> String {
 }
 
 fn decode_cursor(s: &str) -> Option<i64> {
-    s.strip_prefix('j').and_then(|h| i64::from_str_radix(h, 16).ok())
+    s.strip_prefix('j')
+        .and_then(|h| i64::from_str_radix(h, 16).ok())
 }
 
 fn parse_time_param(field: &str, v: &str) -> Result<DateTime<Utc>, ApiError> {
     DateTime::parse_from_rfc3339(v)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| ApiError::invalid(field, format!("`{v}` is not an RFC 3339 time (like 2026-01-28T12:00:00Z)")))
+        .map_err(|_| {
+            ApiError::invalid(
+                field,
+                format!("`{v}` is not an RFC 3339 time (like 2026-01-28T12:00:00Z)"),
+            )
+        })
 }
 
 /// Parses the history query string into a filter.
@@ -266,13 +303,14 @@ fn parse_filter(query: Option<&str>) -> Result<JobFilter, ApiError> {
                     .parse::<u32>()
                     .ok()
                     .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::invalid("limit", "must be an integer from 1 to 1000"))?
+                    .ok_or_else(|| {
+                        ApiError::invalid("limit", "must be an integer from 1 to 1000")
+                    })?
             }
             "cursor" => {
-                f.before_seq = Some(
-                    decode_cursor(value)
-                        .ok_or_else(|| ApiError::invalid("cursor", "is not a cursor this server gave out"))?,
-                )
+                f.before_seq = Some(decode_cursor(value).ok_or_else(|| {
+                    ApiError::invalid("cursor", "is not a cursor this server gave out")
+                })?)
             }
             k if k.starts_with("metadata.") && k.len() > "metadata.".len() => {
                 f.metadata
@@ -309,7 +347,10 @@ fn parse_filter(query: Option<&str>) -> Result<JobFilter, ApiError> {
     ),
     responses((status = 200, body = JobList), (status = 422, body = super::ErrorBody))
 )]
-pub(super) async fn list_jobs(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<JobList>, ApiError> {
+pub(super) async fn list_jobs(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JobList>, ApiError> {
     let filter = parse_filter(query.as_deref())?;
     let page = state.store.list_jobs(&filter).await?;
     Ok(Json(JobList {
@@ -324,7 +365,10 @@ mod tests {
 
     #[test]
     fn filters_parse_and_unknown_ones_are_named() {
-        let f = parse_filter(Some("status=queued,running&status=failed&metadata.shot=sc01&limit=10")).unwrap();
+        let f = parse_filter(Some(
+            "status=queued,running&status=failed&metadata.shot=sc01&limit=10",
+        ))
+        .unwrap();
         assert_eq!(f.statuses, ["queued", "running", "failed"]);
         assert_eq!(f.metadata, [("shot".to_string(), "sc01".to_string())]);
         assert_eq!(f.limit, 10);

@@ -62,7 +62,11 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
         database,
         jobs,
     };
-    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body)).into_response()
 }
 

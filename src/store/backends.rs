@@ -169,9 +169,11 @@ impl Store {
 
     /// The configured backends, in id order.
     pub async fn backends(&self) -> Result<Vec<BackendRecord>, StoreError> {
-        let rows = sqlx::query(&format!("{BACKEND_SELECT} WHERE b.configured = 1 ORDER BY b.id"))
-            .fetch_all(self.reader())
-            .await?;
+        let rows = sqlx::query(&format!(
+            "{BACKEND_SELECT} WHERE b.configured = 1 ORDER BY b.id"
+        ))
+        .fetch_all(self.reader())
+        .await?;
         rows.iter()
             .map(backend_from_row)
             .collect::<Result<_, _>>()
@@ -180,10 +182,12 @@ impl Store {
 
     /// One configured backend.
     pub async fn backend(&self, id: &str) -> Result<Option<BackendRecord>, StoreError> {
-        let row = sqlx::query(&format!("{BACKEND_SELECT} WHERE b.configured = 1 AND b.id = ?"))
-            .bind(id)
-            .fetch_optional(self.reader())
-            .await?;
+        let row = sqlx::query(&format!(
+            "{BACKEND_SELECT} WHERE b.configured = 1 AND b.id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(self.reader())
+        .await?;
         row.as_ref()
             .map(backend_from_row)
             .transpose()

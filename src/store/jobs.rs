@@ -139,10 +139,6 @@ pub struct JobRecord {
     pub graph: Option<Value>,
     #[serde(skip)]
     pub(crate) seq: i64,
-    #[serde(skip)]
-    pub(crate) lease_token: Option<i64>,
-    #[serde(skip)]
-    pub(crate) last_backend_id: Option<String>,
 }
 
 /// One entry of a job's event log.
@@ -200,7 +196,8 @@ pub struct JobPage {
     pub next_before_seq: Option<i64>,
 }
 
-const JOB_COLUMNS: &str = "seq, id, workflow_id, status, priority, requires, max_attempts, attempts, \
+const JOB_COLUMNS: &str =
+    "seq, id, workflow_id, status, priority, requires, max_attempts, attempts, \
     idempotency_key, parameters, metadata, backend_id, prompt_id, progress, error, callback_url, \
     submitted_at, updated_at, started_at, finished_at, not_before, lease_token, last_backend_id";
 
@@ -239,8 +236,6 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<JobRecord, sqlx::Error> {
         started_at: time_col(row, "started_at")?,
         finished_at: time_col(row, "finished_at")?,
         not_before: time_col(row, "not_before")?,
-        lease_token: row.try_get("lease_token")?,
-        last_backend_id: row.try_get("last_backend_id")?,
         manifest: None,
         graph: None,
     })
@@ -339,7 +334,10 @@ impl Store {
     /// One job, with its manifest and graph.
     pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let sql = format!("SELECT {JOB_COLUMNS}, manifest, graph FROM jobs WHERE id = ?");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(self.reader()).await?;
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(self.reader())
+            .await?;
         row.map(|row| {
             let mut job = job_from_row(&row)?;
             job.manifest = json_col(&row, "manifest")?;
@@ -390,7 +388,12 @@ impl Store {
             .await?;
             match seq {
                 Some(s) => lower = Some(s),
-                None => return Ok(JobPage { jobs: vec![], next_before_seq: None }),
+                None => {
+                    return Ok(JobPage {
+                        jobs: vec![],
+                        next_before_seq: None,
+                    })
+                }
             }
         }
         if let Some(before) = filter.submitted_before {
@@ -402,7 +405,12 @@ impl Store {
             .await?;
             match seq {
                 Some(s) => upper = Some(upper.map_or(s, |u| u.min(s))),
-                None => return Ok(JobPage { jobs: vec![], next_before_seq: None }),
+                None => {
+                    return Ok(JobPage {
+                        jobs: vec![],
+                        next_before_seq: None,
+                    })
+                }
             }
         }
         let mut q = list_query("", filter, lower, upper);
@@ -417,7 +425,10 @@ impl Store {
         } else {
             None
         };
-        Ok(JobPage { jobs, next_before_seq: next })
+        Ok(JobPage {
+            jobs,
+            next_before_seq: next,
+        })
     }
 
     /// Counts of jobs by status (kept by triggers: one small read).
@@ -446,54 +457,54 @@ fn list_query(
     lower: Option<i64>,
     upper: Option<i64>,
 ) -> QueryBuilder<'static, Sqlite> {
-        let cols = JOB_COLUMNS
-            .split(", ")
-            .map(|c| format!("j.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{prefix}SELECT {cols} FROM "));
-        // The first metadata filter drives the scan through its index.
-        let mut metadata = filter.metadata.iter();
-        let order_col;
-        if let Some((key, value)) = metadata.next() {
-            q.push("job_metadata m JOIN jobs j ON j.seq = m.job_seq WHERE m.key = ");
-            q.push_bind(key.clone());
-            q.push(" AND m.value = ");
-            q.push_bind(value.clone());
-            order_col = "m.job_seq";
-        } else {
-            q.push("jobs j WHERE 1 = 1");
-            order_col = "j.seq";
+    let cols = JOB_COLUMNS
+        .split(", ")
+        .map(|c| format!("j.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{prefix}SELECT {cols} FROM "));
+    // The first metadata filter drives the scan through its index.
+    let mut metadata = filter.metadata.iter();
+    let order_col;
+    if let Some((key, value)) = metadata.next() {
+        q.push("job_metadata m JOIN jobs j ON j.seq = m.job_seq WHERE m.key = ");
+        q.push_bind(key.clone());
+        q.push(" AND m.value = ");
+        q.push_bind(value.clone());
+        order_col = "m.job_seq";
+    } else {
+        q.push("jobs j WHERE 1 = 1");
+        order_col = "j.seq";
+    }
+    for (key, value) in metadata {
+        q.push(" AND EXISTS (SELECT 1 FROM job_metadata m2 WHERE m2.key = ");
+        q.push_bind(key.clone());
+        q.push(" AND m2.value = ");
+        q.push_bind(value.clone());
+        q.push(" AND m2.job_seq = j.seq)");
+    }
+    if let Some(l) = lower {
+        q.push(format!(" AND {order_col} >= ")).push_bind(l);
+    }
+    if let Some(u) = upper {
+        q.push(format!(" AND {order_col} <= ")).push_bind(u);
+    }
+    if !filter.statuses.is_empty() {
+        q.push(" AND j.status IN (");
+        let mut sep = q.separated(", ");
+        for s in &filter.statuses {
+            sep.push_bind(s.clone());
         }
-        for (key, value) in metadata {
-            q.push(" AND EXISTS (SELECT 1 FROM job_metadata m2 WHERE m2.key = ");
-            q.push_bind(key.clone());
-            q.push(" AND m2.value = ");
-            q.push_bind(value.clone());
-            q.push(" AND m2.job_seq = j.seq)");
-        }
-        if let Some(l) = lower {
-            q.push(format!(" AND {order_col} >= ")).push_bind(l);
-        }
-        if let Some(u) = upper {
-            q.push(format!(" AND {order_col} <= ")).push_bind(u);
-        }
-        if !filter.statuses.is_empty() {
-            q.push(" AND j.status IN (");
-            let mut sep = q.separated(", ");
-            for s in &filter.statuses {
-                sep.push_bind(s.clone());
-            }
-            q.push(")");
-        }
-        if let Some(w) = &filter.workflow_id {
-            q.push(" AND j.workflow_id = ").push_bind(w.clone());
-        }
-        if let Some(b) = &filter.backend_id {
-            q.push(" AND j.backend_id = ").push_bind(b.clone());
-        }
-        q.push(format!(" ORDER BY {order_col} DESC LIMIT "));
-        q.push_bind(filter.limit as i64 + 1);
+        q.push(")");
+    }
+    if let Some(w) = &filter.workflow_id {
+        q.push(" AND j.workflow_id = ").push_bind(w.clone());
+    }
+    if let Some(b) = &filter.backend_id {
+        q.push(" AND j.backend_id = ").push_bind(b.clone());
+    }
+    q.push(format!(" ORDER BY {order_col} DESC LIMIT "));
+    q.push_bind(filter.limit as i64 + 1);
     q
 }
 

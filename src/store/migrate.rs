@@ -41,7 +41,12 @@ impl AsyncQuery<Vec<Migration>> for SqlxMigrator<'_> {
                 let checksum = checksum
                     .parse::<u64>()
                     .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-                Ok(Migration::applied(version as i32, name, applied_on, checksum))
+                Ok(Migration::applied(
+                    version as i32,
+                    name,
+                    applied_on,
+                    checksum,
+                ))
             })
             .collect()
     }
@@ -58,9 +63,7 @@ fn execute_all(
     Box::pin(async move {
         let mut tx = conn.begin().await?;
         for query in &queries {
-            sqlx::query(query.as_str())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(query.as_str()).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(queries.len())

@@ -184,9 +184,10 @@ impl Store {
     /// Reads a pragma's value on a read connection (for tests and health).
     pub async fn pragma(&self, name: &str) -> Result<String, StoreError> {
         let mut conn = self.read.acquire().await?;
-        let row: (String,) = sqlx::query_as(&format!("SELECT CAST(({}) AS TEXT)", pragma_select(name)))
-            .fetch_one(&mut *conn)
-            .await?;
+        let row: (String,) =
+            sqlx::query_as(&format!("SELECT CAST(({}) AS TEXT)", pragma_select(name)))
+                .fetch_one(&mut *conn)
+                .await?;
         Ok(row.0)
     }
 
@@ -219,15 +220,21 @@ impl Store {
 }
 
 fn pragma_select(name: &str) -> String {
-    let name: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+    let name: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
     format!("SELECT * FROM pragma_{name}")
 }
 
 /// Opens a database read-only for offline commands (backup from the CLI).
 pub async fn open_read_only(path: &Path) -> anyhow::Result<SqlitePool> {
-    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-        .read_only(true);
-    Ok(SqlitePoolOptions::new().max_connections(1).connect_with(options).await?)
+    let options =
+        SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?.read_only(true);
+    Ok(SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?)
 }
 
 /// Writes a consistent copy of the database file at `src` to `dest`.

@@ -35,7 +35,10 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the writer task on `conn`; it ends when every handle is dropped.
-    pub fn spawn(conn: SqliteConnection, max_batch: usize) -> (Writer, tokio::task::JoinHandle<()>) {
+    pub fn spawn(
+        conn: SqliteConnection,
+        max_batch: usize,
+    ) -> (Writer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Op>(max_batch * 4);
         let handle = tokio::spawn(run(conn, rx, max_batch));
         (Writer { tx }, handle)

@@ -155,7 +155,9 @@ fn describe(v: &Value) -> String {
         Value::Null => "null".into(),
         Value::Bool(b) => format!("boolean {b}"),
         Value::Number(n) => format!("number {n}"),
-        Value::String(s) if s.len() > 40 => format!("string \"{}...\"", &s[..s.floor_char_boundary(40)]),
+        Value::String(s) if s.len() > 40 => {
+            format!("string \"{}...\"", &s[..s.floor_char_boundary(40)])
+        }
         Value::String(s) => format!("string \"{s}\""),
         Value::Array(_) => "an array".into(),
         Value::Object(_) => "an object".into(),
@@ -209,7 +211,12 @@ impl Param {
 impl Template {
     /// Parses a template from its graph and declaration texts, checking that
     /// every target exists in the graph and every default is valid.
-    pub fn parse(id: &str, source: &str, graph: &str, declaration: Option<&str>) -> Result<Template, String> {
+    pub fn parse(
+        id: &str,
+        source: &str,
+        graph: &str,
+        declaration: Option<&str>,
+    ) -> Result<Template, String> {
         let graph: Value =
             serde_json::from_str(graph).map_err(|e| format!("graph is not valid JSON: {e}"))?;
         validate_graph(&graph).map_err(|e| format!("{}: {}", e.field, e.message))?;
@@ -333,7 +340,9 @@ fn parse_target(graph: &Value, t: &str) -> Result<Target, String> {
         return Err(format!(
             "target `{t}`: node `{}` ({}) has no input `{}`",
             parts[0],
-            node.get("class_type").and_then(Value::as_str).unwrap_or("?"),
+            node.get("class_type")
+                .and_then(Value::as_str)
+                .unwrap_or("?"),
             parts[2]
         ));
     }
@@ -346,9 +355,12 @@ fn parse_target(graph: &Value, t: &str) -> Result<Target, String> {
 /// Checks that a value is a ComfyUI API-format graph: an object of nodes,
 /// each with a `class_type` string and an `inputs` object.
 pub fn validate_graph(graph: &Value) -> Result<(), BindError> {
-    let nodes = graph
-        .as_object()
-        .ok_or_else(|| BindError::new("workflow", "must be an object of nodes (ComfyUI API format)"))?;
+    let nodes = graph.as_object().ok_or_else(|| {
+        BindError::new(
+            "workflow",
+            "must be an object of nodes (ComfyUI API format)",
+        )
+    })?;
     if nodes.contains_key("nodes") && nodes.contains_key("links") {
         return Err(BindError::new(
             "workflow",
@@ -517,7 +529,9 @@ mod tests {
     use serde_json::json;
 
     fn blur() -> Arc<Template> {
-        Catalog::load(Path::new("/nonexistent")).get("image_blur").unwrap()
+        Catalog::load(Path::new("/nonexistent"))
+            .get("image_blur")
+            .unwrap()
     }
 
     #[test]
@@ -530,7 +544,10 @@ mod tests {
 
     #[test]
     fn binding_fills_defaults_and_writes_targets() {
-        let given = json!({"width": 640, "blur_radius": 9}).as_object().unwrap().clone();
+        let given = json!({"width": 640, "blur_radius": 9})
+            .as_object()
+            .unwrap()
+            .clone();
         let (graph, bound) = blur().bind(&given).unwrap();
         assert_eq!(graph["1"]["inputs"]["width"], 640);
         assert_eq!(graph["1"]["inputs"]["height"], 512);
@@ -546,7 +563,11 @@ mod tests {
             (json!({"width": "abc"}), "parameters.width", "integer"),
             (json!({"width": 8}), "parameters.width", "at least 16"),
             (json!({"width": 1.5}), "parameters.width", "integer"),
-            (json!({"blur_radius": 32}), "parameters.blur_radius", "at most 31"),
+            (
+                json!({"blur_radius": 32}),
+                "parameters.blur_radius",
+                "at most 31",
+            ),
             (json!({"colour": 1}), "parameters.colour", "no parameter"),
         ];
         for (given, field, needle) in cases {
@@ -558,11 +579,17 @@ mod tests {
 
     #[test]
     fn a_required_parameter_must_be_given() {
-        let t = Catalog::load(Path::new("/nonexistent")).get("txt2img_sdxl").unwrap();
+        let t = Catalog::load(Path::new("/nonexistent"))
+            .get("txt2img_sdxl")
+            .unwrap();
         let err = t.bind(&Map::new()).unwrap_err();
         assert_eq!(err.field, "parameters.prompt");
         let (graph, _) = t
-            .bind(json!({"prompt": "a cat", "seed": 18446744073709551615u64}).as_object().unwrap())
+            .bind(
+                json!({"prompt": "a cat", "seed": 18446744073709551615u64})
+                    .as_object()
+                    .unwrap(),
+            )
             .unwrap();
         assert_eq!(graph["6"]["inputs"]["text"], "a cat");
         assert_eq!(graph["3"]["inputs"]["seed"], json!(18446744073709551615u64));
@@ -598,7 +625,11 @@ mod tests {
         assert_eq!(t.parameters[0].name, "w");
         let (_, errors) = catalog.list();
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].error.contains("no node `9`"), "{}", errors[0].error);
+        assert!(
+            errors[0].error.contains("no node `9`"),
+            "{}",
+            errors[0].error
+        );
     }
 
     #[test]

@@ -1,0 +1,242 @@
+//! Test helpers: start the real service on `127.0.0.1:0` with its own data
+//! folder, in-process (`spawn_app`) or as the real binary (`spawn_binary`).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use orchestrator::config::Config;
+use orchestrator::server::Service;
+use orchestrator::store::Store;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::oneshot;
+
+/// A running in-process service.
+pub struct TestApp {
+    pub url: String,
+    pub client: reqwest::Client,
+    pub config: Config,
+    pub store: Store,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A config with a fresh temporary data folder.
+pub fn test_config() -> (Config, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        port: 0,
+        data_dir: dir.path().join("data"),
+        workflows_dir: dir.path().join("workflows"),
+        ..Default::default()
+    };
+    (config, dir)
+}
+
+pub async fn spawn_app() -> TestApp {
+    let (config, dir) = test_config();
+    let mut app = spawn_with(config).await;
+    app._dir = Some(dir);
+    app
+}
+
+pub async fn spawn_with(config: Config) -> TestApp {
+    let service = Service::start(config.clone())
+        .await
+        .expect("service starts");
+    let store = service.store().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(service.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        url,
+        client: reqwest::Client::new(),
+        config,
+        store,
+        stop: Some(tx),
+        task: Some(task),
+        _dir: None,
+    }
+}
+
+impl TestApp {
+    /// Stops the service gracefully and waits for it; keeps the data folder.
+    pub async fn stop(mut self) -> (Config, Option<tempfile::TempDir>) {
+        self.shutdown().await;
+        (self.config.clone(), self._dir.take())
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        self.store.close().await;
+    }
+
+    /// Stops and starts again on the same data folder.
+    pub async fn restart(self) -> TestApp {
+        let (config, dir) = self.stop().await;
+        let mut app = spawn_with(config).await;
+        app._dir = dir;
+        app
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn submit_blur(&self, extra: Value) -> String {
+        let mut body =
+            json!({"workflow_id": "image_blur", "parameters": {"width": 64, "height": 64}});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let (status, resp) = self.post_json("/api/job", &body).await;
+        assert_eq!(status, 201, "{resp}");
+        resp["job_id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/job/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Polls a job until `pred` holds or the deadline passes.
+    pub async fn wait_job(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let job = self.job(id).await;
+            if pred(&job) {
+                return job;
+            }
+            if Instant::now() > deadline {
+                panic!("job {id} never reached {what}: {job:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_status(&self, id: &str, status: &str) -> Value {
+        self.wait_job(id, status, |j| j["status"] == status).await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
+pub async fn poll<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real binary, run as a child process.
+pub struct Binary {
+    pub child: tokio::process::Child,
+    pub url: String,
+}
+
+pub fn binary_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_orchestrator"))
+}
+
+/// Starts `orchestrator serve` with `config_path` and waits for its "listening" line.
+pub async fn spawn_binary(config_path: &Path) -> Binary {
+    let mut child = tokio::process::Command::new(binary_path())
+        .arg("serve")
+        .arg("--config")
+        .arg(config_path)
+        .arg("--port")
+        .arg("0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("orchestrator listening on ") {
+                return rest.trim().to_string();
+            }
+        }
+        panic!("binary exited before listening");
+    })
+    .await
+    .expect("binary listens within 30 s");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Binary { child, url }
+}
+
+impl Binary {
+    pub async fn kill9(mut self) {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Writes a config file for the binary into `dir`.
+pub fn write_config(dir: &Path, yaml_extra: &str) -> PathBuf {
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir: {}\nworkflows_dir: {}\n{yaml_extra}",
+            dir.join("data").display(),
+            dir.join("workflows").display()
+        ),
+    )
+    .unwrap();
+    path
+}
