@@ -12,6 +12,8 @@
 //!   declaration) and parameter binding at submit time.
 //! - [`manifest`]: the submitted manifest, checked field by field.
 //! - [`api`]: axum routes, the error shape, the OpenAPI document.
+//! - [`comfy`]: the ComfyUI protocol client (HTTP and WebSocket), no database.
+//! - [`simulator`]: a simulated ComfyUI for tests, benchmarks and the demo.
 //! - [`server`]: start-up (lock file, database, backends), serving, shutdown.
 //!
 //! The server is a library function, [`server::run`], that takes a bound
@@ -21,8 +23,10 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod comfy;
 pub mod config;
 pub mod manifest;
 pub mod server;
+pub mod simulator;
 pub mod store;
 pub mod workflows;
