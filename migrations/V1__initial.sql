@@ -22,6 +22,8 @@ CREATE TABLE jobs (
     lease_expires_at TEXT,
     not_before       TEXT,
     last_backend_id  TEXT,
+    avoid_until      TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
     progress         TEXT,
     error            TEXT,
     submitted_at     TEXT    NOT NULL,
@@ -35,6 +37,8 @@ CREATE INDEX jobs_by_backend   ON jobs(backend_id, seq);
 CREATE INDEX jobs_by_submitted ON jobs(submitted_at);
 -- The lease query: best queued job first (priority, then age).
 CREATE INDEX jobs_queue ON jobs(priority DESC, seq) WHERE status = 'queued';
+-- The lease query's preference: the workflow a backend ran last.
+CREATE INDEX jobs_queue_workflow ON jobs(workflow_id, priority DESC, seq) WHERE status = 'queued';
 -- Jobs held by a backend, for reconciliation and slot counting.
 CREATE INDEX jobs_active ON jobs(backend_id) WHERE status IN ('assigned', 'running');
 
@@ -71,8 +75,11 @@ CREATE TABLE leases (
     submitted_at TEXT,
     finished_at  TEXT,
     outcome      TEXT,
-    error        TEXT
+    error        TEXT,
+    -- Taken back from a backend that may come back: delete and interrupt it there first.
+    cleanup_pending INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX leases_cleanup ON leases(backend_id) WHERE cleanup_pending = 1;
 CREATE INDEX leases_by_job ON leases(job_id, leased_at);
 
 -- Files collected from a backend for a completed job.
@@ -111,8 +118,16 @@ CREATE TABLE backends (
     last_error      TEXT,
     last_seen       TEXT,
     offline_since   TEXT,
+    last_workflow_id TEXT,
     updated_at      TEXT    NOT NULL
 );
+
+-- Monotonic counters (lease fencing tokens).
+CREATE TABLE counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO counters(name, value) VALUES ('lease_token', 0);
 
 -- Job counts by status, kept by triggers so that health is one small read.
 CREATE TABLE job_counts (

@@ -14,6 +14,8 @@
 //! - [`api`]: axum routes, the error shape, the OpenAPI document.
 //! - [`comfy`]: the ComfyUI protocol client (HTTP and WebSocket), no database.
 //! - [`simulator`]: a simulated ComfyUI for tests, benchmarks and the demo.
+//! - [`dispatch`]: one worker per backend: lease, submit, follow, collect, reconcile.
+//! - [`monitor`]: backend health polling.
 //! - [`server`]: start-up (lock file, database, backends), serving, shutdown.
 //!
 //! The server is a library function, [`server::run`], that takes a bound
@@ -25,7 +27,9 @@
 pub mod api;
 pub mod comfy;
 pub mod config;
+pub mod dispatch;
 pub mod manifest;
+pub mod monitor;
 pub mod server;
 pub mod simulator;
 pub mod store;

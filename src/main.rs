@@ -23,6 +23,28 @@ struct Cli {
 enum Command {
     /// Run the service (HTTP API on 127.0.0.1:9800 by default).
     Serve(ServeArgs),
+    /// Run a simulated ComfyUI server (for trying the orchestrator without a GPU).
+    Simulate {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on (ComfyUI's usual port is 8188).
+        #[arg(long, default_value_t = 8188)]
+        port: u16,
+        /// Time each prompt takes, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        job_ms: u64,
+        /// Chance (0 to 1) that a prompt fails at run time.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+        /// Checkpoint files the simulated server has (comma-separated).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "sd_xl_base_1.0.safetensors"
+        )]
+        checkpoints: Vec<String>,
+    },
     /// Write a consistent copy of the database to FILE (safe while the service runs).
     Backup {
         /// Where to write the copy; must not exist yet.
@@ -50,6 +72,10 @@ struct ServeArgs {
     /// Folder for the database, outputs and lock file (overrides `data_dir`).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Also start two simulated ComfyUI backends in this process and use
+    /// them, so the whole loop runs on a machine with no GPU.
+    #[arg(long)]
+    demo: bool,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -97,8 +123,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
-    config.validate()?;
     let _guard = init_logging(&config);
+    let mut demo_backends = Vec::new();
+    if args.demo {
+        for id in ["demo1", "demo2"] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let port = listener.local_addr()?.port();
+            demo_backends.push(orchestrator::simulator::spawn(
+                listener,
+                orchestrator::simulator::SimConfig {
+                    job_ms: 1500,
+                    ..Default::default()
+                },
+            ));
+            config.backends.push(orchestrator::config::BackendConfig {
+                id: id.into(),
+                name: Some(format!("simulated ComfyUI ({id})")),
+                host: "127.0.0.1".into(),
+                port,
+                enabled: true,
+                tags: vec![],
+                max_inflight: 2,
+            });
+            println!("demo backend {id}: simulated ComfyUI on http://127.0.0.1:{port}");
+        }
+    }
+    config.validate()?;
     let service = orchestrator::server::Service::start(config.clone()).await?;
     let addr: SocketAddr = tokio::net::lookup_host((config.host.as_str(), config.port))
         .await?
@@ -137,6 +187,32 @@ async fn backup(
     Ok(())
 }
 
+async fn simulate(
+    host: String,
+    port: u16,
+    job_ms: u64,
+    fail_rate: f64,
+    checkpoints: Vec<String>,
+) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&fail_rate) {
+        anyhow::bail!("--fail-rate must be between 0 and 1");
+    }
+    let _guard = init_logging(&Config::default());
+    let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))?;
+    let local = listener.local_addr()?;
+    println!("simulated ComfyUI 0.3.64 listening on http://{local}");
+    let config = orchestrator::simulator::SimConfig {
+        job_ms,
+        fail_rate,
+        checkpoints,
+        ..Default::default()
+    };
+    orchestrator::simulator::serve(listener, config, orchestrator::server::shutdown_signal()).await;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -154,6 +230,13 @@ fn main() -> ExitCode {
                 config,
                 data_dir,
             } => backup(file, config, data_dir).await,
+            Command::Simulate {
+                host,
+                port,
+                job_ms,
+                fail_rate,
+                checkpoints,
+            } => simulate(host, port, job_ms, fail_rate, checkpoints).await,
         }
     });
     match result {

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::dispatch::Farm;
 use crate::store::{BackendUpsert, Store};
 use crate::workflows::Catalog;
 
@@ -85,12 +85,14 @@ impl Service {
             )
             .await?;
         let catalog = Arc::new(Catalog::load(&config.workflows_dir));
+        let config = Arc::new(config);
+        let farm = Farm::start(store.clone(), config.clone()).await?;
         let state = AppState {
             store,
             catalog,
-            config: Arc::new(config),
+            config,
             started: Instant::now(),
-            wake: Arc::new(Notify::new()),
+            farm,
         };
         Ok(Service { state, _lock: lock })
     }
@@ -98,6 +100,11 @@ impl Service {
     /// The database (for tests and commands).
     pub fn store(&self) -> &crate::store::Store {
         &self.state.store
+    }
+
+    /// The farm (for tests).
+    pub fn farm(&self) -> &Farm {
+        &self.state.farm
     }
 
     /// Serves on `listener` until `shutdown` resolves, then stops taking
@@ -110,6 +117,7 @@ impl Service {
     ) -> anyhow::Result<()> {
         let timeout = Duration::from_secs(self.state.config.shutdown_timeout_s);
         let store = self.state.store.clone();
+        let farm = self.state.farm.clone();
         let app = api::app(self.state.clone());
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -127,6 +135,8 @@ impl Service {
                 tracing::warn!(timeout_s = timeout.as_secs(), "requests still in flight at the shutdown deadline; stopping anyway");
             }
         }
+        // Running prompts stay on their backends; the next start re-attaches.
+        farm.shutdown(timeout).await;
         store.close().await;
         tracing::info!("stopped");
         Ok(())

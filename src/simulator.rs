@@ -1192,13 +1192,12 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
 /// A valid RGB PNG of one colour.
 pub fn png(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
     let (width, height) = (width.max(1), height.max(1));
-    let mut raw = Vec::with_capacity((height * (width * 3 + 1)) as usize);
-    for _ in 0..height {
-        raw.push(0);
-        for _ in 0..width {
-            raw.extend_from_slice(&rgb);
-        }
+    // Each row: filter type 0, then the pixels.
+    let mut row = vec![0u8];
+    for _ in 0..width {
+        row.extend_from_slice(&rgb);
     }
+    let raw = row.repeat(height as usize);
     let mut z = vec![0x78, 0x01];
     let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
     for (i, block) in blocks.iter().enumerate() {

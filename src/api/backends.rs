@@ -74,7 +74,7 @@ async fn set_admin(
 ) -> Result<Json<BackendRecord>, ApiError> {
     state.store.set_backend_admin_state(&id, admin).await?;
     tracing::info!(backend_id = %id, admin_state = admin, "backend admin state changed");
-    state.wake.notify_waiters();
+    state.farm.wake();
     get_backend(State(state), Path(id)).await
 }
 

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use super::{ApiError, AppState};
 use crate::manifest;
 use crate::store::{
-    status, JobEvent, JobFilter, JobRecord, LeaseRecord, OutputRecord, SubmitOutcome,
+    status, CancelOutcome, JobEvent, JobFilter, JobRecord, LeaseRecord, OutputRecord, SubmitOutcome,
 };
 
 pub(super) fn router() -> Router<AppState> {
@@ -24,6 +24,8 @@ pub(super) fn router() -> Router<AppState> {
         .route("/api/job/{id}", get(get_job))
         .route("/api/job/{id}/events", get(job_events))
         .route("/api/job/{id}/cancel", post(cancel_job))
+        .route("/api/job/{id}/retry", post(retry_job))
+        .route("/api/job/{id}/outputs/{name}", get(get_output))
         .route("/api/jobs", get(list_jobs))
 }
 
@@ -110,10 +112,11 @@ pub(super) async fn submit_job(
         &state.catalog,
         state.config.dispatch.default_max_attempts,
     )?;
+    check_requires(&state, &parsed.job.requires)?;
     let outcome = state.store.submit(parsed.job).await?;
     let (code, summary, message) = match outcome {
         SubmitOutcome::Created(s) => {
-            state.wake.notify_waiters();
+            state.farm.wake();
             tracing::info!(job_id = %s.id, "job submitted");
             (StatusCode::CREATED, s, "Job stored and queued".to_string())
         }
@@ -131,6 +134,30 @@ pub(super) async fn submit_job(
         warnings: parsed.warnings,
     };
     Ok((code, Json(body)).into_response())
+}
+
+/// With a farm configured, a job that needs tags no backend has could never
+/// run: say so now rather than let it wait for ever.
+fn check_requires(state: &AppState, requires: &[String]) -> Result<(), ApiError> {
+    let backends = &state.config.backends;
+    if backends.is_empty() || requires.is_empty() {
+        return Ok(());
+    }
+    if backends
+        .iter()
+        .any(|b| requires.iter().all(|t| b.tags.contains(t)))
+    {
+        return Ok(());
+    }
+    let farm = backends
+        .iter()
+        .map(|b| format!("{} {:?}", b.id, b.tags))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(ApiError::invalid(
+        "requires",
+        format!("no configured backend has all of the tags {requires:?} (backends: {farm})"),
+    ))
 }
 
 /// Everything about a job.
@@ -165,6 +192,7 @@ pub(super) async fn get_job(
         .job(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
+    let job = with_progress(&state, job);
     let outputs = state.store.job_outputs(&id).await?;
     let leases = state.store.job_leases(&id).await?;
     Ok(Json(JobDetail {
@@ -228,21 +256,118 @@ pub(super) async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let status = state.store.cancel_queued(&id).await?;
-    if status == status::CANCELLED {
-        tracing::info!(job_id = %id, "job cancelled");
-        let body = CancelResponse {
-            job_id: id,
-            status,
-            message: "cancelled".into(),
-        };
-        return Ok((StatusCode::OK, Json(body)).into_response());
+    match state.farm.cancel(&id).await? {
+        CancelOutcome::Cancelled => {
+            tracing::info!(job_id = %id, "job cancelled");
+            let body = CancelResponse {
+                job_id: id,
+                status: status::CANCELLED.into(),
+                message: "cancelled".into(),
+            };
+            Ok((StatusCode::OK, Json(body)).into_response())
+        }
+        CancelOutcome::Requested { backend_id } => {
+            tracing::info!(job_id = %id, backend_id = %backend_id, "cancel requested");
+            let current = state
+                .store
+                .job(&id)
+                .await?
+                .map(|j| j.status)
+                .unwrap_or_default();
+            let body = CancelResponse {
+                job_id: id,
+                status: current,
+                message: format!("backend {backend_id} is being asked to stop it; the job becomes `cancelled` once it confirms"),
+            };
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
     }
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "invalid_state",
-        format!("job `{id}` is {status} on a backend; it cannot be cancelled yet"),
-    ))
+}
+
+/// Queue a failed or cancelled job again, as a new attempt.
+#[utoipa::path(
+    post,
+    path = "/api/job/{id}/retry",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Queued again", body = SubmitResponse),
+        (status = 404, body = super::ErrorBody),
+        (status = 409, description = "Not failed or cancelled", body = super::ErrorBody),
+    )
+)]
+pub(super) async fn retry_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SubmitResponse>, ApiError> {
+    state.store.retry(&id).await?;
+    state.farm.wake();
+    tracing::info!(job_id = %id, "job queued again by a user");
+    let job = state
+        .store
+        .job(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
+    Ok(Json(SubmitResponse {
+        job_id: id,
+        status: job.status,
+        message: "queued again as a new attempt".into(),
+        submitted_at: job.submitted_at,
+        warnings: vec![],
+    }))
+}
+
+/// Download one output of a completed job, with its content type.
+#[utoipa::path(
+    get,
+    path = "/api/job/{id}/outputs/{name}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id"), ("name" = String, Path, description = "Output name from the job's `outputs`")),
+    responses(
+        (status = 200, description = "The file", content_type = "application/octet-stream"),
+        (status = 404, body = super::ErrorBody),
+    )
+)]
+pub(super) async fn get_output(
+    State(state): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    // The name is only looked up, never used as a path: the stored name is.
+    let outputs = state.store.job_outputs(&id).await?;
+    let output = outputs
+        .into_iter()
+        .find(|o| o.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("output `{name}` of job `{id}`")))?;
+    let path = state.config.outputs_dir().join(&id).join(&output.name);
+    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("output file {} is missing: {e}", path.display()),
+        )
+    })?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, output.content_type.clone()),
+            (header::CONTENT_LENGTH, output.size.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("inline; filename=\"{}\"", output.name),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+fn with_progress(state: &AppState, mut job: JobRecord) -> JobRecord {
+    if job.status == status::RUNNING || job.status == status::ASSIGNED {
+        if let Some(p) = state.farm.progress(&job.job_id) {
+            job.progress = Some(p);
+        }
+    }
+    job
 }
 
 /// A page of history.
@@ -354,7 +479,11 @@ pub(super) async fn list_jobs(
     let filter = parse_filter(query.as_deref())?;
     let page = state.store.list_jobs(&filter).await?;
     Ok(Json(JobList {
-        jobs: page.jobs,
+        jobs: page
+            .jobs
+            .into_iter()
+            .map(|j| with_progress(&state, j))
+            .collect(),
         next_cursor: page.next_before_seq.map(encode_cursor),
     }))
 }

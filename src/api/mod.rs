@@ -17,12 +17,12 @@ use std::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
-use tokio::sync::Notify;
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
 use crate::config::Config;
+use crate::dispatch::Farm;
 use crate::store::Store;
 use crate::workflows::Catalog;
 
@@ -37,8 +37,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// When the service started (for `uptime_s`).
     pub started: Instant,
-    /// Wakes the dispatchers when a job is queued.
-    pub wake: Arc<Notify>,
+    /// The running farm: wakes dispatchers, cancels through backends, live progress.
+    pub farm: Farm,
 }
 
 /// Builds the whole router.

@@ -22,6 +22,8 @@ use super::{backends, jobs, system, AppState};
         jobs::get_job,
         jobs::job_events,
         jobs::cancel_job,
+        jobs::retry_job,
+        jobs::get_output,
         jobs::list_jobs,
         system::health,
         system::workflows,

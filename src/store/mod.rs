@@ -11,6 +11,7 @@
 
 mod backends;
 mod jobs;
+mod leases;
 mod migrate;
 pub mod writer;
 
@@ -25,6 +26,7 @@ use sqlx::{ConnectOptions, SqlitePool};
 
 pub use backends::{BackendRecord, BackendStats, BackendUpsert};
 pub use jobs::*;
+pub use leases::{ActiveJob, AttemptOutcome, CancelOutcome, Lease};
 
 use crate::config::{DatabaseConfig, Synchronous};
 

@@ -240,3 +240,95 @@ pub fn write_config(dir: &Path, yaml_extra: &str) -> PathBuf {
     .unwrap();
     path
 }
+
+use orchestrator::config::BackendConfig;
+use orchestrator::simulator::{self, SimConfig, SimHandle};
+
+/// A simulated ComfyUI on a free port.
+pub async fn start_sim(job_ms: u64) -> SimHandle {
+    start_sim_with(SimConfig {
+        job_ms,
+        ..Default::default()
+    })
+    .await
+}
+
+pub async fn start_sim_with(config: SimConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    simulator::spawn(listener, config)
+}
+
+/// Starts a simulator again on the port of one that was killed (a ComfyUI restart).
+pub async fn restart_sim_on(port: u16, job_ms: u64) -> SimHandle {
+    let listener = poll("the port to be free again", || async move {
+        tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
+    simulator::spawn(
+        listener,
+        SimConfig {
+            job_ms,
+            ..Default::default()
+        },
+    )
+}
+
+pub fn backend(id: &str, port: u16, tags: &[&str], max_inflight: u32) -> BackendConfig {
+    BackendConfig {
+        id: id.into(),
+        name: None,
+        host: "127.0.0.1".into(),
+        port,
+        enabled: true,
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        max_inflight,
+    }
+}
+
+/// A config whose timings suit tests: fast polls, short back-off and grace.
+pub fn farm_config(backends: Vec<BackendConfig>) -> (Config, tempfile::TempDir) {
+    let (mut config, dir) = test_config();
+    config.backends = backends;
+    config.monitor.poll_interval_ms = 50;
+    config.dispatch.poll_interval_ms = 100;
+    config.dispatch.retry_backoff_ms = 50;
+    config.dispatch.retry_backoff_max_ms = 200;
+    config.dispatch.backend_grace_s = 2;
+    config.dispatch.cancel_timeout_s = 5;
+    config.dispatch.request_timeout_ms = 2_000;
+    (config, dir)
+}
+
+pub async fn spawn_farm(backends: Vec<BackendConfig>) -> TestApp {
+    let (config, dir) = farm_config(backends);
+    let mut app = spawn_with(config).await;
+    app._dir = Some(dir);
+    app
+}
+
+impl TestApp {
+    /// Waits until the backend is online and accepting jobs.
+    pub async fn wait_backend(&self, id: &str, state: &str) -> Value {
+        let path = format!("/api/backends/{id}");
+        poll(&format!("backend {id} to be {state}"), || async {
+            let (_, b) = self.get(&path).await;
+            (b["state"] == state).then_some(b)
+        })
+        .await
+    }
+
+    pub async fn events(&self, id: &str) -> Vec<Value> {
+        let (_, e) = self.get(&format!("/api/job/{id}/events")).await;
+        e["events"].as_array().unwrap().clone()
+    }
+
+    pub async fn event_kinds(&self, id: &str) -> Vec<String> {
+        self.events(id)
+            .await
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect()
+    }
+}

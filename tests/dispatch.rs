@@ -1,0 +1,513 @@
+//! Running the queue on simulated ComfyUI backends, over real HTTP and
+//! WebSocket on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+fn blur(extra: Value) -> Value {
+    let mut m = json!({"workflow_id": "image_blur", "parameters": {"width": 64, "height": 48, "color": 255}});
+    for (k, v) in extra.as_object().unwrap() {
+        m[k] = v.clone();
+    }
+    m
+}
+
+async fn submit(app: &TestApp, manifest: Value) -> String {
+    let (status, body) = app.post_json("/api/job", &manifest).await;
+    assert_eq!(status, 201, "{body}");
+    body["job_id"].as_str().unwrap().to_string()
+}
+
+/// The recorded graph that raises at run time (ImageToMask alpha on an RGB image).
+fn failing_graph() -> Value {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}
+    })
+}
+
+#[tokio::test]
+async fn a_job_completes_and_its_output_downloads_byte_identical_to_the_backends() {
+    let sim = start_sim(30).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 2)]).await;
+    let b = app.wait_backend("node1", "online").await;
+    assert_eq!(b["comfyui_version"], "0.3.64");
+    assert!(b["vram_total"].as_i64().unwrap() > 0);
+    assert_eq!(b["accepting_jobs"], true);
+
+    let id = submit(&app, blur(json!({"parameters": {"width": 64, "height": 48, "batch_size": 2, "filename_prefix": "shot/sc01"}}))).await;
+    let job = app.wait_status(&id, "completed").await;
+    assert_eq!(job["backend_id"], "node1");
+    assert_eq!(job["attempts"], 1);
+    assert!(job["started_at"].is_string() && job["finished_at"].is_string());
+    let outputs = job["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 2, "{job:#}");
+    for o in outputs {
+        let name = o["name"].as_str().unwrap();
+        let r = app
+            .client
+            .get(format!("{}/api/job/{id}/outputs/{name}", app.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "image/png");
+        let ours = r.bytes().await.unwrap();
+        let theirs = app
+            .client
+            .get(format!("{}/view", sim.url))
+            .query(&[
+                ("filename", o["filename"].as_str().unwrap()),
+                ("subfolder", o["subfolder"].as_str().unwrap()),
+                ("type", "output"),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(ours, theirs, "byte-identical");
+        assert_eq!(o["size"], ours.len());
+        assert_eq!(o["sha256"], format!("{:x}", Sha256::digest(&ours)));
+        assert_eq!(o["subfolder"], "shot");
+    }
+    assert_eq!(
+        app.event_kinds(&id).await,
+        [
+            "submitted",
+            "assigned",
+            "submitted_to_backend",
+            "running",
+            "completed"
+        ]
+    );
+    let lease = &job["leases"][0];
+    assert_eq!(lease["outcome"], "completed");
+    assert_eq!(lease["prompt_id"], job["prompt_id"]);
+    // Finished prompts are deleted from the backend's history.
+    poll("history cleanup", || async {
+        sim.history_ids().is_empty().then_some(())
+    })
+    .await;
+    let (status, _) = app
+        .get(&format!("/api/job/{id}/outputs/..%2F..%2Forchestrator.db"))
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_cached_run_still_reports_its_outputs() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
+    app.wait_backend("node1", "online").await;
+    let a = submit(&app, blur(json!({}))).await;
+    app.wait_status(&a, "completed").await;
+    let b = submit(&app, blur(json!({}))).await;
+    let job = app.wait_status(&b, "completed").await;
+    assert_eq!(job["outputs"].as_array().unwrap().len(), 1, "{job:#}");
+}
+
+#[tokio::test]
+async fn a_rejected_workflow_fails_with_comfyuis_node_errors_and_is_not_retried_there() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 2)]).await;
+    app.wait_backend("node1", "online").await;
+    let id = submit(&app, json!({"workflow_id": "txt2img_sdxl", "parameters": {"prompt": "a cat", "checkpoint": "missing.safetensors"}})).await;
+    let job = app.wait_status(&id, "failed").await;
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("backend node1 rejected the workflow"),
+        "{message}"
+    );
+    assert!(
+        message.contains("node 4 (CheckpointLoaderSimple): Value not in list"),
+        "{message}"
+    );
+    assert!(
+        message.contains("no enabled backend can run this job"),
+        "{message}"
+    );
+    assert!(job["error"]["node_errors"]["4"].is_object());
+    assert_eq!(job["attempts"], 1, "not retried on the same backend");
+    assert_eq!(job["leases"][0]["outcome"], "rejected");
+    assert_eq!(sim.prompt_posts().len(), 1);
+}
+
+#[tokio::test]
+async fn a_rejection_moves_the_job_to_a_backend_that_accepts_it() {
+    let without = start_sim(0).await;
+    let with = start_sim_with(orchestrator::simulator::SimConfig {
+        job_ms: 0,
+        checkpoints: vec!["flux.safetensors".into()],
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm(vec![
+        backend("a", without.port, &[], 1),
+        backend("b", with.port, &[], 1),
+    ])
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    let id = submit(&app, json!({"workflow_id": "txt2img_sdxl", "parameters": {"prompt": "x", "checkpoint": "flux.safetensors"}})).await;
+    let job = app
+        .wait_job(&id, "a final state", |j| {
+            j["status"] == "completed" || j["status"] == "failed"
+        })
+        .await;
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert_eq!(job["backend_id"], "b");
+}
+
+#[tokio::test]
+async fn a_runtime_error_is_retried_with_backoff_on_another_backend_and_then_fails_readably() {
+    let a = start_sim(0).await;
+    let b = start_sim(0).await;
+    let app = spawn_farm(vec![
+        backend("a", a.port, &[], 1),
+        backend("b", b.port, &[], 1),
+    ])
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    let id = submit(
+        &app,
+        json!({"workflow": failing_graph(), "max_attempts": 3}),
+    )
+    .await;
+    let job = app.wait_status(&id, "failed").await;
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("node 2 (ImageToMask) raised IndexError: index 3 is out of bounds"),
+        "{message}"
+    );
+    assert!(message.contains("attempt 3 of 3"), "{message}");
+    assert_eq!(job["attempts"], 3);
+    let leases = job["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 3);
+    assert_ne!(
+        leases[0]["backend_id"], leases[1]["backend_id"],
+        "the retry prefers another backend"
+    );
+    assert!(leases.iter().all(|l| l["outcome"] == "failed"));
+    let kinds = app.event_kinds(&id).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "retry_scheduled").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last().unwrap(), "failed");
+    // Back-off: the second lease came at least retry_backoff_ms after the first failure.
+    let t = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    assert!(
+        t(&leases[1]["leased_at"]) - t(&leases[0]["finished_at"])
+            >= chrono::Duration::milliseconds(40)
+    );
+    // Each prompt id was submitted exactly once.
+    let posts: usize = a
+        .prompt_posts()
+        .values()
+        .chain(b.prompt_posts().values())
+        .sum();
+    assert_eq!(posts, 3);
+    assert!(a
+        .prompt_posts()
+        .values()
+        .chain(b.prompt_posts().values())
+        .all(|n| *n == 1));
+
+    // A user can queue it again.
+    let (status, body) = app
+        .post_json(&format!("/api/job/{id}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let job = app.wait_status(&id, "failed").await;
+    assert_eq!(job["attempts"], 4);
+    let (status, _) = app
+        .post_json(&format!("/api/job/{id}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = app
+        .post_json(&format!("/api/job/{id}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 409, "only failed or cancelled jobs: {body}");
+}
+
+#[tokio::test]
+async fn cancel_removes_an_assigned_job_from_the_backend_queue_and_interrupts_a_running_one() {
+    let sim = start_sim(3_000).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 2)]).await;
+    app.wait_backend("node1", "online").await;
+    let first = submit(&app, blur(json!({"parameters": {"width": 64, "color": 1}}))).await;
+    let second = submit(&app, blur(json!({"parameters": {"width": 64, "color": 2}}))).await;
+    app.wait_status(&first, "running").await;
+    let second_job = app
+        .wait_job(&second, "submitted", |j| {
+            j["leases"][0]["submitted_at"].is_string()
+        })
+        .await;
+    assert_eq!(second_job["status"], "assigned", "waits in ComfyUI's queue");
+
+    let (status, body) = app
+        .post_json(&format!("/api/job/{second}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    app.wait_status(&second, "cancelled").await;
+    assert_eq!(sim.queue_len(), 1, "removed from the backend's queue");
+
+    let (status, _) = app
+        .post_json(&format!("/api/job/{first}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202);
+    let job = app.wait_status(&first, "cancelled").await;
+    let kinds = app.event_kinds(&first).await;
+    assert!(
+        kinds.ends_with(&["cancel_requested".into(), "cancelled".into()]),
+        "{kinds:?}"
+    );
+    assert!(
+        app.events(&first).await.last().unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted"),
+        "{job:#}"
+    );
+    poll("backend idle", || async {
+        (sim.queue_len() == 0).then_some(())
+    })
+    .await;
+    // A cancelled job can be queued again.
+    let (status, _) = app
+        .post_json(&format!("/api/job/{second}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    app.wait_status(&second, "completed").await;
+}
+
+#[tokio::test]
+async fn jobs_run_by_priority_then_age() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
+    app.wait_backend("node1", "online").await;
+    app.post_json("/api/backends/node1/disable", &json!({}))
+        .await;
+    let low = submit(
+        &app,
+        blur(json!({"priority": -5, "parameters": {"color": 1}})),
+    )
+    .await;
+    let mid1 = submit(&app, blur(json!({"parameters": {"color": 2}}))).await;
+    let high = submit(
+        &app,
+        blur(json!({"priority": 10, "parameters": {"color": 3}})),
+    )
+    .await;
+    let mid2 = submit(&app, blur(json!({"parameters": {"color": 4}}))).await;
+    let (status, b) = app
+        .post_json("/api/backends/node1/enable", &json!({}))
+        .await;
+    assert_eq!(status, 200, "{b}");
+    for id in [&low, &mid1, &high, &mid2] {
+        app.wait_status(id, "completed").await;
+    }
+    let mut order = Vec::new();
+    for id in [&low, &mid1, &high, &mid2] {
+        let job = app.job(id).await;
+        order.push((
+            job["leases"][0]["leased_at"].as_str().unwrap().to_string(),
+            id.clone(),
+        ));
+    }
+    order.sort();
+    let ids: Vec<_> = order.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids, [high, mid1, mid2, low]);
+}
+
+#[tokio::test]
+async fn requires_tags_pick_the_backend_and_impossible_tags_are_refused() {
+    let plain = start_sim(0).await;
+    let gpu = start_sim(0).await;
+    let app = spawn_farm(vec![
+        backend("plain", plain.port, &[], 2),
+        backend("big", gpu.port, &["sdxl", "48gb"], 2),
+    ])
+    .await;
+    app.wait_backend("plain", "online").await;
+    app.wait_backend("big", "online").await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(submit(&app, blur(json!({"requires": ["sdxl"]}))).await);
+    }
+    for id in &ids {
+        let job = app.wait_status(id, "completed").await;
+        assert_eq!(job["backend_id"], "big");
+    }
+    let (status, body) = app
+        .post_json("/api/job", &blur(json!({"requires": ["flux"]})))
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(body["error"]["field"], "requires");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("big [\"sdxl\", \"48gb\"]"));
+}
+
+#[tokio::test]
+async fn two_backends_share_the_work() {
+    let a = start_sim(150).await;
+    let b = start_sim(150).await;
+    let app = spawn_farm(vec![
+        backend("a", a.port, &[], 2),
+        backend("b", b.port, &[], 2),
+    ])
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(submit(&app, blur(json!({"parameters": {"color": i}}))).await);
+    }
+    let mut on = std::collections::HashMap::new();
+    for id in &ids {
+        let job = app.wait_status(id, "completed").await;
+        *on.entry(job["backend_id"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert!(
+        on.get("a").copied().unwrap_or(0) >= 2 && on.get("b").copied().unwrap_or(0) >= 2,
+        "{on:?}"
+    );
+    let (_, list) = app.get("/api/jobs?backend=a&status=completed").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), on["a"]);
+}
+
+#[tokio::test]
+async fn drain_finishes_what_a_backend_has_and_disable_keeps_new_jobs_away_across_restarts() {
+    let a = start_sim(400).await;
+    let b = start_sim(0).await;
+    let app = spawn_farm(vec![
+        backend("a", a.port, &[], 1),
+        backend("b", b.port, &[], 1),
+    ])
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    app.post_json("/api/backends/b/disable", &json!({})).await;
+    let first = submit(&app, blur(json!({"parameters": {"color": 7}}))).await;
+    app.wait_status(&first, "running").await;
+    let (status, body) = app.post_json("/api/backends/a/drain", &json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["admin_state"], "draining");
+    assert_eq!(body["accepting_jobs"], false);
+    let second = submit(&app, blur(json!({"parameters": {"color": 8}}))).await;
+    let job = app.wait_status(&first, "completed").await;
+    assert_eq!(job["backend_id"], "a", "drain lets the running job finish");
+    // Nobody takes the second job.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.job(&second).await["status"], "queued");
+    let app = app.restart().await;
+    let (_, b) = app.get("/api/backends/b").await;
+    assert_eq!(b["admin_state"], "disabled", "kept across restarts");
+    app.wait_backend("a", "online").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.job(&second).await["status"], "queued");
+    app.post_json("/api/backends/b/enable", &json!({})).await;
+    let job = app.wait_status(&second, "completed").await;
+    assert_eq!(job["backend_id"], "b");
+    let (status, _) = app.post_json("/api/backends/nope/drain", &json!({})).await;
+    assert_eq!(status, 404);
+}
+
+/// A "backend" that accepts connections and never answers.
+async fn hanging_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (port, task)
+}
+
+/// A "backend" that answers every request with garbage.
+async fn garbage_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 9\r\n\r\n{\"oops\":[")
+                    .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn a_backend_that_hangs_or_answers_garbage_does_not_stop_the_others() {
+    let (hang, _h) = hanging_backend().await;
+    let (garbage, _g) = garbage_backend().await;
+    let good = start_sim(0).await;
+    let (mut config, dir) = farm_config(vec![
+        backend("hang", hang, &[], 2),
+        backend("garbage", garbage, &[], 2),
+        backend("good", good.port, &[], 2),
+    ]);
+    config.dispatch.request_timeout_ms = 300;
+    let app = spawn_with(config).await;
+    app.wait_backend("good", "online").await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(submit(&app, blur(json!({"parameters": {"color": i}}))).await);
+    }
+    for id in &ids {
+        let job = app.wait_status(id, "completed").await;
+        assert_eq!(job["backend_id"], "good");
+    }
+    let hang = app.wait_backend("hang", "offline").await;
+    assert!(
+        hang["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{hang}"
+    );
+    let garbage = app.wait_backend("garbage", "offline").await;
+    assert!(
+        garbage["last_error"].as_str().unwrap().contains("unusable"),
+        "{garbage}"
+    );
+    drop(dir);
+}
+
+#[tokio::test]
+async fn progress_is_visible_while_a_job_runs() {
+    let sim = start_sim(2_000).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
+    app.wait_backend("node1", "online").await;
+    let id = submit(&app, blur(json!({}))).await;
+    let job = app
+        .wait_job(&id, "progress", |j| j["progress"]["max"].as_f64().is_some())
+        .await;
+    assert_eq!(job["status"], "running");
+    assert_eq!(job["progress"]["node"], "2");
+    assert!(job["progress"]["value"].as_f64().unwrap() >= 1.0);
+    let (_, list) = app.get("/api/jobs?status=running").await;
+    assert_eq!(list["jobs"][0]["progress"]["node"], "2");
+}
