@@ -175,10 +175,15 @@ impl Farm {
             .cloned()
     }
 
+    /// Tells every worker and monitor to stop: no new leases from now on.
+    pub fn signal_stop(&self) {
+        let _ = self.shared.shutdown.send(true);
+    }
+
     /// Stops every worker and monitor; prompts stay on their backends (the
     /// next start re-attaches to them). Waits at most `timeout`.
     pub async fn shutdown(&self, timeout: Duration) {
-        let _ = self.shared.shutdown.send(true);
+        self.signal_stop();
         let tasks: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.shared.tasks.lock().expect("tasks"));
         let all = futures::future::join_all(tasks);

@@ -120,9 +120,11 @@ impl Service {
         let farm = self.state.farm.clone();
         let app = api::app(self.state.clone());
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let stopping_farm = farm.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
-            tracing::info!("stopping: no new requests; finishing those in flight");
+            tracing::info!("stopping: no new requests or leases; finishing requests in flight");
+            stopping_farm.signal_stop();
             let _ = stopping_tx.send(());
         });
         let mut server = std::pin::pin!(server.into_future());

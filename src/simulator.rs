@@ -50,6 +50,12 @@ pub struct SimConfig {
     pub checkpoints: Vec<String>,
     /// `system.comfyui_version` it reports.
     pub version: String,
+    /// Delay of the answer to `POST /prompt` (the prompt is queued at once):
+    /// lets crash tests stop the orchestrator between submit and answer.
+    pub prompt_delay_ms: u64,
+    /// Delay of `/view` answers: lets crash tests stop the orchestrator
+    /// while it collects outputs.
+    pub view_delay_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -59,6 +65,8 @@ impl Default for SimConfig {
             fail_rate: 0.0,
             checkpoints: vec!["sd_xl_base_1.0.safetensors".into()],
             version: "0.3.64".into(),
+            prompt_delay_ms: 0,
+            view_delay_ms: 0,
         }
     }
 }
@@ -110,6 +118,7 @@ struct Inner {
     last_graph: Option<Value>,
     last_outputs: HashMap<String, Value>,
     rng: u64,
+    timeline: Vec<(String, std::time::Instant, std::time::Instant)>,
 }
 
 struct Sim {
@@ -198,10 +207,36 @@ impl SimHandle {
         self.sim.lock().history.keys().cloned().collect()
     }
 
+    /// When each prompt started and ended, in run order (for idle-gap benchmarks).
+    pub fn timeline(&self) -> Vec<(String, std::time::Instant, std::time::Instant)> {
+        self.sim.lock().timeline.clone()
+    }
+
     /// Prompts waiting or running.
     pub fn queue_len(&self) -> usize {
         let inner = self.sim.lock();
         inner.queue.len() + inner.running.is_some() as usize
+    }
+
+    /// Takes it off the network: the HTTP server and sockets stop, but the
+    /// queue keeps running, as on a box whose network dropped.
+    pub async fn disconnect(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        self.sim.lock().sockets.clear();
+    }
+
+    /// Back on the network on `listener`, with the state it had.
+    pub fn reconnect(&mut self, listener: TcpListener) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = router(self.sim.clone());
+        self.task = Some(tokio::spawn(serve_http(listener, app, rx)));
+        self.stop = Some(tx);
     }
 
     /// Stops it at once, as a crash: its queue and history are gone.
@@ -256,13 +291,7 @@ pub fn spawn(listener: TcpListener, config: SimConfig) -> SimHandle {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = router(sim.clone());
     let runner = tokio::spawn(run_queue(sim.clone()));
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    let task = tokio::spawn(serve_http(listener, app, rx));
     SimHandle {
         url: format!("http://127.0.0.1:{port}"),
         port,
@@ -271,6 +300,34 @@ pub fn spawn(listener: TcpListener, config: SimConfig) -> SimHandle {
         task: Some(task),
         runner,
     }
+}
+
+/// Serves HTTP with every connection owned by this task: when it stops (or
+/// is aborted), every connection drops at once, as when a box dies.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                connections.spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = &mut stop => break,
+        }
+    }
+    connections.abort_all();
 }
 
 /// Runs a simulator until `shutdown` resolves (the `simulate` command).
@@ -626,6 +683,9 @@ async fn post_prompt(State(sim): State<S>, body: Bytes) -> Response {
     };
     sim.broadcast_status();
     sim.work.notify_one();
+    if sim.config.prompt_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(sim.config.prompt_delay_ms)).await;
+    }
     Json(json!({"prompt_id": prompt_id, "number": number, "node_errors": {}})).into_response()
 }
 
@@ -728,6 +788,9 @@ async fn view(State(sim): State<S>, Query(q): Query<ViewQuery>) -> Response {
         return StatusCode::FORBIDDEN.into_response();
     }
     let file_type = q.file_type.unwrap_or_else(|| "output".into());
+    if sim.config.view_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(sim.config.view_delay_ms)).await;
+    }
     let inner = sim.lock();
     match inner.files.get(&(file_type, q.subfolder, filename)) {
         Some(bytes) => ([(header::CONTENT_TYPE, "image/png")], bytes.clone()).into_response(),
@@ -933,6 +996,7 @@ enum End {
 }
 
 async fn execute(sim: &Sim, p: Prompt) {
+    let started = std::time::Instant::now();
     let cid = p.client_id.clone();
     let pid = p.prompt_id.clone();
     let graph = p.graph.as_object().cloned().unwrap_or_default();
@@ -1080,6 +1144,12 @@ async fn execute(sim: &Sim, p: Prompt) {
             inner.last_outputs = outputs.into_iter().collect();
         }
         inner.running = None;
+        if inner.timeline.len() >= 100_000 {
+            inner.timeline.drain(..50_000);
+        }
+        inner
+            .timeline
+            .push((pid.clone(), started, std::time::Instant::now()));
     }
     sim.broadcast_status();
     sim.event(&cid, "executing", json!({"node": null, "prompt_id": pid}));

@@ -248,6 +248,41 @@ async fn fenced(
     }
 }
 
+/// Records, once, that the backend accepted the lease's prompt.
+async fn record_submitted(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    token: i64,
+    attempt: i64,
+    backend: &str,
+) -> Result<(), StoreError> {
+    let n = sqlx::query(
+        "UPDATE leases SET submitted_at = ? WHERE job_id = ? AND lease_token = ? AND submitted_at IS NULL",
+    )
+    .bind(fmt_time(Utc::now()))
+    .bind(job_id)
+    .bind(token)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if n == 1 {
+        append_event(
+            conn,
+            job_id,
+            EventInput {
+                kind: "submitted_to_backend",
+                status: None,
+                backend_id: Some(backend),
+                attempt: Some(attempt),
+                message: Some(format!("backend {backend} accepted the prompt")),
+                data: None,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 async fn finish_lease(
     conn: &mut SqliteConnection,
     job_id: &str,
@@ -371,27 +406,7 @@ impl Store {
             .write(move |conn| {
                 Box::pin(async move {
                     let (_, attempt, backend) = fenced(conn, &job_id, token).await?;
-                    sqlx::query(
-                        "UPDATE leases SET submitted_at = ? WHERE job_id = ? AND lease_token = ?",
-                    )
-                    .bind(fmt_time(Utc::now()))
-                    .bind(&job_id)
-                    .bind(token)
-                    .execute(&mut *conn)
-                    .await?;
-                    append_event(
-                        conn,
-                        &job_id,
-                        EventInput {
-                            kind: "submitted_to_backend",
-                            status: None,
-                            backend_id: Some(&backend),
-                            attempt: Some(attempt),
-                            message: Some(format!("backend {backend} accepted the prompt")),
-                            data: None,
-                        },
-                    )
-                    .await?;
+                    record_submitted(conn, &job_id, token, attempt, &backend).await?;
                     let cancel: i64 =
                         sqlx::query_scalar("SELECT cancel_requested FROM jobs WHERE id = ?")
                             .bind(&job_id)
@@ -413,6 +428,9 @@ impl Store {
                     if current == status::RUNNING {
                         return Ok(false);
                     }
+                    // It runs, so the backend has it, even if the answer to
+                    // the submit is still on its way.
+                    record_submitted(conn, &job_id, token, attempt, &backend).await?;
                     let now = fmt_time(Utc::now());
                     sqlx::query(
                         "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?), updated_at = ? \

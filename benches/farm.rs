@@ -1,0 +1,221 @@
+//! Farm benchmarks: jobs per second end to end through simulated backends,
+//! and the idle gap a backend sees between two jobs.
+//!
+//! Run: `cargo bench --bench farm` (add `-- --jobs 2000 --backends 8`).
+//! Each figure is printed with the machine it ran on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orchestrator::config::{BackendConfig, Config};
+use orchestrator::server::Service;
+use orchestrator::simulator::{self, SimConfig, SimHandle};
+use serde_json::json;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} cores, {model}")
+}
+
+async fn farm(
+    backends: usize,
+    max_inflight: u32,
+    job_ms: u64,
+) -> (Service, Vec<SimHandle>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sims = Vec::new();
+    let mut configs = Vec::new();
+    for i in 0..backends {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = simulator::spawn(
+            listener,
+            SimConfig {
+                job_ms,
+                ..Default::default()
+            },
+        );
+        configs.push(BackendConfig {
+            id: format!("sim{i}"),
+            name: None,
+            host: "127.0.0.1".into(),
+            port: sim.port,
+            enabled: true,
+            tags: vec![],
+            max_inflight,
+        });
+        sims.push(sim);
+    }
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        workflows_dir: dir.path().join("workflows"),
+        backends: configs,
+        ..Default::default()
+    };
+    config.monitor.poll_interval_ms = 200;
+    let service = Service::start(config).await.unwrap();
+    (service, sims, dir)
+}
+
+async fn wait_online(service: &Service, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let online = service
+            .store()
+            .backends()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|b| b.state == "online")
+            .count();
+        if online == n || Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Submits `n` jobs through the HTTP API with `clients` concurrent clients.
+async fn submit_all(url: &str, n: usize, clients: usize) {
+    let client = reqwest::Client::new();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, next, url) = (client.clone(), next.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let body = json!({"workflow_id": "image_blur", "parameters": {"width": 16, "height": 16, "color": i % 16777215}});
+                let r = client.post(format!("{url}/api/job")).json(&body).send().await.unwrap();
+                assert_eq!(r.status(), 201);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn serve(
+    service: Service,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        service
+            .serve(listener, async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    (url, tx, task)
+}
+
+async fn throughput(backends: usize, jobs: usize) {
+    let (service, sims, _dir) = farm(backends, 2, 0).await;
+    wait_online(&service, backends).await;
+    let store = service.store().clone();
+    let (url, stop, task) = serve(service).await;
+    let start = Instant::now();
+    submit_all(&url, jobs, 16).await;
+    let submitted = start.elapsed();
+    loop {
+        if completed_store(&store).await as usize >= jobs {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let total = start.elapsed();
+    let outputs: usize = sims.iter().map(|s| s.timeline().len()).sum();
+    println!(
+        "end to end, {backends} simulated backends, --job-ms 0: {jobs} jobs completed with outputs collected in {:.2} s = {:.0} jobs/s (submission alone took {:.2} s; prompts run on backends: {outputs})",
+        total.as_secs_f64(),
+        jobs as f64 / total.as_secs_f64(),
+        submitted.as_secs_f64()
+    );
+    let _ = stop.send(());
+    let _ = task.await;
+}
+
+async fn idle_gap(max_inflight: u32, jobs: usize, job_ms: u64) {
+    let (service, sims, _dir) = farm(1, max_inflight, job_ms).await;
+    wait_online(&service, 1).await;
+    let svc_store = service.store().clone();
+    let (url, stop, task) = serve(service).await;
+    submit_all(&url, jobs, 4).await;
+    while (completed_store(&svc_store).await as usize) < jobs {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tl = sims[0].timeline();
+    let mut gaps: Vec<f64> = tl
+        .windows(2)
+        .map(|w| w[1].1.saturating_duration_since(w[0].2).as_secs_f64() * 1000.0)
+        .collect();
+    gaps.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p = |q: f64| gaps[((gaps.len() as f64 - 1.0) * q) as usize];
+    println!(
+        "idle gap between consecutive jobs on one backend, max_inflight {max_inflight}, --job-ms {job_ms}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} gaps",
+        p(0.5),
+        p(0.99),
+        gaps.last().unwrap(),
+        gaps.len()
+    );
+    let _ = stop.send(());
+    let _ = task.await;
+}
+
+async fn completed_store(store: &orchestrator::store::Store) -> i64 {
+    store
+        .job_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(s, _)| s == "completed")
+        .map(|(_, n)| n)
+        .sum()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("machine: {}", machine());
+    let jobs = arg("--jobs", 2000);
+    let backends = arg("--backends", 2);
+    rt.block_on(async {
+        throughput(backends, jobs).await;
+        if backends != 8 {
+            throughput(8, jobs).await;
+        }
+        idle_gap(1, 200, 20).await;
+        idle_gap(2, 200, 20).await;
+    });
+}
