@@ -355,9 +355,15 @@ impl Worker {
                         "node_errors": body["node_errors"],
                     });
                     tracing::warn!(job_id = %lease.job_id, backend_id = %ctx.backend_id, "prompt rejected: {}", error["message"]);
-                    ctx.fail(&lease.job_id, lease.token, lease.attempt, true, error)
+                    let recorded = ctx
+                        .fail(&lease.job_id, lease.token, lease.attempt, true, error)
                         .await;
-                    let _ = ctx.reports.send(Report::Done(pid));
+                    // Not recorded: reconcile finds the prompt unknown and queues the job again.
+                    let _ = ctx.reports.send(if recorded {
+                        Report::Done(pid)
+                    } else {
+                        Report::Release(pid)
+                    });
                     return;
                 }
                 Err(e) => {
@@ -649,16 +655,26 @@ struct Ctx {
 }
 
 impl Ctx {
-    async fn fail(&self, job_id: &str, token: i64, attempt: i64, rejected: bool, error: Value) {
+    /// Records a failed attempt; `false` if it could not be recorded (the
+    /// caller then keeps the backend's history so that it can try again).
+    async fn fail(
+        &self,
+        job_id: &str,
+        token: i64,
+        attempt: i64,
+        rejected: bool,
+        error: Value,
+    ) -> bool {
         let delay = backoff(&self.shared.config, attempt);
-        match self
+        let recorded = match self
             .shared
             .store
             .fail_attempt(job_id, token, rejected, error, delay)
             .await
         {
             Ok(AttemptOutcome::Failed(reason)) => {
-                tracing::warn!(job_id, backend_id = %self.backend_id, "job failed: {reason}")
+                tracing::warn!(job_id, backend_id = %self.backend_id, "job failed: {reason}");
+                true
             }
             Ok(AttemptOutcome::Retry(at)) => {
                 tracing::info!(job_id, backend_id = %self.backend_id, retry_at = %at, "attempt failed; job queued again");
@@ -668,11 +684,16 @@ impl Ctx {
                     tokio::time::sleep(wait).await;
                     shared.wake.send_modify(|n| *n += 1);
                 });
+                true
             }
-            Ok(AttemptOutcome::LeaseLost) => {}
-            Err(e) => tracing::error!(job_id, error = %e, "cannot record the failed attempt"),
-        }
+            Ok(AttemptOutcome::LeaseLost) => true,
+            Err(e) => {
+                tracing::error!(job_id, error = %e, "cannot record the failed attempt");
+                false
+            }
+        };
         self.shared.wake.send_modify(|n| *n += 1);
+        recorded
     }
 
     /// Reads the prompt's history and ends the job accordingly.
@@ -721,7 +742,9 @@ impl Ctx {
         } else {
             let error = runtime_error(&self.backend_id, attempt_no, &h);
             tracing::warn!(job_id, backend_id = %self.backend_id, "attempt failed: {}", error["message"]);
-            self.fail(job_id, token, attempt_no, false, error).await;
+            if !self.fail(job_id, token, attempt_no, false, error).await {
+                return Err("the failed attempt could not be recorded".into());
+            }
         }
         let _ = self.client.delete_history(&[pid.to_string()]).await;
         self.shared.wake.send_modify(|n| *n += 1);

@@ -1,0 +1,495 @@
+//! Restart-safe farm operation: the real binary killed with SIGKILL at every
+//! moment of a job's life, backends that restart empty or vanish, and a
+//! graceful stop. After each, every job completes exactly once, and each
+//! prompt id reaches a backend at most once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use orchestrator::simulator::{SimConfig, SimHandle};
+use serde_json::{json, Value};
+
+fn farm_yaml(backends: &[(&str, u16, u32)]) -> String {
+    let mut y = String::from(
+        "shutdown_timeout_s: 3\nmonitor: {poll_interval_ms: 50}\n\
+         dispatch: {poll_interval_ms: 100, retry_backoff_ms: 50, retry_backoff_max_ms: 200, backend_grace_s: 2, cancel_timeout_s: 5, request_timeout_ms: 1000}\n\
+         backends:\n",
+    );
+    for (id, port, inflight) in backends {
+        y.push_str(&format!(
+            "  - {{id: {id}, host: 127.0.0.1, port: {port}, max_inflight: {inflight}}}\n"
+        ));
+    }
+    y
+}
+
+struct Http {
+    url: String,
+    client: reqwest::Client,
+}
+
+impl Http {
+    fn new(url: &str) -> Http {
+        Http {
+            url: url.to_string(),
+            client: reqwest::Client::new(),
+        }
+    }
+    async fn submit(&self, color: u64) -> String {
+        let r = self
+            .client
+            .post(format!("{}/api/job", self.url))
+            .json(&json!({"workflow_id": "image_blur", "parameters": {"width": 32, "height": 32, "color": color}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+    async fn job(&self, id: &str) -> Option<Value> {
+        let r = self
+            .client
+            .get(format!("{}/api/job/{id}", self.url))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+    async fn wait(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(j) = self.job(id).await {
+                if pred(&j) {
+                    return j;
+                }
+                if Instant::now() > deadline {
+                    panic!("job {id} never reached {what}: {j:#}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    async fn events(&self, id: &str) -> Vec<String> {
+        let v: Value = self
+            .client
+            .get(format!("{}/api/job/{id}/events", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// Every prompt id reached a backend at most once, and every lease that a
+/// backend acknowledged was posted exactly once.
+fn assert_each_prompt_posted_once(jobs: &[Value], sims: &[&SimHandle]) {
+    assert_posted_once(jobs, sims.iter().map(|s| s.prompt_posts()).collect());
+}
+
+/// Same, from the POST counts of each backend (also of backends since killed).
+fn assert_posted_once(jobs: &[Value], seen: Vec<HashMap<String, usize>>) {
+    let mut posts: HashMap<String, usize> = HashMap::new();
+    for s in seen {
+        for (p, n) in s {
+            *posts.entry(p).or_default() += n;
+        }
+    }
+    assert!(
+        posts.values().all(|n| *n == 1),
+        "a prompt id was posted twice: {posts:?}"
+    );
+    let leased: Vec<String> = jobs
+        .iter()
+        .flat_map(|j| {
+            j["leases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["prompt_id"].as_str().unwrap().to_string())
+        })
+        .collect();
+    for p in posts.keys() {
+        assert!(
+            leased.contains(p),
+            "backend saw prompt {p} that no lease holds"
+        );
+    }
+    for j in jobs {
+        for l in j["leases"].as_array().unwrap() {
+            if l["submitted_at"].is_string() {
+                assert!(
+                    posts.contains_key(l["prompt_id"].as_str().unwrap()),
+                    "acknowledged lease never posted: {l}"
+                );
+            }
+        }
+    }
+}
+
+async fn completed_once(http: &Http, ids: &[String]) -> Vec<Value> {
+    let mut jobs = Vec::new();
+    for id in ids {
+        let j = http
+            .wait(id, "completed", |j| j["status"] == "completed")
+            .await;
+        assert_eq!(j["attempts"], 1, "a crash must not burn an attempt: {j:#}");
+        assert!(!j["outputs"].as_array().unwrap().is_empty());
+        let completed = http
+            .events(id)
+            .await
+            .iter()
+            .filter(|k| *k == "completed")
+            .count();
+        assert_eq!(completed, 1);
+        jobs.push(j);
+    }
+    jobs
+}
+
+enum Moment {
+    JustLeased,
+    JustSubmitted,
+    Running,
+    FinishedOnBackend,
+}
+
+async fn kill_at(moment: Moment) {
+    let sim_config = match moment {
+        Moment::JustLeased => SimConfig {
+            job_ms: 3_000,
+            prompt_delay_ms: 3_000,
+            ..Default::default()
+        },
+        Moment::JustSubmitted | Moment::Running => SimConfig {
+            job_ms: 1_500,
+            ..Default::default()
+        },
+        Moment::FinishedOnBackend => SimConfig {
+            job_ms: 0,
+            view_delay_ms: 3_000,
+            ..Default::default()
+        },
+    };
+    let sim = start_sim_with(sim_config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &farm_yaml(&[("a", sim.port, 2)]));
+    let bin = spawn_binary(&config).await;
+    let http = Http::new(&bin.url);
+    let ids = vec![http.submit(1).await, http.submit(2).await];
+    match moment {
+        Moment::JustLeased => {
+            // One job leased and posted, waiting in ComfyUI's queue (so not
+            // started), the backend's answer not yet back.
+            poll("a lease whose submit is unanswered", || async {
+                for id in &ids {
+                    let j = http.job(id).await?;
+                    if j["status"] == "assigned"
+                        && j["leases"][0]["submitted_at"].is_null()
+                        && sim.prompt_posts().len() == 2
+                    {
+                        return Some(());
+                    }
+                }
+                None
+            })
+            .await;
+        }
+        Moment::JustSubmitted => {
+            http.wait(&ids[1], "acknowledged", |j| {
+                j["leases"][0]["submitted_at"].is_string()
+            })
+            .await;
+        }
+        Moment::Running => {
+            http.wait(&ids[0], "running", |j| j["status"] == "running")
+                .await;
+        }
+        Moment::FinishedOnBackend => {
+            poll("a prompt finished on the backend", || async {
+                (!sim.history_ids().is_empty()).then_some(())
+            })
+            .await;
+            assert_ne!(http.job(&ids[0]).await.unwrap()["status"], "completed");
+        }
+    }
+    bin.kill9().await;
+    let bin = spawn_binary(&config).await;
+    let http = Http::new(&bin.url);
+    let jobs = completed_once(&http, &ids).await;
+    assert_each_prompt_posted_once(&jobs, &[&sim]);
+    bin.kill9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_just_after_the_lease_loses_nothing_and_runs_nothing_twice() {
+    kill_at(Moment::JustLeased).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_just_after_the_backend_accepted_the_prompt_reattaches_to_it() {
+    kill_at(Moment::JustSubmitted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_while_jobs_run_reattaches_and_completes_each_once() {
+    kill_at(Moment::Running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_while_outputs_are_collected_collects_them_after_restart() {
+    kill_at(Moment::FinishedOnBackend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_restarted_empty_mid_job_gives_its_jobs_back_without_burning_attempts() {
+    let a = start_sim(1_500).await;
+    let b = start_sim(1_500).await;
+    let app = spawn_farm(vec![
+        backend("a", a.port, &[], 1),
+        backend("b", b.port, &[], 1),
+    ])
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    let x = app.submit_blur(json!({"parameters": {"color": 1}})).await;
+    let y = app.submit_blur(json!({"parameters": {"color": 2}})).await;
+    let on_a = poll("a job running on a", || async {
+        for id in [&x, &y] {
+            let j = app.job(id).await;
+            if j["status"] == "running" && j["backend_id"] == "a" {
+                return Some(id.clone());
+            }
+        }
+        None
+    })
+    .await;
+    let port = a.port;
+    let before = a.prompt_posts();
+    a.kill().await;
+    let a = restart_sim_on(port, 100).await;
+    let job = app.wait_status(&on_a, "completed").await;
+    assert_eq!(job["attempts"], 1);
+    let kinds = app.event_kinds(&on_a).await;
+    assert!(kinds.contains(&"requeued".to_string()), "{kinds:?}");
+    let lost = &job["leases"][0];
+    assert_eq!(lost["outcome"], "lost");
+    assert!(
+        lost["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer has"),
+        "{lost}"
+    );
+    let other = if on_a == x { &y } else { &x };
+    let other = app.wait_status(other, "completed").await;
+    assert_posted_once(
+        &[job, other],
+        vec![before, a.prompt_posts(), b.prompt_posts()],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_vanishes_loses_its_jobs_after_the_grace_period_and_runs_nothing_twice_when_back(
+) {
+    let mut a = start_sim(15_000).await;
+    let b = start_sim(100).await;
+    let app = spawn_farm(vec![
+        backend("a", a.port, &[], 2),
+        backend("b", b.port, &[], 1),
+    ])
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    app.post_json("/api/backends/b/disable", &json!({})).await;
+    let running = app.submit_blur(json!({"parameters": {"color": 1}})).await;
+    let pending = app.submit_blur(json!({"parameters": {"color": 2}})).await;
+    app.wait_status(&running, "running").await;
+    let pending_prompt = app
+        .wait_job(&pending, "acknowledged", |j| {
+            j["leases"][0]["submitted_at"].is_string()
+        })
+        .await["prompt_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    app.post_json("/api/backends/b/enable", &json!({})).await;
+    // The box drops off the network; its GPU keeps going.
+    let port = a.port;
+    a.disconnect().await;
+    app.wait_backend("a", "offline").await;
+    let t0 = Instant::now();
+    for id in [&running, &pending] {
+        let job = app.wait_status(id, "completed").await;
+        assert_eq!(job["backend_id"], "b");
+        assert_eq!(
+            job["attempts"], 1,
+            "a lost backend does not burn an attempt"
+        );
+        assert_eq!(job["leases"][0]["outcome"], "lost");
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1_500),
+        "jobs stay while the backend may come back"
+    );
+    // It comes back: what it still had is deleted and interrupted there.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    a.reconnect(listener);
+    poll("the returned backend to be emptied", || async {
+        (a.queue_len() == 0).then_some(())
+    })
+    .await;
+    let timeline = a.timeline();
+    assert_eq!(
+        timeline.len(),
+        1,
+        "only the prompt that was running ran there"
+    );
+    assert!(
+        timeline[0].2 - timeline[0].1 < Duration::from_secs(14),
+        "and it was interrupted"
+    );
+    assert!(
+        !a.timeline().iter().any(|(p, _, _)| *p == pending_prompt),
+        "the prompt that waited on the vanished backend never ran there"
+    );
+    let (_, b_info) = app.get("/api/backends/a").await;
+    assert_eq!(b_info["active_jobs"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orchestrator_restarted_while_a_backend_is_down_moves_its_jobs_after_the_grace_period()
+{
+    let mut a = start_sim(5_000).await;
+    let b = start_sim(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    // b starts disabled so that the job goes to a.
+    let config = write_config(
+        dir.path(),
+        &farm_yaml(&[("a", a.port, 1), ("b", b.port, 1)]),
+    );
+    let bin = spawn_binary(&config).await;
+    let http = Http::new(&bin.url);
+    http.client
+        .post(format!("{}/api/backends/b/disable", http.url))
+        .send()
+        .await
+        .unwrap();
+    let id = http.submit(1).await;
+    http.wait(&id, "running on a", |j| j["status"] == "running")
+        .await;
+    http.client
+        .post(format!("{}/api/backends/b/enable", http.url))
+        .send()
+        .await
+        .unwrap();
+    bin.kill9().await;
+    a.disconnect().await;
+    let bin = spawn_binary(&config).await;
+    let http = Http::new(&bin.url);
+    let job = http
+        .wait(&id, "completed", |j| j["status"] == "completed")
+        .await;
+    assert_eq!(job["backend_id"], "b");
+    assert_eq!(job["attempts"], 1);
+    assert_each_prompt_posted_once(&[job], &[&a, &b]);
+    bin.kill9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orchestrator_restarted_after_a_backend_restarted_empty_runs_its_jobs_again_once() {
+    let a = start_sim(5_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &farm_yaml(&[("a", a.port, 1)]));
+    let bin = spawn_binary(&config).await;
+    let http = Http::new(&bin.url);
+    let id = http.submit(1).await;
+    http.wait(&id, "running", |j| j["status"] == "running")
+        .await;
+    bin.kill9().await;
+    let port = a.port;
+    let before = a.prompt_posts();
+    a.kill().await;
+    let a = restart_sim_on(port, 100).await;
+    let bin = spawn_binary(&config).await;
+    let http = Http::new(&bin.url);
+    let job = http
+        .wait(&id, "completed", |j| j["status"] == "completed")
+        .await;
+    assert_eq!(job["attempts"], 1);
+    let kinds = http.events(&id).await;
+    assert_eq!(
+        kinds,
+        [
+            "submitted",
+            "assigned",
+            "submitted_to_backend",
+            "running",
+            "requeued",
+            "assigned",
+            "submitted_to_backend",
+            "running",
+            "completed"
+        ]
+    );
+    assert_posted_once(&[job], vec![before, a.prompt_posts()]);
+    bin.kill9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_within_the_bound_and_leaves_the_prompt_running_for_the_next_start() {
+    let a = start_sim(2_500).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config: PathBuf = write_config(dir.path(), &farm_yaml(&[("a", a.port, 1)]));
+    let mut bin = spawn_binary(&config).await;
+    let http = Http::new(&bin.url);
+    let id = http.submit(1).await;
+    http.wait(&id, "running", |j| j["status"] == "running")
+        .await;
+    let pid = bin.child.id().unwrap();
+    let t0 = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(10), bin.child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "bounded by shutdown_timeout_s: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(a.queue_len(), 1, "the prompt keeps running on its backend");
+    let bin = spawn_binary(&config).await;
+    let http = Http::new(&bin.url);
+    let job = http
+        .wait(&id, "completed", |j| j["status"] == "completed")
+        .await;
+    assert_eq!(
+        job["leases"].as_array().unwrap().len(),
+        1,
+        "re-attached, not run again"
+    );
+    assert_each_prompt_posted_once(&[job], &[&a]);
+    bin.kill9().await;
+}
