@@ -161,3 +161,33 @@ async fn backup_writes_a_consistent_copy_while_the_service_runs() {
     assert_eq!(page["jobs"].as_array().unwrap().len(), 5);
     bin.kill9().await;
 }
+
+#[tokio::test]
+async fn logs_also_go_to_a_file_in_log_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    let config = write_config(dir.path(), &format!("log_dir: {}\n", logs.display()));
+    let mut child = tokio::process::Command::new(binary_path())
+        .args(["serve", "--port", "0", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let line = poll("the log file to name the start-up", || {
+        let logs = logs.clone();
+        async move {
+            let entry = std::fs::read_dir(&logs).ok()?.flatten().next()?;
+            let text = std::fs::read_to_string(entry.path()).ok()?;
+            text.lines()
+                .find(|l| l.contains("orchestrator listening"))
+                .map(str::to_string)
+        }
+    })
+    .await;
+    assert!(line.contains("data_dir"), "{line}");
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+}
