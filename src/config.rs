@@ -28,6 +28,10 @@ pub struct Config {
     pub log_dir: Option<PathBuf>,
     /// Folder of user workflow templates, added to the built-in ones.
     pub workflows_dir: PathBuf,
+    /// Inbox folder for manifest files; default `<data_dir>/inbox`.
+    pub inbox_dir: Option<PathBuf>,
+    /// Inbox behaviour.
+    pub inbox: InboxConfig,
     /// Request limits.
     pub limits: Limits,
     /// SQLite settings.
@@ -40,6 +44,28 @@ pub struct Config {
     pub shutdown_timeout_s: u64,
     /// The ComfyUI servers of the farm.
     pub backends: Vec<BackendConfig>,
+}
+
+/// The inbox folder.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboxConfig {
+    /// Watch the inbox at all.
+    pub enabled: bool,
+    /// A file is read once its size and time have not changed for this long.
+    pub settle_ms: u64,
+    /// Safety-net rescan for shares that send no file events.
+    pub rescan_interval_ms: u64,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        InboxConfig {
+            enabled: true,
+            settle_ms: 500,
+            rescan_interval_ms: 2_000,
+        }
+    }
 }
 
 /// Limits on what a client may send.
@@ -145,6 +171,8 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             log_dir: None,
             workflows_dir: PathBuf::from("./workflows"),
+            inbox_dir: None,
+            inbox: InboxConfig::default(),
             limits: Limits::default(),
             database: DatabaseConfig::default(),
             dispatch: DispatchConfig::default(),
@@ -280,6 +308,9 @@ impl Config {
         if self.dispatch.poll_interval_ms == 0 || self.monitor.poll_interval_ms == 0 {
             return invalid("monitor.poll_interval_ms", "intervals must be above 0");
         }
+        if self.inbox.rescan_interval_ms == 0 {
+            return invalid("inbox.rescan_interval_ms", "must be above 0");
+        }
         if self.dispatch.request_timeout_ms == 0 {
             return invalid("dispatch.request_timeout_ms", "must be above 0");
         }
@@ -311,6 +342,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The inbox folder, when the inbox is on.
+    pub fn inbox_path(&self) -> Option<PathBuf> {
+        self.inbox.enabled.then(|| {
+            self.inbox_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("inbox"))
+        })
     }
 
     /// Path of the SQLite database file.

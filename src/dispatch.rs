@@ -175,6 +175,11 @@ impl Farm {
             .cloned()
     }
 
+    /// A receiver that turns `true` when the service stops (for other background tasks).
+    pub fn subscribe_shutdown(&self) -> watch::Receiver<bool> {
+        self.shared.shutdown.subscribe()
+    }
+
     /// Tells every worker and monitor to stop: no new leases from now on.
     pub fn signal_stop(&self) {
         let _ = self.shared.shutdown.send(true);

@@ -14,6 +14,7 @@
 //! - [`api`]: axum routes, the error shape, the OpenAPI document.
 //! - [`comfy`]: the ComfyUI protocol client (HTTP and WebSocket), no database.
 //! - [`simulator`]: a simulated ComfyUI for tests, benchmarks and the demo.
+//! - [`inbox`]: submit by dropping manifest files into a folder.
 //! - [`dispatch`]: one worker per backend: lease, submit, follow, collect, reconcile.
 //! - [`monitor`]: backend health polling.
 //! - [`server`]: start-up (lock file, database, backends), serving, shutdown.
@@ -28,6 +29,7 @@ pub mod api;
 pub mod comfy;
 pub mod config;
 pub mod dispatch;
+pub mod inbox;
 pub mod manifest;
 pub mod monitor;
 pub mod server;

@@ -120,6 +120,13 @@ impl Service {
         let farm = self.state.farm.clone();
         let app = api::app(self.state.clone());
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let inbox = self.state.config.inbox_path().map(|dir| {
+            tokio::spawn(crate::inbox::run(
+                self.state.clone(),
+                dir,
+                farm.subscribe_shutdown(),
+            ))
+        });
         let stopping_farm = farm.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
@@ -139,6 +146,9 @@ impl Service {
         }
         // Running prompts stay on their backends; the next start re-attaches.
         farm.shutdown(timeout).await;
+        if let Some(inbox) = inbox {
+            let _ = tokio::time::timeout(timeout, inbox).await;
+        }
         store.close().await;
         tracing::info!("stopped");
         Ok(())

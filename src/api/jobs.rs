@@ -107,12 +107,22 @@ pub(super) async fn submit_job(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let value = json_body(&headers, body)?;
+    let (code, body) = submit_manifest(&state, value).await?;
+    Ok((code, Json(body)).into_response())
+}
+
+/// Checks, binds and stores one manifest: the one path every front door
+/// (HTTP, the inbox folder) takes, so they answer alike.
+pub(crate) async fn submit_manifest(
+    state: &AppState,
+    value: Value,
+) -> Result<(StatusCode, SubmitResponse), ApiError> {
     let parsed = manifest::parse(
         value,
         &state.catalog,
         state.config.dispatch.default_max_attempts,
     )?;
-    check_requires(&state, &parsed.job.requires)?;
+    check_requires(state, &parsed.job.requires)?;
     let outcome = state.store.submit(parsed.job).await?;
     let (code, summary, message) = match outcome {
         SubmitOutcome::Created(s) => {
@@ -133,7 +143,7 @@ pub(super) async fn submit_job(
         submitted_at: summary.submitted_at,
         warnings: parsed.warnings,
     };
-    Ok((code, Json(body)).into_response())
+    Ok((code, body))
 }
 
 /// With a farm configured, a job that needs tags no backend has could never

@@ -20,6 +20,7 @@ use axum::Router;
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub(crate) use jobs::{submit_manifest, SubmitResponse};
 
 use crate::config::Config;
 use crate::dispatch::Farm;

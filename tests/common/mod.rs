@@ -332,3 +332,10 @@ impl TestApp {
             .collect()
     }
 }
+
+impl TestApp {
+    /// Keeps `dir` alive as long as the app (for apps built with `spawn_with`).
+    pub fn set_dir(&mut self, dir: tempfile::TempDir) {
+        self._dir = Some(dir);
+    }
+}

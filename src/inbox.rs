@@ -1,0 +1,276 @@
+//! The inbox folder: submit a job by dropping a manifest file.
+//!
+//! Why: some tools (and people) cannot speak HTTP but can write a file into a
+//! shared folder. A `*.json` written to the inbox is submitted exactly as
+//! `POST /api/job` would, then moved to `accepted/` with the job id in its
+//! name, or to `rejected/` beside a `NAME.error.json` holding the error body
+//! the API would have answered.
+//!
+//! Rules that keep it safe:
+//! - A file is read only once its size and modification time have not
+//!   changed for `inbox.settle_ms`, so a writer that does not use the usual
+//!   convention (write `NAME.json.tmp` or `.NAME.json`, then rename) is not
+//!   read half-written. Dotfiles, other extensions, sub-folders and links
+//!   are never touched.
+//! - A crash between storing a job and moving its file cannot submit it
+//!   twice: each file's idempotency key is derived from its name, size,
+//!   modification time and content, so the next scan finds the stored job.
+//! - Names come from one directory listing and stay single path components:
+//!   nothing can be moved outside the inbox.
+//! - File events (the `notify` crate) start a scan at once; a periodic
+//!   rescan is the safety net for shares that send no events; a scan at
+//!   start-up takes what arrived while the service was down.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Notify};
+
+use crate::api::{submit_manifest, ApiError, AppState};
+
+/// Sub-folder for submitted files.
+pub const ACCEPTED: &str = "accepted";
+/// Sub-folder for refused files and their `.error.json`.
+pub const REJECTED: &str = "rejected";
+
+/// Most files submitted at once.
+const CONCURRENCY: usize = 32;
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Seen {
+    size: u64,
+    modified: SystemTime,
+}
+
+/// Watches and drains the inbox until `shutdown` turns true.
+pub async fn run(state: AppState, dir: PathBuf, mut shutdown: watch::Receiver<bool>) {
+    let settle = Duration::from_millis(state.config.inbox.settle_ms);
+    let rescan = Duration::from_millis(state.config.inbox.rescan_interval_ms);
+    for sub in [ACCEPTED, REJECTED] {
+        if let Err(e) = std::fs::create_dir_all(dir.join(sub)) {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot create the inbox folders; inbox off");
+            return;
+        }
+    }
+    let kick = Arc::new(Notify::new());
+    let watcher_kick = kick.clone();
+    // Kept alive for the loop's lifetime; without events, the rescan still works.
+    let _watcher = match notify::recommended_watcher(
+        move |_event: notify::Result<notify::Event>| {
+            watcher_kick.notify_one();
+        },
+    ) {
+        Ok(mut w) => {
+            use notify::Watcher;
+            if let Err(e) = w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "no file events for the inbox; rescanning only");
+            }
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no file watcher; the inbox is rescanned periodically");
+            None
+        }
+    };
+    tracing::info!(dir = %dir.display(), "watching the inbox folder");
+    let mut seen: HashMap<String, Seen> = HashMap::new();
+    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let waiting = scan(&state, &dir, settle, &mut seen, &busy, &mut tasks).await;
+        // Files still settling are looked at again soon; otherwise wait for an event.
+        let wait = if waiting {
+            settle.min(rescan) / 2
+        } else {
+            rescan
+        };
+        tokio::select! {
+            _ = kick.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+    // Files being submitted finish (each is one short write); the rest wait for the next start.
+    while tasks.join_next().await.is_some() {}
+}
+
+/// One pass over the folder. Returns whether some file is still settling.
+async fn scan(
+    state: &AppState,
+    dir: &Path,
+    settle: Duration,
+    seen: &mut HashMap<String, Seen>,
+    busy: &Arc<Mutex<HashSet<String>>>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> bool {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot list the inbox");
+            return false;
+        }
+    };
+    let mut present = HashSet::new();
+    let mut settling = false;
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name.starts_with('.') || !name.ends_with(".json") || name.ends_with(".error.json") {
+            continue;
+        }
+        // symlink_metadata: a link is never followed out of the inbox.
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        present.insert(name.clone());
+        let now = Seen {
+            size: meta.len(),
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        };
+        let stable = seen.get(&name) == Some(&now)
+            && now
+                .modified
+                .elapsed()
+                .map(|age| age >= settle)
+                .unwrap_or(true);
+        seen.insert(name.clone(), now);
+        if !stable {
+            settling = true;
+            continue;
+        }
+        if !busy.lock().expect("inbox").insert(name.clone()) {
+            continue;
+        }
+        while tasks.len() >= CONCURRENCY {
+            tasks.join_next().await;
+        }
+        let (state, dir, busy) = (state.clone(), dir.to_path_buf(), busy.clone());
+        tasks.spawn(async move {
+            take(&state, &dir, &name, now).await;
+            busy.lock().expect("inbox").remove(&name);
+        });
+    }
+    seen.retain(|name, _| present.contains(name));
+    settling
+}
+
+/// Submits one settled file and moves it.
+async fn take(state: &AppState, dir: &Path, name: &str, seen: Seen) {
+    let path = dir.join(name);
+    let limit = state.config.limits.max_body_bytes as u64;
+    let outcome: Result<(StatusCode, crate::api::SubmitResponse), ApiError> = if seen.size > limit {
+        Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the file is {} bytes, more than limits.max_body_bytes ({limit})",
+                seen.size
+            ),
+        ))
+    } else {
+        match tokio::fs::read(&path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read an inbox file; it stays there");
+                return;
+            }
+            Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                Err(e) => Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    format!("the file is not valid JSON: {e}"),
+                )),
+                Ok(mut manifest) => {
+                    if let Some(m) = manifest.as_object_mut() {
+                        if !m.contains_key("idempotency_key") {
+                            m.insert(
+                                "idempotency_key".into(),
+                                json!(file_key(name, seen, &bytes)),
+                            );
+                        }
+                    }
+                    submit_manifest(state, manifest).await
+                }
+            },
+        }
+    };
+    match outcome {
+        Ok((_, response)) => {
+            let stem = name.trim_end_matches(".json");
+            let dest = dir
+                .join(ACCEPTED)
+                .join(format!("{stem}.{}.json", response.job_id));
+            match tokio::fs::rename(&path, &dest).await {
+                Ok(()) => {
+                    tracing::info!(job_id = %response.job_id, file = %name, "inbox file submitted")
+                }
+                Err(e) => {
+                    tracing::error!(job_id = %response.job_id, file = %name, error = %e, "submitted, but the file could not be moved")
+                }
+            }
+        }
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+            // The database is full or closing: leave the file for a later scan.
+            tracing::warn!(file = %name, error = %e.message, "inbox file not submitted now; will try again");
+        }
+        Err(e) => {
+            let dest = free_name(&dir.join(REJECTED), name);
+            let error_file = dest.with_file_name(format!(
+                "{}.error.json",
+                dest.file_name().and_then(|n| n.to_str()).unwrap_or(name)
+            ));
+            let body = serde_json::to_vec_pretty(&e.body()).unwrap_or_default();
+            if let Err(err) = tokio::fs::write(&error_file, body).await {
+                tracing::error!(file = %name, error = %err, "cannot write the error file");
+            }
+            match tokio::fs::rename(&path, &dest).await {
+                Ok(()) => tracing::warn!(file = %name, error = %e.message, "inbox file rejected"),
+                Err(err) => {
+                    tracing::error!(file = %name, error = %err, "cannot move a rejected inbox file")
+                }
+            }
+        }
+    }
+}
+
+/// The idempotency key of one dropped file: the same file seen again after a
+/// crash gets the same key; the same content dropped again later does not.
+fn file_key(name: &str, seen: Seen, bytes: &[u8]) -> String {
+    let mtime = seen
+        .modified
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update(mtime.to_le_bytes());
+    h.update(seen.size.to_le_bytes());
+    h.update(bytes);
+    format!("inbox-{:x}", h.finalize())
+}
+
+/// `dir/name`, or `dir/name-N` when taken, so nothing rejected is overwritten.
+fn free_name(dir: &Path, name: &str) -> PathBuf {
+    let candidate = dir.join(name);
+    if !candidate.exists() {
+        return candidate;
+    }
+    let stem = name.trim_end_matches(".json");
+    (2..)
+        .map(|n| dir.join(format!("{stem}-{n}.json")))
+        .find(|p| !p.exists())
+        .expect("a free name")
+}
