@@ -282,7 +282,7 @@ async fn a_file_seen_again_after_a_crash_before_its_move_is_not_submitted_twice(
     .await;
     assert_eq!(
         names(&inbox.join("accepted")),
-        [accepted.clone()],
+        vec![accepted.clone()],
         "moved under the same job id"
     );
     let jobs = jobs_of_batch(&app.url, "again").await;
