@@ -50,10 +50,12 @@ CREATE TABLE job_metadata (
     PRIMARY KEY (key, value, job_seq)
 ) WITHOUT ROWID;
 
--- Every state change of a job, in order.
+-- The durable event log: every state change of a job, its progress at a
+-- bounded rate, and backend state changes (job_id NULL), in one order.
 CREATE TABLE job_events (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id     TEXT    NOT NULL,
+    job_id     TEXT,
+    workflow_id TEXT,
     at         TEXT    NOT NULL,
     kind       TEXT    NOT NULL,
     status     TEXT,
@@ -121,6 +123,22 @@ CREATE TABLE backends (
     last_workflow_id TEXT,
     updated_at      TEXT    NOT NULL
 );
+
+-- Webhooks to deliver when a job ends, kept until acknowledged or given up.
+CREATE TABLE webhook_outbox (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id          TEXT    NOT NULL,
+    url             TEXT    NOT NULL,
+    status          TEXT    NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT    NOT NULL,
+    delivered_at    TEXT,
+    gave_up_at      TEXT,
+    last_error      TEXT,
+    created_at      TEXT    NOT NULL
+);
+CREATE INDEX webhook_due ON webhook_outbox(next_attempt_at)
+    WHERE delivered_at IS NULL AND gave_up_at IS NULL;
 
 -- Monotonic counters (lease fencing tokens).
 CREATE TABLE counters (

@@ -32,6 +32,11 @@ pub struct Config {
     pub inbox_dir: Option<PathBuf>,
     /// Inbox behaviour.
     pub inbox: InboxConfig,
+    /// Base URL of this service as clients reach it (for output URLs in
+    /// webhooks); default `http://HOST:PORT`.
+    pub public_url: Option<String>,
+    /// Webhook delivery.
+    pub webhooks: WebhookConfig,
     /// Request limits.
     pub limits: Limits,
     /// SQLite settings.
@@ -44,6 +49,32 @@ pub struct Config {
     pub shutdown_timeout_s: u64,
     /// The ComfyUI servers of the farm.
     pub backends: Vec<BackendConfig>,
+}
+
+/// Webhook delivery (`callback_url` in a manifest).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// When set, each POST carries `X-Orchestrator-Signature: sha256=HEX`,
+    /// the HMAC-SHA256 of the body with this secret.
+    pub secret: Option<String>,
+    /// Tries before giving up on a receiver.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per try, capped at 5 minutes.
+    pub retry_backoff_ms: u64,
+    /// Timeout of one delivery.
+    pub timeout_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            secret: None,
+            max_attempts: 10,
+            retry_backoff_ms: 1_000,
+            timeout_ms: 10_000,
+        }
+    }
 }
 
 /// The inbox folder.
@@ -173,6 +204,8 @@ impl Default for Config {
             workflows_dir: PathBuf::from("./workflows"),
             inbox_dir: None,
             inbox: InboxConfig::default(),
+            public_url: None,
+            webhooks: WebhookConfig::default(),
             limits: Limits::default(),
             database: DatabaseConfig::default(),
             dispatch: DispatchConfig::default(),
@@ -308,6 +341,12 @@ impl Config {
         if self.dispatch.poll_interval_ms == 0 || self.monitor.poll_interval_ms == 0 {
             return invalid("monitor.poll_interval_ms", "intervals must be above 0");
         }
+        if self.webhooks.max_attempts == 0 || self.webhooks.timeout_ms == 0 {
+            return invalid(
+                "webhooks.max_attempts",
+                "max_attempts and timeout_ms must be above 0",
+            );
+        }
         if self.inbox.rescan_interval_ms == 0 {
             return invalid("inbox.rescan_interval_ms", "must be above 0");
         }
@@ -351,6 +390,14 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| self.data_dir.join("inbox"))
         })
+    }
+
+    /// Base URL clients reach this service at.
+    pub fn base_url(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("http://{}:{}", self.host, self.port),
+        }
     }
 
     /// Path of the SQLite database file.

@@ -78,7 +78,29 @@ struct Shared {
     shutdown: watch::Sender<bool>,
     commands: HashMap<String, mpsc::UnboundedSender<Command>>,
     progress: Mutex<HashMap<String, Value>>,
+    previews: tokio::sync::broadcast::Sender<Preview>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A live preview frame of a running job, relayed as it comes, never stored.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// The job.
+    pub job_id: String,
+    /// `jpeg` or `png`.
+    pub format: &'static str,
+    /// The image bytes.
+    pub image: bytes::Bytes,
+}
+
+/// Least time between two stored progress updates of one job.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Progress not yet stored, and when the job's last one was.
+struct ProgressState {
+    token: i64,
+    written: Option<Instant>,
+    pending: Option<Value>,
 }
 
 /// The running farm: one worker and one monitor per configured backend.
@@ -115,6 +137,7 @@ impl Farm {
             shutdown,
             commands,
             progress: Mutex::new(HashMap::new()),
+            previews: tokio::sync::broadcast::channel(64).0,
             tasks: Mutex::new(Vec::new()),
         });
         let timeout = Duration::from_millis(config.dispatch.request_timeout_ms);
@@ -140,6 +163,8 @@ impl Farm {
                 max_inflight: b.max_inflight as usize,
                 tracked: HashMap::new(),
                 reports: mpsc::unbounded_channel(),
+                progress: HashMap::new(),
+                running: None,
             };
             let handle = tokio::spawn(worker.run(rx));
             let mut tasks = shared.tasks.lock().expect("tasks");
@@ -173,6 +198,11 @@ impl Farm {
             .expect("progress")
             .get(job_id)
             .cloned()
+    }
+
+    /// Live previews of running jobs (lagging receivers miss frames, nothing else).
+    pub fn subscribe_previews(&self) -> tokio::sync::broadcast::Receiver<Preview> {
+        self.shared.previews.subscribe()
     }
 
     /// A receiver that turns `true` when the service stops (for other background tasks).
@@ -216,6 +246,9 @@ struct Worker {
         mpsc::UnboundedSender<Report>,
         mpsc::UnboundedReceiver<Report>,
     ),
+    progress: HashMap<String, ProgressState>,
+    /// The prompt running on the backend now: previews belong to it.
+    running: Option<String>,
 }
 
 impl Worker {
@@ -226,6 +259,8 @@ impl Worker {
         let grace = Duration::from_secs(self.shared.config.dispatch.backend_grace_s);
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(PROGRESS_EVERY);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut events = None;
         let mut down_since: Option<Instant> = None;
         let mut retry_delay = Duration::from_millis(100);
@@ -291,6 +326,7 @@ impl Worker {
                 }
                 Some(cmd) = commands.recv() => self.on_command(cmd).await,
                 _ = wake.changed() => dirty = true,
+                _ = flush.tick() => self.flush_progress().await,
                 _ = tick.tick() => {
                     dirty = true;
                     ticks += 1;
@@ -407,6 +443,7 @@ impl Worker {
                         .lock()
                         .expect("progress")
                         .remove(&t.job_id);
+                    self.progress.remove(&t.job_id);
                 }
             }
             Report::Release(pid) => {
@@ -440,6 +477,10 @@ impl Worker {
     }
 
     async fn on_event(&mut self, ev: WsEvent) {
+        if let WsEvent::Preview(frame) = &ev {
+            self.relay_preview(frame.clone());
+            return;
+        }
         let Some(pid) = ev.prompt_id().map(str::to_string) else {
             return;
         };
@@ -449,11 +490,13 @@ impl Worker {
         };
         match ev {
             WsEvent::ExecutionStart { .. } | WsEvent::Executing { node: Some(_), .. } => {
+                self.running = Some(pid.clone());
                 if let WsEvent::Executing {
                     node: Some(node), ..
                 } = &ev
                 {
-                    self.set_progress(&t.job_id, json!({"node": node}));
+                    self.set_progress(&t.job_id, t.token, json!({"node": node}))
+                        .await;
                 }
                 if matches!(t.phase, Phase::Submitting | Phase::Submitted) {
                     match self.shared.store.mark_running(&t.job_id, t.token).await {
@@ -470,9 +513,17 @@ impl Worker {
             WsEvent::Progress {
                 node, value, max, ..
             } => {
-                self.set_progress(&t.job_id, json!({"node": node, "value": value, "max": max}));
+                self.set_progress(
+                    &t.job_id,
+                    t.token,
+                    json!({"node": node, "value": value, "max": max}),
+                )
+                .await;
             }
             WsEvent::Executing { node: None, .. } => {
+                if self.running.as_deref() == Some(pid.as_str()) {
+                    self.running = None;
+                }
                 if matches!(t.phase, Phase::Finishing | Phase::Cancelling) {
                     return;
                 }
@@ -486,17 +537,87 @@ impl Worker {
         }
     }
 
-    fn set_progress(&self, job_id: &str, p: Value) {
-        let mut map = self.shared.progress.lock().expect("progress");
-        let entry = map.entry(job_id.to_string()).or_insert_with(|| json!({}));
-        if let (Some(e), Some(p)) = (entry.as_object_mut(), p.as_object()) {
-            if p.get("value").is_none() {
-                // A new node: its steps are not known yet.
-                e.remove("value");
-                e.remove("max");
+    /// Keeps the live progress in memory, and stores it at most every
+    /// `PROGRESS_EVERY` per job (the latest value is always stored).
+    async fn set_progress(&mut self, job_id: &str, token: i64, p: Value) {
+        let merged = {
+            let mut map = self.shared.progress.lock().expect("progress");
+            let entry = map.entry(job_id.to_string()).or_insert_with(|| json!({}));
+            if let (Some(e), Some(p)) = (entry.as_object_mut(), p.as_object()) {
+                if p.get("value").is_none() {
+                    // A new node: its steps are not known yet.
+                    e.remove("value");
+                    e.remove("max");
+                }
+                e.extend(p.clone());
             }
-            e.extend(p.clone());
+            entry.clone()
+        };
+        let state = self
+            .progress
+            .entry(job_id.to_string())
+            .or_insert(ProgressState {
+                token,
+                written: None,
+                pending: None,
+            });
+        state.token = token;
+        if state.written.is_some_and(|w| w.elapsed() < PROGRESS_EVERY) {
+            state.pending = Some(merged);
+            return;
         }
+        state.written = Some(Instant::now());
+        state.pending = None;
+        if let Err(e) = self
+            .shared
+            .store
+            .record_progress(job_id, token, merged)
+            .await
+        {
+            tracing::debug!(job_id, error = %e, "progress not stored");
+        }
+    }
+
+    /// Stores progress held back by the rate limit.
+    async fn flush_progress(&mut self) {
+        let due: Vec<(String, i64, Value)> = self
+            .progress
+            .iter_mut()
+            .filter(|(_, s)| {
+                s.pending.is_some() && s.written.is_none_or(|w| w.elapsed() >= PROGRESS_EVERY)
+            })
+            .map(|(id, s)| {
+                s.written = Some(Instant::now());
+                (id.clone(), s.token, s.pending.take().expect("pending"))
+            })
+            .collect();
+        for (job_id, token, p) in due {
+            let _ = self.shared.store.record_progress(&job_id, token, p).await;
+        }
+    }
+
+    /// Relays a preview frame of the running prompt to live subscribers.
+    fn relay_preview(&self, frame: bytes::Bytes) {
+        let Some(t) = self.running.as_ref().and_then(|p| self.tracked.get(p)) else {
+            return;
+        };
+        if self.shared.previews.receiver_count() == 0 || frame.len() < 8 {
+            return;
+        }
+        // 4 bytes event type (1: image), 4 bytes format (1: JPEG, 2: PNG), then the image.
+        let event = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
+        if event != 1 {
+            return;
+        }
+        let format = match u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]) {
+            2 => "png",
+            _ => "jpeg",
+        };
+        let _ = self.shared.previews.send(Preview {
+            job_id: t.job_id.clone(),
+            format,
+            image: frame.slice(8..),
+        });
     }
 
     /// Asks the backend about every job it holds and acts on the answer.
@@ -586,6 +707,7 @@ impl Worker {
                         .lock()
                         .expect("progress")
                         .remove(&a.job_id);
+                    self.progress.remove(&a.job_id);
                 }
                 Err(e) => {
                     tracing::debug!(backend_id = %self.id, error = %e, "reconcile: /history failed")
@@ -645,6 +767,7 @@ impl Worker {
                 .lock()
                 .expect("progress")
                 .remove(&a.job_id);
+            self.progress.remove(&a.job_id);
         }
         self.shared.wake.send_modify(|n| *n += 1);
     }

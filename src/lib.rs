@@ -17,6 +17,8 @@
 //! - [`inbox`]: submit by dropping manifest files into a folder.
 //! - [`dispatch`]: one worker per backend: lease, submit, follow, collect, reconcile.
 //! - [`monitor`]: backend health polling.
+//! - [`webhooks`]: callbacks when jobs end, from a durable outbox.
+//! - [`events`]: live streams (SSE, WebSocket) read from the durable event log.
 //! - [`server`]: start-up (lock file, database, backends), serving, shutdown.
 //!
 //! The server is a library function, [`server::run`], that takes a bound
@@ -29,10 +31,12 @@ pub mod api;
 pub mod comfy;
 pub mod config;
 pub mod dispatch;
+pub mod events;
 pub mod inbox;
 pub mod manifest;
 pub mod monitor;
 pub mod server;
 pub mod simulator;
 pub mod store;
+pub mod webhooks;
 pub mod workflows;

@@ -127,6 +127,11 @@ impl Service {
                 farm.subscribe_shutdown(),
             ))
         });
+        let webhooks = tokio::spawn(crate::webhooks::run(
+            self.state.store.clone(),
+            self.state.config.clone(),
+            farm.subscribe_shutdown(),
+        ));
         let stopping_farm = farm.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
@@ -149,6 +154,7 @@ impl Service {
         if let Some(inbox) = inbox {
             let _ = tokio::time::timeout(timeout, inbox).await;
         }
+        let _ = tokio::time::timeout(timeout, webhooks).await;
         store.close().await;
         tracing::info!("stopped");
         Ok(())

@@ -76,6 +76,7 @@ impl Http {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    /// The kinds of a job's state changes (progress left out).
     async fn events(&self, id: &str) -> Vec<String> {
         let v: Value = self
             .client
@@ -91,6 +92,7 @@ impl Http {
             .unwrap()
             .iter()
             .map(|e| e["kind"].as_str().unwrap().to_string())
+            .filter(|k| k != "progress")
             .collect()
     }
 }

@@ -180,6 +180,9 @@ pub struct JobDetail {
     pub outputs: Vec<OutputRecord>,
     /// Every lease: backend, prompt id, outcome.
     pub leases: Vec<LeaseRecord>,
+    /// Webhook deliveries (when the manifest has a `callback_url`).
+    #[schema(value_type = Vec<Object>)]
+    pub webhooks: Vec<Value>,
 }
 
 /// One job: manifest, bound graph, status, attempts, backend, outputs.
@@ -205,10 +208,12 @@ pub(super) async fn get_job(
     let job = with_progress(&state, job);
     let outputs = state.store.job_outputs(&id).await?;
     let leases = state.store.job_leases(&id).await?;
+    let webhooks = state.store.job_webhooks(&id).await?;
     Ok(Json(JobDetail {
         job,
         outputs,
         leases,
+        webhooks,
     }))
 }
 

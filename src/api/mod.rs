@@ -8,6 +8,7 @@
 
 mod backends;
 mod error;
+mod events;
 mod jobs;
 mod openapi;
 mod system;
@@ -49,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(system::router())
         .merge(backends::router())
+        .merge(events::router())
         .merge(openapi::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

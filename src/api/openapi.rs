@@ -8,7 +8,7 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{backends, jobs, system, AppState};
+use super::{backends, events, jobs, system, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,8 @@ use super::{backends, jobs, system, AppState};
         jobs::retry_job,
         jobs::get_output,
         jobs::list_jobs,
+        events::sse,
+        events::ws,
         system::health,
         system::workflows,
         system::reload_workflows,
@@ -37,6 +39,7 @@ use super::{backends, jobs, system, AppState};
     tags(
         (name = "jobs", description = "Submit jobs and read their history"),
         (name = "backends", description = "The ComfyUI farm"),
+        (name = "events", description = "Live progress: server-sent events and a WebSocket; see docs/events.md"),
         (name = "workflows", description = "Workflow templates"),
         (name = "service", description = "Health"),
     )

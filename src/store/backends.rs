@@ -124,6 +124,18 @@ fn backend_from_row(row: &SqliteRow) -> Result<BackendRecord, sqlx::Error> {
     Ok(b)
 }
 
+async fn previous_state(
+    conn: &mut sqlx::SqliteConnection,
+    id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT state FROM backends WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
 const BACKEND_SELECT: &str = "SELECT b.*, \
     (SELECT count(*) FROM jobs j WHERE j.backend_id = b.id AND j.status IN ('assigned', 'running')) \
     AS active_jobs FROM backends b";
@@ -229,6 +241,17 @@ impl Store {
             .write(move |conn| {
                 Box::pin(async move {
                     let now = fmt_time(Utc::now());
+                    let before = previous_state(conn, &id).await?;
+                    if before.as_deref() != Some("online") {
+                        super::events::backend_event(
+                            conn,
+                            &id,
+                            "backend_online",
+                            format!("backend {id} is online (ComfyUI {})", stats.comfyui_version.as_deref().unwrap_or("?")),
+                            serde_json::json!({"state": "online", "comfyui_version": stats.comfyui_version}),
+                        )
+                        .await?;
+                    }
                     sqlx::query(
                         "UPDATE backends SET state = 'online', comfyui_version = ?, vram_total = ?, \
                          vram_free = ?, queue_remaining = ?, last_seen = ?, offline_since = NULL, \
@@ -256,6 +279,17 @@ impl Store {
             .write(move |conn| {
                 Box::pin(async move {
                     let now = fmt_time(Utc::now());
+                    let before = previous_state(conn, &id).await?;
+                    if before.as_deref() != Some("offline") {
+                        super::events::backend_event(
+                            conn,
+                            &id,
+                            "backend_offline",
+                            format!("backend {id} is offline: {error}"),
+                            serde_json::json!({"state": "offline", "error": error}),
+                        )
+                        .await?;
+                    }
                     sqlx::query(
                         "UPDATE backends SET state = 'offline', last_error = ?, \
                          offline_since = coalesce(offline_since, ?), updated_at = ? WHERE id = ?",

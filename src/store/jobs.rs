@@ -144,14 +144,18 @@ pub struct JobRecord {
 /// One entry of a job's event log.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct JobEvent {
-    /// Global order of events.
+    /// Global order of events (the SSE event id).
     pub seq: i64,
-    /// The job.
-    pub job_id: String,
+    /// The job; `null` for a backend event.
+    pub job_id: Option<String>,
+    /// The job's workflow.
+    pub workflow_id: Option<String>,
     /// When it happened.
     pub at: DateTime<Utc>,
-    /// `submitted`, `assigned`, `submitted_to_backend`, `running`, `completed`,
-    /// `failed`, `retry_scheduled`, `requeued`, `cancel_requested`, `cancelled`, ...
+    /// Job events: `submitted`, `assigned`, `submitted_to_backend`, `running`,
+    /// `progress`, `completed`, `failed`, `retry_scheduled`, `requeued`,
+    /// `cancel_requested`, `cancelled`, `retried`. Backend events:
+    /// `backend_online`, `backend_offline`.
     pub kind: String,
     /// Job status after the event.
     pub status: Option<String>,
@@ -241,6 +245,24 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<JobRecord, sqlx::Error> {
     })
 }
 
+pub(crate) const EVENT_COLUMNS: &str =
+    "seq, job_id, workflow_id, at, kind, status, backend_id, attempt, message, data";
+
+pub(crate) fn event_from_row(row: &SqliteRow) -> Result<JobEvent, sqlx::Error> {
+    Ok(JobEvent {
+        seq: row.try_get("seq")?,
+        job_id: row.try_get("job_id")?,
+        workflow_id: row.try_get("workflow_id")?,
+        at: time_col(row, "at")?.unwrap_or_default(),
+        kind: row.try_get("kind")?,
+        status: row.try_get("status")?,
+        backend_id: row.try_get("backend_id")?,
+        attempt: row.try_get("attempt")?,
+        message: row.try_get("message")?,
+        data: json_col(row, "data")?,
+    })
+}
+
 /// Fields of one event to append.
 #[derive(Debug, Clone, Default)]
 pub struct EventInput<'a> {
@@ -265,8 +287,8 @@ pub(crate) async fn append_event(
     ev: EventInput<'_>,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO job_events (job_id, at, kind, status, backend_id, attempt, message, data) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO job_events (job_id, workflow_id, at, kind, status, backend_id, attempt, message, data) \
+         VALUES (?1, (SELECT workflow_id FROM jobs WHERE id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .bind(job_id)
     .bind(fmt_time(Utc::now()))
@@ -350,27 +372,14 @@ impl Store {
 
     /// The event log of one job, oldest first.
     pub async fn job_events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, job_id, at, kind, status, backend_id, attempt, message, data \
-             FROM job_events WHERE job_id = ? ORDER BY seq",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ? ORDER BY seq"
+        ))
         .bind(id)
         .fetch_all(self.reader())
         .await?;
         rows.iter()
-            .map(|row| {
-                Ok(JobEvent {
-                    seq: row.try_get("seq")?,
-                    job_id: row.try_get("job_id")?,
-                    at: time_col(row, "at")?.unwrap_or_default(),
-                    kind: row.try_get("kind")?,
-                    status: row.try_get("status")?,
-                    backend_id: row.try_get("backend_id")?,
-                    attempt: row.try_get("attempt")?,
-                    message: row.try_get("message")?,
-                    data: json_col(row, "data")?,
-                })
-            })
+            .map(event_from_row)
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::from)
     }

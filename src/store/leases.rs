@@ -386,7 +386,8 @@ async fn set_final(
     .bind(job_id)
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    // The webhook is queued in the same transaction: it cannot be lost.
+    super::events::enqueue_webhook(conn, job_id, new_status).await
 }
 
 impl Store {

@@ -10,6 +10,7 @@
 //! are set on the connect options so that every connection gets them.
 
 mod backends;
+mod events;
 mod jobs;
 mod leases;
 mod migrate;
@@ -25,6 +26,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, SqlitePool};
 
 pub use backends::{BackendRecord, BackendStats, BackendUpsert};
+pub use events::{EventFilter, Webhook};
 pub use jobs::*;
 pub use leases::{ActiveJob, AttemptOutcome, CancelOutcome, Lease};
 

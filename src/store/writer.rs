@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use sqlx::SqliteConnection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::StoreError;
 
@@ -31,6 +31,7 @@ struct Op {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Op>,
+    committed: Arc<watch::Sender<u64>>,
 }
 
 impl Writer {
@@ -40,8 +41,15 @@ impl Writer {
         max_batch: usize,
     ) -> (Writer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Op>(max_batch * 4);
-        let handle = tokio::spawn(run(conn, rx, max_batch));
-        (Writer { tx }, handle)
+        let committed = Arc::new(watch::channel(0u64).0);
+        let handle = tokio::spawn(run(conn, rx, max_batch, committed.clone()));
+        (Writer { tx, committed }, handle)
+    }
+
+    /// Changes after every committed batch: event-log readers wait on it
+    /// instead of polling.
+    pub fn subscribe_commits(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
     }
 
     /// Runs `f` inside the current group transaction and returns its result
@@ -89,7 +97,12 @@ async fn exec(conn: &mut SqliteConnection, sql: &str) -> Result<(), StoreError> 
         .map_err(StoreError::from)
 }
 
-async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, max_batch: usize) {
+async fn run(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Op>,
+    max_batch: usize,
+    committed: Arc<watch::Sender<u64>>,
+) {
     let mut batch: Vec<Op> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -99,18 +112,21 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, max_batch: 
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, &mut batch).await;
+        if commit_batch(&mut conn, &mut batch).await {
+            committed.send_modify(|n| *n += 1);
+        }
     }
     tracing::debug!("store writer stopped");
 }
 
-async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Op>) {
+/// Commits one batch; `true` if it reached the disk.
+async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Op>) -> bool {
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE").await {
         tracing::error!(error = %e, "cannot begin a write transaction");
         for op in batch.drain(..) {
             (op.finish)(Err(e.clone()));
         }
-        return;
+        return false;
     }
     let mut finishes = Vec::with_capacity(batch.len());
     let mut aborted: Option<StoreError> = None;
@@ -138,9 +154,11 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Op>) {
             }
         },
     };
+    let ok = commit.is_ok();
     for finish in finishes {
         finish(commit.clone());
     }
+    ok
 }
 
 /// Runs one op in a savepoint. An op that fails is undone alone (its caller

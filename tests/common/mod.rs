@@ -324,11 +324,13 @@ impl TestApp {
         e["events"].as_array().unwrap().clone()
     }
 
+    /// The kinds of a job's state changes (progress left out).
     pub async fn event_kinds(&self, id: &str) -> Vec<String> {
         self.events(id)
             .await
             .iter()
             .map(|e| e["kind"].as_str().unwrap().to_string())
+            .filter(|k| k != "progress")
             .collect()
     }
 }

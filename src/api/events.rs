@@ -1,0 +1,215 @@
+//! Live progress routes: server-sent events and a WebSocket.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiError, AppState};
+use crate::events::follow;
+use crate::store::{status, EventFilter, JobEvent};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/events", get(sse))
+        .route("/api/ws", get(ws))
+}
+
+fn parse(query: Option<&str>, headers: &HeaderMap) -> Result<(EventFilter, Option<i64>), ApiError> {
+    let mut f = EventFilter::default();
+    let mut after: Option<i64> = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| ApiError::invalid("Last-Event-ID", "must be an event sequence number"))
+        })
+        .transpose()?;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "job_id" => f.job_ids.extend(
+                value
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            ),
+            "status" => {
+                for s in value.split(',').filter(|s| !s.is_empty()) {
+                    if !status::ALL.contains(&s) {
+                        return Err(ApiError::invalid("status", format!("unknown status `{s}`")));
+                    }
+                    f.statuses.push(s.to_string());
+                }
+            }
+            "workflow_id" => f.workflow_id = Some(value.to_string()),
+            "after" => {
+                after =
+                    Some(value.parse().map_err(|_| {
+                        ApiError::invalid("after", "must be an event sequence number")
+                    })?)
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!(
+                        "unknown query parameter `{other}` (job_id, status, workflow_id, after)"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok((f, after))
+}
+
+fn sse_event(ev: &JobEvent) -> Event {
+    Event::default()
+        .id(ev.seq.to_string())
+        .event(ev.kind.clone())
+        .data(serde_json::to_string(ev).unwrap_or_default())
+}
+
+/// Server-sent events: job state changes, progress (a few a second at most)
+/// and backend state changes, each with its sequence number as the event id.
+/// Reconnect with `Last-Event-ID` (or `?after=SEQ`) to get what you missed;
+/// without either, the stream starts now.
+#[utoipa::path(
+    get,
+    path = "/api/events",
+    tag = "events",
+    params(
+        ("job_id" = Option<String>, Query, description = "Only these jobs (repeat or comma-separate)"),
+        ("status" = Option<String>, Query, description = "Only events leaving a job in these statuses"),
+        ("workflow_id" = Option<String>, Query, description = "Only jobs of this workflow"),
+        ("after" = Option<i64>, Query, description = "Resume after this sequence number (or send Last-Event-ID)"),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`; each event's `data` is a JobEvent", content_type = "text/event-stream", body = JobEvent),
+        (status = 422, body = super::ErrorBody),
+    )
+)]
+pub(super) async fn sse(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let (filter, after) = parse(query.as_deref(), &headers)?;
+    let after = match after {
+        Some(a) => a,
+        None => state.store.latest_event_seq().await?,
+    };
+    let stream = follow(state.store.clone(), filter, after).map(|ev| Ok(sse_event(&ev)));
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Messages a WebSocket client sends.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientMessage {
+    /// Start (or replace) the subscription.
+    Subscribe {
+        #[serde(default)]
+        job_ids: Vec<String>,
+        #[serde(default)]
+        status: Vec<String>,
+        #[serde(default)]
+        workflow_id: Option<String>,
+        #[serde(default)]
+        after: Option<i64>,
+        /// Relay the backends' live preview images of these jobs.
+        #[serde(default)]
+        previews: bool,
+    },
+    /// Stop the subscription (the socket stays open).
+    Unsubscribe,
+}
+
+/// The event stream over a WebSocket. Send `{"type": "subscribe", "job_ids":
+/// [...], "status": [...], "workflow_id": ..., "after": SEQ, "previews": true}`
+/// and `{"type": "unsubscribe"}`; receive `{"type": "event", "event": JobEvent}`,
+/// and, with `previews`, `{"type": "preview", "job_id", "format"}` each
+/// followed by one binary frame holding the image.
+#[utoipa::path(
+    get,
+    path = "/api/ws",
+    tag = "events",
+    responses((status = 101, description = "WebSocket upgrade"))
+)]
+pub(super) async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(move |socket| ws_session(state, socket))
+}
+
+type EventStream = std::pin::Pin<Box<dyn Stream<Item = JobEvent> + Send>>;
+
+async fn ws_session(state: AppState, mut socket: WebSocket) {
+    let mut events: Option<EventStream> = None;
+    let mut preview_jobs: Option<Vec<String>> = None;
+    let mut previews = state.farm.subscribe_previews();
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let text = match incoming {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => continue,
+                };
+                match serde_json::from_str::<ClientMessage>(text.as_str()) {
+                    Ok(ClientMessage::Subscribe { job_ids, status, workflow_id, after, previews: want }) => {
+                        let after = match after {
+                            Some(a) => a,
+                            None => state.store.latest_event_seq().await.unwrap_or(0),
+                        };
+                        preview_jobs = want.then(|| job_ids.clone());
+                        let filter = EventFilter { job_ids, statuses: status, workflow_id };
+                        events = Some(Box::pin(follow(state.store.clone(), filter, after)));
+                        let ack = json!({"type": "subscribed", "after": after});
+                        if socket.send(Message::Text(ack.to_string().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(ClientMessage::Unsubscribe) => {
+                        events = None;
+                        preview_jobs = None;
+                        let ack = json!({"type": "unsubscribed"});
+                        if socket.send(Message::Text(ack.to_string().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let err = json!({"type": "error", "error": {"code": "bad_message", "message": format!("not a subscribe or unsubscribe message: {e}")}});
+                        if socket.send(Message::Text(err.to_string().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Some(ev) = async { match events.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
+                let msg = json!({"type": "event", "event": ev});
+                if socket.send(Message::Text(msg.to_string().into())).await.is_err() {
+                    return;
+                }
+            }
+            preview = previews.recv() => {
+                let Ok(p) = preview else { continue };
+                let wanted = preview_jobs.as_ref().is_some_and(|jobs| jobs.is_empty() || jobs.contains(&p.job_id));
+                if wanted {
+                    let head = json!({"type": "preview", "job_id": p.job_id, "format": p.format});
+                    if socket.send(Message::Text(head.to_string().into())).await.is_err()
+                        || socket.send(Message::Binary(p.image)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

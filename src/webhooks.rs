@@ -1,0 +1,170 @@
+//! Webhook delivery: when a job with a `callback_url` ends, POST a summary.
+//!
+//! Why an outbox: the webhook is queued in the same transaction that ends
+//! the job, and delivered from the database by this task with back-off, so a
+//! receiver that is down, or an orchestrator restart, delays a callback but
+//! never loses it. Each delivery is signed with an HMAC when a secret is set,
+//! so receivers can check it came from us.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::store::{Store, Webhook};
+
+/// Header carrying `sha256=HEX` (HMAC-SHA256 of the body).
+pub const SIGNATURE_HEADER: &str = "X-Orchestrator-Signature";
+
+/// Delivers due webhooks until `shutdown` turns true.
+pub async fn run(
+    store: Store,
+    config: std::sync::Arc<Config>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let http = match reqwest::Client::builder()
+        .timeout(Duration::from_millis(config.webhooks.timeout_ms))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "webhooks off: no HTTP client");
+            return;
+        }
+    };
+    let mut commits = store.subscribe_commits();
+    loop {
+        match store.due_webhooks(32).await {
+            Ok(due) => {
+                for hook in due {
+                    deliver(&store, &config, &http, hook).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the webhook outbox"),
+        }
+        let wait = match store.next_webhook_at().await {
+            Ok(Some(at)) => (at - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .min(Duration::from_secs(60)),
+            _ => Duration::from_secs(60),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+            // A commit may have queued a webhook.
+            _ = commits.changed() => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+/// The JSON a receiver gets: the job's end, its outputs with URLs, its error.
+pub async fn payload(store: &Store, config: &Config, job_id: &str) -> Option<Value> {
+    let job = store.job(job_id).await.ok()??;
+    let outputs = store.job_outputs(job_id).await.ok()?;
+    let base = config.base_url();
+    let outputs: Vec<Value> = outputs
+        .iter()
+        .map(|o| {
+            json!({
+                "name": o.name,
+                "kind": o.kind,
+                "size": o.size,
+                "sha256": o.sha256,
+                "content_type": o.content_type,
+                "url": format!("{base}/api/job/{job_id}/outputs/{}", o.name),
+            })
+        })
+        .collect();
+    Some(json!({
+        "job_id": job.job_id,
+        "status": job.status,
+        "workflow_id": job.workflow_id,
+        "metadata": job.metadata,
+        "attempts": job.attempts,
+        "backend_id": job.backend_id,
+        "submitted_at": job.submitted_at,
+        "finished_at": job.finished_at,
+        "outputs": outputs,
+        "error": job.error,
+        "url": format!("{base}/api/job/{job_id}"),
+    }))
+}
+
+/// HMAC-SHA256 of `body` with `secret`, as `sha256=HEX`.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    format!(
+        "sha256={}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+async fn deliver(store: &Store, config: &Config, http: &reqwest::Client, hook: Webhook) {
+    let Some(body) = payload(store, config, &hook.job_id).await else {
+        let _ = store
+            .webhook_tried(hook.id, false, Some("job not found".into()), None)
+            .await;
+        return;
+    };
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    let mut req = http
+        .post(&hook.url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("X-Orchestrator-Job", &hook.job_id);
+    if let Some(secret) = &config.webhooks.secret {
+        req = req.header(SIGNATURE_HEADER, sign(secret, &body));
+    }
+    let result = req.body(body).send().await;
+    let error = match result {
+        Ok(r) if r.status().is_success() => None,
+        Ok(r) => Some(format!("the receiver answered HTTP {}", r.status())),
+        Err(e) => Some(format!("cannot reach the receiver: {e}")),
+    };
+    let tries = hook.attempts + 1;
+    match error {
+        None => {
+            tracing::info!(job_id = %hook.job_id, url = %hook.url, tries, "webhook delivered");
+            let _ = store.webhook_tried(hook.id, true, None, None).await;
+        }
+        Some(e) if tries >= config.webhooks.max_attempts as i64 => {
+            tracing::warn!(job_id = %hook.job_id, url = %hook.url, tries, error = %e, "webhook given up");
+            let _ = store.webhook_tried(hook.id, false, Some(e), None).await;
+        }
+        Some(e) => {
+            let delay = (config.webhooks.retry_backoff_ms as f64
+                * 2f64.powi((tries - 1).min(20) as i32))
+            .min(300_000.0);
+            let next = chrono::Utc::now() + chrono::Duration::milliseconds(delay as i64);
+            tracing::info!(job_id = %hook.job_id, url = %hook.url, tries, error = %e, retry_at = %next, "webhook will be retried");
+            let _ = store
+                .webhook_tried(hook.id, false, Some(e), Some(next))
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_the_rfc_4231_hmac() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            sign("Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

@@ -1,0 +1,400 @@
+//! Live progress over real connections: server-sent events, the WebSocket,
+//! and webhooks, against simulated backends.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A minimal SSE reader: yields (id, event, data) as they arrive.
+struct SseReader {
+    stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+impl SseReader {
+    async fn open(url: &str, last_event_id: Option<i64>) -> SseReader {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        SseReader {
+            stream: Box::pin(r.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Option<(i64, String, Value)> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().parse().ok();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                match id {
+                    Some(id) => return Some((id, event, serde_json::from_str(&data).unwrap())),
+                    None => continue, // keep-alive comment
+                }
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.stream.next())
+                .await
+                .ok()??
+                .ok()?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_sees_a_jobs_whole_life_in_order() {
+    let sim = start_sim(1_200).await;
+    let app = spawn_farm(vec![backend("n1", sim.port, &[], 1)]).await;
+    app.wait_backend("n1", "online").await;
+    let mut sse = SseReader::open(&format!("{}/api/events", app.url), None).await;
+    let id = app.submit_blur(json!({})).await;
+    let mut kinds = Vec::new();
+    let mut statuses = Vec::new();
+    let mut last = 0;
+    while let Some((seq, kind, data)) = sse.next().await {
+        assert!(seq > last, "sequence numbers increase");
+        last = seq;
+        if data["job_id"] != id.as_str() {
+            continue;
+        }
+        assert_eq!(data["kind"], kind.as_str());
+        if statuses.last() != Some(&data["status"]) && !data["status"].is_null() {
+            statuses.push(data["status"].clone());
+        }
+        kinds.push(kind.clone());
+        if kind == "completed" {
+            break;
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            json!("queued"),
+            json!("assigned"),
+            json!("running"),
+            json!("completed")
+        ]
+    );
+    let progress = kinds.iter().filter(|k| *k == "progress").count();
+    assert!(progress >= 1, "{kinds:?}");
+    // Bounded rate: the simulator sent 4 node changes and 4 steps in 1.2 s.
+    assert!(progress <= 8, "{kinds:?}");
+    let first_progress = kinds.iter().position(|k| k == "progress").unwrap();
+    assert!(kinds[..first_progress].contains(&"running".to_string()));
+    // The log keeps the last progress, and the job shows it.
+    let events = app.events(&id).await;
+    let last_progress = events
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "progress")
+        .unwrap();
+    assert!(last_progress["data"]["node"].as_str().is_some());
+}
+
+#[tokio::test]
+async fn reconnecting_with_last_event_id_misses_nothing_and_repeats_nothing_across_a_restart() {
+    let app = spawn_app().await;
+    for _ in 0..5 {
+        app.submit_blur(json!({})).await;
+    }
+    let mut seen: Vec<i64> = Vec::new();
+    {
+        let mut sse = SseReader::open(&format!("{}/api/events?after=0", app.url), None).await;
+        for _ in 0..3 {
+            seen.push(sse.next().await.unwrap().0);
+        }
+    }
+    for _ in 0..5 {
+        app.submit_blur(json!({})).await;
+    }
+    let app = app.restart().await;
+    for _ in 0..5 {
+        app.submit_blur(json!({})).await;
+    }
+    let total = app.store.latest_event_seq().await.unwrap();
+    let mut sse = SseReader::open(
+        &format!("{}/api/events", app.url),
+        Some(*seen.last().unwrap()),
+    )
+    .await;
+    while *seen.last().unwrap() < total {
+        seen.push(sse.next().await.unwrap().0);
+    }
+    let expected: Vec<i64> = (1..=total).collect();
+    assert_eq!(seen, expected, "every event exactly once, in order");
+    // Filters: one job's events only.
+    let (_, list) = app.get("/api/jobs?limit=1").await;
+    let one = list["jobs"][0]["job_id"].as_str().unwrap();
+    let mut sse = SseReader::open(
+        &format!("{}/api/events?after=0&job_id={one}", app.url),
+        None,
+    )
+    .await;
+    let (_, kind, data) = sse.next().await.unwrap();
+    assert_eq!(
+        (kind.as_str(), data["job_id"].as_str()),
+        ("submitted", Some(one))
+    );
+    let (status, body) = app.get("/api/events?colour=red").await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (422, Some("colour"))
+    );
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_does_not_stop_jobs_from_completing() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("n1", sim.port, &[], 2)]).await;
+    app.wait_backend("n1", "online").await;
+    // Opened and never read: an SSE stream and a WebSocket subscription.
+    let stuck_sse = reqwest::Client::new()
+        .get(format!("{}/api/events?after=0", app.url))
+        .send()
+        .await
+        .unwrap();
+    let (mut stuck_ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/api/ws", &app.url[7..]))
+            .await
+            .unwrap();
+    stuck_ws
+        .send(Message::Text(
+            json!({"type": "subscribe", "after": 0, "previews": true})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(
+            app.submit_blur(json!({"parameters": {"color": i, "width": 512, "height": 512}}))
+                .await,
+        );
+    }
+    for id in &ids {
+        app.wait_status(id, "completed").await;
+    }
+    drop(stuck_sse);
+    drop(stuck_ws);
+}
+
+#[tokio::test]
+async fn the_websocket_subscribes_unsubscribes_and_relays_live_previews() {
+    let sim = start_sim(1_500).await;
+    let app = spawn_farm(vec![backend("n1", sim.port, &[], 1)]).await;
+    app.wait_backend("n1", "online").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/api/ws", &app.url[7..]))
+        .await
+        .unwrap();
+    let id = app.submit_blur(json!({})).await;
+    ws.send(Message::Text(
+        json!({"type": "subscribe", "job_ids": [id], "after": 0, "previews": true})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let mut kinds = Vec::new();
+    let mut previews = 0;
+    let mut expect_binary = false;
+    while let Some(Ok(m)) = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .unwrap()
+    {
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                match v["type"].as_str().unwrap() {
+                    "event" => {
+                        assert_eq!(v["event"]["job_id"], id.as_str());
+                        kinds.push(v["event"]["kind"].as_str().unwrap().to_string());
+                        if v["event"]["kind"] == "completed" {
+                            break;
+                        }
+                    }
+                    "preview" => {
+                        assert_eq!(v["job_id"], id.as_str());
+                        assert_eq!(v["format"], "png");
+                        expect_binary = true;
+                    }
+                    _ => {}
+                }
+            }
+            Message::Binary(b) => {
+                assert!(expect_binary, "a binary frame follows its preview header");
+                assert_eq!(&b[..4], b"\x89PNG");
+                previews += 1;
+                expect_binary = false;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("submitted"),
+        "after: 0 replays from the start"
+    );
+    assert!(previews >= 1, "live previews relayed");
+    ws.send(Message::Text(
+        json!({"type": "unsubscribe"}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
+            if serde_json::from_str::<Value>(t.as_str()).unwrap()["type"] == "unsubscribed" {
+                break;
+            }
+        }
+    }
+    ws.send(Message::Text("nonsense".into())).await.unwrap();
+    loop {
+        if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["type"] == "error" {
+                assert_eq!(v["error"]["code"], "bad_message");
+                break;
+            }
+        }
+    }
+}
+
+/// A webhook receiver on loopback that fails its first `fail_first` requests.
+async fn receiver(
+    fail_first: usize,
+) -> (String, Arc<Mutex<Vec<(Value, String)>>>, Arc<Mutex<usize>>) {
+    let got: Arc<Mutex<Vec<(Value, String)>>> = Arc::default();
+    let tries: Arc<Mutex<usize>> = Arc::default();
+    let (g, t) = (got.clone(), tries.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let (g, t) = (g.clone(), t.clone());
+            async move {
+                let n = {
+                    let mut t = t.lock().unwrap();
+                    *t += 1;
+                    *t
+                };
+                if n <= fail_first {
+                    return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                let sig = headers
+                    .get("x-orchestrator-signature")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default();
+                let expected = orchestrator::webhooks::sign("s3cret", body.as_bytes());
+                assert_eq!(sig, expected, "signed with the configured secret");
+                g.lock()
+                    .unwrap()
+                    .push((serde_json::from_str(&body).unwrap(), sig));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got, tries)
+}
+
+#[tokio::test]
+async fn a_webhook_receiver_that_fails_at_first_gets_the_callback_once_it_answers() {
+    let sim = start_sim(0).await;
+    let (hook, got, tries) = receiver(2).await;
+    let (mut config, dir) = farm_config(vec![backend("n1", sim.port, &[], 1)]);
+    config.webhooks.secret = Some("s3cret".into());
+    config.webhooks.retry_backoff_ms = 50;
+    let mut app = spawn_with(config).await;
+    app.set_dir(dir);
+    let id = app
+        .submit_blur(json!({"callback_url": hook, "metadata": {"shot": "sh1"}}))
+        .await;
+    app.wait_status(&id, "completed").await;
+    let (payload, _) = poll("the callback", || async {
+        got.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(*tries.lock().unwrap(), 3, "two failures, then delivered");
+    assert_eq!(payload["job_id"], id.as_str());
+    assert_eq!(payload["status"], "completed");
+    assert_eq!(payload["metadata"]["shot"], "sh1");
+    let url = payload["outputs"][0]["url"].as_str().unwrap();
+    assert!(
+        url.ends_with(&format!("/api/job/{id}/outputs/orchestrator_00001_.png")),
+        "{url}"
+    );
+    let job = app
+        .wait_job(&id, "webhook recorded", |j| {
+            j["webhooks"][0]["delivered_at"].is_string()
+        })
+        .await;
+    assert_eq!(job["webhooks"][0]["attempts"], 3);
+    // Delivered once: no more tries.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(got.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_webhook_survives_a_kill_9_of_the_orchestrator() {
+    let sim = start_sim(0).await;
+    // The receiver fails for a long while: the outbox still holds it at the crash.
+    let (hook, got, tries) = receiver(4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "monitor: {{poll_interval_ms: 50}}\nwebhooks: {{secret: s3cret, retry_backoff_ms: 100}}\nbackends:\n  - {{id: n1, host: 127.0.0.1, port: {}}}\n",
+            sim.port
+        ),
+    );
+    let bin = spawn_binary(&config).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/api/job", bin.url))
+        .json(&json!({"workflow_id": "image_blur", "callback_url": hook}))
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    poll("two failed tries", || async {
+        (*tries.lock().unwrap() >= 2).then_some(())
+    })
+    .await;
+    bin.kill9().await;
+    assert!(got.lock().unwrap().is_empty());
+    let bin = spawn_binary(&config).await;
+    let (payload, _) = poll("the callback after the restart", || async {
+        got.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(payload["job_id"], id.as_str());
+    assert_eq!(payload["status"], "completed");
+    bin.kill9().await;
+}
