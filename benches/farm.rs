@@ -202,6 +202,99 @@ async fn completed_store(store: &orchestrator::store::Store) -> i64 {
         .sum()
 }
 
+/// Submit -> `POST /prompt` at an idle backend, one job at a time.
+async fn dispatch_latency(jobs: usize) {
+    let (service, sims, _dir) = farm(1, 2, 0).await;
+    wait_online(&service, 1).await;
+    let store = service.store().clone();
+    let (url, stop, task) = serve(service).await;
+    let client = reqwest::Client::new();
+    let mut lat = Vec::new();
+    for i in 0..jobs {
+        let body = json!({"workflow_id": "image_blur", "parameters": {"width": 16, "height": 16, "color": i}});
+        let t0 = Instant::now();
+        let r: serde_json::Value = client
+            .post(format!("{url}/api/job"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = r["job_id"].as_str().unwrap().to_string();
+        // Wait for the job to finish so that the backend is idle for the next one.
+        loop {
+            let job = store.job(&id).await.unwrap().unwrap();
+            if job.status == "completed" {
+                let posted = sims[0]
+                    .posted_at(job.prompt_id.as_deref().unwrap())
+                    .unwrap();
+                lat.push(posted.saturating_duration_since(t0).as_secs_f64() * 1000.0);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "dispatch latency, submit (durable) -> POST /prompt at an idle backend: p50 {:.2} ms, p99 {:.2} ms over {jobs} jobs",
+        lat[(lat.len() - 1) / 2],
+        lat[((lat.len() - 1) as f64 * 0.99) as usize]
+    );
+    let _ = stop.send(());
+    let _ = task.await;
+}
+
+/// The limit: the simulators alone, driven straight by a client, no orchestrator.
+async fn simulators_alone(backends: usize, jobs: usize) {
+    let mut sims = Vec::new();
+    for _ in 0..backends {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        sims.push(simulator::spawn(
+            listener,
+            SimConfig {
+                job_ms: 0,
+                ..Default::default()
+            },
+        ));
+    }
+    let graph: serde_json::Value =
+        serde_json::from_str(include_str!("../src/workflows/builtin/image_blur.json")).unwrap();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (b, sim) in sims.iter().enumerate() {
+        let client = orchestrator::comfy::ComfyClient::new(
+            "127.0.0.1",
+            sim.port,
+            "bench",
+            Duration::from_secs(10),
+        );
+        let mut graph = graph.clone();
+        let n = jobs / backends;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..n {
+                graph["1"]["inputs"]["color"] = json!(b * 100_000 + i);
+                graph["1"]["inputs"]["width"] = json!(16);
+                graph["1"]["inputs"]["height"] = json!(16);
+                let pid = uuid::Uuid::new_v4().to_string();
+                client.submit(&pid, &graph).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    while sims.iter().map(|s| s.timeline().len()).sum::<usize>() < jobs / backends * backends {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let total = start.elapsed();
+    println!(
+        "limit: {backends} simulators alone, driven by one client, --job-ms 0: {:.0} prompts/s",
+        (jobs / backends * backends) as f64 / total.as_secs_f64()
+    );
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -211,10 +304,12 @@ fn main() {
     let jobs = arg("--jobs", 2000);
     let backends = arg("--backends", 2);
     rt.block_on(async {
+        simulators_alone(8, jobs).await;
         throughput(backends, jobs).await;
         if backends != 8 {
             throughput(8, jobs).await;
         }
+        dispatch_latency(200).await;
         idle_gap(1, 200, 20).await;
         idle_gap(2, 200, 20).await;
     });

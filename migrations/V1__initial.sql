@@ -147,6 +147,19 @@ CREATE TABLE counters (
 );
 INSERT INTO counters(name, value) VALUES ('lease_token', 0);
 
+-- A submission is one INSERT: its metadata rows and its first event follow
+-- from it here, so the writer makes one statement per job.
+CREATE TRIGGER jobs_submitted AFTER INSERT ON jobs BEGIN
+    INSERT OR IGNORE INTO job_metadata (key, value, job_seq)
+        SELECT key, CASE type WHEN 'text' THEN value WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
+                                WHEN 'null' THEN 'null' ELSE json_quote(value) END, NEW.seq
+        FROM json_each(NEW.metadata);
+    INSERT INTO job_events (job_id, workflow_id, at, kind, status, message)
+        VALUES (NEW.id, NEW.workflow_id, NEW.submitted_at, 'submitted', NEW.status,
+                CASE WHEN NEW.workflow_id IS NULL THEN 'submitted with an inline workflow'
+                     ELSE 'submitted with workflow `' || NEW.workflow_id || '`' END);
+END;
+
 -- Job counts by status, kept by triggers so that health is one small read.
 CREATE TABLE job_counts (
     status TEXT PRIMARY KEY,

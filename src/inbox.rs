@@ -60,11 +60,15 @@ pub async fn run(state: AppState, dir: PathBuf, mut shutdown: watch::Receiver<bo
     let kick = Arc::new(Notify::new());
     let watcher_kick = kick.clone();
     // Kept alive for the loop's lifetime; without events, the rescan still works.
-    let _watcher = match notify::recommended_watcher(
-        move |_event: notify::Result<notify::Event>| {
-            watcher_kick.notify_one();
-        },
-    ) {
+    let _watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Our own scans open the folder: access events must not start another scan.
+        if let Ok(e) = &event {
+            if matches!(e.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+        }
+        watcher_kick.notify_one();
+    }) {
         Ok(mut w) => {
             use notify::Watcher;
             if let Err(e) = w.watch(&dir, notify::RecursiveMode::NonRecursive) {

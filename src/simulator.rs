@@ -115,6 +115,7 @@ struct Inner {
     sockets: HashMap<String, Socket>,
     socket_ids: u64,
     posts: HashMap<String, usize>,
+    posted_at: HashMap<String, std::time::Instant>,
     last_graph: Option<Value>,
     last_outputs: HashMap<String, Value>,
     rng: u64,
@@ -200,6 +201,11 @@ impl SimHandle {
     /// How many times each prompt id was `POST`ed to `/prompt`.
     pub fn prompt_posts(&self) -> HashMap<String, usize> {
         self.sim.lock().posts.clone()
+    }
+
+    /// When each prompt id was first posted (for dispatch-latency benchmarks).
+    pub fn posted_at(&self, prompt_id: &str) -> Option<std::time::Instant> {
+        self.sim.lock().posted_at.get(prompt_id).copied()
     }
 
     /// Prompt ids in the simulated history.
@@ -657,6 +663,12 @@ async fn post_prompt(State(sim): State<S>, body: Bytes) -> Response {
     {
         let mut inner = sim.lock();
         *inner.posts.entry(prompt_id.clone()).or_default() += 1;
+        if inner.posted_at.len() < 100_000 {
+            inner
+                .posted_at
+                .entry(prompt_id.clone())
+                .or_insert_with(std::time::Instant::now);
+        }
     }
     let outputs = match validate(graph, &sim.config.checkpoints) {
         Ok(o) => o,

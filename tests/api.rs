@@ -659,3 +659,24 @@ async fn history_queries_are_served_by_indexes() {
         );
     }
 }
+
+#[tokio::test]
+async fn metadata_of_every_json_type_can_be_filtered_on() {
+    let app = spawn_app().await;
+    let id = app
+        .submit_blur(json!({"metadata": {"shot": "sc01", "take": 3, "ratio": 1.5, "final": true, "none": null, "tags": ["a"]}}))
+        .await;
+    for q in [
+        "shot=sc01",
+        "take=3",
+        "ratio=1.5",
+        "final=true",
+        "none=null",
+        "tags=%5B%22a%22%5D",
+    ] {
+        let (_, v) = app.get(&format!("/api/jobs?metadata.{q}")).await;
+        assert_eq!(v["jobs"][0]["job_id"], id.as_str(), "metadata.{q}");
+    }
+    let (_, v) = app.get("/api/jobs?metadata.final=false").await;
+    assert_eq!(v["jobs"], json!([]));
+}
