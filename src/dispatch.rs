@@ -500,7 +500,8 @@ impl Worker {
                 }
                 if matches!(t.phase, Phase::Submitting | Phase::Submitted) {
                     match self.shared.store.mark_running(&t.job_id, t.token).await {
-                        Ok(_) | Err(StoreError::LeaseLost) => {}
+                        Ok(true) => self.record_started(&t.job_id).await,
+                        Ok(false) | Err(StoreError::LeaseLost) => {}
                         Err(e) => {
                             tracing::error!(job_id = %t.job_id, error = %e, "cannot record running")
                         }
@@ -534,6 +535,17 @@ impl Worker {
                 tokio::spawn(async move { ctx.finish(&t.job_id, t.token, &pid).await });
             }
             _ => {}
+        }
+    }
+
+    /// Metrics: how long the job waited in the queue.
+    async fn record_started(&self, job_id: &str) {
+        if let Ok(Some(job)) = self.shared.store.job(job_id).await {
+            let wait = (chrono::Utc::now() - job.submitted_at)
+                .num_milliseconds()
+                .max(0) as f64
+                / 1000.0;
+            crate::metrics::started(job.workflow_id.as_deref(), &self.id, wait);
         }
     }
 
@@ -802,9 +814,11 @@ impl Ctx {
         {
             Ok(AttemptOutcome::Failed(reason)) => {
                 tracing::warn!(job_id, backend_id = %self.backend_id, "job failed: {reason}");
+                self.count_failure(job_id, true).await;
                 true
             }
             Ok(AttemptOutcome::Retry(at)) => {
+                self.count_failure(job_id, false).await;
                 tracing::info!(job_id, backend_id = %self.backend_id, retry_at = %at, "attempt failed; job queued again");
                 let shared = self.shared.clone();
                 let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
@@ -822,6 +836,18 @@ impl Ctx {
         };
         self.shared.wake.send_modify(|n| *n += 1);
         recorded
+    }
+
+    async fn count_failure(&self, job_id: &str, is_final: bool) {
+        let workflow = self
+            .shared
+            .store
+            .job(job_id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|j| j.workflow_id);
+        crate::metrics::failed(workflow.as_deref(), &self.backend_id, is_final);
     }
 
     /// Reads the prompt's history and ends the job accordingly.
@@ -853,7 +879,22 @@ impl Ctx {
             .await
             .map_err(|e| format!("collecting outputs: {e}"))?;
             match self.shared.store.complete(job_id, token, outputs).await {
-                Ok(()) => tracing::info!(job_id, backend_id = %self.backend_id, "job completed"),
+                Ok(()) => {
+                    tracing::info!(job_id, backend_id = %self.backend_id, "job completed");
+                    if let Ok(Some(job)) = self.shared.store.job(job_id).await {
+                        let run = job
+                            .started_at
+                            .map(|s| {
+                                (chrono::Utc::now() - s).num_milliseconds().max(0) as f64 / 1000.0
+                            })
+                            .unwrap_or(0.0);
+                        crate::metrics::completed(
+                            job.workflow_id.as_deref(),
+                            &self.backend_id,
+                            run,
+                        );
+                    }
+                }
                 Err(StoreError::LeaseLost) => {}
                 Err(e) => return Err(e.to_string()),
             }

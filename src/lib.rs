@@ -19,6 +19,7 @@
 //! - [`monitor`]: backend health polling.
 //! - [`webhooks`]: callbacks when jobs end, from a durable outbox.
 //! - [`events`]: live streams (SSE, WebSocket) read from the durable event log.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`server`]: start-up (lock file, database, backends), serving, shutdown.
 //!
 //! The server is a library function, [`server::run`], that takes a bound
@@ -34,6 +35,7 @@ pub mod dispatch;
 pub mod events;
 pub mod inbox;
 pub mod manifest;
+pub mod metrics;
 pub mod monitor;
 pub mod server;
 pub mod simulator;

@@ -68,6 +68,7 @@ pub async fn poll_once(store: &Store, backend_id: &str, client: &ComfyClient) ->
                 let _ = store.backend_offline(backend_id, msg).await;
                 return false;
             }
+            crate::metrics::backend(backend_id, true, stats.vram_total, stats.vram_free);
             if let Err(e) = store.backend_online(backend_id, stats).await {
                 tracing::warn!(backend_id, error = %e, "cannot record backend state");
             }
@@ -75,6 +76,7 @@ pub async fn poll_once(store: &Store, backend_id: &str, client: &ComfyClient) ->
         }
         Err(e) => {
             tracing::debug!(backend_id, error = %e, "backend poll failed");
+            crate::metrics::backend(backend_id, false, None, None);
             let _ = store.backend_offline(backend_id, e.to_string()).await;
             false
         }

@@ -66,6 +66,7 @@ impl Service {
     /// templates and mirrors the configured backends.
     pub async fn start(config: Config) -> anyhow::Result<Service> {
         let lock = DataLock::acquire(&config.data_dir)?;
+        crate::metrics::init();
         let store = Store::open(&config.database_path(), &config.database).await?;
         store
             .sync_backends(

@@ -511,3 +511,122 @@ async fn progress_is_visible_while_a_job_runs() {
     let (_, list) = app.get("/api/jobs?status=running").await;
     assert_eq!(list["jobs"][0]["progress"]["node"], "2");
 }
+
+/// The value of one Prometheus sample (`name{labels} value`), 0 when absent.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("metrics1", sim.port, &[], 2)]).await;
+    app.wait_backend("metrics1", "online").await;
+    let scrape = || async {
+        let r = app
+            .client
+            .get(format!("{}/metrics", app.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        r.text().await.unwrap()
+    };
+    let before = scrape().await;
+    // Every sample line is `name{labels} value` with a number: the text format parses.
+    for line in before
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+        assert!(line.starts_with("orchestrator_"), "{line}");
+    }
+    let done = |t: &str| {
+        sample(
+            t,
+            "orchestrator_completions_total",
+            &[("backend", "metrics1"), ("workflow", "image_blur")],
+        )
+    };
+    let b0 = done(&before);
+    let ok = app.submit_blur(json!({})).await;
+    let bad = submit(
+        &app,
+        json!({"workflow": failing_graph(), "max_attempts": 1}),
+    )
+    .await;
+    app.wait_status(&ok, "completed").await;
+    app.wait_status(&bad, "failed").await;
+    let after = scrape().await;
+    assert_eq!(done(&after), b0 + 1.0, "{after}");
+    assert!(
+        sample(
+            &after,
+            "orchestrator_failures_total",
+            &[
+                ("backend", "metrics1"),
+                ("workflow", "inline"),
+                ("final", "true")
+            ]
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &after,
+            "orchestrator_submissions_total",
+            &[("workflow", "image_blur")]
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &after,
+            "orchestrator_run_seconds_count",
+            &[("backend", "metrics1")]
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &after,
+            "orchestrator_queue_wait_seconds_bucket",
+            &[("backend", "metrics1"), ("le", "+Inf")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "orchestrator_backend_up",
+            &[("backend", "metrics1")]
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &after,
+            "orchestrator_backend_vram_total_bytes",
+            &[("backend", "metrics1")]
+        ) > 0.0
+    );
+    assert!(sample(&after, "orchestrator_jobs", &[("status", "completed")]) >= 1.0);
+    assert!(
+        sample(
+            &after,
+            "orchestrator_http_requests_total",
+            &[("route", "/api/job"), ("method", "POST"), ("status", "201")]
+        ) >= 1.0
+    );
+    assert!(after.contains("orchestrator_http_request_duration_seconds_bucket"));
+}

@@ -123,10 +123,12 @@ pub(crate) async fn submit_manifest(
         state.config.dispatch.default_max_attempts,
     )?;
     check_requires(state, &parsed.job.requires)?;
+    let workflow_id = parsed.job.workflow_id.clone();
     let outcome = state.store.submit(parsed.job).await?;
     let (code, summary, message) = match outcome {
         SubmitOutcome::Created(s) => {
             state.farm.wake();
+            crate::metrics::submitted(workflow_id.as_deref());
             tracing::info!(job_id = %s.id, "job submitted");
             (StatusCode::CREATED, s, "Job stored and queued".to_string())
         }

@@ -28,6 +28,7 @@ use super::{backends, events, jobs, system, AppState};
         events::sse,
         events::ws,
         system::health,
+        system::metrics,
         system::workflows,
         system::reload_workflows,
         backends::list_backends,

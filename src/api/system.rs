@@ -19,6 +19,7 @@ pub(super) fn router() -> Router<AppState> {
         .route("/api/health", get(health))
         .route("/api/workflows", get(workflows))
         .route("/api/workflows/reload", post(reload_workflows))
+        .route("/metrics", get(metrics))
 }
 
 /// Health of the service.
@@ -68,6 +69,21 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+/// Prometheus metrics: jobs by state, submissions, completions and failures
+/// by workflow and backend, queue wait and run time histograms, backend
+/// up/VRAM, HTTP requests and latencies.
+#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        crate::metrics::render(&state.store).await,
+    )
+        .into_response()
 }
 
 /// The workflow catalogue.
