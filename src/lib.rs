@@ -20,6 +20,7 @@
 //! - [`webhooks`]: callbacks when jobs end, from a durable outbox.
 //! - [`events`]: live streams (SSE, WebSocket) read from the durable event log.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`cli`]: the command-line client of a running orchestrator.
 //! - [`server`]: start-up (lock file, database, backends), serving, shutdown.
 //!
 //! The server is a library function, [`server::run`], that takes a bound
@@ -29,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod cli;
 pub mod comfy;
 pub mod config;
 pub mod dispatch;

@@ -45,6 +45,78 @@ enum Command {
         )]
         checkpoints: Vec<String>,
     },
+    /// Submit a job: a manifest file, or --workflow ID with --param name=value.
+    Submit {
+        /// Manifest file (the JSON of POST /api/job).
+        file: Option<PathBuf>,
+        /// Workflow template id (instead of, or on top of, the file).
+        #[arg(long)]
+        workflow: Option<String>,
+        /// A parameter, name=value (repeat); values parse as JSON when they can.
+        #[arg(long = "param", short = 'p')]
+        params: Vec<String>,
+        /// A metadata field, key=value (repeat).
+        #[arg(long = "meta", short = 'm')]
+        meta: Vec<String>,
+        /// Priority (higher runs first).
+        #[arg(long)]
+        priority: Option<i64>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Show one job.
+    Status {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// The history, newest first, as a table.
+    Jobs {
+        /// Only these statuses (repeat or comma-separate).
+        #[arg(long)]
+        status: Vec<String>,
+        /// Only this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only this backend.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Only jobs whose metadata has key=value (repeat).
+        #[arg(long = "meta", short = 'm')]
+        meta: Vec<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Live progress bars until the jobs end (default: all queued or running).
+    Watch {
+        /// Job ids.
+        ids: Vec<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Queue a failed or cancelled job again.
+    Retry {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// The ComfyUI backends and their state.
+    Backends {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Write a consistent copy of the database to FILE (safe while the service runs).
     Backup {
         /// Where to write the copy; must not exist yet.
@@ -56,6 +128,34 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+}
+
+/// How the client commands reach a running orchestrator.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// The orchestrator's URL.
+    #[arg(
+        long,
+        env = "ORCHESTRATOR_URL",
+        default_value = "http://127.0.0.1:9800"
+    )]
+    url: String,
+    /// Access token, when the server has `auth.token` set.
+    #[arg(long, env = "ORCHESTRATOR_TOKEN")]
+    token: Option<String>,
+    /// Print JSON for scripts instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RemoteArgs {
+    fn remote(self) -> orchestrator::cli::Remote {
+        orchestrator::cli::Remote {
+            url: self.url,
+            token: self.token,
+            json: self.json,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -237,6 +337,49 @@ fn main() -> ExitCode {
                 fail_rate,
                 checkpoints,
             } => simulate(host, port, job_ms, fail_rate, checkpoints).await,
+            Command::Submit {
+                file,
+                workflow,
+                params,
+                meta,
+                priority,
+                remote,
+            } => {
+                let args = orchestrator::cli::SubmitArgs {
+                    file,
+                    workflow,
+                    params,
+                    meta,
+                    priority,
+                };
+                orchestrator::cli::submit(&remote.remote(), args).await
+            }
+            Command::Status { id, remote } => {
+                orchestrator::cli::status(&remote.remote(), &id).await
+            }
+            Command::Jobs {
+                status,
+                workflow,
+                backend,
+                meta,
+                limit,
+                remote,
+            } => {
+                let args = orchestrator::cli::JobsArgs {
+                    status,
+                    workflow,
+                    backend,
+                    meta,
+                    limit,
+                };
+                orchestrator::cli::jobs(&remote.remote(), args).await
+            }
+            Command::Watch { ids, remote } => orchestrator::cli::watch(&remote.remote(), ids).await,
+            Command::Cancel { id, remote } => {
+                orchestrator::cli::cancel(&remote.remote(), &id).await
+            }
+            Command::Retry { id, remote } => orchestrator::cli::retry(&remote.remote(), &id).await,
+            Command::Backends { remote } => orchestrator::cli::backends(&remote.remote()).await,
         }
     });
     match result {

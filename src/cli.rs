@@ -1,0 +1,457 @@
+//! The command-line client: talks to a running orchestrator over HTTP.
+//!
+//! Why in the same binary: a farm operator has one thing to install. Every
+//! command prints something a person can read (tables, progress bars, the
+//! server's error sentence) and, with `--json`, what a script can parse.
+//! A server error exits non-zero.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{json, Map, Value};
+
+/// How to reach the orchestrator.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// Base URL, like `http://127.0.0.1:9800`.
+    pub url: String,
+    /// Bearer token, when the server wants one.
+    pub token: Option<String>,
+    /// Print raw JSON instead of tables.
+    pub json: bool,
+}
+
+impl Remote {
+    fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("http client")
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .client()
+            .request(method, format!("{}{path}", self.url.trim_end_matches('/')));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        r
+    }
+
+    /// Sends a request; a non-2xx answer becomes the server's sentence.
+    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let r = req
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach the orchestrator at {}: {e}", self.url))?;
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let message = body["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            bail!("{message}");
+        }
+        Ok(body)
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(self.request(reqwest::Method::GET, path)).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(self.request(reqwest::Method::POST, path).json(&body))
+            .await
+    }
+}
+
+/// `--param name=value`: the value as JSON when it parses (numbers, booleans), else text.
+pub fn parse_pair(pair: &str) -> anyhow::Result<(String, Value)> {
+    let (k, v) = pair
+        .split_once('=')
+        .ok_or_else(|| anyhow!("`{pair}` is not name=value"))?;
+    let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+    Ok((k.trim().to_string(), value))
+}
+
+/// What `submit` was given.
+pub struct SubmitArgs {
+    /// A manifest file (JSON).
+    pub file: Option<PathBuf>,
+    /// A workflow id instead of a file.
+    pub workflow: Option<String>,
+    /// `name=value` parameters.
+    pub params: Vec<String>,
+    /// `key=value` metadata.
+    pub meta: Vec<String>,
+    /// Priority.
+    pub priority: Option<i64>,
+}
+
+/// Submits a manifest; prints the job id (or the answer as JSON).
+pub async fn submit(remote: &Remote, args: SubmitArgs) -> anyhow::Result<()> {
+    let mut manifest = match &args.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_str::<Value>(&text)
+                .with_context(|| format!("{} is not valid JSON", path.display()))?
+        }
+        None => json!({}),
+    };
+    let m = manifest
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("the manifest must be a JSON object"))?;
+    if let Some(w) = args.workflow {
+        m.insert("workflow_id".into(), json!(w));
+    }
+    if !m.contains_key("workflow_id") && !m.contains_key("workflow") {
+        bail!("give a manifest file or --workflow ID");
+    }
+    for (field, pairs) in [("parameters", &args.params), ("metadata", &args.meta)] {
+        if pairs.is_empty() {
+            continue;
+        }
+        let entry = m.entry(field).or_insert_with(|| json!({}));
+        let obj = entry
+            .as_object_mut()
+            .ok_or_else(|| anyhow!("{field} must be an object"))?;
+        for p in pairs {
+            let (k, v) = parse_pair(p)?;
+            obj.insert(k, v);
+        }
+    }
+    if let Some(p) = args.priority {
+        m.insert("priority".into(), json!(p));
+    }
+    let answer = remote.post("/api/job", manifest).await?;
+    if remote.json {
+        println!("{answer}");
+    } else {
+        println!("{}", answer["job_id"].as_str().unwrap_or(""));
+        for w in answer["warnings"].as_array().into_iter().flatten() {
+            eprintln!("warning: {}", w.as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+fn progress_text(job: &Value) -> String {
+    let p = &job["progress"];
+    match (p["node"].as_str(), p["value"].as_f64(), p["max"].as_f64()) {
+        (Some(n), Some(v), Some(m)) => format!("node {n} {v}/{m}"),
+        (Some(n), _, _) => format!("node {n}"),
+        _ => String::new(),
+    }
+}
+
+/// Prints one job.
+pub async fn status(remote: &Remote, id: &str) -> anyhow::Result<()> {
+    let job = remote.get(&format!("/api/job/{id}")).await?;
+    if remote.json {
+        println!("{job}");
+        return Ok(());
+    }
+    let field = |k: &str| job[k].as_str().unwrap_or("-").to_string();
+    println!("job        {}", field("job_id"));
+    println!("status     {}", field("status"));
+    println!(
+        "workflow   {}",
+        job["workflow_id"].as_str().unwrap_or("(inline)")
+    );
+    println!("backend    {}", field("backend_id"));
+    println!("attempts   {} of {}", job["attempts"], job["max_attempts"]);
+    println!("submitted  {}", field("submitted_at"));
+    if job["finished_at"].is_string() {
+        println!("finished   {}", field("finished_at"));
+    }
+    let progress = progress_text(&job);
+    if !progress.is_empty() {
+        println!("progress   {progress}");
+    }
+    if let Some(e) = job["error"]["message"].as_str() {
+        println!("error      {e}");
+    }
+    for o in job["outputs"].as_array().into_iter().flatten() {
+        println!(
+            "output     {} ({} bytes) {}/api/job/{id}/outputs/{}",
+            o["name"].as_str().unwrap_or(""),
+            o["size"],
+            remote.url.trim_end_matches('/'),
+            o["name"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// Filters of `jobs`.
+pub struct JobsArgs {
+    /// Statuses.
+    pub status: Vec<String>,
+    /// Workflow id.
+    pub workflow: Option<String>,
+    /// Backend id.
+    pub backend: Option<String>,
+    /// `key=value` metadata filters.
+    pub meta: Vec<String>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// Prints the history as a table.
+pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
+    let mut q: Vec<(String, String)> = vec![("limit".into(), args.limit.to_string())];
+    for s in args.status {
+        q.push(("status".into(), s));
+    }
+    if let Some(w) = args.workflow {
+        q.push(("workflow_id".into(), w));
+    }
+    if let Some(b) = args.backend {
+        q.push(("backend".into(), b));
+    }
+    for m in args.meta {
+        let (k, v) = m
+            .split_once('=')
+            .ok_or_else(|| anyhow!("`{m}` is not key=value"))?;
+        q.push((format!("metadata.{k}"), v.to_string()));
+    }
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(q)
+        .finish();
+    let page = remote.get(&format!("/api/jobs?{query}")).await?;
+    if remote.json {
+        println!("{page}");
+        return Ok(());
+    }
+    println!(
+        "{:<36}  {:<10}  {:<16}  {:<10}  {:<20}  {}",
+        "JOB", "STATUS", "WORKFLOW", "BACKEND", "SUBMITTED", "PROGRESS / ERROR"
+    );
+    for j in page["jobs"].as_array().into_iter().flatten() {
+        let detail = j["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| progress_text(j));
+        println!(
+            "{:<36}  {:<10}  {:<16}  {:<10}  {:<20}  {}",
+            j["job_id"].as_str().unwrap_or(""),
+            j["status"].as_str().unwrap_or(""),
+            j["workflow_id"].as_str().unwrap_or("(inline)"),
+            j["backend_id"].as_str().unwrap_or("-"),
+            j["submitted_at"]
+                .as_str()
+                .unwrap_or("")
+                .get(..19)
+                .unwrap_or(""),
+            detail
+        );
+    }
+    if page["next_cursor"].is_string() {
+        eprintln!("(more: raise --limit or filter)");
+    }
+    Ok(())
+}
+
+/// Cancels a job.
+pub async fn cancel(remote: &Remote, id: &str) -> anyhow::Result<()> {
+    let answer = remote
+        .post(&format!("/api/job/{id}/cancel"), json!({}))
+        .await?;
+    if remote.json {
+        println!("{answer}");
+    } else {
+        println!(
+            "{}: {}",
+            answer["status"].as_str().unwrap_or(""),
+            answer["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// Queues a failed or cancelled job again.
+pub async fn retry(remote: &Remote, id: &str) -> anyhow::Result<()> {
+    let answer = remote
+        .post(&format!("/api/job/{id}/retry"), json!({}))
+        .await?;
+    if remote.json {
+        println!("{answer}");
+    } else {
+        println!(
+            "{}: {}",
+            answer["status"].as_str().unwrap_or(""),
+            answer["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// Prints the farm.
+pub async fn backends(remote: &Remote) -> anyhow::Result<()> {
+    let list = remote.get("/api/backends").await?;
+    if remote.json {
+        println!("{list}");
+        return Ok(());
+    }
+    println!(
+        "{:<12}  {:<8}  {:<9}  {:<8}  {:>6}  {:>12}  {}",
+        "BACKEND", "STATE", "ADMIN", "VERSION", "JOBS", "VRAM FREE", "LAST ERROR"
+    );
+    for b in list["backends"].as_array().into_iter().flatten() {
+        let vram = b["vram_free"]
+            .as_i64()
+            .map(|v| format!("{:.1} GiB", v as f64 / 1073741824.0))
+            .unwrap_or("-".into());
+        println!(
+            "{:<12}  {:<8}  {:<9}  {:<8}  {:>6}  {:>12}  {}",
+            b["id"].as_str().unwrap_or(""),
+            b["state"].as_str().unwrap_or(""),
+            b["admin_state"]
+                .as_str()
+                .unwrap_or(if b["config_enabled"] == true {
+                    "enabled"
+                } else {
+                    "disabled"
+                }),
+            b["comfyui_version"].as_str().unwrap_or("-"),
+            b["active_jobs"],
+            vram,
+            b["last_error"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(m) = list["message"].as_str() {
+        println!("{m}");
+    }
+    Ok(())
+}
+
+/// Live progress bars until every watched job has ended. With no ids,
+/// watches the jobs queued or running now.
+pub async fn watch(remote: &Remote, ids: Vec<String>) -> anyhow::Result<()> {
+    let ids = if ids.is_empty() {
+        let page = remote
+            .get("/api/jobs?status=queued,assigned,running&limit=1000")
+            .await?;
+        page["jobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|j| j["job_id"].as_str().map(str::to_string))
+            .collect()
+    } else {
+        ids
+    };
+    if ids.is_empty() {
+        println!("nothing queued or running");
+        return Ok(());
+    }
+    // Subscribe first, then read the current state: nothing falls in between.
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for id in &ids {
+        query.append_pair("job_id", id);
+    }
+    let stream = remote
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/events?{}", query.finish()),
+        )
+        .send()
+        .await
+        .map_err(|e| anyhow!("cannot reach the orchestrator at {}: {e}", remote.url))?;
+    if !stream.status().is_success() {
+        let body: Value = stream.json().await.unwrap_or(Value::Null);
+        bail!(
+            "{}",
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("cannot follow events")
+        );
+    }
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:.bold} {bar:30} {pos:>3}/{len:3} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut bars: HashMap<String, ProgressBar> = HashMap::new();
+    let mut open: Vec<String> = Vec::new();
+    let mut finals: Map<String, Value> = Map::new();
+    for id in &ids {
+        let job = remote.get(&format!("/api/job/{id}")).await?;
+        let bar = multi.add(ProgressBar::new(1));
+        bar.set_style(style.clone());
+        bar.set_prefix(id.chars().take(8).collect::<String>());
+        let status = job["status"].as_str().unwrap_or("").to_string();
+        bar.set_message(status.clone());
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            finish_bar(&bar, &job);
+            finals.insert(id.clone(), json!(status));
+        } else {
+            open.push(id.clone());
+        }
+        bars.insert(id.clone(), bar);
+    }
+    let mut body = stream.bytes_stream();
+    let mut buf = String::new();
+    while !open.is_empty() {
+        let Some(chunk) = body.next().await else {
+            break;
+        };
+        let chunk = chunk.map_err(|e| anyhow!("the event stream broke: {e}"))?;
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else {
+                continue;
+            };
+            let Ok(ev) = serde_json::from_str::<Value>(data.trim()) else {
+                continue;
+            };
+            let Some(id) = ev["job_id"].as_str() else {
+                continue;
+            };
+            let Some(bar) = bars.get(id) else { continue };
+            let kind = ev["kind"].as_str().unwrap_or("");
+            if kind == "progress" {
+                let (v, m) = (ev["data"]["value"].as_f64(), ev["data"]["max"].as_f64());
+                if let (Some(v), Some(m)) = (v, m) {
+                    bar.set_length(m as u64);
+                    bar.set_position(v as u64);
+                }
+                bar.set_message(format!(
+                    "running, node {}",
+                    ev["data"]["node"].as_str().unwrap_or("?")
+                ));
+            } else if matches!(kind, "completed" | "failed" | "cancelled") {
+                let job = remote.get(&format!("/api/job/{id}")).await?;
+                finish_bar(bar, &job);
+                finals.insert(id.to_string(), json!(kind));
+                open.retain(|o| o != id);
+            } else if let Some(s) = ev["status"].as_str() {
+                bar.set_message(s.to_string());
+            }
+        }
+    }
+    if remote.json {
+        println!("{}", Value::Object(finals));
+    }
+    Ok(())
+}
+
+fn finish_bar(bar: &ProgressBar, job: &Value) {
+    let status = job["status"].as_str().unwrap_or("");
+    let msg = match job["error"]["message"].as_str() {
+        Some(e) if status != "completed" => format!("{status}: {e}"),
+        _ => format!(
+            "{status} ({} outputs)",
+            job["outputs"].as_array().map(|o| o.len()).unwrap_or(0)
+        ),
+    };
+    bar.set_length(1);
+    bar.set_position(1);
+    bar.finish_with_message(msg);
+}

@@ -1,0 +1,115 @@
+//! The command-line client against a real server.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(binary_path())
+        .args(args)
+        .args(["--url", url])
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_watch_status_jobs_cancel_and_backends_from_the_command_line() {
+    let sim = start_sim(600).await;
+    let app = spawn_farm(vec![backend("cli1", sim.port, &[], 1)]).await;
+    app.wait_backend("cli1", "online").await;
+
+    let (ok, out, err) = cli(
+        &app.url,
+        &[
+            "submit",
+            "--workflow",
+            "image_blur",
+            "-p",
+            "width=64",
+            "-p",
+            "height=32",
+            "-m",
+            "shot=sc01",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    let id = answer["job_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        app.job(&id).await["parameters"]["width"],
+        64,
+        "numbers are sent as numbers"
+    );
+
+    let (ok, out, err) = cli(&app.url, &["watch", &id, "--json"]).await;
+    assert!(ok, "{err}");
+    let finals: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(finals[&id], "completed");
+
+    let (ok, out, _) = cli(&app.url, &["status", &id]).await;
+    assert!(ok);
+    assert!(
+        out.contains("completed")
+            && out.contains("cli1")
+            && out.contains("orchestrator_00001_.png"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shot.json");
+    std::fs::write(
+        &file,
+        r#"{"workflow_id": "image_blur", "metadata": {"shot": "sc02"}}"#,
+    )
+    .unwrap();
+    let (ok, second, err) = cli(&app.url, &["submit", file.to_str().unwrap()]).await;
+    assert!(ok, "{err}");
+    let second = second.trim().to_string();
+    assert_eq!(second.len(), 36, "prints the job id: {second}");
+
+    let (ok, out, _) = cli(&app.url, &["jobs", "--meta", "shot=sc01"]).await;
+    assert!(ok);
+    assert!(out.lines().next().unwrap().starts_with("JOB"), "{out}");
+    assert!(out.contains(&id) && !out.contains(&second), "{out}");
+    let (ok, out, _) = cli(&app.url, &["jobs", "--status", "completed", "--json"]).await;
+    assert!(ok);
+    let page: Value = serde_json::from_str(&out).unwrap();
+    assert!(page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["job_id"] == id.as_str()));
+
+    // Server errors are shown as their sentence, with a non-zero exit code.
+    let (ok, _, err) = cli(&app.url, &["cancel", &id]).await;
+    assert!(!ok);
+    assert!(err.contains("is already completed"), "{err}");
+    let (ok, _, err) = cli(&app.url, &["submit", "--workflow", "nope"]).await;
+    assert!(!ok);
+    assert!(err.contains("unknown workflow `nope`"), "{err}");
+    let (ok, _, err) = cli("http://127.0.0.1:1", &["backends"]).await;
+    assert!(!ok);
+    assert!(err.contains("cannot reach the orchestrator"), "{err}");
+
+    let (ok, out, _) = cli(&app.url, &["backends"]).await;
+    assert!(ok);
+    assert!(
+        out.contains("cli1") && out.contains("online") && out.contains("0.3.64"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&app.url, &["cancel", &second, "--json"]).await;
+    assert!(ok, "{out}");
+    app.wait_status(&second, "cancelled").await;
+    let (ok, out, err) = cli(&app.url, &["retry", &second]).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("queued"), "{out}");
+}
