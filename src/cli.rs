@@ -231,8 +231,8 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<36}  {:<10}  {:<16}  {:<10}  {:<20}  {}",
-        "JOB", "STATUS", "WORKFLOW", "BACKEND", "SUBMITTED", "PROGRESS / ERROR"
+        "{:<36}  {:<10}  {:<16}  {:<10}  {:<20}  PROGRESS / ERROR",
+        "JOB", "STATUS", "WORKFLOW", "BACKEND", "SUBMITTED"
     );
     for j in page["jobs"].as_array().into_iter().flatten() {
         let detail = j["error"]["message"]
@@ -301,8 +301,8 @@ pub async fn backends(remote: &Remote) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<12}  {:<8}  {:<9}  {:<8}  {:>6}  {:>12}  {}",
-        "BACKEND", "STATE", "ADMIN", "VERSION", "JOBS", "VRAM FREE", "LAST ERROR"
+        "{:<12}  {:<8}  {:<9}  {:<8}  {:>6}  {:>12}  LAST ERROR",
+        "BACKEND", "STATE", "ADMIN", "VERSION", "JOBS", "VRAM FREE"
     );
     for b in list["backends"].as_array().into_iter().flatten() {
         let vram = b["vram_free"]
