@@ -37,6 +37,10 @@ pub struct Config {
     pub public_url: Option<String>,
     /// Webhook delivery.
     pub webhooks: WebhookConfig,
+    /// Access control.
+    pub auth: AuthConfig,
+    /// Cross-origin requests from browser tools.
+    pub cors: CorsConfig,
     /// Request limits.
     pub limits: Limits,
     /// SQLite settings.
@@ -49,6 +53,23 @@ pub struct Config {
     pub shutdown_timeout_s: u64,
     /// The ComfyUI servers of the farm.
     pub backends: Vec<BackendConfig>,
+}
+
+/// Access control for shared networks.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// When set, every route but `/api/health` needs this token (bearer
+    /// header, or the dashboard's login cookie).
+    pub token: Option<String>,
+}
+
+/// Cross-origin requests (off by default).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to call the API from a browser, like `http://storyboard.local:3000`.
+    pub origins: Vec<String>,
 }
 
 /// Webhook delivery (`callback_url` in a manifest).
@@ -206,6 +227,8 @@ impl Default for Config {
             inbox: InboxConfig::default(),
             public_url: None,
             webhooks: WebhookConfig::default(),
+            auth: AuthConfig::default(),
+            cors: CorsConfig::default(),
             limits: Limits::default(),
             database: DatabaseConfig::default(),
             dispatch: DispatchConfig::default(),
@@ -340,6 +363,24 @@ impl Config {
         }
         if self.dispatch.poll_interval_ms == 0 || self.monitor.poll_interval_ms == 0 {
             return invalid("monitor.poll_interval_ms", "intervals must be above 0");
+        }
+        if self
+            .auth
+            .token
+            .as_deref()
+            .is_some_and(|t| t.trim().len() < 8)
+        {
+            return invalid("auth.token", "must be at least 8 characters");
+        }
+        for (i, o) in self.cors.origins.iter().enumerate() {
+            if !(o.starts_with("http://") || o.starts_with("https://"))
+                || o.parse::<axum::http::HeaderValue>().is_err()
+            {
+                return invalid(
+                    &format!("cors.origins[{i}]"),
+                    "must be an origin like http://host:port",
+                );
+            }
         }
         if self.webhooks.max_attempts == 0 || self.webhooks.timeout_ms == 0 {
             return invalid(

@@ -66,6 +66,10 @@ impl Service {
     /// templates and mirrors the configured backends.
     pub async fn start(config: Config) -> anyhow::Result<Service> {
         let lock = DataLock::acquire(&config.data_dir)?;
+        let loopback = matches!(config.host.as_str(), "127.0.0.1" | "localhost" | "::1");
+        if !loopback && config.auth.token.is_none() {
+            tracing::warn!(host = %config.host, "listening beyond loopback with no auth.token: anyone on the network can submit and cancel jobs");
+        }
         crate::metrics::init();
         let store = Store::open(&config.database_path(), &config.database).await?;
         store

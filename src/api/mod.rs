@@ -7,6 +7,7 @@
 //! "field"?}}`, so clients need one error path.
 
 mod backends;
+mod dashboard;
 mod error;
 mod events;
 mod jobs;
@@ -43,6 +44,24 @@ pub struct AppState {
     pub farm: Farm,
 }
 
+/// CORS for browser tools on other origins: only the configured ones (none by default).
+fn cors(config: &Config) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<axum::http::HeaderValue> = config
+        .cors
+        .origins
+        .iter()
+        .filter_map(|o| o.parse().ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+        ])
+}
+
 /// Builds the whole router.
 pub fn app(state: AppState) -> Router {
     let limit = state.config.limits.max_body_bytes;
@@ -51,9 +70,15 @@ pub fn app(state: AppState) -> Router {
         .merge(system::router())
         .merge(backends::router())
         .merge(events::router())
+        .merge(dashboard::router())
         .merge(openapi::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            dashboard::require_token,
+        ))
+        .layer(cors(&state.config))
         .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())

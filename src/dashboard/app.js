@@ -1,0 +1,171 @@
+// The orchestrator dashboard: the queue and history, one job, the backends,
+// live from the server-sent event stream. No build step, no dependencies.
+"use strict";
+
+const main = document.getElementById("main");
+const STATUSES = ["queued", "assigned", "running", "completed", "failed", "cancelled"];
+const progress = {}; // job id -> {value, max, node}
+let refreshTimer = null;
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+}
+function badge(s) { return `<span class="badge s-${esc(s)}">${esc(s)}</span>`; }
+function time(t) { return t ? esc(t.replace("T", " ").slice(0, 19)) : "–"; }
+
+async function api(path, options) {
+  const r = await fetch(path, Object.assign({headers: {"Content-Type": "application/json"}}, options || {}));
+  const body = await r.json().catch(() => null);
+  if (!r.ok) throw new Error(body && body.error ? body.error.message : `HTTP ${r.status}`);
+  return body;
+}
+
+async function act(path, after) {
+  try { await api(path, {method: "POST", body: "{}"}); } catch (e) { alert(e.message); }
+  (after || render)();
+}
+
+function bar(id, job) {
+  const p = progress[id] || job.progress;
+  if (!p || p.max == null) return p && p.node ? `<span class="muted">node ${esc(p.node)}</span>` : "";
+  const pct = Math.min(100, Math.round(100 * p.value / Math.max(1, p.max)));
+  return `<span class="bar" title="node ${esc(p.node)} ${p.value}/${p.max}"><span style="width:${pct}%"></span></span> <span class="muted">${pct}%</span>`;
+}
+
+function actions(j, after) {
+  const b = [];
+  if (["queued", "assigned", "running"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/cancel">Cancel</button>`);
+  if (["failed", "cancelled"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/retry">Retry</button>`);
+  return b.join(" ");
+}
+
+function wireButtons(after) {
+  main.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = () => act(btn.dataset.act, after));
+}
+
+const filters = {status: "", workflow_id: "", backend: "", meta: ""};
+
+async function renderJobs() {
+  const q = new URLSearchParams({limit: "100"});
+  if (filters.status) q.set("status", filters.status);
+  if (filters.workflow_id) q.set("workflow_id", filters.workflow_id);
+  if (filters.backend) q.set("backend", filters.backend);
+  if (filters.meta.includes("=")) { const [k, ...v] = filters.meta.split("="); q.set("metadata." + k.trim(), v.join("=").trim()); }
+  let page, error = "";
+  try { page = await api("/api/jobs?" + q); } catch (e) { error = e.message; page = {jobs: []}; }
+  const rows = page.jobs.map(j => `<tr id="job-${esc(j.job_id)}" data-status="${esc(j.status)}">
+      <td class="mono"><a href="#/job/${esc(j.job_id)}">${esc(j.job_id.slice(0, 8))}</a></td>
+      <td>${badge(j.status)}</td>
+      <td>${esc(j.workflow_id || "(inline)")}</td>
+      <td>${esc(j.backend_id || "–")}</td>
+      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : (j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : "")}</td>
+      <td>${time(j.submitted_at)}</td>
+      <td>${actions(j)}</td></tr>`).join("");
+  main.innerHTML = `<h2>Jobs</h2>
+    <form class="filters" id="filters">
+      <select name="status"><option value="">any status</option>${STATUSES.map(s => `<option ${s === filters.status ? "selected" : ""}>${s}</option>`).join("")}</select>
+      <input name="workflow_id" placeholder="workflow" value="${esc(filters.workflow_id)}">
+      <input name="backend" placeholder="backend" value="${esc(filters.backend)}">
+      <input name="meta" placeholder="metadata key=value" value="${esc(filters.meta)}">
+      <button>Filter</button>
+    </form>
+    ${error ? `<div class="error">${esc(error)}</div>` : ""}
+    <table><thead><tr><th>Job</th><th>Status</th><th>Workflow</th><th>Backend</th><th>Progress / error</th><th>Submitted</th><th></th></tr></thead>
+    <tbody>${rows || `<tr><td colspan="7" class="muted">No jobs.</td></tr>`}</tbody></table>`;
+  document.getElementById("filters").onsubmit = ev => {
+    ev.preventDefault();
+    const f = new FormData(ev.target);
+    for (const k of Object.keys(filters)) filters[k] = f.get(k) || "";
+    renderJobs();
+  };
+  wireButtons(renderJobs);
+}
+
+async function renderJob(id) {
+  let j, events;
+  try {
+    j = await api(`/api/job/${encodeURIComponent(id)}`);
+    events = (await api(`/api/job/${encodeURIComponent(id)}/events`)).events.filter(e => e.kind !== "progress");
+  } catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  const outputs = j.outputs.map(o => {
+    const url = `/api/job/${esc(j.job_id)}/outputs/${encodeURIComponent(o.name)}`;
+    return o.content_type.startsWith("image/")
+      ? `<a href="${url}" target="_blank"><img src="${url}" alt="${esc(o.name)}"></a>`
+      : `<a href="${url}">${esc(o.name)}</a> `;
+  }).join("");
+  const leases = j.leases.map(l => `<tr><td>${l.attempt}</td><td>${esc(l.backend_id)}</td><td class="mono">${esc(l.prompt_id)}</td>
+      <td>${time(l.leased_at)}</td><td>${l.outcome ? badge(l.outcome) : "<span class=muted>current</span>"}</td><td>${esc(l.error ? l.error.message : "")}</td></tr>`).join("");
+  const evs = events.map(e => `<tr><td>${time(e.at)}</td><td>${esc(e.kind)}</td><td>${e.status ? badge(e.status) : ""}</td><td>${esc(e.message || "")}</td></tr>`).join("");
+  main.innerHTML = `<h2>Job <span class="mono">${esc(j.job_id)}</span> ${badge(j.status)} ${actions(j)}</h2>
+    <div class="grid">
+      <span class="muted">Workflow</span><span>${esc(j.workflow_id || "(inline graph)")}</span>
+      <span class="muted">Backend</span><span>${esc(j.backend_id || "–")}</span>
+      <span class="muted">Attempts</span><span>${j.attempts} of ${j.max_attempts}</span>
+      <span class="muted">Priority</span><span>${j.priority}</span>
+      <span class="muted">Submitted</span><span>${time(j.submitted_at)}</span>
+      <span class="muted">Finished</span><span>${time(j.finished_at)}</span>
+      <span class="muted">Progress</span><span id="job-progress">${j.status === "running" ? bar(j.job_id, j) : "–"}</span>
+    </div>
+    ${j.error ? `<div class="error"><strong>Error</strong>\n${esc(j.error.message)}${j.error.traceback ? "\n\n" + esc([].concat(j.error.traceback).join("")) : ""}</div>` : ""}
+    ${outputs ? `<section><h2>Outputs</h2><div class="outputs">${outputs}</div></section>` : ""}
+    <section><h2>Parameters</h2><pre>${esc(JSON.stringify(j.parameters, null, 2))}</pre>
+      <h2>Metadata</h2><pre>${esc(JSON.stringify(j.metadata, null, 2))}</pre></section>
+    <section><h2>Attempts</h2><table><thead><tr><th>Attempt</th><th>Backend</th><th>Prompt id</th><th>Leased</th><th>Outcome</th><th>Error</th></tr></thead><tbody>${leases || `<tr><td colspan="6" class="muted">Not leased yet.</td></tr>`}</tbody></table></section>
+    <section><h2>Events</h2><table><thead><tr><th>At</th><th>Event</th><th>Status</th><th>Message</th></tr></thead><tbody>${evs}</tbody></table></section>`;
+  wireButtons(() => renderJob(id));
+}
+
+async function renderBackends() {
+  let list;
+  try { list = await api("/api/backends"); } catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  const gib = v => v == null ? "–" : (v / 1073741824).toFixed(1) + " GiB";
+  const rows = list.backends.map(b => `<tr id="backend-${esc(b.id)}">
+      <td><strong>${esc(b.name)}</strong><div class="muted mono">${esc(b.id)} · ${esc(b.host)}:${b.port}</div></td>
+      <td>${badge(b.state)}</td>
+      <td>${esc(b.admin_state || (b.config_enabled ? "enabled" : "disabled"))}${b.accepting_jobs ? "" : ' <span class="muted">(no new jobs)</span>'}</td>
+      <td>${esc(b.comfyui_version || "–")}</td>
+      <td>${gib(b.vram_free)} / ${gib(b.vram_total)}</td>
+      <td>${b.active_jobs} / ${b.max_inflight}</td>
+      <td>${esc((b.tags || []).join(", "))}</td>
+      <td class="muted">${esc(b.last_error || "")}</td>
+      <td><button data-act="/api/backends/${esc(b.id)}/enable">Enable</button> <button data-act="/api/backends/${esc(b.id)}/drain">Drain</button> <button data-act="/api/backends/${esc(b.id)}/disable">Disable</button></td></tr>`).join("");
+  main.innerHTML = `<h2>Backends</h2>${list.message ? `<p class="muted">${esc(list.message)}</p>` : ""}
+    <table><thead><tr><th>Backend</th><th>State</th><th>Admin</th><th>ComfyUI</th><th>VRAM free</th><th>Jobs</th><th>Tags</th><th>Last error</th><th></th></tr></thead>
+    <tbody>${rows}</tbody></table>`;
+  wireButtons(renderBackends);
+}
+
+function route() {
+  const h = location.hash || "#/";
+  document.getElementById("nav-jobs").classList.toggle("active", !h.startsWith("#/backends"));
+  document.getElementById("nav-backends").classList.toggle("active", h.startsWith("#/backends"));
+  if (h.startsWith("#/job/")) return () => renderJob(decodeURIComponent(h.slice(6)));
+  if (h.startsWith("#/backends")) return renderBackends;
+  return renderJobs;
+}
+function render() { return route()(); }
+
+// Live updates: progress bars move in place; state changes re-render (at most a few times a second).
+function connect() {
+  const live = document.getElementById("live");
+  const es = new EventSource("/api/events");
+  es.onopen = () => { live.className = "live on"; };
+  es.onerror = () => { live.className = "live off"; };
+  es.onmessage = () => {};
+  const onEvent = ev => {
+    const e = JSON.parse(ev.data);
+    if (e.kind === "progress" && e.job_id) {
+      progress[e.job_id] = e.data;
+      const cell = document.querySelector(`#job-${CSS.escape(e.job_id)} td.progress`) || (location.hash === "#/job/" + e.job_id && document.getElementById("job-progress"));
+      if (cell) { cell.innerHTML = bar(e.job_id, {}); return; }
+    }
+    if (refreshTimer) return;
+    refreshTimer = setTimeout(() => { refreshTimer = null; render(); }, 250);
+  };
+  ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
+   "requeued", "cancel_requested", "cancelled", "retried", "backend_online", "backend_offline"].forEach(k => es.addEventListener(k, onEvent));
+}
+
+window.addEventListener("hashchange", render);
+render();
+connect();
