@@ -1,0 +1,272 @@
+//! The dashboard in a real headless browser (Debian's `chromium`, driven over
+//! the DevTools protocol): it loads with no console errors, a submitted job
+//! appears and reaches `completed` on screen through the live updates, and a
+//! screenshot of each page is taken (kept under docs/screenshots/ when
+//! UPDATE_SCREENSHOTS=1).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Browser {
+    child: tokio::process::Child,
+    ws: Ws,
+    next: u64,
+    errors: Vec<String>,
+    _profile: tempfile::TempDir,
+}
+
+fn chromium() -> Option<PathBuf> {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+impl Browser {
+    async fn launch(exe: PathBuf) -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new(exe)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1280,800",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromium starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let browser_ws = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                    return url.trim().to_string();
+                }
+            }
+            panic!("chromium exited without a DevTools address");
+        })
+        .await
+        .expect("DevTools within 30 s");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // One page target, driven over its own socket.
+        let http = browser_ws.replace("ws://", "http://");
+        let base = &http[..http.find("/devtools").unwrap()];
+        let target: Value = reqwest::Client::new()
+            .put(format!("{base}/json/new?about:blank"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let (ws, _) =
+            tokio_tungstenite::connect_async(target["webSocketDebuggerUrl"].as_str().unwrap())
+                .await
+                .unwrap();
+        let mut b = Browser {
+            child,
+            ws,
+            next: 0,
+            errors: Vec::new(),
+            _profile: profile,
+        };
+        for m in ["Runtime.enable", "Log.enable", "Page.enable"] {
+            b.call(m, json!({})).await;
+        }
+        b
+    }
+
+    /// Sends one command and returns its result, noting console errors on the way.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        self.ws
+            .send(Message::Text(
+                json!({"id": id, "method": method, "params": params})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
+                .await
+                .expect("DevTools answers")
+                .unwrap()
+                .unwrap();
+            let Message::Text(t) = msg else { continue };
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            match v["method"].as_str() {
+                Some("Runtime.consoleAPICalled") if v["params"]["type"] == "error" => {
+                    self.errors.push(v["params"]["args"].to_string())
+                }
+                Some("Runtime.exceptionThrown") => self
+                    .errors
+                    .push(v["params"]["exceptionDetails"].to_string()),
+                Some("Log.entryAdded") if v["params"]["entry"]["level"] == "error" => {
+                    self.errors.push(v["params"]["entry"]["text"].to_string())
+                }
+                _ => {}
+            }
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    async fn eval(&mut self, expression: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expression, "returnByValue": true}),
+            )
+            .await;
+        r["result"]["value"].clone()
+    }
+
+    async fn wait_for(&mut self, what: &str, expression: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.eval(expression).await;
+            if !v.is_null() && v != json!(false) && v != json!("") {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "the page never showed {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn goto(&mut self, url: &str) {
+        self.call("Page.navigate", json!({"url": url})).await;
+    }
+
+    async fn screenshot(&mut self, name: &str, dir: &std::path::Path) {
+        let r = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(&png[..4], b"\x89PNG");
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(name), png).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors() {
+    let Some(exe) = chromium() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must have chromium (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: no chromium on this machine (apt-get install chromium)");
+        return;
+    };
+    let sim = start_sim(2_500).await;
+    let app = spawn_farm(vec![backend("gpu-box-1", sim.port, &["sdxl"], 2)]).await;
+    app.wait_backend("gpu-box-1", "online").await;
+    let mut b = Browser::launch(exe).await;
+    b.goto(&format!("{}/#/", app.url)).await;
+    b.wait_for(
+        "the jobs table",
+        "document.querySelector('table') !== null && document.getElementById('live').className",
+    )
+    .await;
+    b.wait_for(
+        "the live stream",
+        "document.getElementById('live').classList.contains('on')",
+    )
+    .await;
+
+    // A job submitted now appears, runs with a progress bar, and completes, without a reload.
+    let id = app.submit_blur(json!({"parameters": {"width": 256, "height": 256, "color": 3355647}, "metadata": {"shot": "sc01_sh010"}})).await;
+    let row = format!("document.getElementById('job-{id}')");
+    b.wait_for("the new job", &format!("{row} !== null")).await;
+    b.wait_for(
+        "its progress bar",
+        &format!("{row} && {row}.querySelector('.bar') !== null"),
+    )
+    .await;
+    let shots = match std::env::var("UPDATE_SCREENSHOTS") {
+        Ok(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots"),
+        Err(_) => tempfile::tempdir().unwrap().keep(),
+    };
+    b.wait_for(
+        "completed",
+        &format!("{row} && {row}.dataset.status === 'completed'"),
+    )
+    .await;
+    let text = b.eval(&format!("{row}.innerText")).await;
+    assert!(text.as_str().unwrap().contains("completed"), "{text}");
+    // A second job running, for the screenshot.
+    let running = app
+        .submit_blur(json!({"parameters": {"color": 16744448}}))
+        .await;
+    b.wait_for(
+        "a running job",
+        &format!("document.querySelector('#job-{running} .bar') !== null"),
+    )
+    .await;
+    b.screenshot("jobs.png", &shots).await;
+
+    // The job page: parameters, attempts, events, the output image.
+    b.goto(&format!("{}/#/job/{id}", app.url)).await;
+    b.wait_for("the output image", "(() => { const i = document.querySelector('.outputs img'); return i && i.complete && i.naturalWidth > 0; })()").await;
+    let page = b.eval("document.body.innerText").await;
+    let page = page.as_str().unwrap();
+    assert!(
+        page.contains("gpu-box-1")
+            && page.contains("submitted_to_backend")
+            && page.contains("blur_radius"),
+        "{page}"
+    );
+    b.screenshot("job.png", &shots).await;
+
+    // The backends page, and its drain button.
+    b.goto(&format!("{}/#/backends", app.url)).await;
+    b.wait_for(
+        "the backend row",
+        "document.getElementById('backend-gpu-box-1') !== null",
+    )
+    .await;
+    b.screenshot("backends.png", &shots).await;
+    b.eval("document.querySelector('#backend-gpu-box-1 button[data-act$=\"/drain\"]').click()")
+        .await;
+    poll("drain from the page", || async {
+        let (_, b) = app.get("/api/backends/gpu-box-1").await;
+        (b["admin_state"] == "draining").then_some(())
+    })
+    .await;
+    b.wait_for(
+        "the drained state on screen",
+        "document.getElementById('backend-gpu-box-1').innerText.includes('draining')",
+    )
+    .await;
+
+    assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
+    let _ = b.child.kill().await;
+}
