@@ -253,6 +253,13 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
         "document.getElementById('backend-gpu-box-1') !== null",
     )
     .await;
+    // What the backend runs now is listed on its row.
+    let on_row = format!(
+        "document.getElementById('backend-gpu-box-1').innerHTML.includes('{}')",
+        &running[..8]
+    );
+    b.wait_for("the running job on the backend's row", &on_row)
+        .await;
     b.screenshot("backends.png", &shots).await;
     b.eval("document.querySelector('#backend-gpu-box-1 button[data-act$=\"/drain\"]').click()")
         .await;

@@ -116,8 +116,13 @@ async function renderJob(id) {
 }
 
 async function renderBackends() {
-  let list;
-  try { list = await api("/api/backends"); } catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  let list, active;
+  try {
+    list = await api("/api/backends");
+    active = (await api("/api/jobs?status=assigned,running&limit=1000")).jobs;
+  } catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  const runs = id => active.filter(j => j.backend_id === id)
+    .map(j => `<div><a class="mono" href="#/job/${esc(j.job_id)}">${esc(j.job_id.slice(0, 8))}</a> ${badge(j.status)} ${j.status === "running" ? bar(j.job_id, j) : ""}</div>`).join("");
   const gib = v => v == null ? "–" : (v / 1073741824).toFixed(1) + " GiB";
   const rows = list.backends.map(b => `<tr id="backend-${esc(b.id)}">
       <td><strong>${esc(b.name)}</strong><div class="muted mono">${esc(b.id)} · ${esc(b.host)}:${b.port}</div></td>
@@ -125,7 +130,7 @@ async function renderBackends() {
       <td>${esc(b.admin_state || (b.config_enabled ? "enabled" : "disabled"))}${b.accepting_jobs ? "" : ' <span class="muted">(no new jobs)</span>'}</td>
       <td>${esc(b.comfyui_version || "–")}</td>
       <td>${gib(b.vram_free)} / ${gib(b.vram_total)}</td>
-      <td>${b.active_jobs} / ${b.max_inflight}</td>
+      <td>${b.active_jobs} / ${b.max_inflight}${runs(b.id)}</td>
       <td>${esc((b.tags || []).join(", "))}</td>
       <td class="muted">${esc(b.last_error || "")}</td>
       <td><button data-act="/api/backends/${esc(b.id)}/enable">Enable</button> <button data-act="/api/backends/${esc(b.id)}/drain">Drain</button> <button data-act="/api/backends/${esc(b.id)}/disable">Disable</button></td></tr>`).join("");
