@@ -259,27 +259,10 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cancels a job.
-pub async fn cancel(remote: &Remote, id: &str) -> anyhow::Result<()> {
+/// Cancels a job (`action` "cancel") or queues it again ("retry").
+pub async fn job_action(remote: &Remote, id: &str, action: &str) -> anyhow::Result<()> {
     let answer = remote
-        .post(&format!("/api/job/{id}/cancel"), json!({}))
-        .await?;
-    if remote.json {
-        println!("{answer}");
-    } else {
-        println!(
-            "{}: {}",
-            answer["status"].as_str().unwrap_or(""),
-            answer["message"].as_str().unwrap_or("")
-        );
-    }
-    Ok(())
-}
-
-/// Queues a failed or cancelled job again.
-pub async fn retry(remote: &Remote, id: &str) -> anyhow::Result<()> {
-    let answer = remote
-        .post(&format!("/api/job/{id}/retry"), json!({}))
+        .post(&format!("/api/job/{id}/{action}"), json!({}))
         .await?;
     if remote.json {
         println!("{answer}");

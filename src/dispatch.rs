@@ -438,12 +438,7 @@ impl Worker {
             }
             Report::Done(pid) => {
                 if let Some(t) = self.tracked.remove(&pid) {
-                    self.shared
-                        .progress
-                        .lock()
-                        .expect("progress")
-                        .remove(&t.job_id);
-                    self.progress.remove(&t.job_id);
+                    self.forget_progress(&t.job_id);
                 }
             }
             Report::Release(pid) => {
@@ -708,24 +703,33 @@ impl Worker {
                         format!("backend {} never received prompt {}", self.id, a.prompt_id)
                     };
                     tracing::warn!(job_id = %a.job_id, backend_id = %self.id, "{reason}; queued again");
-                    let _ = self
-                        .shared
-                        .store
-                        .requeue_lost(&a.job_id, a.token, reason, false)
-                        .await;
-                    self.tracked.remove(&a.prompt_id);
-                    self.shared
-                        .progress
-                        .lock()
-                        .expect("progress")
-                        .remove(&a.job_id);
-                    self.progress.remove(&a.job_id);
+                    self.give_back(&a, reason, false).await;
                 }
                 Err(e) => {
                     tracing::debug!(backend_id = %self.id, error = %e, "reconcile: /history failed")
                 }
             }
         }
+    }
+
+    /// Queues a job this backend lost again (no attempt burnt) and stops following it.
+    async fn give_back(&mut self, a: &ActiveJob, reason: String, cleanup: bool) {
+        let _ = self
+            .shared
+            .store
+            .requeue_lost(&a.job_id, a.token, reason, cleanup)
+            .await;
+        self.tracked.remove(&a.prompt_id);
+        self.forget_progress(&a.job_id);
+    }
+
+    fn forget_progress(&mut self, job_id: &str) {
+        self.shared
+            .progress
+            .lock()
+            .expect("progress")
+            .remove(job_id);
+        self.progress.remove(job_id);
     }
 
     fn start_cancel(&mut self, a: &ActiveJob) {
@@ -768,18 +772,7 @@ impl Worker {
                 .await;
             let _ = self.client.interrupt(&a.prompt_id).await;
             tracing::warn!(job_id = %a.job_id, backend_id = %self.id, "{reason}; job queued again");
-            let _ = self
-                .shared
-                .store
-                .requeue_lost(&a.job_id, a.token, reason.to_string(), true)
-                .await;
-            self.tracked.remove(&a.prompt_id);
-            self.shared
-                .progress
-                .lock()
-                .expect("progress")
-                .remove(&a.job_id);
-            self.progress.remove(&a.job_id);
+            self.give_back(&a, reason.to_string(), true).await;
         }
         self.shared.wake.send_modify(|n| *n += 1);
     }

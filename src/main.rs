@@ -376,9 +376,11 @@ fn main() -> ExitCode {
             }
             Command::Watch { ids, remote } => orchestrator::cli::watch(&remote.remote(), ids).await,
             Command::Cancel { id, remote } => {
-                orchestrator::cli::cancel(&remote.remote(), &id).await
+                orchestrator::cli::job_action(&remote.remote(), &id, "cancel").await
             }
-            Command::Retry { id, remote } => orchestrator::cli::retry(&remote.remote(), &id).await,
+            Command::Retry { id, remote } => {
+                orchestrator::cli::job_action(&remote.remote(), &id, "retry").await
+            }
             Command::Backends { remote } => orchestrator::cli::backends(&remote.remote()).await,
         }
     });

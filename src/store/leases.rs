@@ -306,6 +306,37 @@ async fn finish_lease(
     Ok(())
 }
 
+/// Back to the queue without burning the attempt (the backend lost it).
+async fn requeue(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    backend: Option<&str>,
+    attempt: Option<i64>,
+    message: String,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE jobs SET status = 'queued', backend_id = NULL, prompt_id = NULL, lease_token = NULL, \
+         attempts = attempts - 1, progress = NULL, updated_at = ? WHERE id = ?",
+    )
+    .bind(fmt_time(Utc::now()))
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    append_event(
+        conn,
+        job_id,
+        EventInput {
+            kind: "requeued",
+            status: Some(status::QUEUED),
+            backend_id: backend,
+            attempt,
+            message: Some(message),
+            data: None,
+        },
+    )
+    .await
+}
+
 /// Why no enabled backend can run a job, or `None` if one can.
 async fn unrunnable_reason(
     conn: &mut SqliteConnection,
@@ -648,25 +679,12 @@ impl Store {
                         .await?;
                         return Ok(true);
                     }
-                    sqlx::query(
-                        "UPDATE jobs SET status = 'queued', backend_id = NULL, prompt_id = NULL, lease_token = NULL, \
-                         attempts = attempts - 1, progress = NULL, updated_at = ? WHERE id = ?",
-                    )
-                    .bind(fmt_time(Utc::now()))
-                    .bind(&job_id)
-                    .execute(&mut *conn)
-                    .await?;
-                    append_event(
+                    requeue(
                         conn,
                         &job_id,
-                        EventInput {
-                            kind: "requeued",
-                            status: Some(status::QUEUED),
-                            backend_id: Some(&backend),
-                            attempt: Some(attempt),
-                            message: Some(format!("taken back from backend {backend}: {reason}; the attempt does not count")),
-                            data: None,
-                        },
+                        Some(&backend),
+                        Some(attempt),
+                        format!("taken back from backend {backend}: {reason}; the attempt does not count"),
                     )
                     .await?;
                     Ok(true)
@@ -904,29 +922,11 @@ impl Store {
                         .bind(&id)
                         .execute(&mut *conn)
                         .await?;
-                        sqlx::query(
-                            "UPDATE jobs SET status = 'queued', backend_id = NULL, prompt_id = NULL, lease_token = NULL, \
-                             attempts = attempts - 1, updated_at = ? WHERE id = ?",
-                        )
-                        .bind(fmt_time(Utc::now()))
-                        .bind(&id)
-                        .execute(&mut *conn)
-                        .await?;
-                        append_event(
-                            conn,
-                            &id,
-                            EventInput {
-                                kind: "requeued",
-                                status: Some(status::QUEUED),
-                                backend_id: backend.as_deref(),
-                                message: Some(format!(
-                                    "backend {} is no longer in the config; queued again",
-                                    backend.as_deref().unwrap_or("?")
-                                )),
-                                ..Default::default()
-                            },
-                        )
-                        .await?;
+                        let message = format!(
+                            "backend {} is no longer in the config; queued again",
+                            backend.as_deref().unwrap_or("?")
+                        );
+                        requeue(conn, &id, backend.as_deref(), None, message).await?;
                     }
                     Ok(rows.len() as u64)
                 })
