@@ -50,9 +50,15 @@ enum Report {
     Submitted(String),
     /// The prompt is dealt with: completed, failed, requeued or cancelled.
     Done(String),
-    /// Could not finish now (backend unreachable mid-way): reconcile later.
-    Release(String),
+    /// Could not finish now (backend unreachable mid-way, outputs not
+    /// collected): try again at the next reconcile. Carries the reason.
+    Release(String, String),
+    /// A submit got no answer: ask the backend at once whether it has the prompt.
+    Doubt(String),
 }
+
+/// Failed tries to collect a finished prompt before its attempt fails.
+const FINISH_TRIES: u32 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
@@ -165,6 +171,8 @@ impl Farm {
                 reports: mpsc::unbounded_channel(),
                 progress: HashMap::new(),
                 running: None,
+                reconcile_soon: false,
+                finish_failures: HashMap::new(),
             };
             let handle = tokio::spawn(worker.run(rx));
             let mut tasks = shared.tasks.lock().expect("tasks");
@@ -249,6 +257,10 @@ struct Worker {
     progress: HashMap<String, ProgressState>,
     /// The prompt running on the backend now: previews belong to it.
     running: Option<String>,
+    /// Something is in doubt (a submit without answer): ask the backend now.
+    reconcile_soon: bool,
+    /// Failed tries to collect each finished prompt.
+    finish_failures: HashMap<String, u32>,
 }
 
 impl Worker {
@@ -302,6 +314,11 @@ impl Worker {
                         continue;
                     }
                 }
+            }
+            if self.reconcile_soon {
+                self.reconcile_soon = false;
+                self.reconcile().await;
+                dirty = true;
             }
             if dirty {
                 self.fill().await;
@@ -403,14 +420,14 @@ impl Worker {
                     let _ = ctx.reports.send(if recorded {
                         Report::Done(pid)
                     } else {
-                        Report::Release(pid)
+                        Report::Doubt(pid)
                     });
                     return;
                 }
                 Err(e) => {
                     // Did the backend get it? Only the backend can say: reconcile asks it.
                     tracing::warn!(job_id = %lease.job_id, backend_id = %ctx.backend_id, error = %e, "submit failed; the backend will be asked whether it has the prompt");
-                    let _ = ctx.reports.send(Report::Release(pid));
+                    let _ = ctx.reports.send(Report::Doubt(pid));
                     return;
                 }
             }
@@ -437,16 +454,59 @@ impl Worker {
                 }
             }
             Report::Done(pid) => {
+                self.finish_failures.remove(&pid);
                 if let Some(t) = self.tracked.remove(&pid) {
                     self.forget_progress(&t.job_id);
                 }
             }
-            Report::Release(pid) => {
+            Report::Release(pid, why) => {
+                let tries = {
+                    let n = self.finish_failures.entry(pid.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                let Some(t) = self.tracked.get_mut(&pid) else {
+                    return;
+                };
+                if tries < FINISH_TRIES {
+                    // Left for the next reconcile (a few seconds): the backend may be back by then.
+                    t.phase = Phase::Running;
+                    return;
+                }
+                // The backend keeps the prompt but its outputs cannot be had: fail the attempt.
+                t.phase = Phase::Finishing;
+                self.finish_failures.remove(&pid);
+                let (job_id, token) = (t.job_id.clone(), t.token);
+                let ctx = self.ctx();
+                tokio::spawn(async move {
+                    let attempt = ctx
+                        .shared
+                        .store
+                        .lease_of(&job_id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|a| a.attempt)
+                        .unwrap_or(1);
+                    let error = json!({
+                        "message": format!("backend {}: the prompt finished but its outputs could not be collected after {FINISH_TRIES} tries: {why}", ctx.backend_id),
+                        "backend_id": ctx.backend_id,
+                        "attempt": attempt,
+                    });
+                    let report = if ctx.fail(&job_id, token, attempt, false, error).await {
+                        Report::Done(pid)
+                    } else {
+                        Report::Doubt(pid)
+                    };
+                    let _ = ctx.reports.send(report);
+                });
+            }
+            Report::Doubt(pid) => {
                 if let Some(t) = self.tracked.get_mut(&pid) {
                     t.phase = Phase::Submitted;
                 }
-                // Ask the backend soon rather than at the next safety-net round.
-                self.shared.wake.send_modify(|n| *n += 1);
+                // Ask the backend now rather than at the next safety-net round.
+                self.reconcile_soon = true;
             }
         }
     }
@@ -849,7 +909,7 @@ impl Ctx {
             Ok(()) => Report::Done(pid.to_string()),
             Err(e) => {
                 tracing::warn!(job_id, backend_id = %self.backend_id, error = %e, "cannot finish the job now; will ask the backend again");
-                Report::Release(pid.to_string())
+                Report::Release(pid.to_string(), e)
             }
         };
         let _ = self.reports.send(report);

@@ -56,6 +56,9 @@ pub struct SimConfig {
     /// Delay of `/view` answers: lets crash tests stop the orchestrator
     /// while it collects outputs.
     pub view_delay_ms: u64,
+    /// `/view` answers `500` (a backend whose output disk is gone): lets
+    /// tests check that uncollectable outputs end the attempt.
+    pub view_fails: bool,
 }
 
 impl Default for SimConfig {
@@ -67,6 +70,7 @@ impl Default for SimConfig {
             version: "0.3.64".into(),
             prompt_delay_ms: 0,
             view_delay_ms: 0,
+            view_fails: false,
         }
     }
 }
@@ -800,6 +804,9 @@ async fn view(State(sim): State<S>, Query(q): Query<ViewQuery>) -> Response {
         return StatusCode::FORBIDDEN.into_response();
     }
     let file_type = q.file_type.unwrap_or_else(|| "output".into());
+    if sim.config.view_fails {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
     if sim.config.view_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(sim.config.view_delay_ms)).await;
     }

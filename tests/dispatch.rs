@@ -630,3 +630,21 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
     );
     assert!(after.contains("orchestrator_http_request_duration_seconds_bucket"));
 }
+
+#[tokio::test]
+async fn outputs_that_cannot_be_collected_end_the_attempt_after_a_few_tries() {
+    let broken = start_sim_with(orchestrator::simulator::SimConfig {
+        job_ms: 0,
+        view_fails: true,
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm(vec![backend("broken", broken.port, &[], 1)]).await;
+    app.wait_backend("broken", "online").await;
+    let id = submit(&app, blur(json!({"max_attempts": 1}))).await;
+    let job = app.wait_status(&id, "failed").await;
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("outputs could not be collected after 5 tries"), "{message}");
+    assert!(message.contains("HTTP 500"), "{message}");
+    assert_eq!(job["outputs"], json!([]));
+}
