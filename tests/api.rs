@@ -680,3 +680,43 @@ async fn metadata_of_every_json_type_can_be_filtered_on() {
     let (_, v) = app.get("/api/jobs?metadata.final=false").await;
     assert_eq!(v["jobs"], json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_with_one_idempotency_key_make_one_job() {
+    let app = spawn_app().await;
+    let manifest = json!({"workflow_id": "image_blur", "idempotency_key": "burst-1"});
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (client, url, m) = (app.client.clone(), app.url.clone(), manifest.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client.post(format!("{url}/api/job")).json(&m).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut created = 0;
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert!(status == 201 || status == 200, "{status} {body}");
+        created += (status == 201) as usize;
+        ids.insert(body["job_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(job_count(&app).await, 1);
+    // Different manifests under one key in the same burst: one wins, the others conflict.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (client, url) = (app.client.clone(), app.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let m = json!({"workflow_id": "image_blur", "idempotency_key": "burst-2", "metadata": {"i": i}});
+            client.post(format!("{url}/api/job")).json(&m).send().await.unwrap().status().as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 9, "{statuses:?}");
+}

@@ -644,7 +644,10 @@ async fn outputs_that_cannot_be_collected_end_the_attempt_after_a_few_tries() {
     let id = submit(&app, blur(json!({"max_attempts": 1}))).await;
     let job = app.wait_status(&id, "failed").await;
     let message = job["error"]["message"].as_str().unwrap();
-    assert!(message.contains("outputs could not be collected after 5 tries"), "{message}");
+    assert!(
+        message.contains("outputs could not be collected after 5 tries"),
+        "{message}"
+    );
     assert!(message.contains("HTTP 500"), "{message}");
     assert_eq!(job["outputs"], json!([]));
 }

@@ -1,5 +1,6 @@
 //! Jobs: submission, lookup, history and the events of each job.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -340,11 +341,12 @@ impl Store {
     /// Stores a job durably (or finds the earlier one with the same
     /// idempotency key). Returns once the commit is on disk.
     pub async fn submit(&self, job: NewJob) -> Result<SubmitOutcome, StoreError> {
-        let clock = self.clock.clone();
-        // One INSERT (plus a read): atomic without a savepoint.
-        self.writer()
-            .write_single(move |conn| Box::pin(async move { insert_job(conn, job, &clock).await }))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submissions
+            .send((job, tx))
             .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// One job, with its manifest and graph.
@@ -511,63 +513,120 @@ fn list_query(
     q
 }
 
-async fn insert_job(
-    conn: &mut SqliteConnection,
-    job: NewJob,
+/// Stores a batch of submissions in one write (one INSERT, plus a read:
+/// atomic without a savepoint).
+pub(crate) async fn store_batch(
+    writer: &super::writer::Writer,
     clock: &SubmitClock,
-) -> Result<SubmitOutcome, StoreError> {
-    if let Some(key) = &job.idempotency_key {
-        let existing = sqlx::query(
-            "SELECT id, status, submitted_at, manifest_hash FROM jobs WHERE idempotency_key = ?",
-        )
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(row) = existing {
-            let hash: String = row.try_get("manifest_hash")?;
-            let id: String = row.try_get("id")?;
-            if hash != job.manifest_hash {
-                return Err(StoreError::Conflict(format!(
-                    "idempotency_key `{key}` was already used by job {id} with a different manifest"
-                )));
-            }
-            return Ok(SubmitOutcome::Existing(JobSummary {
-                id,
+    jobs: Vec<NewJob>,
+) -> Result<Vec<Result<SubmitOutcome, StoreError>>, StoreError> {
+    let clock = clock.clone();
+    writer
+        .write_single(move |conn| Box::pin(async move { insert_jobs(conn, jobs, &clock).await }))
+        .await
+}
+
+/// Stores a batch of submissions with one multi-row INSERT (plus one read
+/// for their idempotency keys), in submission order. Each gets its own
+/// outcome: created, the earlier job with the same key, or a conflict.
+async fn insert_jobs(
+    conn: &mut SqliteConnection,
+    jobs: Vec<NewJob>,
+    clock: &SubmitClock,
+) -> Result<Vec<Result<SubmitOutcome, StoreError>>, StoreError> {
+    // Earlier jobs holding any of these keys.
+    let keys: Vec<&String> = jobs
+        .iter()
+        .filter_map(|j| j.idempotency_key.as_ref())
+        .collect();
+    let mut known: HashMap<String, (String, JobSummary)> = HashMap::new();
+    if !keys.is_empty() {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT id, status, submitted_at, manifest_hash, idempotency_key FROM jobs WHERE idempotency_key IN (",
+        );
+        let mut sep = q.separated(", ");
+        for k in &keys {
+            sep.push_bind((*k).clone());
+        }
+        q.push(")");
+        for row in q.build().fetch_all(&mut *conn).await? {
+            let summary = JobSummary {
+                id: row.try_get("id")?,
                 status: row.try_get("status")?,
                 submitted_at: time_col(&row, "submitted_at")?.unwrap_or_default(),
-            }));
+            };
+            known.insert(
+                row.try_get("idempotency_key")?,
+                (row.try_get("manifest_hash")?, summary),
+            );
         }
     }
-    let now = clock.next();
-    let now_s = fmt_time(now);
-    let metadata = Value::Object(job.metadata.clone());
-    sqlx::query(
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut rows: Vec<(NewJob, DateTime<Utc>)> = Vec::new();
+    for job in jobs {
+        if let Some(key) = &job.idempotency_key {
+            if let Some((hash, summary)) = known.get(key) {
+                outcomes.push(if *hash == job.manifest_hash {
+                    Ok(SubmitOutcome::Existing(summary.clone()))
+                } else {
+                    Err(StoreError::Conflict(format!(
+                        "idempotency_key `{key}` was already used by job {} with a different manifest",
+                        summary.id
+                    )))
+                });
+                continue;
+            }
+        }
+        let now = clock.next();
+        let summary = JobSummary {
+            id: job.id.clone(),
+            status: status::QUEUED.to_string(),
+            submitted_at: now,
+        };
+        if let Some(key) = &job.idempotency_key {
+            // A second submission with this key in the same batch finds this one.
+            known.insert(key.clone(), (job.manifest_hash.clone(), summary.clone()));
+        }
+        outcomes.push(Ok(SubmitOutcome::Created(summary)));
+        rows.push((job, now));
+    }
+    if rows.is_empty() {
+        return Ok(outcomes);
+    }
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
         "INSERT INTO jobs (id, workflow_id, status, priority, requires, max_attempts, \
          idempotency_key, manifest_hash, manifest, parameters, metadata, graph, callback_url, \
-         submitted_at, updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&job.id)
-    .bind(&job.workflow_id)
-    .bind(job.priority)
-    .bind(serde_json::to_string(&job.requires)?)
-    .bind(job.max_attempts as i64)
-    .bind(&job.idempotency_key)
-    .bind(&job.manifest_hash)
-    .bind(job.manifest.to_string())
-    .bind(job.parameters.to_string())
-    .bind(metadata.to_string())
-    .bind(job.graph.to_string())
-    .bind(&job.callback_url)
-    .bind(&now_s)
-    .bind(&now_s)
-    .execute(&mut *conn)
-    .await?;
+         submitted_at, updated_at) ",
+    );
+    let mut failed: Option<StoreError> = None;
+    q.push_values(rows, |mut b, (job, now)| {
+        let now_s = fmt_time(now);
+        let requires = serde_json::to_string(&job.requires).unwrap_or_else(|e| {
+            failed = Some(e.into());
+            "[]".into()
+        });
+        b.push_bind(job.id)
+            .push_bind(job.workflow_id)
+            .push_bind(status::QUEUED)
+            .push_bind(job.priority)
+            .push_bind(requires)
+            .push_bind(job.max_attempts as i64)
+            .push_bind(job.idempotency_key)
+            .push_bind(job.manifest_hash)
+            .push_bind(job.manifest.to_string())
+            .push_bind(job.parameters.to_string())
+            .push_bind(Value::Object(job.metadata).to_string())
+            .push_bind(job.graph.to_string())
+            .push_bind(job.callback_url)
+            .push_bind(now_s.clone())
+            .push_bind(now_s);
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
     // Metadata rows and the `submitted` event come from the jobs_submitted trigger.
-    Ok(SubmitOutcome::Created(JobSummary {
-        id: job.id,
-        status: status::QUEUED.to_string(),
-        submitted_at: now,
-    }))
+    q.build().execute(&mut *conn).await?;
+    Ok(outcomes)
 }
 
 /// A file collected from a backend for a job.

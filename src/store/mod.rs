@@ -90,6 +90,47 @@ pub struct Store {
     read: SqlitePool,
     writer: writer::Writer,
     clock: jobs::SubmitClock,
+    /// Submissions wait here to be stored many at a time (one INSERT each batch).
+    submissions: tokio::sync::mpsc::Sender<PendingSubmission>,
+}
+
+type PendingSubmission = (
+    NewJob,
+    tokio::sync::oneshot::Sender<Result<SubmitOutcome, StoreError>>,
+);
+
+/// Gathers the submissions waiting while the previous batch was written and
+/// stores them together: a burst of concurrent submissions costs one
+/// statement and one commit.
+/// Ends when every `Store` (holding the sending side) is gone.
+async fn batch_submissions(
+    writer: writer::Writer,
+    clock: jobs::SubmitClock,
+    mut rx: tokio::sync::mpsc::Receiver<PendingSubmission>,
+    max_batch: usize,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut pending = vec![first];
+        while pending.len() < max_batch {
+            match rx.try_recv() {
+                Ok(p) => pending.push(p),
+                Err(_) => break,
+            }
+        }
+        let (jobs, answers): (Vec<NewJob>, Vec<_>) = pending.into_iter().unzip();
+        match jobs::store_batch(&writer, &clock, jobs).await {
+            Ok(outcomes) => {
+                for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                    let _ = answer.send(outcome);
+                }
+            }
+            Err(e) => {
+                for answer in answers {
+                    let _ = answer.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// Formats a time the way it is stored: RFC 3339 UTC with microseconds, so
@@ -145,12 +186,22 @@ impl Store {
             .connect_with(options.read_only(true))
             .await?;
         let (writer, _handle) = writer::Writer::spawn(conn, db.max_batch);
+        let (submissions, submissions_rx) = tokio::sync::mpsc::channel(db.max_batch * 4);
         let mut store = Store {
             read,
             writer,
             clock: jobs::SubmitClock::default(),
+            submissions,
         };
         store.clock = store.load_submit_clock().await?;
+        // At most as many rows as SQLite takes bound values in one statement.
+        let batch = db.max_batch.min(2_000);
+        tokio::spawn(batch_submissions(
+            store.writer.clone(),
+            store.clock.clone(),
+            submissions_rx,
+            batch,
+        ));
         Ok(store)
     }
 
