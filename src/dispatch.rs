@@ -595,7 +595,7 @@ impl Worker {
 
     /// Metrics: how long the job waited in the queue.
     async fn record_started(&self, job_id: &str) {
-        if let Ok(Some(job)) = self.shared.store.job(job_id).await {
+        if let Ok(Some(job)) = self.shared.store.job_times(job_id).await {
             let wait = (chrono::Utc::now() - job.submitted_at)
                 .num_milliseconds()
                 .max(0) as f64
@@ -629,7 +629,10 @@ impl Worker {
                 pending: None,
             });
         state.token = token;
-        if state.written.is_some_and(|w| w.elapsed() < PROGRESS_EVERY) {
+        // The first value waits one period too: a job shorter than that
+        // needs no progress rows, its end says it all.
+        let written = *state.written.get_or_insert_with(Instant::now);
+        if written.elapsed() < PROGRESS_EVERY {
             state.pending = Some(merged);
             return;
         }
@@ -895,7 +898,7 @@ impl Ctx {
         let workflow = self
             .shared
             .store
-            .job(job_id)
+            .job_times(job_id)
             .await
             .ok()
             .flatten()
@@ -934,7 +937,7 @@ impl Ctx {
             match self.shared.store.complete(job_id, token, outputs).await {
                 Ok(()) => {
                     tracing::info!(job_id, backend_id = %self.backend_id, "job completed");
-                    if let Ok(Some(job)) = self.shared.store.job(job_id).await {
+                    if let Ok(Some(job)) = self.shared.store.job_times(job_id).await {
                         let run = job
                             .started_at
                             .map(|s| {

@@ -689,7 +689,12 @@ async fn concurrent_submissions_with_one_idempotency_key_make_one_job() {
     for _ in 0..40 {
         let (client, url, m) = (app.client.clone(), app.url.clone(), manifest.clone());
         tasks.push(tokio::spawn(async move {
-            let r = client.post(format!("{url}/api/job")).json(&m).send().await.unwrap();
+            let r = client
+                .post(format!("{url}/api/job"))
+                .json(&m)
+                .send()
+                .await
+                .unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }));
     }
@@ -717,6 +722,14 @@ async fn concurrent_submissions_with_one_idempotency_key_make_one_job() {
     for t in tasks {
         statuses.push(t.await.unwrap());
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 9, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        9,
+        "{statuses:?}"
+    );
 }

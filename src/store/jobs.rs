@@ -142,6 +142,17 @@ pub struct JobRecord {
     pub(crate) seq: i64,
 }
 
+/// A job's workflow and times.
+#[derive(Debug, Clone)]
+pub struct JobTimes {
+    /// Template id.
+    pub workflow_id: Option<String>,
+    /// When it was stored.
+    pub submitted_at: DateTime<Utc>,
+    /// When a backend first started it.
+    pub started_at: Option<DateTime<Utc>>,
+}
+
 /// One entry of a job's event log.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct JobEvent {
@@ -361,6 +372,24 @@ impl Store {
             job.manifest = json_col(&row, "manifest")?;
             job.graph = json_col(&row, "graph")?;
             Ok::<_, sqlx::Error>(job)
+        })
+        .transpose()
+        .map_err(StoreError::from)
+    }
+
+    /// A job's workflow and times, without its manifest and graph (for metrics).
+    pub async fn job_times(&self, id: &str) -> Result<Option<JobTimes>, StoreError> {
+        let row =
+            sqlx::query("SELECT workflow_id, submitted_at, started_at FROM jobs WHERE id = ?")
+                .bind(id)
+                .fetch_optional(self.reader())
+                .await?;
+        row.map(|r| {
+            Ok::<_, sqlx::Error>(JobTimes {
+                workflow_id: r.try_get("workflow_id")?,
+                submitted_at: time_col(&r, "submitted_at")?.unwrap_or_default(),
+                started_at: time_col(&r, "started_at")?,
+            })
         })
         .transpose()
         .map_err(StoreError::from)
