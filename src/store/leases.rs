@@ -306,6 +306,30 @@ async fn finish_lease(
     Ok(())
 }
 
+/// Ends a job as cancelled, with its event, inside the caller's transaction.
+async fn cancel_in(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    backend: Option<&str>,
+    attempt: Option<i64>,
+    message: String,
+) -> Result<(), StoreError> {
+    set_final(conn, job_id, status::CANCELLED, None).await?;
+    append_event(
+        conn,
+        job_id,
+        EventInput {
+            kind: "cancelled",
+            status: Some(status::CANCELLED),
+            backend_id: backend,
+            attempt,
+            message: Some(message),
+            data: None,
+        },
+    )
+    .await
+}
+
 /// Back to the queue without burning the attempt (the backend lost it).
 async fn requeue(
     conn: &mut SqliteConnection,
@@ -663,20 +687,8 @@ impl Store {
                         .fetch_one(&mut *conn)
                         .await?;
                     if cancel != 0 {
-                        set_final(conn, &job_id, status::CANCELLED, None).await?;
-                        append_event(
-                            conn,
-                            &job_id,
-                            EventInput {
-                                kind: "cancelled",
-                                status: Some(status::CANCELLED),
-                                backend_id: Some(&backend),
-                                attempt: Some(attempt),
-                                message: Some(format!("cancelled; backend {backend} no longer has it ({reason})")),
-                                data: None,
-                            },
-                        )
-                        .await?;
+                        let message = format!("cancelled; backend {backend} no longer has it ({reason})");
+                        cancel_in(conn, &job_id, Some(&backend), Some(attempt), message).await?;
                         return Ok(true);
                     }
                     requeue(
@@ -710,20 +722,7 @@ impl Store {
                         Err(e) => return Err(e),
                     };
                     finish_lease(conn, &job_id, token, "cancelled", None, false).await?;
-                    set_final(conn, &job_id, status::CANCELLED, None).await?;
-                    append_event(
-                        conn,
-                        &job_id,
-                        EventInput {
-                            kind: "cancelled",
-                            status: Some(status::CANCELLED),
-                            backend_id: Some(&backend),
-                            attempt: Some(attempt),
-                            message: Some(how),
-                            data: None,
-                        },
-                    )
-                    .await?;
+                    cancel_in(conn, &job_id, Some(&backend), Some(attempt), how).await?;
                     Ok(true)
                 })
             })
@@ -751,18 +750,8 @@ impl Store {
                         )));
                     }
                     if current == status::QUEUED {
-                        set_final(conn, &job_id, status::CANCELLED, None).await?;
-                        append_event(
-                            conn,
-                            &job_id,
-                            EventInput {
-                                kind: "cancelled",
-                                status: Some(status::CANCELLED),
-                                message: Some("cancelled while queued".into()),
-                                ..Default::default()
-                            },
-                        )
-                        .await?;
+                        cancel_in(conn, &job_id, None, None, "cancelled while queued".into())
+                            .await?;
                         return Ok(CancelOutcome::Cancelled);
                     }
                     let backend_id: String = row
