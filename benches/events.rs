@@ -4,24 +4,16 @@
 //!
 //! Run: `cargo bench --bench events` (add `-- --subscribers 1000 --jobs 300`).
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use orchestrator::config::{BackendConfig, Config};
+use orchestrator::config::Config;
 use orchestrator::server::Service;
-use orchestrator::simulator::{self, SimConfig};
 use serde_json::{json, Value};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 type Seen = Arc<Mutex<HashMap<String, Instant>>>;
 
@@ -51,28 +43,7 @@ async fn subscriber(url: String, seen: Seen, ready: Arc<tokio::sync::Barrier>) {
 
 async fn scenario(subscribers: usize, jobs: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let mut sims = Vec::new();
-    let mut backends = Vec::new();
-    for i in 0..2 {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim = simulator::spawn(
-            listener,
-            SimConfig {
-                job_ms: 50,
-                ..Default::default()
-            },
-        );
-        backends.push(BackendConfig {
-            id: format!("sim{i}"),
-            name: None,
-            host: "127.0.0.1".into(),
-            port: sim.port,
-            enabled: true,
-            tags: vec![],
-            max_inflight: 2,
-        });
-        sims.push(sim);
-    }
+    let (sims, backends) = common::sims(2, 50, 2).await;
     let mut config = Config {
         data_dir: dir.path().join("data"),
         workflows_dir: dir.path().join("workflows"),
@@ -189,8 +160,8 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    let jobs = arg("--jobs", 200);
-    let max = arg("--subscribers", 1000);
+    let jobs = common::arg("--jobs", 200);
+    let max = common::arg("--subscribers", 1000);
     rt.block_on(async {
         for n in [1, 100, max] {
             scenario(n, jobs).await;

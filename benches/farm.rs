@@ -4,22 +4,15 @@
 //! Run: `cargo bench --bench farm` (add `-- --jobs 2000 --backends 8`).
 //! Each figure is printed with the machine it ran on.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orchestrator::config::{BackendConfig, Config};
+use orchestrator::config::Config;
 use orchestrator::server::Service;
 use orchestrator::simulator::{self, SimConfig, SimHandle};
 use serde_json::json;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn machine() -> String {
     let cpus = std::thread::available_parallelism()
@@ -42,28 +35,7 @@ async fn farm(
     job_ms: u64,
 ) -> (Service, Vec<SimHandle>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut sims = Vec::new();
-    let mut configs = Vec::new();
-    for i in 0..backends {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim = simulator::spawn(
-            listener,
-            SimConfig {
-                job_ms,
-                ..Default::default()
-            },
-        );
-        configs.push(BackendConfig {
-            id: format!("sim{i}"),
-            name: None,
-            host: "127.0.0.1".into(),
-            port: sim.port,
-            enabled: true,
-            tags: vec![],
-            max_inflight,
-        });
-        sims.push(sim);
-    }
+    let (sims, configs) = common::sims(backends, job_ms, max_inflight).await;
     let mut config = Config {
         data_dir: dir.path().join("data"),
         workflows_dir: dir.path().join("workflows"),
@@ -117,32 +89,11 @@ async fn submit_all(url: &str, n: usize, clients: usize) {
     }
 }
 
-async fn serve(
-    service: Service,
-) -> (
-    String,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        service
-            .serve(listener, async move {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    (url, tx, task)
-}
-
 async fn throughput(backends: usize, jobs: usize) {
     let (service, sims, _dir) = farm(backends, 2, 0).await;
     wait_online(&service, backends).await;
     let store = service.store().clone();
-    let (url, stop, task) = serve(service).await;
+    let (url, stop, task) = common::serve(service).await;
     let start = Instant::now();
     submit_all(&url, jobs, 16).await;
     let submitted = start.elapsed();
@@ -168,7 +119,7 @@ async fn idle_gap(max_inflight: u32, jobs: usize, job_ms: u64) {
     let (service, sims, _dir) = farm(1, max_inflight, job_ms).await;
     wait_online(&service, 1).await;
     let svc_store = service.store().clone();
-    let (url, stop, task) = serve(service).await;
+    let (url, stop, task) = common::serve(service).await;
     submit_all(&url, jobs, 4).await;
     while (completed_store(&svc_store).await as usize) < jobs {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -207,7 +158,7 @@ async fn dispatch_latency(jobs: usize) {
     let (service, sims, _dir) = farm(1, 2, 0).await;
     wait_online(&service, 1).await;
     let store = service.store().clone();
-    let (url, stop, task) = serve(service).await;
+    let (url, stop, task) = common::serve(service).await;
     let client = reqwest::Client::new();
     let mut lat = Vec::new();
     for i in 0..jobs {
@@ -301,8 +252,8 @@ fn main() {
         .build()
         .unwrap();
     println!("machine: {}", machine());
-    let jobs = arg("--jobs", 2000);
-    let backends = arg("--backends", 2);
+    let jobs = common::arg("--jobs", 2000);
+    let backends = common::arg("--backends", 2);
     rt.block_on(async {
         simulators_alone(8, jobs).await;
         throughput(backends, jobs).await;

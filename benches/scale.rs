@@ -4,21 +4,13 @@
 //!
 //! Run: `cargo bench --bench scale` (add `-- --history-jobs 200000` for a quicker run).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use orchestrator::config::{BackendConfig, Config};
+use orchestrator::config::Config;
 use orchestrator::server::Service;
-use orchestrator::simulator::{self, SimConfig, SimHandle};
 use serde_json::Value;
-
-fn arg(name: &str, default: i64) -> i64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn graph() -> Value {
     serde_json::from_str(include_str!("../src/workflows/builtin/image_blur.json")).unwrap()
@@ -32,25 +24,9 @@ fn pct(mut v: Vec<f64>) -> (f64, f64) {
     )
 }
 
-async fn serve(
-    service: Service,
-) -> (
-    String,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(service.serve(listener, async move {
-        let _ = rx.await;
-    }));
-    (url, tx, task)
-}
-
 /// Stops a service the way the binary does (its workers end, its lock is freed).
 async fn stop_service(service: Service) {
-    let (_, stop, task) = serve(service).await;
+    let (_, stop, task) = common::serve(service).await;
     let _ = stop.send(());
     let _ = task.await;
 }
@@ -86,7 +62,7 @@ async fn history(n: i64) {
         "history: generated {n} jobs in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let (url, stop, task) = serve(service).await;
+    let (url, stop, task) = common::serve(service).await;
     let client = reqwest::Client::new();
     // A deep cursor: the page after 90% of the history.
     let deep = format!("j{:x}", n / 10);
@@ -135,28 +111,7 @@ async fn history(n: i64) {
 
 async fn startup(queued: i64, running: i64) {
     let dir = tempfile::tempdir().unwrap();
-    let mut sims: Vec<SimHandle> = Vec::new();
-    let mut backends = Vec::new();
-    for i in 0..8 {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim = simulator::spawn(
-            listener,
-            SimConfig {
-                job_ms: 0,
-                ..Default::default()
-            },
-        );
-        backends.push(BackendConfig {
-            id: format!("sim{i}"),
-            name: None,
-            host: "127.0.0.1".into(),
-            port: sim.port,
-            enabled: true,
-            tags: vec![],
-            max_inflight: 2,
-        });
-        sims.push(sim);
-    }
+    let (_sims, backends) = common::sims(8, 0, 2).await;
     let mut config = Config {
         data_dir: dir.path().join("data"),
         workflows_dir: dir.path().join("w"),
@@ -199,7 +154,7 @@ async fn startup(queued: i64, running: i64) {
     let t0 = Instant::now();
     let service = Service::start(config).await.unwrap();
     let store = service.store().clone();
-    let (url, stop, task) = serve(service).await;
+    let (url, stop, task) = common::serve(service).await;
     let r = reqwest::get(format!("{url}/api/health")).await.unwrap();
     assert!(r.status().is_success());
     let health = t0.elapsed();
@@ -309,8 +264,12 @@ fn main() {
             .unwrap_or(0)
     );
     rt.block_on(async {
-        memory(arg("--queued", 100_000)).await;
-        startup(arg("--queued", 100_000), arg("--running", 1_000)).await;
-        history(arg("--history-jobs", 1_000_000)).await;
+        memory(common::arg("--queued", 100_000)).await;
+        startup(
+            common::arg("--queued", 100_000),
+            common::arg("--running", 1_000),
+        )
+        .await;
+        history(common::arg("--history-jobs", 1_000_000)).await;
     });
 }

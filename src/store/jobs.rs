@@ -807,13 +807,7 @@ impl Store {
                     .bind(fmt_time(t0))
                     .execute(&mut *conn)
                     .await?;
-                    sqlx::query(
-                        "INSERT INTO job_metadata (key, value, job_seq) \
-                         SELECT 'shot', json_extract(metadata, '$.shot'), seq FROM jobs WHERE seq > ?",
-                    )
-                    .bind(start)
-                    .execute(&mut *conn)
-                    .await?;
+                    // The jobs_submitted trigger wrote their metadata rows and first events.
                     // Held jobs: a backend, a prompt id, a fencing token and a lease each.
                     sqlx::query(
                         "UPDATE jobs SET backend_id = json_extract(?1, '$[' || (seq % json_array_length(?1)) || ']'), \
