@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::{ApiError, AppState};
 use crate::events::follow;
-use crate::store::{status, EventFilter, JobEvent};
+use crate::store::{EventFilter, JobEvent};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -43,14 +43,7 @@ fn parse(query: Option<&str>, headers: &HeaderMap) -> Result<(EventFilter, Optio
                     .filter(|s| !s.is_empty())
                     .map(str::to_string),
             ),
-            "status" => {
-                for s in value.split(',').filter(|s| !s.is_empty()) {
-                    if !status::ALL.contains(&s) {
-                        return Err(ApiError::invalid("status", format!("unknown status `{s}`")));
-                    }
-                    f.statuses.push(s.to_string());
-                }
-            }
+            "status" => super::jobs::parse_statuses(&value, &mut f.statuses)?,
             "workflow_id" => f.workflow_id = Some(value.to_string()),
             "after" => {
                 after =

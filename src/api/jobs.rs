@@ -416,6 +416,21 @@ fn parse_time_param(field: &str, v: &str) -> Result<DateTime<Utc>, ApiError> {
         })
 }
 
+/// Adds the statuses of one `status` parameter (comma-separated), refusing
+/// unknown ones. Shared by the history and the event stream.
+pub(super) fn parse_statuses(value: &str, into: &mut Vec<String>) -> Result<(), ApiError> {
+    for s in value.split(',').filter(|s| !s.is_empty()) {
+        if !status::ALL.contains(&s) {
+            return Err(ApiError::invalid(
+                "status",
+                format!("unknown status `{s}` (one of {})", status::ALL.join(", ")),
+            ));
+        }
+        into.push(s.to_string());
+    }
+    Ok(())
+}
+
 /// Parses the history query string into a filter.
 fn parse_filter(query: Option<&str>) -> Result<JobFilter, ApiError> {
     let mut f = JobFilter {
@@ -425,17 +440,7 @@ fn parse_filter(query: Option<&str>) -> Result<JobFilter, ApiError> {
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         let (key, value) = (key.as_ref(), value.as_ref());
         match key {
-            "status" => {
-                for s in value.split(',').filter(|s| !s.is_empty()) {
-                    if !status::ALL.contains(&s) {
-                        return Err(ApiError::invalid(
-                            "status",
-                            format!("unknown status `{s}` (one of {})", status::ALL.join(", ")),
-                        ));
-                    }
-                    f.statuses.push(s.to_string());
-                }
-            }
+            "status" => parse_statuses(value, &mut f.statuses)?,
             "workflow_id" => f.workflow_id = Some(value.to_string()),
             "backend" | "backend_id" => f.backend_id = Some(value.to_string()),
             "submitted_after" => f.submitted_after = Some(parse_time_param(key, value)?),

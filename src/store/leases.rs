@@ -248,6 +248,19 @@ async fn fenced(
     }
 }
 
+/// Like [`fenced`], for callers to whom a lost lease is an answer, not an error.
+async fn held(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    token: i64,
+) -> Result<Option<(String, i64, String)>, StoreError> {
+    match fenced(conn, job_id, token).await {
+        Ok(f) => Ok(Some(f)),
+        Err(StoreError::LeaseLost) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Records, once, that the backend accepted the lease's prompt.
 async fn record_submitted(
     conn: &mut SqliteConnection,
@@ -588,10 +601,8 @@ impl Store {
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    let (_, attempt, backend) = match fenced(conn, &job_id, token).await {
-                        Ok(f) => f,
-                        Err(StoreError::LeaseLost) => return Ok(AttemptOutcome::LeaseLost),
-                        Err(e) => return Err(e),
+                    let Some((_, attempt, backend)) = held(conn, &job_id, token).await? else {
+                        return Ok(AttemptOutcome::LeaseLost);
                     };
                     let outcome = if rejected { "rejected" } else { "failed" };
                     finish_lease(conn, &job_id, token, outcome, Some(&error), false).await?;
@@ -676,10 +687,8 @@ impl Store {
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    let (_, attempt, backend) = match fenced(conn, &job_id, token).await {
-                        Ok(f) => f,
-                        Err(StoreError::LeaseLost) => return Ok(false),
-                        Err(e) => return Err(e),
+                    let Some((_, attempt, backend)) = held(conn, &job_id, token).await? else {
+                        return Ok(false);
                     };
                     finish_lease(conn, &job_id, token, "lost", Some(&json!({ "message": reason })), cleanup).await?;
                     let cancel: i64 = sqlx::query_scalar("SELECT cancel_requested FROM jobs WHERE id = ?")
@@ -716,10 +725,8 @@ impl Store {
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    let (_, attempt, backend) = match fenced(conn, &job_id, token).await {
-                        Ok(f) => f,
-                        Err(StoreError::LeaseLost) => return Ok(false),
-                        Err(e) => return Err(e),
+                    let Some((_, attempt, backend)) = held(conn, &job_id, token).await? else {
+                        return Ok(false);
                     };
                     finish_lease(conn, &job_id, token, "cancelled", None, false).await?;
                     cancel_in(conn, &job_id, Some(&backend), Some(attempt), how).await?;
