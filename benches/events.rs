@@ -65,7 +65,7 @@ async fn scenario(subscribers: usize, jobs: usize) {
         .await
         .unwrap()
         .iter()
-        .filter(|b| b.state == "online")
+        .filter(|b| b.state == orchestrator::store::BackendState::Online)
         .count()
         < 2
         && Instant::now() < deadline

@@ -56,7 +56,7 @@ async fn wait_online(service: &Service, n: usize) {
             .await
             .unwrap()
             .iter()
-            .filter(|b| b.state == "online")
+            .filter(|b| b.state == orchestrator::store::BackendState::Online)
             .count();
         if online == n || Instant::now() > deadline {
             return;
@@ -148,7 +148,7 @@ async fn completed_store(store: &orchestrator::store::Store) -> i64 {
         .await
         .unwrap()
         .into_iter()
-        .filter(|(s, _)| s == "completed")
+        .filter(|(s, _)| *s == orchestrator::store::JobStatus::Completed)
         .map(|(_, n)| n)
         .sum()
 }
@@ -177,7 +177,7 @@ async fn dispatch_latency(jobs: usize) {
         // Wait for the job to finish so that the backend is idle for the next one.
         loop {
             let job = store.job(&id).await.unwrap().unwrap();
-            if job.status == "completed" {
+            if job.status == orchestrator::store::JobStatus::Completed {
                 let posted = sims[0]
                     .posted_at(job.prompt_id.as_deref().unwrap())
                     .unwrap();

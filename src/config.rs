@@ -126,6 +126,11 @@ impl Default for InboxConfig {
 pub struct Limits {
     /// Largest request body accepted, in bytes (`413` above it).
     pub max_body_bytes: usize,
+    /// Largest JSON answer read from a backend (`/history`, `/object_info`);
+    /// a larger one is an error for that backend, never memory growth.
+    pub max_backend_reply_bytes: u64,
+    /// Largest output file downloaded from a backend.
+    pub max_output_bytes: u64,
 }
 
 /// How SQLite commits.
@@ -169,6 +174,19 @@ pub struct DispatchConfig {
     pub cancel_timeout_s: u64,
     /// Timeout of every HTTP call to a backend.
     pub request_timeout_ms: u64,
+    /// A job whose runs its backends lost this many times after they had
+    /// started (the backend died under it) fails: it may be what kills them.
+    pub max_lost_runs: u32,
+    /// Longest a run may take on a backend, in seconds, for a job whose
+    /// manifest and template do not say (`timeout_s`).
+    pub job_timeout_s: u64,
+    /// Interval of the pings on each backend's WebSocket; one unanswered
+    /// for twice this long marks the backend down.
+    pub heartbeat_ms: u64,
+    /// How long a silent socket is trusted: after a new connection (until
+    /// ComfyUI confirms it is the registered one) and after an accepted
+    /// submit (until a `status` broadcast follows). Past it, reconnect.
+    pub deaf_after_ms: u64,
 }
 
 /// Backend health polling.
@@ -243,6 +261,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 16 * 1024 * 1024,
+            max_backend_reply_bytes: 64 * 1024 * 1024,
+            max_output_bytes: 16 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -267,6 +287,10 @@ impl Default for DispatchConfig {
             backend_grace_s: 60,
             cancel_timeout_s: 30,
             request_timeout_ms: 10_000,
+            max_lost_runs: 2,
+            job_timeout_s: 7_200,
+            heartbeat_ms: 5_000,
+            deaf_after_ms: 3_000,
         }
     }
 }
@@ -393,6 +417,27 @@ impl Config {
         }
         if self.dispatch.request_timeout_ms == 0 {
             return invalid("dispatch.request_timeout_ms", "must be above 0");
+        }
+        if self.dispatch.max_lost_runs == 0 {
+            return invalid("dispatch.max_lost_runs", "must be at least 1");
+        }
+        if !(1..=604_800).contains(&self.dispatch.job_timeout_s) {
+            return invalid(
+                "dispatch.job_timeout_s",
+                "must be between 1 and 604800 (a week)",
+            );
+        }
+        if self.dispatch.heartbeat_ms < 10 || self.dispatch.deaf_after_ms < 10 {
+            return invalid(
+                "dispatch.heartbeat_ms",
+                "heartbeat_ms and deaf_after_ms must be at least 10",
+            );
+        }
+        if self.limits.max_backend_reply_bytes < 1024 || self.limits.max_output_bytes < 1024 {
+            return invalid(
+                "limits.max_backend_reply_bytes",
+                "max_backend_reply_bytes and max_output_bytes must be at least 1024",
+            );
         }
         let mut seen = HashSet::new();
         for (i, b) in self.backends.iter().enumerate() {

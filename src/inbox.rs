@@ -26,12 +26,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use axum::http::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-use crate::api::{submit_manifest, ApiError, AppState};
+use crate::api::ErrorBody;
+use crate::submit::{SubmitError, Submitted, Submitter};
 
 /// Sub-folder for submitted files.
 pub const ACCEPTED: &str = "accepted";
@@ -47,12 +48,12 @@ struct Seen {
     modified: SystemTime,
 }
 
-/// Watches and drains the inbox until `shutdown` turns true.
-pub async fn run(state: AppState, dir: PathBuf, mut shutdown: watch::Receiver<bool>) {
-    let settle = Duration::from_millis(state.config.inbox.settle_ms);
-    let rescan = Duration::from_millis(state.config.inbox.rescan_interval_ms);
+/// Watches and drains the inbox until `stop`.
+pub async fn run(submitter: Submitter, dir: PathBuf, stop: CancellationToken) {
+    let settle = Duration::from_millis(submitter.config.inbox.settle_ms);
+    let rescan = Duration::from_millis(submitter.config.inbox.rescan_interval_ms);
     for sub in [ACCEPTED, REJECTED] {
-        if let Err(e) = std::fs::create_dir_all(dir.join(sub)) {
+        if let Err(e) = tokio::fs::create_dir_all(dir.join(sub)).await {
             tracing::error!(dir = %dir.display(), error = %e, "cannot create the inbox folders; inbox off");
             return;
         }
@@ -86,7 +87,7 @@ pub async fn run(state: AppState, dir: PathBuf, mut shutdown: watch::Receiver<bo
     let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let waiting = scan(&state, &dir, settle, &mut seen, &busy, &mut tasks).await;
+        let waiting = scan(&submitter, &dir, settle, &mut seen, &busy, &mut tasks).await;
         // Files still settling are looked at again soon; otherwise wait for an event.
         let wait = if waiting {
             settle.min(rescan) / 2
@@ -97,35 +98,19 @@ pub async fn run(state: AppState, dir: PathBuf, mut shutdown: watch::Receiver<bo
             _ = kick.notified() => {}
             _ = tokio::time::sleep(wait) => {}
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
-            break;
+            _ = stop.cancelled() => break,
         }
     }
     // Files being submitted finish (each is one short write); the rest wait for the next start.
     while tasks.join_next().await.is_some() {}
 }
 
-/// One pass over the folder. Returns whether some file is still settling.
-async fn scan(
-    state: &AppState,
-    dir: &Path,
-    settle: Duration,
-    seen: &mut HashMap<String, Seen>,
-    busy: &Arc<Mutex<HashSet<String>>>,
-    tasks: &mut tokio::task::JoinSet<()>,
-) -> bool {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot list the inbox");
-            return false;
-        }
-    };
-    let mut present = HashSet::new();
-    let mut settling = false;
-    for entry in entries.flatten() {
+/// The manifest files in the folder now, with their size and time. Runs
+/// on a blocking thread: directory reads must not stall the runtime (a
+/// network share can take seconds).
+fn list(dir: &Path) -> std::io::Result<Vec<(String, Seen)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)?.flatten() {
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
@@ -139,11 +124,43 @@ async fn scan(
         if !meta.file_type().is_file() {
             continue;
         }
-        present.insert(name.clone());
-        let now = Seen {
+        let seen = Seen {
             size: meta.len(),
             modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         };
+        found.push((name, seen));
+    }
+    Ok(found)
+}
+
+/// One pass over the folder. Returns whether some file is still settling.
+async fn scan(
+    submitter: &Submitter,
+    dir: &Path,
+    settle: Duration,
+    seen: &mut HashMap<String, Seen>,
+    busy: &Arc<Mutex<HashSet<String>>>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> bool {
+    let listed = {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || list(&dir)).await
+    };
+    let entries = match listed {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot list the inbox");
+            return false;
+        }
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "listing the inbox failed");
+            return false;
+        }
+    };
+    let mut present = HashSet::new();
+    let mut settling = false;
+    for (name, now) in entries {
+        present.insert(name.clone());
         let stable = seen.get(&name) == Some(&now)
             && now
                 .modified
@@ -161,9 +178,9 @@ async fn scan(
         while tasks.len() >= CONCURRENCY {
             tasks.join_next().await;
         }
-        let (state, dir, busy) = (state.clone(), dir.to_path_buf(), busy.clone());
+        let (submitter, dir, busy) = (submitter.clone(), dir.to_path_buf(), busy.clone());
         tasks.spawn(async move {
-            take(&state, &dir, &name, now).await;
+            take(&submitter, &dir, &name, now).await;
             busy.lock().expect("inbox").remove(&name);
         });
     }
@@ -171,13 +188,41 @@ async fn scan(
     settling
 }
 
+/// Why a file was refused: as the API would answer it.
+struct Refusal {
+    status: u16,
+    body: ErrorBody,
+}
+
+impl From<SubmitError> for Refusal {
+    fn from(e: SubmitError) -> Refusal {
+        Refusal {
+            status: e.status(),
+            body: ErrorBody::of_submit(&e),
+        }
+    }
+}
+
+fn refusal(status: u16, code: &str, message: String) -> Refusal {
+    Refusal {
+        status,
+        body: ErrorBody {
+            error: crate::api::ErrorDetail {
+                code: code.into(),
+                message,
+                field: None,
+            },
+        },
+    }
+}
+
 /// Submits one settled file and moves it.
-async fn take(state: &AppState, dir: &Path, name: &str, seen: Seen) {
+async fn take(submitter: &Submitter, dir: &Path, name: &str, seen: Seen) {
     let path = dir.join(name);
-    let limit = state.config.limits.max_body_bytes as u64;
-    let outcome: Result<(StatusCode, crate::api::SubmitResponse), ApiError> = if seen.size > limit {
-        Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+    let limit = submitter.config.limits.max_body_bytes as u64;
+    let outcome: Result<Submitted, Refusal> = if seen.size > limit {
+        Err(refusal(
+            413,
             "payload_too_large",
             format!(
                 "the file is {} bytes, more than limits.max_body_bytes ({limit})",
@@ -192,8 +237,8 @@ async fn take(state: &AppState, dir: &Path, name: &str, seen: Seen) {
                 return;
             }
             Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
-                Err(e) => Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
+                Err(e) => Err(refusal(
+                    400,
                     "malformed_json",
                     format!("the file is not valid JSON: {e}"),
                 )),
@@ -206,13 +251,13 @@ async fn take(state: &AppState, dir: &Path, name: &str, seen: Seen) {
                             );
                         }
                     }
-                    submit_manifest(state, manifest).await
+                    submitter.submit(manifest).await.map_err(Refusal::from)
                 }
             },
         }
     };
     match outcome {
-        Ok((_, response)) => {
+        Ok(response) => {
             let stem = name.trim_end_matches(".json");
             let dest = dir
                 .join(ACCEPTED)
@@ -226,22 +271,24 @@ async fn take(state: &AppState, dir: &Path, name: &str, seen: Seen) {
                 }
             }
         }
-        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+        Err(e) if e.status == 503 => {
             // The database is full or closing: leave the file for a later scan.
-            tracing::warn!(file = %name, error = %e.message, "inbox file not submitted now; will try again");
+            tracing::warn!(file = %name, error = %e.body.error.message, "inbox file not submitted now; will try again");
         }
         Err(e) => {
-            let dest = free_name(&dir.join(REJECTED), name);
+            let dest = free_name(&dir.join(REJECTED), name).await;
             let error_file = dest.with_file_name(format!(
                 "{}.error.json",
                 dest.file_name().and_then(|n| n.to_str()).unwrap_or(name)
             ));
-            let body = serde_json::to_vec_pretty(&e.body()).unwrap_or_default();
+            let body = serde_json::to_vec_pretty(&e.body).unwrap_or_default();
             if let Err(err) = tokio::fs::write(&error_file, body).await {
                 tracing::error!(file = %name, error = %err, "cannot write the error file");
             }
             match tokio::fs::rename(&path, &dest).await {
-                Ok(()) => tracing::warn!(file = %name, error = %e.message, "inbox file rejected"),
+                Ok(()) => {
+                    tracing::warn!(file = %name, error = %e.body.error.message, "inbox file rejected")
+                }
                 Err(err) => {
                     tracing::error!(file = %name, error = %err, "cannot move a rejected inbox file")
                 }
@@ -267,14 +314,19 @@ fn file_key(name: &str, seen: Seen, bytes: &[u8]) -> String {
 }
 
 /// `dir/name`, or `dir/name-N` when taken, so nothing rejected is overwritten.
-fn free_name(dir: &Path, name: &str) -> PathBuf {
+async fn free_name(dir: &Path, name: &str) -> PathBuf {
+    let taken = |p: PathBuf| async move { tokio::fs::try_exists(&p).await.unwrap_or(true) };
     let candidate = dir.join(name);
-    if !candidate.exists() {
+    if !taken(candidate.clone()).await {
         return candidate;
     }
     let stem = name.trim_end_matches(".json");
-    (2..)
-        .map(|n| dir.join(format!("{stem}-{n}.json")))
-        .find(|p| !p.exists())
-        .expect("a free name")
+    let mut n = 2;
+    loop {
+        let p = dir.join(format!("{stem}-{n}.json"));
+        if !taken(p.clone()).await {
+            return p;
+        }
+        n += 1;
+    }
 }

@@ -3,22 +3,26 @@
 //!
 //! Artists' tools submit workflow manifests over HTTP; each accepted job is
 //! written to SQLite before the answer, so a `2xx` means the job survives a
-//! crash. Read `../shared/DESIGN.md` (in the project's shared folder) for the
-//! whole picture; this page says where things live.
+//! crash. `docs/architecture.md` draws the whole picture (the parts and what
+//! each may touch, a job's path, its states, the dispatch protocol, where to
+//! add a feature); this page says where things live.
 //!
 //! - [`config`]: typed settings, validated at start-up.
 //! - [`store`]: every SQL query; one writer task with group commit, a read pool.
 //! - [`workflows`]: templates (ComfyUI "Save (API)" graphs plus a parameter
 //!   declaration) and parameter binding at submit time.
 //! - [`manifest`]: the submitted manifest, checked field by field.
+//! - [`submit`]: check, bind and store a manifest: the one path of every
+//!   front door (HTTP, inbox).
 //! - [`api`]: axum routes, the error shape, the OpenAPI document.
-//! - [`comfy`]: the ComfyUI protocol client (HTTP and WebSocket), no database.
+//! - [`comfy`]: the ComfyUI protocol (HTTP, WebSocket, what answers mean), no database.
 //! - [`simulator`]: a simulated ComfyUI for tests, benchmarks and the demo.
 //! - [`inbox`]: submit by dropping manifest files into a folder.
 //! - [`dispatch`]: one worker per backend: lease, submit, follow, collect, reconcile.
 //! - [`monitor`]: backend health polling.
 //! - [`webhooks`]: callbacks when jobs end, from a durable outbox.
-//! - [`events`]: live streams (SSE, WebSocket) read from the durable event log.
+//! - [`events`]: live streams (SSE, WebSocket): one reader of the durable
+//!   event log fans out to every subscriber.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the command-line client of a running orchestrator.
 //! - [`server`]: start-up (lock file, database, backends), serving, shutdown.
@@ -42,5 +46,6 @@ pub mod monitor;
 pub mod server;
 pub mod simulator;
 pub mod store;
+pub mod submit;
 pub mod webhooks;
 pub mod workflows;

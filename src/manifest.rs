@@ -46,9 +46,12 @@ pub struct JobManifest {
     pub workflow: Option<Value>,
     /// URL to POST a summary to when the job ends.
     pub callback_url: Option<String>,
+    /// Longest a run may take on a backend, in seconds (1 to 604800);
+    /// default: the template's, else `dispatch.job_timeout_s`.
+    pub timeout_s: Option<u32>,
 }
 
-const KNOWN: [&str; 9] = [
+const KNOWN: [&str; 10] = [
     "workflow_id",
     "parameters",
     "metadata",
@@ -58,6 +61,7 @@ const KNOWN: [&str; 9] = [
     "max_attempts",
     "workflow",
     "callback_url",
+    "timeout_s",
 ];
 
 /// A manifest turned into a job, with warnings for the client.
@@ -141,6 +145,7 @@ pub fn parse(
         None | Some(Value::Null) => None,
         Some(v) => Some(v.clone()),
     };
+    let mut template_timeout = None;
     let (workflow_id, graph, bound) = match (workflow_id, inline) {
         (Some(_), Some(_)) => {
             return Err(err(
@@ -168,10 +173,17 @@ pub fn parse(
                 )
             })?;
             let (graph, bound) = template.bind(&parameters)?;
+            check_file_names(&graph, |node, input| {
+                template
+                    .param_for(node, input)
+                    .map(|p| format!("parameters.{}", p.name))
+            })?;
+            template_timeout = template.timeout_s;
             (Some(id), graph, bound)
         }
         (None, Some(graph)) => {
             validate_graph(&graph)?;
+            check_file_names(&graph, |_, _| None)?;
             if !parameters.is_empty() {
                 return Err(err(
                     "parameters",
@@ -198,6 +210,7 @@ pub fn parse(
             .collect::<Result<Vec<_>, _>>()?,
         Some(_) => return Err(err("requires", "must be an array of tag strings")),
     };
+    let timeout_s = opt_int(m, "timeout_s", 1, 604_800)?.or(template_timeout);
     let callback_url = opt_string(m, "callback_url", 2000)?;
     if let Some(url) = &callback_url {
         match reqwest::Url::parse(url) {
@@ -225,9 +238,55 @@ pub fn parse(
             metadata,
             graph,
             callback_url,
+            timeout_s,
         },
         warnings,
     })
+}
+
+/// Inputs whose value ComfyUI turns into a path under its output folder.
+const FILE_NAME_INPUTS: [&str; 1] = ["filename_prefix"];
+
+/// Why ComfyUI would refuse this output name later, if it would: it saves
+/// only inside its output folder, and its `/view` refuses such names, so
+/// the job could never deliver.
+fn file_name_problem(name: &str) -> Option<&'static str> {
+    let bytes = name.as_bytes();
+    if name.starts_with('/') || (bytes.len() >= 2 && bytes[1] == b':') {
+        Some("must be a relative name inside ComfyUI's output folder, not an absolute path")
+    } else if name.split('/').any(|part| part == "..") {
+        Some("must not contain `..`")
+    } else if name.contains('\\') {
+        Some("must not contain a backslash (use `/` between folders)")
+    } else if name.chars().any(char::is_control) {
+        Some("must not contain control characters")
+    } else {
+        None
+    }
+}
+
+/// Checks every output-name input of the graph; `field_of(node, input)`
+/// names the template parameter the value came from, when it did.
+fn check_file_names(
+    graph: &Value,
+    field_of: impl Fn(&str, &str) -> Option<String>,
+) -> Result<(), BindError> {
+    let Some(nodes) = graph.as_object() else {
+        return Ok(());
+    };
+    for (node, body) in nodes {
+        for input in FILE_NAME_INPUTS {
+            let Some(name) = body["inputs"][input].as_str() else {
+                continue;
+            };
+            if let Some(problem) = file_name_problem(name) {
+                let field = field_of(node, input)
+                    .unwrap_or_else(|| format!("workflow.{node}.inputs.{input}"));
+                return Err(err(&field, format!("{problem} (got {name:?})")));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -289,6 +348,25 @@ mod tests {
             let e = parse(body.clone(), &c, 3).unwrap_err();
             assert_eq!(e.field, field, "{body}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn output_names_comfyui_would_refuse_are_named_at_submit() {
+        let c = catalog();
+        for bad in ["/etc/x", "../up", "a/../../b", "a\\b", "C:/x", "a\u{7}b"] {
+            let body = json!({"workflow_id": "image_blur", "parameters": {"filename_prefix": bad}});
+            let e = parse(body, &c, 3).unwrap_err();
+            assert_eq!(
+                e.field, "parameters.filename_prefix",
+                "{bad}: {}",
+                e.message
+            );
+        }
+        let inline = json!({"workflow": {"9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "../x"}}}});
+        let e = parse(inline, &c, 3).unwrap_err();
+        assert_eq!(e.field, "workflow.9.inputs.filename_prefix");
+        let fine = json!({"workflow_id": "image_blur", "parameters": {"filename_prefix": "shots/sc01..v2/x"}});
+        assert!(parse(fine, &c, 3).is_ok());
     }
 
     #[test]

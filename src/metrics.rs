@@ -17,7 +17,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::store::{status, Store};
+use crate::store::{JobStatus, Store};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -47,13 +47,13 @@ pub async fn render(store: &Store) -> String {
         return String::new();
     };
     if let Ok(counts) = store.job_counts().await {
-        for s in status::ALL {
+        for s in JobStatus::ALL {
             let n = counts
                 .iter()
-                .find(|(k, _)| k == s)
+                .find(|(k, _)| *k == s)
                 .map(|(_, n)| *n)
                 .unwrap_or(0);
-            metrics::gauge!("orchestrator_jobs", "status" => s).set(n as f64);
+            metrics::gauge!("orchestrator_jobs", "status" => s.as_str()).set(n as f64);
         }
     }
     handle.run_upkeep();

@@ -2,39 +2,37 @@
 //!
 //! Why separate from dispatch: health has its own rhythm (a poll every
 //! `monitor.poll_interval_ms`) and is what decides whether a backend gets new
-//! leases; a backend that stops answering is marked `offline` here, and
-//! dispatch takes its jobs back once it has been offline past the grace period.
+//! leases: one that stops answering is `offline`, one too old to be driven
+//! safely is `incompatible` (with the reason in `last_error`); dispatch takes
+//! a silent backend's jobs back once it has been silent past the grace period.
 
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::comfy::{parse_version, ComfyClient, ComfyError, MIN_VERSION};
+use crate::comfy::{version_problem, ComfyClient, ComfyError};
 use crate::store::{BackendStats, Store};
 
-/// Polls one backend until `shutdown` turns true. `on_change` is called when
-/// the backend comes online or goes offline, so that dispatch reacts at once.
+/// Polls one backend until `stop`. `on_change` is called when the backend
+/// becomes usable or stops being so, so that dispatch reacts at once.
 pub async fn run(
     store: Store,
     backend_id: String,
     client: ComfyClient,
     interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    stop: CancellationToken,
     on_change: impl Fn() + Send + 'static,
 ) {
-    let mut was_online: Option<bool> = None;
+    let mut was_usable: Option<bool> = None;
     loop {
-        let online = poll_once(&store, &backend_id, &client).await;
-        if was_online != Some(online) {
+        let usable = poll_once(&store, &backend_id, &client).await;
+        if was_usable != Some(usable) {
             on_change();
-            was_online = Some(online);
+            was_usable = Some(usable);
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
-            return;
+            _ = stop.cancelled() => return,
         }
     }
 }
@@ -52,33 +50,32 @@ pub async fn poll_once(store: &Store, backend_id: &str, client: &ComfyClient) ->
         })
     }
     .await;
-    match result {
-        Ok(stats) => {
-            let too_old = stats
-                .comfyui_version
-                .as_deref()
-                .and_then(parse_version)
-                .is_some_and(|v| v < MIN_VERSION);
-            if too_old {
-                let msg = format!(
-                    "ComfyUI {} is older than 0.3.44, which client-chosen prompt ids need; upgrade it",
-                    stats.comfyui_version.as_deref().unwrap_or("?")
-                );
-                tracing::warn!(backend_id, "{msg}");
-                let _ = store.backend_offline(backend_id, msg).await;
-                return false;
+    let (usable, recorded) = match result {
+        Ok(stats) => match version_problem(stats.comfyui_version.as_deref()) {
+            Some(why) => {
+                tracing::warn!(backend_id, "backend gets no jobs: {why}");
+                crate::metrics::backend(backend_id, false, stats.vram_total, stats.vram_free);
+                (
+                    false,
+                    store.backend_incompatible(backend_id, stats, why).await,
+                )
             }
-            crate::metrics::backend(backend_id, true, stats.vram_total, stats.vram_free);
-            if let Err(e) = store.backend_online(backend_id, stats).await {
-                tracing::warn!(backend_id, error = %e, "cannot record backend state");
+            None => {
+                crate::metrics::backend(backend_id, true, stats.vram_total, stats.vram_free);
+                (true, store.backend_online(backend_id, stats).await)
             }
-            true
-        }
+        },
         Err(e) => {
             tracing::debug!(backend_id, error = %e, "backend poll failed");
             crate::metrics::backend(backend_id, false, None, None);
-            let _ = store.backend_offline(backend_id, e.to_string()).await;
-            false
+            (
+                false,
+                store.backend_offline(backend_id, e.to_string()).await,
+            )
         }
+    };
+    if let Err(e) = recorded {
+        tracing::warn!(backend_id, error = %e, "cannot record backend state");
     }
+    usable
 }

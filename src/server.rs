@@ -7,16 +7,20 @@
 use std::fs::File;
 use std::future::{Future, IntoFuture};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::dispatch::Farm;
+use crate::events::EventHub;
 use crate::store::{BackendUpsert, Store};
+use crate::submit::Submitter;
 use crate::workflows::Catalog;
 
 /// Holds the data folder's lock for as long as it lives.
@@ -55,15 +59,20 @@ impl DataLock {
 }
 
 /// A started service, before it serves: everything that start-up can fail on
-/// has been checked.
+/// has been checked, and the farm's workers run.
 pub struct Service {
     state: AppState,
+    /// Every background task (workers, monitors, the event hub, the inbox,
+    /// webhooks), so that a stop can wait for all of them, once, bounded.
+    tasks: TaskTracker,
+    /// Stops every task if the service is dropped without serving.
+    stop: DropGuard,
     _lock: DataLock,
 }
 
 impl Service {
     /// Locks the data folder, opens and migrates the database, loads the
-    /// templates and mirrors the configured backends.
+    /// templates, mirrors the configured backends and starts the farm.
     pub async fn start(config: Config) -> anyhow::Result<Service> {
         let lock = DataLock::acquire(&config.data_dir)?;
         let loopback = matches!(config.host.as_str(), "127.0.0.1" | "localhost" | "::1");
@@ -89,17 +98,35 @@ impl Service {
                     .collect(),
             )
             .await?;
-        let catalog = Arc::new(Catalog::load(&config.workflows_dir));
+        let workflows_dir = config.workflows_dir.clone();
+        let catalog =
+            Arc::new(tokio::task::spawn_blocking(move || Catalog::load(&workflows_dir)).await?);
         let config = Arc::new(config);
-        let farm = Farm::start(store.clone(), config.clone()).await?;
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let farm = Farm::start(store.clone(), config.clone(), stop.clone(), &tasks).await?;
+        let events = EventHub::start(store.clone(), stop.clone(), &tasks).await?;
+        let submitter = Submitter {
+            store: store.clone(),
+            catalog: catalog.clone(),
+            config: config.clone(),
+            farm: farm.clone(),
+        };
         let state = AppState {
             store,
             catalog,
             config,
             started: Instant::now(),
             farm,
+            submitter,
+            events,
         };
-        Ok(Service { state, _lock: lock })
+        Ok(Service {
+            state,
+            tasks,
+            stop: stop.drop_guard(),
+            _lock: lock,
+        })
     }
 
     /// The database (for tests and commands).
@@ -112,54 +139,67 @@ impl Service {
         &self.state.farm
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then stops taking
-    /// requests, finishes those in flight (bounded by `shutdown_timeout_s`)
-    /// and closes the database.
+    /// Serves on `listener` until `shutdown` resolves; then stops taking
+    /// requests and leases, ends live streams, lets requests in flight
+    /// finish, stops every background task, and closes the database, all
+    /// within `shutdown_timeout_s` in total.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let timeout = Duration::from_secs(self.state.config.shutdown_timeout_s);
-        let store = self.state.store.clone();
-        let farm = self.state.farm.clone();
-        let app = api::app(self.state.clone());
-        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-        let inbox = self.state.config.inbox_path().map(|dir| {
-            tokio::spawn(crate::inbox::run(
-                self.state.clone(),
+        let Service {
+            state,
+            tasks,
+            stop,
+            _lock,
+        } = self;
+        let stop = stop.disarm();
+        let timeout = Duration::from_secs(state.config.shutdown_timeout_s);
+        let store = state.store.clone();
+        if let Some(dir) = state.config.inbox_path() {
+            tasks.spawn(crate::inbox::run(
+                state.submitter.clone(),
                 dir,
-                farm.subscribe_shutdown(),
-            ))
-        });
-        let webhooks = tokio::spawn(crate::webhooks::run(
-            self.state.store.clone(),
-            self.state.config.clone(),
-            farm.subscribe_shutdown(),
+                stop.clone(),
+            ));
+        }
+        tasks.spawn(crate::webhooks::run(
+            state.store.clone(),
+            state.config.clone(),
+            stop.clone(),
         ));
-        let stopping_farm = farm.clone();
+        let app = api::app(state);
+        let deadline = Arc::new(OnceLock::new());
+        let (stopping, set_deadline) = (stop.clone(), deadline.clone());
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("stopping: no new requests or leases; finishing requests in flight");
-            stopping_farm.signal_stop();
-            let _ = stopping_tx.send(());
+            let _ = set_deadline.set(tokio::time::Instant::now() + timeout);
+            stopping.cancel();
         });
         let mut server = std::pin::pin!(server.into_future());
+        let past_deadline = async {
+            stop.cancelled().await;
+            let at = *deadline.get().expect("set before the stop");
+            tokio::time::sleep_until(at).await;
+        };
         tokio::select! {
             result = &mut server => result?,
-            _ = async {
-                let _ = stopping_rx.await;
-                tokio::time::sleep(timeout).await;
-            } => {
+            _ = past_deadline => {
                 tracing::warn!(timeout_s = timeout.as_secs(), "requests still in flight at the shutdown deadline; stopping anyway");
             }
         }
         // Running prompts stay on their backends; the next start re-attaches.
-        farm.shutdown(timeout).await;
-        if let Some(inbox) = inbox {
-            let _ = tokio::time::timeout(timeout, inbox).await;
+        stop.cancel();
+        tasks.close();
+        let at = deadline
+            .get()
+            .copied()
+            .unwrap_or_else(|| tokio::time::Instant::now() + timeout);
+        if tokio::time::timeout_at(at, tasks.wait()).await.is_err() {
+            tracing::warn!("background tasks did not stop by the shutdown deadline");
         }
-        let _ = tokio::time::timeout(timeout, webhooks).await;
         store.close().await;
         tracing::info!("stopped");
         Ok(())

@@ -34,6 +34,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
@@ -807,14 +808,33 @@ async fn view(State(sim): State<S>, Query(q): Query<ViewQuery>) -> Response {
     if sim.config.view_fails {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    if sim.config.view_delay_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(sim.config.view_delay_ms)).await;
+    let bytes = sim
+        .lock()
+        .files
+        .get(&(file_type, q.subfolder, filename))
+        .cloned();
+    let Some(bytes) = bytes else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if sim.config.view_delay_ms == 0 {
+        return ([(header::CONTENT_TYPE, "image/png")], bytes).into_response();
     }
-    let inner = sim.lock();
-    match inner.files.get(&(file_type, q.subfolder, filename)) {
-        Some(bytes) => ([(header::CONTENT_TYPE, "image/png")], bytes.clone()).into_response(),
-        None => StatusCode::NOT_FOUND.into_response(),
-    }
+    // A slow transfer: the bytes trickle in over `view_delay_ms`, in ten parts.
+    let pause = Duration::from_millis(sim.config.view_delay_ms / 10);
+    let step = bytes.len().div_ceil(10).max(1);
+    let parts: Vec<Bytes> = (0..bytes.len())
+        .step_by(step)
+        .map(|i| bytes.slice(i..(i + step).min(bytes.len())))
+        .collect();
+    let body = futures::stream::iter(parts).then(move |part| async move {
+        tokio::time::sleep(pause).await;
+        Ok::<_, std::convert::Infallible>(part)
+    });
+    (
+        [(header::CONTENT_TYPE, "image/png")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 async fn system_stats(State(sim): State<S>) -> Json<Value> {

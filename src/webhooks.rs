@@ -11,7 +11,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::store::{Store, Webhook};
@@ -20,11 +20,7 @@ use crate::store::{Store, Webhook};
 pub const SIGNATURE_HEADER: &str = "X-Orchestrator-Signature";
 
 /// Delivers due webhooks until `shutdown` turns true.
-pub async fn run(
-    store: Store,
-    config: std::sync::Arc<Config>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(store: Store, config: std::sync::Arc<Config>, stop: CancellationToken) {
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_millis(config.webhooks.timeout_ms))
         .build()
@@ -56,10 +52,7 @@ pub async fn run(
             _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
             // A commit may have queued a webhook.
             _ = commits.changed() => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
-            return;
+            _ = stop.cancelled() => return,
         }
     }
 }
@@ -82,6 +75,7 @@ pub async fn payload(store: &Store, config: &Config, job_id: &str) -> Option<Val
             })
         })
         .collect();
+    let job = crate::api::wire::Job::from(job);
     Some(json!({
         "job_id": job.job_id,
         "status": job.status,

@@ -613,7 +613,7 @@ async fn history_queries_are_served_by_indexes() {
         (
             JobFilter {
                 limit: 50,
-                statuses: vec!["queued".into()],
+                statuses: vec![orchestrator::store::JobStatus::Queued],
                 ..Default::default()
             },
             "jobs_by_status",

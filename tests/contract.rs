@@ -321,7 +321,7 @@ async fn invalid_prompts_are_rejected_as_recorded() {
     let bad = requests(&rec)[0].0["json"]["prompt"].clone();
     match client.submit("p-1", &bad).await {
         Err(ComfyError::Rejected(body)) => {
-            let summary = rejection_summary(&body);
+            let summary = rejection_summary(&body.body);
             assert!(
                 summary.contains("node 1 (EmptyImage): Value 99999999 bigger than max of 16384"),
                 "{summary}"

@@ -6,8 +6,9 @@ use axum::{Json, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::wire::Backend;
 use super::{ApiError, AppState};
-use crate::store::BackendRecord;
+use crate::store::AdminState;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -22,7 +23,7 @@ pub(super) fn router() -> Router<AppState> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BackendList {
     /// By id.
-    pub backends: Vec<BackendRecord>,
+    pub backends: Vec<Backend>,
     /// A sentence when the list is empty or nothing can take jobs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -33,7 +34,13 @@ pub struct BackendList {
 pub(super) async fn list_backends(
     State(state): State<AppState>,
 ) -> Result<Json<BackendList>, ApiError> {
-    let backends = state.store.backends().await?;
+    let backends: Vec<Backend> = state
+        .store
+        .backends()
+        .await?
+        .into_iter()
+        .map(Backend::from)
+        .collect();
     let message = if backends.is_empty() {
         Some(
             "no backends are configured: jobs wait in the queue until one is added to the config"
@@ -53,27 +60,27 @@ pub(super) async fn list_backends(
     path = "/api/backends/{id}",
     tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
-    responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody))
+    responses((status = 200, body = Backend), (status = 404, body = super::ErrorBody))
 )]
 pub(super) async fn get_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<BackendRecord>, ApiError> {
+) -> Result<Json<Backend>, ApiError> {
     state
         .store
         .backend(&id)
         .await?
-        .map(Json)
+        .map(|b| Json(b.into()))
         .ok_or_else(|| ApiError::not_found(format!("backend `{id}`")))
 }
 
 async fn set_admin(
     state: AppState,
     id: String,
-    admin: &'static str,
-) -> Result<Json<BackendRecord>, ApiError> {
+    admin: AdminState,
+) -> Result<Json<Backend>, ApiError> {
     state.store.set_backend_admin_state(&id, admin).await?;
-    tracing::info!(backend_id = %id, admin_state = admin, "backend admin state changed");
+    tracing::info!(backend_id = %id, admin_state = admin.as_str(), "backend admin state changed");
     state.farm.wake();
     get_backend(State(state), Path(id)).await
 }
@@ -81,32 +88,32 @@ async fn set_admin(
 /// Let the backend take jobs again (kept across restarts).
 #[utoipa::path(post, path = "/api/backends/{id}/enable", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
-    responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = Backend), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn enable_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<BackendRecord>, ApiError> {
-    set_admin(state, id, "enabled").await
+) -> Result<Json<Backend>, ApiError> {
+    set_admin(state, id, AdminState::Enabled).await
 }
 
 /// Take no new jobs; what it has keeps running (kept across restarts).
 #[utoipa::path(post, path = "/api/backends/{id}/disable", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
-    responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = Backend), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn disable_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<BackendRecord>, ApiError> {
-    set_admin(state, id, "disabled").await
+) -> Result<Json<Backend>, ApiError> {
+    set_admin(state, id, AdminState::Disabled).await
 }
 
 /// Finish what it has, take nothing new (kept across restarts).
 #[utoipa::path(post, path = "/api/backends/{id}/drain", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
-    responses((status = 200, body = BackendRecord), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = Backend), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn drain_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<BackendRecord>, ApiError> {
-    set_admin(state, id, "draining").await
+) -> Result<Json<Backend>, ApiError> {
+    set_admin(state, id, AdminState::Draining).await
 }

@@ -8,9 +8,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::store::StoreError;
-use crate::workflows::BindError;
+use crate::submit::SubmitError;
 
-/// The body of every error answer.
+/// The body of every error answer (also the inbox's `.error.json`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// The error.
@@ -73,22 +73,13 @@ impl ApiError {
     }
 }
 
-impl From<BindError> for ApiError {
-    fn from(e: BindError) -> Self {
-        let message = if e.field.is_empty() {
-            e.message
-        } else {
-            format!("{}: {}", e.field, e.message)
-        };
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
         ApiError {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            code: "validation_failed",
-            message,
-            field: if e.field.is_empty() {
-                None
-            } else {
-                Some(e.field)
-            },
+            status: StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+            code: e.code(),
+            field: e.field().map(str::to_string),
+            message: e.to_string(),
         }
     }
 }
@@ -136,6 +127,19 @@ impl From<BytesRejection> for ApiError {
             )
         } else {
             ApiError::new(r.status(), "bad_request", r.body_text())
+        }
+    }
+}
+
+impl ErrorBody {
+    /// The body of a refused submission.
+    pub fn of_submit(e: &SubmitError) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: e.code().to_string(),
+                message: e.to_string(),
+                field: e.field().map(str::to_string),
+            },
         }
     }
 }

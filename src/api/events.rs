@@ -15,13 +15,30 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, AppState};
-use crate::events::follow;
-use crate::store::{EventFilter, JobEvent};
+use crate::events::Published;
+use crate::store::{EventFilter, JobStatus};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/api/events", get(sse))
         .route("/api/ws", get(ws))
+}
+
+/// Most jobs one subscription may name (`job_id`).
+const MAX_JOB_IDS: usize = 1000;
+
+/// Refuses a subscription naming more than [`MAX_JOB_IDS`] jobs.
+fn check_job_ids(ids: &[String]) -> Result<(), ApiError> {
+    if ids.len() > MAX_JOB_IDS {
+        return Err(ApiError::invalid(
+            "job_id",
+            format!(
+                "names {} jobs; at most {MAX_JOB_IDS} per subscription",
+                ids.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn parse(query: Option<&str>, headers: &HeaderMap) -> Result<(EventFilter, Option<i64>), ApiError> {
@@ -61,14 +78,15 @@ fn parse(query: Option<&str>, headers: &HeaderMap) -> Result<(EventFilter, Optio
             }
         }
     }
+    check_job_ids(&f.job_ids)?;
     Ok((f, after))
 }
 
-fn sse_event(ev: &JobEvent) -> Event {
+fn sse_event(p: &Published) -> Event {
     Event::default()
-        .id(ev.seq.to_string())
-        .event(ev.kind.clone())
-        .data(serde_json::to_string(ev).unwrap_or_default())
+        .id(p.event.seq.to_string())
+        .event(p.event.kind.clone())
+        .data(p.json.clone())
 }
 
 /// Server-sent events: job state changes, progress (a few a second at most)
@@ -86,7 +104,7 @@ fn sse_event(ev: &JobEvent) -> Event {
         ("after" = Option<i64>, Query, description = "Resume after this sequence number (or send Last-Event-ID)"),
     ),
     responses(
-        (status = 200, description = "`text/event-stream`; each event's `data` is a JobEvent", content_type = "text/event-stream", body = JobEvent),
+        (status = 200, description = "`text/event-stream`; each event's `data` is an Event", content_type = "text/event-stream", body = super::wire::Event),
         (status = 422, body = super::ErrorBody),
     )
 )]
@@ -100,7 +118,10 @@ pub(super) async fn sse(
         Some(a) => a,
         None => state.store.latest_event_seq().await?,
     };
-    let stream = follow(state.store.clone(), filter, after).map(|ev| Ok(sse_event(&ev)));
+    let stream = state
+        .events
+        .follow(filter, after)
+        .map(|p| Ok(sse_event(&p)));
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
@@ -113,7 +134,7 @@ enum ClientMessage {
         #[serde(default)]
         job_ids: Vec<String>,
         #[serde(default)]
-        status: Vec<String>,
+        status: Vec<JobStatus>,
         #[serde(default)]
         workflow_id: Option<String>,
         #[serde(default)]
@@ -128,7 +149,7 @@ enum ClientMessage {
 
 /// The event stream over a WebSocket. Send `{"type": "subscribe", "job_ids":
 /// [...], "status": [...], "workflow_id": ..., "after": SEQ, "previews": true}`
-/// and `{"type": "unsubscribe"}`; receive `{"type": "event", "event": JobEvent}`,
+/// and `{"type": "unsubscribe"}`; receive `{"type": "event", "event": Event}`,
 /// and, with `previews`, `{"type": "preview", "job_id", "format"}` each
 /// followed by one binary frame holding the image.
 #[utoipa::path(
@@ -141,14 +162,19 @@ pub(super) async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade)
     upgrade.on_upgrade(move |socket| ws_session(state, socket))
 }
 
-type EventStream = std::pin::Pin<Box<dyn Stream<Item = JobEvent> + Send>>;
+type EventStream = std::pin::Pin<Box<dyn Stream<Item = std::sync::Arc<Published>> + Send>>;
 
 async fn ws_session(state: AppState, mut socket: WebSocket) {
     let mut events: Option<EventStream> = None;
     let mut preview_jobs: Option<Vec<String>> = None;
     let mut previews = state.farm.subscribe_previews();
+    let stop = state.farm.stop_token();
     loop {
         tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
             incoming = socket.recv() => {
                 let text = match incoming {
                     Some(Ok(Message::Text(t))) => t,
@@ -157,13 +183,20 @@ async fn ws_session(state: AppState, mut socket: WebSocket) {
                 };
                 match serde_json::from_str::<ClientMessage>(text.as_str()) {
                     Ok(ClientMessage::Subscribe { job_ids, status, workflow_id, after, previews: want }) => {
+                        if let Err(e) = check_job_ids(&job_ids) {
+                            let err = json!({"type": "error", "error": e.body().error});
+                            if socket.send(Message::Text(err.to_string().into())).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         let after = match after {
                             Some(a) => a,
                             None => state.store.latest_event_seq().await.unwrap_or(0),
                         };
                         preview_jobs = want.then(|| job_ids.clone());
                         let filter = EventFilter { job_ids, statuses: status, workflow_id };
-                        events = Some(Box::pin(follow(state.store.clone(), filter, after)));
+                        events = Some(Box::pin(state.events.follow(filter, after)));
                         let ack = json!({"type": "subscribed", "after": after});
                         if socket.send(Message::Text(ack.to_string().into())).await.is_err() {
                             return;
@@ -185,9 +218,10 @@ async fn ws_session(state: AppState, mut socket: WebSocket) {
                     }
                 }
             }
-            Some(ev) = async { match events.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
-                let msg = json!({"type": "event", "event": ev});
-                if socket.send(Message::Text(msg.to_string().into())).await.is_err() {
+            next = async { match events.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
+                let Some(p) = next else { return };
+                let msg = format!(r#"{{"type":"event","event":{}}}"#, p.json);
+                if socket.send(Message::Text(msg.into())).await.is_err() {
                     return;
                 }
             }

@@ -12,11 +12,10 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::wire::{Event, Job, Lease, Output, WebhookDelivery};
 use super::{ApiError, AppState};
-use crate::manifest;
-use crate::store::{
-    status, CancelOutcome, JobEvent, JobFilter, JobRecord, LeaseRecord, OutputRecord, SubmitOutcome,
-};
+use crate::store::{CancelOutcome, JobFilter, JobStatus};
+use crate::submit::Submitted;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -35,7 +34,7 @@ pub struct SubmitResponse {
     /// The job's id.
     pub job_id: String,
     /// `queued` for a new job; the current status for an idempotent repeat.
-    pub status: String,
+    pub status: JobStatus,
     /// A sentence for people.
     pub message: String,
     /// When the job was stored (RFC 3339 UTC).
@@ -107,69 +106,29 @@ pub(super) async fn submit_job(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let value = json_body(&headers, body)?;
-    let (code, body) = submit_manifest(&state, value).await?;
-    Ok((code, Json(body)).into_response())
+    let submitted = state.submitter.submit(value).await?;
+    let code = if submitted.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(SubmitResponse::from(submitted))).into_response())
 }
 
-/// Checks, binds and stores one manifest: the one path every front door
-/// (HTTP, the inbox folder) takes, so they answer alike.
-pub(crate) async fn submit_manifest(
-    state: &AppState,
-    value: Value,
-) -> Result<(StatusCode, SubmitResponse), ApiError> {
-    let parsed = manifest::parse(
-        value,
-        &state.catalog,
-        state.config.dispatch.default_max_attempts,
-    )?;
-    check_requires(state, &parsed.job.requires)?;
-    let workflow_id = parsed.job.workflow_id.clone();
-    let outcome = state.store.submit(parsed.job).await?;
-    let (code, summary, message) = match outcome {
-        SubmitOutcome::Created(s) => {
-            state.farm.wake();
-            crate::metrics::submitted(workflow_id.as_deref());
-            tracing::info!(job_id = %s.id, "job submitted");
-            (StatusCode::CREATED, s, "Job stored and queued".to_string())
+impl From<Submitted> for SubmitResponse {
+    fn from(s: Submitted) -> SubmitResponse {
+        SubmitResponse {
+            message: if s.created {
+                "Job stored and queued".to_string()
+            } else {
+                "A job with this idempotency key and manifest exists; this is it".to_string()
+            },
+            job_id: s.job_id,
+            status: s.status,
+            submitted_at: s.submitted_at,
+            warnings: s.warnings,
         }
-        SubmitOutcome::Existing(s) => (
-            StatusCode::OK,
-            s,
-            "A job with this idempotency key and manifest exists; this is it".to_string(),
-        ),
-    };
-    let body = SubmitResponse {
-        job_id: summary.id,
-        status: summary.status,
-        message,
-        submitted_at: summary.submitted_at,
-        warnings: parsed.warnings,
-    };
-    Ok((code, body))
-}
-
-/// With a farm configured, a job that needs tags no backend has could never
-/// run: say so now rather than let it wait for ever.
-fn check_requires(state: &AppState, requires: &[String]) -> Result<(), ApiError> {
-    let backends = &state.config.backends;
-    if backends.is_empty() || requires.is_empty() {
-        return Ok(());
     }
-    if backends
-        .iter()
-        .any(|b| requires.iter().all(|t| b.tags.contains(t)))
-    {
-        return Ok(());
-    }
-    let farm = backends
-        .iter()
-        .map(|b| format!("{} {:?}", b.id, b.tags))
-        .collect::<Vec<_>>()
-        .join(", ");
-    Err(ApiError::invalid(
-        "requires",
-        format!("no configured backend has all of the tags {requires:?} (backends: {farm})"),
-    ))
 }
 
 /// Everything about a job.
@@ -177,14 +136,13 @@ fn check_requires(state: &AppState, requires: &[String]) -> Result<(), ApiError>
 pub struct JobDetail {
     /// The job.
     #[serde(flatten)]
-    pub job: JobRecord,
+    pub job: Job,
     /// Files collected from the backend.
-    pub outputs: Vec<OutputRecord>,
+    pub outputs: Vec<Output>,
     /// Every lease: backend, prompt id, outcome.
-    pub leases: Vec<LeaseRecord>,
+    pub leases: Vec<Lease>,
     /// Webhook deliveries (when the manifest has a `callback_url`).
-    #[schema(value_type = Vec<Object>)]
-    pub webhooks: Vec<Value>,
+    pub webhooks: Vec<WebhookDelivery>,
 }
 
 /// One job: manifest, bound graph, status, attempts, backend, outputs.
@@ -207,15 +165,15 @@ pub(super) async fn get_job(
         .job(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
-    let job = with_progress(&state, job);
+    let job = with_progress(&state, job.into());
     let outputs = state.store.job_outputs(&id).await?;
     let leases = state.store.job_leases(&id).await?;
     let webhooks = state.store.job_webhooks(&id).await?;
     Ok(Json(JobDetail {
         job,
-        outputs,
-        leases,
-        webhooks,
+        outputs: outputs.into_iter().map(Output::from).collect(),
+        leases: leases.into_iter().map(Lease::from).collect(),
+        webhooks: webhooks.into_iter().map(WebhookDelivery::from).collect(),
     }))
 }
 
@@ -223,7 +181,7 @@ pub(super) async fn get_job(
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EventList {
     /// Oldest first.
-    pub events: Vec<JobEvent>,
+    pub events: Vec<Event>,
 }
 
 /// The job's event log, oldest first: every state change.
@@ -242,7 +200,9 @@ pub(super) async fn job_events(
     if events.is_empty() && state.store.job(&id).await?.is_none() {
         return Err(ApiError::not_found(format!("job `{id}`")));
     }
-    Ok(Json(EventList { events }))
+    Ok(Json(EventList {
+        events: events.into_iter().map(Event::from).collect(),
+    }))
 }
 
 /// Answer to a cancel.
@@ -251,7 +211,7 @@ pub struct CancelResponse {
     /// The job.
     pub job_id: String,
     /// `cancelled`, or the current state while a backend is asked to stop it.
-    pub status: String,
+    pub status: JobStatus,
     /// A sentence for people.
     pub message: String,
 }
@@ -278,7 +238,7 @@ pub(super) async fn cancel_job(
             tracing::info!(job_id = %id, "job cancelled");
             let body = CancelResponse {
                 job_id: id,
-                status: status::CANCELLED.into(),
+                status: JobStatus::Cancelled,
                 message: "cancelled".into(),
             };
             Ok((StatusCode::OK, Json(body)).into_response())
@@ -290,7 +250,7 @@ pub(super) async fn cancel_job(
                 .job(&id)
                 .await?
                 .map(|j| j.status)
-                .unwrap_or_default();
+                .unwrap_or(JobStatus::Cancelled);
             let body = CancelResponse {
                 job_id: id,
                 status: current,
@@ -378,8 +338,8 @@ pub(super) async fn get_output(
         .into_response())
 }
 
-fn with_progress(state: &AppState, mut job: JobRecord) -> JobRecord {
-    if job.status == status::RUNNING || job.status == status::ASSIGNED {
+fn with_progress(state: &AppState, mut job: Job) -> Job {
+    if job.status.is_held() {
         if let Some(p) = state.farm.progress(&job.job_id) {
             job.progress = Some(p);
         }
@@ -391,7 +351,7 @@ fn with_progress(state: &AppState, mut job: JobRecord) -> JobRecord {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobList {
     /// Newest first.
-    pub jobs: Vec<JobRecord>,
+    pub jobs: Vec<Job>,
     /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
@@ -418,15 +378,16 @@ fn parse_time_param(field: &str, v: &str) -> Result<DateTime<Utc>, ApiError> {
 
 /// Adds the statuses of one `status` parameter (comma-separated), refusing
 /// unknown ones. Shared by the history and the event stream.
-pub(super) fn parse_statuses(value: &str, into: &mut Vec<String>) -> Result<(), ApiError> {
+pub(super) fn parse_statuses(value: &str, into: &mut Vec<JobStatus>) -> Result<(), ApiError> {
     for s in value.split(',').filter(|s| !s.is_empty()) {
-        if !status::ALL.contains(&s) {
-            return Err(ApiError::invalid(
+        let status = JobStatus::parse(s).ok_or_else(|| {
+            let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::invalid(
                 "status",
-                format!("unknown status `{s}` (one of {})", status::ALL.join(", ")),
-            ));
-        }
-        into.push(s.to_string());
+                format!("unknown status `{s}` (one of {})", all.join(", ")),
+            )
+        })?;
+        into.push(status);
     }
     Ok(())
 }
@@ -504,7 +465,7 @@ pub(super) async fn list_jobs(
         jobs: page
             .jobs
             .into_iter()
-            .map(|j| with_progress(&state, j))
+            .map(|j| with_progress(&state, j.into()))
             .collect(),
         next_cursor: page.next_before_seq.map(encode_cursor),
     }))
@@ -520,7 +481,10 @@ mod tests {
             "status=queued,running&status=failed&metadata.shot=sc01&limit=10",
         ))
         .unwrap();
-        assert_eq!(f.statuses, ["queued", "running", "failed"]);
+        assert_eq!(
+            f.statuses,
+            [JobStatus::Queued, JobStatus::Running, JobStatus::Failed]
+        );
         assert_eq!(f.metadata, [("shot".to_string(), "sc01".to_string())]);
         assert_eq!(f.limit, 10);
         let e = parse_filter(Some("colour=red")).unwrap_err();

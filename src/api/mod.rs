@@ -13,6 +13,7 @@ mod events;
 mod jobs;
 mod openapi;
 mod system;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,11 +23,12 @@ use axum::Router;
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
-pub(crate) use jobs::{submit_manifest, SubmitResponse};
 
 use crate::config::Config;
 use crate::dispatch::Farm;
+use crate::events::EventHub;
 use crate::store::Store;
+use crate::submit::Submitter;
 use crate::workflows::Catalog;
 
 /// What every handler can reach.
@@ -42,6 +44,10 @@ pub struct AppState {
     pub started: Instant,
     /// The running farm: wakes dispatchers, cancels through backends, live progress.
     pub farm: Farm,
+    /// Stores new jobs (the same path as the inbox's).
+    pub submitter: Submitter,
+    /// The live feed of the event log.
+    pub events: EventHub,
 }
 
 /// CORS for browser tools on other origins: only the configured ones (none by default).

@@ -11,7 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
-use crate::store::status;
+use crate::store::JobStatus;
 use crate::workflows::{Template, TemplateError};
 
 pub(super) fn router() -> Router<AppState> {
@@ -45,11 +45,14 @@ pub struct Health {
     responses((status = 200, body = Health), (status = 503, body = Health))
 )]
 pub(super) async fn health(State(state): State<AppState>) -> Response {
-    let mut jobs: BTreeMap<String, i64> = status::ALL.iter().map(|s| (s.to_string(), 0)).collect();
+    let mut jobs: BTreeMap<String, i64> = JobStatus::ALL
+        .iter()
+        .map(|s| (s.as_str().to_string(), 0))
+        .collect();
     let database = match state.store.job_counts().await {
         Ok(counts) => {
             for (s, n) in counts {
-                jobs.insert(s, n);
+                jobs.insert(s.as_str().to_string(), n);
             }
             "ok".to_string()
         }
@@ -108,6 +111,6 @@ pub(super) async fn workflows(State(state): State<AppState>) -> Json<WorkflowLis
 /// Rescans the workflows folder now.
 #[utoipa::path(post, path = "/api/workflows/reload", tag = "workflows", responses((status = 200, body = WorkflowList)))]
 pub(super) async fn reload_workflows(State(state): State<AppState>) -> Json<WorkflowList> {
-    state.catalog.reload();
+    state.catalog.reload_async().await;
     workflows(State(state)).await
 }

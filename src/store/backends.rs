@@ -1,144 +1,24 @@
 //! Backends: the configured list mirrored into the database, the operator's
 //! enable/disable/drain choices (kept across restarts), and the monitor's view.
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
-use utoipa::ToSchema;
+use chrono::Utc;
+use serde_json::json;
 
-use super::{fmt_time, parse_time, Store, StoreError};
-
-/// One backend as the API shows it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct BackendRecord {
-    /// Stable id from the config.
-    pub id: String,
-    /// Display name.
-    pub name: String,
-    /// Host of the ComfyUI server.
-    pub host: String,
-    /// Port of the ComfyUI server.
-    pub port: i64,
-    /// Enabled in the config file.
-    pub config_enabled: bool,
-    /// Operator override: `enabled`, `disabled`, `draining`, or `null` to follow the config.
-    pub admin_state: Option<String>,
-    /// Whether new jobs may be leased to it now (config, override, health).
-    pub accepting_jobs: bool,
-    /// Capabilities jobs may require.
-    pub tags: Vec<String>,
-    /// Prompts held at once.
-    pub max_inflight: i64,
-    /// The WebSocket client id used with this backend, kept across restarts.
-    pub client_id: String,
-    /// `unknown`, `online` or `offline`.
-    pub state: String,
-    /// `system.comfyui_version` of `/system_stats`.
-    pub comfyui_version: Option<String>,
-    /// VRAM of the first device, bytes.
-    pub vram_total: Option<i64>,
-    /// Free VRAM of the first device, bytes.
-    pub vram_free: Option<i64>,
-    /// Prompts in ComfyUI's queue (running and pending).
-    pub queue_remaining: Option<i64>,
-    /// Jobs this orchestrator has on it now (assigned or running).
-    pub active_jobs: i64,
-    /// Last error talking to it.
-    pub last_error: Option<String>,
-    /// Last successful contact.
-    pub last_seen: Option<DateTime<Utc>>,
-    /// Since when it has not answered.
-    pub offline_since: Option<DateTime<Utc>>,
-}
-
-impl BackendRecord {
-    /// Whether an operator or the config keeps new jobs away.
-    pub fn enabled(&self) -> bool {
-        match self.admin_state.as_deref() {
-            Some("enabled") => true,
-            Some("disabled") | Some("draining") => false,
-            _ => self.config_enabled,
-        }
-    }
-}
-
-/// The configured facts of a backend, written at start-up.
-#[derive(Debug, Clone)]
-pub struct BackendUpsert {
-    /// Id.
-    pub id: String,
-    /// Display name.
-    pub name: String,
-    /// Host.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// Enabled in the config.
-    pub enabled: bool,
-    /// Tags.
-    pub tags: Vec<String>,
-    /// Prompts at once.
-    pub max_inflight: u32,
-}
-
-/// What the monitor learnt from one poll.
-#[derive(Debug, Clone, Default)]
-pub struct BackendStats {
-    /// ComfyUI version.
-    pub comfyui_version: Option<String>,
-    /// VRAM total, bytes.
-    pub vram_total: Option<i64>,
-    /// VRAM free, bytes.
-    pub vram_free: Option<i64>,
-    /// Queue length.
-    pub queue_remaining: Option<i64>,
-}
-
-fn backend_from_row(row: &SqliteRow) -> Result<BackendRecord, sqlx::Error> {
-    let tags: String = row.try_get("tags")?;
-    let last_seen: Option<String> = row.try_get("last_seen")?;
-    let offline_since: Option<String> = row.try_get("offline_since")?;
-    let mut b = BackendRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        host: row.try_get("host")?,
-        port: row.try_get("port")?,
-        config_enabled: row.try_get::<i64, _>("config_enabled")? != 0,
-        admin_state: row.try_get("admin_state")?,
-        accepting_jobs: false,
-        tags: serde_json::from_str(&tags).unwrap_or_default(),
-        max_inflight: row.try_get("max_inflight")?,
-        client_id: row.try_get("client_id")?,
-        state: row.try_get("state")?,
-        comfyui_version: row.try_get("comfyui_version")?,
-        vram_total: row.try_get("vram_total")?,
-        vram_free: row.try_get("vram_free")?,
-        queue_remaining: row.try_get("queue_remaining")?,
-        active_jobs: row.try_get("active_jobs")?,
-        last_error: row.try_get("last_error")?,
-        last_seen: last_seen.as_deref().and_then(parse_time),
-        offline_since: offline_since.as_deref().and_then(parse_time),
-    };
-    b.accepting_jobs = b.enabled() && b.state == "online";
-    Ok(b)
-}
-
-async fn previous_state(
-    conn: &mut sqlx::SqliteConnection,
-    id: &str,
-) -> Result<Option<String>, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT state FROM backends WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?,
-    )
-}
+use super::events::backend_event;
+use super::model::*;
+use super::rows::backend_from_row;
+use super::{fmt_time, Store, StoreError};
 
 const BACKEND_SELECT: &str = "SELECT b.*, \
     (SELECT count(*) FROM jobs j WHERE j.backend_id = b.id AND j.status IN ('assigned', 'running')) \
     AS active_jobs FROM backends b";
+
+/// What a poll found, as it is written.
+enum Seen {
+    Online(BackendStats),
+    Offline(String),
+    Incompatible(BackendStats, String),
+}
 
 impl Store {
     /// Mirrors the configured backends; those no longer configured are kept
@@ -186,10 +66,10 @@ impl Store {
         ))
         .fetch_all(self.reader())
         .await?;
-        rows.iter()
+        Ok(rows
+            .iter()
             .map(backend_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::from)
+            .collect::<Result<_, _>>()?)
     }
 
     /// One configured backend.
@@ -200,17 +80,14 @@ impl Store {
         .bind(id)
         .fetch_optional(self.reader())
         .await?;
-        row.as_ref()
-            .map(backend_from_row)
-            .transpose()
-            .map_err(StoreError::from)
+        Ok(row.as_ref().map(backend_from_row).transpose()?)
     }
 
-    /// Sets the operator's override (`enabled`, `disabled`, `draining`).
+    /// Sets the operator's override.
     pub async fn set_backend_admin_state(
         &self,
         id: &str,
-        state: &'static str,
+        state: AdminState,
     ) -> Result<(), StoreError> {
         let id = id.to_string();
         self.writer()
@@ -236,70 +113,94 @@ impl Store {
 
     /// Records a successful poll.
     pub async fn backend_online(&self, id: &str, stats: BackendStats) -> Result<(), StoreError> {
-        let id = id.to_string();
-        self.writer()
-            .write(move |conn| {
-                Box::pin(async move {
-                    let now = fmt_time(Utc::now());
-                    let before = previous_state(conn, &id).await?;
-                    if before.as_deref() != Some("online") {
-                        super::events::backend_event(
-                            conn,
-                            &id,
-                            "backend_online",
-                            format!("backend {id} is online (ComfyUI {})", stats.comfyui_version.as_deref().unwrap_or("?")),
-                            serde_json::json!({"state": "online", "comfyui_version": stats.comfyui_version}),
-                        )
-                        .await?;
-                    }
-                    sqlx::query(
-                        "UPDATE backends SET state = 'online', comfyui_version = ?, vram_total = ?, \
-                         vram_free = ?, queue_remaining = ?, last_seen = ?, offline_since = NULL, \
-                         last_error = NULL, updated_at = ? WHERE id = ?",
-                    )
-                    .bind(stats.comfyui_version)
-                    .bind(stats.vram_total)
-                    .bind(stats.vram_free)
-                    .bind(stats.queue_remaining)
-                    .bind(&now)
-                    .bind(&now)
-                    .bind(&id)
-                    .execute(&mut *conn)
-                    .await?;
-                    Ok(())
-                })
-            })
-            .await
+        self.backend_seen(id, Seen::Online(stats)).await
     }
 
     /// Records a failed poll; `offline_since` keeps the first failure's time.
     pub async fn backend_offline(&self, id: &str, error: String) -> Result<(), StoreError> {
+        self.backend_seen(id, Seen::Offline(error)).await
+    }
+
+    /// Records a backend that answers but cannot be driven safely, and why.
+    pub async fn backend_incompatible(
+        &self,
+        id: &str,
+        stats: BackendStats,
+        why: String,
+    ) -> Result<(), StoreError> {
+        self.backend_seen(id, Seen::Incompatible(stats, why)).await
+    }
+
+    /// Writes what a poll found, with an event when the state changed.
+    async fn backend_seen(&self, id: &str, seen: Seen) -> Result<(), StoreError> {
         let id = id.to_string();
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
                     let now = fmt_time(Utc::now());
-                    let before = previous_state(conn, &id).await?;
-                    if before.as_deref() != Some("offline") {
-                        super::events::backend_event(
+                    let before: Option<BackendState> =
+                        sqlx::query_scalar("SELECT state FROM backends WHERE id = ?")
+                            .bind(&id)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                    let (state, stats, error) = match seen {
+                        Seen::Online(s) => (BackendState::Online, Some(s), None),
+                        Seen::Offline(e) => (BackendState::Offline, None, Some(e)),
+                        Seen::Incompatible(s, e) => (BackendState::Incompatible, Some(s), Some(e)),
+                    };
+                    if before != Some(state) {
+                        let version = stats.as_ref().and_then(|s| s.comfyui_version.clone());
+                        let message = match (state, &error) {
+                            (BackendState::Online, _) => format!(
+                                "backend {id} is online (ComfyUI {})",
+                                version.as_deref().unwrap_or("?")
+                            ),
+                            (_, Some(e)) => format!("backend {id} is {}: {e}", state.as_str()),
+                            (_, None) => format!("backend {id} is {}", state.as_str()),
+                        };
+                        let kind = format!("backend_{}", state.as_str());
+                        backend_event(
                             conn,
                             &id,
-                            "backend_offline",
-                            format!("backend {id} is offline: {error}"),
-                            serde_json::json!({"state": "offline", "error": error}),
+                            &kind,
+                            message,
+                            json!({"state": state, "comfyui_version": version, "error": error}),
                         )
                         .await?;
                     }
-                    sqlx::query(
-                        "UPDATE backends SET state = 'offline', last_error = ?, \
-                         offline_since = coalesce(offline_since, ?), updated_at = ? WHERE id = ?",
-                    )
-                    .bind(error)
-                    .bind(&now)
-                    .bind(&now)
-                    .bind(&id)
-                    .execute(&mut *conn)
-                    .await?;
+                    match stats {
+                        Some(stats) => {
+                            sqlx::query(
+                                "UPDATE backends SET state = ?, comfyui_version = ?, vram_total = ?, \
+                                 vram_free = ?, queue_remaining = ?, last_seen = ?, offline_since = NULL, \
+                                 last_error = ?, updated_at = ? WHERE id = ?",
+                            )
+                            .bind(state)
+                            .bind(stats.comfyui_version)
+                            .bind(stats.vram_total)
+                            .bind(stats.vram_free)
+                            .bind(stats.queue_remaining)
+                            .bind(&now)
+                            .bind(error)
+                            .bind(&now)
+                            .bind(&id)
+                            .execute(&mut *conn)
+                            .await?;
+                        }
+                        None => {
+                            sqlx::query(
+                                "UPDATE backends SET state = ?, last_error = ?, \
+                                 offline_since = coalesce(offline_since, ?), updated_at = ? WHERE id = ?",
+                            )
+                            .bind(state)
+                            .bind(error)
+                            .bind(&now)
+                            .bind(&now)
+                            .bind(&id)
+                            .execute(&mut *conn)
+                            .await?;
+                        }
+                    }
                     Ok(())
                 })
             })

@@ -4,16 +4,33 @@
 //! backends, never of tables, so the storage can change (a PostgreSQL store
 //! for several orchestrators, say) without touching the API or dispatch.
 //!
-//! Layout: reads go through a pool of read-only connections; writes go through
-//! the single [`writer::Writer`] task, which commits many of them together.
+//! Layout:
+//! - [`model`]: the records callers hand in and get back, and the state enums.
+//! - `submit`: storing new jobs, many per statement (group commit).
+//! - `history`: reading jobs, their leases, outputs and events.
+//! - `lease`: choosing the next job for a backend, and what a backend holds.
+//! - `transitions`: every change of a leased job, each fenced by its lease
+//!   token and logged as an event, through one helper.
+//! - `backends`, `events`, `webhooks`, `cleanup`: the farm's rows, the event
+//!   log, the webhook outbox, the list of prompts to remove from backends.
+//! - [`writer`]: the single writer task; reads go through a pool.
+//!
 //! Connection settings (WAL, `synchronous`, `foreign_keys`, `busy_timeout`)
 //! are set on the connect options so that every connection gets them.
 
 mod backends;
+#[cfg(feature = "bench-support")]
+mod bench;
+mod cleanup;
 mod events;
-mod jobs;
-mod leases;
+mod history;
+mod lease;
 mod migrate;
+pub mod model;
+mod rows;
+mod submit;
+mod transitions;
+mod webhooks;
 pub mod writer;
 
 use std::path::Path;
@@ -25,10 +42,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, SqlitePool};
 
-pub use backends::{BackendRecord, BackendStats, BackendUpsert};
-pub use events::{EventFilter, Webhook};
-pub use jobs::*;
-pub use leases::{ActiveJob, AttemptOutcome, CancelOutcome, Lease};
+pub use cleanup::CleanupEntry;
+pub use lease::MAX_FAILURES_PER_BACKEND;
+pub use model::*;
+pub use transitions::{LostOutcome, LostRun};
 
 use crate::config::{DatabaseConfig, Synchronous};
 
@@ -89,48 +106,9 @@ impl From<serde_json::Error> for StoreError {
 pub struct Store {
     read: SqlitePool,
     writer: writer::Writer,
-    clock: jobs::SubmitClock,
+    clock: submit::SubmitClock,
     /// Submissions wait here to be stored many at a time (one INSERT each batch).
-    submissions: tokio::sync::mpsc::Sender<PendingSubmission>,
-}
-
-type PendingSubmission = (
-    NewJob,
-    tokio::sync::oneshot::Sender<Result<SubmitOutcome, StoreError>>,
-);
-
-/// Gathers the submissions waiting while the previous batch was written and
-/// stores them together: a burst of concurrent submissions costs one
-/// statement and one commit.
-/// Ends when every `Store` (holding the sending side) is gone.
-async fn batch_submissions(
-    writer: writer::Writer,
-    clock: jobs::SubmitClock,
-    mut rx: tokio::sync::mpsc::Receiver<PendingSubmission>,
-    max_batch: usize,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut pending = vec![first];
-        while pending.len() < max_batch {
-            match rx.try_recv() {
-                Ok(p) => pending.push(p),
-                Err(_) => break,
-            }
-        }
-        let (jobs, answers): (Vec<NewJob>, Vec<_>) = pending.into_iter().unzip();
-        match jobs::store_batch(&writer, &clock, jobs).await {
-            Ok(outcomes) => {
-                for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                    let _ = answer.send(outcome);
-                }
-            }
-            Err(e) => {
-                for answer in answers {
-                    let _ = answer.send(Err(e.clone()));
-                }
-            }
-        }
-    }
+    submissions: tokio::sync::mpsc::Sender<submit::PendingSubmission>,
 }
 
 /// Formats a time the way it is stored: RFC 3339 UTC with microseconds, so
@@ -190,13 +168,13 @@ impl Store {
         let mut store = Store {
             read,
             writer,
-            clock: jobs::SubmitClock::default(),
+            clock: submit::SubmitClock::default(),
             submissions,
         };
         store.clock = store.load_submit_clock().await?;
         // At most as many rows as SQLite takes bound values in one statement.
         let batch = db.max_batch.min(2_000);
-        tokio::spawn(batch_submissions(
+        tokio::spawn(submit::batch_submissions(
             store.writer.clone(),
             store.clock.clone(),
             submissions_rx,
@@ -282,19 +260,15 @@ fn pragma_select(name: &str) -> String {
     format!("SELECT * FROM pragma_{name}")
 }
 
-/// Opens a database read-only for offline commands (backup from the CLI).
-pub async fn open_read_only(path: &Path) -> anyhow::Result<SqlitePool> {
+/// Writes a consistent copy of the database file at `src` to `dest`
+/// (the `backup` command, which runs beside a live service).
+pub async fn backup_file(src: &Path, dest: &Path) -> anyhow::Result<()> {
     let options =
-        SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?.read_only(true);
-    Ok(SqlitePoolOptions::new()
+        SqliteConnectOptions::from_str(&format!("sqlite://{}", src.display()))?.read_only(true);
+    let pool = SqlitePoolOptions::new()
         .max_connections(1)
         .connect_with(options)
-        .await?)
-}
-
-/// Writes a consistent copy of the database file at `src` to `dest`.
-pub async fn backup_file(src: &Path, dest: &Path) -> anyhow::Result<()> {
-    let pool = open_read_only(src).await?;
+        .await?;
     let mut conn = pool.acquire().await?;
     sqlx::query("VACUUM INTO ?")
         .bind(dest.to_string_lossy().to_string())

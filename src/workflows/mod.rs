@@ -109,6 +109,9 @@ pub struct Template {
     pub source: String,
     /// Declared parameters, in declaration order.
     pub parameters: Vec<Param>,
+    /// Longest a run of this workflow may take, in seconds, unless the
+    /// manifest says (`timeout_s`).
+    pub timeout_s: Option<i64>,
     /// The API-format graph with default values.
     #[serde(skip)]
     pub graph: Value,
@@ -119,6 +122,8 @@ pub struct Template {
 struct Declaration {
     #[serde(default)]
     description: Option<String>,
+    #[serde(default)]
+    timeout_s: Option<i64>,
     #[serde(default)]
     parameters: serde_yaml_ng::Mapping,
 }
@@ -224,6 +229,7 @@ impl Template {
             Some(text) => serde_yaml_ng::from_str(text).map_err(|e| format!("declaration: {e}"))?,
             None => Declaration {
                 description: None,
+                timeout_s: None,
                 parameters: Default::default(),
             },
         };
@@ -265,13 +271,26 @@ impl Template {
             }
             parameters.push(param);
         }
+        if let Some(t) = decl.timeout_s {
+            if !(1..=604_800).contains(&t) {
+                return Err(format!("timeout_s must be between 1 and 604800, got {t}"));
+            }
+        }
         Ok(Template {
             id: id.to_string(),
+            timeout_s: decl.timeout_s,
             description: decl.description.map(|d| d.trim().to_string()),
             source: source.to_string(),
             parameters,
             graph,
         })
+    }
+
+    /// The parameter whose value goes to `node.inputs.input`, if one does.
+    pub fn param_for(&self, node: &str, input: &str) -> Option<&Param> {
+        self.parameters
+            .iter()
+            .find(|p| p.targets.iter().any(|t| t.node == node && t.input == input))
     }
 
     /// Binds submitted values: checks each, fills defaults, and writes them
@@ -480,24 +499,32 @@ impl Catalog {
         };
     }
 
-    /// The template with this id; rescans the folder on a miss (at most once a second).
+    /// The template with this id, as last loaded.
     pub fn get(&self, id: &str) -> Option<Arc<Template>> {
-        {
-            let state = self.state.read().expect("catalog lock");
-            if let Some(t) = state.templates.get(id) {
-                return Some(t.clone());
-            }
-            if state.scanned_at.elapsed() < RESCAN_AFTER {
-                return None;
-            }
-        }
-        self.reload();
         self.state
             .read()
             .expect("catalog lock")
             .templates
             .get(id)
             .cloned()
+    }
+
+    /// Whether a lookup of `id` should rescan the folder first: it is not
+    /// known, and the last scan is over a second old (so a template dropped
+    /// there is found without a restart, and a flood of unknown ids does not
+    /// turn into a flood of scans).
+    pub fn should_rescan_for(&self, id: &str) -> bool {
+        let state = self.state.read().expect("catalog lock");
+        !state.templates.contains_key(id) && state.scanned_at.elapsed() >= RESCAN_AFTER
+    }
+
+    /// Rescans the folder on a blocking thread (file reads stay off the
+    /// async runtime).
+    pub async fn reload_async(self: &Arc<Self>) {
+        let catalog = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || catalog.reload()).await {
+            tracing::error!(error = %e, "reloading the workflow templates failed");
+        }
     }
 
     /// Every template, by id, and the files that failed to load.

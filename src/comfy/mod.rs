@@ -1,0 +1,488 @@
+//! The ComfyUI protocol: HTTP calls, the WebSocket, and what their answers
+//! mean. Nothing else in the service knows ComfyUI's routes or field names.
+//!
+//! Why a module that knows nothing of jobs or the database: the protocol is
+//! ComfyUI's (`docs/architecture.md` lists what we rely on; the recorded
+//! exchanges in `tests/fixtures/comfyui/` are the ground truth), and keeping
+//! it in one place means one place to check against a real server. Every
+//! call has a timeout and every answer a size cap: a backend that hangs or
+//! answers garbage is a [`ComfyError`] for that backend, never a stuck or
+//! crashed caller, nor memory growth. No request carries an `Origin` header
+//! (ComfyUI refuses foreign origins).
+
+mod protocol;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub use protocol::*;
+
+/// What can go wrong talking to a backend.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ComfyError {
+    /// No connection, or the connection broke.
+    #[error("cannot reach the backend: {0}")]
+    Unreachable(String),
+    /// The call took longer than the timeout.
+    #[error("the backend did not answer within {0:?}")]
+    Timeout(Duration),
+    /// An answer we cannot use (not JSON, wrong shape, too large, unexpected status).
+    #[error("the backend answered something unusable: {0}")]
+    BadResponse(String),
+    /// `POST /prompt` was refused: the graph cannot run there as it is.
+    #[error("the backend rejected the prompt: {}", .0.summary())]
+    Rejected(Rejection),
+}
+
+impl ComfyError {
+    /// The request may have reached the backend and been acted on (a
+    /// timeout, a connection that broke mid-way): only asking it can tell.
+    pub fn in_doubt(&self) -> bool {
+        matches!(self, ComfyError::Unreachable(_) | ComfyError::Timeout(_))
+    }
+}
+
+/// Size caps on what a backend may send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A JSON answer (`/history`, `/queue`, `/object_info`).
+    pub max_reply_bytes: u64,
+    /// One output file (`/view`).
+    pub max_output_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_reply_bytes: 64 << 20,
+            max_output_bytes: 16 << 30,
+        }
+    }
+}
+
+/// The backend's WebSocket, yielding parsed events.
+pub struct EventStream {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the socket closed. A broken socket is an error.
+    pub async fn next(&mut self) -> Option<Result<WsEvent, ComfyError>> {
+        loop {
+            let msg = self.ws.next().await?;
+            return Some(match msg {
+                Ok(Message::Text(t)) => Ok(WsEvent::parse_text(t.as_str())),
+                Ok(Message::Binary(b)) => Ok(WsEvent::Preview(b)),
+                Ok(Message::Pong(_)) => Ok(WsEvent::Pong),
+                // tungstenite answers pings by itself.
+                Ok(Message::Ping(_)) => continue,
+                Ok(Message::Close(_)) => return None,
+                Ok(_) => continue,
+                Err(e) => Err(ComfyError::Unreachable(e.to_string())),
+            });
+        }
+    }
+
+    /// Sends a ping; the answer comes back as [`WsEvent::Pong`].
+    pub async fn ping(&mut self) -> Result<(), ComfyError> {
+        self.ws
+            .send(Message::Ping(Bytes::from_static(b"orchestrator")))
+            .await
+            .map_err(|e| ComfyError::Unreachable(e.to_string()))
+    }
+
+    /// Sends our `feature_flags` (as the first message): ComfyUI answers it
+    /// through its table of sockets, so the answer proves that this socket
+    /// is the one our prompts' messages go to.
+    pub async fn probe(&mut self) -> Result<(), ComfyError> {
+        let m = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}});
+        self.ws
+            .send(Message::Text(m.to_string().into()))
+            .await
+            .map_err(|e| ComfyError::Unreachable(e.to_string()))
+    }
+
+    /// Closes the socket and waits (at most `wait`) for the server to close
+    /// its end. ComfyUI forgets a client id's socket when *any* socket with
+    /// that id ends: an old socket must be gone before its replacement opens.
+    pub async fn close(mut self, wait: Duration) {
+        let _ = tokio::time::timeout(wait, async {
+            if self.ws.close(None).await.is_err() {
+                return;
+            }
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+/// A client for one ComfyUI server.
+#[derive(Clone)]
+pub struct ComfyClient {
+    base: String,
+    ws_base: String,
+    client_id: String,
+    http: reqwest::Client,
+    /// For `/view`: no overall timeout (large videos), but a read timeout.
+    downloads: reqwest::Client,
+    timeout: Duration,
+    limits: Limits,
+}
+
+fn net_error(e: reqwest::Error, timeout: Duration) -> ComfyError {
+    if e.is_timeout() {
+        ComfyError::Timeout(timeout)
+    } else if e.is_decode() || e.is_body() {
+        ComfyError::BadResponse(e.to_string())
+    } else {
+        ComfyError::Unreachable(e.to_string())
+    }
+}
+
+impl ComfyClient {
+    /// A client for `host:port`, identifying itself with `client_id`.
+    pub fn new(host: &str, port: u16, client_id: &str, timeout: Duration) -> ComfyClient {
+        ComfyClient::with_limits(host, port, client_id, timeout, Limits::default())
+    }
+
+    /// A client with size caps of its own.
+    pub fn with_limits(
+        host: &str,
+        port: u16,
+        client_id: &str,
+        timeout: Duration,
+        limits: Limits,
+    ) -> ComfyClient {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(8)
+            .build()
+            .expect("http client");
+        let downloads = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .read_timeout(timeout)
+            .build()
+            .expect("http client");
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        ComfyClient {
+            base: format!("http://{host}:{port}"),
+            ws_base: format!("ws://{host}:{port}"),
+            client_id: client_id.to_string(),
+            http,
+            downloads,
+            timeout,
+            limits,
+        }
+    }
+
+    /// The base URL, for logs.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The timeout of each call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Reads a whole answer, refusing one over the cap.
+    async fn body(&self, mut r: reqwest::Response) -> Result<Vec<u8>, ComfyError> {
+        let cap = self.limits.max_reply_bytes;
+        if r.content_length().is_some_and(|n| n > cap) {
+            return Err(ComfyError::BadResponse(format!(
+                "an answer over {cap} bytes"
+            )));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = r.chunk().await.map_err(|e| net_error(e, self.timeout))? {
+            if body.len() as u64 + chunk.len() as u64 > cap {
+                return Err(ComfyError::BadResponse(format!(
+                    "an answer over {cap} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
+    async fn json_of(&self, r: reqwest::Response) -> Result<Value, ComfyError> {
+        let status = r.status();
+        let body = self.body(r).await?;
+        if !status.is_success() {
+            return Err(ComfyError::BadResponse(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            )));
+        }
+        serde_json::from_slice(&body).map_err(|e| {
+            ComfyError::BadResponse(format!(
+                "not JSON ({e}): {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ))
+        })
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, ComfyError> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| net_error(e, self.timeout))?;
+        self.json_of(r).await
+    }
+
+    async fn post_empty(&self, path: &str, body: Value) -> Result<(), ComfyError> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| net_error(e, self.timeout))?;
+        if !r.status().is_success() {
+            return Err(ComfyError::BadResponse(format!(
+                "HTTP {} on {path}",
+                r.status()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `POST /prompt` with our prompt id and client id. A refusal (a `4xx`,
+    /// or a `200` whose `node_errors` name broken outputs) is `Rejected`.
+    pub async fn submit(&self, prompt_id: &str, graph: &Value) -> Result<(), ComfyError> {
+        let body = json!({
+            "prompt": graph,
+            "client_id": self.client_id,
+            "prompt_id": prompt_id,
+        });
+        let r = self
+            .http
+            .post(format!("{}/prompt", self.base))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| net_error(e, self.timeout))?;
+        let status = r.status();
+        if status.is_client_error() {
+            let body = self.body(r).await?;
+            let body = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+            return Err(ComfyError::Rejected(Rejection {
+                status: status.as_u16(),
+                body,
+                queued: false,
+            }));
+        }
+        let v = self.json_of(r).await?;
+        if v["node_errors"].as_object().is_some_and(|e| !e.is_empty()) {
+            return Err(ComfyError::Rejected(Rejection {
+                status: status.as_u16(),
+                body: v,
+                queued: true,
+            }));
+        }
+        match v["prompt_id"].as_str() {
+            Some(p) if p == prompt_id => Ok(()),
+            Some(other) => Err(ComfyError::BadResponse(format!(
+                "asked for prompt id {prompt_id}, got {other} (ComfyUI older than 0.3.44?)"
+            ))),
+            None => Err(ComfyError::BadResponse(format!(
+                "no prompt_id in answer: {v}"
+            ))),
+        }
+    }
+
+    /// `GET /history/{prompt_id}`: `None` when the backend does not know it.
+    pub async fn history(&self, prompt_id: &str) -> Result<Option<HistoryEntry>, ComfyError> {
+        let v = self.get_json(&format!("/history/{prompt_id}")).await?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ComfyError::BadResponse("history is not an object".into()))?;
+        match obj.get(prompt_id) {
+            None => Ok(None),
+            Some(entry) => HistoryEntry::parse(entry).map(Some),
+        }
+    }
+
+    /// `GET /queue`: prompt ids running and waiting.
+    pub async fn queue(&self) -> Result<QueueState, ComfyError> {
+        let v = self.get_json("/queue").await?;
+        let ids = |key: &str| -> Result<Vec<String>, ComfyError> {
+            v[key]
+                .as_array()
+                .ok_or_else(|| ComfyError::BadResponse(format!("/queue without {key}")))?
+                .iter()
+                .map(|item| {
+                    item.get(1)
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            ComfyError::BadResponse("queue item without prompt id".into())
+                        })
+                })
+                .collect()
+        };
+        Ok(QueueState {
+            running: ids("queue_running")?,
+            pending: ids("queue_pending")?,
+        })
+    }
+
+    /// `GET /system_stats`.
+    pub async fn system_stats(&self) -> Result<SystemStats, ComfyError> {
+        let v = self.get_json("/system_stats").await?;
+        if v.get("system").is_none() {
+            return Err(ComfyError::BadResponse(
+                "/system_stats without system".into(),
+            ));
+        }
+        let version = v["system"]["comfyui_version"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        let dev = &v["devices"][0];
+        Ok(SystemStats {
+            comfyui_version: version,
+            vram_total: dev["vram_total"].as_i64(),
+            vram_free: dev["vram_free"].as_i64(),
+        })
+    }
+
+    /// `GET /prompt`: prompts left in the queue.
+    pub async fn queue_remaining(&self) -> Result<i64, ComfyError> {
+        let v = self.get_json("/prompt").await?;
+        v["exec_info"]["queue_remaining"].as_i64().ok_or_else(|| {
+            ComfyError::BadResponse("/prompt without exec_info.queue_remaining".into())
+        })
+    }
+
+    /// `GET /view` of one output, as a stream of chunks. A stalled transfer
+    /// ends with an error after the request timeout; a file over the cap is
+    /// refused.
+    pub async fn view(&self, f: &OutputFile) -> Result<Download, ComfyError> {
+        let r = self
+            .downloads
+            .get(format!("{}/view", self.base))
+            .query(&[
+                ("filename", &f.filename),
+                ("subfolder", &f.subfolder),
+                ("type", &f.file_type),
+            ])
+            .send()
+            .await
+            .map_err(|e| net_error(e, self.timeout))?;
+        if !r.status().is_success() {
+            return Err(ComfyError::BadResponse(format!(
+                "/view of {} answered HTTP {}",
+                f.filename,
+                r.status()
+            )));
+        }
+        let cap = self.limits.max_output_bytes;
+        if r.content_length().is_some_and(|n| n > cap) {
+            return Err(ComfyError::BadResponse(format!(
+                "{} is over {cap} bytes",
+                f.filename
+            )));
+        }
+        let content_type = r
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && *v != "application/octet-stream")
+            .map(str::to_string);
+        Ok(Download {
+            response: r,
+            content_type,
+            received: 0,
+            cap,
+            timeout: self.timeout,
+        })
+    }
+
+    /// `POST /history {"delete": [...]}`: forget finished prompts.
+    pub async fn delete_history(&self, prompt_ids: &[String]) -> Result<(), ComfyError> {
+        self.post_empty("/history", json!({ "delete": prompt_ids }))
+            .await
+    }
+
+    /// `POST /queue {"delete": [...]}`: remove pending prompts.
+    pub async fn delete_queued(&self, prompt_ids: &[String]) -> Result<(), ComfyError> {
+        self.post_empty("/queue", json!({ "delete": prompt_ids }))
+            .await
+    }
+
+    /// `POST /interrupt {"prompt_id"}`: stop it if it is the running prompt.
+    pub async fn interrupt(&self, prompt_id: &str) -> Result<(), ComfyError> {
+        self.post_empty("/interrupt", json!({ "prompt_id": prompt_id }))
+            .await
+    }
+
+    /// Removes prompts from the backend wherever they are: out of the queue,
+    /// interrupted if running, out of the history.
+    pub async fn remove(
+        &self,
+        prompt_ids: &[String],
+        running: &[String],
+    ) -> Result<(), ComfyError> {
+        self.delete_queued(prompt_ids).await?;
+        for p in prompt_ids.iter().filter(|p| running.contains(p)) {
+            self.interrupt(p).await?;
+        }
+        self.delete_history(prompt_ids).await
+    }
+
+    /// Opens `GET /ws?clientId=...`.
+    pub async fn connect(&self) -> Result<EventStream, ComfyError> {
+        let url = format!("{}/ws?clientId={}", self.ws_base, self.client_id);
+        let (ws, _) = tokio::time::timeout(self.timeout, tokio_tungstenite::connect_async(url))
+            .await
+            .map_err(|_| ComfyError::Timeout(self.timeout))?
+            .map_err(|e| ComfyError::Unreachable(e.to_string()))?;
+        Ok(EventStream { ws })
+    }
+}
+
+/// An output being downloaded from `/view`.
+pub struct Download {
+    response: reqwest::Response,
+    /// The type the backend gave, when it gave a useful one.
+    pub content_type: Option<String>,
+    received: u64,
+    cap: u64,
+    timeout: Duration,
+}
+
+impl Download {
+    /// The next chunk; `None` at the end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, ComfyError> {
+        let chunk = self
+            .response
+            .chunk()
+            .await
+            .map_err(|e| net_error(e, self.timeout))?;
+        if let Some(c) = &chunk {
+            self.received += c.len() as u64;
+            if self.received > self.cap {
+                return Err(ComfyError::BadResponse(format!(
+                    "an output over {} bytes",
+                    self.cap
+                )));
+            }
+        }
+        Ok(chunk)
+    }
+}

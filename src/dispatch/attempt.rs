@@ -1,0 +1,429 @@
+//! One attempt's steps on a backend, each run as a helper task of its
+//! worker: submit the prompt, finish it (read its history, collect its
+//! outputs, end the job), fail it, cancel it, give up on it when it runs
+//! past its time.
+//!
+//! Why helper tasks that return a [`Report`]: these steps wait on the
+//! backend (a download can take minutes), and the worker must keep reading
+//! its WebSocket meanwhile. Each step reports what became of the prompt; the
+//! worker alone changes its view of it ([`super::phase`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{outputs, DispatchError, Shared};
+use crate::comfy::{ComfyClient, ComfyError, ExecutionError, HistoryEntry, PromptEnd, Rejection};
+use crate::store::{AttemptOutcome, Lease, StoreError};
+
+/// Failed tries to collect a finished prompt before its attempt fails.
+pub(super) const FINISH_TRIES: u32 = 5;
+
+/// What became of a prompt after a helper's step.
+#[derive(Debug)]
+pub(super) enum Report {
+    /// The backend accepted the submit.
+    Accepted(String),
+    /// The backend accepted the submit, and a cancel is pending.
+    AcceptedCancelled(String),
+    /// The submit got no usable answer: the backend must be asked.
+    NoAnswer(String),
+    /// The prompt is dealt with (completed, failed, requeued, cancelled).
+    Done(String),
+    /// Its end could not be dealt with now; the next reconcile tries again.
+    Deferred(String, DispatchError),
+}
+
+/// What a helper needs: the backend and its client, and the shared state.
+#[derive(Clone)]
+pub(super) struct Ctx {
+    pub(super) shared: Arc<Shared>,
+    pub(super) backend_id: String,
+    pub(super) client: ComfyClient,
+}
+
+/// A leased prompt, as the helpers name it.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    pub(super) job_id: String,
+    pub(super) token: i64,
+    pub(super) attempt: i64,
+    pub(super) prompt_id: String,
+}
+
+impl From<&Lease> for Held {
+    fn from(l: &Lease) -> Held {
+        Held {
+            job_id: l.job_id.clone(),
+            token: l.token,
+            attempt: l.attempt,
+            prompt_id: l.prompt_id.clone(),
+        }
+    }
+}
+
+/// A person-readable error from a failed prompt's end.
+fn runtime_error(backend_id: &str, attempt: i64, end: &PromptEnd) -> Value {
+    match end {
+        PromptEnd::Error(ExecutionError {
+            node_id,
+            node_type,
+            exception_type,
+            exception_message,
+            traceback,
+        }) => json!({
+            "message": format!("backend {backend_id}: node {node_id} ({node_type}) raised {exception_type}: {exception_message}"),
+            "backend_id": backend_id,
+            "attempt": attempt,
+            "node_id": node_id,
+            "node_type": node_type,
+            "exception_type": exception_type,
+            "exception_message": exception_message,
+            "traceback": traceback,
+        }),
+        PromptEnd::Interrupted { node_id } => json!({
+            "message": format!("backend {backend_id}: interrupted at node {node_id}, not by this orchestrator (someone cancelled it on the backend?)"),
+            "backend_id": backend_id,
+            "attempt": attempt,
+            "node_id": node_id,
+        }),
+        PromptEnd::Other(status) => json!({
+            "message": format!("backend {backend_id}: the prompt ended with status `{status}`"),
+            "backend_id": backend_id,
+            "attempt": attempt,
+        }),
+        // Not a failure; listed so that the match stays whole.
+        PromptEnd::Success => json!({
+            "message": format!("backend {backend_id}: the prompt succeeded"),
+            "backend_id": backend_id,
+            "attempt": attempt,
+        }),
+    }
+}
+
+/// The job's error for a refused prompt, with ComfyUI's own words beside it.
+fn rejection_error(backend_id: &str, attempt: i64, r: &Rejection) -> Value {
+    json!({
+        "message": format!("backend {backend_id} rejected the workflow: {}", r.summary()),
+        "backend_id": backend_id,
+        "attempt": attempt,
+        "http_status": r.status,
+        "comfyui_error": r.error(),
+        "node_errors": r.node_errors(),
+    })
+}
+
+impl Ctx {
+    /// Records a failed attempt and schedules the retry; `false` if it could
+    /// not be recorded (the caller then leaves the prompt for a reconcile).
+    pub(super) async fn fail(&self, held: &Held, rejected: bool, error: Value) -> bool {
+        let delay = super::backoff(&self.shared.config, held.attempt);
+        let job_id = held.job_id.as_str();
+        let recorded = match self
+            .shared
+            .store
+            .fail_attempt(job_id, held.token, rejected, error, delay)
+            .await
+        {
+            Ok(AttemptOutcome::Failed(reason)) => {
+                tracing::warn!(job_id, backend_id = %self.backend_id, "job failed: {reason}");
+                self.count_failure(job_id, true).await;
+                true
+            }
+            Ok(AttemptOutcome::Retry(at)) => {
+                self.count_failure(job_id, false).await;
+                tracing::info!(job_id, backend_id = %self.backend_id, retry_at = %at, "attempt failed; job queued again");
+                self.shared.wake_at(at);
+                true
+            }
+            Ok(AttemptOutcome::LeaseLost) => true,
+            Err(e) => {
+                tracing::error!(job_id, backend_id = %self.backend_id, error = %e, "cannot record the failed attempt; the backend will be asked again");
+                false
+            }
+        };
+        self.shared.wake();
+        recorded
+    }
+
+    async fn count_failure(&self, job_id: &str, is_final: bool) {
+        let workflow = match self.shared.store.job_times(job_id).await {
+            Ok(j) => j.and_then(|j| j.workflow_id),
+            Err(_) => None,
+        };
+        crate::metrics::failed(workflow.as_deref(), &self.backend_id, is_final);
+    }
+
+    /// `POST /prompt`, and what the answer means for the job.
+    pub(super) async fn submit(self, lease: Lease) -> Report {
+        let held = Held::from(&lease);
+        let pid = held.prompt_id.clone();
+        let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
+        match self.client.submit(&pid, &lease.graph).await {
+            Ok(()) => match self.shared.store.mark_submitted(job_id, held.token).await {
+                Ok(true) => Report::AcceptedCancelled(pid),
+                Ok(false) => Report::Accepted(pid),
+                Err(StoreError::LeaseLost) => {
+                    // Taken back while the submit was in flight: it must not run there.
+                    self.forget_prompt(&held, "its lease was taken back while it was submitted")
+                        .await;
+                    Report::Done(pid)
+                }
+                Err(e) => {
+                    // The backend has it; its first message records the submit too.
+                    tracing::error!(job_id, backend_id, error = %e, "cannot record the submission");
+                    Report::Accepted(pid)
+                }
+            },
+            Err(ComfyError::Rejected(r)) => {
+                let error = rejection_error(backend_id, held.attempt, &r);
+                tracing::warn!(job_id, backend_id, "prompt rejected: {}", error["message"]);
+                if r.queued {
+                    // ComfyUI runs the valid part anyway: take it off the backend.
+                    self.forget_prompt(&held, "part of its graph was refused")
+                        .await;
+                }
+                if self.fail(&held, true, error).await {
+                    Report::Done(pid)
+                } else {
+                    Report::NoAnswer(pid)
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job_id, backend_id, error = %e, "submit got no usable answer; the backend will be asked whether it has the prompt");
+                Report::NoAnswer(pid)
+            }
+        }
+    }
+
+    /// Removes a prompt from the backend at once; if that fails, the
+    /// cleanup list makes sure it happens later.
+    async fn forget_prompt(&self, held: &Held, why: &str) {
+        let ids = [held.prompt_id.clone()];
+        let removed = self.client.remove(&ids, &ids).await;
+        if let Err(e) = &removed {
+            tracing::warn!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot remove the prompt now; it goes on the cleanup list");
+        }
+        if removed.is_err() {
+            let reason = format!("prompt {}: {why}", held.prompt_id);
+            if let Err(e) = self
+                .shared
+                .store
+                .add_cleanup(
+                    &held.prompt_id,
+                    &self.backend_id,
+                    Some(&held.job_id),
+                    &reason,
+                    chrono::Utc::now(),
+                )
+                .await
+            {
+                tracing::error!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot put the prompt on the cleanup list");
+            }
+        }
+    }
+
+    /// Reads the prompt's history and ends the job accordingly.
+    pub(super) async fn finish(self, held: Held) -> Report {
+        let pid = held.prompt_id.clone();
+        match self.try_finish(&held).await {
+            Ok(()) => Report::Done(pid),
+            Err(e) => {
+                tracing::warn!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot finish the job now; will ask the backend again");
+                Report::Deferred(pid, e)
+            }
+        }
+    }
+
+    async fn try_finish(&self, held: &Held) -> Result<(), DispatchError> {
+        let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
+        let entry: HistoryEntry = self
+            .client
+            .history(&held.prompt_id)
+            .await?
+            .ok_or_else(|| DispatchError::NoHistory(held.prompt_id.clone()))?;
+        let cancel_requested = self
+            .shared
+            .store
+            .lease_of(job_id)
+            .await?
+            .is_some_and(|a| a.cancel_requested);
+        let end = entry.end();
+        match &end {
+            PromptEnd::Success => {
+                let dir = self.shared.outputs_dir.join(job_id);
+                let outputs = outputs::collect(&self.client, &dir, &entry.outputs).await?;
+                match self
+                    .shared
+                    .store
+                    .complete(job_id, held.token, outputs)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(job_id, backend_id, "job completed");
+                        self.count_completion(job_id).await;
+                        if cancel_requested {
+                            let message = format!("the cancel came too late: the prompt had already finished on backend {backend_id}, so the job is completed");
+                            if let Err(e) = self
+                                .shared
+                                .store
+                                .note_event(job_id, "cancel_too_late", backend_id, message, None)
+                                .await
+                            {
+                                tracing::warn!(job_id, backend_id, error = %e, "cannot record that the cancel came too late");
+                            }
+                        }
+                    }
+                    Err(StoreError::LeaseLost) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            PromptEnd::Interrupted { .. } if cancel_requested => {
+                let how = format!("cancelled: interrupted on backend {backend_id}");
+                self.shared
+                    .store
+                    .confirm_cancel(job_id, held.token, how)
+                    .await?;
+            }
+            _ => {
+                let error = runtime_error(backend_id, held.attempt, &end);
+                tracing::warn!(job_id, backend_id, "attempt failed: {}", error["message"]);
+                if !self.fail(held, false, error).await {
+                    return Err(DispatchError::Store(StoreError::Closed));
+                }
+            }
+        }
+        if let Err(e) = self
+            .client
+            .delete_history(std::slice::from_ref(&held.prompt_id))
+            .await
+        {
+            // Harmless: ComfyUI caps its history, and this prompt is never asked about again.
+            tracing::debug!(job_id, backend_id, error = %e, "cannot delete the prompt's history");
+        }
+        self.shared.wake();
+        Ok(())
+    }
+
+    async fn count_completion(&self, job_id: &str) {
+        if let Ok(Some(job)) = self.shared.store.job_times(job_id).await {
+            let run = job
+                .started_at
+                .map(|s| (chrono::Utc::now() - s).num_milliseconds().max(0) as f64 / 1000.0)
+                .unwrap_or(0.0);
+            crate::metrics::completed(job.workflow_id.as_deref(), &self.backend_id, run);
+        }
+    }
+
+    /// The prompt finished but its outputs could not be had, try after try:
+    /// the attempt fails.
+    pub(super) async fn uncollectable(self, held: Held, why: DispatchError) -> Report {
+        let error = json!({
+            "message": format!("backend {}: the prompt finished but its outputs could not be collected after {FINISH_TRIES} tries: {why}", self.backend_id),
+            "backend_id": self.backend_id,
+            "attempt": held.attempt,
+        });
+        if self.fail(&held, false, error).await {
+            Report::Done(held.prompt_id)
+        } else {
+            Report::Deferred(held.prompt_id, why)
+        }
+    }
+
+    /// Removes the prompt from the backend's queue or interrupts it (again
+    /// at each check while it still runs: ComfyUI ignores an interrupt that
+    /// lands before the prompt really starts), then waits for the backend to
+    /// confirm, or for the cancel timeout.
+    pub(super) async fn cancel(self, held: Held) -> Report {
+        let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
+        let pid = held.prompt_id.clone();
+        let ids = [pid.clone()];
+        let _ = self.client.delete_queued(&ids).await;
+        let _ = self.client.interrupt(&pid).await;
+        let limit = self.shared.config.dispatch.cancel_timeout_s;
+        let deadline = Instant::now() + Duration::from_secs(limit);
+        loop {
+            if let Ok(q) = self.client.queue().await {
+                if q.running.contains(&pid) {
+                    let _ = self.client.interrupt(&pid).await;
+                } else if !q.contains(&pid) {
+                    match self.client.history(&pid).await {
+                        Ok(None) => {
+                            let how =
+                                format!("cancelled: removed from backend {backend_id}'s queue");
+                            if let Err(e) = self
+                                .shared
+                                .store
+                                .confirm_cancel(job_id, held.token, how)
+                                .await
+                            {
+                                return Report::Deferred(pid, e.into());
+                            }
+                            break;
+                        }
+                        // It ended there (interrupted, or finished first): the usual end path decides.
+                        Ok(Some(_)) => return self.finish(held).await,
+                        Err(_) => {}
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                let reason =
+                    format!("cancelled; backend {backend_id} did not confirm within {limit} s");
+                let store = &self.shared.store;
+                let cleanup = store
+                    .add_cleanup(&pid, backend_id, Some(job_id), &reason, chrono::Utc::now())
+                    .await;
+                let confirmed = store
+                    .confirm_cancel(
+                        job_id,
+                        held.token,
+                        format!("{reason}; the prompt is on the cleanup list"),
+                    )
+                    .await;
+                if let Err(e) = cleanup.and(confirmed.map(|_| ())) {
+                    return Report::Deferred(pid, e.into());
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.shared.wake();
+        Report::Done(pid)
+    }
+
+    /// The prompt ran past its time limit: interrupt it, put it on the
+    /// cleanup list (a hung node ignores interrupts), and fail the attempt.
+    pub(super) async fn time_out(self, held: Held, limit: Duration) -> Report {
+        let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
+        let pid = held.prompt_id.clone();
+        if let Err(e) = self.client.interrupt(&pid).await {
+            tracing::warn!(job_id, backend_id, error = %e, "cannot interrupt the timed-out prompt");
+        }
+        let message = format!(
+            "timed out after {} s on backend {backend_id}",
+            limit.as_secs()
+        );
+        if let Err(e) = self
+            .shared
+            .store
+            .add_cleanup(&pid, backend_id, Some(job_id), &message, chrono::Utc::now())
+            .await
+        {
+            return Report::Deferred(pid, e.into());
+        }
+        let error = json!({
+            "message": message,
+            "backend_id": backend_id,
+            "attempt": held.attempt,
+            "timeout_s": limit.as_secs(),
+        });
+        tracing::warn!(job_id, backend_id, "{message}");
+        if self.fail(&held, false, error).await {
+            Report::Done(pid)
+        } else {
+            Report::Deferred(pid, DispatchError::Store(StoreError::Closed))
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Dispatch: one worker per backend leases jobs, submits them, follows them
+//! on the backend's WebSocket, collects their outputs and ends them.
+//!
+//! Why one worker per backend: a backend is one GPU with one queue and one
+//! WebSocket; a worker owns all three, so there is no shared mutable state
+//! between backends beyond the database. The rules that keep a job from
+//! being lost or run twice (`docs/architecture.md`, "The dispatch protocol"):
+//!
+//! - A prompt id is chosen and stored in the lease before `POST /prompt`, and
+//!   is never submitted twice; a retry gets a new lease and a new prompt id.
+//! - The end of a prompt is `executing` with `node: null`; only then is
+//!   `/history/{prompt_id}` read.
+//! - When in doubt (a dropped socket, a submit whose answer never came, a
+//!   restart of the orchestrator), the backend is asked: `/queue` first, then
+//!   `/history`. Nothing is rescued on time alone, except from a backend that
+//!   has answered nothing for the whole grace period; every prompt given up
+//!   on goes on a durable cleanup list and is removed there when it answers.
+//! - Every state change after the lease is fenced by the lease token.
+//!
+//! Layout: [`worker`] (the per-backend loop and filling), [`phase`] (where
+//! each followed prompt stands: the one state machine), [`attempt`] (one
+//! attempt's steps: submit, finish, fail, cancel, time out), [`reconcile`]
+//! (asking the backend, the cleanup list, taking jobs back), [`outputs`]
+//! (downloads), [`progress`] (live progress and previews).
+
+mod attempt;
+mod outputs;
+mod phase;
+mod progress;
+mod reconcile;
+mod worker;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::comfy::{ComfyClient, ComfyError, Limits};
+use crate::config::Config;
+use crate::store::{CancelOutcome, Store, StoreError};
+
+pub use outputs::safe_name;
+pub use progress::Preview;
+
+/// Why a step of dispatch could not be done now.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DispatchError {
+    /// Talking to the backend failed.
+    #[error("{0}")]
+    Backend(#[from] ComfyError),
+    /// The database refused the write or read.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The backend says the prompt finished, but keeps no history of it.
+    #[error("backend has no history for prompt {0}")]
+    NoHistory(String),
+    /// Writing an output into the data folder failed.
+    #[error("{0}")]
+    Outputs(String),
+}
+
+/// Messages to a backend's worker.
+#[derive(Debug)]
+enum Command {
+    /// A user asked to cancel this job, which the backend holds.
+    Cancel(String),
+}
+
+/// What the workers share: the database, settings, and the ways to reach
+/// each other and the API.
+struct Shared {
+    store: Store,
+    config: Arc<Config>,
+    outputs_dir: PathBuf,
+    wake: watch::Sender<u64>,
+    stop: CancellationToken,
+    commands: HashMap<String, mpsc::Sender<Command>>,
+    progress: Mutex<HashMap<String, Value>>,
+    previews: tokio::sync::broadcast::Sender<Preview>,
+    /// Times at which a retry falls due (the workers are woken then).
+    due: Mutex<BTreeSet<tokio::time::Instant>>,
+    due_changed: Notify,
+}
+
+impl Shared {
+    /// Wakes every worker: a job was queued, or a backend may take one.
+    fn wake(&self) {
+        self.wake.send_modify(|n| *n += 1);
+    }
+
+    /// Wakes every worker at `at` (a retry's back-off ends then).
+    fn wake_at(&self, at: chrono::DateTime<chrono::Utc>) {
+        let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+        self.due
+            .lock()
+            .expect("due")
+            .insert(tokio::time::Instant::now() + wait);
+        self.due_changed.notify_one();
+    }
+}
+
+/// Wakes the workers when retries fall due, until the service stops.
+async fn wake_when_due(shared: Arc<Shared>) {
+    loop {
+        let next = shared.due.lock().expect("due").first().copied();
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = shared.due_changed.notified() => {}
+            _ = sleep => {
+                let now = tokio::time::Instant::now();
+                shared.due.lock().expect("due").retain(|t| *t > now);
+                shared.wake();
+            }
+        }
+    }
+}
+
+/// The running farm: one worker and one monitor per configured backend.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Farm {
+    shared: Arc<Shared>,
+}
+
+/// Delay before the next attempt after `attempt` failed: the retry
+/// back-off, doubling from `retry_backoff_ms` up to `retry_backoff_max_ms`.
+pub fn backoff(config: &Config, attempt: i64) -> chrono::Duration {
+    let base = config.dispatch.retry_backoff_ms as f64;
+    let ms = (base * 2f64.powi((attempt - 1).clamp(0, 30) as i32))
+        .min(config.dispatch.retry_backoff_max_ms as f64);
+    chrono::Duration::milliseconds(ms as i64)
+}
+
+impl Farm {
+    /// Starts a worker and a monitor for every configured backend, on
+    /// `tasks`; they stop when `stop` is cancelled.
+    pub async fn start(
+        store: Store,
+        config: Arc<Config>,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Farm, StoreError> {
+        let released = store.release_unconfigured().await?;
+        if released > 0 {
+            tracing::warn!(
+                released,
+                "jobs held by backends no longer configured were queued again"
+            );
+        }
+        let mut commands = HashMap::new();
+        let mut receivers = Vec::new();
+        for b in &config.backends {
+            let (tx, rx) = mpsc::channel(64);
+            commands.insert(b.id.clone(), tx);
+            receivers.push((b.clone(), rx));
+        }
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            outputs_dir: config.outputs_dir(),
+            config: config.clone(),
+            wake: watch::channel(0u64).0,
+            stop: stop.clone(),
+            commands,
+            progress: Mutex::new(HashMap::new()),
+            previews: tokio::sync::broadcast::channel(64).0,
+            due: Mutex::new(BTreeSet::new()),
+            due_changed: Notify::new(),
+        });
+        tasks.spawn(wake_when_due(shared.clone()));
+        let timeout = Duration::from_millis(config.dispatch.request_timeout_ms);
+        let limits = Limits {
+            max_reply_bytes: config.limits.max_backend_reply_bytes,
+            max_output_bytes: config.limits.max_output_bytes,
+        };
+        for (b, rx) in receivers {
+            let backend = store
+                .backend(&b.id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("backend `{}`", b.id)))?;
+            let client =
+                ComfyClient::with_limits(&b.host, b.port, &backend.client_id, timeout, limits);
+            let monitor_shared = shared.clone();
+            tasks.spawn(crate::monitor::run(
+                store.clone(),
+                b.id.clone(),
+                client.clone(),
+                Duration::from_millis(config.monitor.poll_interval_ms),
+                stop.clone(),
+                move || monitor_shared.wake(),
+            ));
+            let worker = worker::Worker::new(shared.clone(), b.id.clone(), client, &b);
+            tasks.spawn(worker.run(rx));
+        }
+        Ok(Farm { shared })
+    }
+
+    /// Wakes every worker: a job was queued or a backend changed.
+    pub fn wake(&self) {
+        self.shared.wake();
+    }
+
+    /// Cancels a job: at once if queued, through its backend if held.
+    pub async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
+        let outcome = self.shared.store.request_cancel(job_id).await?;
+        if let CancelOutcome::Requested { backend_id } = &outcome {
+            if let Some(tx) = self.shared.commands.get(backend_id) {
+                // A full mailbox is fine: the worker's next reconcile sees the flag.
+                if let Err(e) = tx.try_send(Command::Cancel(job_id.to_string())) {
+                    tracing::debug!(job_id, backend_id = %backend_id, error = %e, "cancel left to the next reconcile");
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Live progress of a running job (kept in memory, never a disk write per step).
+    pub fn progress(&self, job_id: &str) -> Option<Value> {
+        self.shared
+            .progress
+            .lock()
+            .expect("progress")
+            .get(job_id)
+            .cloned()
+    }
+
+    /// Live previews of running jobs (lagging receivers miss frames, nothing else).
+    pub fn subscribe_previews(&self) -> tokio::sync::broadcast::Receiver<Preview> {
+        self.shared.previews.subscribe()
+    }
+
+    /// Cancelled when the service stops (for other background tasks and streams).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.shared.stop.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let mut c = Config::default();
+        c.dispatch.retry_backoff_ms = 1000;
+        c.dispatch.retry_backoff_max_ms = 5000;
+        assert_eq!(backoff(&c, 1).num_milliseconds(), 1000);
+        assert_eq!(backoff(&c, 2).num_milliseconds(), 2000);
+        assert_eq!(backoff(&c, 5).num_milliseconds(), 5000);
+    }
+}

@@ -1,0 +1,282 @@
+//! Asking the backend: after a (re)connect, a submit without answer, and
+//! every few seconds as a safety net, each job the database says the
+//! backend holds is compared with the backend's `/queue` and `/history`.
+//! Also the cleanup list, and taking jobs back from a backend.
+//!
+//! Why ask rather than guess: ComfyUI's queue and history live in memory
+//! and die with it, and it never tells a disconnected client what it
+//! missed. Only its answers say whether a prompt waits, runs, finished or
+//! is unknown there, and each answer has exactly one consequence (see the
+//! table in `docs/operations.md`).
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use super::attempt::Held;
+use super::phase::{Phase, Signal};
+use super::worker::{Tracked, Worker};
+use crate::comfy::QueueState;
+use crate::store::{ActiveJob, JobStatus, LostOutcome, LostRun};
+
+/// An instant `age` ago (clamped to the clock's start).
+fn ago(age: chrono::Duration) -> Instant {
+    let age = age.to_std().unwrap_or_default();
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+}
+
+/// The worker's view of a held job it was not following (after a restart).
+fn phase_from(a: &ActiveJob) -> Phase {
+    let since =
+        |t: Option<chrono::DateTime<Utc>>| ago(t.map(|t| Utc::now() - t).unwrap_or_default());
+    match (a.status, a.submitted) {
+        (JobStatus::Running, _) => Phase::Running(since(a.started_at.or(a.leased_at))),
+        (_, true) => Phase::Queued,
+        // Leased but never confirmed: the submit may or may not have landed.
+        (_, false) => Phase::InDoubt(since(a.leased_at)),
+    }
+}
+
+impl Worker {
+    /// Asks the backend about every job it holds and acts on the answer.
+    pub(super) async fn reconcile(&mut self) {
+        let active = match self.shared.store.active_jobs(&self.id).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(backend_id = %self.id, error = %e, "cannot read active jobs");
+                return;
+            }
+        };
+        let queue = match self.client.queue().await {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::debug!(backend_id = %self.id, error = %e, "reconcile: /queue failed");
+                return;
+            }
+        };
+        self.work_cleanup(&queue).await;
+        // Forget prompts the database no longer holds here (unless a helper owns them).
+        let held: std::collections::HashSet<&str> =
+            active.iter().map(|a| a.prompt_id.as_str()).collect();
+        self.tracked
+            .retain(|pid, t| held.contains(pid.as_str()) || t.phase.busy());
+        let timeout = self.client.timeout();
+        let mut unheard = false;
+        for a in active {
+            let pid = a.prompt_id.clone();
+            let known = self.tracked.get(&pid).map(|t| t.phase);
+            if known.is_some_and(Phase::busy) {
+                continue;
+            }
+            let phase = known.unwrap_or_else(|| phase_from(&a));
+            let limit = a
+                .timeout_s
+                .map(|s| s as u64)
+                .unwrap_or(self.shared.config.dispatch.job_timeout_s);
+            self.tracked.insert(
+                pid.clone(),
+                Tracked {
+                    held: Held {
+                        job_id: a.job_id.clone(),
+                        token: a.token,
+                        attempt: a.attempt,
+                        prompt_id: pid.clone(),
+                    },
+                    phase,
+                    limit: Duration::from_secs(limit),
+                    sent: Instant::now(),
+                },
+            );
+            if a.cancel_requested {
+                if self.signal(&pid, Signal::CancelRequested).is_some() {
+                    self.spawn_cancel(&pid);
+                }
+                continue;
+            }
+            if queue.running.contains(&pid) {
+                self.signal(&pid, Signal::Started);
+                if a.status != JobStatus::Running {
+                    self.record_running(&a.job_id, a.token).await;
+                }
+                continue;
+            }
+            if queue.pending.contains(&pid) {
+                self.signal(&pid, Signal::SeenQueued);
+                continue;
+            }
+            match self.client.history(&pid).await {
+                Ok(Some(_)) => {
+                    // A prompt we thought waiting or running ended unheard: the socket is deaf.
+                    unheard |=
+                        known.is_some_and(|p| matches!(p, Phase::Queued | Phase::Running(_)));
+                    if self.signal(&pid, Signal::Ended).is_some() {
+                        self.spawn_finish(&pid);
+                    }
+                }
+                Ok(None) => match phase {
+                    Phase::InDoubt(since) if since.elapsed() < timeout => {
+                        // A submit that timed out on our side may still be queued
+                        // there: ask again once that can no longer happen.
+                        self.ask_at(since + timeout);
+                    }
+                    Phase::InDoubt(since) => {
+                        let reason = format!(
+                            "backend {} never confirmed prompt {pid} and does not have it {} s later",
+                            self.id,
+                            since.elapsed().as_secs()
+                        );
+                        let held = self.tracked[&pid].held.clone();
+                        self.give_back(&held, reason, true).await;
+                    }
+                    _ => {
+                        let reason = format!(
+                            "backend {} no longer has prompt {pid} (it restarted or lost it)",
+                            self.id
+                        );
+                        let held = self.tracked[&pid].held.clone();
+                        self.give_back(&held, reason, false).await;
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!(backend_id = %self.id, error = %e, "reconcile: /history failed")
+                }
+            }
+        }
+        if unheard && self.link.stream.is_some() {
+            self.deaf("a prompt finished without a word on the socket")
+                .await;
+        }
+    }
+
+    /// Queues a job this backend lost (or that is given up on) again, and
+    /// stops following it. With `cleanup`, the prompt goes on the cleanup
+    /// list, to be removed there when the backend answers.
+    pub(super) async fn give_back(&mut self, held: &Held, reason: String, cleanup: bool) {
+        let (job_id, backend_id) = (held.job_id.as_str(), self.id.as_str());
+        let run = LostRun {
+            // A submit in doubt may land up to a request timeout later.
+            cleanup: cleanup.then(|| {
+                Utc::now()
+                    + chrono::Duration::from_std(self.client.timeout() * 2).unwrap_or_default()
+            }),
+            max_lost_runs: Some(self.shared.config.dispatch.max_lost_runs as i64),
+            reason,
+        };
+        let reason = run.reason.clone();
+        match self.shared.store.give_back(job_id, held.token, run).await {
+            Ok(LostOutcome::Requeued) => {
+                tracing::warn!(job_id, backend_id, "{reason}; queued again");
+            }
+            Ok(LostOutcome::Cancelled) => tracing::info!(job_id, backend_id, "{reason}; cancelled"),
+            Ok(LostOutcome::Failed(why)) => {
+                tracing::warn!(job_id, backend_id, "job failed: {why}");
+                crate::metrics::failed(None, backend_id, true);
+            }
+            Ok(LostOutcome::LeaseLost) => {}
+            Err(e) => {
+                // Left tracked: the next reconcile tries again.
+                tracing::error!(job_id, backend_id, error = %e, "cannot give the job back now");
+                return;
+            }
+        }
+        self.tracked.remove(&held.prompt_id);
+        self.progress.forget(job_id);
+        self.shared.wake();
+    }
+
+    /// The backend has not answered for the whole grace period: its jobs go
+    /// elsewhere, and their prompts on the cleanup list.
+    pub(super) async fn take_back_all(&mut self, reason: &str) {
+        let active = match self.shared.store.active_jobs(&self.id).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(backend_id = %self.id, error = %e, "cannot read active jobs");
+                return;
+            }
+        };
+        for a in active {
+            if self
+                .tracked
+                .get(&a.prompt_id)
+                .is_some_and(|t| t.phase.busy())
+            {
+                continue;
+            }
+            let held = Held {
+                job_id: a.job_id.clone(),
+                token: a.token,
+                attempt: a.attempt,
+                prompt_id: a.prompt_id.clone(),
+            };
+            self.give_back(&held, reason.to_string(), true).await;
+        }
+    }
+
+    /// Removes the prompts on the cleanup list from the backend, and drops
+    /// from the list those it confirms gone. A prompt given up on that still
+    /// runs there (a node that ignores interrupts) keeps the backend from
+    /// getting new jobs.
+    async fn work_cleanup(&mut self, queue: &QueueState) {
+        let entries = match self.shared.store.cleanup_prompts(&self.id).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(backend_id = %self.id, error = %e, "cannot read the cleanup list");
+                return;
+            }
+        };
+        if entries.is_empty() {
+            self.set_stuck(false);
+            return;
+        }
+        let ids: Vec<String> = entries.iter().map(|e| e.prompt_id.clone()).collect();
+        if let Err(e) = self.client.remove(&ids, &queue.running).await {
+            self.cleanup_tried(ids, e.to_string()).await;
+            return;
+        }
+        let after = match self.client.queue().await {
+            Ok(q) => q,
+            Err(e) => {
+                self.cleanup_tried(ids, e.to_string()).await;
+                return;
+            }
+        };
+        let mut done = Vec::new();
+        let mut left = Vec::new();
+        for e in &entries {
+            let gone = !after.contains(&e.prompt_id)
+                && matches!(self.client.history(&e.prompt_id).await, Ok(None));
+            if gone && Utc::now() >= e.not_before {
+                done.push(e.prompt_id.clone());
+            } else {
+                left.push(e.prompt_id.clone());
+            }
+        }
+        self.set_stuck(entries.iter().any(|e| after.running.contains(&e.prompt_id)));
+        if !done.is_empty() {
+            tracing::info!(backend_id = %self.id, count = done.len(), "removed prompts given up on from the backend");
+            if let Err(e) = self.shared.store.cleanup_done(done).await {
+                tracing::error!(backend_id = %self.id, error = %e, "cannot update the cleanup list");
+            }
+        }
+        if !left.is_empty() {
+            self.cleanup_tried(left, "not confirmed gone yet".into())
+                .await;
+        }
+    }
+
+    async fn cleanup_tried(&self, ids: Vec<String>, error: String) {
+        if let Err(e) = self.shared.store.cleanup_tried(ids, error).await {
+            tracing::error!(backend_id = %self.id, error = %e, "cannot update the cleanup list");
+        }
+    }
+
+    fn set_stuck(&mut self, stuck: bool) {
+        if stuck && !self.stuck {
+            tracing::warn!(backend_id = %self.id, "a prompt given up on still runs on the backend (a node that ignores interrupts?); it gets no new jobs until it ends or is restarted");
+        } else if !stuck && self.stuck {
+            tracing::info!(backend_id = %self.id, "the backend is free again");
+            self.shared.wake();
+        }
+        self.stuck = stuck;
+    }
+}

@@ -1,0 +1,573 @@
+//! The per-backend worker: keeps the backend's WebSocket alive and heard,
+//! leases jobs while the backend has free slots, follows what it submitted,
+//! and hands each prompt's steps to helper tasks.
+//!
+//! Why it watches its socket so closely: ComfyUI sends a prompt's messages
+//! only to the socket registered for our client id, keeps no backlog, and
+//! forgets that registration when *any* socket with the id closes (even an
+//! old one of ours, after the new one is up), or a NAT drops the connection
+//! silently. So the worker pings ([`crate::config::DispatchConfig::heartbeat_ms`]),
+//! confirms after each connect that the new socket is the registered one
+//! (ComfyUI answers our `feature_flags` through its registration), expects a
+//! `status` broadcast after each submit, and reconnects when any of these
+//! stays silent. A backend that answers nothing is down from its first
+//! silence; past the grace period its jobs go elsewhere.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::attempt::{Ctx, Held, Report, FINISH_TRIES};
+use super::phase::{Phase, Signal};
+use super::progress::{ProgressBook, Step, PROGRESS_EVERY};
+use super::{Command, Shared};
+use crate::comfy::{ComfyClient, EventStream, Preview, WsEvent};
+use crate::config::BackendConfig;
+use crate::store::StoreError;
+
+/// A prompt the worker follows.
+#[derive(Debug, Clone)]
+pub(super) struct Tracked {
+    pub(super) held: Held,
+    pub(super) phase: Phase,
+    /// Longest the run may take.
+    pub(super) limit: Duration,
+    /// When its submit was sent (a `status` broadcast must follow it).
+    pub(super) sent: Instant,
+}
+
+/// The worker's socket to its backend, and what it knows of its health.
+pub(super) struct Link {
+    pub(super) stream: Option<EventStream>,
+    /// Since when the backend has not answered (the grace period runs from here).
+    pub(super) down_since: Option<Instant>,
+    retry_delay: Duration,
+    /// Last frame of any kind.
+    pub(super) last_heard: Instant,
+    /// A ping is out since then.
+    ping_sent: Option<Instant>,
+    last_ping: Instant,
+    /// The new socket must prove it is the registered one by then.
+    confirm_by: Option<Instant>,
+    /// A submit was accepted: a message must arrive by then.
+    expect_by: Option<Instant>,
+}
+
+pub(super) struct Worker {
+    pub(super) shared: Arc<Shared>,
+    pub(super) id: String,
+    pub(super) client: ComfyClient,
+    max_inflight: usize,
+    pub(super) tracked: HashMap<String, Tracked>,
+    pub(super) helpers: JoinSet<Report>,
+    pub(super) progress: ProgressBook,
+    /// The prompt running on the backend now: previews without a prompt id belong to it.
+    running: Option<String>,
+    /// Something is in doubt: ask the backend now rather than at the next round.
+    pub(super) reconcile_soon: bool,
+    /// Ask the backend again at this time (a submit in doubt).
+    reconcile_at: Option<Instant>,
+    /// Failed tries to collect each finished prompt.
+    finish_failures: HashMap<String, u32>,
+    pub(super) link: Link,
+    /// A prompt given up on still runs there (a hung node): lease nothing.
+    pub(super) stuck: bool,
+}
+
+impl Worker {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        id: String,
+        client: ComfyClient,
+        config: &BackendConfig,
+    ) -> Worker {
+        let now = Instant::now();
+        Worker {
+            progress: ProgressBook::new(shared.clone()),
+            shared,
+            id,
+            client,
+            max_inflight: config.max_inflight as usize,
+            tracked: HashMap::new(),
+            helpers: JoinSet::new(),
+            running: None,
+            reconcile_soon: false,
+            reconcile_at: None,
+            finish_failures: HashMap::new(),
+            link: Link {
+                stream: None,
+                down_since: None,
+                retry_delay: Duration::from_millis(100),
+                last_heard: now,
+                ping_sent: None,
+                last_ping: now,
+                confirm_by: None,
+                expect_by: None,
+            },
+            stuck: false,
+        }
+    }
+
+    pub(super) fn ctx(&self) -> Ctx {
+        Ctx {
+            shared: self.shared.clone(),
+            backend_id: self.id.clone(),
+            client: self.client.clone(),
+        }
+    }
+
+    fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.shared.config.dispatch.heartbeat_ms)
+    }
+
+    fn deaf_after(&self) -> Duration {
+        Duration::from_millis(self.shared.config.dispatch.deaf_after_ms)
+    }
+
+    /// Runs until the service stops; then its helpers are stopped too
+    /// (prompts stay on the backend; the next start re-attaches to them).
+    pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let stop = self.shared.stop.clone();
+        let mut wake = self.shared.wake.subscribe();
+        let poll = Duration::from_millis(self.shared.config.dispatch.poll_interval_ms);
+        let mut tick = tokio::time::interval(poll.min(self.heartbeat()));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(PROGRESS_EVERY);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_round = Instant::now();
+        // Lease only when something may have changed, not on every progress message.
+        let mut dirty = true;
+        while !stop.is_cancelled() {
+            if self.link.stream.is_none() && !self.connect().await {
+                let delay = self.link.retry_delay;
+                self.link.retry_delay = (delay * 2).min(Duration::from_secs(2));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => {}
+                    Some(cmd) = commands.recv() => self.on_command(cmd).await,
+                    Some(r) = self.helpers.join_next(), if !self.helpers.is_empty() => self.on_joined(r),
+                }
+                continue;
+            }
+            if self.reconcile_soon {
+                self.reconcile_soon = false;
+                self.reconcile().await;
+                dirty = true;
+            }
+            if dirty {
+                self.fill().await;
+                dirty = false;
+            }
+            let Some(stream) = self.link.stream.as_mut() else {
+                continue;
+            };
+            tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(Ok(ev)) => self.on_event(ev).await,
+                    Some(Err(e)) => self.lost_link(&format!("its socket broke: {e}")).await,
+                    None => self.lost_link("it closed its socket").await,
+                },
+                Some(r) = self.helpers.join_next(), if !self.helpers.is_empty() => {
+                    self.on_joined(r);
+                    dirty = true;
+                }
+                Some(cmd) = commands.recv() => self.on_command(cmd).await,
+                _ = wake.changed() => dirty = true,
+                _ = flush.tick() => self.progress.flush().await,
+                _ = tick.tick() => {
+                    dirty = true;
+                    self.check_health().await;
+                    self.check_timeouts().await;
+                    // A safety net for anything missed: ask the backend now and then.
+                    let due = self.reconcile_at.is_some_and(|t| Instant::now() >= t);
+                    if due || last_round.elapsed() >= poll * 5 {
+                        last_round = Instant::now();
+                        self.reconcile_at = None;
+                        self.reconcile().await;
+                    }
+                }
+                _ = stop.cancelled() => {}
+            }
+        }
+        self.helpers.abort_all();
+        while self.helpers.join_next().await.is_some() {}
+        tracing::debug!(backend_id = %self.id, "worker stopped");
+    }
+
+    /// Opens the socket (the old one is closed first) and asks it to prove
+    /// it is heard; then asks the backend about everything it holds.
+    /// `false` when the backend cannot be reached.
+    async fn connect(&mut self) -> bool {
+        match self.client.connect().await {
+            Ok(mut stream) => {
+                if let Err(e) = stream.probe().await {
+                    tracing::debug!(backend_id = %self.id, error = %e, "cannot send feature_flags");
+                }
+                tracing::info!(backend_id = %self.id, "connected to backend");
+                let now = Instant::now();
+                self.link.stream = Some(stream);
+                self.link.down_since = None;
+                self.link.retry_delay = Duration::from_millis(100);
+                self.link.last_heard = now;
+                self.link.last_ping = now;
+                self.link.ping_sent = None;
+                self.link.confirm_by = Some(now + self.deaf_after());
+                self.link.expect_by = None;
+                self.reconcile().await;
+                true
+            }
+            Err(e) => {
+                let since = *self.link.down_since.get_or_insert_with(Instant::now);
+                tracing::debug!(backend_id = %self.id, error = %e, "backend unreachable");
+                self.past_grace(since).await;
+                false
+            }
+        }
+    }
+
+    /// The backend has not answered since `since`: past the grace period,
+    /// its jobs go elsewhere.
+    async fn past_grace(&mut self, since: Instant) {
+        let grace = Duration::from_secs(self.shared.config.dispatch.backend_grace_s);
+        if since.elapsed() >= grace {
+            let reason = format!(
+                "backend {} has not answered for {} s (grace period)",
+                self.id,
+                since.elapsed().as_secs()
+            );
+            self.take_back_all(&reason).await;
+        }
+    }
+
+    /// The socket is gone or unheard: drop it (closing it first) and reconnect.
+    async fn lost_link(&mut self, why: &str) {
+        tracing::warn!(backend_id = %self.id, "reconnecting to the backend: {why}");
+        self.link.down_since.get_or_insert_with(Instant::now);
+        if let Some(old) = self.link.stream.take() {
+            // ComfyUI forgets our registration when an old socket ends:
+            // the old one must be gone before the new one opens.
+            old.close(Duration::from_secs(1)).await;
+        }
+        self.running = None;
+    }
+
+    /// Pings, and reconnects a socket that does not answer or is not heard.
+    async fn check_health(&mut self) {
+        let now = Instant::now();
+        let heartbeat = self.heartbeat();
+        if let Some(sent) = self.link.ping_sent {
+            if now.duration_since(sent) >= heartbeat * 2 {
+                let why = format!("no answer to a ping for {} ms", heartbeat.as_millis() * 2);
+                self.lost_link(&why).await;
+                // Down from the first unanswered ping, not from the reconnect.
+                self.link.down_since = Some(sent);
+                return;
+            }
+        } else if now.duration_since(self.link.last_ping) >= heartbeat {
+            if let Some(stream) = self.link.stream.as_mut() {
+                self.link.last_ping = now;
+                self.link.ping_sent = Some(now);
+                if let Err(e) = stream.ping().await {
+                    self.lost_link(&format!("cannot ping: {e}")).await;
+                    return;
+                }
+            }
+        }
+        if self.link.confirm_by.is_some_and(|t| now >= t) {
+            self.deaf("a new socket was not confirmed as the one ComfyUI sends to")
+                .await;
+        } else if self.link.expect_by.is_some_and(|t| now >= t) {
+            self.deaf("no message followed an accepted submit").await;
+        }
+    }
+
+    /// The socket is open but ComfyUI sends our messages elsewhere (or
+    /// nowhere): reconnect, and tell the jobs that were running.
+    pub(super) async fn deaf(&mut self, why: &str) {
+        let message = format!(
+            "the orchestrator stopped hearing backend {} ({why}); reconnected, the job is followed again",
+            self.id
+        );
+        for t in self.tracked.values() {
+            if let Err(e) = self
+                .shared
+                .store
+                .note_event(
+                    &t.held.job_id,
+                    "backend_socket_deaf",
+                    &self.id,
+                    message.clone(),
+                    None,
+                )
+                .await
+            {
+                tracing::debug!(job_id = %t.held.job_id, backend_id = %self.id, error = %e, "cannot note the deaf socket");
+            }
+        }
+        self.lost_link(why).await;
+        self.link.down_since = None;
+    }
+
+    /// Leases jobs while the backend has free slots.
+    async fn fill(&mut self) {
+        if self.stuck {
+            return;
+        }
+        while self.tracked.len() < self.max_inflight {
+            let lease = match self.shared.store.lease_next(&self.id).await {
+                Ok(Some(l)) => l,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::error!(backend_id = %self.id, error = %e, "lease failed");
+                    return;
+                }
+            };
+            tracing::info!(job_id = %lease.job_id, backend_id = %self.id, prompt_id = %lease.prompt_id, attempt = lease.attempt, "job leased");
+            let limit = lease
+                .timeout_s
+                .map(|s| s as u64)
+                .unwrap_or(self.shared.config.dispatch.job_timeout_s);
+            self.tracked.insert(
+                lease.prompt_id.clone(),
+                Tracked {
+                    held: Held::from(&lease),
+                    phase: Phase::Submitting,
+                    limit: Duration::from_secs(limit),
+                    sent: Instant::now(),
+                },
+            );
+            self.helpers.spawn(self.ctx().submit(lease));
+        }
+    }
+
+    /// Asks the backend again no later than `at`.
+    pub(super) fn ask_at(&mut self, at: Instant) {
+        self.reconcile_at = Some(self.reconcile_at.map_or(at, |t| t.min(at)));
+    }
+
+    /// Applies `signal` to a followed prompt; the new phase if it changed.
+    pub(super) fn signal(&mut self, pid: &str, signal: Signal) -> Option<Phase> {
+        let t = self.tracked.get_mut(pid)?;
+        let next = t.phase.on(signal)?;
+        t.phase = next;
+        Some(next)
+    }
+
+    /// Starts the finish of a prompt that ended.
+    pub(super) fn spawn_finish(&mut self, pid: &str) {
+        if let Some(t) = self.tracked.get(pid) {
+            self.helpers.spawn(self.ctx().finish(t.held.clone()));
+        }
+    }
+
+    /// Starts the cancel of a followed prompt.
+    pub(super) fn spawn_cancel(&mut self, pid: &str) {
+        if let Some(t) = self.tracked.get(pid) {
+            self.helpers.spawn(self.ctx().cancel(t.held.clone()));
+        }
+    }
+
+    fn on_joined(&mut self, joined: Result<Report, tokio::task::JoinError>) {
+        match joined {
+            Ok(report) => self.on_report(report),
+            // A helper that panicked leaves its prompt to the next reconcile.
+            Err(e) if e.is_panic() => {
+                tracing::error!(backend_id = %self.id, error = %e, "a dispatch helper panicked");
+                self.reconcile_soon = true;
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn on_report(&mut self, r: Report) {
+        match r {
+            Report::Accepted(pid) => {
+                if self.signal(&pid, Signal::Accepted).is_some() {
+                    let sent = self.tracked[&pid].sent;
+                    // The status broadcast may already have come before the answer.
+                    if self.link.last_heard < sent && self.link.expect_by.is_none() {
+                        self.link.expect_by = Some(Instant::now() + self.deaf_after());
+                    }
+                }
+            }
+            Report::AcceptedCancelled(pid) => {
+                self.signal(&pid, Signal::Accepted);
+                if self.signal(&pid, Signal::CancelRequested).is_some() {
+                    self.spawn_cancel(&pid);
+                }
+            }
+            Report::NoAnswer(pid) => {
+                self.signal(&pid, Signal::NoAnswer);
+                // Ask the backend now rather than at the next safety-net round.
+                self.reconcile_soon = true;
+            }
+            Report::Done(pid) => {
+                self.finish_failures.remove(&pid);
+                if let Some(t) = self.tracked.remove(&pid) {
+                    self.progress.forget(&t.held.job_id);
+                }
+            }
+            Report::Deferred(pid, why) => {
+                let tries = {
+                    let n = self.finish_failures.entry(pid.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                if self.signal(&pid, Signal::FinishDeferred).is_none() {
+                    // Not a finish (a cancel or time-out that could not be recorded): ask again.
+                    self.reconcile_soon = true;
+                    return;
+                }
+                if tries >= FINISH_TRIES {
+                    // The backend keeps the prompt but its outputs cannot be had.
+                    self.finish_failures.remove(&pid);
+                    self.signal(&pid, Signal::Ended);
+                    let held = self.tracked[&pid].held.clone();
+                    self.helpers.spawn(self.ctx().uncollectable(held, why));
+                }
+            }
+        }
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Cancel(job_id) => {
+                let pid = self
+                    .tracked
+                    .iter()
+                    .find(|(_, t)| t.held.job_id == job_id)
+                    .map(|(p, _)| p.clone());
+                match pid {
+                    // Not followed right now: reconcile picks the flag up.
+                    None => self.reconcile().await,
+                    Some(pid) => {
+                        if self.signal(&pid, Signal::CancelRequested).is_some() {
+                            self.spawn_cancel(&pid);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: WsEvent) {
+        self.link.last_heard = Instant::now();
+        self.link.expect_by = None;
+        let pid = match &ev {
+            WsEvent::Pong => {
+                self.link.ping_sent = None;
+                return;
+            }
+            WsEvent::FeatureFlags => {
+                self.link.confirm_by = None;
+                return;
+            }
+            WsEvent::Preview(frame) => {
+                if let Some(p) = Preview::decode(frame) {
+                    let pid = p.prompt_id.clone().or_else(|| self.running.clone());
+                    if let Some(t) = pid.and_then(|pid| self.tracked.get(&pid)) {
+                        self.progress.relay(&t.held.job_id, p);
+                    }
+                }
+                return;
+            }
+            // Re-sent on reconnect for the running prompt, without its id.
+            WsEvent::Executing {
+                prompt_id: None,
+                node: Some(_),
+            } => self.running.clone(),
+            _ => ev.prompt_id().map(str::to_string),
+        };
+        // Not ours (someone else's prompt, or one already dealt with).
+        let Some((pid, t)) = pid.and_then(|p| self.tracked.get(&p).cloned().map(|t| (p, t))) else {
+            return;
+        };
+        let (job_id, token) = (t.held.job_id.as_str(), t.held.token);
+        match ev {
+            WsEvent::ExecutionStart { .. } | WsEvent::Executing { node: Some(_), .. } => {
+                self.running = Some(pid.clone());
+                if let WsEvent::Executing {
+                    node: Some(node), ..
+                } = ev
+                {
+                    self.progress.set(job_id, token, Step::Node(node)).await;
+                }
+                if self.signal(&pid, Signal::Started).is_some() {
+                    self.record_running(job_id, token).await;
+                }
+            }
+            WsEvent::Progress {
+                node, value, max, ..
+            } => {
+                let step = Step::Value { node, value, max };
+                self.progress.set(job_id, token, step).await;
+            }
+            WsEvent::Executing { node: None, .. } => {
+                if self.running.as_deref() == Some(pid.as_str()) {
+                    self.running = None;
+                }
+                if self.signal(&pid, Signal::Ended).is_some() {
+                    self.spawn_finish(&pid);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `assigned` → `running` in the database, and the queue-wait metric.
+    pub(super) async fn record_running(&self, job_id: &str, token: i64) {
+        match self.shared.store.mark_running(job_id, token).await {
+            Ok(true) => {
+                if let Ok(Some(job)) = self.shared.store.job_times(job_id).await {
+                    let wait = (chrono::Utc::now() - job.submitted_at)
+                        .num_milliseconds()
+                        .max(0) as f64
+                        / 1000.0;
+                    crate::metrics::started(job.workflow_id.as_deref(), &self.id, wait);
+                }
+            }
+            Ok(false) | Err(StoreError::LeaseLost) => {}
+            Err(e) => {
+                tracing::error!(job_id, backend_id = %self.id, error = %e, "cannot record running")
+            }
+        }
+    }
+
+    /// Fails prompts that ran past their limit, and takes back what waits
+    /// behind them (a hung prompt blocks the backend's queue).
+    async fn check_timeouts(&mut self) {
+        let expired: Vec<(String, Held, Duration)> = self
+            .tracked
+            .iter()
+            .filter_map(|(pid, t)| match t.phase {
+                Phase::Running(since) if since.elapsed() >= t.limit => {
+                    Some((pid.clone(), t.held.clone(), t.limit))
+                }
+                _ => None,
+            })
+            .collect();
+        for (pid, held, limit) in expired {
+            // The helper owns the prompt now, as for a cancel.
+            self.signal(&pid, Signal::CancelRequested);
+            self.helpers.spawn(self.ctx().time_out(held.clone(), limit));
+            let waiting: Vec<Held> = self
+                .tracked
+                .values()
+                .filter(|t| matches!(t.phase, Phase::Queued | Phase::InDoubt(_)))
+                .map(|t| t.held.clone())
+                .collect();
+            for w in waiting {
+                let reason = format!(
+                    "it waited behind job {} on backend {}, which ran past its {} s limit",
+                    held.job_id,
+                    self.id,
+                    limit.as_secs()
+                );
+                self.give_back(&w, reason, true).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The cleanup list: prompt ids given up on, to be removed from their
+//! backend (queue delete, interrupt, history delete) until it confirms.
+//!
+//! Why durable: a prompt the orchestrator gave up on may still run on a
+//! backend that comes back (or that queued a submit after we stopped
+//! waiting for its answer). If it did, and nobody removed it, the job would
+//! run twice. The list survives restarts, so the removal is never forgotten.
+
+use chrono::{DateTime, Utc};
+use sqlx::{Row, SqliteConnection};
+
+use super::rows::time_col;
+use super::{fmt_time, Store, StoreError};
+
+/// A prompt to remove from a backend.
+#[derive(Debug, Clone)]
+pub struct CleanupEntry {
+    /// The prompt id.
+    pub prompt_id: String,
+    /// Its backend.
+    pub backend_id: String,
+    /// The job it belonged to.
+    pub job_id: Option<String>,
+    /// Why it was given up on.
+    pub reason: String,
+    /// The backend's word that it is gone counts only from this time on.
+    pub not_before: DateTime<Utc>,
+    /// Removal rounds so far.
+    pub tries: i64,
+}
+
+/// Puts a prompt on the list, inside the caller's transaction.
+pub(super) async fn add_cleanup(
+    conn: &mut SqliteConnection,
+    prompt_id: &str,
+    backend_id: &str,
+    job_id: Option<&str>,
+    reason: &str,
+    not_before: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO prompt_cleanup (prompt_id, backend_id, job_id, reason, added_at, not_before) \
+         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(prompt_id) DO UPDATE SET \
+         not_before = max(not_before, excluded.not_before)",
+    )
+    .bind(prompt_id)
+    .bind(backend_id)
+    .bind(job_id)
+    .bind(reason)
+    .bind(fmt_time(Utc::now()))
+    .bind(fmt_time(not_before))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Puts a prompt on the cleanup list (one that no lease transition covers).
+    pub async fn add_cleanup(
+        &self,
+        prompt_id: &str,
+        backend_id: &str,
+        job_id: Option<&str>,
+        reason: &str,
+        not_before: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let (p, b, j, r) = (
+            prompt_id.to_string(),
+            backend_id.to_string(),
+            job_id.map(str::to_string),
+            reason.to_string(),
+        );
+        self.writer()
+            .write(move |conn| {
+                Box::pin(
+                    async move { add_cleanup(conn, &p, &b, j.as_deref(), &r, not_before).await },
+                )
+            })
+            .await
+    }
+
+    /// Prompts to remove from this backend, oldest first.
+    pub async fn cleanup_prompts(&self, backend_id: &str) -> Result<Vec<CleanupEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT prompt_id, backend_id, job_id, reason, not_before, tries FROM prompt_cleanup \
+             WHERE backend_id = ? ORDER BY added_at",
+        )
+        .bind(backend_id)
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CleanupEntry {
+                    prompt_id: r.try_get("prompt_id")?,
+                    backend_id: r.try_get("backend_id")?,
+                    job_id: r.try_get("job_id")?,
+                    reason: r.try_get("reason")?,
+                    not_before: time_col(r, "not_before")?.unwrap_or_default(),
+                    tries: r.try_get("tries")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// The backend confirmed these prompts are gone.
+    pub async fn cleanup_done(&self, prompt_ids: Vec<String>) -> Result<(), StoreError> {
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    for p in &prompt_ids {
+                        sqlx::query("DELETE FROM prompt_cleanup WHERE prompt_id = ?")
+                            .bind(p)
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    /// One more removal round that the backend did not confirm (yet).
+    pub async fn cleanup_tried(
+        &self,
+        prompt_ids: Vec<String>,
+        error: String,
+    ) -> Result<(), StoreError> {
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    for p in &prompt_ids {
+                        sqlx::query(
+                            "UPDATE prompt_cleanup SET tries = tries + 1, last_error = ? WHERE prompt_id = ?",
+                        )
+                        .bind(&error)
+                        .bind(p)
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .await
+    }
+}

@@ -1,0 +1,210 @@
+//! Reading the history: one job with its leases and outputs, its events,
+//! and filtered pages of jobs, newest first.
+//!
+//! Why keyset pagination on `seq`: pages stay correct while new jobs arrive
+//! (each job is returned once), and a deep page costs what the first does.
+//! Every filter is served by an index; `explain_list` lets a test check it.
+
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::model::*;
+use super::rows::*;
+use super::{fmt_time, Store, StoreError};
+
+/// Builds the history query; `prefix` lets tests ask for its plan.
+fn list_query<'a>(
+    prefix: &str,
+    filter: &'a JobFilter,
+    lower: Option<i64>,
+    upper: Option<i64>,
+) -> QueryBuilder<'a, Sqlite> {
+    let cols = JOB_COLUMNS
+        .split(", ")
+        .map(|c| format!("j.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{prefix}SELECT {cols} FROM "));
+    // The first metadata filter drives the scan through its index.
+    let mut metadata = filter.metadata.iter();
+    let order_col;
+    if let Some((key, value)) = metadata.next() {
+        q.push("job_metadata m JOIN jobs j ON j.seq = m.job_seq WHERE m.key = ");
+        q.push_bind(key);
+        q.push(" AND m.value = ");
+        q.push_bind(value);
+        order_col = "m.job_seq";
+    } else {
+        q.push("jobs j WHERE 1 = 1");
+        order_col = "j.seq";
+    }
+    for (key, value) in metadata {
+        q.push(" AND EXISTS (SELECT 1 FROM job_metadata m2 WHERE m2.key = ");
+        q.push_bind(key);
+        q.push(" AND m2.value = ");
+        q.push_bind(value);
+        q.push(" AND m2.job_seq = j.seq)");
+    }
+    if let Some(l) = lower {
+        q.push(format!(" AND {order_col} >= ")).push_bind(l);
+    }
+    if let Some(u) = upper {
+        q.push(format!(" AND {order_col} <= ")).push_bind(u);
+    }
+    push_in(&mut q, "j.status", &filter.statuses);
+    if let Some(w) = &filter.workflow_id {
+        q.push(" AND j.workflow_id = ").push_bind(w);
+    }
+    if let Some(b) = &filter.backend_id {
+        q.push(" AND j.backend_id = ").push_bind(b);
+    }
+    q.push(format!(" ORDER BY {order_col} DESC LIMIT "));
+    q.push_bind(filter.limit as i64 + 1);
+    q
+}
+
+impl Store {
+    /// One job, with its manifest and graph.
+    pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS}, manifest, graph FROM jobs WHERE id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(self.reader())
+            .await?;
+        row.map(|row| {
+            let mut job = job_from_row(&row)?;
+            job.manifest = json_col(&row, "manifest")?;
+            job.graph = json_col(&row, "graph")?;
+            Ok::<_, sqlx::Error>(job)
+        })
+        .transpose()
+        .map_err(StoreError::from)
+    }
+
+    /// A job's workflow and times, without its manifest and graph (for metrics).
+    pub async fn job_times(&self, id: &str) -> Result<Option<JobTimes>, StoreError> {
+        let row =
+            sqlx::query("SELECT workflow_id, submitted_at, started_at FROM jobs WHERE id = ?")
+                .bind(id)
+                .fetch_optional(self.reader())
+                .await?;
+        row.map(|r| {
+            Ok::<_, sqlx::Error>(JobTimes {
+                workflow_id: r.try_get("workflow_id")?,
+                submitted_at: time_col(&r, "submitted_at")?.unwrap_or_default(),
+                started_at: time_col(&r, "started_at")?,
+            })
+        })
+        .transpose()
+        .map_err(StoreError::from)
+    }
+
+    /// The event log of one job, oldest first.
+    pub async fn job_events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ? ORDER BY seq"
+        ))
+        .bind(id)
+        .fetch_all(self.reader())
+        .await?;
+        Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// The first job position submitted at or after `t` (`>=`), or the last
+    /// one submitted before it (`<`).
+    async fn seq_at(
+        &self,
+        t: chrono::DateTime<chrono::Utc>,
+        after: bool,
+    ) -> Result<Option<i64>, StoreError> {
+        let sql = if after {
+            "SELECT seq FROM jobs WHERE submitted_at >= ? ORDER BY submitted_at LIMIT 1"
+        } else {
+            "SELECT seq FROM jobs WHERE submitted_at < ? ORDER BY submitted_at DESC LIMIT 1"
+        };
+        Ok(sqlx::query_scalar(sql)
+            .bind(fmt_time(t))
+            .fetch_optional(self.reader())
+            .await?)
+    }
+
+    /// A page of history, newest first, with keyset pagination on `seq`.
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
+        let empty = JobPage {
+            jobs: vec![],
+            next_before_seq: None,
+        };
+        // Submission times only grow with `seq`: a time range is a seq range.
+        let mut lower: Option<i64> = None;
+        let mut upper: Option<i64> = filter.before_seq.map(|s| s - 1);
+        if let Some(after) = filter.submitted_after {
+            match self.seq_at(after, true).await? {
+                Some(s) => lower = Some(s),
+                None => return Ok(empty),
+            }
+        }
+        if let Some(before) = filter.submitted_before {
+            match self.seq_at(before, false).await? {
+                Some(s) => upper = Some(upper.map_or(s, |u| u.min(s))),
+                None => return Ok(empty),
+            }
+        }
+        let mut q = list_query("", filter, lower, upper);
+        let rows = q.build().fetch_all(self.reader()).await?;
+        let mut jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if jobs.len() > filter.limit as usize {
+            jobs.truncate(filter.limit as usize);
+            jobs.last().map(|j| j.seq)
+        } else {
+            None
+        };
+        Ok(JobPage {
+            jobs,
+            next_before_seq: next,
+        })
+    }
+
+    /// Counts of jobs by status (kept by triggers: one small read).
+    pub async fn job_counts(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let rows: Vec<(JobStatus, i64)> = sqlx::query_as("SELECT status, n FROM job_counts")
+            .fetch_all(self.reader())
+            .await?;
+        Ok(rows)
+    }
+
+    /// SQLite's plan for the history query of `filter` (with both seq
+    /// bounds present), so tests can check that an index serves it.
+    pub async fn explain_list(&self, filter: &JobFilter) -> Result<Vec<String>, StoreError> {
+        let mut q = list_query("EXPLAIN QUERY PLAN ", filter, Some(1), Some(i64::MAX));
+        let rows = q.build().fetch_all(self.reader()).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("detail").map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Outputs of a job, by name.
+    pub async fn job_outputs(&self, id: &str) -> Result<Vec<OutputRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, kind, node_id, filename, subfolder, type, size, sha256, content_type \
+             FROM outputs WHERE job_id = ? ORDER BY name",
+        )
+        .bind(id)
+        .fetch_all(self.reader())
+        .await?;
+        Ok(rows.iter().map(output_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Leases of a job, oldest first.
+    pub async fn job_leases(&self, id: &str) -> Result<Vec<LeaseRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT prompt_id, attempt, backend_id, leased_at, submitted_at, started_at, \
+             finished_at, outcome, error FROM leases WHERE job_id = ? ORDER BY leased_at",
+        )
+        .bind(id)
+        .fetch_all(self.reader())
+        .await?;
+        Ok(rows.iter().map(lease_from_row).collect::<Result<_, _>>()?)
+    }
+}

@@ -1,0 +1,282 @@
+//! Leasing: which queued job a backend gets next, and the rules that keep a
+//! job away from a backend. Also what a backend holds now.
+//!
+//! Why the rules are one SQL expression ([`bar_reason`]): the lease query
+//! uses it to skip jobs, the failure path uses it to tell whether any
+//! backend is left for a job (and to say why not), and the submit check uses
+//! its tag part, so the three can never disagree.
+
+use chrono::Utc;
+use serde_json::json;
+use sqlx::{Row, SqliteConnection};
+
+use super::events::{append_event, EventInput};
+use super::model::*;
+use super::rows::active_from_row;
+use super::{fmt_time, Store, StoreError};
+
+/// Run-time failures of one job on one backend before that backend is not
+/// offered the job again.
+pub const MAX_FAILURES_PER_BACKEND: i64 = 2;
+
+/// The tags in the JSON array `requires` that the JSON array `tags` lacks.
+fn missing_tags(requires: &str, tags: &str) -> String {
+    format!(
+        "(SELECT r.value FROM json_each({requires}) r \
+         WHERE r.value NOT IN (SELECT value FROM json_each({tags})))"
+    )
+}
+
+/// Why backend `backend` (a `backends` row alias) may not run job `job` (a
+/// `jobs` row alias), or NULL when it may: the one place these rules live.
+fn bar_reason(job: &str, backend: &str) -> String {
+    let missing = missing_tags(&format!("{job}.requires"), &format!("{backend}.tags"));
+    let leases = |outcome: &str| {
+        format!(
+            "(SELECT count(*) FROM leases l WHERE l.job_id = {job}.id \
+             AND l.backend_id = {backend}.id AND l.outcome = '{outcome}')"
+        )
+    };
+    format!(
+        "CASE \
+         WHEN EXISTS {missing} THEN 'lacks tags ' || (SELECT json_group_array(value) FROM {missing}) \
+         WHEN {rejected} > 0 THEN 'rejected the workflow' \
+         WHEN {failed} >= {MAX_FAILURES_PER_BACKEND} THEN 'failed it ' || {failed} || ' times' \
+         END",
+        missing = missing,
+        rejected = leases("rejected"),
+        failed = leases("failed"),
+    )
+}
+
+async fn next_token(conn: &mut SqliteConnection) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE counters SET value = value + 1 WHERE name = 'lease_token' RETURNING value",
+    )
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// The best eligible queued job for backend `b` (`?1` now, `?2` the backend
+/// id): due, not avoided here, not barred here.
+fn eligible() -> String {
+    format!(
+        "j.status = 'queued' \
+         AND (j.not_before IS NULL OR j.not_before <= ?1) \
+         AND NOT (j.last_backend_id IS ?2 AND j.avoid_until IS NOT NULL AND j.avoid_until > ?1) \
+         AND ({}) IS NULL",
+        bar_reason("j", "b")
+    )
+}
+
+async fn lease_in(
+    conn: &mut SqliteConnection,
+    backend_id: &str,
+) -> Result<Option<Lease>, StoreError> {
+    let Some(b) = sqlx::query(
+        "SELECT config_enabled, admin_state, state, max_inflight, last_workflow_id \
+         FROM backends WHERE id = ? AND configured = 1",
+    )
+    .bind(backend_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let enabled = backend_enabled(
+        b.try_get::<i64, _>("config_enabled")? != 0,
+        b.try_get("admin_state")?,
+    );
+    let state: BackendState = b.try_get("state")?;
+    if !enabled || state != BackendState::Online {
+        return Ok(None);
+    }
+    let max_inflight: i64 = b.try_get("max_inflight")?;
+    let active: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE backend_id = ? AND status IN ('assigned', 'running')",
+    )
+    .bind(backend_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if active >= max_inflight {
+        return Ok(None);
+    }
+    let last_workflow: Option<String> = b.try_get("last_workflow_id")?;
+    let now = fmt_time(Utc::now());
+    let best = sqlx::query(&format!(
+        "SELECT j.seq, j.workflow_id, j.priority FROM jobs j INDEXED BY jobs_queue, backends b \
+         WHERE b.id = ?2 AND {} ORDER BY j.priority DESC, j.seq LIMIT 1",
+        eligible()
+    ))
+    .bind(&now)
+    .bind(backend_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(best) = best else { return Ok(None) };
+    let mut seq: i64 = best.try_get("seq")?;
+    let workflow: Option<String> = best.try_get("workflow_id")?;
+    let priority: i64 = best.try_get("priority")?;
+    // Among jobs of the same priority, prefer the workflow this backend ran
+    // last: its models are loaded already.
+    if last_workflow.is_some() && workflow != last_workflow {
+        let same: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT j.seq FROM jobs j INDEXED BY jobs_queue_workflow, backends b \
+             WHERE b.id = ?2 AND j.workflow_id = ?3 AND j.priority = ?4 AND {} \
+             ORDER BY j.priority DESC, j.seq LIMIT 1",
+            eligible()
+        ))
+        .bind(&now)
+        .bind(backend_id)
+        .bind(&last_workflow)
+        .bind(priority)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(s) = same {
+            seq = s;
+        }
+    }
+    let token = next_token(conn).await?;
+    let prompt_id = uuid::Uuid::new_v4().to_string();
+    let row = sqlx::query(
+        "UPDATE jobs SET status = 'assigned', backend_id = ?, prompt_id = ?, lease_token = ?, \
+         attempts = attempts + 1, last_backend_id = ?, not_before = NULL, avoid_until = NULL, \
+         progress = NULL, updated_at = ? WHERE seq = ? AND status = 'queued' \
+         RETURNING id, attempts, graph, workflow_id, timeout_s",
+    )
+    .bind(backend_id)
+    .bind(&prompt_id)
+    .bind(token)
+    .bind(backend_id)
+    .bind(&now)
+    .bind(seq)
+    .fetch_one(&mut *conn)
+    .await?;
+    let job_id: String = row.try_get("id")?;
+    let attempt: i64 = row.try_get("attempts")?;
+    let graph: String = row.try_get("graph")?;
+    let workflow_id: Option<String> = row.try_get("workflow_id")?;
+    let timeout_s: Option<i64> = row.try_get("timeout_s")?;
+    sqlx::query(
+        "INSERT INTO leases (prompt_id, job_id, attempt, backend_id, lease_token, leased_at) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&prompt_id)
+    .bind(&job_id)
+    .bind(attempt)
+    .bind(backend_id)
+    .bind(token)
+    .bind(&now)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE backends SET last_workflow_id = ? WHERE id = ?")
+        .bind(&workflow_id)
+        .bind(backend_id)
+        .execute(&mut *conn)
+        .await?;
+    append_event(
+        conn,
+        &job_id,
+        EventInput {
+            kind: "assigned",
+            status: Some(JobStatus::Assigned),
+            backend_id: Some(backend_id),
+            attempt: Some(attempt),
+            message: Some(format!(
+                "leased to backend {backend_id} (attempt {attempt})"
+            )),
+            data: Some(json!({ "prompt_id": prompt_id })),
+        },
+    )
+    .await?;
+    Ok(Some(Lease {
+        job_id,
+        prompt_id,
+        token,
+        attempt,
+        graph: serde_json::from_str(&graph)?,
+        timeout_s,
+    }))
+}
+
+/// Why no configured backend can run a job, or `None` if one can (enabled
+/// or not: a disabled backend may come back, so the job waits for it).
+pub(super) async fn unrunnable_reason(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+) -> Result<Option<String>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT b.id, {} AS bar FROM jobs j, backends b \
+         WHERE j.id = ? AND b.configured = 1 ORDER BY b.id",
+        bar_reason("j", "b")
+    ))
+    .bind(job_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.is_empty() {
+        // No farm configured yet: jobs wait for one.
+        return Ok(None);
+    }
+    let mut reasons = Vec::new();
+    for r in rows {
+        let id: String = r.try_get("id")?;
+        match r.try_get::<Option<String>, _>("bar")? {
+            Some(why) => reasons.push(format!("{id} {why}")),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(format!(
+        "no enabled backend can run this job: {}",
+        reasons.join("; ")
+    )))
+}
+
+const ACTIVE_SELECT: &str =
+    "SELECT j.id, j.prompt_id, j.lease_token, j.status, j.attempts, j.cancel_requested, \
+     j.timeout_s, l.submitted_at, l.leased_at, l.started_at AS lease_started_at \
+     FROM jobs j JOIN leases l ON l.prompt_id = j.prompt_id";
+
+impl Store {
+    /// Leases the best queued job to `backend_id` if it has a free slot and
+    /// may take jobs: priority, then age; not barred there (tags, a refusal,
+    /// too many failures).
+    pub async fn lease_next(&self, backend_id: &str) -> Result<Option<Lease>, StoreError> {
+        let backend_id = backend_id.to_string();
+        self.writer()
+            .write(move |conn| Box::pin(async move { lease_in(conn, &backend_id).await }))
+            .await
+    }
+
+    /// The configured backends whose tags cover `requires` (the submit check).
+    pub async fn backends_with_tags(&self, requires: &[String]) -> Result<Vec<String>, StoreError> {
+        let requires = serde_json::to_string(requires)?;
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT id FROM backends b WHERE configured = 1 AND NOT EXISTS {} ORDER BY id",
+            missing_tags("?1", "b.tags")
+        ))
+        .bind(requires)
+        .fetch_all(self.reader())
+        .await?)
+    }
+
+    /// Jobs a backend holds now.
+    pub async fn active_jobs(&self, backend_id: &str) -> Result<Vec<ActiveJob>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{ACTIVE_SELECT} WHERE j.backend_id = ? AND j.status IN ('assigned', 'running')"
+        ))
+        .bind(backend_id)
+        .fetch_all(self.reader())
+        .await?;
+        Ok(rows.iter().map(active_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// The job's current lease, when a backend holds it.
+    pub async fn lease_of(&self, job_id: &str) -> Result<Option<ActiveJob>, StoreError> {
+        let row = sqlx::query(&format!(
+            "{ACTIVE_SELECT} WHERE j.id = ? AND j.status IN ('assigned', 'running')"
+        ))
+        .bind(job_id)
+        .fetch_optional(self.reader())
+        .await?;
+        Ok(row.as_ref().map(active_from_row).transpose()?)
+    }
+}

@@ -1,0 +1,222 @@
+//! Storing new jobs: many concurrent submissions share one statement and
+//! one commit.
+//!
+//! Why batch here and not in the writer: a submission is one row, and a
+//! burst of them is best written as one multi-row `INSERT` (a trigger adds
+//! each job's metadata rows and first event), with one read for all their
+//! idempotency keys. The caller still gets its own answer, once the batch is
+//! on disk.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+
+use super::model::{JobStatus, JobSummary, NewJob, SubmitOutcome};
+use super::rows::time_col;
+use super::{fmt_time, parse_time, writer, Store, StoreError};
+
+/// A submission waiting for its batch, and where its answer goes.
+pub(super) type PendingSubmission = (
+    NewJob,
+    tokio::sync::oneshot::Sender<Result<SubmitOutcome, StoreError>>,
+);
+
+/// Hands out submission times that never go backwards, so that the order of
+/// `seq` is the order of `submitted_at` and time filters become seq ranges.
+#[derive(Clone, Default)]
+pub(super) struct SubmitClock(Arc<Mutex<DateTime<Utc>>>);
+
+impl SubmitClock {
+    fn starting_after(t: DateTime<Utc>) -> Self {
+        SubmitClock(Arc::new(Mutex::new(t)))
+    }
+
+    pub(super) fn next(&self) -> DateTime<Utc> {
+        let mut last = self.0.lock().expect("clock");
+        let now = Utc::now();
+        let t = if now > *last {
+            now
+        } else {
+            *last + chrono::Duration::microseconds(1)
+        };
+        // Stored with microsecond precision: keep the in-memory value equal.
+        let t = parse_time(&fmt_time(t)).unwrap_or(t);
+        *last = t;
+        t
+    }
+
+    /// Moves the clock past `t` (after rows were written with other times).
+    #[cfg_attr(not(feature = "bench-support"), allow(dead_code))]
+    pub(super) fn advance_to(&self, t: DateTime<Utc>) {
+        let mut last = self.0.lock().expect("clock");
+        if t > *last {
+            *last = t;
+        }
+    }
+}
+
+/// Gathers the submissions waiting while the previous batch was written and
+/// stores them together. Ends when every `Store` (holding the sending side)
+/// is gone.
+pub(super) async fn batch_submissions(
+    writer: writer::Writer,
+    clock: SubmitClock,
+    mut rx: tokio::sync::mpsc::Receiver<PendingSubmission>,
+    max_batch: usize,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut pending = vec![first];
+        while pending.len() < max_batch {
+            match rx.try_recv() {
+                Ok(p) => pending.push(p),
+                Err(_) => break,
+            }
+        }
+        let (jobs, answers): (Vec<NewJob>, Vec<_>) = pending.into_iter().unzip();
+        let clock = clock.clone();
+        // One INSERT, plus a read: atomic without a savepoint.
+        let stored = writer
+            .write_single(move |conn| {
+                Box::pin(async move { insert_jobs(conn, jobs, &clock).await })
+            })
+            .await;
+        match stored {
+            Ok(outcomes) => {
+                for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                    let _ = answer.send(outcome);
+                }
+            }
+            Err(e) => {
+                for answer in answers {
+                    let _ = answer.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+impl Store {
+    pub(super) async fn load_submit_clock(&self) -> Result<SubmitClock, StoreError> {
+        let last: Option<String> = sqlx::query_scalar("SELECT max(submitted_at) FROM jobs")
+            .fetch_one(self.reader())
+            .await?;
+        Ok(SubmitClock::starting_after(
+            last.as_deref().and_then(parse_time).unwrap_or_default(),
+        ))
+    }
+
+    /// Stores a job durably (or finds the earlier one with the same
+    /// idempotency key). Returns once the commit is on disk.
+    pub async fn submit(&self, job: NewJob) -> Result<SubmitOutcome, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submissions
+            .send((job, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Earlier jobs holding any of these idempotency keys: key → (manifest hash, job).
+async fn known_keys(
+    conn: &mut SqliteConnection,
+    keys: &[String],
+) -> Result<HashMap<String, (String, JobSummary)>, StoreError> {
+    let mut known = HashMap::new();
+    if keys.is_empty() {
+        return Ok(known);
+    }
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+        "SELECT id, status, submitted_at, manifest_hash, idempotency_key FROM jobs WHERE 1 = 1",
+    );
+    super::rows::push_in(&mut q, "idempotency_key", keys);
+    for row in q.build().fetch_all(&mut *conn).await? {
+        let summary = JobSummary {
+            id: row.try_get("id")?,
+            status: row.try_get("status")?,
+            submitted_at: time_col(&row, "submitted_at")?.unwrap_or_default(),
+        };
+        known.insert(
+            row.try_get("idempotency_key")?,
+            (row.try_get("manifest_hash")?, summary),
+        );
+    }
+    Ok(known)
+}
+
+/// Stores a batch of submissions with one multi-row INSERT (plus one read
+/// for their idempotency keys), in submission order. Each gets its own
+/// outcome: created, the earlier job with the same key, or a conflict.
+async fn insert_jobs(
+    conn: &mut SqliteConnection,
+    jobs: Vec<NewJob>,
+    clock: &SubmitClock,
+) -> Result<Vec<Result<SubmitOutcome, StoreError>>, StoreError> {
+    let keys: Vec<String> = jobs
+        .iter()
+        .filter_map(|j| j.idempotency_key.clone())
+        .collect();
+    let mut known = known_keys(conn, &keys).await?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut rows: Vec<(NewJob, DateTime<Utc>)> = Vec::new();
+    for job in jobs {
+        if let Some(key) = &job.idempotency_key {
+            if let Some((hash, summary)) = known.get(key) {
+                outcomes.push(if *hash == job.manifest_hash {
+                    Ok(SubmitOutcome::Existing(summary.clone()))
+                } else {
+                    Err(StoreError::Conflict(format!(
+                        "idempotency_key `{key}` was already used by job {} with a different manifest",
+                        summary.id
+                    )))
+                });
+                continue;
+            }
+        }
+        let now = clock.next();
+        let summary = JobSummary {
+            id: job.id.clone(),
+            status: JobStatus::Queued,
+            submitted_at: now,
+        };
+        if let Some(key) = &job.idempotency_key {
+            // A second submission with this key in the same batch finds this one.
+            known.insert(key.clone(), (job.manifest_hash.clone(), summary.clone()));
+        }
+        outcomes.push(Ok(SubmitOutcome::Created(summary)));
+        rows.push((job, now));
+    }
+    if rows.is_empty() {
+        return Ok(outcomes);
+    }
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+        "INSERT INTO jobs (id, workflow_id, status, priority, requires, max_attempts, \
+         idempotency_key, manifest_hash, manifest, parameters, metadata, graph, callback_url, \
+         timeout_s, submitted_at, updated_at) ",
+    );
+    q.push_values(rows, |mut b, (job, now)| {
+        let now_s = fmt_time(now);
+        b.push_bind(job.id)
+            .push_bind(job.workflow_id)
+            .push_bind(JobStatus::Queued)
+            .push_bind(job.priority)
+            .push_bind(Value::from(job.requires).to_string())
+            .push_bind(job.max_attempts as i64)
+            .push_bind(job.idempotency_key)
+            .push_bind(job.manifest_hash)
+            .push_bind(job.manifest.to_string())
+            .push_bind(job.parameters.to_string())
+            .push_bind(Value::Object(job.metadata).to_string())
+            .push_bind(job.graph.to_string())
+            .push_bind(job.callback_url)
+            .push_bind(job.timeout_s)
+            .push_bind(now_s.clone())
+            .push_bind(now_s);
+    });
+    // Metadata rows and the `submitted` event come from the jobs_submitted trigger.
+    q.build().execute(&mut *conn).await?;
+    Ok(outcomes)
+}

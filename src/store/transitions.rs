@@ -1,0 +1,729 @@
+//! Every change of a job after it was submitted: the steps of a leased job
+//! (submitted, running, completed, failed, retried, lost, cancelled), and
+//! the unleased ones (cancel while queued, retry by a user).
+//!
+//! Why one helper ([`Store::transition`]) and one step function
+//! ([`apply`]): every change of a leased job is fenced by its lease token
+//! (`WHERE lease_token = ?`), so a worker that lost its lease (the job was
+//! taken back and leased again) cannot overwrite the newer lease's state;
+//! and every change is one transaction with its event. Written once, neither
+//! can be forgotten by the next transition someone adds.
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+use sqlx::{Row, SqliteConnection};
+
+use super::cleanup::add_cleanup;
+use super::events::{append_event, EventInput};
+use super::lease::unrunnable_reason;
+use super::model::*;
+use super::webhooks::enqueue_webhook;
+use super::{fmt_time, Store, StoreError};
+
+/// The job as the fence found it: still held under the caller's lease.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    job_id: String,
+    token: i64,
+    status: JobStatus,
+    attempt: i64,
+    max_attempts: i64,
+    backend: String,
+    prompt_id: String,
+    cancel_requested: bool,
+    /// The backend had started running this lease's prompt.
+    started: bool,
+}
+
+/// Reads the job if it still carries this lease and a backend holds it.
+async fn fence(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    token: i64,
+) -> Result<Option<Held>, StoreError> {
+    let row = sqlx::query(
+        "SELECT j.status, j.attempts, j.max_attempts, j.backend_id, j.prompt_id, j.cancel_requested, \
+         l.started_at FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id \
+         WHERE j.id = ? AND j.lease_token = ?",
+    )
+    .bind(job_id)
+    .bind(token)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    let status: JobStatus = r.try_get("status")?;
+    if !status.is_held() {
+        return Ok(None);
+    }
+    Ok(Some(Held {
+        job_id: job_id.to_string(),
+        token,
+        status,
+        attempt: r.try_get("attempts")?,
+        max_attempts: r.try_get("max_attempts")?,
+        backend: r
+            .try_get::<Option<String>, _>("backend_id")?
+            .unwrap_or_default(),
+        prompt_id: r
+            .try_get::<Option<String>, _>("prompt_id")?
+            .unwrap_or_default(),
+        cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+        started: r.try_get::<Option<String>, _>("started_at")?.is_some(),
+    }))
+}
+
+/// One change of a job, with the event that records it.
+enum Step {
+    /// ComfyUI accepted the prompt (recorded once).
+    Submitted,
+    /// ComfyUI started running it.
+    Running,
+    /// Finished; its outputs are collected.
+    Completed(Vec<OutputRecord>),
+    /// Ended for good without success.
+    Failed {
+        outcome: LeaseOutcome,
+        error: Value,
+        message: String,
+    },
+    /// An attempt failed; queued again.
+    Retry {
+        outcome: LeaseOutcome,
+        error: Value,
+        message: String,
+        not_before: DateTime<Utc>,
+        avoid_until: DateTime<Utc>,
+    },
+    /// The backend lost it: queued again, the attempt does not count.
+    Requeued { reason: String, message: String },
+    /// Cancelled.
+    Cancelled { message: String },
+}
+
+/// Applies one step to a held job: the job row, its lease, its event.
+async fn apply(conn: &mut SqliteConnection, held: &Held, step: Step) -> Result<(), StoreError> {
+    let now = fmt_time(Utc::now());
+    let id = held.job_id.as_str();
+    let event = |kind, status, message, data| EventInput {
+        kind,
+        status: Some(status),
+        backend_id: Some(&held.backend),
+        attempt: Some(held.attempt),
+        message: Some(message),
+        data,
+    };
+    match step {
+        Step::Submitted => {
+            let n = sqlx::query(
+                "UPDATE leases SET submitted_at = ? WHERE prompt_id = ? AND submitted_at IS NULL",
+            )
+            .bind(&now)
+            .bind(&held.prompt_id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                let message = format!("backend {} accepted the prompt", held.backend);
+                let ev = EventInput {
+                    status: None,
+                    ..event("submitted_to_backend", held.status, message, None)
+                };
+                append_event(conn, id, ev).await?;
+            }
+        }
+        Step::Running => {
+            sqlx::query(
+                "UPDATE leases SET started_at = coalesce(started_at, ?) WHERE prompt_id = ?",
+            )
+            .bind(&now)
+            .bind(&held.prompt_id)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?), updated_at = ? \
+                 WHERE id = ?",
+            )
+            .bind(&now)
+            .bind(&now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+            let message = format!("running on backend {}", held.backend);
+            append_event(
+                conn,
+                id,
+                event("running", JobStatus::Running, message, None),
+            )
+            .await?;
+        }
+        Step::Completed(outputs) => {
+            for o in &outputs {
+                sqlx::query(
+                    "INSERT OR REPLACE INTO outputs (job_id, name, kind, node_id, filename, subfolder, type, \
+                     size, sha256, content_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(id)
+                .bind(&o.name)
+                .bind(&o.kind)
+                .bind(&o.node_id)
+                .bind(&o.filename)
+                .bind(&o.subfolder)
+                .bind(&o.file_type)
+                .bind(o.size)
+                .bind(&o.sha256)
+                .bind(&o.content_type)
+                .execute(&mut *conn)
+                .await?;
+            }
+            finish_lease(conn, held, LeaseOutcome::Completed, None).await?;
+            sqlx::query("UPDATE jobs SET error = NULL WHERE id = ?")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            set_final(conn, id, JobStatus::Completed, None).await?;
+            let message = format!(
+                "completed on backend {} with {} output(s)",
+                held.backend,
+                outputs.len()
+            );
+            let data = json!({ "outputs": outputs.iter().map(|o| &o.name).collect::<Vec<_>>() });
+            let ev = event("completed", JobStatus::Completed, message, Some(data));
+            append_event(conn, id, ev).await?;
+        }
+        Step::Failed {
+            outcome,
+            error,
+            message,
+        } => {
+            finish_lease(conn, held, outcome, Some(&error)).await?;
+            let mut final_error = error.clone();
+            final_error["message"] = json!(message);
+            set_final(conn, id, JobStatus::Failed, Some(&final_error)).await?;
+            let ev = event("failed", JobStatus::Failed, message, Some(error));
+            append_event(conn, id, ev).await?;
+        }
+        Step::Retry {
+            outcome,
+            error,
+            message,
+            not_before,
+            avoid_until,
+        } => {
+            finish_lease(conn, held, outcome, Some(&error)).await?;
+            back_to_queue(
+                conn,
+                id,
+                0,
+                Some(not_before),
+                Some(avoid_until),
+                Some(&error),
+            )
+            .await?;
+            let ev = event("retry_scheduled", JobStatus::Queued, message, Some(error));
+            append_event(conn, id, ev).await?;
+        }
+        Step::Requeued { reason, message } => {
+            let error = json!({ "message": reason, "while_running": held.started });
+            finish_lease(conn, held, LeaseOutcome::Lost, Some(&error)).await?;
+            back_to_queue(conn, id, -1, None, None, None).await?;
+            append_event(
+                conn,
+                id,
+                event("requeued", JobStatus::Queued, message, None),
+            )
+            .await?;
+        }
+        Step::Cancelled { message } => {
+            finish_lease(conn, held, LeaseOutcome::Cancelled, None).await?;
+            set_final(conn, id, JobStatus::Cancelled, None).await?;
+            let ev = event("cancelled", JobStatus::Cancelled, message, None);
+            append_event(conn, id, ev).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn finish_lease(
+    conn: &mut SqliteConnection,
+    held: &Held,
+    outcome: LeaseOutcome,
+    error: Option<&Value>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE leases SET finished_at = ?, outcome = ?, error = ? WHERE job_id = ? AND lease_token = ?",
+    )
+    .bind(fmt_time(Utc::now()))
+    .bind(outcome)
+    .bind(error.map(|e| e.to_string()))
+    .bind(&held.job_id)
+    .bind(held.token)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Back to the queue: no backend, no lease; `attempts_delta` -1 gives the attempt back.
+async fn back_to_queue(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    attempts_delta: i64,
+    not_before: Option<DateTime<Utc>>,
+    avoid_until: Option<DateTime<Utc>>,
+    error: Option<&Value>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE jobs SET status = 'queued', backend_id = NULL, prompt_id = NULL, lease_token = NULL, \
+         attempts = attempts + ?, not_before = ?, avoid_until = ?, error = coalesce(?, error), \
+         progress = NULL, updated_at = ? WHERE id = ?",
+    )
+    .bind(attempts_delta)
+    .bind(not_before.map(fmt_time))
+    .bind(avoid_until.map(fmt_time))
+    .bind(error.map(|e| e.to_string()))
+    .bind(fmt_time(Utc::now()))
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A terminal state, with the webhook queued in the same transaction.
+async fn set_final(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    status: JobStatus,
+    error: Option<&Value>,
+) -> Result<(), StoreError> {
+    let now = fmt_time(Utc::now());
+    sqlx::query(
+        "UPDATE jobs SET status = ?, error = coalesce(?, error), finished_at = ?, updated_at = ?, \
+         progress = NULL, cancel_requested = 0 WHERE id = ?",
+    )
+    .bind(status)
+    .bind(error.map(|e| e.to_string()))
+    .bind(&now)
+    .bind(&now)
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    enqueue_webhook(conn, job_id, status).await
+}
+
+/// How a lost lease is given back.
+#[derive(Debug, Clone)]
+pub struct LostRun {
+    /// Why, for the job's events.
+    pub reason: String,
+    /// Put the prompt on the cleanup list, to be removed from the backend
+    /// (confirmed no earlier than this time): it may come back and run it.
+    pub cleanup: Option<DateTime<Utc>>,
+    /// Fail the job once this many of its runs were lost after they had
+    /// started (`None`: never).
+    pub max_lost_runs: Option<i64>,
+}
+
+/// What became of a lost lease.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LostOutcome {
+    /// Queued again; the attempt did not count.
+    Requeued,
+    /// A cancel was pending: cancelled.
+    Cancelled,
+    /// Lost while running too many times: failed, with this message.
+    Failed(String),
+    /// The lease was no longer ours.
+    LeaseLost,
+}
+
+impl Store {
+    /// Runs `f` on the job if it still carries lease `token` and a backend
+    /// holds it; `None` if the lease was lost. One transaction.
+    async fn transition<T, F>(
+        &self,
+        job_id: &str,
+        token: i64,
+        f: F,
+    ) -> Result<Option<T>, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection, Held) -> BoxFuture<'c, Result<T, StoreError>>
+            + Send
+            + 'static,
+    {
+        let job_id = job_id.to_string();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    match fence(conn, &job_id, token).await? {
+                        Some(held) => f(conn, held).await.map(Some),
+                        None => Ok(None),
+                    }
+                })
+            })
+            .await
+    }
+
+    /// Records that ComfyUI accepted the prompt. Returns whether a cancel is pending.
+    pub async fn mark_submitted(&self, job_id: &str, token: i64) -> Result<bool, StoreError> {
+        self.transition(job_id, token, |conn, held| {
+            Box::pin(async move {
+                apply(conn, &held, Step::Submitted).await?;
+                Ok(held.cancel_requested)
+            })
+        })
+        .await?
+        .ok_or(StoreError::LeaseLost)
+    }
+
+    /// `assigned` → `running`, once; later calls change nothing (`false`).
+    pub async fn mark_running(&self, job_id: &str, token: i64) -> Result<bool, StoreError> {
+        self.transition(job_id, token, |conn, held| {
+            Box::pin(async move {
+                if held.status == JobStatus::Running {
+                    return Ok(false);
+                }
+                // It runs, so the backend has it, even if the answer to the
+                // submit is still on its way.
+                apply(conn, &held, Step::Submitted).await?;
+                apply(conn, &held, Step::Running).await?;
+                Ok(true)
+            })
+        })
+        .await?
+        .ok_or(StoreError::LeaseLost)
+    }
+
+    /// Records the collected outputs and completes the job.
+    pub async fn complete(
+        &self,
+        job_id: &str,
+        token: i64,
+        outputs: Vec<OutputRecord>,
+    ) -> Result<(), StoreError> {
+        self.transition(job_id, token, |conn, held| {
+            Box::pin(async move { apply(conn, &held, Step::Completed(outputs)).await })
+        })
+        .await?
+        .ok_or(StoreError::LeaseLost)
+    }
+
+    /// Ends an attempt that failed. `rejected` (the backend refused the
+    /// graph) never retries on that backend; a run-time failure retries
+    /// after `backoff`, preferring another backend. With no attempts left,
+    /// or no backend that can run it, the job fails with `error`.
+    pub async fn fail_attempt(
+        &self,
+        job_id: &str,
+        token: i64,
+        rejected: bool,
+        error: Value,
+        backoff: chrono::Duration,
+    ) -> Result<AttemptOutcome, StoreError> {
+        let outcome = self
+            .transition(job_id, token, move |conn, held| {
+                Box::pin(async move {
+                    let outcome = if rejected {
+                        LeaseOutcome::Rejected
+                    } else {
+                        LeaseOutcome::Failed
+                    };
+                    // Recorded first, so that the backend rules below count this lease.
+                    finish_lease(conn, &held, outcome, Some(&error)).await?;
+                    let message = error["message"]
+                        .as_str()
+                        .unwrap_or("the attempt failed")
+                        .to_string();
+                    let (attempt, max) = (held.attempt, held.max_attempts);
+                    let final_reason = if attempt >= max {
+                        Some(format!(
+                            "{message} (attempt {attempt} of {max}; no attempts left)"
+                        ))
+                    } else {
+                        unrunnable_reason(conn, &held.job_id)
+                            .await?
+                            .map(|why| format!("{message}; {why}"))
+                    };
+                    if let Some(reason) = final_reason {
+                        let step = Step::Failed {
+                            outcome,
+                            error,
+                            message: reason.clone(),
+                        };
+                        apply(conn, &held, step).await?;
+                        return Ok(AttemptOutcome::Failed(reason));
+                    }
+                    let now = Utc::now();
+                    let not_before = if rejected { now } else { now + backoff };
+                    let retrying = if rejected {
+                        " on another backend".to_string()
+                    } else {
+                        format!(" after {} s", backoff.num_seconds().max(0))
+                    };
+                    let step = Step::Retry {
+                        outcome,
+                        message: format!(
+                            "{message}; attempt {attempt} of {max} failed, retrying{retrying}"
+                        ),
+                        error,
+                        not_before,
+                        // Away from this backend for a while: another gets the first chance.
+                        avoid_until: now + backoff * 2,
+                    };
+                    apply(conn, &held, step).await?;
+                    Ok(AttemptOutcome::Retry(not_before))
+                })
+            })
+            .await?;
+        Ok(outcome.unwrap_or(AttemptOutcome::LeaseLost))
+    }
+
+    /// Takes a job back from its backend without burning an attempt (the
+    /// backend lost it, restarted, or is gone). With `cleanup`, the prompt
+    /// goes on the cleanup list, to be removed there if the backend comes
+    /// back. Returns whether the lease was still ours.
+    pub async fn requeue_lost(
+        &self,
+        job_id: &str,
+        token: i64,
+        reason: String,
+        cleanup: bool,
+    ) -> Result<bool, StoreError> {
+        let run = LostRun {
+            reason,
+            cleanup: cleanup.then(Utc::now),
+            max_lost_runs: None,
+        };
+        Ok(self.give_back(job_id, token, run).await? != LostOutcome::LeaseLost)
+    }
+
+    /// Takes a job back from its backend as `run` says; a run lost after it
+    /// had started counts towards `max_lost_runs`.
+    pub async fn give_back(
+        &self,
+        job_id: &str,
+        token: i64,
+        run: LostRun,
+    ) -> Result<LostOutcome, StoreError> {
+        let outcome = self
+            .transition(job_id, token, move |conn, held| {
+                Box::pin(async move {
+                    let backend = held.backend.clone();
+                    if let Some(not_before) = run.cleanup {
+                        add_cleanup(
+                            conn,
+                            &held.prompt_id,
+                            &backend,
+                            Some(&held.job_id),
+                            &run.reason,
+                            not_before,
+                        )
+                        .await?;
+                    }
+                    if held.cancel_requested {
+                        let message =
+                            format!("cancelled; backend {backend} no longer has it ({})", run.reason);
+                        apply(conn, &held, Step::Cancelled { message }).await?;
+                        return Ok(LostOutcome::Cancelled);
+                    }
+                    let lost_runs: i64 = if held.started {
+                        1 + sqlx::query_scalar::<_, i64>(
+                            "SELECT count(*) FROM leases WHERE job_id = ? AND outcome = 'lost' \
+                             AND started_at IS NOT NULL",
+                        )
+                        .bind(&held.job_id)
+                        .fetch_one(&mut *conn)
+                        .await?
+                    } else {
+                        0
+                    };
+                    if let Some(max) = run.max_lost_runs.filter(|m| held.started && lost_runs >= *m) {
+                        let message = format!(
+                            "backend {backend} lost this job while running it ({}); its backends died \
+                             under it {lost_runs} times (dispatch.max_lost_runs is {max}): the job may be \
+                             what crashes them",
+                            run.reason
+                        );
+                        let error = json!({
+                            "message": message,
+                            "backend_id": backend,
+                            "attempt": held.attempt,
+                            "lost_runs": lost_runs,
+                        });
+                        let step = Step::Failed {
+                            outcome: LeaseOutcome::Lost,
+                            error,
+                            message: message.clone(),
+                        };
+                        apply(conn, &held, step).await?;
+                        return Ok(LostOutcome::Failed(message));
+                    }
+                    let counted = if held.started {
+                        match run.max_lost_runs {
+                            Some(max) => format!(" (lost while running: {lost_runs} of {max})"),
+                            None => " (lost while running)".to_string(),
+                        }
+                    } else {
+                        String::new()
+                    };
+                    let message = format!(
+                        "taken back from backend {backend}: {}; the attempt does not count{counted}",
+                        run.reason
+                    );
+                    let step = Step::Requeued {
+                        reason: run.reason,
+                        message,
+                    };
+                    apply(conn, &held, step).await?;
+                    Ok(LostOutcome::Requeued)
+                })
+            })
+            .await?;
+        Ok(outcome.unwrap_or(LostOutcome::LeaseLost))
+    }
+
+    /// The backend confirmed (or did not answer in time): the job is cancelled.
+    pub async fn confirm_cancel(
+        &self,
+        job_id: &str,
+        token: i64,
+        how: String,
+    ) -> Result<bool, StoreError> {
+        let done = self
+            .transition(job_id, token, |conn, held| {
+                Box::pin(async move { apply(conn, &held, Step::Cancelled { message: how }).await })
+            })
+            .await?;
+        Ok(done.is_some())
+    }
+
+    /// Cancels a queued job now, or flags a held one for its backend to stop.
+    pub async fn request_cancel(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
+        let job_id = job_id.to_string();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let row = sqlx::query(
+                        "SELECT status, backend_id, attempts, lease_token FROM jobs WHERE id = ?",
+                    )
+                    .bind(&job_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    let Some(row) = row else {
+                        return Err(StoreError::NotFound(format!("job `{job_id}`")));
+                    };
+                    let current: JobStatus = row.try_get("status")?;
+                    if current.is_terminal() {
+                        return Err(StoreError::InvalidState(format!(
+                            "job `{job_id}` is already {current}"
+                        )));
+                    }
+                    if current == JobStatus::Queued {
+                        set_final(conn, &job_id, JobStatus::Cancelled, None).await?;
+                        let ev = EventInput {
+                            kind: "cancelled",
+                            status: Some(JobStatus::Cancelled),
+                            message: Some("cancelled while queued".into()),
+                            ..Default::default()
+                        };
+                        append_event(conn, &job_id, ev).await?;
+                        return Ok(CancelOutcome::Cancelled);
+                    }
+                    let backend_id: String = row
+                        .try_get::<Option<String>, _>("backend_id")?
+                        .unwrap_or_default();
+                    sqlx::query(
+                        "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                    )
+                    .bind(fmt_time(Utc::now()))
+                    .bind(&job_id)
+                    .execute(&mut *conn)
+                    .await?;
+                    let ev = EventInput {
+                        kind: "cancel_requested",
+                        status: Some(current),
+                        backend_id: Some(&backend_id),
+                        attempt: Some(row.try_get("attempts")?),
+                        message: Some(format!(
+                            "cancel requested; asking backend {backend_id} to stop it"
+                        )),
+                        data: None,
+                    };
+                    append_event(conn, &job_id, ev).await?;
+                    Ok(CancelOutcome::Requested { backend_id })
+                })
+            })
+            .await
+    }
+
+    /// Queues a failed or cancelled job again, as a new attempt.
+    pub async fn retry(&self, job_id: &str) -> Result<(), StoreError> {
+        let job_id = job_id.to_string();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let row = sqlx::query("SELECT status, attempts, max_attempts FROM jobs WHERE id = ?")
+                        .bind(&job_id)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    let Some(row) = row else {
+                        return Err(StoreError::NotFound(format!("job `{job_id}`")));
+                    };
+                    let current: JobStatus = row.try_get("status")?;
+                    if !matches!(current, JobStatus::Failed | JobStatus::Cancelled) {
+                        return Err(StoreError::InvalidState(format!(
+                            "job `{job_id}` is {current}; only failed or cancelled jobs can be retried"
+                        )));
+                    }
+                    let attempts: i64 = row.try_get("attempts")?;
+                    let max_attempts: i64 = row.try_get("max_attempts")?;
+                    sqlx::query(
+                        "UPDATE jobs SET max_attempts = ?, finished_at = NULL, cancel_requested = 0 WHERE id = ?",
+                    )
+                    .bind(max_attempts.max(attempts + 1))
+                    .bind(&job_id)
+                    .execute(&mut *conn)
+                    .await?;
+                    back_to_queue(conn, &job_id, 0, None, None, None).await?;
+                    let ev = EventInput {
+                        kind: "retried",
+                        status: Some(JobStatus::Queued),
+                        message: Some(format!("queued again by a user after it was {current}")),
+                        ..Default::default()
+                    };
+                    append_event(conn, &job_id, ev).await
+                })
+            })
+            .await
+    }
+
+    /// Jobs held by backends no longer in the config go back to the queue.
+    pub async fn release_unconfigured(&self) -> Result<u64, StoreError> {
+        self.writer()
+            .write(|conn| {
+                Box::pin(async move {
+                    let rows = sqlx::query(
+                        "SELECT id, lease_token FROM jobs WHERE status IN ('assigned', 'running') \
+                         AND backend_id NOT IN (SELECT id FROM backends WHERE configured = 1)",
+                    )
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    for r in &rows {
+                        let id: String = r.try_get("id")?;
+                        let token: i64 = r.try_get::<Option<i64>, _>("lease_token")?.unwrap_or(0);
+                        let Some(held) = fence(conn, &id, token).await? else {
+                            continue;
+                        };
+                        let reason = format!("backend {} is no longer in the config", held.backend);
+                        let step = Step::Requeued {
+                            message: format!("{reason}; queued again"),
+                            reason,
+                        };
+                        apply(conn, &held, step).await?;
+                    }
+                    Ok(rows.len() as u64)
+                })
+            })
+            .await
+    }
+}

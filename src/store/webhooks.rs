@@ -1,0 +1,122 @@
+//! The webhook outbox: a row per webhook to deliver, written in the same
+//! transaction that ends its job, so a callback can be late but never lost.
+
+use chrono::{DateTime, Utc};
+use sqlx::{Row, SqliteConnection};
+
+use super::model::{JobStatus, Webhook, WebhookRecord};
+use super::{fmt_time, Store, StoreError};
+
+/// Queues the job's webhook, inside the transaction that ends the job.
+pub(super) async fn enqueue_webhook(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    status: JobStatus,
+) -> Result<(), StoreError> {
+    let now = fmt_time(Utc::now());
+    sqlx::query(
+        "INSERT INTO webhook_outbox (job_id, url, status, next_attempt_at, created_at) \
+         SELECT id, callback_url, ?, ?, ? FROM jobs WHERE id = ? AND callback_url IS NOT NULL",
+    )
+    .bind(status)
+    .bind(&now)
+    .bind(&now)
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Webhooks due now, oldest first.
+    pub async fn due_webhooks(&self, limit: i64) -> Result<Vec<Webhook>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, job_id, url, attempts FROM webhook_outbox INDEXED BY webhook_due \
+             WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= ? \
+             ORDER BY next_attempt_at LIMIT ?",
+        )
+        .bind(fmt_time(Utc::now()))
+        .bind(limit)
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Webhook {
+                    id: r.try_get("id")?,
+                    job_id: r.try_get("job_id")?,
+                    url: r.try_get("url")?,
+                    attempts: r.try_get("attempts")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// When the next webhook falls due, if any is pending.
+    pub async fn next_webhook_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let s: Option<String> = sqlx::query_scalar(
+            "SELECT min(next_attempt_at) FROM webhook_outbox WHERE delivered_at IS NULL AND gave_up_at IS NULL",
+        )
+        .fetch_one(self.reader())
+        .await?;
+        Ok(s.as_deref().and_then(super::parse_time))
+    }
+
+    /// Records one delivery try: delivered, retry at `next`, or given up (`next: None`).
+    pub async fn webhook_tried(
+        &self,
+        id: i64,
+        delivered: bool,
+        error: Option<String>,
+        next: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let now = fmt_time(Utc::now());
+                    let (delivered_at, gave_up_at, next_at) = match (delivered, next) {
+                        (true, _) => (Some(now.clone()), None, now.clone()),
+                        (false, Some(n)) => (None, None, fmt_time(n)),
+                        (false, None) => (None, Some(now.clone()), now.clone()),
+                    };
+                    sqlx::query(
+                        "UPDATE webhook_outbox SET attempts = attempts + 1, delivered_at = ?, gave_up_at = ?, \
+                         next_attempt_at = ?, last_error = ? WHERE id = ?",
+                    )
+                    .bind(delivered_at)
+                    .bind(gave_up_at)
+                    .bind(next_at)
+                    .bind(error)
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    /// The outbox rows of a job, oldest first.
+    pub async fn job_webhooks(&self, job_id: &str) -> Result<Vec<WebhookRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT url, status, attempts, delivered_at, gave_up_at, last_error FROM webhook_outbox \
+             WHERE job_id = ? ORDER BY id",
+        )
+        .bind(job_id)
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WebhookRecord {
+                    url: r.try_get("url")?,
+                    status: r.try_get("status")?,
+                    attempts: r.try_get("attempts")?,
+                    delivered_at: r.try_get("delivered_at")?,
+                    gave_up_at: r.try_get("gave_up_at")?,
+                    last_error: r.try_get("last_error")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+}

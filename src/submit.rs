@@ -1,0 +1,204 @@
+//! Submitting a job: check the manifest, bind its parameters, check it can
+//! run on this farm, store it, wake the dispatchers.
+//!
+//! Why one function for every front door: HTTP (`POST /api/job`), the inbox
+//! folder and the dashboard's form must accept and refuse exactly the same
+//! manifests with the same words, so they all call [`Submitter::submit`].
+//! Its error type says what went wrong in terms any front door can render
+//! (the API as a status and JSON body, the inbox as an `.error.json` file).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::dispatch::Farm;
+use crate::manifest;
+use crate::store::{JobStatus, Store, StoreError, SubmitOutcome};
+use crate::workflows::{BindError, Catalog};
+
+/// Why a manifest was not stored. Nothing is stored in any of these cases.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubmitError {
+    /// A field or parameter is wrong (`field` names it when there is one).
+    #[error("{message}")]
+    Invalid {
+        /// Dotted path of the field at fault (`parameters.width`).
+        field: Option<String>,
+        /// What is wrong, for a person (starts with the field when there is one).
+        message: String,
+    },
+    /// The idempotency key was used before with another manifest.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database cannot take it now (full disk, shutting down, broken).
+    #[error("{message}")]
+    Unavailable {
+        /// `storage_full`, `shutting_down` or `database_unavailable`.
+        code: &'static str,
+        /// For a person.
+        message: String,
+    },
+}
+
+impl SubmitError {
+    /// The HTTP status a front door answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            SubmitError::Invalid { .. } => 422,
+            SubmitError::Conflict(_) => 409,
+            SubmitError::Unavailable { .. } => 503,
+        }
+    }
+
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SubmitError::Invalid { .. } => "validation_failed",
+            SubmitError::Conflict(_) => "conflict",
+            SubmitError::Unavailable { code, .. } => code,
+        }
+    }
+
+    /// The field at fault.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            SubmitError::Invalid { field, .. } => field.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// A `422` for a field.
+    pub fn invalid(field: &str, message: impl Into<String>) -> SubmitError {
+        SubmitError::from(BindError {
+            field: field.to_string(),
+            message: message.into(),
+        })
+    }
+}
+
+impl From<BindError> for SubmitError {
+    fn from(e: BindError) -> Self {
+        if e.field.is_empty() {
+            SubmitError::Invalid {
+                field: None,
+                message: e.message,
+            }
+        } else {
+            SubmitError::Invalid {
+                message: format!("{}: {}", e.field, e.message),
+                field: Some(e.field),
+            }
+        }
+    }
+}
+
+impl From<StoreError> for SubmitError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => SubmitError::Conflict(m),
+            StoreError::Full => SubmitError::Unavailable {
+                code: "storage_full",
+                message: "the database disk is full; nothing was stored. Free space and retry"
+                    .into(),
+            },
+            StoreError::Closed => SubmitError::Unavailable {
+                code: "shutting_down",
+                message: "the service is stopping; retry in a moment".into(),
+            },
+            other => {
+                tracing::error!(error = %other, "database error on submit");
+                SubmitError::Unavailable {
+                    code: "database_unavailable",
+                    message: format!("the database is not usable: {other}"),
+                }
+            }
+        }
+    }
+}
+
+/// A stored job (or the earlier one with the same idempotency key).
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    /// A new job was stored (`false`: an earlier one with the same key and manifest).
+    pub created: bool,
+    /// Its id.
+    pub job_id: String,
+    /// Its status now.
+    pub status: JobStatus,
+    /// When it was stored.
+    pub submitted_at: DateTime<Utc>,
+    /// Things accepted but worth telling (ignored fields).
+    pub warnings: Vec<String>,
+}
+
+/// What submitting needs. Cheap to clone.
+#[derive(Clone)]
+pub struct Submitter {
+    /// The database.
+    pub store: Store,
+    /// Workflow templates.
+    pub catalog: Arc<Catalog>,
+    /// Settings.
+    pub config: Arc<Config>,
+    /// Woken when a job is stored.
+    pub farm: Farm,
+}
+
+impl Submitter {
+    /// Checks, binds and stores one manifest. A `Ok` means it is on disk.
+    pub async fn submit(&self, manifest: Value) -> Result<Submitted, SubmitError> {
+        if let Some(id) = manifest.get("workflow_id").and_then(Value::as_str) {
+            if self.catalog.should_rescan_for(id) {
+                self.catalog.reload_async().await;
+            }
+        }
+        let parsed = manifest::parse(
+            manifest,
+            &self.catalog,
+            self.config.dispatch.default_max_attempts,
+        )?;
+        self.check_requires(&parsed.job.requires).await?;
+        let workflow_id = parsed.job.workflow_id.clone();
+        let (created, summary) = match self.store.submit(parsed.job).await? {
+            SubmitOutcome::Created(s) => {
+                self.farm.wake();
+                crate::metrics::submitted(workflow_id.as_deref());
+                tracing::info!(job_id = %s.id, "job submitted");
+                (true, s)
+            }
+            SubmitOutcome::Existing(s) => (false, s),
+        };
+        Ok(Submitted {
+            created,
+            job_id: summary.id,
+            status: summary.status,
+            submitted_at: summary.submitted_at,
+            warnings: parsed.warnings,
+        })
+    }
+
+    /// With a farm configured, a job that needs tags no backend has could
+    /// never run: say so now rather than let it wait for ever.
+    async fn check_requires(&self, requires: &[String]) -> Result<(), SubmitError> {
+        let backends = &self.config.backends;
+        if backends.is_empty() || requires.is_empty() {
+            return Ok(());
+        }
+        if !self.store.backends_with_tags(requires).await?.is_empty() {
+            return Ok(());
+        }
+        let farm = backends
+            .iter()
+            .map(|b| format!("{} {:?}", b.id, b.tags))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(SubmitError::Invalid {
+            field: Some("requires".into()),
+            message: format!(
+                "no configured backend has all of the tags {requires:?} (backends: {farm})"
+            ),
+        })
+    }
+}
