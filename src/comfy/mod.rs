@@ -10,6 +10,7 @@
 //! crashed caller, nor memory growth. No request carries an `Origin` header
 //! (ComfyUI refuses foreign origins).
 
+pub mod graph;
 mod protocol;
 
 use std::time::Duration;
