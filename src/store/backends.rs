@@ -6,7 +6,6 @@ use serde_json::json;
 
 use super::events::backend_event;
 use super::model::*;
-use super::rows::backend_from_row;
 use super::{fmt_time, Store, StoreError};
 
 const BACKEND_SELECT: &str = "SELECT b.*, \
@@ -61,26 +60,21 @@ impl Store {
 
     /// The configured backends, in id order.
     pub async fn backends(&self) -> Result<Vec<BackendRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "{BACKEND_SELECT} WHERE b.configured = 1 ORDER BY b.id"
         ))
         .fetch_all(self.reader())
-        .await?;
-        Ok(rows
-            .iter()
-            .map(backend_from_row)
-            .collect::<Result<_, _>>()?)
+        .await?)
     }
 
     /// One configured backend.
     pub async fn backend(&self, id: &str) -> Result<Option<BackendRecord>, StoreError> {
-        let row = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "{BACKEND_SELECT} WHERE b.configured = 1 AND b.id = ?"
         ))
         .bind(id)
         .fetch_optional(self.reader())
-        .await?;
-        Ok(row.as_ref().map(backend_from_row).transpose()?)
+        .await?)
     }
 
     /// Sets the operator's override.

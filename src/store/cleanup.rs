@@ -7,13 +7,12 @@
 //! run twice. The list survives restarts, so the removal is never forgotten.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 
-use super::rows::time_col;
 use super::{fmt_time, Store, StoreError};
 
 /// A prompt to remove from a backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct CleanupEntry {
     /// The prompt id.
     pub prompt_id: String,
@@ -81,26 +80,13 @@ impl Store {
 
     /// Prompts to remove from this backend, oldest first.
     pub async fn cleanup_prompts(&self, backend_id: &str) -> Result<Vec<CleanupEntry>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT prompt_id, backend_id, job_id, reason, not_before, tries FROM prompt_cleanup \
              WHERE backend_id = ? ORDER BY added_at",
         )
         .bind(backend_id)
         .fetch_all(self.reader())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(CleanupEntry {
-                    prompt_id: r.try_get("prompt_id")?,
-                    backend_id: r.try_get("backend_id")?,
-                    job_id: r.try_get("job_id")?,
-                    reason: r.try_get("reason")?,
-                    not_before: time_col(r, "not_before")?.unwrap_or_default(),
-                    tries: r.try_get("tries")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+        .await?)
     }
 
     /// The backend confirmed these prompts are gone.

@@ -12,7 +12,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::watch;
 
 use super::model::*;
-use super::rows::{event_from_row, push_in, EVENT_COLUMNS};
+use super::rows::{push_in, EVENT_COLUMNS};
 use super::{fmt_time, Store, StoreError};
 
 /// Fields of one event to append.
@@ -109,8 +109,7 @@ impl Store {
             q.push(" AND workflow_id = ").push_bind(w);
         }
         q.push(" ORDER BY seq LIMIT ").push_bind(limit);
-        let rows = q.build().fetch_all(self.reader()).await?;
-        Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
+        Ok(q.build_query_as().fetch_all(self.reader()).await?)
     }
 
     /// Stores a running job's progress (the caller bounds the rate) as the

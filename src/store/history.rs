@@ -18,11 +18,7 @@ fn list_query<'a>(
     lower: Option<i64>,
     upper: Option<i64>,
 ) -> QueryBuilder<'a, Sqlite> {
-    let cols = JOB_COLUMNS
-        .split(", ")
-        .map(|c| format!("j.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = job_columns("j", false);
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{prefix}SELECT {cols} FROM "));
     // The first metadata filter drives the scan through its index.
     let mut metadata = filter.metadata.iter();
@@ -65,48 +61,34 @@ fn list_query<'a>(
 impl Store {
     /// One job, with its manifest and graph.
     pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let sql = format!("SELECT {JOB_COLUMNS}, manifest, graph FROM jobs WHERE id = ?");
-        let row = sqlx::query(&sql)
+        let sql = format!(
+            "SELECT {} FROM jobs j WHERE j.id = ?",
+            job_columns("j", true)
+        );
+        Ok(sqlx::query_as(&sql)
             .bind(id)
             .fetch_optional(self.reader())
-            .await?;
-        row.map(|row| {
-            let mut job = job_from_row(&row)?;
-            job.manifest = json_col(&row, "manifest")?;
-            job.graph = json_col(&row, "graph")?;
-            Ok::<_, sqlx::Error>(job)
-        })
-        .transpose()
-        .map_err(StoreError::from)
+            .await?)
     }
 
     /// A job's workflow and times, without its manifest and graph (for metrics).
     pub async fn job_times(&self, id: &str) -> Result<Option<JobTimes>, StoreError> {
-        let row =
-            sqlx::query("SELECT workflow_id, submitted_at, started_at FROM jobs WHERE id = ?")
+        Ok(
+            sqlx::query_as("SELECT workflow_id, submitted_at, started_at FROM jobs WHERE id = ?")
                 .bind(id)
                 .fetch_optional(self.reader())
-                .await?;
-        row.map(|r| {
-            Ok::<_, sqlx::Error>(JobTimes {
-                workflow_id: r.try_get("workflow_id")?,
-                submitted_at: time_col(&r, "submitted_at")?.unwrap_or_default(),
-                started_at: time_col(&r, "started_at")?,
-            })
-        })
-        .transpose()
-        .map_err(StoreError::from)
+                .await?,
+        )
     }
 
     /// The event log of one job, oldest first.
     pub async fn job_events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError> {
-        let rows = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ? ORDER BY seq"
         ))
         .bind(id)
         .fetch_all(self.reader())
-        .await?;
-        Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
+        .await?)
     }
 
     /// The first job position submitted at or after `t` (`>=`), or the last
@@ -149,11 +131,7 @@ impl Store {
             }
         }
         let mut q = list_query("", filter, lower, upper);
-        let rows = q.build().fetch_all(self.reader()).await?;
-        let mut jobs = rows
-            .iter()
-            .map(job_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut jobs: Vec<JobRecord> = q.build_query_as().fetch_all(self.reader()).await?;
         let next = if jobs.len() > filter.limit as usize {
             jobs.truncate(filter.limit as usize);
             jobs.last().map(|j| j.seq)
@@ -186,25 +164,23 @@ impl Store {
 
     /// Outputs of a job, by name.
     pub async fn job_outputs(&self, id: &str) -> Result<Vec<OutputRecord>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT name, kind, node_id, filename, subfolder, type, size, sha256, content_type \
              FROM outputs WHERE job_id = ? ORDER BY name",
         )
         .bind(id)
         .fetch_all(self.reader())
-        .await?;
-        Ok(rows.iter().map(output_from_row).collect::<Result<_, _>>()?)
+        .await?)
     }
 
     /// Leases of a job, oldest first.
     pub async fn job_leases(&self, id: &str) -> Result<Vec<LeaseRecord>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT prompt_id, attempt, backend_id, leased_at, submitted_at, started_at, \
              finished_at, outcome, error FROM leases WHERE job_id = ? ORDER BY leased_at",
         )
         .bind(id)
         .fetch_all(self.reader())
-        .await?;
-        Ok(rows.iter().map(lease_from_row).collect::<Result<_, _>>()?)
+        .await?)
     }
 }

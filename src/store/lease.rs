@@ -12,7 +12,6 @@ use sqlx::{Row, SqliteConnection};
 
 use super::events::{append_event, EventInput};
 use super::model::*;
-use super::rows::active_from_row;
 use super::{fmt_time, Store, StoreError};
 
 /// Run-time failures of one job on one backend before that backend is not
@@ -232,8 +231,8 @@ pub(super) async fn unrunnable_reason(
 
 const ACTIVE_SELECT: &str =
     "SELECT j.id, j.prompt_id, j.lease_token, j.status, j.attempts, j.cancel_requested, \
-     j.timeout_s, l.submitted_at, l.leased_at, l.started_at AS lease_started_at \
-     FROM jobs j JOIN leases l ON l.prompt_id = j.prompt_id";
+     j.timeout_s, l.submitted_at IS NOT NULL AS submitted, l.leased_at, \
+     l.started_at AS lease_started_at FROM jobs j JOIN leases l ON l.prompt_id = j.prompt_id";
 
 impl Store {
     /// Leases the best queued job to `backend_id` if it has a free slot and
@@ -260,23 +259,21 @@ impl Store {
 
     /// Jobs a backend holds now.
     pub async fn active_jobs(&self, backend_id: &str) -> Result<Vec<ActiveJob>, StoreError> {
-        let rows = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "{ACTIVE_SELECT} WHERE j.backend_id = ? AND j.status IN ('assigned', 'running')"
         ))
         .bind(backend_id)
         .fetch_all(self.reader())
-        .await?;
-        Ok(rows.iter().map(active_from_row).collect::<Result<_, _>>()?)
+        .await?)
     }
 
     /// The job's current lease, when a backend holds it.
     pub async fn lease_of(&self, job_id: &str) -> Result<Option<ActiveJob>, StoreError> {
-        let row = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "{ACTIVE_SELECT} WHERE j.id = ? AND j.status IN ('assigned', 'running')"
         ))
         .bind(job_id)
         .fetch_optional(self.reader())
-        .await?;
-        Ok(row.as_ref().map(active_from_row).transpose()?)
+        .await?)
     }
 }

@@ -212,7 +212,7 @@ pub enum SubmitOutcome {
 }
 
 /// The few fields a submission answers with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobSummary {
     /// Job id.
     pub id: String,
@@ -223,11 +223,12 @@ pub struct JobSummary {
 }
 
 /// Everything known about a job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRecord {
     /// Position in the history (the keyset of pagination).
     pub seq: i64,
     /// Job id.
+    #[sqlx(rename = "id")]
     pub job_id: String,
     /// Template id; `None` for an inline graph.
     pub workflow_id: Option<String>,
@@ -236,6 +237,7 @@ pub struct JobRecord {
     /// Higher runs first.
     pub priority: i64,
     /// Backend tags the job needs.
+    #[sqlx(json)]
     pub requires: Vec<String>,
     /// Run-time failures allowed.
     pub max_attempts: i64,
@@ -244,16 +246,20 @@ pub struct JobRecord {
     /// The client's idempotency key.
     pub idempotency_key: Option<String>,
     /// Bound parameter values, defaults included.
+    #[sqlx(json)]
     pub parameters: Value,
     /// Client metadata.
+    #[sqlx(json)]
     pub metadata: Value,
     /// Backend holding the job now (or that ran it last).
     pub backend_id: Option<String>,
     /// ComfyUI prompt id of the current attempt.
     pub prompt_id: Option<String>,
     /// Progress of a running job: node, step value and max.
+    #[sqlx(json(nullable))]
     pub progress: Option<Value>,
     /// Why the job failed, as the backend said it.
+    #[sqlx(json(nullable))]
     pub error: Option<Value>,
     /// Webhook URL.
     pub callback_url: Option<String>,
@@ -270,13 +276,15 @@ pub struct JobRecord {
     /// Earliest time of the next attempt (retry back-off).
     pub not_before: Option<DateTime<Utc>>,
     /// The manifest as submitted (only when asked for one job).
+    #[sqlx(json(nullable))]
     pub manifest: Option<Value>,
     /// The bound graph (only when asked for one job).
+    #[sqlx(json(nullable))]
     pub graph: Option<Value>,
 }
 
 /// A job's workflow and times.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobTimes {
     /// Template id.
     pub workflow_id: Option<String>,
@@ -287,7 +295,7 @@ pub struct JobTimes {
 }
 
 /// One entry of the event log.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct JobEvent {
     /// Global order of events (the SSE event id).
     pub seq: i64,
@@ -308,6 +316,7 @@ pub struct JobEvent {
     /// A sentence for people.
     pub message: Option<String>,
     /// Details (error bodies, prompt ids).
+    #[sqlx(json(nullable))]
     pub data: Option<Value>,
 }
 
@@ -342,7 +351,7 @@ pub struct JobPage {
 }
 
 /// A file collected from a backend for a job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutputRecord {
     /// Name under which it is served (`/api/job/{id}/outputs/{name}`).
     pub name: String,
@@ -355,6 +364,7 @@ pub struct OutputRecord {
     /// Sub-folder on the backend.
     pub subfolder: String,
     /// `output` or `temp`.
+    #[sqlx(rename = "type")]
     pub file_type: String,
     /// Bytes.
     pub size: i64,
@@ -365,7 +375,7 @@ pub struct OutputRecord {
 }
 
 /// One lease of a job: which backend got which prompt id, and how it ended.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LeaseRecord {
     /// The ComfyUI prompt id of this lease (submitted at most once).
     pub prompt_id: String,
@@ -384,6 +394,7 @@ pub struct LeaseRecord {
     /// How it ended; `None` while it is live.
     pub outcome: Option<LeaseOutcome>,
     /// What went wrong.
+    #[sqlx(json(nullable))]
     pub error: Option<Value>,
 }
 
@@ -405,17 +416,20 @@ pub struct Lease {
 }
 
 /// A job a backend holds (assigned or running), for reconciliation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ActiveJob {
     /// Job id.
+    #[sqlx(rename = "id")]
     pub job_id: String,
     /// Prompt id of its lease.
     pub prompt_id: String,
     /// Fencing token.
+    #[sqlx(rename = "lease_token")]
     pub token: i64,
     /// `assigned` or `running`.
     pub status: JobStatus,
     /// Attempt number.
+    #[sqlx(rename = "attempts")]
     pub attempt: i64,
     /// Did ComfyUI acknowledge the prompt?
     pub submitted: bool,
@@ -424,6 +438,7 @@ pub struct ActiveJob {
     /// When it was leased.
     pub leased_at: Option<DateTime<Utc>>,
     /// When the backend started running it (this lease).
+    #[sqlx(rename = "lease_started_at")]
     pub started_at: Option<DateTime<Utc>>,
     /// Longest the run may take, in seconds, when the manifest set one.
     pub timeout_s: Option<i64>,
@@ -453,7 +468,7 @@ pub enum CancelOutcome {
 }
 
 /// One backend as the database knows it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct BackendRecord {
     /// Stable id from the config.
     pub id: String,
@@ -468,6 +483,7 @@ pub struct BackendRecord {
     /// Operator override; `None` follows the config.
     pub admin_state: Option<AdminState>,
     /// Capabilities jobs may require.
+    #[sqlx(json)]
     pub tags: Vec<String>,
     /// Prompts held at once.
     pub max_inflight: i64,
@@ -558,7 +574,7 @@ impl EventFilter {
 }
 
 /// A webhook due for delivery.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Webhook {
     /// Outbox row.
     pub id: i64,
@@ -571,7 +587,7 @@ pub struct Webhook {
 }
 
 /// One delivery record of a job's webhook.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct WebhookRecord {
     /// The receiver.
     pub url: String,

@@ -12,10 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::model::{JobStatus, JobSummary, NewJob, SubmitOutcome};
-use super::rows::time_col;
 use super::{fmt_time, parse_time, writer, Store, StoreError};
 
 /// A submission waiting for its batch, and where its answer goes.
@@ -134,14 +133,9 @@ async fn known_keys(
     );
     super::rows::push_in(&mut q, "idempotency_key", keys);
     for row in q.build().fetch_all(&mut *conn).await? {
-        let summary = JobSummary {
-            id: row.try_get("id")?,
-            status: row.try_get("status")?,
-            submitted_at: time_col(&row, "submitted_at")?.unwrap_or_default(),
-        };
         known.insert(
             row.try_get("idempotency_key")?,
-            (row.try_get("manifest_hash")?, summary),
+            (row.try_get("manifest_hash")?, JobSummary::from_row(&row)?),
         );
     }
     Ok(known)

@@ -2,7 +2,7 @@
 //! transaction that ends its job, so a callback can be late but never lost.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 
 use super::model::{JobStatus, Webhook, WebhookRecord};
 use super::{fmt_time, Store, StoreError};
@@ -30,7 +30,7 @@ pub(super) async fn enqueue_webhook(
 impl Store {
     /// Webhooks due now, oldest first.
     pub async fn due_webhooks(&self, limit: i64) -> Result<Vec<Webhook>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT id, job_id, url, attempts FROM webhook_outbox INDEXED BY webhook_due \
              WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= ? \
              ORDER BY next_attempt_at LIMIT ?",
@@ -38,18 +38,7 @@ impl Store {
         .bind(fmt_time(Utc::now()))
         .bind(limit)
         .fetch_all(self.reader())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Webhook {
-                    id: r.try_get("id")?,
-                    job_id: r.try_get("job_id")?,
-                    url: r.try_get("url")?,
-                    attempts: r.try_get("attempts")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+        .await?)
     }
 
     /// When the next webhook falls due, if any is pending.
@@ -98,25 +87,12 @@ impl Store {
 
     /// The outbox rows of a job, oldest first.
     pub async fn job_webhooks(&self, job_id: &str) -> Result<Vec<WebhookRecord>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT url, status, attempts, delivered_at, gave_up_at, last_error FROM webhook_outbox \
              WHERE job_id = ? ORDER BY id",
         )
         .bind(job_id)
         .fetch_all(self.reader())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(WebhookRecord {
-                    url: r.try_get("url")?,
-                    status: r.try_get("status")?,
-                    attempts: r.try_get("attempts")?,
-                    delivered_at: r.try_get("delivered_at")?,
-                    gave_up_at: r.try_get("gave_up_at")?,
-                    last_error: r.try_get("last_error")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+        .await?)
     }
 }
