@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::{outputs, DispatchError, Shared};
 use crate::comfy::{ComfyClient, ComfyError, ExecutionError, HistoryEntry, PromptEnd, Rejection};
-use crate::store::{AttemptOutcome, Lease, StoreError};
+use crate::store::{AttemptOutcome, CleanupEntry, Lease, StoreError};
 
 /// Failed tries to collect a finished prompt before its attempt fails.
 pub(super) const FINISH_TRIES: u32 = 5;
@@ -206,22 +206,22 @@ impl Ctx {
             tracing::warn!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot remove the prompt now; it goes on the cleanup list");
         }
         if removed.is_err() {
-            let reason = format!("prompt {}: {why}", held.prompt_id);
-            if let Err(e) = self
-                .shared
-                .store
-                .add_cleanup(
-                    &held.prompt_id,
-                    &self.backend_id,
-                    Some(&held.job_id),
-                    &reason,
-                    chrono::Utc::now(),
-                )
-                .await
-            {
+            let entry = self.cleanup_entry(held, format!("prompt {}: {why}", held.prompt_id));
+            if let Err(e) = self.shared.store.add_cleanup(entry).await {
                 tracing::error!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot put the prompt on the cleanup list");
             }
         }
+    }
+
+    /// The cleanup-list entry for a prompt given up on now.
+    fn cleanup_entry(&self, held: &Held, reason: String) -> CleanupEntry {
+        CleanupEntry::new(
+            &held.prompt_id,
+            &self.backend_id,
+            Some(&held.job_id),
+            reason,
+            chrono::Utc::now(),
+        )
     }
 
     /// Reads the prompt's history and ends the job accordingly.
@@ -373,7 +373,7 @@ impl Ctx {
                     format!("cancelled; backend {backend_id} did not confirm within {limit} s");
                 let store = &self.shared.store;
                 let cleanup = store
-                    .add_cleanup(&pid, backend_id, Some(job_id), &reason, chrono::Utc::now())
+                    .add_cleanup(self.cleanup_entry(&held, reason.clone()))
                     .await;
                 let confirmed = store
                     .confirm_cancel(
@@ -408,7 +408,7 @@ impl Ctx {
         if let Err(e) = self
             .shared
             .store
-            .add_cleanup(&pid, backend_id, Some(job_id), &message, chrono::Utc::now())
+            .add_cleanup(self.cleanup_entry(&held, message.clone()))
             .await
         {
             return Report::Deferred(pid, e.into());

@@ -60,21 +60,14 @@ impl Store {
 
     /// The configured backends, in id order.
     pub async fn backends(&self) -> Result<Vec<BackendRecord>, StoreError> {
-        Ok(sqlx::query_as(&format!(
-            "{BACKEND_SELECT} WHERE b.configured = 1 ORDER BY b.id"
-        ))
-        .fetch_all(self.reader())
-        .await?)
+        let sql = format!("{BACKEND_SELECT} WHERE b.configured = 1 ORDER BY b.id");
+        Ok(sqlx::query_as(&sql).fetch_all(self.reader()).await?)
     }
 
     /// One configured backend.
     pub async fn backend(&self, id: &str) -> Result<Option<BackendRecord>, StoreError> {
-        Ok(sqlx::query_as(&format!(
-            "{BACKEND_SELECT} WHERE b.configured = 1 AND b.id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(self.reader())
-        .await?)
+        let sql = format!("{BACKEND_SELECT} WHERE b.configured = 1 AND b.id = ?");
+        self.one_by(&sql, id).await
     }
 
     /// Sets the operator's override.

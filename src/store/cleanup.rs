@@ -28,26 +28,42 @@ pub struct CleanupEntry {
     pub tries: i64,
 }
 
+impl CleanupEntry {
+    /// A prompt to put on the list.
+    pub fn new(
+        prompt_id: &str,
+        backend_id: &str,
+        job_id: Option<&str>,
+        reason: impl Into<String>,
+        not_before: DateTime<Utc>,
+    ) -> CleanupEntry {
+        CleanupEntry {
+            prompt_id: prompt_id.to_string(),
+            backend_id: backend_id.to_string(),
+            job_id: job_id.map(str::to_string),
+            reason: reason.into(),
+            not_before,
+            tries: 0,
+        }
+    }
+}
+
 /// Puts a prompt on the list, inside the caller's transaction.
 pub(super) async fn add_cleanup(
     conn: &mut SqliteConnection,
-    prompt_id: &str,
-    backend_id: &str,
-    job_id: Option<&str>,
-    reason: &str,
-    not_before: DateTime<Utc>,
+    e: &CleanupEntry,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO prompt_cleanup (prompt_id, backend_id, job_id, reason, added_at, not_before) \
          VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(prompt_id) DO UPDATE SET \
          not_before = max(not_before, excluded.not_before)",
     )
-    .bind(prompt_id)
-    .bind(backend_id)
-    .bind(job_id)
-    .bind(reason)
+    .bind(&e.prompt_id)
+    .bind(&e.backend_id)
+    .bind(&e.job_id)
+    .bind(&e.reason)
     .bind(fmt_time(Utc::now()))
-    .bind(fmt_time(not_before))
+    .bind(fmt_time(e.not_before))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -55,38 +71,20 @@ pub(super) async fn add_cleanup(
 
 impl Store {
     /// Puts a prompt on the cleanup list (one that no lease transition covers).
-    pub async fn add_cleanup(
-        &self,
-        prompt_id: &str,
-        backend_id: &str,
-        job_id: Option<&str>,
-        reason: &str,
-        not_before: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let (p, b, j, r) = (
-            prompt_id.to_string(),
-            backend_id.to_string(),
-            job_id.map(str::to_string),
-            reason.to_string(),
-        );
+    pub async fn add_cleanup(&self, entry: CleanupEntry) -> Result<(), StoreError> {
         self.writer()
-            .write(move |conn| {
-                Box::pin(
-                    async move { add_cleanup(conn, &p, &b, j.as_deref(), &r, not_before).await },
-                )
-            })
+            .write(move |conn| Box::pin(async move { add_cleanup(conn, &entry).await }))
             .await
     }
 
     /// Prompts to remove from this backend, oldest first.
     pub async fn cleanup_prompts(&self, backend_id: &str) -> Result<Vec<CleanupEntry>, StoreError> {
-        Ok(sqlx::query_as(
+        self.all_by(
             "SELECT prompt_id, backend_id, job_id, reason, not_before, tries FROM prompt_cleanup \
              WHERE backend_id = ? ORDER BY added_at",
+            backend_id,
         )
-        .bind(backend_id)
-        .fetch_all(self.reader())
-        .await?)
+        .await
     }
 
     /// The backend confirmed these prompts are gone.

@@ -65,30 +65,22 @@ impl Store {
             "SELECT {} FROM jobs j WHERE j.id = ?",
             job_columns("j", true)
         );
-        Ok(sqlx::query_as(&sql)
-            .bind(id)
-            .fetch_optional(self.reader())
-            .await?)
+        self.one_by(&sql, id).await
     }
 
     /// A job's workflow and times, without its manifest and graph (for metrics).
     pub async fn job_times(&self, id: &str) -> Result<Option<JobTimes>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT workflow_id, submitted_at, started_at FROM jobs WHERE id = ?")
-                .bind(id)
-                .fetch_optional(self.reader())
-                .await?,
+        self.one_by(
+            "SELECT workflow_id, submitted_at, started_at FROM jobs WHERE id = ?",
+            id,
         )
+        .await
     }
 
     /// The event log of one job, oldest first.
     pub async fn job_events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ? ORDER BY seq"
-        ))
-        .bind(id)
-        .fetch_all(self.reader())
-        .await?)
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ? ORDER BY seq");
+        self.all_by(&sql, id).await
     }
 
     /// The first job position submitted at or after `t` (`>=`), or the last
@@ -164,23 +156,21 @@ impl Store {
 
     /// Outputs of a job, by name.
     pub async fn job_outputs(&self, id: &str) -> Result<Vec<OutputRecord>, StoreError> {
-        Ok(sqlx::query_as(
+        self.all_by(
             "SELECT name, kind, node_id, filename, subfolder, type, size, sha256, content_type \
              FROM outputs WHERE job_id = ? ORDER BY name",
+            id,
         )
-        .bind(id)
-        .fetch_all(self.reader())
-        .await?)
+        .await
     }
 
     /// Leases of a job, oldest first.
     pub async fn job_leases(&self, id: &str) -> Result<Vec<LeaseRecord>, StoreError> {
-        Ok(sqlx::query_as(
+        self.all_by(
             "SELECT prompt_id, attempt, backend_id, leased_at, submitted_at, started_at, \
              finished_at, outcome, error FROM leases WHERE job_id = ? ORDER BY leased_at",
+            id,
         )
-        .bind(id)
-        .fetch_all(self.reader())
-        .await?)
+        .await
     }
 }

@@ -229,6 +229,9 @@ pub(super) async fn unrunnable_reason(
     )))
 }
 
+/// The jobs a backend holds.
+const HELD: &str = "j.status IN ('assigned', 'running')";
+
 const ACTIVE_SELECT: &str =
     "SELECT j.id, j.prompt_id, j.lease_token, j.status, j.attempts, j.cancel_requested, \
      j.timeout_s, l.submitted_at IS NOT NULL AS submitted, l.leased_at, \
@@ -259,21 +262,16 @@ impl Store {
 
     /// Jobs a backend holds now.
     pub async fn active_jobs(&self, backend_id: &str) -> Result<Vec<ActiveJob>, StoreError> {
-        Ok(sqlx::query_as(&format!(
-            "{ACTIVE_SELECT} WHERE j.backend_id = ? AND j.status IN ('assigned', 'running')"
-        ))
-        .bind(backend_id)
-        .fetch_all(self.reader())
-        .await?)
+        let sql = format!("{ACTIVE_SELECT} WHERE j.backend_id = ? AND {HELD}");
+        self.all_by(&sql, backend_id).await
     }
 
     /// The job's current lease, when a backend holds it.
     pub async fn lease_of(&self, job_id: &str) -> Result<Option<ActiveJob>, StoreError> {
-        Ok(sqlx::query_as(&format!(
-            "{ACTIVE_SELECT} WHERE j.id = ? AND j.status IN ('assigned', 'running')"
-        ))
-        .bind(job_id)
-        .fetch_optional(self.reader())
-        .await?)
+        self.one_by(
+            &format!("{ACTIVE_SELECT} WHERE j.id = ? AND {HELD}"),
+            job_id,
+        )
+        .await
     }
 }

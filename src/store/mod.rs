@@ -27,6 +27,7 @@ mod history;
 mod lease;
 mod migrate;
 pub mod model;
+mod outcomes;
 mod rows;
 mod submit;
 mod transitions;
@@ -191,6 +192,25 @@ impl Store {
     /// The writer, for changes.
     pub(crate) fn writer(&self) -> &writer::Writer {
         &self.writer
+    }
+
+    /// The records `sql` selects for one key (its one `?`).
+    async fn all_by<T>(&self, sql: &str, key: &str) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    {
+        Ok(sqlx::query_as(sql).bind(key).fetch_all(&self.read).await?)
+    }
+
+    /// The record `sql` selects for one key (its one `?`), if any.
+    async fn one_by<T>(&self, sql: &str, key: &str) -> Result<Option<T>, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    {
+        Ok(sqlx::query_as(sql)
+            .bind(key)
+            .fetch_optional(&self.read)
+            .await?)
     }
 
     /// Answers whether the database can be read.

@@ -14,9 +14,7 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use sqlx::{Row, SqliteConnection};
 
-use super::cleanup::add_cleanup;
 use super::events::{append_event, EventInput};
-use super::lease::unrunnable_reason;
 use super::model::*;
 use super::webhooks::enqueue_webhook;
 use super::{fmt_time, Store, StoreError};
@@ -24,16 +22,16 @@ use super::{fmt_time, Store, StoreError};
 /// The job as the fence found it: still held under the caller's lease.
 #[derive(Debug, Clone)]
 pub(super) struct Held {
-    job_id: String,
-    token: i64,
-    status: JobStatus,
-    attempt: i64,
-    max_attempts: i64,
-    backend: String,
-    prompt_id: String,
-    cancel_requested: bool,
+    pub(super) job_id: String,
+    pub(super) token: i64,
+    pub(super) status: JobStatus,
+    pub(super) attempt: i64,
+    pub(super) max_attempts: i64,
+    pub(super) backend: String,
+    pub(super) prompt_id: String,
+    pub(super) cancel_requested: bool,
     /// The backend had started running this lease's prompt.
-    started: bool,
+    pub(super) started: bool,
 }
 
 /// Reads the job if it still carries this lease and a backend holds it.
@@ -74,7 +72,7 @@ async fn fence(
 }
 
 /// One change of a job, with the event that records it.
-enum Step {
+pub(super) enum Step {
     /// ComfyUI accepted the prompt (recorded once).
     Submitted,
     /// ComfyUI started running it.
@@ -102,7 +100,11 @@ enum Step {
 }
 
 /// Applies one step to a held job: the job row, its lease, its event.
-async fn apply(conn: &mut SqliteConnection, held: &Held, step: Step) -> Result<(), StoreError> {
+pub(super) async fn apply(
+    conn: &mut SqliteConnection,
+    held: &Held,
+    step: Step,
+) -> Result<(), StoreError> {
     let now = fmt_time(Utc::now());
     let id = held.job_id.as_str();
     let event = |kind, status, message, data| EventInput {
@@ -244,7 +246,7 @@ async fn apply(conn: &mut SqliteConnection, held: &Held, step: Step) -> Result<(
     Ok(())
 }
 
-async fn finish_lease(
+pub(super) async fn finish_lease(
     conn: &mut SqliteConnection,
     held: &Held,
     outcome: LeaseOutcome,
@@ -339,7 +341,7 @@ pub enum LostOutcome {
 impl Store {
     /// Runs `f` on the job if it still carries lease `token` and a backend
     /// holds it; `None` if the lease was lost. One transaction.
-    async fn transition<T, F>(
+    pub(super) async fn transition<T, F>(
         &self,
         job_id: &str,
         token: i64,
@@ -406,180 +408,6 @@ impl Store {
         })
         .await?
         .ok_or(StoreError::LeaseLost)
-    }
-
-    /// Ends an attempt that failed. `rejected` (the backend refused the
-    /// graph) never retries on that backend; a run-time failure retries
-    /// after `backoff`, preferring another backend. With no attempts left,
-    /// or no backend that can run it, the job fails with `error`.
-    pub async fn fail_attempt(
-        &self,
-        job_id: &str,
-        token: i64,
-        rejected: bool,
-        error: Value,
-        backoff: chrono::Duration,
-    ) -> Result<AttemptOutcome, StoreError> {
-        let outcome = self
-            .transition(job_id, token, move |conn, held| {
-                Box::pin(async move {
-                    let outcome = if rejected {
-                        LeaseOutcome::Rejected
-                    } else {
-                        LeaseOutcome::Failed
-                    };
-                    // Recorded first, so that the backend rules below count this lease.
-                    finish_lease(conn, &held, outcome, Some(&error)).await?;
-                    let message = error["message"]
-                        .as_str()
-                        .unwrap_or("the attempt failed")
-                        .to_string();
-                    let (attempt, max) = (held.attempt, held.max_attempts);
-                    let final_reason = if attempt >= max {
-                        Some(format!(
-                            "{message} (attempt {attempt} of {max}; no attempts left)"
-                        ))
-                    } else {
-                        unrunnable_reason(conn, &held.job_id)
-                            .await?
-                            .map(|why| format!("{message}; {why}"))
-                    };
-                    if let Some(reason) = final_reason {
-                        let step = Step::Failed {
-                            outcome,
-                            error,
-                            message: reason.clone(),
-                        };
-                        apply(conn, &held, step).await?;
-                        return Ok(AttemptOutcome::Failed(reason));
-                    }
-                    let now = Utc::now();
-                    let not_before = if rejected { now } else { now + backoff };
-                    let retrying = if rejected {
-                        " on another backend".to_string()
-                    } else {
-                        format!(" after {} s", backoff.num_seconds().max(0))
-                    };
-                    let step = Step::Retry {
-                        outcome,
-                        message: format!(
-                            "{message}; attempt {attempt} of {max} failed, retrying{retrying}"
-                        ),
-                        error,
-                        not_before,
-                        // Away from this backend for a while: another gets the first chance.
-                        avoid_until: now + backoff * 2,
-                    };
-                    apply(conn, &held, step).await?;
-                    Ok(AttemptOutcome::Retry(not_before))
-                })
-            })
-            .await?;
-        Ok(outcome.unwrap_or(AttemptOutcome::LeaseLost))
-    }
-
-    /// Takes a job back from its backend without burning an attempt (the
-    /// backend lost it, restarted, or is gone). With `cleanup`, the prompt
-    /// goes on the cleanup list, to be removed there if the backend comes
-    /// back. Returns whether the lease was still ours.
-    pub async fn requeue_lost(
-        &self,
-        job_id: &str,
-        token: i64,
-        reason: String,
-        cleanup: bool,
-    ) -> Result<bool, StoreError> {
-        let run = LostRun {
-            reason,
-            cleanup: cleanup.then(Utc::now),
-            max_lost_runs: None,
-        };
-        Ok(self.give_back(job_id, token, run).await? != LostOutcome::LeaseLost)
-    }
-
-    /// Takes a job back from its backend as `run` says; a run lost after it
-    /// had started counts towards `max_lost_runs`.
-    pub async fn give_back(
-        &self,
-        job_id: &str,
-        token: i64,
-        run: LostRun,
-    ) -> Result<LostOutcome, StoreError> {
-        let outcome = self
-            .transition(job_id, token, move |conn, held| {
-                Box::pin(async move {
-                    let backend = held.backend.clone();
-                    if let Some(not_before) = run.cleanup {
-                        add_cleanup(
-                            conn,
-                            &held.prompt_id,
-                            &backend,
-                            Some(&held.job_id),
-                            &run.reason,
-                            not_before,
-                        )
-                        .await?;
-                    }
-                    if held.cancel_requested {
-                        let message =
-                            format!("cancelled; backend {backend} no longer has it ({})", run.reason);
-                        apply(conn, &held, Step::Cancelled { message }).await?;
-                        return Ok(LostOutcome::Cancelled);
-                    }
-                    let lost_runs: i64 = if held.started {
-                        1 + sqlx::query_scalar::<_, i64>(
-                            "SELECT count(*) FROM leases WHERE job_id = ? AND outcome = 'lost' \
-                             AND started_at IS NOT NULL",
-                        )
-                        .bind(&held.job_id)
-                        .fetch_one(&mut *conn)
-                        .await?
-                    } else {
-                        0
-                    };
-                    if let Some(max) = run.max_lost_runs.filter(|m| held.started && lost_runs >= *m) {
-                        let message = format!(
-                            "backend {backend} lost this job while running it ({}); its backends died \
-                             under it {lost_runs} times (dispatch.max_lost_runs is {max}): the job may be \
-                             what crashes them",
-                            run.reason
-                        );
-                        let error = json!({
-                            "message": message,
-                            "backend_id": backend,
-                            "attempt": held.attempt,
-                            "lost_runs": lost_runs,
-                        });
-                        let step = Step::Failed {
-                            outcome: LeaseOutcome::Lost,
-                            error,
-                            message: message.clone(),
-                        };
-                        apply(conn, &held, step).await?;
-                        return Ok(LostOutcome::Failed(message));
-                    }
-                    let counted = if held.started {
-                        match run.max_lost_runs {
-                            Some(max) => format!(" (lost while running: {lost_runs} of {max})"),
-                            None => " (lost while running)".to_string(),
-                        }
-                    } else {
-                        String::new()
-                    };
-                    let message = format!(
-                        "taken back from backend {backend}: {}; the attempt does not count{counted}",
-                        run.reason
-                    );
-                    let step = Step::Requeued {
-                        reason: run.reason,
-                        message,
-                    };
-                    apply(conn, &held, step).await?;
-                    Ok(LostOutcome::Requeued)
-                })
-            })
-            .await?;
-        Ok(outcome.unwrap_or(LostOutcome::LeaseLost))
     }
 
     /// The backend confirmed (or did not answer in time): the job is cancelled.

@@ -87,12 +87,11 @@ impl Store {
 
     /// The outbox rows of a job, oldest first.
     pub async fn job_webhooks(&self, job_id: &str) -> Result<Vec<WebhookRecord>, StoreError> {
-        Ok(sqlx::query_as(
+        self.all_by(
             "SELECT url, status, attempts, delivered_at, gave_up_at, last_error FROM webhook_outbox \
              WHERE job_id = ? ORDER BY id",
+            job_id,
         )
-        .bind(job_id)
-        .fetch_all(self.reader())
-        .await?)
+        .await
     }
 }

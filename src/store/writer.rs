@@ -29,6 +29,19 @@ struct Op {
     single: bool,
 }
 
+/// A write: runs on the writer's connection inside the batch's transaction.
+pub trait WriteFn<T>:
+    for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static
+{
+}
+
+impl<T, F> WriteFn<T> for F where
+    F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>
+        + Send
+        + 'static
+{
+}
+
 /// Handle to the writer task; cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
@@ -57,36 +70,25 @@ impl Writer {
     /// Runs `f` inside the current group transaction and returns its result
     /// once the transaction is committed. If `f` fails, its own changes are
     /// rolled back and the others in the batch still commit.
-    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>
-            + Send
-            + 'static,
-    {
+    pub async fn write<T: Send + 'static>(&self, f: impl WriteFn<T>) -> Result<T, StoreError> {
         self.submit_op(f, false).await
     }
 
     /// Like [`Writer::write`], for an operation that writes with at most one
     /// statement (reads before it are free): a statement is atomic by
     /// itself, so no savepoint is spent on it. The hot path of submissions.
-    pub async fn write_single<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>
-            + Send
-            + 'static,
-    {
+    pub async fn write_single<T: Send + 'static>(
+        &self,
+        f: impl WriteFn<T>,
+    ) -> Result<T, StoreError> {
         self.submit_op(f, true).await
     }
 
-    async fn submit_op<T, F>(&self, f: F, single: bool) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>
-            + Send
-            + 'static,
-    {
+    async fn submit_op<T: Send + 'static>(
+        &self,
+        f: impl WriteFn<T>,
+        single: bool,
+    ) -> Result<T, StoreError> {
         let (done_tx, done_rx) = oneshot::channel::<Result<T, StoreError>>();
         let slot: Arc<Mutex<Option<Result<T, StoreError>>>> = Arc::new(Mutex::new(None));
         let run_slot = slot.clone();
