@@ -1,5 +1,5 @@
 //! Contract tests: the recorded exchanges of a real ComfyUI 0.3.64
-//! (`tests/fixtures/comfyui/`, copied from the shared folder) replayed
+//! (`tests/fixtures/comfyui/`, recorded from a real server) replayed
 //! against the simulator, and fed to the client's parsers, so that the real
 //! server, the simulator and the client agree on every shape we rely on.
 
@@ -58,6 +58,15 @@ fn assert_same_shape(recorded: &Value, simulated: &Value, path: &str) {
         | (Value::Null, Value::Null) => {}
         _ => panic!("{path}: recorded {recorded} but simulated {simulated}"),
     }
+}
+
+/// The next event of a socket, within a deadline.
+async fn next_event(events: &mut orchestrator::comfy::EventStream) -> WsEvent {
+    tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the socket is open")
+        .expect("a readable event")
 }
 
 fn requests(file: &Value) -> Vec<(Value, Value)> {
@@ -398,7 +407,7 @@ async fn queue_delete_and_interrupt_work_as_recorded() {
     }
     // Wait until the first one runs.
     loop {
-        if let WsEvent::ExecutionStart { prompt_id } = events.next().await.unwrap().unwrap() {
+        if let WsEvent::ExecutionStart { prompt_id } = next_event(&mut events).await {
             assert_eq!(prompt_id, ids[0]);
             break;
         }
@@ -434,7 +443,7 @@ async fn queue_delete_and_interrupt_work_as_recorded() {
     client.interrupt(&ids[0]).await.unwrap();
     let mut interrupted = false;
     loop {
-        match events.next().await.unwrap().unwrap() {
+        match next_event(&mut events).await {
             WsEvent::ExecutionInterrupted { prompt_id, data } => {
                 assert_eq!(prompt_id, ids[0]);
                 let recorded_data = rec["exchange"]
@@ -518,7 +527,7 @@ async fn reconnecting_resends_the_current_node_without_a_prompt_id_and_duplicate
         .await
         .unwrap();
     loop {
-        if let WsEvent::Executing { node: Some(n), .. } = events.next().await.unwrap().unwrap() {
+        if let WsEvent::Executing { node: Some(n), .. } = next_event(&mut events).await {
             if n == "2" {
                 break;
             }
@@ -526,9 +535,9 @@ async fn reconnecting_resends_the_current_node_without_a_prompt_id_and_duplicate
     }
     drop(events);
     let mut events = client.connect().await.unwrap();
-    let first = events.next().await.unwrap().unwrap();
+    let first = next_event(&mut events).await;
     assert!(matches!(first, WsEvent::Status { .. }));
-    let second = events.next().await.unwrap().unwrap();
+    let second = next_event(&mut events).await;
     assert_eq!(
         second,
         WsEvent::Executing {
@@ -541,7 +550,7 @@ async fn reconnecting_resends_the_current_node_without_a_prompt_id_and_duplicate
         if let WsEvent::Executing {
             prompt_id: Some(p),
             node: None,
-        } = events.next().await.unwrap().unwrap()
+        } = next_event(&mut events).await
         {
             assert_eq!(p, pid);
             break;
@@ -562,7 +571,7 @@ async fn reconnecting_resends_the_current_node_without_a_prompt_id_and_duplicate
         if let WsEvent::Executing {
             prompt_id: Some(p),
             node: None,
-        } = events.next().await.unwrap().unwrap()
+        } = next_event(&mut events).await
         {
             if p == dup {
                 ends += 1;

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -411,15 +409,22 @@ async fn drain_finishes_what_a_backend_has_and_disable_keeps_new_jobs_away_acros
     let second = submit(&app, blur(json!({"parameters": {"color": 8}}))).await;
     let job = app.wait_status(&first, "completed").await;
     assert_eq!(job["backend_id"], "a", "drain lets the running job finish");
-    // Nobody takes the second job.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(app.job(&second).await["status"], "queued");
+    // Nobody takes the second job, and it says why.
+    let waiting = |j: &Value| {
+        j["waiting_for"]
+            .as_str()
+            .is_some_and(|w| w.contains("a is draining") && w.contains("b is disabled"))
+    };
+    let job = app.wait_job(&second, "waiting on a drain", waiting).await;
+    assert_eq!(job["status"], "queued");
     let app = app.restart().await;
     let (_, b) = app.get("/api/backends/b").await;
     assert_eq!(b["admin_state"], "disabled", "kept across restarts");
     app.wait_backend("a", "online").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(app.job(&second).await["status"], "queued");
+    let job = app
+        .wait_job(&second, "waiting after the restart", waiting)
+        .await;
+    assert_eq!(job["status"], "queued");
     app.post_json("/api/backends/b/enable", &json!({})).await;
     let job = app.wait_status(&second, "completed").await;
     assert_eq!(job["backend_id"], "b");
@@ -555,15 +560,45 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
         assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
         assert!(line.starts_with("orchestrator_"), "{line}");
     }
+    // A workflow only this test uses: its counters move only with this test.
+    let dir = &app.config.workflows_dir;
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("metrics_blur.json"),
+        include_str!("../src/workflows/builtin/image_blur.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("metrics_blur.yaml"),
+        include_str!("../src/workflows/builtin/image_blur.yaml"),
+    )
+    .unwrap();
+    let (status, _) = app.post_json("/api/workflows/reload", &json!({})).await;
+    assert_eq!(status, 200);
     let done = |t: &str| {
         sample(
             t,
             "orchestrator_completions_total",
-            &[("backend", "metrics1"), ("workflow", "image_blur")],
+            &[("backend", "metrics1"), ("workflow", "metrics_blur")],
         )
     };
+    let count = |t: &str, name: &str, labels: &[(&str, &str)]| sample(t, name, labels);
     let b0 = done(&before);
-    let ok = app.submit_blur(json!({})).await;
+    let submitted0 = count(
+        &before,
+        "orchestrator_submissions_total",
+        &[("workflow", "metrics_blur")],
+    );
+    let http0 = count(
+        &before,
+        "orchestrator_http_requests_total",
+        &[("route", "/api/job"), ("method", "POST"), ("status", "201")],
+    );
+    let ok = submit(
+        &app,
+        json!({"workflow_id": "metrics_blur", "parameters": {"width": 64, "height": 64}}),
+    )
+    .await;
     let bad = submit(
         &app,
         json!({"workflow": failing_graph(), "max_attempts": 1}),
@@ -573,37 +608,40 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
     app.wait_status(&bad, "failed").await;
     let after = scrape().await;
     assert_eq!(done(&after), b0 + 1.0, "{after}");
-    assert!(
-        sample(
-            &after,
+    // The backend's label is this test's own: every change is this test's.
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        count(&after, name, labels) - count(&before, name, labels)
+    };
+    assert_eq!(
+        moved(
             "orchestrator_failures_total",
             &[
                 ("backend", "metrics1"),
                 ("workflow", "inline"),
                 ("final", "true")
             ]
-        ) >= 1.0
+        ),
+        1.0
     );
-    assert!(
-        sample(
+    assert_eq!(
+        count(
             &after,
             "orchestrator_submissions_total",
-            &[("workflow", "image_blur")]
-        ) >= 1.0
+            &[("workflow", "metrics_blur")]
+        ),
+        submitted0 + 1.0
     );
-    assert!(
-        sample(
-            &after,
-            "orchestrator_run_seconds_count",
-            &[("backend", "metrics1")]
-        ) >= 1.0
+    assert_eq!(
+        moved("orchestrator_run_seconds_count", &[("backend", "metrics1")]),
+        1.0
     );
-    assert!(
-        sample(
-            &after,
+    assert_eq!(
+        moved(
             "orchestrator_queue_wait_seconds_bucket",
             &[("backend", "metrics1"), ("le", "+Inf")]
-        ) >= 1.0
+        ),
+        2.0,
+        "both jobs started"
     );
     assert_eq!(
         sample(
@@ -622,11 +660,12 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
     );
     assert!(sample(&after, "orchestrator_jobs", &[("status", "completed")]) >= 1.0);
     assert!(
-        sample(
+        count(
             &after,
             "orchestrator_http_requests_total",
             &[("route", "/api/job"), ("method", "POST"), ("status", "201")]
-        ) >= 1.0
+        ) >= http0 + 2.0,
+        "this test's two submissions at least (other tests run in the same process)"
     );
     assert!(after.contains("orchestrator_http_request_duration_seconds_bucket"));
 }

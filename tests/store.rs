@@ -4,7 +4,9 @@ mod common;
 
 use chrono::Duration;
 use common::*;
-use orchestrator::store::{AttemptOutcome, BackendStats, BackendUpsert, StoreError};
+use orchestrator::store::{
+    AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, LostOutcome, LostRun, StoreError,
+};
 use serde_json::json;
 
 async fn online_backend(app: &TestApp, id: &str) {
@@ -118,4 +120,295 @@ async fn a_backend_holds_no_more_than_max_inflight_jobs() {
     let (_, h) = app.get("/api/health").await;
     assert_eq!(h["jobs"]["assigned"], 2);
     assert_eq!(h["jobs"]["queued"], 1);
+}
+
+/// Configures (only) these backends, all online, with these tags.
+async fn farm(app: &TestApp, backends: &[(&str, &[&str])]) {
+    app.store
+        .sync_backends(
+            backends
+                .iter()
+                .map(|(id, tags)| BackendUpsert {
+                    id: id.to_string(),
+                    name: id.to_string(),
+                    host: "127.0.0.1".into(),
+                    port: 1,
+                    enabled: true,
+                    tags: tags.iter().map(|t| t.to_string()).collect(),
+                    max_inflight: 8,
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    for (id, _) in backends {
+        app.store
+            .backend_online(id, BackendStats::default())
+            .await
+            .unwrap();
+    }
+}
+
+fn failure() -> serde_json::Value {
+    json!({"message": "node 2 raised"})
+}
+
+#[tokio::test]
+async fn leases_go_by_priority_then_age() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    let low_old = app.submit_blur(json!({"priority": -5})).await;
+    let mid_old = app.submit_blur(json!({})).await;
+    let high = app.submit_blur(json!({"priority": 10})).await;
+    let mid_new = app.submit_blur(json!({})).await;
+    let mut order = Vec::new();
+    while let Some(l) = app.store.lease_next("n1").await.unwrap() {
+        order.push(l.job_id);
+    }
+    assert_eq!(order, [high, mid_old, mid_new, low_old]);
+}
+
+#[tokio::test]
+async fn a_job_goes_only_to_backends_with_its_tags() {
+    let app = spawn_app().await;
+    farm(&app, &[("plain", &[]), ("fluxbox", &["flux", "sdxl"])]).await;
+    let id = app.submit_blur(json!({"requires": ["flux"]})).await;
+    assert!(app.store.lease_next("plain").await.unwrap().is_none());
+    let lease = app.store.lease_next("fluxbox").await.unwrap().unwrap();
+    assert_eq!(lease.job_id, id);
+    assert_eq!(
+        app.store
+            .backends_with_tags(&["flux".into()])
+            .await
+            .unwrap(),
+        ["fluxbox"]
+    );
+    assert!(app
+        .store
+        .backends_with_tags(&["flux".into(), "video".into()])
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_backend_that_failed_a_job_twice_is_not_offered_it_again() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[]), ("n2", &[])]).await;
+    let id = app.submit_blur(json!({"max_attempts": 5})).await;
+    for round in 1..=2 {
+        let l = app
+            .store
+            .lease_next("n1")
+            .await
+            .unwrap()
+            .expect("leased to n1");
+        let outcome = app
+            .store
+            .fail_attempt(&id, l.token, false, failure(), Duration::zero())
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, AttemptOutcome::Retry(_)),
+            "round {round}: {outcome:?}"
+        );
+    }
+    assert!(
+        app.store.lease_next("n1").await.unwrap().is_none(),
+        "n1 failed it twice"
+    );
+    let l = app.store.lease_next("n2").await.unwrap().expect("n2 may");
+    // n2 fails it twice too: no backend is left, and the job says why.
+    app.store
+        .fail_attempt(&id, l.token, false, failure(), Duration::zero())
+        .await
+        .unwrap();
+    let l = app.store.lease_next("n2").await.unwrap().unwrap();
+    let outcome = app
+        .store
+        .fail_attempt(&id, l.token, false, failure(), Duration::zero())
+        .await
+        .unwrap();
+    let AttemptOutcome::Failed(why) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(why.contains("n1 failed it 2 times"), "{why}");
+    assert!(why.contains("n2 failed it 2 times"), "{why}");
+    assert_eq!(app.job(&id).await["status"], "failed");
+}
+
+#[tokio::test]
+async fn a_refusal_bars_that_backend_at_once_and_fails_the_job_when_none_is_left() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[]), ("n2", &[])]).await;
+    let id = app.submit_blur(json!({})).await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    let outcome = app
+        .store
+        .fail_attempt(&id, l.token, true, failure(), Duration::seconds(60))
+        .await
+        .unwrap();
+    let AttemptOutcome::Retry(at) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        at <= chrono::Utc::now(),
+        "a refusal is retried elsewhere at once"
+    );
+    assert!(app.store.lease_next("n1").await.unwrap().is_none());
+    let l = app.store.lease_next("n2").await.unwrap().unwrap();
+    let outcome = app
+        .store
+        .fail_attempt(&id, l.token, true, failure(), Duration::zero())
+        .await
+        .unwrap();
+    let AttemptOutcome::Failed(why) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        why.contains("n1 rejected the workflow; n2 rejected the workflow"),
+        "{why}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_and_retry_answer_for_each_state() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    // Queued: cancelled at once; then retried.
+    let queued = app.submit_blur(json!({})).await;
+    assert_eq!(
+        app.store.request_cancel(&queued).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert!(matches!(
+        app.store.request_cancel(&queued).await,
+        Err(StoreError::InvalidState(_))
+    ));
+    app.store.retry(&queued).await.unwrap();
+    assert_eq!(app.job(&queued).await["status"], "queued");
+    assert!(matches!(
+        app.store.retry(&queued).await,
+        Err(StoreError::InvalidState(_))
+    ));
+    // Assigned and running: the backend is asked; the lease confirms it.
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    assert!(matches!(
+        app.store.retry(&l.job_id).await,
+        Err(StoreError::InvalidState(_))
+    ));
+    assert_eq!(
+        app.store.request_cancel(&l.job_id).await.unwrap(),
+        CancelOutcome::Requested {
+            backend_id: "n1".into()
+        }
+    );
+    assert!(
+        app.store.mark_submitted(&l.job_id, l.token).await.unwrap(),
+        "the cancel is pending"
+    );
+    app.store.mark_running(&l.job_id, l.token).await.unwrap();
+    assert!(app
+        .store
+        .confirm_cancel(&l.job_id, l.token, "interrupted".into())
+        .await
+        .unwrap());
+    assert_eq!(app.job(&l.job_id).await["status"], "cancelled");
+    // Completed: neither cancelled nor retried.
+    let done = app.submit_blur(json!({})).await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    assert_eq!(l.job_id, done);
+    app.store.complete(&done, l.token, vec![]).await.unwrap();
+    assert!(matches!(
+        app.store.request_cancel(&done).await,
+        Err(StoreError::InvalidState(_))
+    ));
+    assert!(matches!(
+        app.store.retry(&done).await,
+        Err(StoreError::InvalidState(_))
+    ));
+    // Failed: retried as a new attempt, even past max_attempts.
+    let failed = app.submit_blur(json!({"max_attempts": 1})).await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    app.store
+        .fail_attempt(&failed, l.token, false, failure(), Duration::zero())
+        .await
+        .unwrap();
+    assert_eq!(app.job(&failed).await["status"], "failed");
+    app.store.retry(&failed).await.unwrap();
+    let job = app.job(&failed).await;
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["max_attempts"], 2);
+    assert!(matches!(
+        app.store.request_cancel("no-such-job").await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn runs_lost_after_they_started_count_and_fail_the_job_at_the_limit() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    let id = app.submit_blur(json!({})).await;
+    let lost = |reason: &str, cleanup: bool| LostRun {
+        reason: reason.into(),
+        cleanup: cleanup.then(chrono::Utc::now),
+        max_lost_runs: Some(2),
+    };
+    // Lost while waiting in the backend's queue: costs nothing.
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    app.store.mark_submitted(&id, l.token).await.unwrap();
+    let o = app
+        .store
+        .give_back(&id, l.token, lost("restarted", false))
+        .await
+        .unwrap();
+    assert_eq!(o, LostOutcome::Requeued);
+    // Lost while running: counts, once.
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    app.store.mark_running(&id, l.token).await.unwrap();
+    let o = app
+        .store
+        .give_back(&id, l.token, lost("restarted", true))
+        .await
+        .unwrap();
+    assert_eq!(o, LostOutcome::Requeued);
+    assert_eq!(
+        app.job(&id).await["attempts"],
+        0,
+        "lost runs do not burn attempts"
+    );
+    let cleanup = app.store.cleanup_prompts("n1").await.unwrap();
+    assert_eq!(cleanup.len(), 1);
+    assert_eq!(cleanup[0].prompt_id, l.prompt_id);
+    // The second lost run reaches the limit: the job fails and says why.
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    app.store.mark_running(&id, l.token).await.unwrap();
+    let o = app
+        .store
+        .give_back(&id, l.token, lost("restarted", false))
+        .await
+        .unwrap();
+    let LostOutcome::Failed(why) = o else {
+        panic!("{o:?}")
+    };
+    assert!(why.contains("died under it 2 times"), "{why}");
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "failed");
+    assert!(job["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("may be what crashes them"));
+    // A stale worker's give-back is refused.
+    let o = app
+        .store
+        .give_back(&id, l.token, lost("late", false))
+        .await
+        .unwrap();
+    assert_eq!(o, LostOutcome::LeaseLost);
+    app.store
+        .cleanup_done(vec![cleanup[0].prompt_id.clone()])
+        .await
+        .unwrap();
+    assert!(app.store.cleanup_prompts("n1").await.unwrap().is_empty());
 }

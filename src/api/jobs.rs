@@ -143,6 +143,10 @@ pub struct JobDetail {
     pub leases: Vec<Lease>,
     /// Webhook deliveries (when the manifest has a `callback_url`).
     pub webhooks: Vec<WebhookDelivery>,
+    /// For a queued job: why it is not running yet (its back-off, or what
+    /// keeps each backend from taking it now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// One job: manifest, bound graph, status, attempts, backend, outputs.
@@ -169,7 +173,9 @@ pub(super) async fn get_job(
     let outputs = state.store.job_outputs(&id).await?;
     let leases = state.store.job_leases(&id).await?;
     let webhooks = state.store.job_webhooks(&id).await?;
+    let waiting_for = state.store.why_waiting(&id).await?;
     Ok(Json(JobDetail {
+        waiting_for,
         job,
         outputs: outputs.into_iter().map(Output::from).collect(),
         leases: leases.into_iter().map(Lease::from).collect(),

@@ -9,7 +9,9 @@
 //! worker alone changes its view of it ([`super::phase`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::{json, Value};
 

@@ -24,6 +24,7 @@
 //! (downloads), [`progress`] (live progress and previews).
 
 mod attempt;
+mod link;
 mod outputs;
 mod phase;
 mod progress;
@@ -37,6 +38,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -83,8 +85,39 @@ struct Shared {
     progress: Mutex<HashMap<String, Value>>,
     previews: tokio::sync::broadcast::Sender<Preview>,
     /// Times at which a retry falls due (the workers are woken then).
-    due: Mutex<BTreeSet<tokio::time::Instant>>,
-    due_changed: Notify,
+    due: DueTimes,
+}
+
+/// Times at which the workers must be woken: a retry's back-off ends.
+#[derive(Default)]
+struct DueTimes {
+    times: Mutex<BTreeSet<Instant>>,
+    changed: Notify,
+}
+
+impl DueTimes {
+    fn add(&self, at: Instant) {
+        self.times.lock().expect("due").insert(at);
+        self.changed.notify_one();
+    }
+
+    /// Waits until the earliest time falls due (`true`, and it is
+    /// forgotten) or an earlier one may have been added (`false`).
+    async fn next(&self) -> bool {
+        let next = self.times.lock().expect("due").first().copied();
+        let Some(at) = next else {
+            self.changed.notified().await;
+            return false;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => {
+                let now = Instant::now();
+                self.times.lock().expect("due").retain(|t| *t > now);
+                true
+            }
+            _ = self.changed.notified() => false,
+        }
+    }
 }
 
 impl Shared {
@@ -96,32 +129,16 @@ impl Shared {
     /// Wakes every worker at `at` (a retry's back-off ends then).
     fn wake_at(&self, at: chrono::DateTime<chrono::Utc>) {
         let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
-        self.due
-            .lock()
-            .expect("due")
-            .insert(tokio::time::Instant::now() + wait);
-        self.due_changed.notify_one();
+        self.due.add(Instant::now() + wait);
     }
 }
 
 /// Wakes the workers when retries fall due, until the service stops.
 async fn wake_when_due(shared: Arc<Shared>) {
     loop {
-        let next = shared.due.lock().expect("due").first().copied();
-        let sleep = async {
-            match next {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = shared.stop.cancelled() => return,
-            _ = shared.due_changed.notified() => {}
-            _ = sleep => {
-                let now = tokio::time::Instant::now();
-                shared.due.lock().expect("due").retain(|t| *t > now);
-                shared.wake();
-            }
+            due = shared.due.next() => if due { shared.wake() },
         }
     }
 }
@@ -174,8 +191,7 @@ impl Farm {
             commands,
             progress: Mutex::new(HashMap::new()),
             previews: tokio::sync::broadcast::channel(64).0,
-            due: Mutex::new(BTreeSet::new()),
-            due_changed: Notify::new(),
+            due: DueTimes::default(),
         });
         tasks.spawn(wake_when_due(shared.clone()));
         let timeout = Duration::from_millis(config.dispatch.request_timeout_ms);
@@ -248,6 +264,28 @@ impl Farm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn workers_are_woken_when_a_retry_falls_due_not_before() {
+        let due = Arc::new(DueTimes::default());
+        let start = Instant::now();
+        due.add(start + Duration::from_secs(5));
+        due.add(start + Duration::from_secs(2));
+        let waiter = {
+            let due = due.clone();
+            tokio::spawn(async move {
+                let mut woken = Vec::new();
+                while woken.len() < 2 {
+                    if due.next().await {
+                        woken.push(Instant::now() - start);
+                    }
+                }
+                woken
+            })
+        };
+        let woken = waiter.await.unwrap();
+        assert_eq!(woken, [Duration::from_secs(2), Duration::from_secs(5)]);
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {

@@ -21,7 +21,9 @@
 //! itself when it returns. Finishing and Cancelling end only when their
 //! helper reports back.
 
-use std::time::Instant;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// The worker's view of one followed prompt.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,6 +82,11 @@ impl Phase {
         }
     }
 
+    /// It has run on the backend for `limit` or longer.
+    pub(super) fn overdue(self, limit: Duration) -> bool {
+        matches!(self, Phase::Running(since) if since.elapsed() >= limit)
+    }
+
     /// A helper task owns the prompt now: reconcile leaves it alone.
     pub(super) fn busy(self) -> bool {
         matches!(
@@ -126,6 +133,20 @@ mod tests {
         assert!(matches!(d.on(Signal::Started), Some(Phase::Running(_))));
         assert_eq!(d.on(Signal::Ended), Some(Phase::Finishing));
         assert_eq!(Phase::Queued.on(Signal::SeenQueued), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_is_overdue_only_past_its_limit_and_only_while_running() {
+        let limit = Duration::from_secs(7_200);
+        let running = Phase::Queued.on(Signal::Started).unwrap();
+        tokio::time::advance(limit - Duration::from_secs(1)).await;
+        assert!(!running.overdue(limit));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(running.overdue(limit));
+        assert!(
+            !Phase::Queued.overdue(Duration::ZERO),
+            "waiting is not running"
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! is unknown there, and each answer has exactly one consequence (see the
 //! table in `docs/operations.md`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use chrono::Utc;
 

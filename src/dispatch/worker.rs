@@ -15,16 +15,19 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::attempt::{Ctx, Held, Report, FINISH_TRIES};
+use super::link::{Check, Link};
 use super::phase::{Phase, Signal};
 use super::progress::{ProgressBook, Step, PROGRESS_EVERY};
 use super::{Command, Shared};
-use crate::comfy::{ComfyClient, EventStream, Preview, WsEvent};
+use crate::comfy::{ComfyClient, Preview, WsEvent};
 use crate::config::BackendConfig;
 use crate::store::StoreError;
 
@@ -37,23 +40,6 @@ pub(super) struct Tracked {
     pub(super) limit: Duration,
     /// When its submit was sent (a `status` broadcast must follow it).
     pub(super) sent: Instant,
-}
-
-/// The worker's socket to its backend, and what it knows of its health.
-pub(super) struct Link {
-    pub(super) stream: Option<EventStream>,
-    /// Since when the backend has not answered (the grace period runs from here).
-    pub(super) down_since: Option<Instant>,
-    retry_delay: Duration,
-    /// Last frame of any kind.
-    pub(super) last_heard: Instant,
-    /// A ping is out since then.
-    ping_sent: Option<Instant>,
-    last_ping: Instant,
-    /// The new socket must prove it is the registered one by then.
-    confirm_by: Option<Instant>,
-    /// A submit was accepted: a message must arrive by then.
-    expect_by: Option<Instant>,
 }
 
 pub(super) struct Worker {
@@ -84,7 +70,6 @@ impl Worker {
         client: ComfyClient,
         config: &BackendConfig,
     ) -> Worker {
-        let now = Instant::now();
         Worker {
             progress: ProgressBook::new(shared.clone()),
             shared,
@@ -97,16 +82,7 @@ impl Worker {
             reconcile_soon: false,
             reconcile_at: None,
             finish_failures: HashMap::new(),
-            link: Link {
-                stream: None,
-                down_since: None,
-                retry_delay: Duration::from_millis(100),
-                last_heard: now,
-                ping_sent: None,
-                last_ping: now,
-                confirm_by: None,
-                expect_by: None,
-            },
+            link: Link::new(),
             stuck: false,
         }
     }
@@ -142,8 +118,9 @@ impl Worker {
         let mut dirty = true;
         while !stop.is_cancelled() {
             if self.link.stream.is_none() && !self.connect().await {
-                let delay = self.link.retry_delay;
-                self.link.retry_delay = (delay * 2).min(Duration::from_secs(2));
+                let (since, delay) = self.link.connect_failed();
+                tracing::debug!(backend_id = %self.id, down_for_ms = since.elapsed().as_millis() as u64, "backend unreachable");
+                self.take_back_if_past_grace().await;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.cancelled() => {}
@@ -207,36 +184,25 @@ impl Worker {
                     tracing::debug!(backend_id = %self.id, error = %e, "cannot send feature_flags");
                 }
                 tracing::info!(backend_id = %self.id, "connected to backend");
-                let now = Instant::now();
-                self.link.stream = Some(stream);
-                self.link.down_since = None;
-                self.link.retry_delay = Duration::from_millis(100);
-                self.link.last_heard = now;
-                self.link.last_ping = now;
-                self.link.ping_sent = None;
-                self.link.confirm_by = Some(now + self.deaf_after());
-                self.link.expect_by = None;
+                self.link.connected(stream, self.deaf_after());
                 self.reconcile().await;
                 true
             }
             Err(e) => {
-                let since = *self.link.down_since.get_or_insert_with(Instant::now);
-                tracing::debug!(backend_id = %self.id, error = %e, "backend unreachable");
-                self.past_grace(since).await;
+                tracing::debug!(backend_id = %self.id, error = %e, "cannot connect to the backend");
                 false
             }
         }
     }
 
-    /// The backend has not answered since `since`: past the grace period,
-    /// its jobs go elsewhere.
-    async fn past_grace(&mut self, since: Instant) {
+    /// Past the grace period of a silent backend, its jobs go elsewhere.
+    async fn take_back_if_past_grace(&mut self) {
         let grace = Duration::from_secs(self.shared.config.dispatch.backend_grace_s);
-        if since.elapsed() >= grace {
+        if self.link.past_grace(grace) {
             let reason = format!(
                 "backend {} has not answered for {} s (grace period)",
                 self.id,
-                since.elapsed().as_secs()
+                grace.as_secs()
             );
             self.take_back_all(&reason).await;
         }
@@ -256,31 +222,28 @@ impl Worker {
 
     /// Pings, and reconnects a socket that does not answer or is not heard.
     async fn check_health(&mut self) {
-        let now = Instant::now();
         let heartbeat = self.heartbeat();
-        if let Some(sent) = self.link.ping_sent {
-            if now.duration_since(sent) >= heartbeat * 2 {
+        match self.link.check(heartbeat) {
+            Check::Fine => {}
+            Check::Ping => {
+                self.link.pinged();
+                if let Some(stream) = self.link.stream.as_mut() {
+                    if let Err(e) = stream.ping().await {
+                        self.lost_link(&format!("cannot ping: {e}")).await;
+                    }
+                }
+            }
+            Check::Dead(since) => {
                 let why = format!("no answer to a ping for {} ms", heartbeat.as_millis() * 2);
                 self.lost_link(&why).await;
                 // Down from the first unanswered ping, not from the reconnect.
-                self.link.down_since = Some(sent);
-                return;
+                self.link.down_since = Some(since);
             }
-        } else if now.duration_since(self.link.last_ping) >= heartbeat {
-            if let Some(stream) = self.link.stream.as_mut() {
-                self.link.last_ping = now;
-                self.link.ping_sent = Some(now);
-                if let Err(e) = stream.ping().await {
-                    self.lost_link(&format!("cannot ping: {e}")).await;
-                    return;
-                }
+            Check::Unconfirmed => {
+                self.deaf("a new socket was not confirmed as the one ComfyUI sends to")
+                    .await
             }
-        }
-        if self.link.confirm_by.is_some_and(|t| now >= t) {
-            self.deaf("a new socket was not confirmed as the one ComfyUI sends to")
-                .await;
-        } else if self.link.expect_by.is_some_and(|t| now >= t) {
-            self.deaf("no message followed an accepted submit").await;
+            Check::Unheard => self.deaf("no message followed an accepted submit").await,
         }
     }
 
@@ -387,10 +350,7 @@ impl Worker {
             Report::Accepted(pid) => {
                 if self.signal(&pid, Signal::Accepted).is_some() {
                     let sent = self.tracked[&pid].sent;
-                    // The status broadcast may already have come before the answer.
-                    if self.link.last_heard < sent && self.link.expect_by.is_none() {
-                        self.link.expect_by = Some(Instant::now() + self.deaf_after());
-                    }
+                    self.link.expect_after(sent, self.deaf_after());
                 }
             }
             Report::AcceptedCancelled(pid) => {
@@ -454,15 +414,14 @@ impl Worker {
     }
 
     async fn on_event(&mut self, ev: WsEvent) {
-        self.link.last_heard = Instant::now();
-        self.link.expect_by = None;
+        self.link.heard();
         let pid = match &ev {
             WsEvent::Pong => {
-                self.link.ping_sent = None;
+                self.link.pong();
                 return;
             }
             WsEvent::FeatureFlags => {
-                self.link.confirm_by = None;
+                self.link.confirmed();
                 return;
             }
             WsEvent::Preview(frame) => {
@@ -542,12 +501,8 @@ impl Worker {
         let expired: Vec<(String, Held, Duration)> = self
             .tracked
             .iter()
-            .filter_map(|(pid, t)| match t.phase {
-                Phase::Running(since) if since.elapsed() >= t.limit => {
-                    Some((pid.clone(), t.held.clone(), t.limit))
-                }
-                _ => None,
-            })
+            .filter(|(_, t)| t.phase.overdue(t.limit))
+            .map(|(pid, t)| (pid.clone(), t.held.clone(), t.limit))
             .collect();
         for (pid, held, limit) in expired {
             // The helper owns the prompt now, as for a cancel.
