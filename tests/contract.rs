@@ -650,3 +650,47 @@ fn the_client_understands_every_recorded_websocket_message() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_inventory_routes_answer_as_recorded_and_replies_have_a_size_cap() {
+    let rec = recorded("inventory.json");
+    let s = sim(0).await;
+    let http = reqwest::Client::new();
+    for (req, resp) in requests(&rec) {
+        let path = req["path"].as_str().unwrap();
+        let r = http.get(format!("{}{path}", s.url)).send().await.unwrap();
+        assert_eq!(
+            r.status().as_u16() as u64,
+            resp["status"].as_u64().unwrap(),
+            "{path}"
+        );
+        if resp["status"] == 200 {
+            let body: Value = r.json().await.unwrap();
+            assert_same_shape(&resp["body"], &body, path);
+        }
+    }
+    let client = ComfyClient::new("127.0.0.1", s.port, "c1", Duration::from_secs(5));
+    let all = client.object_info().await.unwrap();
+    let recorded_all = recorded("object_info.json");
+    assert_eq!(all.len(), recorded_all.as_object().unwrap().len());
+    assert_eq!(
+        client.models("checkpoints").await.unwrap(),
+        Some(vec!["sd_xl_base_1.0.safetensors".to_string()])
+    );
+    assert_eq!(client.models("no_such_folder").await.unwrap(), None);
+    // Tens of MB with many custom nodes: an answer over the cap is an error, not memory.
+    let capped = orchestrator::comfy::ComfyClient::with_limits(
+        "127.0.0.1",
+        s.port,
+        "c1",
+        Duration::from_secs(5),
+        orchestrator::comfy::Limits {
+            max_reply_bytes: 64 * 1024,
+            max_output_bytes: 1 << 20,
+        },
+    );
+    match capped.object_info().await {
+        Err(ComfyError::BadResponse(m)) => assert!(m.contains("over 65536 bytes"), "{m}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|m| m.len())),
+    }
+}

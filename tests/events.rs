@@ -397,3 +397,56 @@ async fn a_pending_webhook_survives_a_kill_9_of_the_orchestrator() {
     assert_eq!(payload["status"], "completed");
     bin.kill9().await;
 }
+
+#[tokio::test]
+async fn open_streams_end_when_the_service_stops_so_the_stop_does_not_wait_for_them() {
+    let (mut config, dir) = test_config();
+    // A stop that waited for the streams would take two minutes.
+    config.shutdown_timeout_s = 120;
+    let mut app = spawn_with(config).await;
+    app.set_dir(dir);
+    let sse = reqwest::Client::new()
+        .get(format!("{}/api/events", app.url))
+        .send()
+        .await
+        .unwrap();
+    let mut sse = sse.bytes_stream();
+    let ws_url = format!("{}/api/ws", app.url.replacen("http", "ws", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    ws.send(Message::Text(
+        json!({"type": "subscribe"}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let ack = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    assert!(matches!(ack, Ok(Some(Ok(Message::Text(_))))), "{ack:?}");
+    let stopping = tokio::spawn(app.stop());
+    let within = Duration::from_secs(20);
+    let sse_ended = tokio::time::timeout(within, async {
+        while let Some(Ok(_)) = sse.next().await {}
+    })
+    .await;
+    assert!(sse_ended.is_ok(), "the SSE stream ended on the stop");
+    let ws_ended = tokio::time::timeout(within, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ws_ended.is_ok(), "the WebSocket was closed on the stop");
+    let stopped = tokio::time::timeout(within, stopping).await;
+    assert!(stopped.is_ok(), "the stop did not wait for the streams");
+}
+
+#[tokio::test]
+async fn a_subscription_to_too_many_jobs_is_refused_with_the_field() {
+    let app = spawn_app().await;
+    let ids: Vec<String> = (0..1001).map(|i| format!("job-{i}")).collect();
+    let (status, body) = app
+        .get(&format!("/api/events?job_id={}", ids.join(",")))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "job_id");
+}

@@ -362,6 +362,35 @@ impl ComfyClient {
         })
     }
 
+    /// `GET /object_info`: every node class with its inputs (read within
+    /// the reply cap: with many custom nodes it runs to tens of MB).
+    pub async fn object_info(&self) -> Result<serde_json::Map<String, Value>, ComfyError> {
+        match self.get_json("/object_info").await? {
+            Value::Object(m) => Ok(m),
+            _ => Err(ComfyError::BadResponse(
+                "/object_info is not an object".into(),
+            )),
+        }
+    }
+
+    /// `GET /models/{folder}`: the model files a graph can name there
+    /// (`None` for a folder this backend does not know).
+    pub async fn models(&self, folder: &str) -> Result<Option<Vec<String>>, ComfyError> {
+        let r = self
+            .http
+            .get(format!("{}/models/{folder}", self.base))
+            .send()
+            .await
+            .map_err(|e| net_error(e, self.timeout))?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let v = self.json_of(r).await?;
+        serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| ComfyError::BadResponse(format!("/models/{folder}: {e}")))
+    }
+
     /// `GET /prompt`: prompts left in the queue.
     pub async fn queue_remaining(&self) -> Result<i64, ComfyError> {
         let v = self.get_json("/prompt").await?;
