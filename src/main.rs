@@ -23,28 +23,9 @@ struct Cli {
 enum Command {
     /// Run the service (HTTP API on 127.0.0.1:9800 by default).
     Serve(ServeArgs),
-    /// Run a simulated ComfyUI server (for trying the orchestrator without a GPU).
-    Simulate {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// Port to listen on (ComfyUI's usual port is 8188).
-        #[arg(long, default_value_t = 8188)]
-        port: u16,
-        /// Time each prompt takes, in milliseconds.
-        #[arg(long, default_value_t = 1000)]
-        job_ms: u64,
-        /// Chance (0 to 1) that a prompt fails at run time.
-        #[arg(long, default_value_t = 0.0)]
-        fail_rate: f64,
-        /// Checkpoint files the simulated server has (comma-separated).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "sd_xl_base_1.0.safetensors"
-        )]
-        checkpoints: Vec<String>,
-    },
+    /// Run a simulated ComfyUI server (for trying the orchestrator without a
+    /// GPU, and its failures: see docs/operations.md, "Trying the failures").
+    Simulate(SimulateArgs),
     /// Submit a job: a manifest file, or --workflow ID with --param name=value.
     Submit {
         /// Manifest file (the JSON of POST /api/job).
@@ -128,6 +109,51 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+}
+
+/// The simulated ComfyUI's behaviour.
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (ComfyUI's usual port is 8188).
+    #[arg(long, default_value_t = 8188)]
+    port: u16,
+    /// Time each prompt takes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    job_ms: u64,
+    /// Chance (0 to 1) that a prompt fails at run time.
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Checkpoint files the simulated server has (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "sd_xl_base_1.0.safetensors"
+    )]
+    checkpoints: Vec<String>,
+    /// The ComfyUI version it reports; "" reports none (older than 0.3.44
+    /// also ignores the orchestrator's prompt ids).
+    #[arg(long, default_value = "0.3.64")]
+    version: String,
+    /// Queue (and answer) a submit only after this long, even when the
+    /// client gave up waiting.
+    #[arg(long, default_value_t = 0)]
+    accept_delay_ms: u64,
+    /// How long a crash (a node titled sim:crash, or POST /_sim/crash)
+    /// keeps it down before it comes back empty.
+    #[arg(long, default_value_t = 3000)]
+    crash_down_ms: u64,
+    /// Lose the first N interrupts aimed at a running prompt.
+    #[arg(long, default_value_t = 0)]
+    ignore_interrupts: u32,
+    /// Stall each output download mid-way for this long.
+    #[arg(long, default_value_t = 0)]
+    view_stall_ms: u64,
+    /// Largest submit body it takes (ComfyUI's --max-upload-size); a larger one is a 413.
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    max_body_bytes: usize,
 }
 
 /// How the client commands reach a running orchestrator.
@@ -287,26 +313,34 @@ async fn backup(
     Ok(())
 }
 
-async fn simulate(
-    host: String,
-    port: u16,
-    job_ms: u64,
-    fail_rate: f64,
-    checkpoints: Vec<String>,
-) -> anyhow::Result<()> {
-    if !(0.0..=1.0).contains(&fail_rate) {
+async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&a.fail_rate) {
         anyhow::bail!("--fail-rate must be between 0 and 1");
     }
     let _guard = init_logging(&Config::default());
-    let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+    let (host, port) = (a.host.as_str(), a.port);
+    let listener = tokio::net::TcpListener::bind((host, port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))?;
     let local = listener.local_addr()?;
-    println!("simulated ComfyUI 0.3.64 listening on http://{local}");
+    println!(
+        "simulated ComfyUI {} listening on http://{local}",
+        if a.version.is_empty() {
+            "(no version)"
+        } else {
+            &a.version
+        }
+    );
     let config = orchestrator::simulator::SimConfig {
-        job_ms,
-        fail_rate,
-        checkpoints,
+        job_ms: a.job_ms,
+        fail_rate: a.fail_rate,
+        checkpoints: a.checkpoints,
+        version: a.version,
+        accept_delay_ms: a.accept_delay_ms,
+        crash_down_ms: a.crash_down_ms,
+        ignore_interrupts: a.ignore_interrupts,
+        view_stall_ms: a.view_stall_ms,
+        max_body_bytes: a.max_body_bytes,
         ..Default::default()
     };
     orchestrator::simulator::serve(listener, config, orchestrator::server::shutdown_signal()).await;
@@ -330,13 +364,7 @@ fn main() -> ExitCode {
                 config,
                 data_dir,
             } => backup(file, config, data_dir).await,
-            Command::Simulate {
-                host,
-                port,
-                job_ms,
-                fail_rate,
-                checkpoints,
-            } => simulate(host, port, job_ms, fail_rate, checkpoints).await,
+            Command::Simulate(args) => simulate(args).await,
             Command::Submit {
                 file,
                 workflow,

@@ -199,24 +199,22 @@ impl Ctx {
         }
     }
 
-    /// Removes a prompt from the backend at once; if that fails, the
-    /// cleanup list makes sure it happens later.
+    /// Removes a prompt from the backend at once, and puts it on the
+    /// cleanup list: a prompt interrupted mid-run writes its history after
+    /// the removal, and only the list's later rounds confirm it gone.
     async fn forget_prompt(&self, held: &Held, why: &str) {
-        let ids = [held.prompt_id.clone()];
-        let removed = self.client.remove(&ids, &ids).await;
-        if let Err(e) = &removed {
-            tracing::warn!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot remove the prompt now; it goes on the cleanup list");
+        let entry = self.cleanup_entry(held, format!("prompt {}: {why}", held.prompt_id));
+        if let Err(e) = self.shared.store.add_cleanup(entry).await {
+            tracing::error!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot put the prompt on the cleanup list");
         }
-        if removed.is_err() {
-            let entry = self.cleanup_entry(held, format!("prompt {}: {why}", held.prompt_id));
-            if let Err(e) = self.shared.store.add_cleanup(entry).await {
-                tracing::error!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot put the prompt on the cleanup list");
-            }
+        let ids = [held.prompt_id.clone()];
+        if let Err(e) = self.client.remove(&ids, &ids).await {
+            tracing::warn!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot remove the prompt now; the cleanup list will");
         }
     }
 
     /// The cleanup-list entry for a prompt given up on now.
-    fn cleanup_entry(&self, held: &Held, reason: String) -> CleanupEntry {
+    pub(super) fn cleanup_entry(&self, held: &Held, reason: String) -> CleanupEntry {
         CleanupEntry::new(
             &held.prompt_id,
             &self.backend_id,
@@ -265,17 +263,6 @@ impl Ctx {
                     Ok(()) => {
                         tracing::info!(job_id, backend_id, "job completed");
                         self.count_completion(job_id).await;
-                        if cancel_requested {
-                            let message = format!("the cancel came too late: the prompt had already finished on backend {backend_id}, so the job is completed");
-                            if let Err(e) = self
-                                .shared
-                                .store
-                                .note_event(job_id, "cancel_too_late", backend_id, message, None)
-                                .await
-                            {
-                                tracing::warn!(job_id, backend_id, error = %e, "cannot record that the cancel came too late");
-                            }
-                        }
                     }
                     Err(StoreError::LeaseLost) => {}
                     Err(e) => return Err(e.into()),
@@ -395,8 +382,9 @@ impl Ctx {
         Report::Done(pid)
     }
 
-    /// The prompt ran past its time limit: interrupt it, put it on the
-    /// cleanup list (a hung node ignores interrupts), and fail the attempt.
+    /// The prompt ran past its time limit (the worker has put it on the
+    /// cleanup list: a hung node ignores interrupts): interrupt it, and fail
+    /// the attempt.
     pub(super) async fn time_out(self, held: Held, limit: Duration) -> Report {
         let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
         let pid = held.prompt_id.clone();
@@ -407,14 +395,6 @@ impl Ctx {
             "timed out after {} s on backend {backend_id}",
             limit.as_secs()
         );
-        if let Err(e) = self
-            .shared
-            .store
-            .add_cleanup(self.cleanup_entry(&held, message.clone()))
-            .await
-        {
-            return Report::Deferred(pid, e.into());
-        }
         let error = json!({
             "message": message,
             "backend_id": backend_id,

@@ -414,12 +414,13 @@ impl Worker {
     }
 
     async fn on_event(&mut self, ev: WsEvent) {
+        if ev == WsEvent::Pong {
+            // Proves the connection, not that ComfyUI still sends us our messages.
+            self.link.pong();
+            return;
+        }
         self.link.heard();
         let pid = match &ev {
-            WsEvent::Pong => {
-                self.link.pong();
-                return;
-            }
             WsEvent::FeatureFlags => {
                 self.link.confirmed();
                 return;
@@ -505,6 +506,15 @@ impl Worker {
             .map(|(pid, t)| (pid.clone(), t.held.clone(), t.limit))
             .collect();
         for (pid, held, limit) in expired {
+            // A hung node ignores interrupts: the prompt goes on the cleanup
+            // list now, and the backend takes nothing new while it still runs.
+            let reason = format!("ran past its {} s limit", limit.as_secs());
+            let entry = self.ctx().cleanup_entry(&held, reason);
+            if let Err(e) = self.shared.store.add_cleanup(entry).await {
+                tracing::error!(job_id = %held.job_id, backend_id = %self.id, error = %e, "cannot put the timed-out prompt on the cleanup list; will try again");
+                continue;
+            }
+            self.stuck = true;
             // The helper owns the prompt now, as for a cancel.
             self.signal(&pid, Signal::CancelRequested);
             self.helpers.spawn(self.ctx().time_out(held.clone(), limit));

@@ -36,6 +36,9 @@ pub(super) fn router(sim: S) -> Router {
         .route("/models", get(models))
         .route("/models/{folder}", get(models_in))
         .route("/ws", get(super::ws::ws))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            sim.config.max_body_bytes,
+        ))
         .layer(middleware::from_fn_with_state(sim.clone(), freeze))
         .layer(middleware::from_fn(refuse_foreign_origin))
         .merge(control())
@@ -305,18 +308,21 @@ async fn view(State(sim): State<S>, Query(q): Query<ViewQuery>) -> Response {
     let Some(bytes) = bytes else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    if sim.config.view_delay_ms == 0 {
+    if sim.config.view_delay_ms == 0 && sim.config.view_stall_ms == 0 {
         return ([(header::CONTENT_TYPE, "image/png")], bytes).into_response();
     }
-    // A slow transfer: the bytes trickle in over `view_delay_ms`, in ten parts.
+    // A slow transfer: the bytes trickle in over `view_delay_ms`, in ten
+    // parts; with `view_stall_ms`, it stalls after the first part.
     let pause = Duration::from_millis(sim.config.view_delay_ms / 10);
+    let stall = Duration::from_millis(sim.config.view_stall_ms);
     let step = bytes.len().div_ceil(10).max(1);
-    let parts: Vec<Bytes> = (0..bytes.len())
+    let parts: Vec<(usize, Bytes)> = (0..bytes.len())
         .step_by(step)
         .map(|i| bytes.slice(i..(i + step).min(bytes.len())))
+        .enumerate()
         .collect();
-    let body = futures::stream::iter(parts).then(move |part| async move {
-        tokio::time::sleep(pause).await;
+    let body = futures::stream::iter(parts).then(move |(i, part)| async move {
+        tokio::time::sleep(if i == 1 { pause + stall } else { pause }).await;
         Ok::<_, std::convert::Infallible>(part)
     });
     (

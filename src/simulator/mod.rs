@@ -29,6 +29,8 @@
 //! - `version`: an old version (before 0.3.44 it ignores our prompt ids), or
 //!   none at all;
 //! - `ignore_interrupts`: the first N interrupts aimed at a prompt are lost;
+//! - `view_stall_ms`: a download stalls mid-way; `max_body_bytes`: a larger
+//!   submit is a `413`, as `--max-upload-size` makes it;
 //! - control routes, which always answer: `POST /_sim/hang` (`{"on": bool}`:
 //!   answer nothing, sockets included), `POST /_sim/drop_sockets` (every open
 //!   socket goes silent, as behind a NAT that dropped it), `POST /_sim/crash`,
@@ -77,6 +79,12 @@ pub struct SimConfig {
     /// `/view` answers `500` (a backend whose output disk is gone): lets
     /// tests check that uncollectable outputs end the attempt.
     pub view_fails: bool,
+    /// `/view` sends the headers and the first bytes, then stalls this long
+    /// (a transfer that hangs mid-way).
+    pub view_stall_ms: u64,
+    /// Largest request body it takes (`--max-upload-size`); a larger one
+    /// is a `413`, as aiohttp answers it.
+    pub max_body_bytes: usize,
     /// How long a crash keeps the server down before it comes back empty.
     pub crash_down_ms: u64,
     /// The first N interrupts aimed at a running prompt are lost (ComfyUI
@@ -95,6 +103,8 @@ impl Default for SimConfig {
             accept_delay_ms: 0,
             view_delay_ms: 0,
             view_fails: false,
+            view_stall_ms: 0,
+            max_body_bytes: 100 * 1024 * 1024,
             crash_down_ms: 300,
             ignore_interrupts: 0,
         }

@@ -113,8 +113,15 @@ async fn session(sim: S, client_id: String, mut socket: WebSocket) {
                 Some(Ok(_)) => {}
             },
             _ = hung.changed() => {}
-            // A crash (or a stop): the connection drops.
-            _ = life.changed() => return,
+            // A crash (or a stop): what was sent before it is on the wire; then the connection drops.
+            _ = life.changed() => {
+                while let Ok(m) = rx.try_recv() {
+                    if socket.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                return;
+            }
             _ = silence.changed() => {
                 // Dropped by a NAT: silent both ways until the server dies.
                 let _ = life.changed().await;

@@ -192,6 +192,14 @@ pub(super) async fn apply(
             let data = json!({ "outputs": outputs.iter().map(|o| &o.name).collect::<Vec<_>>() });
             let ev = event("completed", JobStatus::Completed, message, Some(data));
             append_event(conn, id, ev).await?;
+            if held.cancel_requested {
+                let message = format!(
+                    "the cancel came too late: the prompt had already finished on backend {}, so the job is completed",
+                    held.backend
+                );
+                let ev = event("cancel_too_late", JobStatus::Completed, message, None);
+                append_event(conn, id, ev).await?;
+            }
         }
         Step::Failed {
             outcome,

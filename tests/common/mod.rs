@@ -298,7 +298,21 @@ pub fn farm_config(backends: Vec<BackendConfig>) -> (Config, tempfile::TempDir) 
     config.dispatch.backend_grace_s = 2;
     config.dispatch.cancel_timeout_s = 5;
     config.dispatch.request_timeout_ms = 2_000;
+    config.dispatch.heartbeat_ms = 200;
+    config.dispatch.deaf_after_ms = 500;
     (config, dir)
+}
+
+/// A farm with a config changed by `tune` first.
+pub async fn spawn_farm_with(
+    backends: Vec<BackendConfig>,
+    tune: impl FnOnce(&mut Config),
+) -> TestApp {
+    let (mut config, dir) = farm_config(backends);
+    tune(&mut config);
+    let mut app = spawn_with(config).await;
+    app._dir = Some(dir);
+    app
 }
 
 pub async fn spawn_farm(backends: Vec<BackendConfig>) -> TestApp {
