@@ -4,18 +4,20 @@
 //! Why this shape: the log makes streams exact (a client that reconnects
 //! with the last sequence number it saw, `Last-Event-ID` or `?after=`, gets
 //! every event it missed and none twice, also across a restart), and one
-//! reader makes them cheap (a thousand dashboards cost one query per commit,
-//! not a thousand). Each subscriber reads from a bounded buffer; one that
-//! falls behind by more than the buffer, or that starts in the past, reads
-//! what it missed from the log and then joins the live feed again, so a
-//! slow or stuck subscriber never holds back dispatch or the others. Every
-//! stream ends when the service stops.
+//! reader makes them cheap: a thousand dashboards cost one query per commit,
+//! not a thousand, and the reader hands each subscriber only the events its
+//! filter takes, so a subscriber is woken for nothing else. Each subscriber
+//! has a bounded buffer; one that falls behind by more than the buffer, or
+//! that starts in the past, reads what it missed from the log and then joins
+//! the live feed again, so a slow or stuck subscriber never holds back
+//! dispatch or the others. Every stream ends when the service stops.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::Stream;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,7 +29,7 @@ const PAGE: i64 = 500;
 
 /// Events a subscriber may fall behind the live feed before it reads from
 /// the log instead.
-const BUFFER: usize = 4096;
+const BUFFER: usize = 1024;
 
 /// One event as subscribers get it: the record (for filters) and its JSON
 /// (serialized once for everyone).
@@ -46,11 +48,19 @@ impl Published {
     }
 }
 
+/// A subscriber on the live feed.
+struct Subscriber {
+    filter: EventFilter,
+    tx: mpsc::Sender<Arc<Published>>,
+    /// Set when its buffer overflowed: it must read the log.
+    lagged: Arc<AtomicBool>,
+}
+
 /// The fan-out of the event log. Cheap to clone.
 #[derive(Clone)]
 pub struct EventHub {
     store: Store,
-    live: broadcast::Sender<Arc<Published>>,
+    subscribers: Arc<Mutex<Vec<Subscriber>>>,
     stop: CancellationToken,
 }
 
@@ -62,14 +72,18 @@ impl EventHub {
         stop: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<EventHub, crate::store::StoreError> {
-        let (live, _) = broadcast::channel(BUFFER);
-        let hub = EventHub { store, live, stop };
+        let hub = EventHub {
+            store,
+            subscribers: Arc::default(),
+            stop,
+        };
         let after = hub.store.latest_event_seq().await?;
         tasks.spawn(hub.clone().read(after));
         Ok(hub)
     }
 
-    /// Reads each commit's new events once and hands them to every subscriber.
+    /// Reads each commit's new events once and hands each subscriber those
+    /// its filter takes.
     async fn read(self, mut last: i64) {
         let mut commits = self.store.subscribe_commits();
         let all = EventFilter::default();
@@ -79,11 +93,10 @@ impl EventHub {
             match self.store.events_after(last, &all, PAGE).await {
                 Ok(events) => {
                     let full = events.len() as i64 == PAGE;
-                    for ev in events {
-                        last = ev.seq;
-                        // No subscriber is fine: late ones read the log.
-                        let _ = self.live.send(Published::new(ev));
+                    if let Some(e) = events.last() {
+                        last = e.seq;
                     }
+                    self.publish(events);
                     if full {
                         continue;
                     }
@@ -92,9 +105,51 @@ impl EventHub {
             }
             tokio::select! {
                 changed = commits.changed() => if changed.is_err() { return },
-                _ = self.stop.cancelled() => return,
+                _ = self.stop.cancelled() => {
+                    // Closing every buffer ends every stream.
+                    self.subscribers.lock().expect("subscribers").clear();
+                    return;
+                }
             }
         }
+    }
+
+    fn publish(&self, events: Vec<JobEvent>) {
+        let mut subscribers = self.subscribers.lock().expect("subscribers");
+        for ev in events {
+            let mut published: Option<Arc<Published>> = None;
+            subscribers.retain(|s| {
+                if !s.filter.matches(&ev) || s.lagged.load(Ordering::Relaxed) {
+                    return !s.tx.is_closed();
+                }
+                let p = published.get_or_insert_with(|| Published::new(ev.clone()));
+                match s.tx.try_send(p.clone()) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        s.lagged.store(true, Ordering::Relaxed);
+                        true
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                }
+            });
+        }
+    }
+
+    /// Joins the live feed with `filter`.
+    fn join(&self, filter: EventFilter) -> (mpsc::Receiver<Arc<Published>>, Arc<AtomicBool>) {
+        let (tx, rx) = mpsc::channel(BUFFER);
+        let lagged = Arc::new(AtomicBool::new(false));
+        if !self.stop.is_cancelled() {
+            self.subscribers
+                .lock()
+                .expect("subscribers")
+                .push(Subscriber {
+                    filter,
+                    tx,
+                    lagged: lagged.clone(),
+                });
+        }
+        (rx, lagged)
     }
 
     /// The events after `after` that match `filter`, then every new one.
@@ -123,7 +178,7 @@ struct Follow {
     hub: EventHub,
     filter: EventFilter,
     last: i64,
-    live: Option<broadcast::Receiver<Arc<Published>>>,
+    live: Option<(mpsc::Receiver<Arc<Published>>, Arc<AtomicBool>)>,
     backlog: VecDeque<JobEvent>,
 }
 
@@ -143,7 +198,7 @@ impl Follow {
             match self.live.as_mut() {
                 None => {
                     // Join the feed first, then read the log: nothing falls between.
-                    let rx = self.hub.live.subscribe();
+                    let joined = self.hub.join(self.filter.clone());
                     let page = match self
                         .hub
                         .store
@@ -157,28 +212,77 @@ impl Follow {
                         }
                     };
                     if (page.len() as i64) < PAGE {
-                        self.live = Some(rx);
+                        self.live = Some(joined);
                     }
                     self.backlog.extend(page);
                 }
-                Some(rx) => {
+                Some((rx, lagged)) => {
+                    // Fell behind its buffer: read what was missed from the log.
+                    if lagged.load(Ordering::Relaxed) && rx.is_empty() {
+                        self.live = None;
+                        continue;
+                    }
                     let received = tokio::select! {
                         r = rx.recv() => r,
                         _ = self.hub.stop.cancelled() => return None,
                     };
                     match received {
-                        Ok(p) => {
-                            if p.event.seq > self.last && self.filter.matches(&p.event) {
-                                self.last = p.event.seq;
-                                return Some(p);
-                            }
+                        Some(p) if p.event.seq > self.last => {
+                            self.last = p.event.seq;
+                            return Some(p);
                         }
-                        // Fell behind the buffer: read what was missed from the log.
-                        Err(broadcast::error::RecvError::Lagged(_)) => self.live = None,
-                        Err(broadcast::error::RecvError::Closed) => return None,
+                        Some(_) => {}
+                        None => return None,
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_its_buffer_reads_the_rest_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), &Default::default())
+            .await
+            .unwrap();
+        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let hub = EventHub::start(store.clone(), stop.clone(), &tasks)
+            .await
+            .unwrap();
+        let note = |i: usize| store.note_event("j", "note", "b", format!("n{i}"), None);
+        let mut stream = Box::pin(hub.follow(EventFilter::default(), 0));
+        note(0).await.unwrap();
+        let first = stream.next().await.unwrap();
+        assert_eq!(first.event.message.as_deref(), Some("n0"));
+        // Live now; it reads nothing while more than its buffer arrives.
+        let n = BUFFER + 200;
+        for i in 1..=n {
+            note(i).await.unwrap();
+        }
+        let mut last = first.event.seq;
+        for i in 1..=n {
+            let ev = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+                .await
+                .expect("an event")
+                .expect("the stream is open");
+            assert_eq!(
+                ev.event.message,
+                Some(format!("n{i}")),
+                "in order, none missing"
+            );
+            assert!(ev.event.seq > last);
+            last = ev.event.seq;
+        }
+        stop.cancel();
+        assert!(
+            stream.next().await.is_none(),
+            "the stream ends with the service"
+        );
     }
 }
