@@ -108,9 +108,11 @@ impl Worker {
             }
             match self.client.history(&pid).await {
                 Ok(Some(_)) => {
-                    // A prompt we thought waiting or running ended unheard: the socket is deaf.
-                    unheard |=
-                        known.is_some_and(|p| matches!(p, Phase::Queued | Phase::Running(_)));
+                    // A prompt we thought waiting or running ended, and the socket
+                    // has been silent a while (not just a message on its way): deaf.
+                    unheard |= known
+                        .is_some_and(|p| matches!(p, Phase::Queued | Phase::Running(_)))
+                        && self.link.last_heard.elapsed() >= self.deaf_after();
                     if self.signal(&pid, Signal::Ended).is_some() {
                         self.spawn_finish(&pid);
                     }

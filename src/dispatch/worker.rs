@@ -99,7 +99,7 @@ impl Worker {
         Duration::from_millis(self.shared.config.dispatch.heartbeat_ms)
     }
 
-    fn deaf_after(&self) -> Duration {
+    pub(super) fn deaf_after(&self) -> Duration {
         Duration::from_millis(self.shared.config.dispatch.deaf_after_ms)
     }
 
