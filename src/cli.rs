@@ -69,6 +69,25 @@ impl Remote {
         self.call(self.request(reqwest::Method::POST, path).json(&body))
             .await
     }
+
+    /// Stores a file as an input (`POST /api/inputs`); its input id.
+    async fn upload(&self, path: &std::path::Path) -> anyhow::Result<String> {
+        let bytes = tokio::fs::read(path).await?;
+        let content_type = crate::inputs::sniff(&bytes).unwrap_or("application/octet-stream");
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let answer = self
+            .call(
+                self.request(reqwest::Method::POST, "/api/inputs")
+                    .header(reqwest::header::CONTENT_TYPE, content_type)
+                    .header("x-filename", name)
+                    .body(bytes),
+            )
+            .await?;
+        answer["input_id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("the orchestrator answered no input_id: {answer}"))
+    }
 }
 
 /// `--param name=value`: the value as JSON when it parses (numbers, booleans), else text.
@@ -130,6 +149,28 @@ pub async fn submit(remote: &Remote, args: SubmitArgs) -> anyhow::Result<()> {
     if let Some(p) = args.priority {
         m.insert("priority".into(), json!(p));
     }
+    // `-p image=@frame.png`: the file is uploaded first, and its input id used.
+    let base = args
+        .file
+        .as_ref()
+        .and_then(|f| f.parent())
+        .map(PathBuf::from);
+    let mut uploaded = std::collections::HashMap::new();
+    for (field, name) in crate::inputs::file_refs(&manifest) {
+        let path = match &base {
+            Some(dir) if !std::path::Path::new(&name).is_absolute() => dir.join(&name),
+            _ => PathBuf::from(&name),
+        };
+        if !path.is_file() {
+            continue;
+        }
+        let id = remote
+            .upload(&path)
+            .await
+            .with_context(|| format!("{field}: cannot upload {}", path.display()))?;
+        uploaded.insert(name, id);
+    }
+    crate::inputs::replace_file_refs(&mut manifest, |name| uploaded.get(name).cloned());
     let answer = remote.post("/api/job", manifest).await?;
     if remote.json {
         println!("{answer}");

@@ -49,10 +49,42 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     /// Backend health polling.
     pub monitor: MonitorConfig,
+    /// What the data folder keeps, and for how long.
+    pub retention: RetentionConfig,
     /// Bounded time for a graceful stop, in seconds.
     pub shutdown_timeout_s: u64,
     /// The ComfyUI servers of the farm.
     pub backends: Vec<BackendConfig>,
+}
+
+/// What the data folder keeps: each rule is off (`null`) or a number of days.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delete the collected output files of jobs that ended more than this
+    /// many days ago (the jobs, their history and output records stay).
+    pub outputs_days: Option<u32>,
+    /// Delete input files that no unfinished job uses and that no
+    /// submission named for this many days.
+    pub inputs_days: Option<u32>,
+    /// Delete progress events older than this many days (state changes stay).
+    pub progress_days: Option<u32>,
+    /// How often the sweeper runs (and measures the data folder), seconds.
+    pub sweep_interval_s: u64,
+    /// `GET /api/health` warns when the data folder's disk has less free.
+    pub low_space_bytes: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            outputs_days: None,
+            inputs_days: None,
+            progress_days: None,
+            sweep_interval_s: 3_600,
+            low_space_bytes: 5 * 1024 * 1024 * 1024,
+        }
+    }
 }
 
 /// Access control for shared networks.
@@ -131,6 +163,8 @@ pub struct Limits {
     pub max_backend_reply_bytes: u64,
     /// Largest output file downloaded from a backend.
     pub max_output_bytes: u64,
+    /// Largest input file (`POST /api/inputs`, a file part of a submission).
+    pub max_input_bytes: u64,
 }
 
 /// How SQLite commits.
@@ -251,6 +285,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             dispatch: DispatchConfig::default(),
             monitor: MonitorConfig::default(),
+            retention: RetentionConfig::default(),
             shutdown_timeout_s: 10,
             backends: Vec::new(),
         }
@@ -263,6 +298,7 @@ impl Default for Limits {
             max_body_bytes: 16 * 1024 * 1024,
             max_backend_reply_bytes: 64 * 1024 * 1024,
             max_output_bytes: 16 * 1024 * 1024 * 1024,
+            max_input_bytes: 512 * 1024 * 1024,
         }
     }
 }
@@ -433,6 +469,12 @@ impl Config {
                 "heartbeat_ms and deaf_after_ms must be at least 10",
             );
         }
+        if self.retention.sweep_interval_s == 0 {
+            return invalid("retention.sweep_interval_s", "must be above 0");
+        }
+        if self.limits.max_input_bytes < 1024 {
+            return invalid("limits.max_input_bytes", "must be at least 1024");
+        }
         if self.limits.max_backend_reply_bytes < 1024 || self.limits.max_output_bytes < 1024 {
             return invalid(
                 "limits.max_backend_reply_bytes",
@@ -494,6 +536,11 @@ impl Config {
     /// Folder where collected outputs are kept, one sub-folder per job.
     pub fn outputs_dir(&self) -> PathBuf {
         self.data_dir.join("outputs")
+    }
+
+    /// Folder where input files are kept, named by their SHA-256.
+    pub fn inputs_dir(&self) -> PathBuf {
+        self.data_dir.join("inputs")
     }
 }
 

@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::ErrorBody;
+use crate::inputs::{InputError, Inputs};
 use crate::submit::{SubmitError, Submitted, Submitter};
 
 /// Sub-folder for submitted files.
@@ -48,8 +49,18 @@ struct Seen {
     modified: SystemTime,
 }
 
+/// What the inbox needs: the submit path and the input files.
+#[derive(Clone)]
+pub struct Inbox {
+    /// Submits the manifests.
+    pub submitter: Submitter,
+    /// Stores the files a manifest names beside it.
+    pub inputs: Inputs,
+}
+
 /// Watches and drains the inbox until `stop`.
-pub async fn run(submitter: Submitter, dir: PathBuf, stop: CancellationToken) {
+pub async fn run(inbox: Inbox, dir: PathBuf, stop: CancellationToken) {
+    let submitter = &inbox.submitter;
     let settle = Duration::from_millis(submitter.config.inbox.settle_ms);
     let rescan = Duration::from_millis(submitter.config.inbox.rescan_interval_ms);
     for sub in [ACCEPTED, REJECTED] {
@@ -87,7 +98,7 @@ pub async fn run(submitter: Submitter, dir: PathBuf, stop: CancellationToken) {
     let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let waiting = scan(&submitter, &dir, settle, &mut seen, &busy, &mut tasks).await;
+        let waiting = scan(&inbox, &dir, settle, &mut seen, &busy, &mut tasks).await;
         // Files still settling are looked at again soon; otherwise wait for an event.
         let wait = if waiting {
             settle.min(rescan) / 2
@@ -135,7 +146,7 @@ fn list(dir: &Path) -> std::io::Result<Vec<(String, Seen)>> {
 
 /// One pass over the folder. Returns whether some file is still settling.
 async fn scan(
-    submitter: &Submitter,
+    inbox: &Inbox,
     dir: &Path,
     settle: Duration,
     seen: &mut HashMap<String, Seen>,
@@ -178,9 +189,9 @@ async fn scan(
         while tasks.len() >= CONCURRENCY {
             tasks.join_next().await;
         }
-        let (submitter, dir, busy) = (submitter.clone(), dir.to_path_buf(), busy.clone());
+        let (inbox, dir, busy) = (inbox.clone(), dir.to_path_buf(), busy.clone());
         tasks.spawn(async move {
-            take(&submitter, &dir, &name, now).await;
+            take(&inbox, &dir, &name, now).await;
             busy.lock().expect("inbox").remove(&name);
         });
     }
@@ -216,8 +227,71 @@ fn refusal(status: u16, code: &str, message: String) -> Refusal {
     }
 }
 
+/// The files beside a manifest that it names (`"image": "@frame.png"`),
+/// stored as inputs and put in place of their names. Returns the files
+/// taken, and the inputs this created (undone if the job is refused).
+async fn attach(
+    inputs: &Inputs,
+    dir: &Path,
+    manifest: &mut Value,
+) -> Result<(Vec<String>, Vec<String>), Refusal> {
+    let mut taken = Vec::new();
+    let mut ids = std::collections::HashMap::new();
+    let mut created = Vec::new();
+    for (field, name) in crate::inputs::file_refs(manifest) {
+        // Only a plain file right beside the manifest: never a path out of the inbox.
+        let plain = !name.contains(['/', '\\']) && !name.starts_with('.') && name != "..";
+        let path = dir.join(&name);
+        let is_file = plain
+            && tokio::fs::symlink_metadata(&path)
+                .await
+                .is_ok_and(|m| m.file_type().is_file());
+        if !is_file || ids.contains_key(&name) {
+            continue;
+        }
+        let stored = async {
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| InputError::Io(e.to_string()))?;
+            let stream = tokio_util::io::ReaderStream::new(file);
+            let staged = inputs.stage(stream, None, Some(name.clone())).await?;
+            inputs.commit(staged).await
+        }
+        .await;
+        match stored {
+            Ok((record, new)) => {
+                if new {
+                    created.push(record.id.clone());
+                }
+                ids.insert(name.clone(), record.id);
+                taken.push(name);
+            }
+            Err(e) => {
+                inputs.forget_new(&created).await;
+                let mut r = refusal(e.status(), e.code(), format!("{field}: {name}: {e}"));
+                r.body.error.field = Some(field);
+                return Err(r);
+            }
+        }
+    }
+    crate::inputs::replace_file_refs(manifest, |name| ids.get(name).cloned());
+    Ok((taken, created))
+}
+
+/// Moves the files a manifest took along with it (into `accepted/` or `rejected/`).
+async fn move_files(dir: &Path, sub: &str, prefix: &str, files: &[String]) {
+    for f in files {
+        let dest = free_name(&dir.join(sub), &format!("{prefix}{f}")).await;
+        if let Err(e) = tokio::fs::rename(dir.join(f), &dest).await {
+            tracing::error!(file = %f, error = %e, "cannot move a file a manifest named");
+        }
+    }
+}
+
 /// Submits one settled file and moves it.
-async fn take(submitter: &Submitter, dir: &Path, name: &str, seen: Seen) {
+async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
+    let submitter = &inbox.submitter;
+    let mut taken: Vec<String> = Vec::new();
     let path = dir.join(name);
     let limit = submitter.config.limits.max_body_bytes as u64;
     let outcome: Result<Submitted, Refusal> = if seen.size > limit {
@@ -251,7 +325,17 @@ async fn take(submitter: &Submitter, dir: &Path, name: &str, seen: Seen) {
                             );
                         }
                     }
-                    submitter.submit(manifest).await.map_err(Refusal::from)
+                    match attach(&inbox.inputs, dir, &mut manifest).await {
+                        Err(r) => Err(r),
+                        Ok((files, created)) => {
+                            taken = files;
+                            let submitted = submitter.submit(manifest).await;
+                            if submitted.is_err() {
+                                inbox.inputs.forget_new(&created).await;
+                            }
+                            submitted.map_err(Refusal::from)
+                        }
+                    }
                 }
             },
         }
@@ -262,6 +346,13 @@ async fn take(submitter: &Submitter, dir: &Path, name: &str, seen: Seen) {
             let dest = dir
                 .join(ACCEPTED)
                 .join(format!("{stem}.{}.json", response.job_id));
+            move_files(
+                dir,
+                ACCEPTED,
+                &format!("{stem}.{}.", response.job_id),
+                &taken,
+            )
+            .await;
             match tokio::fs::rename(&path, &dest).await {
                 Ok(()) => {
                     tracing::info!(job_id = %response.job_id, file = %name, "inbox file submitted")
@@ -281,6 +372,8 @@ async fn take(submitter: &Submitter, dir: &Path, name: &str, seen: Seen) {
                 "{}.error.json",
                 dest.file_name().and_then(|n| n.to_str()).unwrap_or(name)
             ));
+            let stem = name.trim_end_matches(".json");
+            move_files(dir, REJECTED, &format!("{stem}."), &taken).await;
             let body = serde_json::to_vec_pretty(&e.body).unwrap_or_default();
             if let Err(err) = tokio::fs::write(&error_file, body).await {
                 tracing::error!(file = %name, error = %err, "cannot write the error file");

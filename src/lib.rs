@@ -18,9 +18,11 @@
 //! - [`comfy`]: the ComfyUI protocol (HTTP, WebSocket, what answers mean), no database.
 //! - [`simulator`]: a simulated ComfyUI for tests, benchmarks and the demo.
 //! - [`inbox`]: submit by dropping manifest files into a folder.
+//! - [`inputs`]: the pictures jobs start from, stored once by their SHA-256.
 //! - [`dispatch`]: one worker per backend: lease, submit, follow, collect, reconcile.
 //! - [`monitor`]: backend health polling.
 //! - [`webhooks`]: callbacks when jobs end, from a durable outbox.
+//! - [`retention`]: what the data folder keeps, and its measurement.
 //! - [`events`]: live streams (SSE, WebSocket): one reader of the durable
 //!   event log fans out to every subscriber.
 //! - [`metrics`]: Prometheus metrics.
@@ -40,9 +42,11 @@ pub mod config;
 pub mod dispatch;
 pub mod events;
 pub mod inbox;
+pub mod inputs;
 pub mod manifest;
 pub mod metrics;
 pub mod monitor;
+pub mod retention;
 pub mod server;
 pub mod simulator;
 pub mod store;

@@ -71,6 +71,8 @@ pub struct Parsed {
     pub job: NewJob,
     /// Things accepted but worth telling (ignored fields).
     pub warnings: Vec<String>,
+    /// The input files the graph names, each with the field that named it.
+    pub inputs: Vec<(String, String)>,
 }
 
 fn err(field: &str, message: impl Into<String>) -> BindError {
@@ -146,6 +148,7 @@ pub fn parse(
         Some(v) => Some(v.clone()),
     };
     let mut template_timeout = None;
+    let inputs;
     let (workflow_id, graph, bound) = match (workflow_id, inline) {
         (Some(_), Some(_)) => {
             return Err(err(
@@ -179,11 +182,17 @@ pub fn parse(
                     .map(|p| format!("parameters.{}", p.name))
             })?;
             template_timeout = template.timeout_s;
+            inputs = input_refs(&graph, |node, input| {
+                template
+                    .param_for(node, input)
+                    .map(|p| format!("parameters.{}", p.name))
+            })?;
             (Some(id), graph, bound)
         }
         (None, Some(graph)) => {
             validate_graph(&graph)?;
             check_file_names(&graph, |_, _| None)?;
+            inputs = input_refs(&graph, |_, _| None)?;
             if !parameters.is_empty() {
                 return Err(err(
                     "parameters",
@@ -239,9 +248,44 @@ pub fn parse(
             graph,
             callback_url,
             timeout_s,
+            inputs: {
+                let mut ids: Vec<String> = inputs.iter().map(|(_, id)| id.clone()).collect();
+                ids.sort();
+                ids.dedup();
+                ids
+            },
         },
         warnings,
+        inputs,
     })
+}
+
+/// The input files a graph names: every input value that is an input id
+/// (`sha256:<hex>`), with the field it came from (`field_of` names the
+/// template parameter, when one did). A value that starts like an id but is
+/// not one is a mistake worth a `422`.
+fn input_refs(
+    graph: &Value,
+    field_of: impl Fn(&str, &str) -> Option<String>,
+) -> Result<Vec<(String, String)>, BindError> {
+    let mut refs = Vec::new();
+    for (node, body) in graph.as_object().into_iter().flatten() {
+        for (input, v) in body["inputs"].as_object().into_iter().flatten() {
+            let Some(s) = v.as_str().filter(|s| crate::inputs::looks_like_id(s)) else {
+                continue;
+            };
+            let field =
+                field_of(node, input).unwrap_or_else(|| format!("workflow.{node}.inputs.{input}"));
+            if crate::inputs::hex_of(s).is_none() {
+                return Err(err(
+                    &field,
+                    format!("`{s}` is not an input id (sha256: and 64 lowercase hex digits)"),
+                ));
+            }
+            refs.push((field, s.to_string()));
+        }
+    }
+    Ok(refs)
 }
 
 /// Inputs whose value ComfyUI turns into a path under its output folder.

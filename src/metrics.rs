@@ -107,6 +107,21 @@ pub fn failed(workflow: Option<&str>, backend: &str, is_final: bool) {
     .increment(1);
 }
 
+/// What a retention sweep freed.
+pub fn retained(s: &crate::retention::Swept) {
+    for (kind, files, bytes) in [
+        ("outputs", s.output_files, s.output_bytes),
+        ("inputs", s.input_files, s.input_bytes),
+    ] {
+        metrics::counter!("orchestrator_retention_files_deleted_total", "kind" => kind)
+            .increment(files);
+        metrics::counter!("orchestrator_retention_bytes_freed_total", "kind" => kind)
+            .increment(bytes);
+    }
+    metrics::counter!("orchestrator_retention_progress_events_deleted_total")
+        .increment(s.progress_events);
+}
+
 /// What the monitor saw of a backend.
 pub fn backend(id: &str, up: bool, vram_total: Option<i64>, vram_free: Option<i64>) {
     metrics::gauge!("orchestrator_backend_up", "backend" => id.to_string()).set(if up {

@@ -112,7 +112,22 @@ impl Service {
             config: config.clone(),
             farm: farm.clone(),
         };
+        let inputs = crate::inputs::Inputs::new(
+            config.inputs_dir(),
+            store.clone(),
+            config.limits.max_input_bytes,
+        );
+        let usage = crate::retention::Usage::default();
+        tasks.spawn(crate::retention::run(
+            store.clone(),
+            inputs.clone(),
+            config.clone(),
+            usage.clone(),
+            stop.clone(),
+        ));
         let state = AppState {
+            usage,
+            inputs,
             store,
             catalog,
             config,
@@ -158,11 +173,11 @@ impl Service {
         let timeout = Duration::from_secs(state.config.shutdown_timeout_s);
         let store = state.store.clone();
         if let Some(dir) = state.config.inbox_path() {
-            tasks.spawn(crate::inbox::run(
-                state.submitter.clone(),
-                dir,
-                stop.clone(),
-            ));
+            let inbox = crate::inbox::Inbox {
+                submitter: state.submitter.clone(),
+                inputs: state.inputs.clone(),
+            };
+            tasks.spawn(crate::inbox::run(inbox, dir, stop.clone()));
         }
         tasks.spawn(crate::webhooks::run(
             state.store.clone(),

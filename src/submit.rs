@@ -160,6 +160,7 @@ impl Submitter {
             self.config.dispatch.default_max_attempts,
         )?;
         self.check_requires(&parsed.job.requires).await?;
+        self.check_inputs(&parsed.inputs).await?;
         let workflow_id = parsed.job.workflow_id.clone();
         let (created, summary) = match self.store.submit(parsed.job).await? {
             SubmitOutcome::Created(s) => {
@@ -177,6 +178,22 @@ impl Submitter {
             submitted_at: summary.submitted_at,
             warnings: parsed.warnings,
         })
+    }
+
+    /// Every input file the graph names must be stored: the job could
+    /// never run otherwise.
+    async fn check_inputs(&self, refs: &[(String, String)]) -> Result<(), SubmitError> {
+        let ids: Vec<String> = refs.iter().map(|(_, id)| id.clone()).collect();
+        let missing = self.store.missing_inputs(&ids).await?;
+        match refs.iter().find(|(_, id)| missing.contains(id)) {
+            None => Ok(()),
+            Some((field, id)) => Err(SubmitError::invalid(
+                field,
+                format!(
+                    "input {id} is not stored here; upload the file with POST /api/inputs first"
+                ),
+            )),
+        }
     }
 
     /// With a farm configured, a job that needs tags no backend has could

@@ -1,6 +1,5 @@
 //! One error type for every handler, and the JSON shape clients see.
 
-use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -113,20 +112,6 @@ impl From<StoreError> for ApiError {
                     format!("the database is not usable: {inner}"),
                 )
             }
-        }
-    }
-}
-
-impl From<BytesRejection> for ApiError {
-    fn from(r: BytesRejection) -> Self {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the request body is larger than limits.max_body_bytes",
-            )
-        } else {
-            ApiError::new(r.status(), "bad_request", r.body_text())
         }
     }
 }

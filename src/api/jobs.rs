@@ -1,7 +1,6 @@
 //! Job routes: submit, look up, history, events, cancel.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,9 +16,14 @@ use super::{ApiError, AppState};
 use crate::store::{CancelOutcome, JobFilter, JobStatus};
 use crate::submit::Submitted;
 
-pub(super) fn router() -> Router<AppState> {
-    Router::new()
+pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
+    // A multipart submission carries its files.
+    let limit = axum::extract::DefaultBodyLimit::max((max_input_bytes + (16 << 20)) as usize);
+    let submit = Router::new()
         .route("/api/job", post(submit_job))
+        .layer(limit);
+    Router::new()
+        .merge(submit)
         .route("/api/job/{id}", get(get_job))
         .route("/api/job/{id}/events", get(job_events))
         .route("/api/job/{id}/cancel", post(cancel_job))
@@ -44,10 +48,35 @@ pub struct SubmitResponse {
     pub warnings: Vec<String>,
 }
 
+/// A request's body, at most `limit` bytes (this route takes larger
+/// multipart bodies; a JSON manifest keeps `limits.max_body_bytes`).
+async fn limited_body(req: axum::extract::Request, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| {
+            let mut source: Option<&dyn std::error::Error> = Some(&e);
+            while let Some(s) = source {
+                if s.to_string().contains("length limit exceeded") {
+                    return ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "the request body is larger than limits.max_body_bytes",
+                    );
+                }
+                source = s.source();
+            }
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("cannot read the body: {e}"),
+            )
+        })
+}
+
 /// Requires a JSON body, then parses it into a value.
 pub(super) fn json_body(
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Bytes, ApiError>,
 ) -> Result<Value, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -83,7 +112,9 @@ pub(super) fn json_body(
     })
 }
 
-/// Submit a job. A `2xx` means it is stored on disk.
+/// Submit a job. A `2xx` means it is stored on disk. As `multipart/form-data`,
+/// a `manifest` part and file parts: a parameter value `"@PART"` names a
+/// file part, stored as an input with the job (all or nothing).
 #[utoipa::path(
     post,
     path = "/api/job",
@@ -102,10 +133,16 @@ pub(super) fn json_body(
 )]
 pub(super) async fn submit_job(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let value = json_body(&headers, body)?;
+    if super::inputs::is_multipart(req.headers()) {
+        return super::inputs::submit_multipart(&state, req).await;
+    }
+    let headers = req.headers().clone();
+    let value = json_body(
+        &headers,
+        limited_body(req, state.config.limits.max_body_bytes).await,
+    )?;
     let submitted = state.submitter.submit(value).await?;
     let code = if submitted.created {
         StatusCode::CREATED
@@ -321,6 +358,13 @@ pub(super) async fn get_output(
         .into_iter()
         .find(|o| o.name == name)
         .ok_or_else(|| ApiError::not_found(format!("output `{name}` of job `{id}`")))?;
+    if let Some(at) = output.pruned_at {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "pruned",
+            format!("output `{name}` of job `{id}` was deleted by retention on {at}"),
+        ));
+    }
     let path = state.config.outputs_dir().join(&id).join(&output.name);
     let file = tokio::fs::File::open(&path).await.map_err(|e| {
         ApiError::new(

@@ -10,6 +10,7 @@ mod backends;
 mod dashboard;
 mod error;
 mod events;
+mod inputs;
 mod jobs;
 mod openapi;
 mod system;
@@ -48,6 +49,10 @@ pub struct AppState {
     pub submitter: Submitter,
     /// The live feed of the event log.
     pub events: EventHub,
+    /// The input files.
+    pub inputs: crate::inputs::Inputs,
+    /// The data folder's last measurement (by the retention sweeper).
+    pub usage: crate::retention::Usage,
 }
 
 /// CORS for browser tools on other origins: only the configured ones (none by default).
@@ -72,7 +77,8 @@ fn cors(config: &Config) -> tower_http::cors::CorsLayer {
 pub fn app(state: AppState) -> Router {
     let limit = state.config.limits.max_body_bytes;
     Router::new()
-        .merge(jobs::router())
+        .merge(jobs::router(state.config.limits.max_input_bytes))
+        .merge(inputs::router(state.config.limits.max_input_bytes))
         .merge(system::router())
         .merge(backends::router())
         .merge(events::router())

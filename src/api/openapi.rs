@@ -8,7 +8,7 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{backends, events, jobs, system, AppState};
+use super::{backends, events, inputs, jobs, system, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,10 @@ use super::{backends, events, jobs, system, AppState};
         jobs::retry_job,
         jobs::get_output,
         jobs::list_jobs,
+        inputs::upload,
+        inputs::list,
+        inputs::download,
+        inputs::delete,
         events::sse,
         events::ws,
         system::health,
@@ -39,6 +43,7 @@ use super::{backends, events, jobs, system, AppState};
     ),
     tags(
         (name = "jobs", description = "Submit jobs and read their history"),
+        (name = "inputs", description = "Pictures (and videos, sounds) jobs start from, stored by their SHA-256"),
         (name = "backends", description = "The ComfyUI farm"),
         (name = "events", description = "Live progress: server-sent events and a WebSocket; see docs/events.md"),
         (name = "workflows", description = "Workflow templates"),

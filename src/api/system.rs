@@ -35,6 +35,12 @@ pub struct Health {
     pub database: String,
     /// Number of jobs in each state.
     pub jobs: BTreeMap<String, i64>,
+    /// The data folder: database, outputs and inputs, and the free space
+    /// (measured by the retention sweeper).
+    pub disk: crate::retention::DiskUsage,
+    /// Things an operator should look at (low disk space).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Health: `200` when the database answers, `503` with the reason when not.
@@ -59,7 +65,22 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
         Err(e) => e.to_string(),
     };
     let ok = database == "ok";
+    let disk = state.usage.lock().expect("usage").clone();
+    let mut warnings = Vec::new();
+    if let Some(free) = disk
+        .free_bytes
+        .filter(|f| *f < state.config.retention.low_space_bytes)
+    {
+        warnings.push(format!(
+            "the data folder's disk has {} MiB free (retention.low_space_bytes is {} MiB): \
+             free space, or set retention rules",
+            free >> 20,
+            state.config.retention.low_space_bytes >> 20
+        ));
+    }
     let body = Health {
+        disk,
+        warnings,
         status: if ok { "ok" } else { "error" }.into(),
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_s: state.started.elapsed().as_secs(),

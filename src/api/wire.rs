@@ -126,6 +126,9 @@ pub struct Output {
     pub sha256: String,
     /// MIME type it is served with.
     pub content_type: String,
+    /// When retention deleted its file (`retention.outputs_days`); the record stays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruned_at: Option<DateTime<Utc>>,
 }
 
 impl From<OutputRecord> for Output {
@@ -140,6 +143,7 @@ impl From<OutputRecord> for Output {
             size: o.size,
             sha256: o.sha256,
             content_type: o.content_type,
+            pruned_at: o.pruned_at,
         }
     }
 }

@@ -58,8 +58,30 @@ pub struct Accepted {
     pub node_errors: Map<String, Value>,
 }
 
-/// Whether `input` of `class` is checked by the node itself.
-pub type Exempt<'a> = &'a dyn Fn(&str, &str) -> bool;
+/// What a validator knows beyond the definitions: which inputs a node
+/// checks itself (`VALIDATE_INPUTS`: ComfyUI then skips its combo check),
+/// and, where it can run it, that check.
+pub trait NodeRules {
+    /// Whether `input` of `class` is checked by the node itself.
+    fn self_validated(&self, class: &str, input: &str) -> bool;
+
+    /// The node's own check of a literal value: why it fails, if it does.
+    fn check(&self, _class: &str, _input: &str, _value: &Value) -> Option<String> {
+        None
+    }
+}
+
+/// The core nodes' self-checked inputs ([`SELF_VALIDATED`]), and no check run.
+pub struct CoreRules;
+
+impl NodeRules for CoreRules {
+    fn self_validated(&self, class: &str, input: &str) -> bool {
+        SELF_VALIDATED.contains(&(class, input))
+    }
+}
+
+/// The rules a validation runs with.
+pub type Exempt<'a> = &'a dyn NodeRules;
 
 fn invalid_prompt(kind: &str, message: String, details: String) -> Refusal {
     Refusal {
@@ -400,8 +422,16 @@ impl Checker<'_> {
             }
             return None;
         }
+        if let Some(why) = self.exempt.check(class, name, v) {
+            return Some(error(
+                "custom_validation_failed",
+                "Custom validation failed for node".into(),
+                format!("{name} - {why}"),
+                json!({"input_name": name}),
+            ));
+        }
         let options = combo_options(spec)?;
-        if (self.exempt)(class, name) || options.contains(v) {
+        if self.exempt.self_validated(class, name) || options.contains(v) {
             return None;
         }
         let list = if options.len() > 20 {
@@ -453,9 +483,16 @@ mod tests {
         all.as_object().unwrap().clone()
     }
 
-    fn none(_: &str, _: &str) -> bool {
-        false
+    struct NoRules;
+
+    impl NodeRules for NoRules {
+        fn self_validated(&self, _: &str, _: &str) -> bool {
+            false
+        }
     }
+
+    #[allow(non_upper_case_globals)]
+    const none: NoRules = NoRules;
 
     #[test]
     fn one_bad_branch_drops_only_its_output() {
@@ -516,8 +553,7 @@ mod tests {
             validate(&load, &d, &none).is_err(),
             "not in the listed options"
         );
-        let exempt = |c: &str, i: &str| SELF_VALIDATED.contains(&(c, i));
-        assert!(validate(&load, &d, &exempt).is_ok());
+        assert!(validate(&load, &d, &CoreRules).is_ok());
         let spec = json!(["COMBO", {"options": ["480P", "720P"]}]);
         assert_eq!(combo_options(&spec).unwrap().len(), 2);
         assert!(combo_options(&json!(["INT", {}])).is_none());

@@ -461,6 +461,38 @@ impl ComfyClient {
             .await
     }
 
+    /// `POST /upload/image`: stores a file in the backend's input folder,
+    /// in `subfolder`, replacing a file of the same name (`overwrite`).
+    /// Answers the value a loader node's input takes to read it.
+    pub async fn upload(
+        &self,
+        subfolder: &str,
+        name: &str,
+        content_type: &str,
+        file: tokio::fs::File,
+        len: u64,
+    ) -> Result<String, ComfyError> {
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let part = reqwest::multipart::Part::stream_with_length(body, len)
+            .file_name(name.to_string())
+            .mime_str(content_type)
+            .map_err(|e| ComfyError::BadResponse(e.to_string()))?;
+        let form = reqwest::multipart::Form::new()
+            .part("image", part)
+            .text("subfolder", subfolder.to_string())
+            .text("type", "input")
+            .text("overwrite", "true");
+        let r = self
+            .downloads
+            .post(format!("{}/upload/image", self.base))
+            .multipart(form)
+            .send()
+            .await
+            .map_err(|e| net_error(e, self.timeout))?;
+        let v = self.json_of(r).await?;
+        uploaded_value(&v)
+    }
+
     /// Removes prompts from the backend wherever they are: out of the queue,
     /// interrupted if running, out of the history.
     pub async fn remove(

@@ -129,6 +129,25 @@ pub(crate) fn clip(s: &str, n: usize) -> &str {
     &s[..s.floor_char_boundary(n)]
 }
 
+/// What a loader node's input takes to read an uploaded file, from the
+/// answer of `/upload/image` (`{name, subfolder, type}`): `SUBFOLDER/NAME`,
+/// as `LoadImage` resolves it (it validates that input itself, so the
+/// subfolder need not be in its listed options).
+pub fn uploaded_value(answer: &Value) -> Result<String, ComfyError> {
+    let name = answer["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ComfyError::BadResponse(format!("/upload/image answered without a name: {answer}"))
+        })?;
+    Ok(
+        match answer["subfolder"].as_str().filter(|s| !s.is_empty()) {
+            Some(sub) => format!("{sub}/{name}"),
+            None => name.to_string(),
+        },
+    )
+}
+
 /// A file that ComfyUI lists in `/history` outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputFile {

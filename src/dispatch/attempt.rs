@@ -8,6 +8,7 @@
 //! its WebSocket meanwhile. Each step reports what became of the prompt; the
 //! worker alone changes its view of it ([`super::phase`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +44,13 @@ pub(super) struct Ctx {
     pub(super) shared: Arc<Shared>,
     pub(super) backend_id: String,
     pub(super) client: ComfyClient,
+    /// Inputs uploaded to this backend since the worker connected: input id
+    /// → the value its loader nodes take.
+    pub(super) uploaded: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
+
+/// The folder inputs go to in each backend's input folder.
+const INPUT_SUBFOLDER: &str = "orchestrator";
 
 /// A leased prompt, as the helpers name it.
 #[derive(Debug, Clone)]
@@ -157,12 +164,86 @@ impl Ctx {
         crate::metrics::failed(workflow.as_deref(), &self.backend_id, is_final);
     }
 
+    /// Uploads each input file the graph names (once per backend and
+    /// connection: a backend that restarted gets them again; uploading twice
+    /// is harmless) and puts the names ComfyUI answered in their place.
+    async fn with_inputs(&self, mut graph: Value) -> Result<Value, DispatchError> {
+        let Some(nodes) = graph.as_object_mut() else {
+            return Ok(graph);
+        };
+        for node in nodes.values_mut() {
+            let Some(inputs) = node.get_mut("inputs").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for v in inputs.values_mut() {
+                let Some(id) = v.as_str().filter(|s| crate::inputs::hex_of(s).is_some()) else {
+                    continue;
+                };
+                let id = id.to_string();
+                let known = self.uploaded.lock().expect("uploads").get(&id).cloned();
+                let value = match known {
+                    Some(value) => value,
+                    None => {
+                        let value = self.upload(&id).await?;
+                        self.uploaded
+                            .lock()
+                            .expect("uploads")
+                            .insert(id, value.clone());
+                        value
+                    }
+                };
+                *v = Value::String(value);
+            }
+        }
+        Ok(graph)
+    }
+
+    async fn upload(&self, id: &str) -> Result<String, DispatchError> {
+        let missing = || DispatchError::Files(format!("input {id} is not stored here any more"));
+        let record = self.shared.store.input(id).await?.ok_or_else(missing)?;
+        let hex = crate::inputs::hex_of(id).ok_or_else(missing)?;
+        let path = self.shared.inputs_dir.join(hex);
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| DispatchError::Files(format!("input {id}: {}: {e}", path.display())))?;
+        let name = format!("{hex}.{}", crate::inputs::extension(&record.content_type));
+        let value = self
+            .client
+            .upload(
+                INPUT_SUBFOLDER,
+                &name,
+                &record.content_type,
+                file,
+                record.size as u64,
+            )
+            .await?;
+        tracing::info!(input_id = id, backend_id = %self.backend_id, "input uploaded");
+        Ok(value)
+    }
+
     /// `POST /prompt`, and what the answer means for the job.
     pub(super) async fn submit(self, lease: Lease) -> Report {
         let held = Held::from(&lease);
         let pid = held.prompt_id.clone();
         let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
-        match self.client.submit(&pid, &lease.graph).await {
+        let graph = match self.with_inputs(lease.graph).await {
+            Ok(g) => g,
+            Err(e) => {
+                // An error of this attempt on this backend: retried elsewhere like any other.
+                let error = json!({
+                    "message": format!("backend {backend_id}: cannot upload the job's input files: {e}"),
+                    "backend_id": backend_id,
+                    "attempt": held.attempt,
+                });
+                tracing::warn!(job_id, backend_id, "{}", error["message"]);
+                return if self.fail(&held, false, error).await {
+                    Report::Done(pid)
+                } else {
+                    Report::NoAnswer(pid)
+                };
+            }
+        };
+        match self.client.submit(&pid, &graph).await {
             Ok(()) => match self.shared.store.mark_submitted(job_id, held.token).await {
                 Ok(true) => Report::AcceptedCancelled(pid),
                 Ok(false) => Report::Accepted(pid),

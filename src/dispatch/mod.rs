@@ -61,9 +61,9 @@ pub enum DispatchError {
     /// The backend says the prompt finished, but keeps no history of it.
     #[error("backend has no history for prompt {0}")]
     NoHistory(String),
-    /// Writing an output into the data folder failed.
+    /// Reading an input, or writing an output, in the data folder failed.
     #[error("{0}")]
-    Outputs(String),
+    Files(String),
 }
 
 /// Messages to a backend's worker.
@@ -79,6 +79,7 @@ struct Shared {
     store: Store,
     config: Arc<Config>,
     outputs_dir: PathBuf,
+    inputs_dir: PathBuf,
     wake: watch::Sender<u64>,
     stop: CancellationToken,
     commands: HashMap<String, mpsc::Sender<Command>>,
@@ -185,6 +186,7 @@ impl Farm {
         let shared = Arc::new(Shared {
             store: store.clone(),
             outputs_dir: config.outputs_dir(),
+            inputs_dir: config.inputs_dir(),
             config: config.clone(),
             wake: watch::channel(0u64).0,
             stop: stop.clone(),

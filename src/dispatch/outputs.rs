@@ -79,7 +79,7 @@ impl Drop for PartFile {
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> DispatchError {
-    DispatchError::Outputs(format!("{}: {e}", path.display()))
+    DispatchError::Files(format!("{}: {e}", path.display()))
 }
 
 /// A name not yet taken by `records`: `NAME-2.EXT` and so on.
@@ -147,6 +147,7 @@ pub(super) async fn collect(
             size,
             sha256: format!("{:x}", hasher.finalize()),
             content_type,
+            pruned_at: None,
         });
     }
     Ok(records)

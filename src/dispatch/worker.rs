@@ -61,6 +61,8 @@ pub(super) struct Worker {
     pub(super) link: Link,
     /// A prompt given up on still runs there (a hung node): lease nothing.
     pub(super) stuck: bool,
+    /// Inputs uploaded since the last connect (a reconnect may be a restart).
+    uploaded: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 impl Worker {
@@ -84,6 +86,7 @@ impl Worker {
             finish_failures: HashMap::new(),
             link: Link::new(),
             stuck: false,
+            uploaded: Arc::default(),
         }
     }
 
@@ -92,6 +95,7 @@ impl Worker {
             shared: self.shared.clone(),
             backend_id: self.id.clone(),
             client: self.client.clone(),
+            uploaded: self.uploaded.clone(),
         }
     }
 
@@ -185,6 +189,8 @@ impl Worker {
                 }
                 tracing::info!(backend_id = %self.id, "connected to backend");
                 self.link.connected(stream, self.deaf_after());
+                // It may have restarted empty: inputs are uploaded again.
+                self.uploaded.lock().expect("uploads").clear();
                 self.reconcile().await;
                 true
             }

@@ -35,6 +35,7 @@ pub(super) fn router(sim: S) -> Router {
         .route("/object_info/{class}", get(object_info_of))
         .route("/models", get(models))
         .route("/models/{folder}", get(models_in))
+        .route("/upload/image", post(upload_image))
         .route("/ws", get(super::ws::ws))
         .layer(axum::extract::DefaultBodyLimit::max(
             sim.config.max_body_bytes,
@@ -192,6 +193,50 @@ fn enqueue(sim: &Sim, mut prompt: Prompt) -> u64 {
     sim.broadcast_status();
     sim.work.notify_one();
     number
+}
+
+/// `POST /upload/image` as ComfyUI answers it: into the input folder (or a
+/// subfolder of it); without `overwrite`, other bytes under a taken name
+/// get `NAME (1).EXT` and the same bytes are recognised as a duplicate.
+async fn upload_image(State(sim): State<S>, mut form: axum::extract::Multipart) -> Response {
+    let (mut file, mut subfolder, mut overwrite) = (None, String::new(), false);
+    while let Ok(Some(field)) = form.next_field().await {
+        match field.name().unwrap_or("") {
+            "image" => {
+                let name = field.file_name().unwrap_or("image.png").to_string();
+                match field.bytes().await {
+                    Ok(b) => file = Some((name, b)),
+                    Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+                }
+            }
+            "subfolder" => subfolder = field.text().await.unwrap_or_default(),
+            "overwrite" => overwrite = matches!(field.text().await.as_deref(), Ok("true" | "1")),
+            _ => {}
+        }
+    }
+    let Some((name, bytes)) = file else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    if subfolder.split('/').any(|p| p == "..") || subfolder.starts_with('/') || name.contains('/') {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    let mut inner = sim.lock();
+    let mut stored = name.clone();
+    if !overwrite {
+        let (stem, ext) = name.rsplit_once('.').unwrap_or((name.as_str(), ""));
+        let mut n = 1;
+        while let Some(existing) = inner.input_files.get(&(subfolder.clone(), stored.clone())) {
+            if *existing == bytes {
+                break;
+            }
+            stored = format!("{stem} ({n}).{ext}");
+            n += 1;
+        }
+    }
+    inner
+        .input_files
+        .insert((subfolder.clone(), stored.clone()), bytes);
+    Json(json!({"name": stored, "subfolder": subfolder, "type": "input"})).into_response()
 }
 
 async fn get_prompt(State(sim): State<S>) -> Json<Value> {

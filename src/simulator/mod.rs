@@ -153,6 +153,8 @@ struct Inner {
     running: Option<Running>,
     history: HashMap<String, (u64, Value)>,
     files: HashMap<(String, String, String), Bytes>,
+    /// The input folder: (subfolder, name) → bytes (`/upload/image`).
+    input_files: HashMap<(String, String), Bytes>,
     counters: HashMap<String, u32>,
     number: u64,
     sockets: HashMap<String, Socket>,

@@ -21,11 +21,36 @@ pub(super) const CHECKPOINT_INPUTS: &[(&str, &str)] = &[
     ("unCLIPCheckpointLoader", "ckpt_name"),
 ];
 
+/// The simulator's node rules: the core self-checked inputs, and the one
+/// check it runs as ComfyUI does (a loader's file must be in its input folder).
+struct SimRules<'a>(&'a Sim);
+
+impl graph::NodeRules for SimRules<'_> {
+    fn self_validated(&self, class: &str, input: &str) -> bool {
+        SELF_VALIDATED.contains(&(class, input))
+    }
+
+    fn check(&self, class: &str, input: &str, value: &Value) -> Option<String> {
+        let loader = matches!((class, input), ("LoadImage" | "LoadImageMask", "image"));
+        let name = value.as_str()?;
+        (loader && input_file(self.0, name).is_none())
+            .then(|| format!("Invalid image file: {name}"))
+    }
+}
+
 /// Checks a graph as ComfyUI does.
 pub(super) fn validate(sim: &Sim, graph: &Value) -> Result<Accepted, Refusal> {
-    graph::validate(graph, &sim.defs, &|class, input| {
-        SELF_VALIDATED.contains(&(class, input))
-    })
+    graph::validate(graph, &sim.defs, &SimRules(sim))
+}
+
+/// The bytes of a file in the input folder, named as a loader names it
+/// (`SUBFOLDER/NAME` or `NAME`).
+pub(super) fn input_file(sim: &Sim, name: &str) -> Option<axum::body::Bytes> {
+    let (sub, file) = name.rsplit_once('/').unwrap_or(("", name));
+    sim.lock()
+        .input_files
+        .get(&(sub.to_string(), file.to_string()))
+        .cloned()
 }
 
 /// The class of node `id`, or `""` when there is no such node.
@@ -44,47 +69,82 @@ pub(super) fn title_of<'a>(graph: &'a Map<String, Value>, id: &str) -> &'a str {
         .unwrap_or("")
 }
 
-/// Finds the `EmptyImage` feeding a node: the saved image's size, count and
-/// colour (inverted once per `ImageInvert` on the way).
-fn source_image(graph: &Map<String, Value>, id: &str) -> (u32, u32, u32, [u8; 3]) {
-    let mut cur = id.to_string();
-    let mut invert = false;
-    for _ in 0..64 {
-        let Some(node) = graph.get(&cur) else { break };
-        match node["class_type"].as_str().unwrap_or("") {
-            "EmptyImage" => {
-                let i = &node["inputs"];
-                let c = i["color"].as_u64().unwrap_or(0) as u32;
-                let mut rgb = [(c >> 16) as u8, (c >> 8) as u8, c as u8];
-                if invert {
-                    rgb = [255 - rgb[0], 255 - rgb[1], 255 - rgb[2]];
-                }
-                return (
-                    i["width"].as_u64().unwrap_or(64) as u32,
-                    i["height"].as_u64().unwrap_or(64) as u32,
-                    i["batch_size"].as_u64().unwrap_or(1) as u32,
-                    rgb,
-                );
-            }
-            "ImageInvert" => invert = !invert,
-            _ => {}
-        }
-        let next = node["inputs"].as_object().and_then(|i| {
-            i.values()
-                .find_map(|v| v.as_array().and_then(|a| a.first()).and_then(Value::as_str))
-        });
-        match next {
-            Some(n) => cur = n.to_string(),
-            None => break,
+/// An RGB picture flowing between nodes.
+#[derive(Clone)]
+pub(super) struct Img {
+    w: u32,
+    h: u32,
+    rgb: Vec<u8>,
+}
+
+impl Img {
+    fn solid(w: u32, h: u32, rgb: [u8; 3]) -> Img {
+        let (w, h) = (w.clamp(1, 256), h.clamp(1, 256));
+        Img {
+            w,
+            h,
+            rgb: rgb.repeat((w * h) as usize),
         }
     }
-    (512, 512, 1, [128, 128, 128])
+}
+
+/// The first node linked into `id`'s inputs.
+fn first_link<'a>(graph: &'a Map<String, Value>, id: &str, input: Option<&str>) -> Option<&'a str> {
+    let inputs = graph.get(id)?["inputs"].as_object()?;
+    let link = |v: &'a Value| v.as_array().and_then(|a| a.first()).and_then(Value::as_str);
+    match input {
+        Some(name) => inputs.get(name).and_then(link),
+        None => inputs.values().find_map(link),
+    }
+}
+
+/// The pictures node `id` makes, computed from its inputs: `EmptyImage`
+/// makes solid colours, `LoadImage` decodes an uploaded file, `ImageInvert`
+/// inverts every pixel; other nodes pass on what they are given (or grey).
+pub(super) fn images_of(sim: &Sim, graph: &Map<String, Value>, id: &str, depth: usize) -> Vec<Img> {
+    let grey = || vec![Img::solid(64, 64, [128, 128, 128])];
+    let Some(node) = graph.get(id).filter(|_| depth < 64) else {
+        return grey();
+    };
+    let i = &node["inputs"];
+    match class_of(graph, id) {
+        "EmptyImage" => {
+            let c = i["color"].as_u64().unwrap_or(0) as u32;
+            let rgb = [(c >> 16) as u8, (c >> 8) as u8, c as u8];
+            let (w, h) = (
+                i["width"].as_u64().unwrap_or(64),
+                i["height"].as_u64().unwrap_or(64),
+            );
+            let batch = i["batch_size"].as_u64().unwrap_or(1).clamp(1, 64) as usize;
+            vec![Img::solid(w as u32, h as u32, rgb); batch]
+        }
+        "LoadImage" => i["image"]
+            .as_str()
+            .and_then(|name| input_file(sim, name))
+            .and_then(|bytes| png::decode(&bytes))
+            .map(|(w, h, rgb)| vec![Img { w, h, rgb }])
+            .unwrap_or_else(grey),
+        "ImageInvert" => first_link(graph, id, Some("image"))
+            .map(|src| images_of(sim, graph, src, depth + 1))
+            .unwrap_or_else(grey)
+            .into_iter()
+            .map(|mut img| {
+                img.rgb.iter_mut().for_each(|v| *v = 255 - *v);
+                img
+            })
+            .collect(),
+        _ => first_link(graph, id, None)
+            .map(|src| images_of(sim, graph, src, depth + 1))
+            .unwrap_or_else(grey),
+    }
 }
 
 /// Saves the images of output node `id` (`SaveImage` into `output`,
 /// `PreviewImage` into `temp`) and returns its `output` entry.
 pub(super) fn save_images(sim: &Sim, graph: &Map<String, Value>, id: &str) -> Value {
-    let (w, h, batch, rgb) = source_image(graph, id);
+    let images = first_link(graph, id, Some("images"))
+        .map(|src| images_of(sim, graph, src, 0))
+        .unwrap_or_default();
     let (file_type, prefix) = if class_of(graph, id) == "SaveImage" {
         (
             "output",
@@ -101,18 +161,18 @@ pub(super) fn save_images(sim: &Sim, graph: &Map<String, Value>, id: &str) -> Va
         Some((s, b)) => (s.to_string(), b.to_string()),
         None => (String::new(), prefix.clone()),
     };
-    let mut images = Vec::new();
+    let mut entries = Vec::new();
     let mut inner = sim.lock();
-    for _ in 0..batch.min(64) {
+    for img in images {
         let counter = inner.counters.entry(prefix.clone()).or_insert(0);
         *counter += 1;
         let filename = format!("{base}_{:05}_.png", *counter);
-        let bytes = axum::body::Bytes::from(png::solid(w.min(256), h.min(256), rgb));
+        let bytes = axum::body::Bytes::from(png::encode(img.w, img.h, &img.rgb));
         inner.files.insert(
             (file_type.to_string(), subfolder.clone(), filename.clone()),
             bytes,
         );
-        images.push(json!({"filename": filename, "subfolder": subfolder, "type": file_type}));
+        entries.push(json!({"filename": filename, "subfolder": subfolder, "type": file_type}));
     }
-    json!({"images": images})
+    json!({"images": entries})
 }

@@ -1,7 +1,8 @@
-//! A tiny PNG encoder (stored deflate blocks) for the simulator's images.
+//! The simulator's pictures: a tiny PNG encoder (stored deflate blocks),
+//! and decoding of uploaded files (PNG, JPEG) through the `image` crate.
 //!
-//! Why by hand: the simulator makes solid-colour images only, and a valid
-//! PNG of one colour is a few dozen lines; no image library is needed for it.
+//! Why the encoder by hand: it makes exact, uncompressed RGB files, so a
+//! test can compare pixels without a decoder of its own.
 
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFFu32;
@@ -39,12 +40,23 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
 /// A valid RGB PNG of one colour.
 pub fn solid(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
     let (width, height) = (width.max(1), height.max(1));
+    encode(width, height, &rgb.repeat((width * height) as usize))
+}
+
+/// Decodes a PNG or JPEG into RGB pixels: `(width, height, rgb)`.
+pub fn decode(bytes: &[u8]) -> Option<(u32, u32, Vec<u8>)> {
+    let img = image::load_from_memory(bytes).ok()?.to_rgb8();
+    Some((img.width(), img.height(), img.into_raw()))
+}
+
+/// A valid RGB PNG of these pixels (`rgb` holds `width * height` triples).
+pub fn encode(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
     // Each row: filter type 0, then the pixels.
-    let mut row = vec![0u8];
-    for _ in 0..width {
-        row.extend_from_slice(&rgb);
+    let mut raw = Vec::with_capacity(rgb.len() + height as usize);
+    for row in rgb.chunks((width * 3).max(1) as usize) {
+        raw.push(0u8);
+        raw.extend_from_slice(row);
     }
-    let raw = row.repeat(height as usize);
     let mut z = vec![0x78, 0x01];
     let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
     for (i, block) in blocks.iter().enumerate() {
@@ -73,6 +85,14 @@ mod tests {
     #[test]
     fn crc_matches_the_png_reference_value() {
         assert_eq!(crc32(b"IEND"), 0xAE42_6082);
+    }
+
+    #[test]
+    fn what_is_encoded_decodes_to_the_same_pixels() {
+        let rgb: Vec<u8> = (0..2 * 3 * 3).map(|i| (i * 13) as u8).collect();
+        let (w, h, back) = decode(&encode(3, 2, &rgb)).unwrap();
+        assert_eq!((w, h), (3, 2));
+        assert_eq!(back, rgb);
     }
 
     #[test]

@@ -157,8 +157,8 @@ impl Store {
     /// Outputs of a job, by name.
     pub async fn job_outputs(&self, id: &str) -> Result<Vec<OutputRecord>, StoreError> {
         self.all_by(
-            "SELECT name, kind, node_id, filename, subfolder, type, size, sha256, content_type \
-             FROM outputs WHERE job_id = ? ORDER BY name",
+            "SELECT name, kind, node_id, filename, subfolder, type, size, sha256, content_type, \
+             pruned_at FROM outputs WHERE job_id = ? ORDER BY name",
             id,
         )
         .await

@@ -24,10 +24,12 @@ mod bench;
 mod cleanup;
 mod events;
 mod history;
+mod inputs;
 mod lease;
 mod migrate;
 pub mod model;
 mod outcomes;
+mod retention;
 mod rows;
 mod submit;
 mod transitions;
@@ -44,8 +46,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, SqlitePool};
 
 pub use cleanup::CleanupEntry;
+pub use inputs::{InputDeletion, InputRecord, InputUse};
 pub use lease::MAX_FAILURES_PER_BACKEND;
 pub use model::*;
+pub use retention::StaleOutput;
 pub use transitions::{LostOutcome, LostRun};
 
 use crate::config::{DatabaseConfig, Synchronous};

@@ -200,6 +200,8 @@ pub struct NewJob {
     pub callback_url: Option<String>,
     /// Longest a run may take on a backend, in seconds (`None`: the farm's default).
     pub timeout_s: Option<i64>,
+    /// The input files the graph names (`sha256:<hex>` ids).
+    pub inputs: Vec<String>,
 }
 
 /// What a submission led to.
@@ -372,6 +374,9 @@ pub struct OutputRecord {
     pub sha256: String,
     /// MIME type it is served with.
     pub content_type: String,
+    /// When retention deleted its file (the record stays).
+    #[sqlx(default)]
+    pub pruned_at: Option<DateTime<Utc>>,
 }
 
 /// One lease of a job: which backend got which prompt id, and how it ended.

@@ -29,6 +29,16 @@ const BUILTIN: &[(&str, &str, &str)] = &[
         include_str!("builtin/txt2img_sdxl.json"),
         include_str!("builtin/txt2img_sdxl.yaml"),
     ),
+    (
+        "image_invert",
+        include_str!("builtin/image_invert.json"),
+        include_str!("builtin/image_invert.yaml"),
+    ),
+    (
+        "img2img_sdxl",
+        include_str!("builtin/img2img_sdxl.json"),
+        include_str!("builtin/img2img_sdxl.yaml"),
+    ),
 ];
 
 /// A problem with submitted values, named by the field at fault.
@@ -61,6 +71,11 @@ pub enum ParamType {
     String,
     /// `true` or `false`.
     Bool,
+    /// A picture the job starts from: an input id (`sha256:<hex>`, from
+    /// `POST /api/inputs`), uploaded to the backend before the job runs.
+    Image,
+    /// A mask picture, as `image`.
+    Mask,
 }
 
 /// Where a value goes: `NODE.inputs.FIELD`.
@@ -177,6 +192,9 @@ impl Param {
             ParamType::Float => v.is_number(),
             ParamType::String => v.is_string(),
             ParamType::Bool => v.is_boolean(),
+            ParamType::Image | ParamType::Mask => {
+                v.as_str().and_then(crate::inputs::hex_of).is_some()
+            }
         };
         if !type_ok {
             let want = match self.ty {
@@ -184,6 +202,9 @@ impl Param {
                 ParamType::Float => "a number",
                 ParamType::String => "a string",
                 ParamType::Bool => "true or false",
+                ParamType::Image | ParamType::Mask => {
+                    "an input id (sha256:<64 hex>, from POST /api/inputs)"
+                }
             };
             return Err(format!("must be {want}, got {}", describe(v)));
         }
@@ -566,7 +587,10 @@ mod tests {
         let (templates, errors) = Catalog::load(Path::new("/nonexistent")).list();
         assert!(errors.is_empty(), "{errors:?}");
         let ids: Vec<_> = templates.iter().map(|t| t.id.as_str()).collect();
-        assert_eq!(ids, ["image_blur", "txt2img_sdxl"]);
+        assert_eq!(
+            ids,
+            ["image_blur", "image_invert", "img2img_sdxl", "txt2img_sdxl"]
+        );
     }
 
     #[test]

@@ -1,0 +1,264 @@
+//! Retention: a farm's data folder grows every night; this keeps it from
+//! filling the disk, by rules an operator sets (`retention` in the config).
+//!
+//! Why each rule is a number of days, off by default: what may go is a
+//! studio's choice, and nothing is deleted unless it was asked for. What
+//! each rule deletes, and what it never touches:
+//! - `outputs_days`: the collected output files of jobs that ended longer
+//!   ago. The job, its history and its output records stay; the records say
+//!   when their files were pruned.
+//! - `inputs_days`: input files no unfinished job uses and that no
+//!   submission named for that long.
+//! - `progress_days`: progress events; state changes stay for ever.
+//!
+//! The sweeper works in small batches (the writer is held for milliseconds
+//! at a time), logs and counts what it freed (`/metrics`), and also measures
+//! the data folder for `GET /api/health`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RetentionConfig;
+use crate::inputs::Inputs;
+use crate::store::{Store, StoreError};
+
+/// Rows or files handled per batch.
+const BATCH: i64 = 500;
+
+/// What one sweep freed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Swept {
+    /// Output files deleted.
+    pub output_files: u64,
+    /// Their bytes.
+    pub output_bytes: u64,
+    /// Input files deleted.
+    pub input_files: u64,
+    /// Their bytes.
+    pub input_bytes: u64,
+    /// Progress events deleted.
+    pub progress_events: u64,
+}
+
+/// How much of the disk the data folder takes, and what is left.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct DiskUsage {
+    /// The database file, bytes.
+    pub database_bytes: i64,
+    /// Collected outputs, bytes.
+    pub outputs_bytes: u64,
+    /// Input files, bytes.
+    pub inputs_bytes: u64,
+    /// Free space on the data folder's disk, bytes.
+    pub free_bytes: Option<u64>,
+    /// When the folders were last measured.
+    pub measured_at: Option<DateTime<Utc>>,
+}
+
+/// The last measurement, shared with the health route.
+pub type Usage = Arc<Mutex<DiskUsage>>;
+
+/// The files of an output: the file and any thumbnails made of it.
+pub fn output_files(outputs_dir: &Path, job_id: &str, name: &str) -> Vec<PathBuf> {
+    let dir = outputs_dir.join(job_id);
+    let mut files = vec![dir.join(name)];
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let thumb = format!("-{name}");
+        files.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".thumb-") && n.ends_with(&thumb))
+        }));
+    }
+    files
+}
+
+/// Applies the rules once, as of `now` (tests set the clock; the service
+/// passes the current time).
+pub async fn sweep_once(
+    store: &Store,
+    inputs: &Inputs,
+    outputs_dir: &Path,
+    rules: &RetentionConfig,
+    now: DateTime<Utc>,
+) -> Result<Swept, StoreError> {
+    let mut swept = Swept::default();
+    let days = |d: u32| now - chrono::Duration::days(d as i64);
+    if let Some(d) = rules.outputs_days {
+        loop {
+            let stale = store.stale_outputs(days(d), BATCH).await?;
+            if stale.is_empty() {
+                break;
+            }
+            let mut done = Vec::new();
+            for o in stale {
+                let dir = outputs_dir.to_path_buf();
+                let (job, name) = (o.job_id.clone(), o.name.clone());
+                let files = tokio::task::spawn_blocking(move || output_files(&dir, &job, &name))
+                    .await
+                    .unwrap_or_default();
+                for f in files {
+                    if tokio::fs::remove_file(&f).await.is_ok() {
+                        swept.output_files += 1;
+                    }
+                }
+                swept.output_bytes += o.size.max(0) as u64;
+                done.push((o.job_id, o.name));
+            }
+            store.outputs_pruned(done).await?;
+        }
+    }
+    if let Some(d) = rules.inputs_days {
+        loop {
+            let stale = store.stale_inputs(days(d), BATCH).await?;
+            if stale.is_empty() {
+                break;
+            }
+            for i in stale {
+                if inputs.delete(&i.id).await? == crate::store::InputDeletion::Deleted {
+                    swept.input_files += 1;
+                    swept.input_bytes += i.size.max(0) as u64;
+                }
+            }
+        }
+    }
+    if let Some(d) = rules.progress_days {
+        loop {
+            let n = store.prune_progress(days(d), BATCH).await?;
+            swept.progress_events += n;
+            if n < BATCH as u64 {
+                break;
+            }
+        }
+    }
+    Ok(swept)
+}
+
+/// Bytes under a folder (files only, links not followed).
+fn folder_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Free bytes on the disk that holds `dir`.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `s` a valid statvfs to fill.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut s) };
+    (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// Measures the data folder.
+pub async fn measure(
+    store: &Store,
+    data_dir: &Path,
+    outputs_dir: &Path,
+    inputs_dir: &Path,
+) -> DiskUsage {
+    let (data, outputs, inputs) = (
+        data_dir.to_path_buf(),
+        outputs_dir.to_path_buf(),
+        inputs_dir.to_path_buf(),
+    );
+    let (outputs_bytes, inputs_bytes, free) = tokio::task::spawn_blocking(move || {
+        (
+            folder_bytes(&outputs),
+            folder_bytes(&inputs),
+            free_bytes(&data),
+        )
+    })
+    .await
+    .unwrap_or_default();
+    DiskUsage {
+        database_bytes: store.database_bytes().await.unwrap_or(0),
+        outputs_bytes,
+        inputs_bytes,
+        free_bytes: free,
+        measured_at: Some(Utc::now()),
+    }
+}
+
+/// How often the free space is read (it changes faster than the folders).
+const FREE_SPACE_EVERY: Duration = Duration::from_secs(10);
+
+/// Sweeps and measures every `sweep_interval_s`, and reads the free space
+/// every few seconds, until `stop`.
+pub async fn run(
+    store: Store,
+    inputs: Inputs,
+    config: Arc<crate::config::Config>,
+    usage: Usage,
+    stop: CancellationToken,
+) {
+    let rules = &config.retention;
+    let every = Duration::from_secs(rules.sweep_interval_s);
+    let mut next_sweep = tokio::time::Instant::now();
+    loop {
+        if tokio::time::Instant::now() < next_sweep {
+            let dir = config.data_dir.clone();
+            let free = tokio::task::spawn_blocking(move || free_bytes(&dir))
+                .await
+                .ok()
+                .flatten();
+            usage.lock().expect("usage").free_bytes = free;
+            tokio::select! {
+                _ = tokio::time::sleep(FREE_SPACE_EVERY.min(every)) => {}
+                _ = stop.cancelled() => return,
+            }
+            continue;
+        }
+        next_sweep = tokio::time::Instant::now() + every;
+        match sweep_once(&store, &inputs, &config.outputs_dir(), rules, Utc::now()).await {
+            Ok(s) if s != Swept::default() => {
+                tracing::info!(
+                    output_files = s.output_files,
+                    output_bytes = s.output_bytes,
+                    input_files = s.input_files,
+                    input_bytes = s.input_bytes,
+                    progress_events = s.progress_events,
+                    "retention freed space"
+                );
+                crate::metrics::retained(&s);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention sweep failed; will try again"),
+        }
+        let measured = measure(
+            &store,
+            &config.data_dir,
+            &config.outputs_dir(),
+            &config.inputs_dir(),
+        )
+        .await;
+        if measured
+            .free_bytes
+            .is_some_and(|f| f < rules.low_space_bytes)
+        {
+            tracing::warn!(
+                free_bytes = measured.free_bytes,
+                "the data folder's disk is running low"
+            );
+        }
+        *usage.lock().expect("usage") = measured;
+        if stop.is_cancelled() {
+            return;
+        }
+    }
+}
