@@ -51,10 +51,35 @@ pub struct Config {
     pub monitor: MonitorConfig,
     /// What the data folder keeps, and for how long.
     pub retention: RetentionConfig,
+    /// Reading and using what each backend can run.
+    pub inventory: InventoryConfig,
     /// Bounded time for a graceful stop, in seconds.
     pub shutdown_timeout_s: u64,
     /// The ComfyUI servers of the farm.
     pub backends: Vec<BackendConfig>,
+}
+
+/// Backends' inventories (`/object_info`, model folders).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InventoryConfig {
+    /// Read each backend's inventory again this often, seconds (it is also
+    /// read when the backend first answers, when its version changes, when
+    /// it comes back online, and on `POST /api/backends/{id}/refresh`).
+    pub refresh_interval_s: u64,
+    /// Node classes (`MyLoader`) or inputs (`MyLoader.file`) that validate
+    /// their values themselves, as ComfyUI's `VALIDATE_INPUTS` does: their
+    /// option lists are not checked, so a custom node is never refused wrongly.
+    pub exempt: Vec<String>,
+}
+
+impl Default for InventoryConfig {
+    fn default() -> Self {
+        InventoryConfig {
+            refresh_interval_s: 600,
+            exempt: Vec::new(),
+        }
+    }
 }
 
 /// What the data folder keeps: each rule is off (`null`) or a number of days.
@@ -221,6 +246,12 @@ pub struct DispatchConfig {
     /// ComfyUI confirms it is the registered one) and after an accepted
     /// submit (until a `status` broadcast follows). Past it, reconnect.
     pub deaf_after_ms: u64,
+    /// A free backend prefers, among jobs of the same priority, one that
+    /// uses the checkpoint it ran last (loading one costs 5 to 30 s).
+    pub model_affinity: bool,
+    /// ... but never holds back the best job longer than this since it was
+    /// submitted, seconds: nothing starves.
+    pub affinity_max_wait_s: u64,
 }
 
 /// Backend health polling.
@@ -286,6 +317,7 @@ impl Default for Config {
             dispatch: DispatchConfig::default(),
             monitor: MonitorConfig::default(),
             retention: RetentionConfig::default(),
+            inventory: InventoryConfig::default(),
             shutdown_timeout_s: 10,
             backends: Vec::new(),
         }
@@ -327,6 +359,8 @@ impl Default for DispatchConfig {
             job_timeout_s: 7_200,
             heartbeat_ms: 5_000,
             deaf_after_ms: 3_000,
+            model_affinity: true,
+            affinity_max_wait_s: 300,
         }
     }
 }
@@ -468,6 +502,9 @@ impl Config {
                 "dispatch.heartbeat_ms",
                 "heartbeat_ms and deaf_after_ms must be at least 10",
             );
+        }
+        if self.inventory.refresh_interval_s == 0 {
+            return invalid("inventory.refresh_interval_s", "must be above 0");
         }
         if self.retention.sweep_interval_s == 0 {
             return invalid("retention.sweep_interval_s", "must be above 0");

@@ -19,6 +19,8 @@
 //! - [`simulator`]: a simulated ComfyUI for tests, benchmarks and the demo.
 //! - [`inbox`]: submit by dropping manifest files into a folder.
 //! - [`inputs`]: the pictures jobs start from, stored once by their SHA-256.
+//! - [`inventory`]: what each backend can run (node classes, model files),
+//!   for checks at submit, routing, and keeping models loaded.
 //! - [`dispatch`]: one worker per backend: lease, submit, follow, collect, reconcile.
 //! - [`monitor`]: backend health polling.
 //! - [`webhooks`]: callbacks when jobs end, from a durable outbox.
@@ -43,6 +45,7 @@ pub mod dispatch;
 pub mod events;
 pub mod inbox;
 pub mod inputs;
+pub mod inventory;
 pub mod manifest;
 pub mod metrics;
 pub mod monitor;

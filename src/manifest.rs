@@ -73,6 +73,27 @@ pub struct Parsed {
     pub warnings: Vec<String>,
     /// The input files the graph names, each with the field that named it.
     pub inputs: Vec<(String, String)>,
+    /// For a template: which parameter each `(node, input)` of the graph
+    /// came from (`parameters.NAME`), so later checks name it.
+    pub param_fields: std::collections::HashMap<(String, String), String>,
+}
+
+impl Parsed {
+    /// The field a client set for `node.inputs.input`: the template
+    /// parameter it came from, else the inline graph's input; `None` for a
+    /// template's own constant.
+    pub fn field_of(&self, node: &str, input: &str) -> Option<String> {
+        if let Some(f) = self
+            .param_fields
+            .get(&(node.to_string(), input.to_string()))
+        {
+            return Some(f.clone());
+        }
+        self.job
+            .workflow_id
+            .is_none()
+            .then(|| format!("workflow.{node}.inputs.{input}"))
+    }
 }
 
 fn err(field: &str, message: impl Into<String>) -> BindError {
@@ -148,6 +169,7 @@ pub fn parse(
         Some(v) => Some(v.clone()),
     };
     let mut template_timeout = None;
+    let mut param_fields = std::collections::HashMap::new();
     let inputs;
     let (workflow_id, graph, bound) = match (workflow_id, inline) {
         (Some(_), Some(_)) => {
@@ -182,6 +204,14 @@ pub fn parse(
                     .map(|p| format!("parameters.{}", p.name))
             })?;
             template_timeout = template.timeout_s;
+            for p in &template.parameters {
+                for t in &p.targets {
+                    param_fields.insert(
+                        (t.node.clone(), t.input.clone()),
+                        format!("parameters.{}", p.name),
+                    );
+                }
+            }
             inputs = input_refs(&graph, |node, input| {
                 template
                     .param_for(node, input)
@@ -233,8 +263,11 @@ pub fn parse(
         h.update(body.to_string().as_bytes());
         format!("{:x}", h.finalize())
     };
+    let affinity = crate::inventory::main_model(&graph)
+        .or_else(|| workflow_id.as_ref().map(|w| format!("workflow:{w}")));
     Ok(Parsed {
         job: NewJob {
+            affinity,
             id: uuid::Uuid::new_v4().to_string(),
             workflow_id,
             priority,
@@ -257,6 +290,7 @@ pub fn parse(
         },
         warnings,
         inputs,
+        param_fields,
     })
 }
 

@@ -11,24 +11,56 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::comfy::{version_problem, ComfyClient, ComfyError};
+use crate::inventory::Inventory;
 use crate::store::{BackendStats, Store};
 
-/// Polls one backend until `stop`. `on_change` is called when the backend
-/// becomes usable or stops being so, so that dispatch reacts at once.
+/// What a monitor calls back with.
+pub struct Hooks {
+    /// The backend became usable, or stopped being so: dispatch reacts at once.
+    pub on_change: Box<dyn Fn() + Send>,
+    /// A new inventory was read and stored.
+    pub on_inventory: Box<dyn Fn(Inventory) + Send>,
+}
+
+/// Polls one backend until `stop`, and reads its inventory when it first
+/// answers, when its version changes, when it comes back, and every
+/// `inventory_every`.
 pub async fn run(
     store: Store,
     backend_id: String,
     client: ComfyClient,
     interval: Duration,
+    inventory_every: Duration,
     stop: CancellationToken,
-    on_change: impl Fn() + Send + 'static,
+    hooks: Hooks,
 ) {
     let mut was_usable: Option<bool> = None;
+    let mut version: Option<String> = None;
+    let mut inventory_at: Option<tokio::time::Instant> = None;
     loop {
-        let usable = poll_once(&store, &backend_id, &client).await;
+        let (usable, now_version) = poll_once(&store, &backend_id, &client).await;
         if was_usable != Some(usable) {
-            on_change();
+            (hooks.on_change)();
+            if usable {
+                // Back (or new): what it can run may have changed.
+                inventory_at = None;
+            }
             was_usable = Some(usable);
+        }
+        if usable
+            && (now_version != version
+                || inventory_at.is_none_or(|t| t.elapsed() >= inventory_every))
+        {
+            version = now_version;
+            match crate::inventory::refresh(&store, &client, &backend_id, version.clone()).await {
+                Ok(inv) => {
+                    inventory_at = Some(tokio::time::Instant::now());
+                    (hooks.on_inventory)(inv);
+                }
+                Err(e) => {
+                    tracing::warn!(backend_id, error = %e, "cannot read the backend's inventory; will try again")
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -37,8 +69,13 @@ pub async fn run(
     }
 }
 
-/// One poll: records what the backend said. Returns whether it is usable.
-pub async fn poll_once(store: &Store, backend_id: &str, client: &ComfyClient) -> bool {
+/// One poll: records what the backend said. Returns whether it is usable,
+/// and the version it reported.
+pub async fn poll_once(
+    store: &Store,
+    backend_id: &str,
+    client: &ComfyClient,
+) -> (bool, Option<String>) {
     let result: Result<BackendStats, ComfyError> = async {
         let stats = client.system_stats().await?;
         let queue_remaining = client.queue_remaining().await?;
@@ -50,6 +87,7 @@ pub async fn poll_once(store: &Store, backend_id: &str, client: &ComfyClient) ->
         })
     }
     .await;
+    let version = result.as_ref().ok().and_then(|s| s.comfyui_version.clone());
     let (usable, recorded) = match result {
         Ok(stats) => match version_problem(stats.comfyui_version.as_deref()) {
             Some(why) => {
@@ -77,5 +115,5 @@ pub async fn poll_once(store: &Store, backend_id: &str, client: &ComfyClient) ->
     if let Err(e) = recorded {
         tracing::warn!(backend_id, error = %e, "cannot record backend state");
     }
-    usable
+    (usable, version)
 }

@@ -118,6 +118,78 @@ impl From<StoreError> for SubmitError {
     }
 }
 
+/// A `422` from a backend's refusal: the field a client set (the template
+/// parameter, or the inline graph's input), and what is wrong in words.
+fn refusal_error(
+    parsed: &manifest::Parsed,
+    r: &crate::comfy::graph::Refusal,
+    checked: &str,
+) -> SubmitError {
+    let graph = &parsed.job.graph;
+    let first = r
+        .node_errors
+        .iter()
+        .min_by_key(|(id, _)| (id.parse::<u64>().unwrap_or(u64::MAX), (*id).clone()));
+    let (field, what) = match first {
+        Some((node, entry)) => {
+            let class = entry["class_type"].as_str().unwrap_or("?");
+            let e = &entry["errors"][0];
+            let input = e["extra_info"]["input_name"].as_str().unwrap_or("");
+            let what = match e["type"].as_str() {
+                Some("value_not_in_list") => format!(
+                    "no enabled backend has `{}` for {input}",
+                    e["extra_info"]["received_value"].as_str().unwrap_or("?")
+                ),
+                _ => format!(
+                    "{} ({})",
+                    e["message"].as_str().unwrap_or("invalid"),
+                    e["details"].as_str().unwrap_or("")
+                ),
+            };
+            (
+                parsed.field_of(node, input),
+                format!("node {node} ({class}): {what}"),
+            )
+        }
+        None => {
+            // A refusal of the whole graph: an unknown node class (or no output).
+            let details = r.error["details"].as_str().unwrap_or("");
+            let node = details
+                .trim_start_matches("Node ID '#")
+                .trim_end_matches('\'');
+            let class = graph[node]["class_type"].as_str();
+            match class {
+                Some(class) if !node.is_empty() => (
+                    parsed
+                        .job
+                        .workflow_id
+                        .is_none()
+                        .then(|| format!("workflow.{node}.class_type")),
+                    format!("node {node}: no enabled backend has the node class `{class}`"),
+                ),
+                _ => (
+                    None,
+                    r.error["message"]
+                        .as_str()
+                        .unwrap_or("the graph is invalid")
+                        .to_string(),
+                ),
+            }
+        }
+    };
+    let message = format!("{what} (checked: {checked})");
+    match field {
+        Some(f) => SubmitError::invalid(&f, message),
+        None => {
+            let id = parsed.job.workflow_id.as_deref().unwrap_or("");
+            SubmitError::invalid(
+                "workflow_id",
+                format!("workflow `{id}` cannot run on this farm: {message}"),
+            )
+        }
+    }
+}
+
 /// A stored job (or the earlier one with the same idempotency key).
 #[derive(Debug, Clone)]
 pub struct Submitted {
@@ -161,6 +233,7 @@ impl Submitter {
         )?;
         self.check_requires(&parsed.job.requires).await?;
         self.check_inputs(&parsed.inputs).await?;
+        self.check_runs_somewhere(&parsed).await?;
         let workflow_id = parsed.job.workflow_id.clone();
         let (created, summary) = match self.store.submit(parsed.job).await? {
             SubmitOutcome::Created(s) => {
@@ -178,6 +251,43 @@ impl Submitter {
             submitted_at: summary.submitted_at,
             warnings: parsed.warnings,
         })
+    }
+
+    /// The graph must be one some enabled backend could run, as ComfyUI's
+    /// own validation would judge it on that backend's inventory. While an
+    /// enabled backend's inventory is not known (the farm was down since
+    /// start), the job is accepted: it is checked when it is leased, and a
+    /// farm outage never refuses work.
+    async fn check_runs_somewhere(&self, parsed: &manifest::Parsed) -> Result<(), SubmitError> {
+        let tagged = self.store.backends_with_tags(&parsed.job.requires).await?;
+        let enabled: Vec<String> = self
+            .store
+            .backends()
+            .await?
+            .into_iter()
+            .filter(|b| b.enabled() && tagged.contains(&b.id))
+            .map(|b| b.id)
+            .collect();
+        let known = self.farm.inventories(&enabled);
+        if known.is_empty() || known.len() < enabled.len() {
+            return Ok(());
+        }
+        let rules = self.farm.rules();
+        let mut first = None;
+        for (_, inventory) in &known {
+            match inventory.check(&parsed.job.graph, &rules) {
+                Ok(()) => return Ok(()),
+                Err(r) => {
+                    first.get_or_insert(r);
+                }
+            }
+        }
+        let checked: Vec<&str> = known.iter().map(|(id, _)| id.as_str()).collect();
+        Err(refusal_error(
+            parsed,
+            &first.expect("checked at least one"),
+            &checked.join(", "),
+        ))
     }
 
     /// Every input file the graph names must be stored: the job could

@@ -115,9 +115,18 @@ async fn a_cached_run_still_reports_its_outputs() {
 
 #[tokio::test]
 async fn a_rejected_workflow_fails_with_comfyuis_node_errors_and_is_not_retried_there() {
-    let sim = start_sim(0).await;
+    let sim = start_sim_with(orchestrator::simulator::SimConfig {
+        job_ms: 0,
+        checkpoints: vec!["missing.safetensors".into()],
+        ..Default::default()
+    })
+    .await;
     let app = spawn_farm(vec![backend("node1", sim.port, &[], 2)]).await;
     app.wait_backend("node1", "online").await;
+    app.wait_inventory("node1").await;
+    // The model is deleted from the box after its inventory was read: the
+    // submit check passes, and ComfyUI refuses the graph.
+    sim.set_checkpoints(&[]);
     let id = submit(&app, json!({"workflow_id": "txt2img_sdxl", "parameters": {"prompt": "a cat", "checkpoint": "missing.safetensors"}})).await;
     let job = app.wait_status(&id, "failed").await;
     let message = job["error"]["message"].as_str().unwrap();

@@ -67,12 +67,34 @@ async fn a_job_that_kills_its_backend_fails_after_max_lost_runs_instead_of_killi
 
 #[tokio::test]
 async fn a_half_valid_graph_is_a_rejection_and_its_valid_part_is_removed_from_the_backend() {
-    let rec: Value =
-        serde_json::from_str(include_str!("fixtures/comfyui/partial_validation.json")).unwrap();
-    let graph = rec["exchange"][1]["request"]["json"]["prompt"].clone();
     let sim = start_sim(1_000).await;
     let app = spawn_farm(vec![backend("a", sim.port, &[], 1)]).await;
-    app.wait_backend("a", "online").await;
+    app.wait_inventory("a").await;
+    // The recorded half-valid graph: once the backend's node list is known,
+    // its out-of-range value is refused at submit and never reaches a GPU.
+    let rec: Value =
+        serde_json::from_str(include_str!("fixtures/comfyui/partial_validation.json")).unwrap();
+    let recorded = rec["exchange"][1]["request"]["json"]["prompt"].clone();
+    let (status, body) = app
+        .post_json("/api/job", &json!({"workflow": recorded}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"]["field"], "workflow.3.inputs.blur_radius",
+        "{body}"
+    );
+    // What only the backend can check (is the picture in its input folder?)
+    // still gets through: ComfyUI starts the valid branch and names the
+    // broken one.
+    let graph = json!({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 255}},
+        "2": {"class_type": "SaveImage",
+              "inputs": {"images": ["1", 0], "filename_prefix": "partial_ok"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "missing.png"}},
+        "4": {"class_type": "SaveImage",
+              "inputs": {"images": ["3", 0], "filename_prefix": "partial_bad"}}
+    });
     let id = submit(&app, json!({"workflow": graph})).await;
     let job = app.wait_status(&id, "failed").await;
     let error = &job["error"];
@@ -82,7 +104,7 @@ async fn a_half_valid_graph_is_a_rejection_and_its_valid_part_is_removed_from_th
         "{message}"
     );
     assert!(
-        message.contains("node 3 (ImageBlur): Value 99 bigger than max of 31"),
+        message.contains("node 3 (LoadImage)") && message.contains("missing.png"),
         "{message}"
     );
     assert_eq!(error["node_errors"]["3"]["dependent_outputs"], json!(["4"]));

@@ -337,7 +337,7 @@ async fn a_backend_that_vanishes_loses_its_jobs_after_the_grace_period_and_runs_
     let t0 = Instant::now();
     for id in [&running, &pending] {
         let job = app.wait_status(id, "completed").await;
-        assert_eq!(job["backend_id"], "b");
+        assert_eq!(job["backend_id"], "b", "{job:#}");
         assert_eq!(
             job["attempts"], 1,
             "a lost backend does not burn an attempt"

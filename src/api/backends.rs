@@ -14,6 +14,7 @@ pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/api/backends", get(list_backends))
         .route("/api/backends/{id}", get(get_backend))
+        .route("/api/backends/{id}/refresh", post(refresh_backend))
         .route("/api/backends/{id}/enable", post(enable_backend))
         .route("/api/backends/{id}/disable", post(disable_backend))
         .route("/api/backends/{id}/drain", post(drain_backend))
@@ -54,31 +55,96 @@ pub(super) async fn list_backends(
     Ok(Json(BackendList { backends, message }))
 }
 
-/// One backend.
+/// What a backend can run, as last read.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InventoryView {
+    /// Node classes it has (`/object_info`).
+    pub node_count: i64,
+    /// Model files per folder (`/models/{folder}`).
+    pub models: std::collections::BTreeMap<String, Vec<String>>,
+    /// When it was read.
+    pub read_at: chrono::DateTime<chrono::Utc>,
+    /// The ComfyUI version it was read from.
+    pub comfyui_version: Option<String>,
+}
+
+/// One backend, with what it can run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BackendDetail {
+    /// The backend.
+    #[serde(flatten)]
+    pub backend: Backend,
+    /// Its inventory, once read (`null` until it first answers).
+    pub inventory: Option<InventoryView>,
+}
+
+/// One backend, with its inventory.
 #[utoipa::path(
     get,
     path = "/api/backends/{id}",
     tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
-    responses((status = 200, body = Backend), (status = 404, body = super::ErrorBody))
+    responses((status = 200, body = BackendDetail), (status = 404, body = super::ErrorBody))
 )]
 pub(super) async fn get_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Backend>, ApiError> {
-    state
+) -> Result<Json<BackendDetail>, ApiError> {
+    let backend = state
         .store
         .backend(&id)
         .await?
-        .map(|b| Json(b.into()))
-        .ok_or_else(|| ApiError::not_found(format!("backend `{id}`")))
+        .ok_or_else(|| ApiError::not_found(format!("backend `{id}`")))?;
+    let inventory = state
+        .store
+        .inventory_summary(&id)
+        .await?
+        .map(|i| InventoryView {
+            node_count: i.node_count,
+            models: i.models,
+            read_at: i.read_at,
+            comfyui_version: i.comfyui_version,
+        });
+    Ok(Json(BackendDetail {
+        backend: backend.into(),
+        inventory,
+    }))
+}
+
+/// Read the backend's inventory now; answers once it is stored.
+#[utoipa::path(
+    post,
+    path = "/api/backends/{id}/refresh",
+    tag = "backends",
+    params(("id" = String, Path, description = "Backend id")),
+    responses(
+        (status = 200, body = BackendDetail),
+        (status = 404, body = super::ErrorBody),
+        (status = 502, description = "The backend did not answer", body = super::ErrorBody),
+    )
+)]
+pub(super) async fn refresh_backend(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BackendDetail>, ApiError> {
+    if state.store.backend(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!("backend `{id}`")));
+    }
+    state.farm.refresh_inventory(&id).await.map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "backend_unavailable",
+            format!("cannot read backend {id}'s inventory: {e}"),
+        )
+    })?;
+    get_backend(State(state), Path(id)).await
 }
 
 async fn set_admin(
     state: AppState,
     id: String,
     admin: AdminState,
-) -> Result<Json<Backend>, ApiError> {
+) -> Result<Json<BackendDetail>, ApiError> {
     state.store.set_backend_admin_state(&id, admin).await?;
     tracing::info!(backend_id = %id, admin_state = admin.as_str(), "backend admin state changed");
     state.farm.wake();
@@ -88,32 +154,32 @@ async fn set_admin(
 /// Let the backend take jobs again (kept across restarts).
 #[utoipa::path(post, path = "/api/backends/{id}/enable", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
-    responses((status = 200, body = Backend), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = BackendDetail), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn enable_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Backend>, ApiError> {
+) -> Result<Json<BackendDetail>, ApiError> {
     set_admin(state, id, AdminState::Enabled).await
 }
 
 /// Take no new jobs; what it has keeps running (kept across restarts).
 #[utoipa::path(post, path = "/api/backends/{id}/disable", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
-    responses((status = 200, body = Backend), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = BackendDetail), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn disable_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Backend>, ApiError> {
+) -> Result<Json<BackendDetail>, ApiError> {
     set_admin(state, id, AdminState::Disabled).await
 }
 
 /// Finish what it has, take nothing new (kept across restarts).
 #[utoipa::path(post, path = "/api/backends/{id}/drain", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
-    responses((status = 200, body = Backend), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = BackendDetail), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn drain_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Backend>, ApiError> {
+) -> Result<Json<BackendDetail>, ApiError> {
     set_admin(state, id, AdminState::Draining).await
 }

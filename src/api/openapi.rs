@@ -37,6 +37,7 @@ use super::{backends, events, inputs, jobs, system, AppState};
         system::reload_workflows,
         backends::list_backends,
         backends::get_backend,
+        backends::refresh_backend,
         backends::enable_backend,
         backends::disable_backend,
         backends::drain_backend,

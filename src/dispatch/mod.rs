@@ -44,6 +44,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::comfy::{ComfyClient, ComfyError, Limits};
 use crate::config::Config;
+use crate::inventory::{Inventory, Rules};
 use crate::store::{CancelOutcome, Store, StoreError};
 
 pub use outputs::safe_name;
@@ -87,6 +88,12 @@ struct Shared {
     previews: tokio::sync::broadcast::Sender<Preview>,
     /// Times at which a retry falls due (the workers are woken then).
     due: DueTimes,
+    /// What each backend can run, as last read.
+    inventories: std::sync::RwLock<HashMap<String, Arc<Inventory>>>,
+    /// How inventories check graphs.
+    rules: Arc<Rules>,
+    /// Each backend's client (for reading its inventory on demand).
+    clients: HashMap<String, ComfyClient>,
 }
 
 /// Times at which the workers must be woken: a retry's back-off ends.
@@ -122,6 +129,32 @@ impl DueTimes {
 }
 
 impl Shared {
+    /// A backend's new inventory: jobs it could not run may fit now.
+    fn set_inventory(&self, backend_id: &str, inventory: Inventory) {
+        self.inventories
+            .write()
+            .expect("inventories")
+            .insert(backend_id.to_string(), Arc::new(inventory));
+        self.wake();
+    }
+
+    /// The check leasing runs on candidates for this backend, when its
+    /// inventory is known.
+    fn fit_for(&self, backend_id: &str) -> Option<crate::store::Fit> {
+        let inventory = self
+            .inventories
+            .read()
+            .expect("inventories")
+            .get(backend_id)
+            .cloned()?;
+        let rules = self.rules.clone();
+        Some(Arc::new(move |graph: &Value| {
+            inventory
+                .check(graph, &rules)
+                .map_err(|r| crate::inventory::lacks(&r))
+        }))
+    }
+
     /// Wakes every worker: a job was queued, or a backend may take one.
     fn wake(&self) {
         self.wake.send_modify(|n| *n += 1);
@@ -176,12 +209,25 @@ impl Farm {
                 "jobs held by backends no longer configured were queued again"
             );
         }
+        let timeout = Duration::from_millis(config.dispatch.request_timeout_ms);
+        let limits = Limits {
+            max_reply_bytes: config.limits.max_backend_reply_bytes,
+            max_output_bytes: config.limits.max_output_bytes,
+        };
         let mut commands = HashMap::new();
+        let mut clients = HashMap::new();
         let mut receivers = Vec::new();
         for b in &config.backends {
             let (tx, rx) = mpsc::channel(64);
             commands.insert(b.id.clone(), tx);
-            receivers.push((b.clone(), rx));
+            let backend = store
+                .backend(&b.id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("backend `{}`", b.id)))?;
+            let client =
+                ComfyClient::with_limits(&b.host, b.port, &backend.client_id, timeout, limits);
+            clients.insert(b.id.clone(), client.clone());
+            receivers.push((b.clone(), rx, client));
         }
         let shared = Arc::new(Shared {
             store: store.clone(),
@@ -194,28 +240,31 @@ impl Farm {
             progress: Mutex::new(HashMap::new()),
             previews: tokio::sync::broadcast::channel(64).0,
             due: DueTimes::default(),
+            inventories: std::sync::RwLock::new(
+                store
+                    .inventories()
+                    .await?
+                    .into_iter()
+                    .map(|(id, inv)| (id, Arc::new(inv)))
+                    .collect(),
+            ),
+            rules: Arc::new(Rules::new(&config.inventory.exempt)),
+            clients,
         });
         tasks.spawn(wake_when_due(shared.clone()));
-        let timeout = Duration::from_millis(config.dispatch.request_timeout_ms);
-        let limits = Limits {
-            max_reply_bytes: config.limits.max_backend_reply_bytes,
-            max_output_bytes: config.limits.max_output_bytes,
-        };
-        for (b, rx) in receivers {
-            let backend = store
-                .backend(&b.id)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(format!("backend `{}`", b.id)))?;
-            let client =
-                ComfyClient::with_limits(&b.host, b.port, &backend.client_id, timeout, limits);
-            let monitor_shared = shared.clone();
+        for (b, rx, client) in receivers {
+            let (woken, informed, id) = (shared.clone(), shared.clone(), b.id.clone());
             tasks.spawn(crate::monitor::run(
                 store.clone(),
                 b.id.clone(),
                 client.clone(),
                 Duration::from_millis(config.monitor.poll_interval_ms),
+                Duration::from_secs(config.inventory.refresh_interval_s),
                 stop.clone(),
-                move || monitor_shared.wake(),
+                crate::monitor::Hooks {
+                    on_change: Box::new(move || woken.wake()),
+                    on_inventory: Box::new(move |inv| informed.set_inventory(&id, inv)),
+                },
             ));
             let worker = worker::Worker::new(shared.clone(), b.id.clone(), client, &b);
             tasks.spawn(worker.run(rx));
@@ -240,6 +289,38 @@ impl Farm {
             }
         }
         Ok(outcome)
+    }
+
+    /// The inventories of these backends, where known.
+    pub fn inventories(&self, backend_ids: &[String]) -> Vec<(String, Arc<Inventory>)> {
+        let map = self.shared.inventories.read().expect("inventories");
+        backend_ids
+            .iter()
+            .filter_map(|id| map.get(id).map(|inv| (id.clone(), inv.clone())))
+            .collect()
+    }
+
+    /// How inventories check graphs.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.shared.rules.clone()
+    }
+
+    /// Reads a backend's inventory now and stores it.
+    pub async fn refresh_inventory(&self, backend_id: &str) -> Result<(), String> {
+        let client = self
+            .shared
+            .clients
+            .get(backend_id)
+            .ok_or_else(|| format!("backend `{backend_id}` is not configured"))?;
+        let version = client
+            .system_stats()
+            .await
+            .map_err(|e| e.to_string())?
+            .comfyui_version;
+        let inventory =
+            crate::inventory::refresh(&self.shared.store, client, backend_id, version).await?;
+        self.shared.set_inventory(backend_id, inventory);
+        Ok(())
     }
 
     /// Live progress of a running job (kept in memory, never a disk write per step).

@@ -285,8 +285,15 @@ impl Worker {
         if self.stuck {
             return;
         }
+        let prefer = crate::store::Preference {
+            affinity: self.shared.config.dispatch.model_affinity,
+            max_wait: chrono::Duration::seconds(
+                self.shared.config.dispatch.affinity_max_wait_s as i64,
+            ),
+        };
         while self.tracked.len() < self.max_inflight {
-            let lease = match self.shared.store.lease_next(&self.id).await {
+            let fit = self.shared.fit_for(&self.id);
+            let lease = match self.shared.store.lease_fit(&self.id, fit, prefer).await {
                 Ok(Some(l)) => l,
                 Ok(None) => return,
                 Err(e) => {

@@ -14,6 +14,9 @@ use super::nodes::{class_of, save_images, title_of};
 use super::{now_ms, png, Prompt, Running, Sim, S};
 use crate::comfy::graph::needed_by;
 
+/// Inputs that load a checkpoint (what `load_ms` is about).
+const MAIN_MODEL_INPUTS: &[&str] = &["ckpt_name", "unet_name"];
+
 /// Node ids in an order where every node comes after its inputs, limited
 /// to `wanted`.
 fn execution_order(
@@ -260,6 +263,25 @@ async fn run_nodes(
                 return End::Vanished;
             }
             _ => {}
+        }
+        if sim.config.load_ms > 0
+            && MAIN_MODEL_INPUTS
+                .iter()
+                .any(|i| graph.get(id).is_some_and(|n| n["inputs"][i].is_string()))
+        {
+            let model = crate::inventory::main_model(&Value::Object(graph.clone()));
+            let switched = {
+                let mut inner = sim.lock();
+                let switched = inner.loaded != model;
+                if switched {
+                    inner.loaded = model;
+                    inner.switches += 1;
+                }
+                switched
+            };
+            if switched {
+                tokio::time::sleep(Duration::from_millis(sim.config.load_ms)).await;
+            }
         }
         if Some(id) == work.as_ref() {
             let steps = graph

@@ -71,6 +71,17 @@ fn control() -> Router<S> {
             }),
         )
         .route(
+            "/_sim/checkpoints",
+            post(|State(sim): State<S>, Json(b): Json<Value>| async move {
+                let list = b["checkpoints"].as_array().into_iter().flatten();
+                sim.set_checkpoints(
+                    list.filter_map(|c| c.as_str().map(str::to_string))
+                        .collect(),
+                );
+                StatusCode::OK
+            }),
+        )
+        .route(
             "/_sim/ignore_interrupts",
             post(|State(sim): State<S>, Json(b): Json<Value>| async move {
                 sim.lock().interrupts_to_ignore = b["count"].as_u64().unwrap_or(1) as u32;
@@ -405,11 +416,11 @@ async fn system_stats(State(sim): State<S>) -> Json<Value> {
 }
 
 async fn object_info(State(sim): State<S>) -> Json<Value> {
-    Json(Value::Object(sim.defs.clone()))
+    Json(Value::Object(sim.defs.read().expect("defs").clone()))
 }
 
 async fn object_info_of(State(sim): State<S>, Path(class): Path<String>) -> Json<Value> {
-    match sim.defs.get(&class) {
+    match sim.defs.read().expect("defs").get(&class) {
         Some(def) => Json(json!({ class: def })),
         None => Json(json!({})),
     }
@@ -445,7 +456,7 @@ async fn models() -> Json<Value> {
 
 async fn models_in(State(sim): State<S>, Path(folder): Path<String>) -> Response {
     match folder.as_str() {
-        "checkpoints" => Json(json!(sim.config.checkpoints)).into_response(),
+        "checkpoints" => Json(json!(sim.checkpoints())).into_response(),
         f if MODEL_FOLDERS.contains(&f) => Json(json!([])).into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),
     }

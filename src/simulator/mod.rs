@@ -31,6 +31,9 @@
 //! - `ignore_interrupts`: the first N interrupts aimed at a prompt are lost;
 //! - `view_stall_ms`: a download stalls mid-way; `max_body_bytes`: a larger
 //!   submit is a `413`, as `--max-upload-size` makes it;
+//! - `load_ms`: a prompt whose checkpoint differs from the last one's takes
+//!   this much longer (loading a model); `POST /_sim/checkpoints`
+//!   (`{"checkpoints": [...]}`) changes the models it has;
 //! - control routes, which always answer: `POST /_sim/hang` (`{"on": bool}`:
 //!   answer nothing, sockets included), `POST /_sim/drop_sockets` (every open
 //!   socket goes silent, as behind a NAT that dropped it), `POST /_sim/crash`,
@@ -90,6 +93,9 @@ pub struct SimConfig {
     /// The first N interrupts aimed at a running prompt are lost (ComfyUI
     /// loses one that lands before the prompt really starts).
     pub ignore_interrupts: u32,
+    /// Extra time a prompt takes when its checkpoint differs from the last
+    /// one's (loading a model into VRAM).
+    pub load_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -107,6 +113,7 @@ impl Default for SimConfig {
             max_body_bytes: 100 * 1024 * 1024,
             crash_down_ms: 300,
             ignore_interrupts: 0,
+            load_ms: 0,
         }
     }
 }
@@ -167,14 +174,21 @@ struct Inner {
     interrupts_to_ignore: u32,
     /// Refuses connections until then (it crashed and is restarting).
     down_until: Option<Instant>,
+    /// The checkpoint files it has.
+    checkpoints: Vec<String>,
+    /// The checkpoint loaded by the last prompt (`load_ms` to switch).
+    loaded: Option<String>,
+    /// How many times a prompt loaded another checkpoint.
+    switches: usize,
 }
 
 struct Sim {
     config: SimConfig,
     inner: Mutex<Inner>,
     work: Notify,
-    /// Node definitions, as `/object_info` serves them.
-    defs: serde_json::Map<String, Value>,
+    /// Node definitions, as `/object_info` serves them (its checkpoints
+    /// can change at run time).
+    defs: std::sync::RwLock<serde_json::Map<String, Value>>,
     /// Bumped by a crash: connections and runs of an older life end.
     life: watch::Sender<u64>,
     /// `true` while it answers nothing.
@@ -255,6 +269,7 @@ impl Sim {
             inner.sockets.clear();
             inner.last_graph = None;
             inner.last_outputs.clear();
+            inner.loaded = None;
             inner.down_until =
                 Some(Instant::now() + Duration::from_millis(self.config.crash_down_ms));
         }
@@ -340,6 +355,18 @@ impl SimHandle {
         self.sim.crash();
     }
 
+    /// Replaces the checkpoint files it has (as when a model is copied to
+    /// or deleted from the box).
+    pub fn set_checkpoints(&self, checkpoints: &[&str]) {
+        self.sim
+            .set_checkpoints(checkpoints.iter().map(|c| c.to_string()).collect());
+    }
+
+    /// How many times a prompt had to load another checkpoint.
+    pub fn loads(&self) -> usize {
+        self.sim.lock().switches
+    }
+
     /// Loses the next `count` interrupts aimed at a running prompt.
     pub fn ignore_interrupts(&self, count: u32) {
         self.sim.lock().interrupts_to_ignore = count;
@@ -406,29 +433,47 @@ impl Drop for SimHandle {
 
 /// The node definitions it serves: the recorded `/object_info` of a stock
 /// ComfyUI 0.3.64, with the checkpoints it "has".
-fn definitions(config: &SimConfig) -> serde_json::Map<String, Value> {
+fn definitions(checkpoints: &[String]) -> serde_json::Map<String, Value> {
     let mut defs: serde_json::Map<String, Value> = serde_json::from_str(include_str!(
         "../../tests/fixtures/comfyui/object_info.json"
     ))
     .expect("the recorded object_info is JSON");
+    with_checkpoints(&mut defs, checkpoints);
+    defs
+}
+
+fn with_checkpoints(defs: &mut serde_json::Map<String, Value>, checkpoints: &[String]) {
     for (class, input) in nodes::CHECKPOINT_INPUTS {
         if let Some(spec) = defs
             .get_mut(*class)
             .and_then(|d| d["input"]["required"].get_mut(*input))
         {
-            spec[0] = json!(config.checkpoints);
+            spec[0] = json!(checkpoints);
         }
     }
-    defs
+}
+
+impl Sim {
+    /// The checkpoint files it has now.
+    fn checkpoints(&self) -> Vec<String> {
+        self.lock().checkpoints.clone()
+    }
+
+    /// Replaces the checkpoint files it has (a model added or removed on the box).
+    fn set_checkpoints(&self, checkpoints: Vec<String>) {
+        with_checkpoints(&mut self.defs.write().expect("defs"), &checkpoints);
+        self.lock().checkpoints = checkpoints;
+    }
 }
 
 /// Starts a simulator on `listener` in the background.
 pub fn spawn(listener: TcpListener, config: SimConfig) -> SimHandle {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let sim: S = Arc::new(Sim {
-        defs: definitions(&config),
+        defs: std::sync::RwLock::new(definitions(&config.checkpoints)),
         inner: Mutex::new(Inner {
             rng: now_ms() | 1,
+            checkpoints: config.checkpoints.clone(),
             interrupts_to_ignore: config.ignore_interrupts,
             ..Default::default()
         }),

@@ -40,7 +40,7 @@ impl graph::NodeRules for SimRules<'_> {
 
 /// Checks a graph as ComfyUI does.
 pub(super) fn validate(sim: &Sim, graph: &Value) -> Result<Accepted, Refusal> {
-    graph::validate(graph, &sim.defs, &SimRules(sim))
+    graph::validate(graph, &sim.defs.read().expect("defs"), &SimRules(sim))
 }
 
 /// The bytes of a file in the input folder, named as a loader names it

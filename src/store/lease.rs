@@ -36,13 +36,19 @@ fn bar_reason(job: &str, backend: &str) -> String {
              AND l.backend_id = {backend}.id AND l.outcome = '{outcome}')"
         )
     };
+    let unfit = format!(
+        "(SELECT u.reason FROM job_unfit u WHERE u.job_id = {job}.id AND u.backend_id = {backend}.id \
+         AND u.inventory_hash = {backend}.inventory_hash)"
+    );
     format!(
         "CASE \
          WHEN EXISTS {missing} THEN 'lacks tags ' || (SELECT json_group_array(value) FROM {missing}) \
+         WHEN {unfit} IS NOT NULL THEN 'cannot run it: ' || {unfit} \
          WHEN {rejected} > 0 THEN 'rejected the workflow' \
          WHEN {failed} >= {MAX_FAILURES_PER_BACKEND} THEN 'failed it ' || {failed} || ' times' \
          END",
         missing = missing,
+        unfit = unfit,
         rejected = leases("rejected"),
         failed = leases("failed"),
     )
@@ -68,12 +74,122 @@ fn eligible() -> String {
     )
 }
 
+/// Whether a backend's inventory covers a job's graph: `Err` says what it
+/// lacks. Runs inside the lease's transaction, on candidates in order.
+pub type Fit = std::sync::Arc<dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync>;
+
+/// How a free backend chooses among jobs of the same priority.
+#[derive(Debug, Clone, Copy)]
+pub struct Preference {
+    /// Prefer a job that needs what the backend ran last (its checkpoint).
+    pub affinity: bool,
+    /// But never hold back the best job longer than this since it was submitted.
+    pub max_wait: chrono::Duration,
+}
+
+impl Default for Preference {
+    fn default() -> Self {
+        Preference {
+            affinity: true,
+            max_wait: chrono::Duration::minutes(5),
+        }
+    }
+}
+
+/// Candidates a lease looks at before it gives up for now (each unfit one
+/// is recorded, so the next lease skips it).
+const MAX_CANDIDATES: usize = 32;
+
+/// The job a backend should take now: the best eligible one, or one of the
+/// same priority that keeps its models loaded, unless the best has waited
+/// longer than the preference allows.
+async fn choose(
+    conn: &mut SqliteConnection,
+    backend_id: &str,
+    last_affinity: Option<&str>,
+    prefer: Preference,
+    now: &str,
+) -> Result<Option<i64>, StoreError> {
+    let best = sqlx::query(&format!(
+        "SELECT j.seq, j.affinity, j.priority, j.submitted_at FROM jobs j INDEXED BY jobs_queue, backends b \
+         WHERE b.id = ?2 AND {} ORDER BY j.priority DESC, j.seq LIMIT 1",
+        eligible()
+    ))
+    .bind(now)
+    .bind(backend_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(best) = best else { return Ok(None) };
+    let seq: i64 = best.try_get("seq")?;
+    let affinity: Option<String> = best.try_get("affinity")?;
+    let (Some(last), true) = (last_affinity, prefer.affinity) else {
+        return Ok(Some(seq));
+    };
+    let waited_long = best
+        .try_get::<String, _>("submitted_at")
+        .ok()
+        .as_deref()
+        .and_then(super::parse_time)
+        .is_some_and(|t| Utc::now() - t > prefer.max_wait);
+    if affinity.as_deref() == Some(last) || waited_long {
+        return Ok(Some(seq));
+    }
+    let same: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT j.seq FROM jobs j INDEXED BY jobs_queue_affinity, backends b \
+         WHERE b.id = ?2 AND j.affinity = ?3 AND j.priority = ?4 AND {} \
+         ORDER BY j.priority DESC, j.seq LIMIT 1",
+        eligible()
+    ))
+    .bind(now)
+    .bind(backend_id)
+    .bind(last)
+    .bind(best.try_get::<i64, _>("priority")?)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(Some(same.unwrap_or(seq)))
+}
+
+/// Records that a backend's inventory cannot run a job (it is skipped there
+/// until that inventory changes); fails the job when no backend is left.
+async fn unfit(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    backend_id: &str,
+    inventory_hash: &str,
+    why: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO job_unfit (job_id, backend_id, inventory_hash, reason) VALUES (?, ?, ?, ?)",
+    )
+    .bind(job_id)
+    .bind(backend_id)
+    .bind(inventory_hash)
+    .bind(why)
+    .execute(&mut *conn)
+    .await?;
+    let ev = EventInput {
+        kind: "unfit",
+        status: Some(JobStatus::Queued),
+        backend_id: Some(backend_id),
+        attempt: None,
+        message: Some(format!("backend {backend_id} cannot run it: {why}")),
+        data: None,
+    };
+    append_event(conn, job_id, ev).await?;
+    if let Some(reason) = unrunnable_reason(conn, job_id).await? {
+        super::transitions::fail_queued(conn, job_id, reason).await?;
+    }
+    Ok(())
+}
+
 async fn lease_in(
     conn: &mut SqliteConnection,
     backend_id: &str,
+    fit: Option<&Fit>,
+    prefer: Preference,
 ) -> Result<Option<Lease>, StoreError> {
     let Some(b) = sqlx::query(
-        "SELECT config_enabled, admin_state, state, max_inflight, last_workflow_id \
+        "SELECT config_enabled, admin_state, state, max_inflight, last_affinity, inventory_hash \
          FROM backends WHERE id = ? AND configured = 1",
     )
     .bind(backend_id)
@@ -100,60 +216,59 @@ async fn lease_in(
     if active >= max_inflight {
         return Ok(None);
     }
-    let last_workflow: Option<String> = b.try_get("last_workflow_id")?;
+    let last_affinity: Option<String> = b.try_get("last_affinity")?;
+    let inventory_hash: Option<String> = b.try_get("inventory_hash")?;
     let now = fmt_time(Utc::now());
-    let best = sqlx::query(&format!(
-        "SELECT j.seq, j.workflow_id, j.priority FROM jobs j INDEXED BY jobs_queue, backends b \
-         WHERE b.id = ?2 AND {} ORDER BY j.priority DESC, j.seq LIMIT 1",
-        eligible()
-    ))
-    .bind(&now)
-    .bind(backend_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(best) = best else { return Ok(None) };
-    let mut seq: i64 = best.try_get("seq")?;
-    let workflow: Option<String> = best.try_get("workflow_id")?;
-    let priority: i64 = best.try_get("priority")?;
-    // Among jobs of the same priority, prefer the workflow this backend ran
-    // last: its models are loaded already.
-    if last_workflow.is_some() && workflow != last_workflow {
-        let same: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT j.seq FROM jobs j INDEXED BY jobs_queue_workflow, backends b \
-             WHERE b.id = ?2 AND j.workflow_id = ?3 AND j.priority = ?4 AND {} \
-             ORDER BY j.priority DESC, j.seq LIMIT 1",
-            eligible()
-        ))
-        .bind(&now)
-        .bind(backend_id)
-        .bind(&last_workflow)
-        .bind(priority)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(s) = same {
-            seq = s;
+    for _ in 0..MAX_CANDIDATES {
+        let Some(seq) = choose(conn, backend_id, last_affinity.as_deref(), prefer, &now).await?
+        else {
+            return Ok(None);
+        };
+        if let (Some(fit), Some(hash)) = (fit, &inventory_hash) {
+            let (job_id, graph): (String, String) =
+                sqlx::query_as("SELECT id, graph FROM jobs WHERE seq = ?")
+                    .bind(seq)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            let graph: serde_json::Value = serde_json::from_str(&graph)?;
+            if let Err(why) = fit(&graph) {
+                unfit(conn, &job_id, backend_id, hash, &why).await?;
+                continue;
+            }
         }
+        return assign(conn, backend_id, seq, &now).await.map(Some);
     }
+    Ok(None)
+}
+
+/// Leases the queued job at `seq` to the backend: a fresh prompt id and
+/// fencing token, the attempt counted, the event written.
+async fn assign(
+    conn: &mut SqliteConnection,
+    backend_id: &str,
+    seq: i64,
+    now: &str,
+) -> Result<Lease, StoreError> {
     let token = next_token(conn).await?;
     let prompt_id = uuid::Uuid::new_v4().to_string();
     let row = sqlx::query(
         "UPDATE jobs SET status = 'assigned', backend_id = ?, prompt_id = ?, lease_token = ?, \
          attempts = attempts + 1, last_backend_id = ?, not_before = NULL, avoid_until = NULL, \
          progress = NULL, updated_at = ? WHERE seq = ? AND status = 'queued' \
-         RETURNING id, attempts, graph, workflow_id, timeout_s",
+         RETURNING id, attempts, graph, affinity, timeout_s",
     )
     .bind(backend_id)
     .bind(&prompt_id)
     .bind(token)
     .bind(backend_id)
-    .bind(&now)
+    .bind(now)
     .bind(seq)
     .fetch_one(&mut *conn)
     .await?;
     let job_id: String = row.try_get("id")?;
     let attempt: i64 = row.try_get("attempts")?;
     let graph: String = row.try_get("graph")?;
-    let workflow_id: Option<String> = row.try_get("workflow_id")?;
+    let affinity: Option<String> = row.try_get("affinity")?;
     let timeout_s: Option<i64> = row.try_get("timeout_s")?;
     sqlx::query(
         "INSERT INTO leases (prompt_id, job_id, attempt, backend_id, lease_token, leased_at) \
@@ -164,14 +279,16 @@ async fn lease_in(
     .bind(attempt)
     .bind(backend_id)
     .bind(token)
-    .bind(&now)
+    .bind(now)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE backends SET last_workflow_id = ? WHERE id = ?")
-        .bind(&workflow_id)
-        .bind(backend_id)
-        .execute(&mut *conn)
-        .await?;
+    if affinity.is_some() {
+        sqlx::query("UPDATE backends SET last_affinity = ? WHERE id = ?")
+            .bind(&affinity)
+            .bind(backend_id)
+            .execute(&mut *conn)
+            .await?;
+    }
     append_event(
         conn,
         &job_id,
@@ -187,14 +304,14 @@ async fn lease_in(
         },
     )
     .await?;
-    Ok(Some(Lease {
+    Ok(Lease {
         job_id,
         prompt_id,
         token,
         attempt,
         graph: serde_json::from_str(&graph)?,
         timeout_s,
-    }))
+    })
 }
 
 /// Why no configured backend can run a job, or `None` if one can (enabled
@@ -242,9 +359,24 @@ impl Store {
     /// may take jobs: priority, then age; not barred there (tags, a refusal,
     /// too many failures).
     pub async fn lease_next(&self, backend_id: &str) -> Result<Option<Lease>, StoreError> {
+        self.lease_fit(backend_id, None, Preference::default())
+            .await
+    }
+
+    /// Leases as [`Store::lease_next`] does, skipping (and recording) jobs
+    /// `fit` says the backend's inventory cannot run, and choosing among
+    /// equals as `prefer` says.
+    pub async fn lease_fit(
+        &self,
+        backend_id: &str,
+        fit: Option<Fit>,
+        prefer: Preference,
+    ) -> Result<Option<Lease>, StoreError> {
         let backend_id = backend_id.to_string();
         self.writer()
-            .write(move |conn| Box::pin(async move { lease_in(conn, &backend_id).await }))
+            .write(move |conn| {
+                Box::pin(async move { lease_in(conn, &backend_id, fit.as_ref(), prefer).await })
+            })
             .await
     }
 

@@ -25,6 +25,7 @@ mod cleanup;
 mod events;
 mod history;
 mod inputs;
+mod inventory;
 mod lease;
 mod migrate;
 pub mod model;
@@ -47,7 +48,9 @@ use sqlx::{ConnectOptions, SqlitePool};
 
 pub use cleanup::CleanupEntry;
 pub use inputs::{InputDeletion, InputRecord, InputUse};
+pub use inventory::InventorySummary;
 pub use lease::MAX_FAILURES_PER_BACKEND;
+pub use lease::{Fit, Preference};
 pub use model::*;
 pub use retention::StaleOutput;
 pub use transitions::{LostOutcome, LostRun};

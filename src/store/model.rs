@@ -202,6 +202,9 @@ pub struct NewJob {
     pub timeout_s: Option<i64>,
     /// The input files the graph names (`sha256:<hex>` ids).
     pub inputs: Vec<String>,
+    /// What it needs loaded (its checkpoint, or its workflow): a backend
+    /// that ran the same last prefers it.
+    pub affinity: Option<String>,
 }
 
 /// What a submission led to.

@@ -189,7 +189,7 @@ async fn insert_jobs(
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
         "INSERT INTO jobs (id, workflow_id, status, priority, requires, max_attempts, \
          idempotency_key, manifest_hash, manifest, parameters, metadata, graph, callback_url, \
-         timeout_s, inputs, submitted_at, updated_at) ",
+         timeout_s, inputs, affinity, submitted_at, updated_at) ",
     );
     q.push_values(rows, |mut b, (job, now)| {
         let now_s = fmt_time(now);
@@ -208,6 +208,7 @@ async fn insert_jobs(
             .push_bind(job.callback_url)
             .push_bind(job.timeout_s)
             .push_bind(Value::from(job.inputs).to_string())
+            .push_bind(job.affinity)
             .push_bind(now_s.clone())
             .push_bind(now_s);
     });

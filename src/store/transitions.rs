@@ -320,6 +320,25 @@ async fn set_final(
     enqueue_webhook(conn, job_id, status).await
 }
 
+/// Fails a queued job that no backend can run (found so when a backend's
+/// inventory was checked), inside the caller's transaction.
+pub(super) async fn fail_queued(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    reason: String,
+) -> Result<(), StoreError> {
+    let error = json!({ "message": reason });
+    set_final(conn, job_id, JobStatus::Failed, Some(&error)).await?;
+    let ev = EventInput {
+        kind: "failed",
+        status: Some(JobStatus::Failed),
+        message: Some(reason),
+        data: Some(error),
+        ..Default::default()
+    };
+    append_event(conn, job_id, ev).await
+}
+
 /// How a lost lease is given back.
 #[derive(Debug, Clone)]
 pub struct LostRun {

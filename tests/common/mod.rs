@@ -333,6 +333,16 @@ impl TestApp {
         .await
     }
 
+    /// Waits until the backend's inventory has been read (and returns the backend).
+    pub async fn wait_inventory(&self, id: &str) -> Value {
+        let path = format!("/api/backends/{id}");
+        poll(&format!("backend {id}'s inventory"), || async {
+            let (_, b) = self.get(&path).await;
+            b["inventory"]["read_at"].is_string().then_some(b)
+        })
+        .await
+    }
+
     pub async fn events(&self, id: &str) -> Vec<Value> {
         let (_, e) = self.get(&format!("/api/job/{id}/events")).await;
         e["events"].as_array().unwrap().clone()

@@ -1,0 +1,256 @@
+//! What each backend can run: its node classes with their input specs, and
+//! its model files, read from `/object_info` and `/models`.
+//!
+//! Why the orchestrator keeps it: real farms are not uniform (one box has
+//! the SDXL checkpoints, another the Flux ones and a custom node pack). With
+//! each backend's inventory, a graph that no box could run is a `422` at
+//! submit, with the field at fault, instead of a GPU's `400` at 3 a.m.; a
+//! job goes only to a box that has what it needs; and a box keeps the
+//! models it has loaded. Checks follow ComfyUI's own validation
+//! ([`crate::comfy::graph`]). Only what validation needs is kept: a stock
+//! `/object_info` is 500 KB, with many custom nodes tens of MB.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::comfy::graph::{self, NodeRules, SELF_VALIDATED};
+use crate::comfy::{ComfyClient, ComfyError};
+use crate::store::Store;
+
+/// One backend's inventory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Node definitions, kept to what validation needs.
+    pub defs: Map<String, Value>,
+    /// Model files per folder (`checkpoints`, `loras`, ...).
+    pub models: BTreeMap<String, Vec<String>>,
+    /// A digest of both: it changes when anything in them does.
+    pub hash: String,
+}
+
+/// Inputs that name the model a graph loads first (a checkpoint switch costs
+/// seconds on a GPU; this is what a backend prefers to keep).
+const MAIN_MODEL_INPUTS: &[&str] = &["ckpt_name", "unet_name"];
+
+/// The model folders read for the inventory.
+const MODEL_FOLDERS: &[&str] = &[
+    "checkpoints",
+    "diffusion_models",
+    "loras",
+    "vae",
+    "text_encoders",
+    "clip_vision",
+    "controlnet",
+    "upscale_models",
+    "embeddings",
+];
+
+/// One input spec kept to its type and the keys validation reads.
+fn compact_spec(spec: &Value) -> Value {
+    let mut extra = Map::new();
+    if let Some(e) = spec.get(1).and_then(Value::as_object) {
+        for k in ["min", "max", "options"] {
+            if let Some(v) = e.get(k) {
+                extra.insert(k.into(), v.clone());
+            }
+        }
+    }
+    json!([spec[0], extra])
+}
+
+/// A node definition kept to what validation needs.
+fn compact_def(def: &Value) -> Value {
+    let mut input = Map::new();
+    for category in ["required", "optional"] {
+        if let Some(m) = def["input"][category].as_object() {
+            let kept: Map<String, Value> = m
+                .iter()
+                .map(|(k, s)| (k.clone(), compact_spec(s)))
+                .collect();
+            input.insert(category.into(), Value::Object(kept));
+        }
+    }
+    json!({
+        "input": input,
+        "input_order": def["input_order"],
+        "output": def["output"],
+        "output_node": def["output_node"],
+    })
+}
+
+impl Inventory {
+    /// Builds an inventory from `/object_info` and the model folders.
+    pub fn new(
+        object_info: &Map<String, Value>,
+        models: BTreeMap<String, Vec<String>>,
+    ) -> Inventory {
+        let defs: Map<String, Value> = object_info
+            .iter()
+            .map(|(k, d)| (k.clone(), compact_def(d)))
+            .collect();
+        let mut h = Sha256::new();
+        h.update(Value::Object(defs.clone()).to_string());
+        h.update(serde_json::to_string(&models).unwrap_or_default());
+        Inventory {
+            defs,
+            models,
+            hash: format!("{:x}", h.finalize()),
+        }
+    }
+
+    /// Reads a backend's inventory (within the client's reply cap).
+    pub async fn read(client: &ComfyClient) -> Result<Inventory, ComfyError> {
+        let object_info = client.object_info().await?;
+        let mut models = BTreeMap::new();
+        for folder in MODEL_FOLDERS {
+            if let Some(files) = client.models(folder).await? {
+                models.insert(folder.to_string(), files);
+            }
+        }
+        Ok(Inventory::new(&object_info, models))
+    }
+
+    /// Checks a graph as ComfyUI would on this backend: the refusal, if any
+    /// part of it would be refused (a graph ComfyUI would run only in part
+    /// is a refusal too).
+    pub fn check(&self, graph: &Value, rules: &Rules) -> Result<(), graph::Refusal> {
+        match graph::validate(graph, &self.defs, rules) {
+            Ok(a) if a.node_errors.is_empty() => Ok(()),
+            Ok(a) => Err(graph::Refusal {
+                error: json!({"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"}),
+                node_errors: a.node_errors,
+            }),
+            Err(r) => Err(r),
+        }
+    }
+}
+
+/// The model a graph loads first (its checkpoint): what a backend that ran
+/// it keeps loaded.
+pub fn main_model(graph: &Value) -> Option<String> {
+    let mut found: Vec<&str> = graph
+        .as_object()?
+        .values()
+        .flat_map(|n| {
+            MAIN_MODEL_INPUTS
+                .iter()
+                .filter_map(move |i| n["inputs"][*i].as_str())
+        })
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    (!found.is_empty()).then(|| found.join("+"))
+}
+
+/// The rules submit-time and lease-time checks run with: the core nodes'
+/// self-checked inputs, the operator's exemptions (`inventory.exempt`:
+/// `Class` or `Class.input`), and inputs the orchestrator provides itself
+/// (uploaded files, named by their input id).
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    exempt: Vec<String>,
+}
+
+impl Rules {
+    /// With the operator's exemptions.
+    pub fn new(exempt: &[String]) -> Rules {
+        Rules {
+            exempt: exempt.to_vec(),
+        }
+    }
+}
+
+impl NodeRules for Rules {
+    fn self_validated(&self, class: &str, input: &str) -> bool {
+        SELF_VALIDATED.contains(&(class, input))
+            || self
+                .exempt
+                .iter()
+                .any(|e| e == class || e.split_once('.') == Some((class, input)))
+    }
+
+    fn provided(&self, value: &Value) -> bool {
+        // An uploaded file, by its input id: it is put there before the job runs.
+        value.as_str().is_some_and(crate::inputs::looks_like_id)
+    }
+}
+
+/// Reads a backend's inventory and stores it; what it read.
+pub async fn refresh(
+    store: &Store,
+    client: &ComfyClient,
+    backend_id: &str,
+    comfyui_version: Option<String>,
+) -> Result<Inventory, String> {
+    let inventory = Inventory::read(client).await.map_err(|e| e.to_string())?;
+    store
+        .save_inventory(backend_id, &inventory, comfyui_version)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        backend_id,
+        node_classes = inventory.defs.len(),
+        checkpoints = inventory.models.get("checkpoints").map_or(0, Vec::len),
+        "backend inventory read"
+    );
+    Ok(inventory)
+}
+
+/// What a refusal says a backend lacks, in one sentence.
+pub fn lacks(refusal: &graph::Refusal) -> String {
+    crate::comfy::rejection_summary(&refusal.body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stock() -> Inventory {
+        let all: Value =
+            serde_json::from_str(include_str!("../tests/fixtures/comfyui/object_info.json"))
+                .unwrap();
+        let mut models = BTreeMap::new();
+        models.insert(
+            "checkpoints".into(),
+            vec!["sd_xl_base_1.0.safetensors".into()],
+        );
+        Inventory::new(all.as_object().unwrap(), models)
+    }
+
+    #[test]
+    fn an_inventory_keeps_what_validation_needs_and_is_much_smaller() {
+        let inv = stock();
+        assert_eq!(inv.defs.len(), 478);
+        let kept = Value::Object(inv.defs.clone()).to_string().len();
+        assert!(kept < 400_000, "{kept} bytes");
+        assert_eq!(
+            inv.defs["ImageBlur"]["input"]["required"]["blur_radius"],
+            json!(["INT", {"min": 1, "max": 31}])
+        );
+        let other = Inventory::new(&inv.defs, BTreeMap::new());
+        assert_ne!(inv.hash, other.hash, "models are part of it");
+    }
+
+    #[test]
+    fn the_main_model_of_a_graph_is_its_checkpoint() {
+        let g = json!({"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux.safetensors"}},
+                       "5": {"class_type": "KSampler", "inputs": {}}});
+        assert_eq!(main_model(&g).as_deref(), Some("flux.safetensors"));
+        assert_eq!(
+            main_model(&json!({"1": {"class_type": "EmptyImage", "inputs": {}}})),
+            None
+        );
+    }
+
+    #[test]
+    fn operators_exempt_a_class_or_one_input() {
+        let r = Rules::new(&["MyNode".into(), "Other.choice".into()]);
+        assert!(r.self_validated("MyNode", "anything"));
+        assert!(r.self_validated("Other", "choice"));
+        assert!(!r.self_validated("Other", "else"));
+        assert!(r.self_validated("LoadImage", "image"));
+    }
+}
