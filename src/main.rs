@@ -154,6 +154,10 @@ struct SimulateArgs {
     /// Largest submit body it takes (ComfyUI's --max-upload-size); a larger one is a 413.
     #[arg(long, default_value_t = 100 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Extra time a prompt takes when its checkpoint differs from the last
+    /// prompt's (loading a model onto the GPU).
+    #[arg(long, default_value_t = 0)]
+    load_ms: u64,
 }
 
 /// How the client commands reach a running orchestrator.
@@ -341,6 +345,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         ignore_interrupts: a.ignore_interrupts,
         view_stall_ms: a.view_stall_ms,
         max_body_bytes: a.max_body_bytes,
+        load_ms: a.load_ms,
         ..Default::default()
     };
     orchestrator::simulator::serve(listener, config, orchestrator::server::shutdown_signal()).await;

@@ -25,6 +25,10 @@ pub struct Hooks {
 /// Polls one backend until `stop`, and reads its inventory when it first
 /// answers, when its version changes, when it comes back, and every
 /// `inventory_every`.
+///
+/// A backend that comes up has its inventory read before it is recorded
+/// online, so the first lease it gets is already checked against what it
+/// can run (jobs accepted while the whole farm was unknown included).
 pub async fn run(
     store: Store,
     backend_id: String,
@@ -38,14 +42,12 @@ pub async fn run(
     let mut version: Option<String> = None;
     let mut inventory_at: Option<tokio::time::Instant> = None;
     loop {
-        let (usable, now_version) = poll_once(&store, &backend_id, &client).await;
-        if was_usable != Some(usable) {
-            (hooks.on_change)();
-            if usable {
-                // Back (or new): what it can run may have changed.
-                inventory_at = None;
-            }
-            was_usable = Some(usable);
+        let probed = probe(&client).await;
+        let usable = matches!(&probed, Ok(stats) if version_problem(stats.comfyui_version.as_deref()).is_none());
+        let now_version = probed.as_ref().ok().and_then(|s| s.comfyui_version.clone());
+        if usable && was_usable != Some(true) {
+            // Back (or new): what it can run may have changed.
+            inventory_at = None;
         }
         if usable
             && (now_version != version
@@ -62,6 +64,11 @@ pub async fn run(
                 }
             }
         }
+        record(&store, &backend_id, probed).await;
+        if was_usable != Some(usable) {
+            (hooks.on_change)();
+            was_usable = Some(usable);
+        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.cancelled() => return,
@@ -69,51 +76,40 @@ pub async fn run(
     }
 }
 
-/// One poll: records what the backend said. Returns whether it is usable,
-/// and the version it reported.
-pub async fn poll_once(
-    store: &Store,
-    backend_id: &str,
-    client: &ComfyClient,
-) -> (bool, Option<String>) {
-    let result: Result<BackendStats, ComfyError> = async {
-        let stats = client.system_stats().await?;
-        let queue_remaining = client.queue_remaining().await?;
-        Ok(BackendStats {
-            comfyui_version: stats.comfyui_version,
-            vram_total: stats.vram_total,
-            vram_free: stats.vram_free,
-            queue_remaining: Some(queue_remaining),
-        })
-    }
-    .await;
-    let version = result.as_ref().ok().and_then(|s| s.comfyui_version.clone());
-    let (usable, recorded) = match result {
+/// Asks the backend how it is.
+async fn probe(client: &ComfyClient) -> Result<BackendStats, ComfyError> {
+    let stats = client.system_stats().await?;
+    let queue_remaining = client.queue_remaining().await?;
+    Ok(BackendStats {
+        comfyui_version: stats.comfyui_version,
+        vram_total: stats.vram_total,
+        vram_free: stats.vram_free,
+        queue_remaining: Some(queue_remaining),
+    })
+}
+
+/// Records what the backend said: online, incompatible (too old to be
+/// driven safely) or offline.
+async fn record(store: &Store, backend_id: &str, probed: Result<BackendStats, ComfyError>) {
+    let recorded = match probed {
         Ok(stats) => match version_problem(stats.comfyui_version.as_deref()) {
             Some(why) => {
                 tracing::warn!(backend_id, "backend gets no jobs: {why}");
                 crate::metrics::backend(backend_id, false, stats.vram_total, stats.vram_free);
-                (
-                    false,
-                    store.backend_incompatible(backend_id, stats, why).await,
-                )
+                store.backend_incompatible(backend_id, stats, why).await
             }
             None => {
                 crate::metrics::backend(backend_id, true, stats.vram_total, stats.vram_free);
-                (true, store.backend_online(backend_id, stats).await)
+                store.backend_online(backend_id, stats).await
             }
         },
         Err(e) => {
             tracing::debug!(backend_id, error = %e, "backend poll failed");
             crate::metrics::backend(backend_id, false, None, None);
-            (
-                false,
-                store.backend_offline(backend_id, e.to_string()).await,
-            )
+            store.backend_offline(backend_id, e.to_string()).await
         }
     };
     if let Err(e) = recorded {
         tracing::warn!(backend_id, error = %e, "cannot record backend state");
     }
-    (usable, version)
 }

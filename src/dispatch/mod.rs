@@ -148,11 +148,14 @@ impl Shared {
             .get(backend_id)
             .cloned()?;
         let rules = self.rules.clone();
-        Some(Arc::new(move |graph: &Value| {
-            inventory
-                .check(graph, &rules)
-                .map_err(|r| crate::inventory::lacks(&r))
-        }))
+        Some(crate::store::Fit {
+            hash: inventory.hash.clone(),
+            check: Arc::new(move |graph: &Value| {
+                inventory
+                    .check(graph, &rules)
+                    .map_err(|r| crate::inventory::lacks(&r))
+            }),
+        })
     }
 
     /// Wakes every worker: a job was queued, or a backend may take one.

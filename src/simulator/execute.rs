@@ -264,10 +264,9 @@ async fn run_nodes(
             }
             _ => {}
         }
-        if sim.config.load_ms > 0
-            && MAIN_MODEL_INPUTS
-                .iter()
-                .any(|i| graph.get(id).is_some_and(|n| n["inputs"][i].is_string()))
+        if MAIN_MODEL_INPUTS
+            .iter()
+            .any(|i| graph.get(id).is_some_and(|n| n["inputs"][i].is_string()))
         {
             let model = crate::inventory::main_model(&Value::Object(graph.clone()));
             let switched = {
@@ -279,7 +278,7 @@ async fn run_nodes(
                 }
                 switched
             };
-            if switched {
+            if switched && sim.config.load_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(sim.config.load_ms)).await;
             }
         }

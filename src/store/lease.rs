@@ -76,7 +76,15 @@ fn eligible() -> String {
 
 /// Whether a backend's inventory covers a job's graph: `Err` says what it
 /// lacks. Runs inside the lease's transaction, on candidates in order.
-pub type Fit = std::sync::Arc<dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync>;
+#[derive(Clone)]
+pub struct Fit {
+    /// The hash of the inventory `check` judges by: a verdict is recorded
+    /// under it, so one reached with an inventory that has since been
+    /// replaced never bars the job.
+    pub hash: String,
+    /// The check.
+    pub check: std::sync::Arc<dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync>,
+}
 
 /// How a free backend chooses among jobs of the same priority.
 #[derive(Debug, Clone, Copy)]
@@ -100,9 +108,15 @@ impl Default for Preference {
 /// is recorded, so the next lease skips it).
 const MAX_CANDIDATES: usize = 32;
 
-/// The job a backend should take now: the best eligible one, or one of the
-/// same priority that keeps its models loaded, unless the best has waited
-/// longer than the preference allows.
+/// How far down the queue a backend looks for a job whose model no other
+/// backend holds (bounds the scan on a deep queue).
+const UNCLAIMED_WINDOW: i64 = 256;
+
+/// The job a backend should take now: the best eligible one, unless one of
+/// the same priority keeps its model loaded (the one it ran last) or, failing
+/// that, needs a model no other online backend holds (so each model settles
+/// on one GPU instead of every GPU switching between all of them). Never
+/// when the best has waited longer than the preference allows.
 async fn choose(
     conn: &mut SqliteConnection,
     backend_id: &str,
@@ -122,31 +136,51 @@ async fn choose(
     let Some(best) = best else { return Ok(None) };
     let seq: i64 = best.try_get("seq")?;
     let affinity: Option<String> = best.try_get("affinity")?;
-    let (Some(last), true) = (last_affinity, prefer.affinity) else {
-        return Ok(Some(seq));
-    };
+    let priority: i64 = best.try_get("priority")?;
     let waited_long = best
         .try_get::<String, _>("submitted_at")
         .ok()
         .as_deref()
         .and_then(super::parse_time)
         .is_some_and(|t| Utc::now() - t > prefer.max_wait);
-    if affinity.as_deref() == Some(last) || waited_long {
+    if !prefer.affinity
+        || waited_long
+        || (last_affinity.is_some() && affinity.as_deref() == last_affinity)
+    {
         return Ok(Some(seq));
     }
-    let same: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT j.seq FROM jobs j INDEXED BY jobs_queue_affinity, backends b \
-         WHERE b.id = ?2 AND j.affinity = ?3 AND j.priority = ?4 AND {} \
-         ORDER BY j.priority DESC, j.seq LIMIT 1",
+    if let Some(last) = last_affinity {
+        let same: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT j.seq FROM jobs j INDEXED BY jobs_queue_affinity, backends b \
+             WHERE b.id = ?2 AND j.affinity = ?3 AND j.priority = ?4 AND {} \
+             ORDER BY j.priority DESC, j.seq LIMIT 1",
+            eligible()
+        ))
+        .bind(now)
+        .bind(backend_id)
+        .bind(last)
+        .bind(priority)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if same.is_some() {
+            return Ok(same);
+        }
+    }
+    let unclaimed: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT c.seq FROM (SELECT j.seq, j.affinity FROM jobs j INDEXED BY jobs_queue, backends b \
+             WHERE b.id = ?2 AND j.priority = ?3 AND {} ORDER BY j.priority DESC, j.seq LIMIT ?4) c \
+         WHERE c.affinity IS NULL OR c.affinity NOT IN (SELECT o.last_affinity FROM backends o \
+             WHERE o.id != ?2 AND o.configured = 1 AND o.state = 'online' AND o.last_affinity IS NOT NULL) \
+         ORDER BY c.seq LIMIT 1",
         eligible()
     ))
     .bind(now)
     .bind(backend_id)
-    .bind(last)
-    .bind(best.try_get::<i64, _>("priority")?)
+    .bind(priority)
+    .bind(UNCLAIMED_WINDOW)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(Some(same.unwrap_or(seq)))
+    Ok(Some(unclaimed.unwrap_or(seq)))
 }
 
 /// Records that a backend's inventory cannot run a job (it is skipped there
@@ -189,7 +223,7 @@ async fn lease_in(
     prefer: Preference,
 ) -> Result<Option<Lease>, StoreError> {
     let Some(b) = sqlx::query(
-        "SELECT config_enabled, admin_state, state, max_inflight, last_affinity, inventory_hash \
+        "SELECT config_enabled, admin_state, state, max_inflight, last_affinity \
          FROM backends WHERE id = ? AND configured = 1",
     )
     .bind(backend_id)
@@ -217,22 +251,21 @@ async fn lease_in(
         return Ok(None);
     }
     let last_affinity: Option<String> = b.try_get("last_affinity")?;
-    let inventory_hash: Option<String> = b.try_get("inventory_hash")?;
     let now = fmt_time(Utc::now());
     for _ in 0..MAX_CANDIDATES {
         let Some(seq) = choose(conn, backend_id, last_affinity.as_deref(), prefer, &now).await?
         else {
             return Ok(None);
         };
-        if let (Some(fit), Some(hash)) = (fit, &inventory_hash) {
+        if let Some(fit) = fit {
             let (job_id, graph): (String, String) =
                 sqlx::query_as("SELECT id, graph FROM jobs WHERE seq = ?")
                     .bind(seq)
                     .fetch_one(&mut *conn)
                     .await?;
             let graph: serde_json::Value = serde_json::from_str(&graph)?;
-            if let Err(why) = fit(&graph) {
-                unfit(conn, &job_id, backend_id, hash, &why).await?;
+            if let Err(why) = (fit.check)(&graph) {
+                unfit(conn, &job_id, backend_id, &fit.hash, &why).await?;
                 continue;
             }
         }
