@@ -74,6 +74,9 @@ fn eligible() -> String {
     )
 }
 
+/// The check of a [`Fit`].
+pub type FitCheck = dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync;
+
 /// Whether a backend's inventory covers a job's graph: `Err` says what it
 /// lacks. Runs inside the lease's transaction, on candidates in order.
 #[derive(Clone)]
@@ -83,7 +86,7 @@ pub struct Fit {
     /// replaced never bars the job.
     pub hash: String,
     /// The check.
-    pub check: std::sync::Arc<dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync>,
+    pub check: std::sync::Arc<FitCheck>,
 }
 
 /// How a free backend chooses among jobs of the same priority.
