@@ -1,7 +1,8 @@
 //! Farm benchmarks: jobs per second end to end through simulated backends,
 //! and the idle gap a backend sees between two jobs.
 //!
-//! Run: `cargo bench --bench farm` (add `-- --jobs 2000 --backends 8`).
+//! Run: `cargo bench --bench farm` (add `-- --jobs 2000 --backends 8`;
+//! `-- --only mixed` runs only the mixed-model scenario).
 //! Each figure is printed with the machine it ran on.
 
 mod common;
@@ -246,6 +247,69 @@ async fn simulators_alone(backends: usize, jobs: usize) {
     );
 }
 
+/// A night of mixed work: 4 backends, 4 checkpoints, each switch of
+/// checkpoint costing `load_ms`, jobs submitted in random checkpoint order.
+/// Reports the time against the ideal (every job's run time, no switch).
+async fn mixed_models(affinity: bool, jobs: usize, job_ms: u64, load_ms: u64) {
+    const BACKENDS: usize = 4;
+    let checkpoints: Vec<String> = (0..4).map(|i| format!("model_{i}.safetensors")).collect();
+    let sim_config = SimConfig {
+        job_ms,
+        load_ms,
+        checkpoints: checkpoints.clone(),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Two prompts in flight per backend, the default.
+    let (sims, configs) = common::sims_with(BACKENDS, &sim_config, 2).await;
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        workflows_dir: dir.path().join("workflows"),
+        backends: configs,
+        ..Default::default()
+    };
+    config.monitor.poll_interval_ms = 200;
+    config.dispatch.model_affinity = affinity;
+    let service = Service::start(config).await.unwrap();
+    wait_online(&service, BACKENDS).await;
+    let store = service.store().clone();
+    let (url, stop, task) = common::serve(service).await;
+    // The same pseudo-random order every run (a fixed-seed LCG).
+    let mut seed: u64 = 0x5eed;
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    for i in 0..jobs {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let ckpt = &checkpoints[(seed >> 33) as usize % checkpoints.len()];
+        let body = json!({"workflow_id": "txt2img_sdxl", "parameters": {
+            "prompt": format!("shot {i}"), "checkpoint": ckpt, "steps": 1,
+            "width": 64, "height": 64}});
+        let r = client
+            .post(format!("{url}/api/job"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+    while (completed_store(&store).await as usize) < jobs {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total = start.elapsed().as_secs_f64();
+    let ideal = (jobs as f64 * job_ms as f64 / 1000.0) / BACKENDS as f64;
+    let switches: usize = sims.iter().map(|s| s.loads()).sum();
+    println!(
+        "mixed models, {BACKENDS} backends, 4 checkpoints, --job-ms {job_ms} --load-ms {load_ms}, {jobs} jobs, preference {}: {total:.1} s, {:.2} jobs/s, {:.0}% of the ideal ({ideal:.1} s), {switches} checkpoint loads",
+        if affinity { "on " } else { "off" },
+        jobs as f64 / total,
+        100.0 * ideal / total,
+    );
+    let _ = stop.send(());
+    let _ = task.await;
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -254,7 +318,14 @@ fn main() {
     println!("machine: {}", machine());
     let jobs = common::arg("--jobs", 2000);
     let backends = common::arg("--backends", 2);
+    let only_mixed = std::env::args().any(|a| a == "mixed");
+    let mixed_jobs = common::arg("--mixed-jobs", 400);
     rt.block_on(async {
+        mixed_models(true, mixed_jobs, 500, 3000).await;
+        mixed_models(false, mixed_jobs, 500, 3000).await;
+        if only_mixed {
+            return;
+        }
         simulators_alone(8, jobs).await;
         throughput(backends, jobs).await;
         if backends != 8 {

@@ -356,6 +356,39 @@ pub async fn backends(remote: &Remote) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads a backend's inventory again and prints what it can run: the
+/// answer an operator waits for after copying a model to a box.
+pub async fn refresh_backend(remote: &Remote, id: &str) -> anyhow::Result<()> {
+    let b = remote
+        .post(
+            &format!("/api/backends/{id}/refresh"),
+            serde_json::json!({}),
+        )
+        .await?;
+    if remote.json {
+        println!("{b}");
+        return Ok(());
+    }
+    let inv = &b["inventory"];
+    println!(
+        "{id}: {} node classes, read {}",
+        inv["node_count"],
+        inv["read_at"].as_str().unwrap_or("-")
+    );
+    for (folder, files) in inv["models"].as_object().into_iter().flatten() {
+        let files: Vec<&str> = files
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.as_str())
+            .collect();
+        if !files.is_empty() {
+            println!("  {folder}: {}", files.join(", "));
+        }
+    }
+    Ok(())
+}
+
 /// Live progress bars until every watched job has ended. With no ids,
 /// watches the jobs queued or running now.
 pub async fn watch(remote: &Remote, ids: Vec<String>) -> anyhow::Result<()> {

@@ -95,6 +95,10 @@ enum Command {
     },
     /// The ComfyUI backends and their state.
     Backends {
+        /// Read this backend's inventory (node classes, model files) again
+        /// now, e.g. after copying a model to it, and print it.
+        #[arg(long, value_name = "ID")]
+        refresh: Option<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -414,7 +418,10 @@ fn main() -> ExitCode {
             Command::Retry { id, remote } => {
                 orchestrator::cli::job_action(&remote.remote(), &id, "retry").await
             }
-            Command::Backends { remote } => orchestrator::cli::backends(&remote.remote()).await,
+            Command::Backends { refresh, remote } => match refresh {
+                Some(id) => orchestrator::cli::refresh_backend(&remote.remote(), &id).await,
+                None => orchestrator::cli::backends(&remote.remote()).await,
+            },
         }
     });
     match result {

@@ -106,6 +106,13 @@ async fn submit_watch_status_jobs_cancel_and_backends_from_the_command_line() {
         out.contains("cli1") && out.contains("online") && out.contains("0.3.64"),
         "{out}"
     );
+    sim.set_checkpoints(&["copied_today.safetensors"]);
+    let (ok, out, err) = cli(&app.url, &["backends", "--refresh", "cli1"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("478 node classes") && out.contains("checkpoints: copied_today.safetensors"),
+        "{out}"
+    );
     let (ok, out, _) = cli(&app.url, &["cancel", &second, "--json"]).await;
     assert!(ok, "{out}");
     app.wait_status(&second, "cancelled").await;

@@ -21,17 +21,24 @@ pub async fn sims(
     job_ms: u64,
     max_inflight: u32,
 ) -> (Vec<SimHandle>, Vec<BackendConfig>) {
+    let config = SimConfig {
+        job_ms,
+        ..Default::default()
+    };
+    sims_with(n, &config, max_inflight).await
+}
+
+/// `n` simulated backends that all behave as `config` says.
+pub async fn sims_with(
+    n: usize,
+    config: &SimConfig,
+    max_inflight: u32,
+) -> (Vec<SimHandle>, Vec<BackendConfig>) {
     let mut sims = Vec::new();
     let mut backends = Vec::new();
     for i in 0..n {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim = simulator::spawn(
-            listener,
-            SimConfig {
-                job_ms,
-                ..Default::default()
-            },
-        );
+        let sim = simulator::spawn(listener, config.clone());
         backends.push(BackendConfig {
             id: format!("sim{i}"),
             name: None,

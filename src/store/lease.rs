@@ -111,19 +111,26 @@ impl Default for Preference {
 /// is recorded, so the next lease skips it).
 const MAX_CANDIDATES: usize = 32;
 
-/// How far down the queue a backend looks for a job whose model no other
-/// backend holds (bounds the scan on a deep queue).
-const UNCLAIMED_WINDOW: i64 = 256;
+/// How far down the queue a backend that must switch models looks to weigh
+/// the waiting work per model (bounds the scan on a deep queue).
+const SWITCH_WINDOW: i64 = 256;
 
 /// The job a backend should take now: the best eligible one, unless one of
-/// the same priority keeps its model loaded (the one it ran last) or, failing
-/// that, needs a model no other online backend holds (so each model settles
-/// on one GPU instead of every GPU switching between all of them). Never
-/// when the best has waited longer than the preference allows.
+/// the same priority keeps its model loaded (the one it ran last). Failing
+/// that, the backend switches to the model with the most waiting work per
+/// online backend already holding it (so each model settles on as few GPUs
+/// as its backlog needs, instead of every GPU switching between all of
+/// them). Never when the best has waited longer than the preference allows.
+///
+/// A `busy` backend (one with a prompt in flight) fills its next slot only
+/// with work for the model it has loaded: taking another model early would
+/// commit it to a switch that an idle backend, or the next submission, may
+/// make unnecessary. It chooses again when its slot frees.
 async fn choose(
     conn: &mut SqliteConnection,
     backend_id: &str,
     last_affinity: Option<&str>,
+    busy: bool,
     prefer: Preference,
     now: &str,
 ) -> Result<Option<i64>, StoreError> {
@@ -169,21 +176,28 @@ async fn choose(
             return Ok(same);
         }
     }
-    let unclaimed: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT c.seq FROM (SELECT j.seq, j.affinity FROM jobs j INDEXED BY jobs_queue, backends b \
+    if busy && last_affinity.is_some() {
+        return Ok(None);
+    }
+    // Switching: to the model with the most waiting work per backend that
+    // holds it (a model no other backend holds first), oldest job first.
+    let switch_to: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT min(c.seq) FROM (SELECT j.seq, j.affinity FROM jobs j INDEXED BY jobs_queue, backends b \
              WHERE b.id = ?2 AND j.priority = ?3 AND {} ORDER BY j.priority DESC, j.seq LIMIT ?4) c \
-         WHERE c.affinity IS NULL OR c.affinity NOT IN (SELECT o.last_affinity FROM backends o \
-             WHERE o.id != ?2 AND o.configured = 1 AND o.state = 'online' AND o.last_affinity IS NOT NULL) \
-         ORDER BY c.seq LIMIT 1",
+         GROUP BY c.affinity \
+         ORDER BY count(*) * 1.0 / (1 + (SELECT count(*) FROM backends o WHERE o.id != ?2 \
+             AND o.configured = 1 AND o.state = 'online' AND o.last_affinity = c.affinity)) DESC, \
+             min(c.seq) \
+         LIMIT 1",
         eligible()
     ))
     .bind(now)
     .bind(backend_id)
     .bind(priority)
-    .bind(UNCLAIMED_WINDOW)
+    .bind(SWITCH_WINDOW)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(Some(unclaimed.unwrap_or(seq)))
+    Ok(Some(switch_to.unwrap_or(seq)))
 }
 
 /// Records that a backend's inventory cannot run a job (it is skipped there
@@ -256,7 +270,15 @@ async fn lease_in(
     let last_affinity: Option<String> = b.try_get("last_affinity")?;
     let now = fmt_time(Utc::now());
     for _ in 0..MAX_CANDIDATES {
-        let Some(seq) = choose(conn, backend_id, last_affinity.as_deref(), prefer, &now).await?
+        let Some(seq) = choose(
+            conn,
+            backend_id,
+            last_affinity.as_deref(),
+            active > 0,
+            prefer,
+            &now,
+        )
+        .await?
         else {
             return Ok(None);
         };
