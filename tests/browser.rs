@@ -274,6 +274,30 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     )
     .await;
 
+    // The backend's own page: what it can run, and a refresh after a model
+    // was copied to it.
+    b.goto(&format!("{}/#/backend/gpu-box-1", app.url)).await;
+    b.wait_for(
+        "the inventory",
+        "document.getElementById('inventory-summary') !== null",
+    )
+    .await;
+    let page = b.eval("document.body.innerText").await;
+    let page = page.as_str().unwrap();
+    assert!(
+        page.contains("478 node classes") && page.contains("sd_xl_base_1.0.safetensors"),
+        "{page}"
+    );
+    sim.set_checkpoints(&["sd_xl_base_1.0.safetensors", "copied_today.safetensors"]);
+    b.eval("document.querySelector('button[data-act$=\"/refresh\"]').click()")
+        .await;
+    b.wait_for(
+        "the new model on the page",
+        "document.getElementById('inventory-models').innerText.includes('copied_today.safetensors')",
+    )
+    .await;
+    b.screenshot("backend.png", &shots).await;
+
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }

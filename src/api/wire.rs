@@ -306,6 +306,10 @@ pub struct Backend {
     pub last_seen: Option<DateTime<Utc>>,
     /// Since when it has not answered.
     pub offline_since: Option<DateTime<Utc>>,
+    /// The model its last job loaded (a checkpoint file, or
+    /// `workflow:ID` for a graph without one): what it likely has loaded,
+    /// and what it prefers next.
+    pub loaded_model: Option<String>,
 }
 
 impl From<BackendRecord> for Backend {
@@ -330,6 +334,7 @@ impl From<BackendRecord> for Backend {
             last_error: b.last_error,
             last_seen: b.last_seen,
             offline_since: b.offline_since,
+            loaded_model: b.last_affinity,
         }
     }
 }

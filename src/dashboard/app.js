@@ -125,7 +125,7 @@ async function renderBackends() {
     .map(j => `<div><a class="mono" href="#/job/${esc(j.job_id)}">${esc(j.job_id.slice(0, 8))}</a> ${badge(j.status)} ${j.status === "running" ? bar(j.job_id, j) : ""}</div>`).join("");
   const gib = v => v == null ? "–" : (v / 1073741824).toFixed(1) + " GiB";
   const rows = list.backends.map(b => `<tr id="backend-${esc(b.id)}">
-      <td><strong>${esc(b.name)}</strong><div class="muted mono">${esc(b.id)} · ${esc(b.host)}:${b.port}</div></td>
+      <td><a href="#/backend/${esc(b.id)}"><strong>${esc(b.name)}</strong></a><div class="muted mono">${esc(b.id)} · ${esc(b.host)}:${b.port}</div>${b.loaded_model ? `<div class="muted">loaded: ${esc(b.loaded_model)}</div>` : ""}</td>
       <td>${badge(b.state)}</td>
       <td>${esc(b.admin_state || (b.config_enabled ? "enabled" : "disabled"))}${b.accepting_jobs ? "" : ' <span class="muted">(no new jobs)</span>'}</td>
       <td>${esc(b.comfyui_version || "–")}</td>
@@ -140,10 +140,37 @@ async function renderBackends() {
   wireButtons(renderBackends);
 }
 
+// One backend: its state and what it can run (node classes, model files).
+async function renderBackend(id) {
+  let b;
+  try { b = await api(`/api/backends/${encodeURIComponent(id)}`); }
+  catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  const inv = b.inventory;
+  const folders = inv ? Object.entries(inv.models).filter(([, files]) => files.length) : [];
+  const models = folders.map(([folder, files]) => `<tr><td>${esc(folder)}</td><td>${files.length}</td>
+      <td class="mono">${files.map(f => esc(f)).join("<br>")}</td></tr>`).join("");
+  main.innerHTML = `<h2>Backend ${esc(b.name)} ${badge(b.state)}</h2>
+    <div class="grid">
+      <span class="muted">Address</span><span class="mono">${esc(b.host)}:${b.port}</span>
+      <span class="muted">ComfyUI</span><span>${esc(b.comfyui_version || "–")}</span>
+      <span class="muted">Jobs</span><span>${b.active_jobs} / ${b.max_inflight}</span>
+      <span class="muted">Loaded model</span><span class="mono">${esc(b.loaded_model || "–")}</span>
+      <span class="muted">Tags</span><span>${esc((b.tags || []).join(", ") || "–")}</span>
+      <span class="muted">Last error</span><span>${esc(b.last_error || "–")}</span>
+    </div>
+    <h3>What it can run <button data-act="/api/backends/${esc(b.id)}/refresh">Refresh</button></h3>
+    ${inv ? `<p id="inventory-summary">${inv.node_count} node classes, read ${time(inv.read_at)} from ComfyUI ${esc(inv.comfyui_version || "?")}</p>
+      <table id="inventory-models"><thead><tr><th>Folder</th><th>Files</th><th>Names</th></tr></thead><tbody>${models || '<tr><td colspan="3" class="muted">no model files</td></tr>'}</tbody></table>`
+      : '<p class="muted">Not read yet: it has not answered since it was configured.</p>'}`;
+  wireButtons(() => renderBackend(id));
+}
+
 function route() {
   const h = location.hash || "#/";
-  document.getElementById("nav-jobs").classList.toggle("active", !h.startsWith("#/backends"));
-  document.getElementById("nav-backends").classList.toggle("active", h.startsWith("#/backends"));
+  const farm = h.startsWith("#/backend");
+  document.getElementById("nav-jobs").classList.toggle("active", !farm);
+  document.getElementById("nav-backends").classList.toggle("active", farm);
+  if (h.startsWith("#/backend/")) return () => renderBackend(decodeURIComponent(h.slice(10)));
   if (h.startsWith("#/job/")) return () => renderJob(decodeURIComponent(h.slice(6)));
   if (h.startsWith("#/backends")) return renderBackends;
   return renderJobs;

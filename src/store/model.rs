@@ -515,6 +515,9 @@ pub struct BackendRecord {
     pub last_seen: Option<DateTime<Utc>>,
     /// Since when it has not answered.
     pub offline_since: Option<DateTime<Utc>>,
+    /// The model (checkpoint) of the last job leased to it: what it keeps
+    /// loaded, and what the lease preference steers by.
+    pub last_affinity: Option<String>,
 }
 
 impl BackendRecord {
