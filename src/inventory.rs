@@ -82,6 +82,16 @@ fn compact_def(def: &Value) -> Value {
 }
 
 impl Inventory {
+    /// The values this backend offers for `class.input` when it is a combo
+    /// (model files, samplers, …).
+    pub fn options(&self, class: &str, input: &str) -> Option<&Vec<Value>> {
+        let inputs = &self.defs.get(class)?["input"];
+        let spec = inputs["required"]
+            .get(input)
+            .or_else(|| inputs["optional"].get(input))?;
+        graph::combo_options(spec)
+    }
+
     /// Builds an inventory from `/object_info` and the model folders.
     pub fn new(
         object_info: &Map<String, Value>,

@@ -28,6 +28,8 @@
 //! - [`events`]: live streams (SSE, WebSocket): one reader of the durable
 //!   event log fans out to every subscriber.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`farm`]: the queue sampled each minute, for the farm view.
+//! - [`thumbs`]: thumbnails of image outputs, made once and kept beside them.
 //! - [`cli`]: the command-line client of a running orchestrator.
 //! - [`server`]: start-up (lock file, database, backends), serving, shutdown.
 //!
@@ -43,6 +45,7 @@ pub mod comfy;
 pub mod config;
 pub mod dispatch;
 pub mod events;
+pub mod farm;
 pub mod inbox;
 pub mod inputs;
 pub mod inventory;
@@ -54,5 +57,6 @@ pub mod server;
 pub mod simulator;
 pub mod store;
 pub mod submit;
+pub mod thumbs;
 pub mod webhooks;
 pub mod workflows;

@@ -117,6 +117,7 @@ impl Service {
             store.clone(),
             config.limits.max_input_bytes,
         );
+        tasks.spawn(crate::farm::sample_queue(store.clone(), stop.clone()));
         let usage = crate::retention::Usage::default();
         tasks.spawn(crate::retention::run(
             store.clone(),

@@ -28,7 +28,6 @@ pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
         .route("/api/job/{id}/events", get(job_events))
         .route("/api/job/{id}/cancel", post(cancel_job))
         .route("/api/job/{id}/retry", post(retry_job))
-        .route("/api/job/{id}/outputs/{name}", get(get_output))
         .route("/api/jobs", get(list_jobs))
 }
 
@@ -335,57 +334,6 @@ pub(super) async fn retry_job(
         submitted_at: job.submitted_at,
         warnings: vec![],
     }))
-}
-
-/// Download one output of a completed job, with its content type.
-#[utoipa::path(
-    get,
-    path = "/api/job/{id}/outputs/{name}",
-    tag = "jobs",
-    params(("id" = String, Path, description = "Job id"), ("name" = String, Path, description = "Output name from the job's `outputs`")),
-    responses(
-        (status = 200, description = "The file", content_type = "application/octet-stream"),
-        (status = 404, body = super::ErrorBody),
-    )
-)]
-pub(super) async fn get_output(
-    State(state): State<AppState>,
-    Path((id, name)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    // The name is only looked up, never used as a path: the stored name is.
-    let outputs = state.store.job_outputs(&id).await?;
-    let output = outputs
-        .into_iter()
-        .find(|o| o.name == name)
-        .ok_or_else(|| ApiError::not_found(format!("output `{name}` of job `{id}`")))?;
-    if let Some(at) = output.pruned_at {
-        return Err(ApiError::new(
-            StatusCode::GONE,
-            "pruned",
-            format!("output `{name}` of job `{id}` was deleted by retention on {at}"),
-        ));
-    }
-    let path = state.config.outputs_dir().join(&id).join(&output.name);
-    let file = tokio::fs::File::open(&path).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("output file {} is missing: {e}", path.display()),
-        )
-    })?;
-    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok((
-        [
-            (header::CONTENT_TYPE, output.content_type.clone()),
-            (header::CONTENT_LENGTH, output.size.to_string()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("inline; filename=\"{}\"", output.name),
-            ),
-        ],
-        body,
-    )
-        .into_response())
 }
 
 fn with_progress(state: &AppState, mut job: Job) -> Job {

@@ -10,9 +10,11 @@ mod backends;
 mod dashboard;
 mod error;
 mod events;
+mod farm;
 mod inputs;
 mod jobs;
 mod openapi;
+mod outputs;
 mod system;
 pub mod wire;
 
@@ -78,6 +80,8 @@ pub fn app(state: AppState) -> Router {
     let limit = state.config.limits.max_body_bytes;
     Router::new()
         .merge(jobs::router(state.config.limits.max_input_bytes))
+        .merge(outputs::router())
+        .merge(farm::router())
         .merge(inputs::router(state.config.limits.max_input_bytes))
         .merge(system::router())
         .merge(backends::router())

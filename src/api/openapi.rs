@@ -8,7 +8,7 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{backends, events, inputs, jobs, system, AppState};
+use super::{backends, events, farm, inputs, jobs, outputs, system, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,7 +23,8 @@ use super::{backends, events, inputs, jobs, system, AppState};
         jobs::job_events,
         jobs::cancel_job,
         jobs::retry_job,
-        jobs::get_output,
+        outputs::get_output,
+        farm::farm,
         jobs::list_jobs,
         inputs::upload,
         inputs::list,

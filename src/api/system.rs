@@ -123,10 +123,56 @@ pub struct WorkflowList {
 #[utoipa::path(get, path = "/api/workflows", tag = "workflows", responses((status = 200, body = WorkflowList)))]
 pub(super) async fn workflows(State(state): State<AppState>) -> Json<WorkflowList> {
     let (templates, errors) = state.catalog.list();
+    let ids: Vec<String> = state
+        .store
+        .backends()
+        .await
+        .map(|bs| bs.into_iter().map(|b| b.id).collect())
+        .unwrap_or_default();
+    let inventories = state.farm.inventories(&ids);
     Json(WorkflowList {
-        workflows: templates.iter().map(|t| (**t).clone()).collect(),
+        workflows: templates
+            .iter()
+            .map(|t| with_options((**t).clone(), &inventories))
+            .collect(),
         errors,
     })
+}
+
+/// Fills each parameter's `options`: the union, over the backends, of the
+/// values their inventories accept for the input it sets.
+fn with_options(
+    mut t: Template,
+    inventories: &[(String, std::sync::Arc<crate::inventory::Inventory>)],
+) -> Template {
+    use crate::workflows::ParamType;
+    let free = |p: &&mut crate::workflows::Param| {
+        p.choices.is_none() && !matches!(p.ty, ParamType::Image | ParamType::Mask)
+    };
+    for p in t.parameters.iter_mut().filter(free) {
+        let Some(target) = p.targets.first() else {
+            continue;
+        };
+        let Some(class) = t.graph[&target.node]["class_type"].as_str() else {
+            continue;
+        };
+        let mut options: Vec<serde_json::Value> = Vec::new();
+        let mut any = false;
+        for (_, inv) in inventories {
+            if let Some(values) = inv.options(class, &target.input) {
+                any = true;
+                for v in values {
+                    if !options.contains(v) {
+                        options.push(v.clone());
+                    }
+                }
+            }
+        }
+        if any {
+            p.options = Some(options);
+        }
+    }
+    t
 }
 
 /// Rescans the workflows folder now.

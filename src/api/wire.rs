@@ -72,6 +72,10 @@ pub struct Job {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub graph: Option<Value>,
+    /// In lists: the name of its first image output, for a thumbnail
+    /// (`/api/job/{id}/outputs/{preview}?thumb=128`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
 }
 
 impl From<JobRecord> for Job {
@@ -100,6 +104,7 @@ impl From<JobRecord> for Job {
             not_before: j.not_before,
             manifest: j.manifest,
             graph: j.graph,
+            preview: j.preview,
         }
     }
 }

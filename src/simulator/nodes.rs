@@ -79,7 +79,11 @@ pub(super) struct Img {
 
 impl Img {
     fn solid(w: u32, h: u32, rgb: [u8; 3]) -> Img {
-        let (w, h) = (w.clamp(1, 256), h.clamp(1, 256));
+        // Large pictures are made smaller (keeping their shape): the
+        // simulator's outputs stay cheap to encode.
+        let scale = (256.0 / w.max(h) as f64).min(1.0);
+        let fit = |v: u32| ((v as f64 * scale).round() as u32).max(1);
+        let (w, h) = (fit(w), fit(h));
         Img {
             w,
             h,

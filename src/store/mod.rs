@@ -23,6 +23,7 @@ mod backends;
 mod bench;
 mod cleanup;
 mod events;
+mod farm;
 mod history;
 mod inputs;
 mod inventory;
@@ -47,6 +48,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, SqlitePool};
 
 pub use cleanup::CleanupEntry;
+pub use farm::{Attempt, QueueSample};
 pub use inputs::{InputDeletion, InputRecord, InputUse};
 pub use inventory::InventorySummary;
 pub use lease::MAX_FAILURES_PER_BACKEND;

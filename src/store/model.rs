@@ -286,6 +286,9 @@ pub struct JobRecord {
     /// The bound graph (only when asked for one job).
     #[sqlx(json(nullable))]
     pub graph: Option<Value>,
+    /// The name of its first image output (only in lists).
+    #[sqlx(default)]
+    pub preview: Option<String>,
 }
 
 /// A job's workflow and times.

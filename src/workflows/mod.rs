@@ -111,6 +111,12 @@ pub struct Param {
     pub description: Option<String>,
     /// Where it goes in the graph.
     pub targets: Vec<Target>,
+    /// The values the farm's backends offer for the input it sets (model
+    /// files, samplers, …), from their inventories: what a form lists.
+    /// Filled when the catalogue is served; absent for a free value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub options: Option<Vec<serde_json::Value>>,
 }
 
 /// A workflow template.
@@ -284,6 +290,7 @@ impl Template {
                 required: p.required,
                 description: p.description,
                 targets,
+                options: None,
             };
             if let Some(d) = &param.default {
                 param
