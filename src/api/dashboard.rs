@@ -1,7 +1,7 @@
 //! The web dashboard (static files embedded in the binary) and access control.
 //!
 //! Why embedded: the dashboard must work on a farm network with no internet
-//! and no build step; the three files are part of the binary.
+//! and no build step; its files are part of the binary.
 //!
 //! Access control: when `auth.token` is set, every route needs it (a
 //! `Authorization: Bearer` header, or the cookie the login form sets), except
@@ -21,27 +21,35 @@ use sha2::{Digest, Sha256};
 use super::{ApiError, AppState};
 
 const INDEX: &str = include_str!("../dashboard/index.html");
-const APP_JS: &str = include_str!("../dashboard/app.js");
-const STYLE: &str = include_str!("../dashboard/style.css");
+/// The page's assets: name, content type, text.
+const ASSETS: &[(&str, &str, &str)] = &[
+    ("app.js", JS, include_str!("../dashboard/app.js")),
+    ("farm.js", JS, include_str!("../dashboard/farm.js")),
+    ("submit.js", JS, include_str!("../dashboard/submit.js")),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_str!("../dashboard/style.css"),
+    ),
+];
+const JS: &str = "text/javascript; charset=utf-8";
 const COOKIE: &str = "orchestrator_token";
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(|| async { Html(INDEX) }))
-        .route(
-            "/assets/app.js",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-                    APP_JS,
-                )
-            }),
-        )
-        .route(
-            "/assets/style.css",
-            get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE) }),
-        )
+        .route("/assets/{name}", get(asset))
         .route("/login", get(login_form).post(login))
+}
+
+/// One of the page's files.
+async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
+    match ASSETS.iter().find(|(n, _, _)| *n == name) {
+        Some((_, content_type, text)) => {
+            ([(header::CONTENT_TYPE, *content_type)], *text).into_response()
+        }
+        None => ApiError::not_found(format!("asset `{name}`")).into_response(),
+    }
 }
 
 /// Routes open without a token.

@@ -1,5 +1,6 @@
 // The orchestrator dashboard: the queue and history, one job, the backends,
 // live from the server-sent event stream. No build step, no dependencies.
+// The farm view (farm.js) and the submit form (submit.js) load before this.
 "use strict";
 
 const main = document.getElementById("main");
@@ -53,7 +54,11 @@ async function renderJobs() {
   if (filters.meta.includes("=")) { const [k, ...v] = filters.meta.split("="); q.set("metadata." + k.trim(), v.join("=").trim()); }
   let page, error = "";
   try { page = await api("/api/jobs?" + q); } catch (e) { error = e.message; page = {jobs: []}; }
+  const thumb = j => j.preview
+    ? `<a href="#/job/${esc(j.job_id)}"><img class="thumb" loading="lazy" alt="" src="/api/job/${esc(j.job_id)}/outputs/${encodeURIComponent(j.preview)}?thumb=64"></a>`
+    : "";
   const rows = page.jobs.map(j => `<tr id="job-${esc(j.job_id)}" data-status="${esc(j.status)}">
+      <td class="pic">${thumb(j)}</td>
       <td class="mono"><a href="#/job/${esc(j.job_id)}">${esc(j.job_id.slice(0, 8))}</a></td>
       <td>${badge(j.status)}</td>
       <td>${esc(j.workflow_id || "(inline)")}</td>
@@ -70,8 +75,8 @@ async function renderJobs() {
       <button>Filter</button>
     </form>
     ${error ? `<div class="error">${esc(error)}</div>` : ""}
-    <table><thead><tr><th>Job</th><th>Status</th><th>Workflow</th><th>Backend</th><th>Progress / error</th><th>Submitted</th><th></th></tr></thead>
-    <tbody>${rows || `<tr><td colspan="7" class="muted">No jobs.</td></tr>`}</tbody></table>`;
+    <table><thead><tr><th></th><th>Job</th><th>Status</th><th>Workflow</th><th>Backend</th><th>Progress / error</th><th>Submitted</th><th></th></tr></thead>
+    <tbody>${rows || `<tr><td colspan="8" class="muted">No jobs.</td></tr>`}</tbody></table>`;
   document.getElementById("filters").onsubmit = ev => {
     ev.preventDefault();
     const f = new FormData(ev.target);
@@ -89,14 +94,15 @@ async function renderJob(id) {
   } catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
   const outputs = j.outputs.map(o => {
     const url = `/api/job/${esc(j.job_id)}/outputs/${encodeURIComponent(o.name)}`;
-    return o.content_type.startsWith("image/")
-      ? `<a href="${url}" target="_blank"><img src="${url}" alt="${esc(o.name)}"></a>`
+    return o.content_type.startsWith("image/") && !o.pruned_at
+      ? `<a href="${url}" target="_blank" title="${esc(o.name)}"><img src="${url}?thumb=256" alt="${esc(o.name)}"></a>`
       : `<a href="${url}">${esc(o.name)}</a> `;
   }).join("");
   const leases = j.leases.map(l => `<tr><td>${l.attempt}</td><td>${esc(l.backend_id)}</td><td class="mono">${esc(l.prompt_id)}</td>
       <td>${time(l.leased_at)}</td><td>${l.outcome ? badge(l.outcome) : "<span class=muted>current</span>"}</td><td>${esc(l.error ? l.error.message : "")}</td></tr>`).join("");
   const evs = events.map(e => `<tr><td>${time(e.at)}</td><td>${esc(e.kind)}</td><td>${e.status ? badge(e.status) : ""}</td><td>${esc(e.message || "")}</td></tr>`).join("");
-  main.innerHTML = `<h2>Job <span class="mono">${esc(j.job_id)}</span> ${badge(j.status)} ${actions(j)}</h2>
+  const again = j.workflow_id ? ` <a class="button" href="#/submit/${esc(j.job_id)}">Run again with changes</a>` : "";
+  main.innerHTML = `<h2>Job <span class="mono">${esc(j.job_id)}</span> ${badge(j.status)} ${actions(j)}${again}</h2>
     <div class="grid">
       <span class="muted">Workflow</span><span>${esc(j.workflow_id || "(inline graph)")}</span>
       <span class="muted">Backend</span><span>${esc(j.backend_id || "–")}</span>
@@ -167,9 +173,10 @@ async function renderBackend(id) {
 
 function route() {
   const h = location.hash || "#/";
-  const farm = h.startsWith("#/backend");
-  document.getElementById("nav-jobs").classList.toggle("active", !farm);
-  document.getElementById("nav-backends").classList.toggle("active", farm);
+  const page = h.startsWith("#/backend") ? "backends" : h.startsWith("#/farm") ? "farm" : h.startsWith("#/submit") ? "submit" : "jobs";
+  for (const p of ["jobs", "backends", "farm", "submit"]) document.getElementById("nav-" + p).classList.toggle("active", p === page);
+  if (h.startsWith("#/farm")) return renderFarm;
+  if (h.startsWith("#/submit")) return () => renderSubmit(h.length > 9 ? decodeURIComponent(h.slice(9)) : null);
   if (h.startsWith("#/backend/")) return () => renderBackend(decodeURIComponent(h.slice(10)));
   if (h.startsWith("#/job/")) return () => renderJob(decodeURIComponent(h.slice(6)));
   if (h.startsWith("#/backends")) return renderBackends;
@@ -191,13 +198,18 @@ function connect() {
       const cell = document.querySelector(`#job-${CSS.escape(e.job_id)} td.progress`) || (location.hash === "#/job/" + e.job_id && document.getElementById("job-progress"));
       if (cell) { cell.innerHTML = bar(e.job_id, {}); return; }
     }
-    if (refreshTimer) return;
-    refreshTimer = setTimeout(() => { refreshTimer = null; render(); }, 250);
+    // A half-filled form is never redrawn under the user's hands.
+    if (refreshTimer || location.hash.startsWith("#/submit")) return;
+    const farm = location.hash.startsWith("#/farm");
+    if (farm && e.kind === "progress") return;
+    refreshTimer = setTimeout(() => { refreshTimer = null; render(); }, farm ? 1000 : 250);
   };
   ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
    "requeued", "cancel_requested", "cancelled", "retried", "backend_online", "backend_offline"].forEach(k => es.addEventListener(k, onEvent));
 }
 
 window.addEventListener("hashchange", render);
+// Running bars on the farm view grow with time.
+setInterval(() => { if (location.hash.startsWith("#/farm") && !refreshTimer) render(); }, 15000);
 render();
 connect();
