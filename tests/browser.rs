@@ -397,6 +397,42 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     )
     .await;
 
+    // A template that starts from a picture: the file field uploads it.
+    let picture = tempfile::tempdir().unwrap();
+    let frame = picture.path().join("frame.png");
+    image::RgbImage::from_pixel(32, 16, image::Rgb([10, 200, 30]))
+        .save(&frame)
+        .unwrap();
+    b.eval("(() => { const s = document.getElementById('submit-workflow'); s.value = 'image_invert'; s.dispatchEvent(new Event('change')); })()")
+        .await;
+    b.wait_for("the picture field", "document.getElementById('param-image') !== null")
+        .await;
+    let doc = b.call("DOM.getDocument", json!({})).await;
+    let node = b
+        .call(
+            "DOM.querySelector",
+            json!({"nodeId": doc["root"]["nodeId"], "selector": "#param-image"}),
+        )
+        .await;
+    b.call(
+        "DOM.setFileInputFiles",
+        json!({"nodeId": node["nodeId"], "files": [frame.to_str().unwrap()]}),
+    )
+    .await;
+    b.eval("document.getElementById('submit-go').click()").await;
+    let hash = b
+        .wait_for(
+            "the picture job's page",
+            &format!("location.hash.startsWith('#/job/') && !location.hash.endsWith('{from_form}') && location.hash"),
+        )
+        .await;
+    let inverted = hash.as_str().unwrap().trim_start_matches("#/job/").to_string();
+    let job = app.wait_status(&inverted, "completed").await;
+    assert!(
+        job["parameters"]["image"].as_str().unwrap().starts_with("sha256:"),
+        "{job}"
+    );
+
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }
