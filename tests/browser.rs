@@ -405,8 +405,11 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
         .unwrap();
     b.eval("(() => { const s = document.getElementById('submit-workflow'); s.value = 'image_invert'; s.dispatchEvent(new Event('change')); })()")
         .await;
-    b.wait_for("the picture field", "document.getElementById('param-image') !== null")
-        .await;
+    b.wait_for(
+        "the picture field",
+        "document.getElementById('param-image') !== null",
+    )
+    .await;
     let doc = b.call("DOM.getDocument", json!({})).await;
     let node = b
         .call(
@@ -426,10 +429,17 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
             &format!("location.hash.startsWith('#/job/') && !location.hash.endsWith('{from_form}') && location.hash"),
         )
         .await;
-    let inverted = hash.as_str().unwrap().trim_start_matches("#/job/").to_string();
+    let inverted = hash
+        .as_str()
+        .unwrap()
+        .trim_start_matches("#/job/")
+        .to_string();
     let job = app.wait_status(&inverted, "completed").await;
     assert!(
-        job["parameters"]["image"].as_str().unwrap().starts_with("sha256:"),
+        job["parameters"]["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
         "{job}"
     );
 

@@ -18,6 +18,7 @@
 //! Connection settings (WAL, `synchronous`, `foreign_keys`, `busy_timeout`)
 //! are set on the connect options so that every connection gets them.
 
+mod backend_records;
 mod backends;
 #[cfg(feature = "bench-support")]
 mod bench;

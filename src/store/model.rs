@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+pub use super::backend_records::*;
+
 /// The states of a job (see `docs/architecture.md`, "A job's states").
 ///
 /// `queued → assigned → running → completed | failed | cancelled`, with
@@ -78,66 +80,6 @@ impl JobStatus {
 impl std::fmt::Display for JobStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// What the monitor last saw of a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, ToSchema)]
-#[serde(rename_all = "lowercase")]
-#[sqlx(rename_all = "lowercase")]
-pub enum BackendState {
-    /// Not polled yet since start-up.
-    Unknown,
-    /// Answering, and of a version we can drive.
-    Online,
-    /// Not answering (or answering garbage).
-    Offline,
-    /// Answering, but too old (or not saying its version) to be driven safely.
-    Incompatible,
-}
-
-impl BackendState {
-    /// The name stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendState::Unknown => "unknown",
-            BackendState::Online => "online",
-            BackendState::Offline => "offline",
-            BackendState::Incompatible => "incompatible",
-        }
-    }
-}
-
-/// An operator's override of the config's `enabled` (kept across restarts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, ToSchema)]
-#[serde(rename_all = "lowercase")]
-#[sqlx(rename_all = "lowercase")]
-pub enum AdminState {
-    /// Takes jobs, whatever the config says.
-    Enabled,
-    /// Takes no new jobs; what it has keeps running.
-    Disabled,
-    /// Finishes what it has, takes nothing new.
-    Draining,
-}
-
-impl AdminState {
-    /// The name stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AdminState::Enabled => "enabled",
-            AdminState::Disabled => "disabled",
-            AdminState::Draining => "draining",
-        }
-    }
-}
-
-/// The one "enabled" rule: the operator's override wins, else the config.
-pub fn backend_enabled(config_enabled: bool, admin: Option<AdminState>) -> bool {
-    match admin {
-        Some(AdminState::Enabled) => true,
-        Some(AdminState::Disabled | AdminState::Draining) => false,
-        None => config_enabled,
     }
 }
 
@@ -476,95 +418,6 @@ pub enum CancelOutcome {
         /// The backend.
         backend_id: String,
     },
-}
-
-/// One backend as the database knows it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct BackendRecord {
-    /// Stable id from the config.
-    pub id: String,
-    /// Display name.
-    pub name: String,
-    /// Host of the ComfyUI server.
-    pub host: String,
-    /// Port of the ComfyUI server.
-    pub port: i64,
-    /// Enabled in the config file.
-    pub config_enabled: bool,
-    /// Operator override; `None` follows the config.
-    pub admin_state: Option<AdminState>,
-    /// Capabilities jobs may require.
-    #[sqlx(json)]
-    pub tags: Vec<String>,
-    /// Prompts held at once.
-    pub max_inflight: i64,
-    /// The WebSocket client id used with this backend, kept across restarts.
-    pub client_id: String,
-    /// What the monitor last saw.
-    pub state: BackendState,
-    /// `system.comfyui_version` of `/system_stats`.
-    pub comfyui_version: Option<String>,
-    /// VRAM of the first device, bytes.
-    pub vram_total: Option<i64>,
-    /// Free VRAM of the first device, bytes.
-    pub vram_free: Option<i64>,
-    /// Prompts in ComfyUI's queue (running and pending).
-    pub queue_remaining: Option<i64>,
-    /// Jobs this orchestrator has on it now (assigned or running).
-    pub active_jobs: i64,
-    /// Last error talking to it (or why it is incompatible).
-    pub last_error: Option<String>,
-    /// Last successful contact.
-    pub last_seen: Option<DateTime<Utc>>,
-    /// Since when it has not answered.
-    pub offline_since: Option<DateTime<Utc>>,
-    /// The model (checkpoint) of the last job leased to it: what it keeps
-    /// loaded, and what the lease preference steers by.
-    pub last_affinity: Option<String>,
-}
-
-impl BackendRecord {
-    /// Whether an operator or the config keeps new jobs away.
-    pub fn enabled(&self) -> bool {
-        backend_enabled(self.config_enabled, self.admin_state)
-    }
-
-    /// Whether new jobs may be leased to it now (config, override, health).
-    pub fn accepting_jobs(&self) -> bool {
-        self.enabled() && self.state == BackendState::Online
-    }
-}
-
-/// The configured facts of a backend, written at start-up.
-#[derive(Debug, Clone)]
-pub struct BackendUpsert {
-    /// Id.
-    pub id: String,
-    /// Display name.
-    pub name: String,
-    /// Host.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// Enabled in the config.
-    pub enabled: bool,
-    /// Tags.
-    pub tags: Vec<String>,
-    /// Prompts at once.
-    pub max_inflight: u32,
-}
-
-/// What the monitor learnt from one poll.
-#[derive(Debug, Clone, Default)]
-pub struct BackendStats {
-    /// ComfyUI version.
-    pub comfyui_version: Option<String>,
-    /// VRAM total, bytes.
-    pub vram_total: Option<i64>,
-    /// VRAM free, bytes.
-    pub vram_free: Option<i64>,
-    /// Queue length.
-    pub queue_remaining: Option<i64>,
 }
 
 /// Which events a subscriber wants.
