@@ -33,16 +33,29 @@ pub async fn run(
     store: Store,
     backend_id: String,
     client: ComfyClient,
-    interval: Duration,
-    inventory_every: Duration,
+    timing: Timing,
     stop: CancellationToken,
     hooks: Hooks,
 ) {
+    let Timing {
+        interval,
+        offset,
+        inventory_every,
+    } = timing;
+    // Polls of a large farm are spread over the interval, not on one beat.
+    tokio::select! {
+        _ = tokio::time::sleep(offset) => {}
+        _ = stop.cancelled() => return,
+    }
     let mut was_usable: Option<bool> = None;
+    let mut recorded: Option<(Seen, tokio::time::Instant)> = None;
+    let mut down_since: Option<tokio::time::Instant> = None;
+    let mut unread = 0;
     let mut version: Option<String> = None;
     let mut inventory_at: Option<tokio::time::Instant> = None;
     loop {
         let probed = probe(&client).await;
+        let mut wait_and_retry = false;
         let usable = matches!(&probed, Ok(stats) if version_problem(stats.comfyui_version.as_deref()).is_none());
         let now_version = probed.as_ref().ok().and_then(|s| s.comfyui_version.clone());
         if usable && was_usable != Some(true) {
@@ -60,18 +73,109 @@ pub async fn run(
                     (hooks.on_inventory)(inv);
                 }
                 Err(e) => {
-                    tracing::warn!(backend_id, error = %e, "cannot read the backend's inventory; will try again")
+                    tracing::warn!(backend_id, error = %e, "cannot read the backend's inventory; will try again");
+                    if inventory_at.is_none() && unread < HOLD_FOR_INVENTORY {
+                        // Coming up: give the read a few more polls before the
+                        // backend takes jobs it was never checked against.
+                        unread += 1;
+                        wait_and_retry = true;
+                    }
                 }
             }
         }
-        record(&store, &backend_id, probed).await;
+        if wait_and_retry {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.cancelled() => return,
+            }
+            continue;
+        }
+        if inventory_at.is_some() {
+            unread = 0;
+        }
+        // The database hears of it when something changed, and at least
+        // every RECORD_EVERY (for `last_seen`): not on every poll.
+        let seen = Seen::of(&probed);
+        let fresh = recorded
+            .as_ref()
+            .is_some_and(|(s, at)| *s == seen && at.elapsed() < RECORD_EVERY);
+        if !fresh {
+            record(&store, &backend_id, probed).await;
+            recorded = Some((seen, tokio::time::Instant::now()));
+        }
         if was_usable != Some(usable) {
             (hooks.on_change)();
             was_usable = Some(usable);
         }
+        down_since = if usable {
+            None
+        } else {
+            down_since.or_else(|| Some(tokio::time::Instant::now()))
+        };
+        let wait = next_poll(interval, down_since.map(|t| t.elapsed()));
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// When a monitor polls.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Between two polls of a backend that answers.
+    pub interval: Duration,
+    /// Before the first poll (this backend's place in the spread).
+    pub offset: Duration,
+    /// Between two reads of its inventory.
+    pub inventory_every: Duration,
+}
+
+/// Polls a coming-up backend is held back while its inventory cannot be
+/// read; then it takes jobs unchecked rather than none.
+const HOLD_FOR_INVENTORY: u32 = 3;
+
+/// The longest a poll result may go unrecorded when nothing changed.
+const RECORD_EVERY: Duration = Duration::from_secs(30);
+
+/// After this long offline, a backend is polled less often...
+const BACK_OFF_AFTER: Duration = Duration::from_secs(60);
+
+/// ...but at least this often (its own worker also keeps trying to connect).
+const BACKED_OFF_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The wait before the next poll: the interval, longer for a backend that
+/// has been down a while (a box switched off for the night costs little).
+fn next_poll(interval: Duration, down_for: Option<Duration>) -> Duration {
+    match down_for {
+        Some(d) if d >= BACK_OFF_AFTER => (interval * 8).min(BACKED_OFF_INTERVAL).max(interval),
+        _ => interval,
+    }
+}
+
+/// What a poll found, as far as the database cares.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Answered {
+        version: Option<String>,
+        vram_total: Option<i64>,
+        /// In MiB: a few bytes of drift is no change.
+        vram_free_mib: Option<i64>,
+        queue_remaining: Option<i64>,
+    },
+    Failed(String),
+}
+
+impl Seen {
+    fn of(probed: &Result<BackendStats, ComfyError>) -> Seen {
+        match probed {
+            Ok(s) => Seen::Answered {
+                version: s.comfyui_version.clone(),
+                vram_total: s.vram_total,
+                vram_free_mib: s.vram_free.map(|v| v >> 20),
+                queue_remaining: s.queue_remaining,
+            },
+            Err(e) => Seen::Failed(e.to_string()),
         }
     }
 }
@@ -111,5 +215,27 @@ async fn record(store: &Store, backend_id: &str, probed: Result<BackendStats, Co
     };
     if let Err(e) = recorded {
         tracing::warn!(backend_id, error = %e, "cannot record backend state");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_down_a_while_is_polled_less_often() {
+        let i = Duration::from_secs(2);
+        assert_eq!(next_poll(i, None), i);
+        assert_eq!(next_poll(i, Some(Duration::from_secs(59))), i);
+        assert_eq!(
+            next_poll(i, Some(Duration::from_secs(61))),
+            Duration::from_secs(16)
+        );
+        assert_eq!(
+            next_poll(Duration::from_secs(10), Some(Duration::from_secs(600))),
+            Duration::from_secs(30)
+        );
+        let slow = Duration::from_secs(60);
+        assert_eq!(next_poll(slow, Some(Duration::from_secs(600))), slow);
     }
 }

@@ -235,9 +235,10 @@ impl Submitter {
         self.check_inputs(&parsed.inputs).await?;
         self.check_runs_somewhere(&parsed).await?;
         let workflow_id = parsed.job.workflow_id.clone();
+        let requires = parsed.job.requires.clone();
         let (created, summary) = match self.store.submit(parsed.job).await? {
             SubmitOutcome::Created(s) => {
-                self.farm.wake();
+                self.farm.job_queued(&requires);
                 crate::metrics::submitted(workflow_id.as_deref());
                 tracing::info!(job_id = %s.id, "job submitted");
                 (true, s)

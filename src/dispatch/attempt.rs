@@ -372,7 +372,8 @@ impl Ctx {
             // Harmless: ComfyUI caps its history, and this prompt is never asked about again.
             tracing::debug!(job_id, backend_id, error = %e, "cannot delete the prompt's history");
         }
-        self.shared.wake();
+        // The freed slot is this worker's own: it leases again when this
+        // helper is joined. No one else needs waking.
         Ok(())
     }
 

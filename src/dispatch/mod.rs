@@ -24,6 +24,7 @@
 //! (downloads), [`progress`] (live progress and previews).
 
 mod attempt;
+mod idle;
 mod link;
 mod outputs;
 mod phase;
@@ -94,6 +95,8 @@ struct Shared {
     rules: Arc<Rules>,
     /// Each backend's client (for reading its inventory on demand).
     clients: HashMap<String, ComfyClient>,
+    /// Workers waiting for work: a queued job rings one of them.
+    idle: idle::IdleWorkers,
 }
 
 /// Times at which the workers must be woken: a retry's back-off ends.
@@ -253,16 +256,27 @@ impl Farm {
             ),
             rules: Arc::new(Rules::new(&config.inventory.exempt)),
             clients,
+            idle: idle::IdleWorkers::new(
+                config
+                    .backends
+                    .iter()
+                    .map(|b| (b.id.as_str(), b.tags.as_slice())),
+            ),
         });
         tasks.spawn(wake_when_due(shared.clone()));
-        for (b, rx, client) in receivers {
+        let interval = Duration::from_millis(config.monitor.poll_interval_ms);
+        let count = receivers.len().max(1) as u32;
+        for (i, (b, rx, client)) in receivers.into_iter().enumerate() {
             let (woken, informed, id) = (shared.clone(), shared.clone(), b.id.clone());
             tasks.spawn(crate::monitor::run(
                 store.clone(),
                 b.id.clone(),
                 client.clone(),
-                Duration::from_millis(config.monitor.poll_interval_ms),
-                Duration::from_secs(config.inventory.refresh_interval_s),
+                crate::monitor::Timing {
+                    interval,
+                    offset: interval * i as u32 / count,
+                    inventory_every: Duration::from_secs(config.inventory.refresh_interval_s),
+                },
                 stop.clone(),
                 crate::monitor::Hooks {
                     on_change: Box::new(move || woken.wake()),
@@ -275,9 +289,15 @@ impl Farm {
         Ok(Farm { shared })
     }
 
-    /// Wakes every worker: a job was queued or a backend changed.
+    /// Wakes every worker: a backend changed, or jobs were queued again.
     pub fn wake(&self) {
         self.shared.wake();
+    }
+
+    /// A job needing `requires` was queued: one waiting worker that may
+    /// run it is woken (busy ones lease when a slot frees).
+    pub fn job_queued(&self, requires: &[String]) {
+        self.shared.idle.ring_for(requires);
     }
 
     /// Cancels a job: at once if queued, through its backend if held.

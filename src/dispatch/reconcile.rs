@@ -49,6 +49,12 @@ impl Worker {
                 return;
             }
         };
+        if active.is_empty() && self.tracked.is_empty() && !self.has_cleanup().await {
+            // Nothing of ours there: nothing to ask (a farm of idle backends
+            // costs no requests).
+            self.set_stuck(false);
+            return;
+        }
         let queue = match self.client.queue().await {
             Ok(q) => q,
             Err(e) => {
@@ -220,6 +226,15 @@ impl Worker {
     /// from the list those it confirms gone. A prompt given up on that still
     /// runs there (a node that ignores interrupts) keeps the backend from
     /// getting new jobs.
+    async fn has_cleanup(&self) -> bool {
+        // When the list cannot be read, ask the backend anyway.
+        self.shared
+            .store
+            .cleanup_prompts(&self.id)
+            .await
+            .map_or(true, |e| !e.is_empty())
+    }
+
     async fn work_cleanup(&mut self, queue: &QueueState) {
         let entries = match self.shared.store.cleanup_prompts(&self.id).await {
             Ok(e) => e,

@@ -112,16 +112,19 @@ impl Worker {
     pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let stop = self.shared.stop.clone();
         let mut wake = self.shared.wake.subscribe();
+        let bell = self.shared.idle.bell(&self.id);
         let poll = Duration::from_millis(self.shared.config.dispatch.poll_interval_ms);
         let mut tick = tokio::time::interval(poll.min(self.heartbeat()));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(PROGRESS_EVERY);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_round = Instant::now();
+        let mut last_fill = Instant::now();
         // Lease only when something may have changed, not on every progress message.
         let mut dirty = true;
         while !stop.is_cancelled() {
             if self.link.stream.is_none() && !self.connect().await {
+                self.shared.idle.busy(&self.id);
                 let (since, delay) = self.link.connect_failed();
                 tracing::debug!(backend_id = %self.id, down_for_ms = since.elapsed().as_millis() as u64, "backend unreachable");
                 self.take_back_if_past_grace().await;
@@ -140,6 +143,7 @@ impl Worker {
             }
             if dirty {
                 self.fill().await;
+                last_fill = Instant::now();
                 dirty = false;
             }
             let Some(stream) = self.link.stream.as_mut() else {
@@ -157,9 +161,11 @@ impl Worker {
                 }
                 Some(cmd) = commands.recv() => self.on_command(cmd).await,
                 _ = wake.changed() => dirty = true,
+                _ = bell.notified() => dirty = true,
                 _ = flush.tick() => self.progress.flush().await,
                 _ = tick.tick() => {
-                    dirty = true;
+                    // A safety net only: queued jobs ring a waiting worker.
+                    dirty |= last_fill.elapsed() >= poll * 5;
                     self.check_health().await;
                     self.check_timeouts().await;
                     // A safety net for anything missed: ask the backend now and then.
@@ -283,8 +289,10 @@ impl Worker {
     /// Leases jobs while the backend has free slots.
     async fn fill(&mut self) {
         if self.stuck {
+            self.shared.idle.busy(&self.id);
             return;
         }
+        let mut leased = false;
         let prefer = crate::store::Preference {
             affinity: self.shared.config.dispatch.model_affinity,
             max_wait: chrono::Duration::seconds(
@@ -295,12 +303,13 @@ impl Worker {
             let fit = self.shared.fit_for(&self.id);
             let lease = match self.shared.store.lease_fit(&self.id, fit, prefer).await {
                 Ok(Some(l)) => l,
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(e) => {
                     tracing::error!(backend_id = %self.id, error = %e, "lease failed");
-                    return;
+                    break;
                 }
             };
+            leased = true;
             tracing::info!(job_id = %lease.job_id, backend_id = %self.id, prompt_id = %lease.prompt_id, attempt = lease.attempt, "job leased");
             let limit = lease
                 .timeout_s
@@ -316,6 +325,18 @@ impl Worker {
                 },
             );
             self.helpers.spawn(self.ctx().submit(lease));
+        }
+        if leased {
+            self.shared.idle.served(&self.id);
+        }
+        if self.tracked.len() >= self.max_inflight {
+            self.shared.idle.busy(&self.id);
+            return;
+        }
+        self.shared.idle.waiting(&self.id);
+        if !leased {
+            // Rung for a job it may not run: the next waiting worker tries.
+            self.shared.idle.pass_on(&self.id);
         }
     }
 

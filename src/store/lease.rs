@@ -430,12 +430,31 @@ impl Store {
         fit: Option<Fit>,
         prefer: Preference,
     ) -> Result<Option<Lease>, StoreError> {
+        // A worker that would find nothing costs a read, not a write: the
+        // writer is shared by the whole farm.
+        if !self.may_lease(backend_id).await? {
+            return Ok(None);
+        }
         let backend_id = backend_id.to_string();
         self.writer()
             .write(move |conn| {
                 Box::pin(async move { lease_in(conn, &backend_id, fit.as_ref(), prefer).await })
             })
             .await
+    }
+
+    /// Whether some queued job is eligible for the backend now (read-only).
+    async fn may_lease(&self, backend_id: &str) -> Result<bool, StoreError> {
+        let now = fmt_time(Utc::now());
+        let found: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT j.seq FROM jobs j INDEXED BY jobs_queue, backends b WHERE b.id = ?2 AND {} LIMIT 1",
+            eligible()
+        ))
+        .bind(&now)
+        .bind(backend_id)
+        .fetch_optional(self.reader())
+        .await?;
+        Ok(found.is_some())
     }
 
     /// The configured backends whose tags cover `requires` (the submit check).

@@ -1,0 +1,179 @@
+//! Which workers wait for work, so that a queued job wakes one of them
+//! instead of every worker of the farm.
+//!
+//! Why: with a thousand backends, waking every worker for every submission
+//! costs a thousand lease attempts per job. A worker that found nothing to
+//! lease with a slot free registers here; a queued job rings the worker that
+//! has waited longest among those whose tags cover the job (so work spreads
+//! over the farm). A rung worker that still finds nothing it may run (its
+//! inventory lacks the job's model) passes the ring on, at most once around
+//! the workers that were waiting, so a job that fits one box out of many
+//! still starts at once. Busy workers need no ring: they lease when a slot
+//! frees. Farm-wide changes (a backend back, a new inventory, a retry due)
+//! still wake everyone through the broadcast in `Shared::wake`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+#[derive(Default)]
+struct State {
+    /// Waiting workers, longest-waiting first.
+    waiting: VecDeque<String>,
+    /// Rings a rung worker may still pass on.
+    hops: HashMap<String, usize>,
+}
+
+/// The farm's waiting workers.
+pub(super) struct IdleWorkers {
+    state: Mutex<State>,
+    bells: HashMap<String, Arc<Notify>>,
+    tags: HashMap<String, Vec<String>>,
+}
+
+impl IdleWorkers {
+    /// For these backends and their tags.
+    pub(super) fn new<'a>(backends: impl Iterator<Item = (&'a str, &'a [String])>) -> IdleWorkers {
+        let mut bells = HashMap::new();
+        let mut tags = HashMap::new();
+        for (id, t) in backends {
+            bells.insert(id.to_string(), Arc::new(Notify::new()));
+            tags.insert(id.to_string(), t.to_vec());
+        }
+        IdleWorkers {
+            state: Mutex::default(),
+            bells,
+            tags,
+        }
+    }
+
+    /// The bell a worker listens to.
+    pub(super) fn bell(&self, id: &str) -> Arc<Notify> {
+        self.bells.get(id).cloned().unwrap_or_default()
+    }
+
+    /// The worker has a free slot and found nothing to lease.
+    pub(super) fn waiting(&self, id: &str) {
+        let mut s = self.state.lock().expect("idle");
+        if !s.waiting.iter().any(|w| w == id) {
+            s.waiting.push_back(id.to_string());
+        }
+    }
+
+    /// The worker is full, or cannot lease (its backend is down).
+    pub(super) fn busy(&self, id: &str) {
+        let mut s = self.state.lock().expect("idle");
+        s.waiting.retain(|w| w != id);
+        s.hops.remove(id);
+    }
+
+    /// A rung worker leased something: its ring ends there.
+    pub(super) fn served(&self, id: &str) {
+        self.state.lock().expect("idle").hops.remove(id);
+    }
+
+    /// A job needing `requires` was queued: rings the longest-waiting worker
+    /// whose tags cover it. Whether one was rung.
+    pub(super) fn ring_for(&self, requires: &[String]) -> bool {
+        let mut s = self.state.lock().expect("idle");
+        let hops = s.waiting.len().saturating_sub(1);
+        self.ring_first(&mut s, hops, |id| {
+            let tags = self.tags.get(id).map(Vec::as_slice).unwrap_or_default();
+            requires.iter().all(|r| tags.contains(r))
+        })
+    }
+
+    /// A rung worker found nothing it may run: rings the next waiting worker,
+    /// while the ring has hops left.
+    pub(super) fn pass_on(&self, from: &str) {
+        let mut s = self.state.lock().expect("idle");
+        let Some(hops) = s.hops.remove(from).filter(|h| *h > 0) else {
+            return;
+        };
+        self.ring_first(&mut s, hops - 1, |id| id != from);
+    }
+
+    fn ring_first(&self, s: &mut State, hops: usize, fits: impl Fn(&str) -> bool) -> bool {
+        let Some(pos) = s.waiting.iter().position(|id| fits(id)) else {
+            return false;
+        };
+        let id = s.waiting.remove(pos).expect("position is in range");
+        s.hops.insert(id.clone(), hops);
+        if let Some(bell) = self.bells.get(&id) {
+            bell.notify_one();
+        }
+        true
+    }
+
+    /// Waiting workers now (for tests and metrics).
+    #[cfg(test)]
+    fn waiting_now(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .expect("idle")
+            .waiting
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn farm() -> IdleWorkers {
+        let none: Vec<String> = vec![];
+        let flux = vec!["flux".to_string()];
+        IdleWorkers::new(
+            [
+                ("a", none.as_slice()),
+                ("b", flux.as_slice()),
+                ("c", none.as_slice()),
+            ]
+            .into_iter(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_job_rings_the_longest_waiting_worker_whose_tags_cover_it() {
+        let idle = farm();
+        for id in ["a", "b", "c"] {
+            idle.waiting(id);
+        }
+        idle.waiting("a");
+        assert_eq!(idle.waiting_now(), ["a", "b", "c"], "registered once");
+        assert!(idle.ring_for(&[]));
+        assert_eq!(idle.waiting_now(), ["b", "c"]);
+        // Rung: its bell holds a permit.
+        tokio::time::timeout(std::time::Duration::from_secs(1), idle.bell("a").notified())
+            .await
+            .unwrap();
+        assert!(idle.ring_for(&["flux".to_string()]));
+        assert_eq!(idle.waiting_now(), ["c"]);
+        assert!(
+            !idle.ring_for(&["flux".to_string()]),
+            "no one else has flux"
+        );
+        idle.busy("c");
+        assert!(!idle.ring_for(&[]));
+    }
+
+    #[test]
+    fn a_ring_passes_on_at_most_once_around() {
+        let idle = farm();
+        for id in ["a", "b", "c"] {
+            idle.waiting(id);
+        }
+        idle.ring_for(&[]); // a, with 2 hops
+        idle.waiting("a");
+        idle.pass_on("a"); // b, 1 hop
+        idle.waiting("b");
+        idle.pass_on("b"); // c, 0 hops
+        idle.waiting("c");
+        assert_eq!(idle.waiting_now(), ["a", "b", "c"]);
+        idle.pass_on("c");
+        assert_eq!(idle.waiting_now(), ["a", "b", "c"], "the ring stopped");
+    }
+}
