@@ -368,6 +368,18 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
         }
         Err(e) => {
             let dest = free_name(&dir.join(REJECTED), name).await;
+            // The manifest moves first: a file another pass already took
+            // (its listing was older than the move) leaves nothing behind.
+            match tokio::fs::rename(&path, &dest).await {
+                Ok(()) => {
+                    tracing::warn!(file = %name, error = %e.body.error.message, "inbox file rejected")
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+                Err(err) => {
+                    tracing::error!(file = %name, error = %err, "cannot move a rejected inbox file");
+                    return;
+                }
+            }
             let error_file = dest.with_file_name(format!(
                 "{}.error.json",
                 dest.file_name().and_then(|n| n.to_str()).unwrap_or(name)
@@ -377,14 +389,6 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
             let body = serde_json::to_vec_pretty(&e.body).unwrap_or_default();
             if let Err(err) = tokio::fs::write(&error_file, body).await {
                 tracing::error!(file = %name, error = %err, "cannot write the error file");
-            }
-            match tokio::fs::rename(&path, &dest).await {
-                Ok(()) => {
-                    tracing::warn!(file = %name, error = %e.body.error.message, "inbox file rejected")
-                }
-                Err(err) => {
-                    tracing::error!(file = %name, error = %err, "cannot move a rejected inbox file")
-                }
             }
         }
     }

@@ -11,8 +11,8 @@
 //! `/object_info` is 500 KB, with many custom nodes tens of MB.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -21,10 +21,14 @@ use crate::comfy::{ComfyClient, ComfyError};
 use crate::store::Store;
 
 /// One backend's inventory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Inventory {
-    /// Node definitions, kept to what validation needs.
-    pub defs: Map<String, Value>,
+    /// Node definitions, kept to what validation needs; shared between
+    /// backends that have the same ones (a farm of identical boxes holds
+    /// one copy).
+    pub defs: Arc<Map<String, Value>>,
+    /// A digest of the node definitions alone.
+    pub defs_hash: String,
     /// Model files per folder (`checkpoints`, `loras`, ...).
     pub models: BTreeMap<String, Vec<String>>,
     /// A digest of both: it changes when anything in them does.
@@ -101,14 +105,38 @@ impl Inventory {
             .iter()
             .map(|(k, d)| (k.clone(), compact_def(d)))
             .collect();
+        let defs_hash = format!(
+            "{:x}",
+            Sha256::digest(Value::Object(defs.clone()).to_string())
+        );
+        Inventory::from_parts(Arc::new(defs), defs_hash, models)
+    }
+
+    /// An inventory of node definitions already compacted (and maybe
+    /// shared) and model lists.
+    pub fn from_parts(
+        defs: Arc<Map<String, Value>>,
+        defs_hash: String,
+        models: BTreeMap<String, Vec<String>>,
+    ) -> Inventory {
         let mut h = Sha256::new();
-        h.update(Value::Object(defs.clone()).to_string());
+        h.update(&defs_hash);
         h.update(serde_json::to_string(&models).unwrap_or_default());
         Inventory {
             defs,
+            defs_hash,
             models,
             hash: format!("{:x}", h.finalize()),
         }
+    }
+
+    /// The same inventory, holding `other`'s node definitions when they are
+    /// the same (one copy in memory for identical boxes).
+    pub fn sharing_with(mut self, other: &Inventory) -> Inventory {
+        if self.defs_hash == other.defs_hash {
+            self.defs = other.defs.clone();
+        }
+        self
     }
 
     /// Reads a backend's inventory (within the client's reply cap).
@@ -231,10 +259,31 @@ mod tests {
     }
 
     #[test]
+    fn identical_boxes_share_one_copy_of_their_node_definitions() {
+        let a = stock();
+        let b = stock();
+        assert!(!Arc::ptr_eq(&a.defs, &b.defs));
+        let b = b.sharing_with(&a);
+        assert!(Arc::ptr_eq(&a.defs, &b.defs));
+        assert_eq!(a.hash, b.hash);
+        // Other models, same nodes: still shared, but a different inventory.
+        let mut models = BTreeMap::new();
+        models.insert("loras".to_string(), vec!["x.safetensors".to_string()]);
+        let c = Inventory::from_parts(a.defs.clone(), a.defs_hash.clone(), models);
+        assert_ne!(c.hash, a.hash);
+        let d = Inventory::new(&BTreeMap::new().into_iter().collect(), BTreeMap::new())
+            .sharing_with(&a);
+        assert!(
+            !Arc::ptr_eq(&a.defs, &d.defs),
+            "different nodes are not shared"
+        );
+    }
+
+    #[test]
     fn an_inventory_keeps_what_validation_needs_and_is_much_smaller() {
         let inv = stock();
         assert_eq!(inv.defs.len(), 478);
-        let kept = Value::Object(inv.defs.clone()).to_string().len();
+        let kept = Value::Object((*inv.defs).clone()).to_string().len();
         assert!(kept < 400_000, "{kept} bytes");
         assert_eq!(
             inv.defs["ImageBlur"]["input"]["required"]["blur_radius"],

@@ -409,7 +409,17 @@ async fn a_farm_that_was_never_seen_accepts_work_and_checks_it_once_a_backend_is
     let job = app.wait_status(&typo, "failed").await;
     let message = job["error"]["message"].as_str().unwrap();
     assert!(message.contains("sd_xl_typo.safetensors"), "{message}");
-    assert!(job["leases"].as_array().unwrap().is_empty(), "{job}");
+    let events: Vec<String> = app
+        .events(&typo)
+        .await
+        .iter()
+        .map(|e| format!("{} {} {}", e["at"], e["kind"], e["message"]))
+        .collect();
+    let (_, backend) = app.get("/api/backends/a").await;
+    assert!(
+        job["leases"].as_array().unwrap().is_empty(),
+        "{events:#?}\n{backend}"
+    );
 }
 
 #[tokio::test]

@@ -134,10 +134,14 @@ impl DueTimes {
 impl Shared {
     /// A backend's new inventory: jobs it could not run may fit now.
     fn set_inventory(&self, backend_id: &str, inventory: Inventory) {
-        self.inventories
-            .write()
-            .expect("inventories")
-            .insert(backend_id.to_string(), Arc::new(inventory));
+        let mut all = self.inventories.write().expect("inventories");
+        // Identical boxes share one copy of their node definitions.
+        let inventory = match all.values().find(|i| i.defs_hash == inventory.defs_hash) {
+            Some(same) => inventory.sharing_with(same),
+            None => inventory,
+        };
+        all.insert(backend_id.to_string(), Arc::new(inventory));
+        drop(all);
         self.wake();
     }
 

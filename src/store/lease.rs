@@ -240,7 +240,7 @@ async fn lease_in(
     prefer: Preference,
 ) -> Result<Option<Lease>, StoreError> {
     let Some(b) = sqlx::query(
-        "SELECT config_enabled, admin_state, state, max_inflight, last_affinity \
+        "SELECT config_enabled, admin_state, state, max_inflight, last_affinity, inventory_hash \
          FROM backends WHERE id = ? AND configured = 1",
     )
     .bind(backend_id)
@@ -268,6 +268,13 @@ async fn lease_in(
         return Ok(None);
     }
     let last_affinity: Option<String> = b.try_get("last_affinity")?;
+    // The worker judged by an inventory older than the stored one (it was
+    // read while this lease waited for the writer): lease nothing now; the
+    // new inventory wakes the worker, which asks again with it.
+    let stored: Option<String> = b.try_get("inventory_hash")?;
+    if stored.is_some() && fit.map(|f| &f.hash) != stored.as_ref() {
+        return Ok(None);
+    }
     let now = fmt_time(Utc::now());
     for _ in 0..MAX_CANDIDATES {
         let Some(seq) = choose(
