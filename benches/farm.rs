@@ -2,7 +2,8 @@
 //! and the idle gap a backend sees between two jobs.
 //!
 //! Run: `cargo bench --bench farm` (add `-- --jobs 2000 --backends 8`;
-//! `-- --only mixed` runs only the mixed-model scenario).
+//! `-- --only mixed` runs only the mixed-model scenario; `-- --only big`
+//! only the 8 against 1,000 backends scenario).
 //! Each figure is printed with the machine it ran on.
 
 mod common;
@@ -310,6 +311,114 @@ async fn mixed_models(affinity: bool, jobs: usize, job_ms: u64, load_ms: u64) {
     let _ = task.await;
 }
 
+/// CPU time this process has used (user + system), from /proc.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime): the 12th and 13th after the name.
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
+    Duration::from_millis(ticks * 10)
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// A farm of `backends` simulated backends (in this process, `--job-ms 0`)
+/// on default settings: submit latency from 16 clients, jobs per second,
+/// and what the idle farm costs (CPU of the whole process, simulators
+/// included, over 10 s; resident memory).
+async fn big_farm(backends: usize, jobs: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (sims, configs) = common::sims(backends, 0, 2).await;
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        workflows_dir: dir.path().join("workflows"),
+        backends: configs,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let service = Service::start(config).await.unwrap();
+    let store = service.store().clone();
+    let (url, stop, task) = common::serve(service).await;
+    wait_online_for(&store, backends, Duration::from_secs(300)).await;
+    let online = started.elapsed();
+    // Let the first inventory reads and reconciles pass.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpu0 = cpu_time();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = (cpu_time() - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let rss = rss_mb();
+    let client = reqwest::Client::new();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (client, next, url) = (client.clone(), next.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= jobs {
+                    return lat;
+                }
+                let body = json!({"workflow_id": "image_blur", "parameters": {"width": 16, "height": 16, "color": i}});
+                let t = Instant::now();
+                let r = client.post(format!("{url}/api/job")).json(&body).send().await.unwrap();
+                assert_eq!(r.status(), 201);
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    while (completed_store(&store).await as usize) < jobs {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let total = start.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let q = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+    println!(
+        "farm of {backends} simulated backends (in process, --job-ms 0, default settings): all online after {:.1} s; idle: {:.1}% of a core (process with its simulators), RSS {rss:.0} MB; {jobs} jobs from 16 clients: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s end to end",
+        online.as_secs_f64(),
+        idle * 100.0,
+        q(0.5),
+        q(0.99),
+        jobs as f64 / total
+    );
+    drop(sims);
+    let _ = stop.send(());
+    let _ = task.await;
+}
+
+async fn wait_online_for(store: &orchestrator::store::Store, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let online = store
+            .backends()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|b| b.state == orchestrator::store::BackendState::Online)
+            .count();
+        if online == n || Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -319,6 +428,16 @@ fn main() {
     let jobs = common::arg("--jobs", 2000);
     let backends = common::arg("--backends", 2);
     let only_mixed = std::env::args().any(|a| a == "mixed");
+    if std::env::args().any(|a| a == "big") {
+        let n = common::arg("--big-backends", 1000);
+        rt.block_on(async {
+            if n != 8 {
+                big_farm(8, 1000).await;
+            }
+            big_farm(n, 1000).await;
+        });
+        return;
+    }
     let mixed_jobs = common::arg("--mixed-jobs", 400);
     rt.block_on(async {
         mixed_models(true, mixed_jobs, 500, 3000).await;

@@ -260,22 +260,22 @@ impl Submitter {
     /// start), the job is accepted: it is checked when it is leased, and a
     /// farm outage never refuses work.
     async fn check_runs_somewhere(&self, parsed: &manifest::Parsed) -> Result<(), SubmitError> {
-        let tagged = self.store.backends_with_tags(&parsed.job.requires).await?;
-        let enabled: Vec<String> = self
+        let enabled = self
             .store
-            .backends()
-            .await?
-            .into_iter()
-            .filter(|b| b.enabled() && tagged.contains(&b.id))
-            .map(|b| b.id)
-            .collect();
+            .enabled_backends_with_tags(&parsed.job.requires)
+            .await?;
         let known = self.farm.inventories(&enabled);
         if known.is_empty() || known.len() < enabled.len() {
             return Ok(());
         }
         let rules = self.farm.rules();
         let mut first = None;
+        // Identical boxes are checked once.
+        let mut seen = std::collections::HashSet::new();
         for (_, inventory) in &known {
+            if !seen.insert(inventory.hash.as_str()) {
+                continue;
+            }
             match inventory.check(&parsed.job.graph, &rules) {
                 Ok(()) => return Ok(()),
                 Err(r) => {

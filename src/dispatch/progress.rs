@@ -61,6 +61,12 @@ impl ProgressBook {
         }
     }
 
+    /// Whether some progress waits to be stored (an idle worker then has no
+    /// timer to wake for).
+    pub(super) fn has_pending(&self) -> bool {
+        self.pending.values().any(|p| p.value.is_some())
+    }
+
     /// Keeps the live progress in memory, and stores it at most every
     /// `PROGRESS_EVERY` per job.
     pub(super) async fn set(&mut self, job_id: &str, token: i64, step: Step) {

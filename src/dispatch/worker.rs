@@ -162,7 +162,7 @@ impl Worker {
                 Some(cmd) = commands.recv() => self.on_command(cmd).await,
                 _ = wake.changed() => dirty = true,
                 _ = bell.notified() => dirty = true,
-                _ = flush.tick() => self.progress.flush().await,
+                _ = flush.tick(), if self.progress.has_pending() => self.progress.flush().await,
                 _ = tick.tick() => {
                     // A safety net only: queued jobs ring a waiting worker.
                     dirty |= last_fill.elapsed() >= poll * 5;

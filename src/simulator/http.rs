@@ -415,8 +415,13 @@ async fn system_stats(State(sim): State<S>) -> Json<Value> {
     }))
 }
 
-async fn object_info(State(sim): State<S>) -> Json<Value> {
-    Json(Value::Object(sim.defs.read().expect("defs").clone()))
+async fn object_info(State(sim): State<S>) -> Response {
+    let defs = sim.defs.read().expect("defs").clone();
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(&*defs).unwrap_or_default(),
+    )
+        .into_response()
 }
 
 async fn object_info_of(State(sim): State<S>, Path(class): Path<String>) -> Json<Value> {

@@ -188,7 +188,7 @@ struct Sim {
     work: Notify,
     /// Node definitions, as `/object_info` serves them (its checkpoints
     /// can change at run time).
-    defs: std::sync::RwLock<serde_json::Map<String, Value>>,
+    defs: std::sync::RwLock<Arc<serde_json::Map<String, Value>>>,
     /// Bumped by a crash: connections and runs of an older life end.
     life: watch::Sender<u64>,
     /// `true` while it answers nothing.
@@ -432,14 +432,23 @@ impl Drop for SimHandle {
 }
 
 /// The node definitions it serves: the recorded `/object_info` of a stock
-/// ComfyUI 0.3.64, with the checkpoints it "has".
-fn definitions(checkpoints: &[String]) -> serde_json::Map<String, Value> {
-    let mut defs: serde_json::Map<String, Value> = serde_json::from_str(include_str!(
-        "../../tests/fixtures/comfyui/object_info.json"
-    ))
-    .expect("the recorded object_info is JSON");
-    with_checkpoints(&mut defs, checkpoints);
-    defs
+/// ComfyUI 0.3.64, with the checkpoints it "has". Simulators with the same
+/// checkpoints share one copy (a benchmark runs a thousand of them).
+fn definitions(checkpoints: &[String]) -> Arc<serde_json::Map<String, Value>> {
+    type Cache = Mutex<HashMap<Vec<String>, Arc<serde_json::Map<String, Value>>>>;
+    static CACHE: std::sync::LazyLock<Cache> = std::sync::LazyLock::new(Cache::default);
+    let mut cache = CACHE.lock().expect("definitions");
+    cache
+        .entry(checkpoints.to_vec())
+        .or_insert_with(|| {
+            let mut defs: serde_json::Map<String, Value> = serde_json::from_str(include_str!(
+                "../../tests/fixtures/comfyui/object_info.json"
+            ))
+            .expect("the recorded object_info is JSON");
+            with_checkpoints(&mut defs, checkpoints);
+            Arc::new(defs)
+        })
+        .clone()
 }
 
 fn with_checkpoints(defs: &mut serde_json::Map<String, Value>, checkpoints: &[String]) {
@@ -461,7 +470,7 @@ impl Sim {
 
     /// Replaces the checkpoint files it has (a model added or removed on the box).
     fn set_checkpoints(&self, checkpoints: Vec<String>) {
-        with_checkpoints(&mut self.defs.write().expect("defs"), &checkpoints);
+        *self.defs.write().expect("defs") = definitions(&checkpoints);
         self.lock().checkpoints = checkpoints;
     }
 }

@@ -476,6 +476,26 @@ impl Store {
         .await?)
     }
 
+    /// The enabled configured backends whose tags cover `requires` (what
+    /// a submission is checked against): one light read, however large
+    /// the farm.
+    pub async fn enabled_backends_with_tags(
+        &self,
+        requires: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let requires = serde_json::to_string(requires)?;
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT id FROM backends b WHERE configured = 1 AND NOT EXISTS {} \
+             AND CASE WHEN admin_state = 'enabled' THEN 1 \
+                      WHEN admin_state IN ('disabled', 'draining') THEN 0 \
+                      ELSE config_enabled END = 1 ORDER BY id",
+            missing_tags("?1", "b.tags")
+        ))
+        .bind(requires)
+        .fetch_all(self.reader())
+        .await?)
+    }
+
     /// Why a queued job is not running yet, in a sentence: its retry
     /// back-off, or what keeps each backend from taking it now (the same
     /// rules leasing applies). `None` for a job that is not queued.

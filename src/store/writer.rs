@@ -46,6 +46,9 @@ impl<T, F> WriteFn<T> for F where
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Op>,
+    /// Submissions: taken before anything else waiting, so a client's
+    /// answer does not queue behind a busy farm's dispatch writes.
+    urgent: mpsc::Sender<Op>,
     committed: Arc<watch::Sender<u64>>,
 }
 
@@ -56,9 +59,17 @@ impl Writer {
         max_batch: usize,
     ) -> (Writer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Op>(max_batch * 4);
+        let (urgent, urgent_rx) = mpsc::channel::<Op>(max_batch * 4);
         let committed = Arc::new(watch::channel(0u64).0);
-        let handle = tokio::spawn(run(conn, rx, max_batch, committed.clone()));
-        (Writer { tx, committed }, handle)
+        let handle = tokio::spawn(run(conn, urgent_rx, rx, max_batch, committed.clone()));
+        (
+            Writer {
+                tx,
+                urgent,
+                committed,
+            },
+            handle,
+        )
     }
 
     /// Changes after every committed batch: event-log readers wait on it
@@ -76,7 +87,8 @@ impl Writer {
 
     /// Like [`Writer::write`], for an operation that writes with at most one
     /// statement (reads before it are free): a statement is atomic by
-    /// itself, so no savepoint is spent on it. The hot path of submissions.
+    /// itself, so no savepoint is spent on it. The hot path of submissions,
+    /// and taken before other waiting writes.
     pub async fn write_single<T: Send + 'static>(
         &self,
         f: impl WriteFn<T>,
@@ -115,7 +127,8 @@ impl Writer {
             finish,
             single,
         };
-        self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
+        let lane = if single { &self.urgent } else { &self.tx };
+        lane.send(op).await.map_err(|_| StoreError::Closed)?;
         done_rx.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -130,17 +143,26 @@ async fn exec(conn: &mut SqliteConnection, sql: &str) -> Result<(), StoreError> 
 
 async fn run(
     mut conn: SqliteConnection,
+    mut urgent: mpsc::Receiver<Op>,
     mut rx: mpsc::Receiver<Op>,
     max_batch: usize,
     committed: Arc<watch::Sender<u64>>,
 ) {
     let mut batch: Vec<Op> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            Some(op) = urgent.recv() => op,
+            Some(op) = rx.recv() => op,
+            else => break,
+        };
         batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+        for lane in [&mut urgent, &mut rx] {
+            while batch.len() < max_batch {
+                match lane.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
             }
         }
         if commit_batch(&mut conn, &mut batch).await {
