@@ -139,8 +139,14 @@ impl Inventory {
         self
     }
 
-    /// Reads a backend's inventory (within the client's reply cap).
+    /// Reads a backend's inventory (within the client's reply cap). A few
+    /// at a time: `/object_info` is megabytes of JSON, and a farm of
+    /// hundreds of boxes coming up at once must not hold hundreds of them
+    /// in memory together.
     pub async fn read(client: &ComfyClient) -> Result<Inventory, ComfyError> {
+        static READS: std::sync::LazyLock<tokio::sync::Semaphore> =
+            std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(2));
+        let _turn = READS.acquire().await.expect("never closed");
         let object_info = client.object_info().await?;
         let mut models = BTreeMap::new();
         for folder in MODEL_FOLDERS {
