@@ -69,6 +69,10 @@ pub(super) async fn add_cleanup(
     Ok(())
 }
 
+/// A backend's cleanup list, oldest first.
+const CLEANUP_OF_BACKEND: &str = "SELECT prompt_id, backend_id, job_id, reason, not_before, tries \
+     FROM prompt_cleanup WHERE backend_id = ? ORDER BY added_at";
+
 impl Store {
     /// Puts a prompt on the cleanup list (one that no lease transition covers).
     pub async fn add_cleanup(&self, entry: CleanupEntry) -> Result<(), StoreError> {
@@ -79,12 +83,7 @@ impl Store {
 
     /// Prompts to remove from this backend, oldest first.
     pub async fn cleanup_prompts(&self, backend_id: &str) -> Result<Vec<CleanupEntry>, StoreError> {
-        self.all_by(
-            "SELECT prompt_id, backend_id, job_id, reason, not_before, tries FROM prompt_cleanup \
-             WHERE backend_id = ? ORDER BY added_at",
-            backend_id,
-        )
-        .await
+        self.all_by(CLEANUP_OF_BACKEND, backend_id).await
     }
 
     /// The backend confirmed these prompts are gone.

@@ -260,17 +260,18 @@ pub(super) async fn finish_lease(
     outcome: LeaseOutcome,
     error: Option<&Value>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    let q = sqlx::query(
         "UPDATE leases SET finished_at = ?, outcome = ?, error = ? WHERE job_id = ? AND lease_token = ?",
+    );
+    run(
+        conn,
+        q.bind(fmt_time(Utc::now()))
+            .bind(outcome)
+            .bind(error.map(|e| e.to_string()))
+            .bind(&held.job_id)
+            .bind(held.token),
     )
-    .bind(fmt_time(Utc::now()))
-    .bind(outcome)
-    .bind(error.map(|e| e.to_string()))
-    .bind(&held.job_id)
-    .bind(held.token)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .await
 }
 
 /// Back to the queue: no backend, no lease; `attempts_delta` -1 gives the attempt back.
@@ -282,19 +283,42 @@ async fn back_to_queue(
     avoid_until: Option<DateTime<Utc>>,
     error: Option<&Value>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    let q = sqlx::query(
         "UPDATE jobs SET status = 'queued', backend_id = NULL, prompt_id = NULL, lease_token = NULL, \
          attempts = attempts + ?, not_before = ?, avoid_until = ?, error = coalesce(?, error), \
          progress = NULL, updated_at = ? WHERE id = ?",
+    );
+    run(
+        conn,
+        q.bind(attempts_delta)
+            .bind(not_before.map(fmt_time))
+            .bind(avoid_until.map(fmt_time))
+            .bind(error.map(|e| e.to_string()))
+            .bind(fmt_time(Utc::now()))
+            .bind(job_id),
     )
-    .bind(attempts_delta)
-    .bind(not_before.map(fmt_time))
-    .bind(avoid_until.map(fmt_time))
-    .bind(error.map(|e| e.to_string()))
-    .bind(fmt_time(Utc::now()))
-    .bind(job_id)
-    .execute(&mut *conn)
-    .await?;
+    .await
+}
+
+/// The columns `cols` of job `job_id`; `NotFound` when there is none.
+async fn job_row(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    cols: &str,
+) -> Result<sqlx::sqlite::SqliteRow, StoreError> {
+    sqlx::query(&format!("SELECT {cols} FROM jobs WHERE id = ?"))
+        .bind(job_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("job `{job_id}`")))
+}
+
+/// Runs one statement whose answer is not needed.
+async fn run<'q>(
+    conn: &mut SqliteConnection,
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+) -> Result<(), StoreError> {
+    q.execute(conn).await?;
     Ok(())
 }
 
@@ -393,21 +417,34 @@ impl Store {
             .await
     }
 
+    /// As [`Store::transition`], for a change the caller's lease must
+    /// still hold: a lost lease is an error.
+    async fn fenced<T, F>(&self, job_id: &str, token: i64, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection, Held) -> BoxFuture<'c, Result<T, StoreError>>
+            + Send
+            + 'static,
+    {
+        self.transition(job_id, token, f)
+            .await?
+            .ok_or(StoreError::LeaseLost)
+    }
+
     /// Records that ComfyUI accepted the prompt. Returns whether a cancel is pending.
     pub async fn mark_submitted(&self, job_id: &str, token: i64) -> Result<bool, StoreError> {
-        self.transition(job_id, token, |conn, held| {
+        self.fenced(job_id, token, |conn, held| {
             Box::pin(async move {
                 apply(conn, &held, Step::Submitted).await?;
                 Ok(held.cancel_requested)
             })
         })
-        .await?
-        .ok_or(StoreError::LeaseLost)
+        .await
     }
 
     /// `assigned` → `running`, once; later calls change nothing (`false`).
     pub async fn mark_running(&self, job_id: &str, token: i64) -> Result<bool, StoreError> {
-        self.transition(job_id, token, |conn, held| {
+        self.fenced(job_id, token, |conn, held| {
             Box::pin(async move {
                 if held.status == JobStatus::Running {
                     return Ok(false);
@@ -419,8 +456,7 @@ impl Store {
                 Ok(true)
             })
         })
-        .await?
-        .ok_or(StoreError::LeaseLost)
+        .await
     }
 
     /// Records the collected outputs and completes the job.
@@ -430,11 +466,11 @@ impl Store {
         token: i64,
         outputs: Vec<OutputRecord>,
     ) -> Result<(), StoreError> {
-        self.transition(job_id, token, |conn, held| {
-            Box::pin(async move { apply(conn, &held, Step::Completed(outputs)).await })
+        let step = Step::Completed(outputs);
+        self.fenced(job_id, token, |conn, held| {
+            Box::pin(async move { apply(conn, &held, step).await })
         })
-        .await?
-        .ok_or(StoreError::LeaseLost)
+        .await
     }
 
     /// The backend confirmed (or did not answer in time): the job is cancelled.
@@ -458,15 +494,8 @@ impl Store {
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    let row = sqlx::query(
-                        "SELECT status, backend_id, attempts, lease_token FROM jobs WHERE id = ?",
-                    )
-                    .bind(&job_id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                    let Some(row) = row else {
-                        return Err(StoreError::NotFound(format!("job `{job_id}`")));
-                    };
+                    let row =
+                        job_row(conn, &job_id, "status, backend_id, attempts, lease_token").await?;
                     let current: JobStatus = row.try_get("status")?;
                     if current.is_terminal() {
                         return Err(StoreError::InvalidState(format!(
@@ -517,13 +546,7 @@ impl Store {
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    let row = sqlx::query("SELECT status, attempts, max_attempts FROM jobs WHERE id = ?")
-                        .bind(&job_id)
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                    let Some(row) = row else {
-                        return Err(StoreError::NotFound(format!("job `{job_id}`")));
-                    };
+                    let row = job_row(conn, &job_id, "status, attempts, max_attempts").await?;
                     let current: JobStatus = row.try_get("status")?;
                     if !matches!(current, JobStatus::Failed | JobStatus::Cancelled) {
                         return Err(StoreError::InvalidState(format!(
