@@ -95,27 +95,36 @@ fn main() {
             let _ = rx.await;
         }));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/submit.lua");
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new("wrk")
-                .args([
-                    "-t",
-                    "2",
-                    "-c",
-                    "64",
-                    "-d",
-                    "10s",
-                    "--latency",
-                    "-s",
-                    script,
-                    &url,
-                ])
-                .output()
-        })
-        .await
-        .unwrap();
-        match out {
-            Ok(o) => println!("{}", String::from_utf8_lossy(&o.stdout)),
-            Err(e) => println!("wrk not found ({e}); install it with `apt-get install wrk`"),
+        let wrk = |args: Vec<String>| async move {
+            tokio::task::spawn_blocking(move || Command::new("wrk").args(args).output())
+                .await
+                .unwrap()
+        };
+        let common = |extra: &[&str], target: String| -> Vec<String> {
+            let mut a: Vec<String> = ["-t", "2", "-c", "64", "-d", "10s", "--latency"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a.push(target);
+            a
+        };
+        // The limit beside it: the cheapest route on the same server, same load.
+        match wrk(common(&[], format!("{url}/api/health"))).await {
+            Ok(o) => println!(
+                "limit: GET /api/health on the same server\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            ),
+            Err(e) => {
+                println!("wrk not found ({e}); install it with `apt-get install wrk`");
+                return;
+            }
+        }
+        if let Ok(o) = wrk(common(&["-s", script], url.clone())).await {
+            println!(
+                "durable submissions: POST /api/job\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            );
         }
         let counts = store.job_counts().await.unwrap();
         println!("jobs stored: {counts:?}");

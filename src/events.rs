@@ -39,12 +39,17 @@ pub struct Published {
     pub event: JobEvent,
     /// Its wire JSON (`crate::api::wire::Event`).
     pub json: String,
+    /// Its server-sent-events frame (`id`, `event`, `data`), built once for
+    /// every subscriber.
+    pub sse: bytes::Bytes,
 }
 
 impl Published {
-    fn new(event: JobEvent) -> Arc<Published> {
+    pub(crate) fn new(event: JobEvent) -> Arc<Published> {
         let json = serde_json::to_string(&wire::Event::from(event.clone())).unwrap_or_default();
-        Arc::new(Published { event, json })
+        // Compact JSON holds no newline, so it is one `data:` line.
+        let sse = format!("id: {}\nevent: {}\ndata: {json}\n\n", event.seq, event.kind).into();
+        Arc::new(Published { event, json, sse })
     }
 }
 

@@ -268,7 +268,7 @@ pub fn parse(
     Ok(Parsed {
         job: NewJob {
             affinity,
-            id: uuid::Uuid::new_v4().to_string(),
+            id: uuid::Uuid::now_v7().to_string(),
             workflow_id,
             priority,
             requires,

@@ -188,6 +188,14 @@ impl Service {
         let app = api::app(state);
         let deadline = Arc::new(OnceLock::new());
         let (stopping, set_deadline) = (stop.clone(), deadline.clone());
+        // Without TCP_NODELAY a small write (an event frame, a short reply)
+        // waits for the previous one's acknowledgement: tens of ms on a
+        // live stream that sends two events in a row.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        });
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("stopping: no new requests or leases; finishing requests in flight");

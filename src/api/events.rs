@@ -1,13 +1,13 @@
 //! Live progress routes: server-sent events and a WebSocket.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::{Stream, StreamExt};
@@ -82,11 +82,33 @@ fn parse(query: Option<&str>, headers: &HeaderMap) -> Result<(EventFilter, Optio
     Ok((f, after))
 }
 
-fn sse_event(p: &Published) -> Event {
-    Event::default()
-        .id(p.event.seq.to_string())
-        .event(p.event.kind.clone())
-        .data(p.json.clone())
+/// A comment line every so often keeps proxies from closing a quiet stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The frames of `events`, several per write when several are ready (a
+/// thousand dashboards cost a thousand writes per commit, not per event),
+/// with a keep-alive comment when the stream is quiet; ends with `events`.
+fn sse_body(
+    events: impl Stream<Item = Arc<Published>> + Send + 'static,
+) -> impl Stream<Item = Result<bytes::Bytes, Infallible>> + Send + 'static {
+    let frames = events.ready_chunks(64).map(|batch| {
+        let mut buf = bytes::BytesMut::new();
+        for p in batch {
+            buf.extend_from_slice(&p.sse);
+        }
+        buf.freeze()
+    });
+    let tick = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    futures::stream::unfold(
+        (frames.boxed(), tick),
+        |(mut frames, mut tick)| async move {
+            let next = tokio::select! {
+                frame = frames.next() => frame?,
+                _ = tick.tick() => bytes::Bytes::from_static(b": keep-alive\n\n"),
+            };
+            Some((Ok(next), (frames, tick)))
+        },
+    )
 }
 
 /// Server-sent events: job state changes, progress (a few a second at most)
@@ -112,17 +134,21 @@ pub(super) async fn sse(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let (filter, after) = parse(query.as_deref(), &headers)?;
     let after = match after {
         Some(a) => a,
         None => state.store.latest_event_seq().await?,
     };
-    let stream = state
-        .events
-        .follow(filter, after)
-        .map(|p| Ok(sse_event(&p)));
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    let body = axum::body::Body::from_stream(sse_body(state.events.follow(filter, after)));
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "text/event-stream"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// Messages a WebSocket client sends.
@@ -238,5 +264,51 @@ async fn ws_session(state: AppState, mut socket: WebSocket) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::JobEvent;
+
+    fn event(seq: i64) -> Arc<Published> {
+        Published::new(JobEvent {
+            seq,
+            job_id: Some(format!("job-{seq}")),
+            workflow_id: None,
+            at: chrono::Utc::now(),
+            kind: "running".into(),
+            status: None,
+            backend_id: None,
+            attempt: None,
+            message: None,
+            data: None,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_ready_together_share_a_write_and_a_quiet_stream_gets_keep_alives() {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut body = Box::pin(sse_body(rx));
+        tx.unbounded_send(event(1)).unwrap();
+        tx.unbounded_send(event(2)).unwrap();
+        let first = body.next().await.unwrap().unwrap();
+        let text = String::from_utf8(first.to_vec()).unwrap();
+        assert!(
+            text.starts_with("id: 1\nevent: running\ndata: {")
+                && text.contains("\n\nid: 2\nevent: running\ndata: {")
+                && text.ends_with("}\n\n"),
+            "{text}"
+        );
+        let start = tokio::time::Instant::now();
+        let quiet = body.next().await.unwrap().unwrap();
+        assert_eq!(&quiet[..], b": keep-alive\n\n");
+        assert_eq!(start.elapsed(), KEEP_ALIVE);
+        drop(tx);
+        assert!(
+            body.next().await.is_none(),
+            "the stream ends with its events"
+        );
     }
 }
