@@ -311,67 +311,34 @@ async fn mixed_models(affinity: bool, jobs: usize, job_ms: u64, load_ms: u64) {
     let _ = task.await;
 }
 
-/// CPU time this process has used (user + system), from /proc.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime): the 12th and 13th after the name.
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    let ticks = field(11) + field(12);
-    Duration::from_millis(ticks * 10)
+/// Job counts by status, from `/api/health`.
+async fn counts(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    let h: serde_json::Value = client
+        .get(format!("{url}/api/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    h["jobs"].clone()
 }
 
-fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
-/// A farm of `backends` simulated backends (in this process, `--job-ms 0`)
-/// on default settings: submit latency from 16 clients, jobs per second,
-/// and what the idle farm costs (CPU of the whole process, simulators
-/// included, over 10 s; resident memory).
-async fn big_farm(backends: usize, jobs: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let (sims, configs) = common::sims(backends, 0, 2).await;
-    let config = Config {
-        data_dir: dir.path().join("data"),
-        workflows_dir: dir.path().join("workflows"),
-        backends: configs,
-        ..Default::default()
-    };
-    let started = Instant::now();
-    let service = Service::start(config).await.unwrap();
-    let store = service.store().clone();
-    let (url, stop, task) = common::serve(service).await;
-    wait_online_for(&store, backends, Duration::from_secs(300)).await;
-    let online = started.elapsed();
-    // Let the first inventory reads and reconciles pass.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let cpu0 = cpu_time();
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle = (cpu_time() - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
-    let rss = rss_mb();
+/// Submits `n` jobs from `clients` concurrent clients; the latency of each.
+async fn submit_timed(url: &str, n: usize, clients: usize) -> Vec<f64> {
     let client = reqwest::Client::new();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (client, next, url) = (client.clone(), next.clone(), url.clone());
+    for _ in 0..clients {
+        let (client, next, url) = (client.clone(), next.clone(), url.to_string());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= jobs {
+                if i >= n {
                     return lat;
                 }
-                let body = json!({"workflow_id": "image_blur", "parameters": {"width": 16, "height": 16, "color": i}});
+                let body = json!({"workflow_id": "image_blur", "parameters": {"width": 16, "height": 16, "color": i % 256}});
                 let t = Instant::now();
                 let r = client.post(format!("{url}/api/job")).json(&body).send().await.unwrap();
                 assert_eq!(r.status(), 201);
@@ -383,40 +350,103 @@ async fn big_farm(backends: usize, jobs: usize) {
     for t in tasks {
         lat.extend(t.await.unwrap());
     }
-    while (completed_store(&store).await as usize) < jobs {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    lat
+}
+
+/// A farm of `backends` simulated backends (in this process, `--job-ms 0`)
+/// in front of the release binary on default settings, a process of its
+/// own so that its CPU and memory are measured alone: what the idle farm
+/// costs it (CPU over 10 s, resident memory), submit latency from 16
+/// clients and jobs per second end to end, then its memory while `queued`
+/// more jobs wait (submitted from 64 clients, sampled for 10 s).
+async fn big_farm(backends: usize, jobs: usize, queued: usize) {
+    if !std::path::Path::new(common::RELEASE_BIN).exists() {
+        println!("large farm: build the release binary first (cargo build --release)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (sims, configs) = common::sims(backends, 0, 2).await;
+    let mut yaml = format!(
+        "data_dir: {}\nworkflows_dir: {}\ninbox:\n  enabled: false\nbackends:\n",
+        dir.path().join("data").display(),
+        dir.path().join("workflows").display()
+    );
+    for b in &configs {
+        yaml.push_str(&format!(
+            "  - id: {}\n    host: 127.0.0.1\n    port: {}\n    max_inflight: 2\n",
+            b.id, b.port
+        ));
+    }
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let started = Instant::now();
+    let (child, url) = common::spawn_release(&["--config".as_ref(), config.as_os_str()]).await;
+    let pid = child.id().unwrap();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let list: serde_json::Value = client
+            .get(format!("{url}/api/backends"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let online = list["backends"]
+            .as_array()
+            .map_or(0, |l| l.iter().filter(|b| b["state"] == "online").count());
+        if online == backends || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let online = started.elapsed();
+    // Let the first inventory reads and reconciles pass.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpu0 = common::cpu_time(pid);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = (common::cpu_time(pid) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let idle_rss = common::rss_kb(pid) as f64 / 1024.0;
+    let start = Instant::now();
+    let lat = submit_timed(&url, jobs, 16).await;
+    while counts(&client, &url).await["completed"]
+        .as_u64()
+        .unwrap_or(0)
+        < jobs as u64
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let total = start.elapsed().as_secs_f64();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let q = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
     println!(
-        "farm of {backends} simulated backends (in process, --job-ms 0, default settings): all online after {:.1} s; idle: {:.1}% of a core (process with its simulators), RSS {rss:.0} MB; {jobs} jobs from 16 clients: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s end to end",
+        "farm of {backends} simulated backends (--job-ms 0) before the release binary (default settings): all online after {:.1} s; idle: {:.1}% of a core, RSS {idle_rss:.0} MB; {jobs} jobs from 16 clients: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s end to end",
         online.as_secs_f64(),
         idle * 100.0,
         q(0.5),
         q(0.99),
         jobs as f64 / total
     );
-    drop(sims);
-    let _ = stop.send(());
-    let _ = task.await;
-}
-
-async fn wait_online_for(store: &orchestrator::store::Store, n: usize, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let online = store
-            .backends()
-            .await
-            .unwrap()
-            .iter()
-            .filter(|b| b.state == orchestrator::store::BackendState::Online)
-            .count();
-        if online == n || Instant::now() > deadline {
-            return;
+    if queued > 0 {
+        let t = Instant::now();
+        submit_timed(&url, queued, 64).await;
+        let rate = queued as f64 / t.elapsed().as_secs_f64();
+        let mut peak = 0u64;
+        let mut waiting = 0;
+        for _ in 0..20 {
+            peak = peak.max(common::rss_kb(pid));
+            waiting = counts(&client, &url).await["queued"].as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        println!(
+            "  then {queued} more jobs submitted ({rate:.0}/s) while the farm runs: RSS at most {:.0} MB over the next 10 s, {waiting} still queued at the end",
+            peak as f64 / 1024.0
+        );
     }
+    drop(child);
+    drop(sims);
 }
 
 fn main() {
@@ -430,11 +460,12 @@ fn main() {
     let only_mixed = std::env::args().any(|a| a == "mixed");
     if std::env::args().any(|a| a == "big") {
         let n = common::arg("--big-backends", 1000);
+        let queued = common::arg("--queued", 100_000);
         rt.block_on(async {
             if n != 8 {
-                big_farm(8, 1000).await;
+                big_farm(8, 1000, 0).await;
             }
-            big_farm(n, 1000).await;
+            big_farm(n, 1000, queued).await;
         });
         return;
     }

@@ -171,21 +171,9 @@ async fn startup(queued: i64, running: i64) {
     let _ = task.await;
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// RSS of the real binary: idle, and with `queued` jobs in its queue.
 async fn memory(queued: i64) {
-    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/orchestrator");
-    if !std::path::Path::new(bin).exists() {
+    if !std::path::Path::new(common::RELEASE_BIN).exists() {
         println!("memory: build the release binary first (cargo build --release)");
         return;
     }
@@ -211,22 +199,9 @@ async fn memory(queued: i64) {
                 .unwrap();
             stop_service(service).await;
         }
-        let mut child = tokio::process::Command::new(bin)
-            .args(["serve", "--port", "0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = loop {
-            let line = lines.next_line().await.unwrap().unwrap();
-            if let Some(u) = line.strip_prefix("orchestrator listening on ") {
-                break u.to_string();
-            }
-        };
+        let data = dir.path().join("data");
+        let (mut child, url) =
+            common::spawn_release(&["--data-dir".as_ref(), data.as_os_str()]).await;
         // Touch the API so that the pools and caches are warm.
         for _ in 0..20 {
             reqwest::get(format!("{url}/api/jobs?limit=100"))
@@ -243,7 +218,7 @@ async fn memory(queued: i64) {
                 .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let rss = rss_kb(child.id().unwrap());
+        let rss = common::rss_kb(child.id().unwrap());
         println!(
             "memory of the release binary with {n} queued jobs: RSS {:.1} MB",
             rss as f64 / 1024.0

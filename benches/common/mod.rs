@@ -69,3 +69,53 @@ pub async fn serve(
     }));
     (url, tx, task)
 }
+
+/// The release binary, which the process-level scenarios run as a user
+/// would (`cargo build --release` first).
+pub const RELEASE_BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/orchestrator");
+
+/// Starts the release binary with `args` (after `serve --port 0`) and
+/// returns it with the URL it printed once listening.
+pub async fn spawn_release(args: &[&std::ffi::OsStr]) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(RELEASE_BIN)
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next_line().await.unwrap().unwrap();
+        if let Some(u) = line.strip_prefix("orchestrator listening on ") {
+            break u.to_string();
+        }
+    };
+    // Keep reading its output so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, url)
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) process `pid` has used, from /proc.
+pub fn cpu_time(pid: u32) -> std::time::Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime): the 12th and 13th after the name.
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    std::time::Duration::from_millis((field(11) + field(12)) * 10)
+}

@@ -167,6 +167,9 @@ impl ComfyClient {
             .build()
             .expect("http client");
         let downloads = reqwest::Client::builder()
+            // An idle download connection holds a buffer grown to the size
+            // of the outputs it carried: let it go once the box is quiet.
+            .pool_idle_timeout(Duration::from_secs(5))
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .read_timeout(timeout)
             .build()
@@ -235,9 +238,19 @@ impl ComfyClient {
     }
 
     async fn get_json(&self, path: &str) -> Result<Value, ComfyError> {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
+        self.get_json_with(path, false).await
+    }
+
+    /// `close`: for a large answer (`/object_info`), read on a connection of
+    /// its own that closes after it; a kept connection would hold a read
+    /// buffer grown to the answer's size for as long as it lives (0.4 MB a
+    /// backend with the simulator's definitions, more with custom nodes).
+    async fn get_json_with(&self, path: &str, close: bool) -> Result<Value, ComfyError> {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if close {
+            request = request.header(reqwest::header::CONNECTION, "close");
+        }
+        let r = request
             .send()
             .await
             .map_err(|e| net_error(e, self.timeout))?;
@@ -365,7 +378,7 @@ impl ComfyClient {
     /// `GET /object_info`: every node class with its inputs (read within
     /// the reply cap: with many custom nodes it runs to tens of MB).
     pub async fn object_info(&self) -> Result<serde_json::Map<String, Value>, ComfyError> {
-        match self.get_json("/object_info").await? {
+        match self.get_json_with("/object_info", true).await? {
             Value::Object(m) => Ok(m),
             _ => Err(ComfyError::BadResponse(
                 "/object_info is not an object".into(),
@@ -510,7 +523,14 @@ impl ComfyClient {
     /// Opens `GET /ws?clientId=...`.
     pub async fn connect(&self) -> Result<EventStream, ComfyError> {
         let url = format!("{}/ws?clientId={}", self.ws_base, self.client_id);
-        let (ws, _) = tokio::time::timeout(self.timeout, tokio_tungstenite::connect_async(url))
+        // A socket per backend, mostly quiet: small buffers (tungstenite's
+        // default is 128 KiB each way, 256 MB on a farm of 1,000 boxes); a
+        // bigger message (a preview frame) still grows the read buffer.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(8 * 1024)
+            .write_buffer_size(0);
+        let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+        let (ws, _) = tokio::time::timeout(self.timeout, connect)
             .await
             .map_err(|_| ComfyError::Timeout(self.timeout))?
             .map_err(|e| ComfyError::Unreachable(e.to_string()))?;
