@@ -5,14 +5,56 @@
 //! leases: one that stops answering is `offline`, one too old to be driven
 //! safely is `incompatible` (with the reason in `last_error`); dispatch takes
 //! a silent backend's jobs back once it has been silent past the grace period.
+//!
+//! A backend whose dispatch socket is heard (its pings answered) is known to
+//! be alive, so it is polled less often (see [`Pulse`]): on a farm of a
+//! thousand idle boxes the polls were most of the orchestrator's idle work.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::comfy::{version_problem, ComfyClient, ComfyError};
 use crate::inventory::Inventory;
 use crate::store::{BackendStats, Store};
+
+/// What the dispatch worker's socket tells the monitor of the same backend.
+///
+/// Why: a socket whose pings are answered proves the box is up more cheaply
+/// than a poll (two HTTP requests). While it is heard the monitor polls at
+/// [`QUIET_FACTOR`] times its interval (for VRAM and queue figures, and
+/// version changes);
+/// when the socket opens or breaks, the monitor polls at once, so a box that
+/// goes down is still seen within a ping.
+#[derive(Debug, Default)]
+pub struct Pulse {
+    heard: Mutex<Option<Instant>>,
+    changed: Notify,
+}
+
+impl Pulse {
+    /// The socket answered (a message or a pong).
+    pub fn heard(&self) {
+        *self.heard.lock().expect("pulse") = Some(Instant::now());
+    }
+
+    /// The socket opened or broke: the monitor should look now.
+    pub fn socket_changed(&self) {
+        *self.heard.lock().expect("pulse") = None;
+        self.changed.notify_one();
+    }
+
+    /// Whether the socket was heard within `within`.
+    fn fresh(&self, within: Duration) -> bool {
+        self.heard
+            .lock()
+            .expect("pulse")
+            .is_some_and(|t| t.elapsed() < within)
+    }
+}
 
 /// What a monitor calls back with.
 pub struct Hooks {
@@ -20,6 +62,8 @@ pub struct Hooks {
     pub on_change: Box<dyn Fn() + Send>,
     /// A new inventory was read and stored.
     pub on_inventory: Box<dyn Fn(Inventory) + Send>,
+    /// The dispatch socket's news of the backend.
+    pub pulse: std::sync::Arc<Pulse>,
 }
 
 /// Polls one backend until `stop`, and reads its inventory when it first
@@ -41,6 +85,7 @@ pub async fn run(
         interval,
         offset,
         inventory_every,
+        socket_fresh,
     } = timing;
     // Polls of a large farm are spread over the interval, not on one beat.
     tokio::select! {
@@ -112,9 +157,11 @@ pub async fn run(
         } else {
             down_since.or_else(|| Some(tokio::time::Instant::now()))
         };
-        let wait = next_poll(interval, down_since.map(|t| t.elapsed()));
+        let heard = usable && hooks.pulse.fresh(socket_fresh);
+        let wait = next_poll(interval, down_since.map(|t| t.elapsed()), heard);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = hooks.pulse.changed.notified() => {}
             _ = stop.cancelled() => return,
         }
     }
@@ -129,6 +176,9 @@ pub struct Timing {
     pub offset: Duration,
     /// Between two reads of its inventory.
     pub inventory_every: Duration,
+    /// A socket heard within this long proves the backend up (twice the
+    /// dispatch heartbeat: a quiet socket is pinged every heartbeat).
+    pub socket_fresh: Duration,
 }
 
 /// Polls a coming-up backend is held back while its inventory cannot be
@@ -144,11 +194,17 @@ const BACK_OFF_AFTER: Duration = Duration::from_secs(60);
 /// ...but at least this often (its own worker also keeps trying to connect).
 const BACKED_OFF_INTERVAL: Duration = Duration::from_secs(30);
 
-/// The wait before the next poll: the interval, longer for a backend that
-/// has been down a while (a box switched off for the night costs little).
-fn next_poll(interval: Duration, down_for: Option<Duration>) -> Duration {
+/// A backend whose socket is heard is polled this many times less often
+/// (every 10 s on the default 2 s interval).
+pub const QUIET_FACTOR: u32 = 5;
+
+/// The wait before the next poll: the interval; longer for a backend that
+/// has been down a while (a box switched off for the night costs little),
+/// and for one whose socket is `heard` (it is known to be up).
+fn next_poll(interval: Duration, down_for: Option<Duration>, heard: bool) -> Duration {
     match down_for {
         Some(d) if d >= BACK_OFF_AFTER => (interval * 8).min(BACKED_OFF_INTERVAL).max(interval),
+        _ if heard => interval * QUIET_FACTOR,
         _ => interval,
     }
 }
@@ -225,17 +281,44 @@ mod tests {
     #[test]
     fn a_backend_down_a_while_is_polled_less_often() {
         let i = Duration::from_secs(2);
-        assert_eq!(next_poll(i, None), i);
-        assert_eq!(next_poll(i, Some(Duration::from_secs(59))), i);
+        assert_eq!(next_poll(i, None, false), i);
+        assert_eq!(next_poll(i, Some(Duration::from_secs(59)), false), i);
         assert_eq!(
-            next_poll(i, Some(Duration::from_secs(61))),
+            next_poll(i, Some(Duration::from_secs(61)), false),
             Duration::from_secs(16)
         );
         assert_eq!(
-            next_poll(Duration::from_secs(10), Some(Duration::from_secs(600))),
+            next_poll(
+                Duration::from_secs(10),
+                Some(Duration::from_secs(600)),
+                false
+            ),
             Duration::from_secs(30)
         );
         let slow = Duration::from_secs(60);
-        assert_eq!(next_poll(slow, Some(Duration::from_secs(600))), slow);
+        assert_eq!(next_poll(slow, Some(Duration::from_secs(600)), false), slow);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_whose_socket_is_heard_is_polled_less_often_until_the_socket_breaks() {
+        let i = Duration::from_secs(2);
+        let fresh = Duration::from_secs(10);
+        let pulse = Pulse::default();
+        assert!(!pulse.fresh(fresh), "never heard");
+        pulse.heard();
+        assert!(pulse.fresh(fresh));
+        assert_eq!(
+            next_poll(i, None, pulse.fresh(fresh)),
+            Duration::from_secs(10)
+        );
+        tokio::time::advance(fresh).await;
+        assert!(!pulse.fresh(fresh), "silent for a heartbeat twice over");
+        pulse.heard();
+        // The socket broke: the monitor is told at once and polls at its pace.
+        pulse.socket_changed();
+        assert!(!pulse.fresh(fresh));
+        tokio::time::timeout(Duration::from_millis(1), pulse.changed.notified())
+            .await
+            .expect("the monitor is woken");
     }
 }

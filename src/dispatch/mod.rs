@@ -272,6 +272,7 @@ impl Farm {
         let count = receivers.len().max(1) as u32;
         for (i, (b, rx, client)) in receivers.into_iter().enumerate() {
             let (woken, informed, id) = (shared.clone(), shared.clone(), b.id.clone());
+            let pulse = Arc::new(crate::monitor::Pulse::default());
             tasks.spawn(crate::monitor::run(
                 store.clone(),
                 b.id.clone(),
@@ -280,14 +281,16 @@ impl Farm {
                     interval,
                     offset: interval * i as u32 / count,
                     inventory_every: Duration::from_secs(config.inventory.refresh_interval_s),
+                    socket_fresh: Duration::from_millis(config.dispatch.heartbeat_ms * 2),
                 },
                 stop.clone(),
                 crate::monitor::Hooks {
                     on_change: Box::new(move || woken.wake()),
                     on_inventory: Box::new(move |inv| informed.set_inventory(&id, inv)),
+                    pulse: pulse.clone(),
                 },
             ));
-            let worker = worker::Worker::new(shared.clone(), b.id.clone(), client, &b);
+            let worker = worker::Worker::new(shared.clone(), b.id.clone(), client, &b, pulse);
             tasks.spawn(worker.run(rx));
         }
         Ok(Farm { shared })

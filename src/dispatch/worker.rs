@@ -63,6 +63,8 @@ pub(super) struct Worker {
     pub(super) stuck: bool,
     /// Inputs uploaded since the last connect (a reconnect may be a restart).
     uploaded: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    /// What the socket tells this backend's monitor.
+    pulse: Arc<crate::monitor::Pulse>,
 }
 
 impl Worker {
@@ -71,6 +73,7 @@ impl Worker {
         id: String,
         client: ComfyClient,
         config: &BackendConfig,
+        pulse: Arc<crate::monitor::Pulse>,
     ) -> Worker {
         Worker {
             progress: ProgressBook::new(shared.clone()),
@@ -87,6 +90,7 @@ impl Worker {
             link: Link::new(),
             stuck: false,
             uploaded: Arc::default(),
+            pulse,
         }
     }
 
@@ -164,8 +168,11 @@ impl Worker {
                 _ = bell.notified() => dirty = true,
                 _ = flush.tick(), if self.progress.has_pending() => self.progress.flush().await,
                 _ = tick.tick() => {
-                    // A safety net only: queued jobs ring a waiting worker.
-                    dirty |= last_fill.elapsed() >= poll * 5;
+                    // A safety net only: queued jobs ring a waiting worker
+                    // (rarer for an idle one: on a large farm these reads
+                    // were most of an idle orchestrator's database work).
+                    let net = if self.tracked.is_empty() { poll * 15 } else { poll * 5 };
+                    dirty |= last_fill.elapsed() >= net;
                     self.check_health().await;
                     self.check_timeouts().await;
                     // A safety net for anything missed: ask the backend now and then.
@@ -195,6 +202,7 @@ impl Worker {
                 }
                 tracing::info!(backend_id = %self.id, "connected to backend");
                 self.link.connected(stream, self.deaf_after());
+                self.pulse.socket_changed();
                 // It may have restarted empty: inputs are uploaded again.
                 self.uploaded.lock().expect("uploads").clear();
                 self.reconcile().await;
@@ -224,6 +232,7 @@ impl Worker {
     async fn lost_link(&mut self, why: &str) {
         tracing::warn!(backend_id = %self.id, "reconnecting to the backend: {why}");
         self.link.down_since.get_or_insert_with(Instant::now);
+        self.pulse.socket_changed();
         if let Some(old) = self.link.stream.take() {
             // ComfyUI forgets our registration when an old socket ends:
             // the old one must be gone before the new one opens.
@@ -448,6 +457,7 @@ impl Worker {
     }
 
     async fn on_event(&mut self, ev: WsEvent) {
+        self.pulse.heard();
         if ev == WsEvent::Pong {
             // Proves the connection, not that ComfyUI still sends us our messages.
             self.link.pong();
