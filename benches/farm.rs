@@ -357,7 +357,8 @@ async fn submit_timed(url: &str, n: usize, clients: usize) -> Vec<f64> {
 /// A farm of `backends` simulated backends (in this process, `--job-ms 0`)
 /// in front of the release binary on default settings, a process of its
 /// own so that its CPU and memory are measured alone: what the idle farm
-/// costs it (CPU over 10 s, resident memory), submit latency from 16
+/// costs it (CPU over 20 s once settled, `--settle` seconds after all are
+/// online; resident memory), submit latency from 16
 /// clients and jobs per second end to end, then its memory while `queued`
 /// more jobs wait (submitted from 64 clients, sampled for 10 s).
 async fn big_farm(backends: usize, jobs: usize, queued: usize) {
@@ -403,11 +404,12 @@ async fn big_farm(backends: usize, jobs: usize, queued: usize) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let online = started.elapsed();
-    // Let the first inventory reads and reconciles pass.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Let the first inventory reads, reconciles and records pass: the
+    // steady idle state is what a farm lives in.
+    tokio::time::sleep(Duration::from_secs(common::arg("--settle", 30))).await;
     let cpu0 = common::cpu_time(pid);
     let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
     let idle = (common::cpu_time(pid) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
     let idle_rss = common::rss_kb(pid) as f64 / 1024.0;
     let start = Instant::now();

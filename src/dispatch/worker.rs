@@ -168,16 +168,17 @@ impl Worker {
                 _ = bell.notified() => dirty = true,
                 _ = flush.tick(), if self.progress.has_pending() => self.progress.flush().await,
                 _ = tick.tick() => {
-                    // A safety net only: queued jobs ring a waiting worker
-                    // (rarer for an idle one: on a large farm these reads
-                    // were most of an idle orchestrator's database work).
+                    // Safety nets only (queued jobs ring a waiting worker;
+                    // a connect reconciles), so rarer for a worker holding
+                    // nothing: on a large farm these reads were most of an
+                    // idle orchestrator's database work.
                     let net = if self.tracked.is_empty() { poll * 15 } else { poll * 5 };
                     dirty |= last_fill.elapsed() >= net;
                     self.check_health().await;
                     self.check_timeouts().await;
-                    // A safety net for anything missed: ask the backend now and then.
+                    // Ask the backend now and then about anything missed.
                     let due = self.reconcile_at.is_some_and(|t| Instant::now() >= t);
-                    if due || last_round.elapsed() >= poll * 5 {
+                    if due || last_round.elapsed() >= net {
                         last_round = Instant::now();
                         self.reconcile_at = None;
                         self.reconcile().await;
