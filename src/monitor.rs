@@ -83,13 +83,16 @@ pub async fn run(
 ) {
     let Timing {
         interval,
-        offset,
+        start,
         inventory_every,
         socket_fresh,
     } = timing;
-    // Polls of a large farm are spread over the interval, not on one beat.
+    // Polls of a large farm are spread over the interval, not on one beat,
+    // and stay on their grid (start + a whole number of intervals), so the
+    // monitors of one slot poll together.
+    let mut planned = start;
     tokio::select! {
-        _ = tokio::time::sleep(offset) => {}
+        _ = tokio::time::sleep_until(planned) => {}
         _ = stop.cancelled() => return,
     }
     let mut was_usable: Option<bool> = None;
@@ -129,8 +132,9 @@ pub async fn run(
             }
         }
         if wait_and_retry {
+            planned = next_planned(planned, interval, interval);
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep_until(planned) => {}
                 _ = stop.cancelled() => return,
             }
             continue;
@@ -159,8 +163,12 @@ pub async fn run(
         };
         let heard = usable && hooks.pulse.fresh(socket_fresh);
         let wait = next_poll(interval, down_since.map(|t| t.elapsed()), heard);
+        if planned <= Instant::now() {
+            // This was the planned poll (not one the socket asked for).
+            planned = next_planned(planned, wait, interval);
+        }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(planned) => {}
             _ = hooks.pulse.changed.notified() => {}
             _ = stop.cancelled() => return,
         }
@@ -172,8 +180,9 @@ pub async fn run(
 pub struct Timing {
     /// Between two polls of a backend that answers.
     pub interval: Duration,
-    /// Before the first poll (this backend's place in the spread).
-    pub offset: Duration,
+    /// The first poll (this backend's slot in the spread); later ones fall
+    /// a whole number of intervals after it.
+    pub start: Instant,
     /// Between two reads of its inventory.
     pub inventory_every: Duration,
     /// A socket heard within this long proves the backend up (twice the
@@ -193,6 +202,19 @@ const BACK_OFF_AFTER: Duration = Duration::from_secs(60);
 
 /// ...but at least this often (its own worker also keeps trying to connect).
 const BACKED_OFF_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The poll after one planned at `planned`: `wait` later, or if that has
+/// passed already (a slow poll), the next point of the grid of `interval`.
+fn next_planned(planned: Instant, wait: Duration, interval: Duration) -> Instant {
+    let next = planned + wait;
+    let now = Instant::now();
+    if next > now {
+        return next;
+    }
+    let step = interval.as_nanos().max(1);
+    let behind = (now - next).as_nanos() / step + 1;
+    next + Duration::from_nanos((behind * step).min(u64::MAX as u128) as u64)
+}
 
 /// A backend whose socket is heard is polled this many times less often
 /// (every 10 s on the default 2 s interval).
@@ -320,5 +342,19 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(1), pulse.changed.notified())
             .await
             .expect("the monitor is woken");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polls_stay_on_their_grid_even_after_a_slow_one() {
+        let i = Duration::from_secs(2);
+        let start = Instant::now();
+        assert_eq!(next_planned(start, i, i), start + i);
+        assert_eq!(next_planned(start, i * 5, i), start + i * 5);
+        // A poll that took 4.5 s: the next one is the next point of the grid.
+        tokio::time::advance(Duration::from_millis(4_500)).await;
+        assert_eq!(next_planned(start, i, i), start + i * 3);
+        // Exactly on a point that has come: the one after it.
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        assert_eq!(next_planned(start, i, i), start + i * 4);
     }
 }

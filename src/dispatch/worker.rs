@@ -65,6 +65,8 @@ pub(super) struct Worker {
     uploaded: Arc<std::sync::Mutex<HashMap<String, String>>>,
     /// What the socket tells this backend's monitor.
     pulse: Arc<crate::monitor::Pulse>,
+    /// Its place among the farm's timer slots (`super::SLOTS`).
+    slot: u32,
 }
 
 impl Worker {
@@ -74,6 +76,7 @@ impl Worker {
         client: ComfyClient,
         config: &BackendConfig,
         pulse: Arc<crate::monitor::Pulse>,
+        slot: u32,
     ) -> Worker {
         Worker {
             progress: ProgressBook::new(shared.clone()),
@@ -91,6 +94,7 @@ impl Worker {
             stuck: false,
             uploaded: Arc::default(),
             pulse,
+            slot,
         }
     }
 
@@ -118,8 +122,12 @@ impl Worker {
         let mut wake = self.shared.wake.subscribe();
         let bell = self.shared.idle.bell(&self.id);
         let poll = Duration::from_millis(self.shared.config.dispatch.poll_interval_ms);
-        let mut tick = tokio::time::interval(poll.min(self.heartbeat()));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Ticks in this worker's slot of the period, with the other workers
+        // of that slot (one wake for all of them), and kept on that grid.
+        let period = poll.min(self.heartbeat());
+        let first = self.shared.epoch + period * self.slot / super::SLOTS;
+        let mut tick = tokio::time::interval_at(first, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut flush = tokio::time::interval(PROGRESS_EVERY);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_round = Instant::now();
