@@ -159,21 +159,18 @@ async fn scenario(clients: &tokio::runtime::Handle, subscribers: usize, jobs: us
         }
         latencies.extend(job_latencies);
     }
-    let quantile = |v: &mut Vec<f64>, q: f64| {
+    // Each list sorted once, then read at any quantile.
+    for v in [&mut firsts, &mut spreads, &mut latencies] {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
+    let quantile = |v: &[f64], q: f64| {
         v.get(((v.len().max(1) - 1) as f64 * q) as usize)
             .copied()
             .unwrap_or(f64::NAN)
     };
-    let (first50, first99) = (quantile(&mut firsts, 0.5), quantile(&mut firsts, 0.99));
-    let (spread50, spread99) = (quantile(&mut spreads, 0.5), quantile(&mut spreads, 0.99));
-    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let p = |q: f64| {
-        latencies
-            .get(((latencies.len().max(1) - 1) as f64 * q) as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let (first50, first99) = (quantile(&firsts, 0.5), quantile(&firsts, 0.99));
+    let (spread50, spread99) = (quantile(&spreads, 0.5), quantile(&spreads, 0.99));
+    let p = |q: f64| quantile(&latencies, q);
     let complete = seen_by
         .iter()
         .filter(|s| s.lock().unwrap().len() >= jobs)

@@ -67,28 +67,35 @@ async fn wait_online(service: &Service, n: usize) {
     }
 }
 
-/// Submits `n` jobs through the HTTP API with `clients` concurrent clients.
-async fn submit_all(url: &str, n: usize, clients: usize) {
+/// Submits `n` jobs through the HTTP API with `clients` concurrent
+/// clients; the latency of each, sorted.
+async fn submit_timed(url: &str, n: usize, clients: usize) -> Vec<f64> {
     let client = reqwest::Client::new();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let (client, next, url) = (client.clone(), next.clone(), url.to_string());
         tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= n {
-                    return;
+                    return lat;
                 }
                 let body = json!({"workflow_id": "image_blur", "parameters": {"width": 16, "height": 16, "color": i % 16777215}});
+                let t = Instant::now();
                 let r = client.post(format!("{url}/api/job")).json(&body).send().await.unwrap();
                 assert_eq!(r.status(), 201);
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
             }
         }));
     }
+    let mut lat = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        lat.extend(t.await.unwrap());
     }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    lat
 }
 
 async fn throughput(backends: usize, jobs: usize) {
@@ -97,7 +104,7 @@ async fn throughput(backends: usize, jobs: usize) {
     let store = service.store().clone();
     let (url, stop, task) = common::serve(service).await;
     let start = Instant::now();
-    submit_all(&url, jobs, 16).await;
+    submit_timed(&url, jobs, 16).await;
     let submitted = start.elapsed();
     loop {
         if completed_store(&store).await as usize >= jobs {
@@ -122,7 +129,7 @@ async fn idle_gap(max_inflight: u32, jobs: usize, job_ms: u64) {
     wait_online(&service, 1).await;
     let svc_store = service.store().clone();
     let (url, stop, task) = common::serve(service).await;
-    submit_all(&url, jobs, 4).await;
+    submit_timed(&url, jobs, 4).await;
     while (completed_store(&svc_store).await as usize) < jobs {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -311,47 +318,14 @@ async fn mixed_models(affinity: bool, jobs: usize, job_ms: u64, load_ms: u64) {
     let _ = task.await;
 }
 
-/// Job counts by status, from `/api/health`.
-async fn counts(client: &reqwest::Client, url: &str) -> serde_json::Value {
-    let h: serde_json::Value = client
-        .get(format!("{url}/api/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    h["jobs"].clone()
+/// The JSON answer of `GET url`.
+async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
-/// Submits `n` jobs from `clients` concurrent clients; the latency of each.
-async fn submit_timed(url: &str, n: usize, clients: usize) -> Vec<f64> {
-    let client = reqwest::Client::new();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (client, next, url) = (client.clone(), next.clone(), url.to_string());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= n {
-                    return lat;
-                }
-                let body = json!({"workflow_id": "image_blur", "parameters": {"width": 16, "height": 16, "color": i % 256}});
-                let t = Instant::now();
-                let r = client.post(format!("{url}/api/job")).json(&body).send().await.unwrap();
-                assert_eq!(r.status(), 201);
-                lat.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    lat
+/// Job counts by status, from `/api/health`.
+async fn counts(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    get_json(client, &format!("{url}/api/health")).await["jobs"].clone()
 }
 
 /// A farm of `backends` simulated backends (in this process, `--job-ms 0`)
@@ -387,14 +361,7 @@ async fn big_farm(backends: usize, jobs: usize, queued: usize) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let list: serde_json::Value = client
-            .get(format!("{url}/api/backends"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list = get_json(&client, &format!("{url}/api/backends")).await;
         let online = list["backends"]
             .as_array()
             .map_or(0, |l| l.iter().filter(|b| b["state"] == "online").count());
