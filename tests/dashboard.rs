@@ -64,13 +64,11 @@ async fn a_finished_job_has_a_small_thumbnail_made_once_and_listed() {
 async fn the_farm_view_shows_each_attempt_where_it_ran_and_the_busy_share() {
     let a = start_sim(200).await;
     let b = start_sim(200).await;
-    let app = spawn_farm(vec![
+    let app = spawn_farm_online(vec![
         backend("a", a.port, &[], 1),
         backend("b", b.port, &[], 1),
     ])
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     let mut ids = Vec::new();
     for i in 0..4 {
         ids.push(app.submit_blur(json!({"parameters": {"color": i}})).await);

@@ -157,13 +157,11 @@ async fn a_rejection_moves_the_job_to_a_backend_that_accepts_it() {
         ..Default::default()
     })
     .await;
-    let app = spawn_farm(vec![
+    let app = spawn_farm_online(vec![
         backend("a", without.port, &[], 1),
         backend("b", with.port, &[], 1),
     ])
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     let id = submit(&app, json!({"workflow_id": "txt2img_sdxl", "parameters": {"prompt": "x", "checkpoint": "flux.safetensors"}})).await;
     let job = app
         .wait_job(&id, "a final state", |j| {
@@ -178,13 +176,11 @@ async fn a_rejection_moves_the_job_to_a_backend_that_accepts_it() {
 async fn a_runtime_error_is_retried_with_backoff_on_another_backend_and_then_fails_readably() {
     let a = start_sim(0).await;
     let b = start_sim(0).await;
-    let app = spawn_farm(vec![
+    let app = spawn_farm_online(vec![
         backend("a", a.port, &[], 1),
         backend("b", b.port, &[], 1),
     ])
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     let id = submit(
         &app,
         json!({"workflow": failing_graph(), "max_attempts": 3}),
@@ -372,13 +368,11 @@ async fn requires_tags_pick_the_backend_and_impossible_tags_are_refused() {
 async fn two_backends_share_the_work() {
     let a = start_sim(150).await;
     let b = start_sim(150).await;
-    let app = spawn_farm(vec![
+    let app = spawn_farm_online(vec![
         backend("a", a.port, &[], 2),
         backend("b", b.port, &[], 2),
     ])
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     let mut ids = Vec::new();
     for i in 0..8 {
         ids.push(submit(&app, blur(json!({"parameters": {"color": i}}))).await);
@@ -401,13 +395,11 @@ async fn two_backends_share_the_work() {
 async fn drain_finishes_what_a_backend_has_and_disable_keeps_new_jobs_away_across_restarts() {
     let a = start_sim(400).await;
     let b = start_sim(0).await;
-    let app = spawn_farm(vec![
+    let app = spawn_farm_online(vec![
         backend("a", a.port, &[], 1),
         backend("b", b.port, &[], 1),
     ])
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     app.post_json("/api/backends/b/disable", &json!({})).await;
     let first = submit(&app, blur(json!({"parameters": {"color": 7}}))).await;
     app.wait_status(&first, "running").await;

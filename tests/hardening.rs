@@ -319,13 +319,11 @@ async fn a_socket_dropped_silently_is_noticed_by_its_pings_and_replaced() {
 async fn a_run_past_its_time_limit_fails_and_what_waits_behind_it_moves_elsewhere() {
     let a = start_sim(0).await;
     let b = start_sim(0).await;
-    let app = spawn_farm(vec![
+    let app = spawn_farm_online(vec![
         backend("a", a.port, &[], 2),
         backend("b", b.port, &[], 1),
     ])
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     app.post_json("/api/backends/b/disable", &json!({})).await;
     let hung = submit(
         &app,
@@ -412,13 +410,11 @@ async fn output_names_comfyui_would_refuse_are_a_422_at_submit() {
 async fn a_frozen_backend_loses_its_jobs_after_the_grace_period_and_is_cleaned_when_it_thaws() {
     let a = start_sim(3_000).await;
     let b = start_sim(0).await;
-    let app = spawn_farm(vec![
+    let app = spawn_farm_online(vec![
         backend("a", a.port, &[], 2),
         backend("b", b.port, &[], 2),
     ])
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     app.post_json("/api/backends/b/disable", &json!({})).await;
     let running = app.submit_blur(json!({})).await;
     let waiting = app.submit_blur(json!({"parameters": {"width": 40}})).await;

@@ -261,13 +261,11 @@ async fn a_kill_9_while_outputs_are_collected_collects_them_after_restart() {
 async fn a_backend_restarted_empty_mid_job_gives_its_jobs_back_without_burning_attempts() {
     let a = start_sim(1_500).await;
     let b = start_sim(1_500).await;
-    let app = spawn_farm(vec![
+    let app = spawn_farm_online(vec![
         backend("a", a.port, &[], 1),
         backend("b", b.port, &[], 1),
     ])
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     let x = app.submit_blur(json!({"parameters": {"color": 1}})).await;
     let y = app.submit_blur(json!({"parameters": {"color": 2}})).await;
     let on_a = poll("a job running on a", || async {
@@ -310,13 +308,11 @@ async fn a_backend_that_vanishes_loses_its_jobs_after_the_grace_period_and_runs_
 ) {
     let mut a = start_sim(15_000).await;
     let b = start_sim(100).await;
-    let app = spawn_farm(vec![
+    let app = spawn_farm_online(vec![
         backend("a", a.port, &[], 2),
         backend("b", b.port, &[], 1),
     ])
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     app.post_json("/api/backends/b/disable", &json!({})).await;
     let running = app.submit_blur(json!({"parameters": {"color": 1}})).await;
     let pending = app.submit_blur(json!({"parameters": {"color": 2}})).await;

@@ -316,9 +316,16 @@ pub async fn spawn_farm_with(
 }
 
 pub async fn spawn_farm(backends: Vec<BackendConfig>) -> TestApp {
-    let (config, dir) = farm_config(backends);
-    let mut app = spawn_with(config).await;
-    app._dir = Some(dir);
+    spawn_farm_with(backends, |_| {}).await
+}
+
+/// A farm once every one of its backends is online.
+pub async fn spawn_farm_online(backends: Vec<BackendConfig>) -> TestApp {
+    let ids: Vec<String> = backends.iter().map(|b| b.id.clone()).collect();
+    let app = spawn_farm(backends).await;
+    for id in &ids {
+        app.wait_backend(id, "online").await;
+    }
     app
 }
 
