@@ -5,7 +5,8 @@ mod common;
 use chrono::Duration;
 use common::*;
 use orchestrator::store::{
-    AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, LostOutcome, LostRun, StoreError,
+    AdminState, AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, LeaseTry, LostOutcome,
+    LostRun, Preference, StoreError,
 };
 use serde_json::json;
 
@@ -26,6 +27,49 @@ async fn online_backend(app: &TestApp, id: &str) {
         .backend_online(id, BackendStats::default())
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_backend_that_takes_no_jobs_is_told_apart_from_one_that_found_none() {
+    // A closed backend's worker stops waiting for rings: on a farm of many
+    // disabled boxes, every submission used to ring through all of them.
+    let app = spawn_app().await;
+    online_backend(&app, "n1").await;
+    let try_lease = || app.store.lease_for("n1", None, Preference::default());
+    assert!(matches!(try_lease().await.unwrap(), LeaseTry::Nothing));
+    let id = app.submit_blur(json!({})).await;
+    for admin in [AdminState::Disabled, AdminState::Draining] {
+        app.store
+            .set_backend_admin_state("n1", admin)
+            .await
+            .unwrap();
+        assert!(
+            matches!(try_lease().await.unwrap(), LeaseTry::Closed),
+            "{admin:?}"
+        );
+    }
+    app.store
+        .set_backend_admin_state("n1", AdminState::Enabled)
+        .await
+        .unwrap();
+    app.store
+        .backend_offline("n1", "connection refused".into())
+        .await
+        .unwrap();
+    assert!(
+        matches!(try_lease().await.unwrap(), LeaseTry::Closed),
+        "offline"
+    );
+    assert_eq!(app.job(&id).await["status"], "queued", "nothing was leased");
+    app.store
+        .backend_online("n1", BackendStats::default())
+        .await
+        .unwrap();
+    match try_lease().await.unwrap() {
+        LeaseTry::Leased(lease) => assert_eq!(lease.job_id, id),
+        other => panic!("expected a lease, got {other:?}"),
+    }
+    assert!(matches!(try_lease().await.unwrap(), LeaseTry::Nothing));
 }
 
 #[tokio::test]

@@ -147,7 +147,7 @@ async fn set_admin(
 ) -> Result<Json<BackendDetail>, ApiError> {
     state.store.set_backend_admin_state(&id, admin).await?;
     tracing::info!(backend_id = %id, admin_state = admin.as_str(), "backend admin state changed");
-    state.farm.wake();
+    state.farm.backend_changed(&id);
     get_backend(State(state), Path(id)).await
 }
 

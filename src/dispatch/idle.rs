@@ -9,8 +9,11 @@
 //! inventory lacks the job's model) passes the ring on, at most once around
 //! the workers that were waiting, so a job that fits one box out of many
 //! still starts at once. Busy workers need no ring: they lease when a slot
-//! frees. Farm-wide changes (a backend back, a new inventory, a retry due)
-//! still wake everyone through the broadcast in `Shared::wake`.
+//! frees, and a backend that takes no jobs now (disabled, draining, not
+//! online) does not wait here: its own bell rings when that changes (its
+//! state, its admin state, its inventory). Farm-wide changes (a retry
+//! due, jobs queued again) still wake everyone through the broadcast in
+//! `Shared::wake`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

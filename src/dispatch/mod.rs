@@ -152,7 +152,9 @@ impl Shared {
         };
         all.insert(backend_id.to_string(), Arc::new(inventory));
         drop(all);
-        self.wake();
+        // Jobs this backend could not run may fit now; nothing changed
+        // for the others.
+        self.idle.bell(backend_id).notify_one();
     }
 
     /// The check leasing runs on candidates for this backend, when its
@@ -282,7 +284,11 @@ impl Farm {
         let interval = Duration::from_millis(config.monitor.poll_interval_ms);
         for (i, (b, rx, client)) in receivers.into_iter().enumerate() {
             let slot = i as u32 % SLOTS;
-            let (woken, informed, id) = (shared.clone(), shared.clone(), b.id.clone());
+            let (informed, id) = (shared.clone(), b.id.clone());
+            // Its state concerns its own worker only: one bell, not a
+            // farm-wide wake (a thousand backends coming up at once made a
+            // million lease attempts).
+            let bell = shared.idle.bell(&b.id);
             let pulse = Arc::new(crate::monitor::Pulse::default());
             tasks.spawn(crate::monitor::run(
                 store.clone(),
@@ -296,7 +302,7 @@ impl Farm {
                 },
                 stop.clone(),
                 crate::monitor::Hooks {
-                    on_change: Box::new(move || woken.wake()),
+                    on_change: Box::new(move || bell.notify_one()),
                     on_inventory: Box::new(move |inv| informed.set_inventory(&id, inv)),
                     pulse: pulse.clone(),
                 },
@@ -310,6 +316,13 @@ impl Farm {
     /// Wakes every worker: a backend changed, or jobs were queued again.
     pub fn wake(&self) {
         self.shared.wake();
+    }
+
+    /// A backend's admin state changed: its own worker looks again (the
+    /// others are not concerned; a thousand of them woken per change made
+    /// disabling a large farm cost a million lease reads).
+    pub fn backend_changed(&self, backend_id: &str) {
+        self.shared.idle.bell(backend_id).notify_one();
     }
 
     /// A job needing `requires` was queued: one waiting worker that may

@@ -29,6 +29,7 @@ use super::progress::{ProgressBook, Step, PROGRESS_EVERY};
 use super::{Command, Shared};
 use crate::comfy::{ComfyClient, Preview, WsEvent};
 use crate::config::BackendConfig;
+use crate::store::LeaseTry;
 use crate::store::StoreError;
 
 /// A prompt the worker follows.
@@ -280,6 +281,14 @@ impl Worker {
     /// The socket is open but ComfyUI sends our messages elsewhere (or
     /// nowhere): reconnect, and tell the jobs that were running.
     pub(super) async fn deaf(&mut self, why: &str) {
+        // Messages that arrived while this worker was busy elsewhere (a
+        // store write on a loaded machine, a slow reconcile) are not
+        // silence: read what is waiting first. The next check decides
+        // again with them counted.
+        if self.read_waiting().await {
+            tracing::debug!(backend_id = %self.id, "not deaf after all ({why}): messages were waiting to be read");
+            return;
+        }
         let message = format!(
             "the orchestrator stopped hearing backend {} ({why}); reconnected, the job is followed again",
             self.id
@@ -304,6 +313,35 @@ impl Worker {
         self.link.down_since = None;
     }
 
+    /// Handles every frame that has already arrived on the socket, without
+    /// waiting for more. `true` when one was a message (a pong proves the
+    /// connection only) or the socket turned out closed (then it is
+    /// already dealt with).
+    async fn read_waiting(&mut self) -> bool {
+        use futures::FutureExt;
+        let mut heard = false;
+        loop {
+            let Some(stream) = self.link.stream.as_mut() else {
+                return heard;
+            };
+            match stream.next().now_or_never() {
+                None => return heard,
+                Some(Some(Ok(ev))) => {
+                    heard |= ev != WsEvent::Pong;
+                    self.on_event(ev).await;
+                }
+                Some(Some(Err(e))) => {
+                    self.lost_link(&format!("its socket broke: {e}")).await;
+                    return true;
+                }
+                Some(None) => {
+                    self.lost_link("it closed its socket").await;
+                    return true;
+                }
+            }
+        }
+    }
+
     /// Leases jobs while the backend has free slots.
     async fn fill(&mut self) {
         if self.stuck {
@@ -319,9 +357,18 @@ impl Worker {
         };
         while self.tracked.len() < self.max_inflight {
             let fit = self.shared.fit_for(&self.id);
-            let lease = match self.shared.store.lease_fit(&self.id, fit, prefer).await {
-                Ok(Some(l)) => l,
-                Ok(None) => break,
+            let lease = match self.shared.store.lease_for(&self.id, fit, prefer).await {
+                Ok(LeaseTry::Leased(l)) => l,
+                Ok(LeaseTry::Nothing) => break,
+                Ok(LeaseTry::Closed) => {
+                    // Disabled, draining or not online: not a worker to
+                    // ring for each queued job (on a farm of many closed
+                    // backends every submission would ring through all of
+                    // them). Reopening wakes it.
+                    self.shared.idle.pass_on(&self.id);
+                    self.shared.idle.busy(&self.id);
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(backend_id = %self.id, error = %e, "lease failed");
                     break;

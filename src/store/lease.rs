@@ -89,6 +89,24 @@ pub struct Fit {
     pub check: std::sync::Arc<FitCheck>,
 }
 
+/// What a lease attempt came to.
+#[derive(Debug)]
+pub enum LeaseTry {
+    /// A job, now assigned to the backend.
+    Leased(Lease),
+    /// No queued job the backend may run now.
+    Nothing,
+    /// The backend takes no jobs now: disabled, draining or not online.
+    Closed,
+}
+
+/// What the read before a lease found.
+enum Ready {
+    Eligible,
+    Nothing,
+    Closed,
+}
+
 /// How a free backend chooses among jobs of the same priority.
 #[derive(Debug, Clone, Copy)]
 pub struct Preference {
@@ -437,21 +455,52 @@ impl Store {
         fit: Option<Fit>,
         prefer: Preference,
     ) -> Result<Option<Lease>, StoreError> {
+        Ok(match self.lease_for(backend_id, fit, prefer).await? {
+            LeaseTry::Leased(lease) => Some(lease),
+            LeaseTry::Nothing | LeaseTry::Closed => None,
+        })
+    }
+
+    /// [`Store::lease_fit`], telling a backend that takes no jobs now
+    /// (disabled, draining, not online) from one that found none: the
+    /// first should not wait to be rung for every queued job.
+    pub async fn lease_for(
+        &self,
+        backend_id: &str,
+        fit: Option<Fit>,
+        prefer: Preference,
+    ) -> Result<LeaseTry, StoreError> {
         // A worker that would find nothing costs a read, not a write: the
         // writer is shared by the whole farm.
-        if !self.may_lease(backend_id).await? {
-            return Ok(None);
+        match self.may_lease(backend_id).await? {
+            Ready::Closed => return Ok(LeaseTry::Closed),
+            Ready::Nothing => return Ok(LeaseTry::Nothing),
+            Ready::Eligible => {}
         }
         let backend_id = backend_id.to_string();
-        self.writer()
+        let lease = self
+            .writer()
             .write(move |conn| {
                 Box::pin(async move { lease_in(conn, &backend_id, fit.as_ref(), prefer).await })
             })
-            .await
+            .await?;
+        Ok(lease.map_or(LeaseTry::Nothing, LeaseTry::Leased))
     }
 
-    /// Whether some queued job is eligible for the backend now (read-only).
-    async fn may_lease(&self, backend_id: &str) -> Result<bool, StoreError> {
+    /// Whether the backend takes jobs now and some queued job is eligible
+    /// there (read-only). The backend first: a closed one would otherwise
+    /// find an eligible job and take a writer's turn to learn it is closed.
+    async fn may_lease(&self, backend_id: &str) -> Result<Ready, StoreError> {
+        let backend: Option<(bool, Option<AdminState>, BackendState)> = sqlx::query_as(
+            "SELECT config_enabled, admin_state, state FROM backends WHERE id = ? AND configured = 1",
+        )
+        .bind(backend_id)
+        .fetch_optional(self.reader())
+        .await?;
+        match backend {
+            Some((config, admin, BackendState::Online)) if backend_enabled(config, admin) => {}
+            _ => return Ok(Ready::Closed),
+        }
         let now = fmt_time(Utc::now());
         let found: Option<i64> = sqlx::query_scalar(&format!(
             "SELECT j.seq FROM jobs j INDEXED BY jobs_queue, backends b WHERE b.id = ?2 AND {} LIMIT 1",
@@ -461,7 +510,10 @@ impl Store {
         .bind(backend_id)
         .fetch_optional(self.reader())
         .await?;
-        Ok(found.is_some())
+        Ok(match found {
+            Some(_) => Ready::Eligible,
+            None => Ready::Nothing,
+        })
     }
 
     /// The configured backends whose tags cover `requires` (the submit check).

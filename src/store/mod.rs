@@ -53,7 +53,7 @@ pub use farm::{Attempt, QueueSample};
 pub use inputs::{InputDeletion, InputRecord, InputUse};
 pub use inventory::InventorySummary;
 pub use lease::MAX_FAILURES_PER_BACKEND;
-pub use lease::{Fit, Preference};
+pub use lease::{Fit, LeaseTry, Preference};
 pub use model::*;
 pub use retention::StaleOutput;
 pub use transitions::{LostOutcome, LostRun};
