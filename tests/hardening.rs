@@ -298,6 +298,35 @@ async fn a_socket_deafened_by_another_with_our_client_id_is_noticed_and_replaced
 }
 
 #[tokio::test]
+async fn messages_that_waited_while_the_worker_was_busy_are_not_a_deaf_socket() {
+    // The backend answers `/queue` late: a worker reconciling waits on it
+    // while the prompt ends and its messages arrive unread on the socket.
+    // Those are late, not missing: no reconnect, no deaf-socket event.
+    let sim = start_sim_with(SimConfig {
+        job_ms: 2_500,
+        queue_delay_ms: 1_500,
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm_online(vec![backend("a", sim.port, &[], 1)]).await;
+    let id = app.submit_blur(json!({})).await;
+    app.wait_status(&id, "completed").await;
+    // The worker takes the next job only once that reconcile is over (a
+    // deaf verdict included): then the first job's events are complete.
+    let next = app.submit_blur(json!({"parameters": {"width": 48}})).await;
+    app.wait_status(&next, "completed").await;
+    let events = app.events(&id).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert!(
+        !kinds.contains(&"backend_socket_deaf"),
+        "{}",
+        messages(&events)
+    );
+    assert_eq!(sim.socket_opens(), 1, "the worker never reconnected");
+    assert_eq!(sim.prompt_posts().len(), 2, "one run each");
+}
+
+#[tokio::test]
 async fn a_socket_dropped_silently_is_noticed_by_its_pings_and_replaced() {
     let sim = start_sim(3_000).await;
     let app = spawn_farm(vec![backend("a", sim.port, &[], 1)]).await;

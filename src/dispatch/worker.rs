@@ -254,7 +254,18 @@ impl Worker {
     /// Pings, and reconnects a socket that does not answer or is not heard.
     async fn check_health(&mut self) {
         let heartbeat = self.heartbeat();
-        match self.link.check(heartbeat) {
+        let mut check = self.link.check(heartbeat);
+        if !matches!(check, Check::Fine | Check::Ping) {
+            // A pong or a message that waited while this worker was busy
+            // elsewhere (a slow store write, a reconcile waiting on the
+            // backend) is not silence: judge with them read.
+            self.read_waiting().await;
+            if self.link.stream.is_none() {
+                return;
+            }
+            check = self.link.check(heartbeat);
+        }
+        match check {
             Check::Fine => {}
             Check::Ping => {
                 self.link.pinged();

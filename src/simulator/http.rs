@@ -256,6 +256,7 @@ async fn get_prompt(State(sim): State<S>) -> Json<Value> {
 }
 
 async fn get_queue(State(sim): State<S>) -> Json<Value> {
+    tokio::time::sleep(Duration::from_millis(sim.config.queue_delay_ms)).await;
     let inner = sim.lock();
     let running: Vec<Value> = inner.running.iter().map(|r| r.prompt.item()).collect();
     let pending: Vec<Value> = inner.queue.iter().map(Prompt::item).collect();

@@ -29,6 +29,7 @@
 //! - `version`: an old version (before 0.3.44 it ignores our prompt ids), or
 //!   none at all;
 //! - `ignore_interrupts`: the first N interrupts aimed at a prompt are lost;
+//! - `queue_delay_ms`: `GET /queue` answers late;
 //! - `view_stall_ms`: a download stalls mid-way; `max_body_bytes`: a larger
 //!   submit is a `413`, as `--max-upload-size` makes it;
 //! - `load_ms`: a prompt whose checkpoint differs from the last one's takes
@@ -96,6 +97,9 @@ pub struct SimConfig {
     /// Extra time a prompt takes when its checkpoint differs from the last
     /// one's (loading a model into VRAM).
     pub load_ms: u64,
+    /// `GET /queue` answers only after this long (a box too loaded to
+    /// answer at once), with the queue as it is then.
+    pub queue_delay_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -114,6 +118,7 @@ impl Default for SimConfig {
             crash_down_ms: 300,
             ignore_interrupts: 0,
             load_ms: 0,
+            queue_delay_ms: 0,
         }
     }
 }
@@ -165,6 +170,8 @@ struct Inner {
     counters: HashMap<String, u32>,
     number: u64,
     sockets: HashMap<String, Socket>,
+    /// Sockets registered since it started.
+    socket_opens: usize,
     posts: HashMap<String, usize>,
     posted_at: HashMap<String, Instant>,
     last_graph: Option<Value>,
@@ -312,6 +319,12 @@ impl SimHandle {
     /// When each prompt id was first posted (for dispatch-latency benchmarks).
     pub fn posted_at(&self, prompt_id: &str) -> Option<Instant> {
         self.sim.lock().posted_at.get(prompt_id).copied()
+    }
+
+    /// How many sockets have registered since it started (a client that
+    /// reconnects registers again).
+    pub fn socket_opens(&self) -> usize {
+        self.sim.lock().socket_opens
     }
 
     /// Prompt ids in the simulated history.

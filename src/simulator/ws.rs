@@ -38,6 +38,7 @@ pub(super) async fn ws(
 /// Registers a socket for `client_id`, replacing any other, and greets it.
 fn register(sim: &Sim, client_id: &str, tx: &mpsc::UnboundedSender<Message>) {
     let mut inner = sim.lock();
+    inner.socket_opens += 1;
     inner.sockets.insert(
         client_id.to_string(),
         Socket {
