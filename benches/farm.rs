@@ -3,7 +3,8 @@
 //!
 //! Run: `cargo bench --bench farm` (add `-- --jobs 2000 --backends 8`;
 //! `-- --only mixed` runs only the mixed-model scenario; `-- --only big`
-//! only the 8 against 1,000 backends scenario).
+//! only the 8 against 1,000 backends scenario; `--no-baseline` leaves out
+//! its 8-backend run, for trying a change to the large farm quickly).
 //! Each figure is printed with the machine it ran on.
 
 mod common;
@@ -334,7 +335,8 @@ async fn counts(client: &reqwest::Client, url: &str) -> serde_json::Value {
 /// costs it (CPU over 20 s once settled, `--settle` seconds after all are
 /// online; resident memory), submit latency from 16
 /// clients and jobs per second end to end, then its memory while `queued`
-/// more jobs wait (submitted from 64 clients, sampled for 10 s).
+/// more jobs wait (submitted from 64 clients with every backend disabled,
+/// sampled for 10 s) and while the farm starts on them (10 s more).
 async fn big_farm(backends: usize, jobs: usize, queued: usize) {
     if !std::path::Path::new(common::RELEASE_BIN).exists() {
         println!("large farm: build the release binary first (cargo build --release)");
@@ -399,19 +401,39 @@ async fn big_farm(backends: usize, jobs: usize, queued: usize) {
         jobs as f64 / total
     );
     if queued > 0 {
+        // Queued means waiting: every backend is disabled while they are
+        // submitted, so that they are all in the queue at once.
+        let admin = |action: &'static str| {
+            let (client, url, ids) = (client.clone(), url.clone(), &configs);
+            async move {
+                for b in ids {
+                    let r = client
+                        .post(format!("{url}/api/backends/{}/{action}", b.id))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(r.status().is_success(), "{action} {}: {}", b.id, r.status());
+                }
+            }
+        };
+        admin("disable").await;
         let t = Instant::now();
         submit_timed(&url, queued, 64).await;
         let rate = queued as f64 / t.elapsed().as_secs_f64();
-        let mut peak = 0u64;
-        let mut waiting = 0;
-        for _ in 0..20 {
-            peak = peak.max(common::rss_kb(pid));
-            waiting = counts(&client, &url).await["queued"].as_u64().unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let sample = |client: reqwest::Client, url: String| async move {
+            let mut peak = 0u64;
+            for _ in 0..20 {
+                peak = peak.max(common::rss_kb(pid));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let queued = counts(&client, &url).await["queued"].as_u64().unwrap_or(0);
+            (peak as f64 / 1024.0, queued)
+        };
+        let (waiting_rss, waiting) = sample(client.clone(), url.clone()).await;
+        admin("enable").await;
+        let (running_rss, left) = sample(client.clone(), url.clone()).await;
         println!(
-            "  then {queued} more jobs submitted ({rate:.0}/s) while the farm runs: RSS at most {:.0} MB over the next 10 s, {waiting} still queued at the end",
-            peak as f64 / 1024.0
+            "  then {queued} more jobs submitted ({rate:.0}/s) with every backend disabled: RSS at most {waiting_rss:.0} MB over 10 s with {waiting} queued; backends enabled again: at most {running_rss:.0} MB over the next 10 s while they run ({left} still queued at the end)"
         );
     }
     drop(child);
@@ -431,7 +453,7 @@ fn main() {
         let n = common::arg("--big-backends", 1000);
         let queued = common::arg("--queued", 100_000);
         rt.block_on(async {
-            if n != 8 {
+            if n != 8 && !std::env::args().any(|a| a == "--no-baseline") {
                 big_farm(8, 1000, 0).await;
             }
             big_farm(n, 1000, queued).await;

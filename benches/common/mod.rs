@@ -75,10 +75,22 @@ pub async fn serve(
 pub const RELEASE_BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/orchestrator");
 
 /// Starts the release binary with `args` (after `serve --port 0`) and
-/// returns it with the URL it printed once listening.
+/// returns it with the URL it printed once listening. `BENCH_WRAP` in the
+/// environment runs it under a profiler (`BENCH_WRAP="heaptrack -o /tmp/h"`):
+/// the figures are then the profiler's too, but the profile is the binary's.
 pub async fn spawn_release(args: &[&std::ffi::OsStr]) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(RELEASE_BIN)
+    let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(words).arg(RELEASE_BIN);
+            c
+        }
+        None => tokio::process::Command::new(RELEASE_BIN),
+    };
+    let mut child = command
         .args(["serve", "--port", "0"])
         .args(args)
         .env("RUST_LOG", "warn")
