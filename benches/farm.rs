@@ -336,7 +336,7 @@ async fn counts(client: &reqwest::Client, url: &str) -> serde_json::Value {
 /// online; resident memory), submit latency from 16
 /// clients and jobs per second end to end, then its memory while `queued`
 /// more jobs wait (submitted from 64 clients with every backend disabled,
-/// sampled for 10 s) and while the farm starts on them (10 s more).
+/// sampled for 20 s) and while the farm starts on them (20 s more).
 async fn big_farm(backends: usize, jobs: usize, queued: usize) {
     if !std::path::Path::new(common::RELEASE_BIN).exists() {
         println!("large farm: build the release binary first (cargo build --release)");
@@ -404,9 +404,11 @@ async fn big_farm(backends: usize, jobs: usize, queued: usize) {
         // Queued means waiting: every backend is disabled while they are
         // submitted, so that they are all in the queue at once.
         let admin = |action: &'static str| {
-            let (client, url, ids) = (client.clone(), url.clone(), &configs);
-            async move {
-                for b in ids {
+            use futures::StreamExt;
+            let (client, url) = (client.clone(), url.clone());
+            futures::stream::iter(configs.iter().map(move |b| {
+                let (client, url) = (client.clone(), url.clone());
+                async move {
                     let r = client
                         .post(format!("{url}/api/backends/{}/{action}", b.id))
                         .send()
@@ -414,26 +416,30 @@ async fn big_farm(backends: usize, jobs: usize, queued: usize) {
                         .unwrap();
                     assert!(r.status().is_success(), "{action} {}: {}", b.id, r.status());
                 }
-            }
+            }))
+            .buffer_unordered(32)
+            .collect::<Vec<()>>()
         };
         admin("disable").await;
         let t = Instant::now();
         submit_timed(&url, queued, 64).await;
         let rate = queued as f64 / t.elapsed().as_secs_f64();
+        // Resident memory at most over 20 s, and at their end.
         let sample = |client: reqwest::Client, url: String| async move {
             let mut peak = 0u64;
-            for _ in 0..20 {
+            for _ in 0..40 {
                 peak = peak.max(common::rss_kb(pid));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            let last = common::rss_kb(pid) as f64 / 1024.0;
             let queued = counts(&client, &url).await["queued"].as_u64().unwrap_or(0);
-            (peak as f64 / 1024.0, queued)
+            (peak as f64 / 1024.0, last, queued)
         };
-        let (waiting_rss, waiting) = sample(client.clone(), url.clone()).await;
+        let (peak, last, waiting) = sample(client.clone(), url.clone()).await;
         admin("enable").await;
-        let (running_rss, left) = sample(client.clone(), url.clone()).await;
+        let (running_peak, running_last, left) = sample(client.clone(), url.clone()).await;
         println!(
-            "  then {queued} more jobs submitted ({rate:.0}/s) with every backend disabled: RSS at most {waiting_rss:.0} MB over 10 s with {waiting} queued; backends enabled again: at most {running_rss:.0} MB over the next 10 s while they run ({left} still queued at the end)"
+            "  then {queued} more jobs submitted ({rate:.0}/s) with every backend disabled: RSS at most {peak:.0} MB over the next 20 s ({last:.0} MB at their end) with {waiting} queued; backends enabled again: at most {running_peak:.0} MB over 20 s while they run ({running_last:.0} MB at the end, {left} still queued)"
         );
     }
     drop(child);

@@ -35,6 +35,20 @@ pub struct Inventory {
     pub hash: String,
 }
 
+/// A writer that feeds a digest.
+struct Hashing(Sha256);
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Inputs that name the model a graph loads first (a checkpoint switch costs
 /// seconds on a GPU; this is what a backend prefers to keep).
 const MAIN_MODEL_INPUTS: &[&str] = &["ckpt_name", "unet_name"];
@@ -105,10 +119,11 @@ impl Inventory {
             .iter()
             .map(|(k, d)| (k.clone(), compact_def(d)))
             .collect();
-        let defs_hash = format!(
-            "{:x}",
-            Sha256::digest(Value::Object(defs.clone()).to_string())
-        );
+        // Hashed as it is written out: no copy of the definitions (a farm
+        // coming up reads hundreds of inventories at once).
+        let mut hasher = Hashing(Sha256::new());
+        serde_json::to_writer(&mut hasher, &defs).expect("a hash takes every byte");
+        let defs_hash = format!("{:x}", hasher.0.finalize());
         Inventory::from_parts(Arc::new(defs), defs_hash, models)
     }
 
@@ -262,6 +277,15 @@ mod tests {
             vec!["sd_xl_base_1.0.safetensors".into()],
         );
         Inventory::new(all.as_object().unwrap(), models)
+    }
+
+    #[test]
+    fn the_definitions_digest_is_the_one_stored_databases_hold() {
+        // Databases in the field hold digests of the definitions written out
+        // as one compact JSON string: the streamed digest must not differ.
+        let a = stock();
+        let written = Value::Object(a.defs.as_ref().clone()).to_string();
+        assert_eq!(a.defs_hash, format!("{:x}", Sha256::digest(written)));
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub mod inbox;
 pub mod inputs;
 pub mod inventory;
 pub mod manifest;
+pub mod memory;
 pub mod metrics;
 pub mod monitor;
 pub mod retention;

@@ -357,6 +357,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    orchestrator::memory::tune();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -41,6 +41,24 @@ pub fn init() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// Folds recorded histogram samples into their buckets every few seconds,
+/// until the service stops. The exporter keeps every sample until an
+/// upkeep: without one, a service nobody scrapes grew by a sample per
+/// HTTP request and two per job, without end.
+pub async fn upkeep(stop: tokio_util::sync::CancellationToken) {
+    let Some(handle) = init() else {
+        return;
+    };
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => handle.run_upkeep(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 /// The metrics in the Prometheus text format.
 pub async fn render(store: &Store) -> String {
     let Some(handle) = init() else {

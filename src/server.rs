@@ -118,6 +118,8 @@ impl Service {
             config.limits.max_input_bytes,
         );
         tasks.spawn(crate::farm::sample_queue(store.clone(), stop.clone()));
+        tasks.spawn(crate::metrics::upkeep(stop.clone()));
+        tasks.spawn(crate::memory::trim_now_and_then(stop.clone()));
         let usage = crate::retention::Usage::default();
         tasks.spawn(crate::retention::run(
             store.clone(),

@@ -146,6 +146,9 @@ fn net_error(e: reqwest::Error, timeout: Duration) -> ComfyError {
     }
 }
 
+/// How long an unused connection to a backend is kept.
+const IDLE_CONNECTION: Duration = Duration::from_secs(3);
+
 impl ComfyClient {
     /// A client for `host:port`, identifying itself with `client_id`.
     pub fn new(host: &str, port: u16, client_id: &str, timeout: Duration) -> ComfyClient {
@@ -164,12 +167,16 @@ impl ComfyClient {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(8)
+            // A kept connection holds about 25 KB of buffers: a farm of a
+            // thousand quiet boxes (polled every few seconds) would keep
+            // 25 MB for the price of a connect per quiet poll.
+            .pool_idle_timeout(IDLE_CONNECTION)
             .build()
             .expect("http client");
         let downloads = reqwest::Client::builder()
             // An idle download connection holds a buffer grown to the size
             // of the outputs it carried: let it go once the box is quiet.
-            .pool_idle_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(IDLE_CONNECTION)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .read_timeout(timeout)
             .build()
@@ -527,7 +534,7 @@ impl ComfyClient {
         // default is 128 KiB each way, 256 MB on a farm of 1,000 boxes); a
         // bigger message (a preview frame) still grows the read buffer.
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(8 * 1024)
+            .read_buffer_size(4 * 1024)
             .write_buffer_size(0);
         let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
         let (ws, _) = tokio::time::timeout(self.timeout, connect)
