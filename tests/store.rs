@@ -236,6 +236,41 @@ async fn a_job_goes_only_to_backends_with_its_tags() {
 }
 
 #[tokio::test]
+async fn the_backends_a_submission_is_checked_against_follow_admin_and_tag_changes() {
+    // Kept between submissions (a read of the whole farm each time was a
+    // core's worth at 1,000 backends): every change must still show at once.
+    let app = spawn_app().await;
+    farm(&app, &[("a", &[]), ("b", &["flux"])]).await;
+    let takers = |tags: &'static [&'static str]| {
+        let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+        let store = app.store.clone();
+        async move {
+            store
+                .enabled_backends_with_tags(&tags)
+                .await
+                .unwrap()
+                .to_vec()
+        }
+    };
+    assert_eq!(takers(&[]).await, ["a", "b"]);
+    assert_eq!(takers(&["flux"]).await, ["b"]);
+    for admin in [AdminState::Disabled, AdminState::Draining] {
+        app.store.set_backend_admin_state("b", admin).await.unwrap();
+        assert_eq!(takers(&["flux"]).await, Vec::<String>::new(), "{admin:?}");
+        assert_eq!(takers(&[]).await, ["a"], "{admin:?}");
+    }
+    app.store
+        .set_backend_admin_state("b", AdminState::Enabled)
+        .await
+        .unwrap();
+    assert_eq!(takers(&["flux"]).await, ["b"]);
+    // A new config: a gets the tag, b leaves the farm.
+    farm(&app, &[("a", &["flux"])]).await;
+    assert_eq!(takers(&["flux"]).await, ["a"]);
+    assert_eq!(takers(&[]).await, ["a"]);
+}
+
+#[tokio::test]
 async fn a_backend_that_failed_a_job_twice_is_not_offered_it_again() {
     let app = spawn_app().await;
     farm(&app, &[("n1", &[]), ("n2", &[])]).await;

@@ -23,7 +23,8 @@ impl Store {
     /// Mirrors the configured backends; those no longer configured are kept
     /// (their history refers to them) but hidden.
     pub async fn sync_backends(&self, configured: Vec<BackendUpsert>) -> Result<(), StoreError> {
-        self.writer()
+        let synced = self
+            .writer()
             .write(move |conn| {
                 Box::pin(async move {
                     let now = fmt_time(Utc::now());
@@ -55,7 +56,9 @@ impl Store {
                     Ok(())
                 })
             })
-            .await
+            .await;
+        self.takers.changed();
+        synced
     }
 
     /// The configured backends, in id order.
@@ -77,7 +80,8 @@ impl Store {
         state: AdminState,
     ) -> Result<(), StoreError> {
         let id = id.to_string();
-        self.writer()
+        let set = self
+            .writer()
             .write(move |conn| {
                 Box::pin(async move {
                     let n = sqlx::query(
@@ -95,7 +99,9 @@ impl Store {
                     Ok(())
                 })
             })
-            .await
+            .await;
+        self.takers.changed();
+        set
     }
 
     /// Records a successful poll.

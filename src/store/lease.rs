@@ -6,6 +6,10 @@
 //! backend is left for a job (and to say why not), and the submit check uses
 //! its tag part, so the three can never disagree.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use chrono::Utc;
 use serde_json::json;
 use sqlx::{Row, SqliteConnection};
@@ -87,6 +91,26 @@ pub struct Fit {
     pub hash: String,
     /// The check.
     pub check: std::sync::Arc<FitCheck>,
+}
+
+/// The answers of [`Store::enabled_backends_with_tags`] by tag set, until
+/// the backends' tags or admin states change.
+#[derive(Default)]
+pub(super) struct Takers {
+    generation: AtomicU64,
+    known: Mutex<HashMap<String, Arc<[String]>>>,
+}
+
+/// Tag sets remembered at most (clients use a handful).
+const MAX_TAG_SETS: usize = 1_000;
+
+impl Takers {
+    /// Backends' tags or admin states changed (called once the change is
+    /// committed): what was kept is forgotten.
+    pub(super) fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.known.lock().expect("takers").clear();
+    }
 }
 
 /// What a lease attempt came to.
@@ -529,23 +553,39 @@ impl Store {
     }
 
     /// The enabled configured backends whose tags cover `requires` (what
-    /// a submission is checked against): one light read, however large
-    /// the farm.
+    /// a submission is checked against). Every submission asks, and the
+    /// read goes over the whole farm (about 270 us with 1,000 backends, a
+    /// core's worth at 4,000 submissions a second): the answer is kept
+    /// until a backend's tags or admin state change.
     pub async fn enabled_backends_with_tags(
         &self,
         requires: &[String],
-    ) -> Result<Vec<String>, StoreError> {
-        let requires = serde_json::to_string(requires)?;
-        Ok(sqlx::query_scalar(&format!(
+    ) -> Result<Arc<[String]>, StoreError> {
+        let key = serde_json::to_string(requires)?;
+        let generation = self.takers.generation.load(Ordering::SeqCst);
+        if let Some(ids) = self.takers.known.lock().expect("takers").get(&key) {
+            return Ok(ids.clone());
+        }
+        let ids: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT id FROM backends b WHERE configured = 1 AND NOT EXISTS {} \
              AND CASE WHEN admin_state = 'enabled' THEN 1 \
                       WHEN admin_state IN ('disabled', 'draining') THEN 0 \
                       ELSE config_enabled END = 1 ORDER BY id",
             missing_tags("?1", "b.tags")
         ))
-        .bind(requires)
+        .bind(&key)
         .fetch_all(self.reader())
-        .await?)
+        .await?;
+        let ids: Arc<[String]> = ids.into();
+        let mut known = self.takers.known.lock().expect("takers");
+        // Kept only if nothing changed while it was read.
+        if self.takers.generation.load(Ordering::SeqCst) == generation {
+            if known.len() >= MAX_TAG_SETS {
+                known.clear();
+            }
+            known.insert(key, ids.clone());
+        }
+        Ok(ids)
     }
 
     /// Why a queued job is not running yet, in a sentence: its retry

@@ -120,6 +120,8 @@ pub struct Store {
     clock: submit::SubmitClock,
     /// Submissions wait here to be stored many at a time (one INSERT each batch).
     submissions: tokio::sync::mpsc::Sender<submit::PendingSubmission>,
+    /// Which backends take jobs of a tag set (asked by every submission).
+    takers: Arc<lease::Takers>,
 }
 
 /// Formats a time the way it is stored: RFC 3339 UTC with microseconds, so
@@ -181,6 +183,7 @@ impl Store {
             writer,
             clock: submit::SubmitClock::default(),
             submissions,
+            takers: Arc::default(),
         };
         store.clock = store.load_submit_clock().await?;
         // At most as many rows as SQLite takes bound values in one statement.
