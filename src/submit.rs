@@ -264,18 +264,16 @@ impl Submitter {
             .store
             .enabled_backends_with_tags(&parsed.job.requires)
             .await?;
-        let known = self.farm.inventories(&enabled);
-        if known.is_empty() || known.len() < enabled.len() {
+        let Some(distinct) = self.farm.distinct_inventories(&enabled) else {
+            return Ok(());
+        };
+        if distinct.is_empty() {
             return Ok(());
         }
         let rules = self.farm.rules();
         let mut first = None;
         // Identical boxes are checked once.
-        let mut seen = std::collections::HashSet::new();
-        for (_, inventory) in &known {
-            if !seen.insert(inventory.hash.as_str()) {
-                continue;
-            }
+        for inventory in &distinct {
             match inventory.check(&parsed.job.graph, &rules) {
                 Ok(()) => return Ok(()),
                 Err(r) => {
@@ -283,11 +281,10 @@ impl Submitter {
                 }
             }
         }
-        let checked: Vec<&str> = known.iter().map(|(id, _)| id.as_str()).collect();
         Err(refusal_error(
             parsed,
             &first.expect("checked at least one"),
-            &checked.join(", "),
+            &enabled.join(", "),
         ))
     }
 

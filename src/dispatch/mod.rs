@@ -354,6 +354,21 @@ impl Farm {
             .collect()
     }
 
+    /// The distinct inventories of these backends (identical boxes count
+    /// once), or `None` while one of them has none yet. Asked by every
+    /// submission: no copy per backend, however large the farm.
+    pub fn distinct_inventories(&self, backend_ids: &[String]) -> Option<Vec<Arc<Inventory>>> {
+        let map = self.shared.inventories.read().expect("inventories");
+        let mut distinct: Vec<Arc<Inventory>> = Vec::new();
+        for id in backend_ids {
+            let inventory = map.get(id)?;
+            if !distinct.iter().any(|d| d.hash == inventory.hash) {
+                distinct.push(inventory.clone());
+            }
+        }
+        Some(distinct)
+    }
+
     /// How inventories check graphs.
     pub fn rules(&self) -> Arc<Rules> {
         self.shared.rules.clone()
