@@ -466,26 +466,20 @@ impl Store {
     /// may take jobs: priority, then age; not barred there (tags, a refusal,
     /// too many failures).
     pub async fn lease_next(&self, backend_id: &str) -> Result<Option<Lease>, StoreError> {
-        self.lease_fit(backend_id, None, Preference::default())
-            .await
+        Ok(
+            match self
+                .lease_for(backend_id, None, Preference::default())
+                .await?
+            {
+                LeaseTry::Leased(lease) => Some(lease),
+                LeaseTry::Nothing | LeaseTry::Closed => None,
+            },
+        )
     }
 
     /// Leases as [`Store::lease_next`] does, skipping (and recording) jobs
     /// `fit` says the backend's inventory cannot run, and choosing among
-    /// equals as `prefer` says.
-    pub async fn lease_fit(
-        &self,
-        backend_id: &str,
-        fit: Option<Fit>,
-        prefer: Preference,
-    ) -> Result<Option<Lease>, StoreError> {
-        Ok(match self.lease_for(backend_id, fit, prefer).await? {
-            LeaseTry::Leased(lease) => Some(lease),
-            LeaseTry::Nothing | LeaseTry::Closed => None,
-        })
-    }
-
-    /// [`Store::lease_fit`], telling a backend that takes no jobs now
+    /// equals as `prefer` says; and tells a backend that takes no jobs now
     /// (disabled, draining, not online) from one that found none: the
     /// first should not wait to be rung for every queued job.
     pub async fn lease_for(
@@ -566,17 +560,19 @@ impl Store {
         if let Some(ids) = self.takers.known.lock().expect("takers").get(&key) {
             return Ok(ids.clone());
         }
-        let ids: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT id FROM backends b WHERE configured = 1 AND NOT EXISTS {} \
-             AND CASE WHEN admin_state = 'enabled' THEN 1 \
-                      WHEN admin_state IN ('disabled', 'draining') THEN 0 \
-                      ELSE config_enabled END = 1 ORDER BY id",
+        let rows: Vec<(String, bool, Option<AdminState>)> = sqlx::query_as(&format!(
+            "SELECT id, config_enabled, admin_state FROM backends b \
+             WHERE configured = 1 AND NOT EXISTS {} ORDER BY id",
             missing_tags("?1", "b.tags")
         ))
         .bind(&key)
         .fetch_all(self.reader())
         .await?;
-        let ids: Arc<[String]> = ids.into();
+        let ids: Arc<[String]> = rows
+            .into_iter()
+            .filter(|(_, config, admin)| backend_enabled(*config, *admin))
+            .map(|(id, _, _)| id)
+            .collect();
         let mut known = self.takers.known.lock().expect("takers");
         // Kept only if nothing changed while it was read.
         if self.takers.generation.load(Ordering::SeqCst) == generation {
