@@ -152,7 +152,10 @@ impl Worker {
                 }
             }
         }
-        if unheard && self.link.stream.is_some() {
+        // Messages that arrived while this worker waited on the backend
+        // are late, not missing: read what is waiting first (the next
+        // reconcile decides again with them counted).
+        if unheard && self.link.stream.is_some() && !self.read_waiting().await {
             self.deaf("a prompt finished without a word on the socket")
                 .await;
         }

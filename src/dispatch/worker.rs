@@ -292,14 +292,6 @@ impl Worker {
     /// The socket is open but ComfyUI sends our messages elsewhere (or
     /// nowhere): reconnect, and tell the jobs that were running.
     pub(super) async fn deaf(&mut self, why: &str) {
-        // Messages that arrived while this worker was busy elsewhere (a
-        // store write on a loaded machine, a slow reconcile) are not
-        // silence: read what is waiting first. The next check decides
-        // again with them counted.
-        if self.read_waiting().await {
-            tracing::debug!(backend_id = %self.id, "not deaf after all ({why}): messages were waiting to be read");
-            return;
-        }
         let message = format!(
             "the orchestrator stopped hearing backend {} ({why}); reconnected, the job is followed again",
             self.id
@@ -328,7 +320,7 @@ impl Worker {
     /// waiting for more. `true` when one was a message (a pong proves the
     /// connection only) or the socket turned out closed (then it is
     /// already dealt with).
-    async fn read_waiting(&mut self) -> bool {
+    pub(super) async fn read_waiting(&mut self) -> bool {
         use futures::FutureExt;
         let mut heard = false;
         loop {
