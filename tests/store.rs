@@ -491,3 +491,44 @@ async fn runs_lost_after_they_started_count_and_fail_the_job_at_the_limit() {
         .unwrap();
     assert!(app.store.cleanup_prompts("n1").await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_backend_that_may_not_run_the_queued_jobs_learns_that_another_may() {
+    // A worker rung for a job passes the ring on only while a due job
+    // waits that another backend may run; once the queue holds nothing due
+    // (another worker took the job), the ring ends instead of waking the
+    // farm's idle workers one after the other for nothing.
+    let app = spawn_app().await;
+    farm(&app, &[("plain", &[]), ("big", &["big"])]).await;
+    let try_lease = |id: &'static str| app.store.lease_for(id, None, Preference::default());
+    assert!(matches!(
+        try_lease("plain").await.unwrap(),
+        LeaseTry::Nothing
+    ));
+    let id = app.submit_blur(json!({"requires": ["big"]})).await;
+    assert!(
+        matches!(try_lease("plain").await.unwrap(), LeaseTry::Elsewhere),
+        "a job waits that only `big` may run"
+    );
+    let LeaseTry::Leased(lease) = try_lease("big").await.unwrap() else {
+        panic!("`big` runs it")
+    };
+    assert_eq!(lease.job_id, id);
+    assert!(
+        matches!(try_lease("plain").await.unwrap(), LeaseTry::Nothing),
+        "nothing is left for anyone"
+    );
+    // A job waiting out a retry's back-off is not due yet: nobody is rung.
+    let outcome = app
+        .store
+        .fail_attempt(&id, lease.token, false, failure(), Duration::minutes(5))
+        .await
+        .unwrap();
+    assert!(matches!(outcome, AttemptOutcome::Retry(_)), "{outcome:?}");
+    assert_eq!(app.job(&id).await["status"], "queued");
+    assert!(matches!(
+        try_lease("plain").await.unwrap(),
+        LeaseTry::Nothing
+    ));
+    assert!(matches!(try_lease("big").await.unwrap(), LeaseTry::Nothing));
+}

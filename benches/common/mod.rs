@@ -77,7 +77,8 @@ pub const RELEASE_BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/relea
 /// Starts the release binary with `args` (after `serve --port 0`) and
 /// returns it with the URL it printed once listening. `BENCH_WRAP` in the
 /// environment runs it under a profiler (`BENCH_WRAP="heaptrack -o /tmp/h"`):
-/// the figures are then the profiler's too, but the profile is the binary's.
+/// the figures are then the profiler's too, but the profile is the binary's;
+/// `BENCH_LOG` is its `RUST_LOG` (`warn` unless set).
 pub async fn spawn_release(args: &[&std::ffi::OsStr]) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
     let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
@@ -93,7 +94,10 @@ pub async fn spawn_release(args: &[&std::ffi::OsStr]) -> (tokio::process::Child,
     let mut child = command
         .args(["serve", "--port", "0"])
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

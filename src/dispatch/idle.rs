@@ -5,10 +5,12 @@
 //! costs a thousand lease attempts per job. A worker that found nothing to
 //! lease with a slot free registers here; a queued job rings the worker that
 //! has waited longest among those whose tags cover the job (so work spreads
-//! over the farm). A rung worker that still finds nothing it may run (its
-//! inventory lacks the job's model) passes the ring on, at most once around
-//! the workers that were waiting, so a job that fits one box out of many
-//! still starts at once. Busy workers need no ring: they lease when a slot
+//! over the farm). A rung worker that still finds nothing it may run while
+//! due jobs wait (its inventory lacks the job's model) passes the ring on,
+//! at most once around the workers that were waiting, so a job that fits
+//! one box out of many still starts at once; one that finds the queue empty
+//! of due jobs (a worker that freed a slot took the job first) ends the
+//! ring, or a busy farm would ring through its idle workers for nothing. Busy workers need no ring: they lease when a slot
 //! frees, and a backend that takes no jobs now (disabled, draining, not
 //! online) does not wait here: its own bell rings when that changes (its
 //! state, its admin state, its inventory). Farm-wide changes (a retry
@@ -71,8 +73,9 @@ impl IdleWorkers {
         s.hops.remove(id);
     }
 
-    /// A rung worker leased something: its ring ends there.
-    pub(super) fn served(&self, id: &str) {
+    /// A rung worker leased something, or found that nothing due is left
+    /// for anyone: its ring ends there.
+    pub(super) fn end_ring(&self, id: &str) {
         self.state.lock().expect("idle").hops.remove(id);
     }
 

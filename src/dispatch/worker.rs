@@ -352,6 +352,8 @@ impl Worker {
             return;
         }
         let mut leased = false;
+        // Whether due jobs wait that another backend may run.
+        let mut elsewhere = false;
         let prefer = crate::store::Preference {
             affinity: self.shared.config.dispatch.model_affinity,
             max_wait: chrono::Duration::seconds(
@@ -363,6 +365,10 @@ impl Worker {
             let lease = match self.shared.store.lease_for(&self.id, fit, prefer).await {
                 Ok(LeaseTry::Leased(l)) => l,
                 Ok(LeaseTry::Nothing) => break,
+                Ok(LeaseTry::Elsewhere) => {
+                    elsewhere = true;
+                    break;
+                }
                 Ok(LeaseTry::Closed) => {
                     // Disabled, draining or not online: not a worker to
                     // ring for each queued job (on a farm of many closed
@@ -394,17 +400,20 @@ impl Worker {
             );
             self.helpers.spawn(self.ctx().submit(lease));
         }
-        if leased {
-            self.shared.idle.served(&self.id);
-        }
         if self.tracked.len() >= self.max_inflight {
+            self.shared.idle.end_ring(&self.id);
             self.shared.idle.busy(&self.id);
             return;
         }
         self.shared.idle.waiting(&self.id);
-        if !leased {
+        if !leased && elsewhere {
             // Rung for a job it may not run: the next waiting worker tries.
             self.shared.idle.pass_on(&self.id);
+        } else {
+            // It leased, or nothing due is left for anyone (another worker
+            // took the job it was rung for): passing the ring on would only
+            // wake the farm one worker at a time for nothing.
+            self.shared.idle.end_ring(&self.id);
         }
     }
 

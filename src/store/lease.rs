@@ -118,8 +118,12 @@ impl Takers {
 pub enum LeaseTry {
     /// A job, now assigned to the backend.
     Leased(Lease),
-    /// No queued job the backend may run now.
+    /// No queued job is due now, for this backend or any other.
     Nothing,
+    /// Jobs are queued and due, but none that this backend may run now
+    /// (its tags, its inventory, its failures, a retry avoiding it): another
+    /// backend may.
+    Elsewhere,
     /// The backend takes no jobs now: disabled, draining or not online.
     Closed,
 }
@@ -128,6 +132,7 @@ pub enum LeaseTry {
 enum Ready {
     Eligible,
     Nothing,
+    Elsewhere,
     Closed,
 }
 
@@ -472,7 +477,7 @@ impl Store {
                 .await?
             {
                 LeaseTry::Leased(lease) => Some(lease),
-                LeaseTry::Nothing | LeaseTry::Closed => None,
+                LeaseTry::Nothing | LeaseTry::Elsewhere | LeaseTry::Closed => None,
             },
         )
     }
@@ -493,16 +498,39 @@ impl Store {
         match self.may_lease(backend_id).await? {
             Ready::Closed => return Ok(LeaseTry::Closed),
             Ready::Nothing => return Ok(LeaseTry::Nothing),
+            Ready::Elsewhere => return Ok(LeaseTry::Elsewhere),
             Ready::Eligible => {}
         }
-        let backend_id = backend_id.to_string();
+        let id = backend_id.to_string();
         let lease = self
             .writer()
             .write(move |conn| {
-                Box::pin(async move { lease_in(conn, &backend_id, fit.as_ref(), prefer).await })
+                Box::pin(async move { lease_in(conn, &id, fit.as_ref(), prefer).await })
             })
             .await?;
-        Ok(lease.map_or(LeaseTry::Nothing, LeaseTry::Leased))
+        Ok(match lease {
+            Some(lease) => LeaseTry::Leased(lease),
+            // Another backend took it first, or the inventory does not fit.
+            None => self.nothing_or_elsewhere().await?,
+        })
+    }
+
+    /// Found nothing to lease: whether some queued job is due anyway (then
+    /// another backend may run it), which a worker that was rung for a job
+    /// needs to know: to pass the ring on, or to end it there.
+    async fn nothing_or_elsewhere(&self) -> Result<LeaseTry, StoreError> {
+        let due: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue \
+             WHERE status = 'queued' AND (not_before IS NULL OR not_before <= ?1))",
+        )
+        .bind(fmt_time(Utc::now()))
+        .fetch_one(self.reader())
+        .await?;
+        Ok(if due {
+            LeaseTry::Elsewhere
+        } else {
+            LeaseTry::Nothing
+        })
     }
 
     /// Whether the backend takes jobs now and some queued job is eligible
@@ -530,7 +558,10 @@ impl Store {
         .await?;
         Ok(match found {
             Some(_) => Ready::Eligible,
-            None => Ready::Nothing,
+            None => match self.nothing_or_elsewhere().await? {
+                LeaseTry::Elsewhere => Ready::Elsewhere,
+                _ => Ready::Nothing,
+            },
         })
     }
 
