@@ -176,7 +176,7 @@ impl Store {
             .min_connections(1)
             .connect_with(options.read_only(true))
             .await?;
-        let (writer, _handle) = writer::Writer::spawn(conn, db.max_batch);
+        let (writer, writer_runtime) = writer::Writer::spawn(conn, db.max_batch)?;
         let (submissions, submissions_rx) = tokio::sync::mpsc::channel(db.max_batch * 4);
         let mut store = Store {
             read,
@@ -188,7 +188,9 @@ impl Store {
         store.clock = store.load_submit_clock().await?;
         // At most as many rows as SQLite takes bound values in one statement.
         let batch = db.max_batch.min(2_000);
-        tokio::spawn(submit::batch_submissions(
+        // Gathering submissions into one statement is the writer's own work:
+        // on its thread, it does not queue behind the farm either.
+        writer_runtime.spawn(submit::batch_submissions(
             store.writer.clone(),
             store.clock.clone(),
             submissions_rx,
