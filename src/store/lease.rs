@@ -99,6 +99,11 @@ pub struct Fit {
 pub(super) struct Takers {
     generation: AtomicU64,
     known: Mutex<HashMap<String, Arc<[String]>>>,
+    /// Held while an answer is read: the submissions that miss together
+    /// (the first ones after a start or a change) wait for one read of the
+    /// farm instead of each making its own (13 reads of 10 ms each at the
+    /// start of a burst on a farm of 1,000).
+    reading: tokio::sync::Mutex<()>,
 }
 
 /// Tag sets remembered at most (clients use a handful).
@@ -587,9 +592,14 @@ impl Store {
         requires: &[String],
     ) -> Result<Arc<[String]>, StoreError> {
         let key = serde_json::to_string(requires)?;
+        let known = || self.takers.known.lock().expect("takers").get(&key).cloned();
+        if let Some(ids) = known() {
+            return Ok(ids);
+        }
+        let _reading = self.takers.reading.lock().await;
         let generation = self.takers.generation.load(Ordering::SeqCst);
-        if let Some(ids) = self.takers.known.lock().expect("takers").get(&key) {
-            return Ok(ids.clone());
+        if let Some(ids) = known() {
+            return Ok(ids);
         }
         let rows: Vec<(String, bool, Option<AdminState>)> = sqlx::query_as(&format!(
             "SELECT id, config_enabled, admin_state FROM backends b \
