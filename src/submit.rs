@@ -118,6 +118,22 @@ impl From<StoreError> for SubmitError {
     }
 }
 
+/// Backends a refusal names at most: on a farm of a thousand, the message
+/// would otherwise be a thousand ids long.
+const NAMED_AT_MOST: usize = 8;
+
+/// The backends a graph was checked against, as a refusal says it.
+fn checked_list(ids: &[String]) -> String {
+    match ids.len() {
+        n if n <= NAMED_AT_MOST => ids.join(", "),
+        n => format!(
+            "{} and {} more",
+            ids[..NAMED_AT_MOST].join(", "),
+            n - NAMED_AT_MOST
+        ),
+    }
+}
+
 /// A `422` from a backend's refusal: the field a client set (the template
 /// parameter, or the inline graph's input), and what is wrong in words.
 fn refusal_error(
@@ -284,7 +300,7 @@ impl Submitter {
         Err(refusal_error(
             parsed,
             &first.expect("checked at least one"),
-            &enabled.join(", "),
+            &checked_list(&enabled),
         ))
     }
 
@@ -325,5 +341,21 @@ impl Submitter {
                 "no configured backend has all of the tags {requires:?} (backends: {farm})"
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_a_few_of_the_backends_checked_and_counts_the_rest() {
+        let ids = |n: usize| (0..n).map(|i| format!("gpu{i}")).collect::<Vec<_>>();
+        assert_eq!(checked_list(&ids(2)), "gpu0, gpu1");
+        assert_eq!(checked_list(&ids(8)), ids(8).join(", "));
+        assert_eq!(
+            checked_list(&ids(1000)),
+            "gpu0, gpu1, gpu2, gpu3, gpu4, gpu5, gpu6, gpu7 and 992 more"
+        );
     }
 }
