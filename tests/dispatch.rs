@@ -691,3 +691,61 @@ async fn outputs_that_cannot_be_collected_end_the_attempt_after_a_few_tries() {
     assert!(message.contains("HTTP 500"), "{message}");
     assert_eq!(job["outputs"], json!([]));
 }
+
+#[tokio::test]
+async fn a_queued_job_runs_the_template_it_was_checked_against_after_the_template_changes() {
+    // Templates change while jobs wait (an artist fixes a default in the
+    // night's template): a job keeps the graph it was validated and bound
+    // with, and the backend runs exactly that one.
+    let sim = start_sim(0).await;
+    let app = spawn_farm_online(vec![backend("node1", sim.port, &[], 1)]).await;
+    let dir = app.config.workflows_dir.clone();
+    std::fs::create_dir_all(&dir).unwrap();
+    let template = |prefix: &str| {
+        let graph = include_str!("../src/workflows/builtin/image_blur.json").replace(
+            "\"filename_prefix\": \"orchestrator\"",
+            &format!("\"filename_prefix\": \"{prefix}\""),
+        );
+        assert!(graph.contains(prefix));
+        std::fs::write(dir.join("night.json"), graph).unwrap();
+        std::fs::write(
+            dir.join("night.yaml"),
+            "parameters:\n  width: {type: int, default: 16, target: 1.inputs.width}\n",
+        )
+        .unwrap();
+    };
+    let reload = || async {
+        let (status, body) = app.post_json("/api/workflows/reload", &json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    };
+    let (status, b) = app
+        .post_json("/api/backends/node1/disable", &json!({}))
+        .await;
+    assert_eq!(status, 200, "{b}");
+    template("before");
+    reload().await;
+    let queued = submit(
+        &app,
+        json!({"workflow_id": "night", "parameters": {"width": 16}}),
+    )
+    .await;
+    template("after");
+    reload().await;
+    let later = submit(
+        &app,
+        json!({"workflow_id": "night", "parameters": {"width": 16}}),
+    )
+    .await;
+    assert_eq!(app.job(&queued).await["status"], "queued");
+    let (status, b) = app
+        .post_json("/api/backends/node1/enable", &json!({}))
+        .await;
+    assert_eq!(status, 200, "{b}");
+    for (id, prefix) in [(&queued, "before_"), (&later, "after_")] {
+        let job = app.wait_status(id, "completed").await;
+        let outputs = job["outputs"].as_array().unwrap();
+        assert_eq!(outputs.len(), 1, "{job:#}");
+        let name = outputs[0]["filename"].as_str().unwrap();
+        assert!(name.starts_with(prefix), "{id}: {name}");
+    }
+}
