@@ -65,7 +65,9 @@ struct Subscriber {
 #[derive(Clone)]
 pub struct EventHub {
     store: Store,
-    subscribers: Arc<Mutex<Vec<Subscriber>>>,
+    /// The live subscribers; `None` once the reader has stopped (with the
+    /// service), so that nobody joins a feed that no longer flows.
+    subscribers: Arc<Mutex<Option<Vec<Subscriber>>>>,
     stop: CancellationToken,
 }
 
@@ -79,7 +81,7 @@ impl EventHub {
     ) -> Result<EventHub, crate::store::StoreError> {
         let hub = EventHub {
             store,
-            subscribers: Arc::default(),
+            subscribers: Arc::new(Mutex::new(Some(Vec::new()))),
             stop,
         };
         let after = hub.store.latest_event_seq().await?;
@@ -109,18 +111,19 @@ impl EventHub {
                 Err(e) => tracing::warn!(error = %e, "the event hub cannot read the log"),
             }
             tokio::select! {
-                changed = commits.changed() => if changed.is_err() { return },
-                _ = self.stop.cancelled() => {
-                    // Closing every buffer ends every stream.
-                    self.subscribers.lock().expect("subscribers").clear();
-                    return;
-                }
+                changed = commits.changed() => if changed.is_err() { break },
+                _ = self.stop.cancelled() => break,
             }
         }
+        // Closing every buffer ends every live stream.
+        *self.subscribers.lock().expect("subscribers") = None;
     }
 
     fn publish(&self, events: Vec<JobEvent>) {
-        let mut subscribers = self.subscribers.lock().expect("subscribers");
+        let mut guard = self.subscribers.lock().expect("subscribers");
+        let Some(subscribers) = guard.as_mut() else {
+            return;
+        };
         for ev in events {
             let mut published: Option<Arc<Published>> = None;
             subscribers.retain(|s| {
@@ -144,15 +147,14 @@ impl EventHub {
     fn join(&self, filter: EventFilter) -> (mpsc::Receiver<Arc<Published>>, Arc<AtomicBool>) {
         let (tx, rx) = mpsc::channel(BUFFER);
         let lagged = Arc::new(AtomicBool::new(false));
-        if !self.stop.is_cancelled() {
-            self.subscribers
-                .lock()
-                .expect("subscribers")
-                .push(Subscriber {
-                    filter,
-                    tx,
-                    lagged: lagged.clone(),
-                });
+        // A feed that no longer flows (the service stops) drops `tx` here,
+        // which ends the stream at once.
+        if let Some(subscribers) = self.subscribers.lock().expect("subscribers").as_mut() {
+            subscribers.push(Subscriber {
+                filter,
+                tx,
+                lagged: lagged.clone(),
+            });
         }
         (rx, lagged)
     }
@@ -190,7 +192,9 @@ struct Follow {
 impl Follow {
     async fn next(&mut self) -> Option<Arc<Published>> {
         loop {
-            if self.hub.stop.is_cancelled() {
+            // On the live feed the stop closes the buffer; reading the log,
+            // the stream asks.
+            if self.live.is_none() && self.hub.stop.is_cancelled() {
                 return None;
             }
             if let Some(ev) = self.backlog.pop_front() {
@@ -227,11 +231,10 @@ impl Follow {
                         self.live = None;
                         continue;
                     }
-                    let received = tokio::select! {
-                        r = rx.recv() => r,
-                        _ = self.hub.stop.cancelled() => return None,
-                    };
-                    match received {
+                    // No wait on the stop token here: a thousand subscribers
+                    // would each register with it, and leave it, per event.
+                    // The reader closes every buffer when the service stops.
+                    match rx.recv().await {
                         Some(p) if p.event.seq > self.last => {
                             self.last = p.event.seq;
                             return Some(p);

@@ -91,12 +91,16 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 fn sse_body(
     events: impl Stream<Item = Arc<Published>> + Send + 'static,
 ) -> impl Stream<Item = Result<bytes::Bytes, Infallible>> + Send + 'static {
-    let frames = events.ready_chunks(64).map(|batch| {
-        let mut buf = bytes::BytesMut::new();
-        for p in batch {
-            buf.extend_from_slice(&p.sse);
+    let frames = events.ready_chunks(64).map(|batch| match batch.as_slice() {
+        // The usual case: the frame built once for everyone, not copied.
+        [one] => one.sse.clone(),
+        _ => {
+            let mut buf = bytes::BytesMut::new();
+            for p in batch {
+                buf.extend_from_slice(&p.sse);
+            }
+            buf.freeze()
         }
-        buf.freeze()
     });
     let tick = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
     futures::stream::unfold(
