@@ -387,6 +387,7 @@ async fn big_farm(machines: &tokio::runtime::Handle, backends: usize, jobs: usiz
     let idle = (common::cpu_time(pid) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
     let idle_rss = common::rss_kb(pid) as f64 / 1024.0;
     let start = Instant::now();
+    let cpu_before = common::cpu_time(pid);
     let lat = submit_timed(&url, jobs, 16).await;
     while counts(&client, &url).await["completed"]
         .as_u64()
@@ -396,9 +397,10 @@ async fn big_farm(machines: &tokio::runtime::Handle, backends: usize, jobs: usiz
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let total = start.elapsed().as_secs_f64();
+    let cpu_per_job = (common::cpu_time(pid) - cpu_before).as_secs_f64() * 1000.0 / jobs as f64;
     let q = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
     println!(
-        "farm of {backends} simulated backends (--job-ms 0) before the release binary (default settings): all online after {:.1} s; idle: {:.1}% of a core, RSS {idle_rss:.0} MB; {jobs} jobs from 16 clients: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s end to end",
+        "farm of {backends} simulated backends (--job-ms 0) before the release binary (default settings): all online after {:.1} s; idle: {:.1}% of a core, RSS {idle_rss:.0} MB; {jobs} jobs from 16 clients: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s end to end, {cpu_per_job:.2} ms of the orchestrator's CPU a job",
         online.as_secs_f64(),
         idle * 100.0,
         q(0.5),
