@@ -22,32 +22,49 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-#[derive(Default)]
+/// Who waits, by backend number (given in [`IdleWorkers::new`]).
+///
+/// Why numbers: every fill of every worker asks whether it already waits,
+/// and with ids that was a scan comparing up to a thousand strings, plus a
+/// string allocated per wait and per ring.
 struct State {
     /// Waiting workers, longest-waiting first.
-    waiting: VecDeque<String>,
-    /// Rings a rung worker may still pass on.
-    hops: HashMap<String, usize>,
+    waiting: VecDeque<usize>,
+    /// Whether each backend's worker is in `waiting`.
+    is_waiting: Vec<bool>,
+    /// Rings each rung worker may still pass on.
+    hops: Vec<Option<usize>>,
 }
 
 /// The farm's waiting workers.
 pub(super) struct IdleWorkers {
     state: Mutex<State>,
-    bells: HashMap<String, Arc<Notify>>,
-    tags: HashMap<String, Vec<String>>,
+    /// Each backend's number.
+    index: HashMap<String, usize>,
+    bells: Vec<Arc<Notify>>,
+    tags: Vec<Vec<String>>,
 }
 
 impl IdleWorkers {
     /// For these backends and their tags.
     pub(super) fn new<'a>(backends: impl Iterator<Item = (&'a str, &'a [String])>) -> IdleWorkers {
-        let mut bells = HashMap::new();
-        let mut tags = HashMap::new();
+        let (mut index, mut bells, mut tags) = (HashMap::new(), Vec::new(), Vec::new());
         for (id, t) in backends {
-            bells.insert(id.to_string(), Arc::new(Notify::new()));
-            tags.insert(id.to_string(), t.to_vec());
+            if index.contains_key(id) {
+                continue;
+            }
+            index.insert(id.to_string(), bells.len());
+            bells.push(Arc::new(Notify::new()));
+            tags.push(t.to_vec());
         }
+        let n = bells.len();
         IdleWorkers {
-            state: Mutex::default(),
+            state: Mutex::new(State {
+                waiting: VecDeque::with_capacity(n),
+                is_waiting: vec![false; n],
+                hops: vec![None; n],
+            }),
+            index,
             bells,
             tags,
         }
@@ -55,28 +72,38 @@ impl IdleWorkers {
 
     /// The bell a worker listens to.
     pub(super) fn bell(&self, id: &str) -> Arc<Notify> {
-        self.bells.get(id).cloned().unwrap_or_default()
+        self.index
+            .get(id)
+            .map(|&i| self.bells[i].clone())
+            .unwrap_or_default()
     }
 
     /// The worker has a free slot and found nothing to lease.
     pub(super) fn waiting(&self, id: &str) {
+        let Some(&i) = self.index.get(id) else { return };
         let mut s = self.state.lock().expect("idle");
-        if !s.waiting.iter().any(|w| w == id) {
-            s.waiting.push_back(id.to_string());
+        if !s.is_waiting[i] {
+            s.is_waiting[i] = true;
+            s.waiting.push_back(i);
         }
     }
 
     /// The worker is full, or cannot lease (its backend is down).
     pub(super) fn busy(&self, id: &str) {
+        let Some(&i) = self.index.get(id) else { return };
         let mut s = self.state.lock().expect("idle");
-        s.waiting.retain(|w| w != id);
-        s.hops.remove(id);
+        if s.is_waiting[i] {
+            s.is_waiting[i] = false;
+            s.waiting.retain(|&w| w != i);
+        }
+        s.hops[i] = None;
     }
 
     /// A rung worker leased something, or found that nothing due is left
     /// for anyone: its ring ends there.
     pub(super) fn end_ring(&self, id: &str) {
-        self.state.lock().expect("idle").hops.remove(id);
+        let Some(&i) = self.index.get(id) else { return };
+        self.state.lock().expect("idle").hops[i] = None;
     }
 
     /// A job needing `requires` was queued: rings the longest-waiting worker
@@ -84,31 +111,32 @@ impl IdleWorkers {
     pub(super) fn ring_for(&self, requires: &[String]) -> bool {
         let mut s = self.state.lock().expect("idle");
         let hops = s.waiting.len().saturating_sub(1);
-        self.ring_first(&mut s, hops, |id| {
-            let tags = self.tags.get(id).map(Vec::as_slice).unwrap_or_default();
-            requires.iter().all(|r| tags.contains(r))
+        self.ring_first(&mut s, hops, |i| {
+            requires.iter().all(|r| self.tags[i].contains(r))
         })
     }
 
     /// A rung worker found nothing it may run: rings the next waiting worker,
     /// while the ring has hops left.
     pub(super) fn pass_on(&self, from: &str) {
-        let mut s = self.state.lock().expect("idle");
-        let Some(hops) = s.hops.remove(from).filter(|h| *h > 0) else {
+        let Some(&from) = self.index.get(from) else {
             return;
         };
-        self.ring_first(&mut s, hops - 1, |id| id != from);
+        let mut s = self.state.lock().expect("idle");
+        let Some(hops) = s.hops[from].take().filter(|h| *h > 0) else {
+            return;
+        };
+        self.ring_first(&mut s, hops - 1, |i| i != from);
     }
 
-    fn ring_first(&self, s: &mut State, hops: usize, fits: impl Fn(&str) -> bool) -> bool {
-        let Some(pos) = s.waiting.iter().position(|id| fits(id)) else {
+    fn ring_first(&self, s: &mut State, hops: usize, fits: impl Fn(usize) -> bool) -> bool {
+        let Some(pos) = s.waiting.iter().position(|&i| fits(i)) else {
             return false;
         };
-        let id = s.waiting.remove(pos).expect("position is in range");
-        s.hops.insert(id.clone(), hops);
-        if let Some(bell) = self.bells.get(&id) {
-            bell.notify_one();
-        }
+        let i = s.waiting.remove(pos).expect("position is in range");
+        s.is_waiting[i] = false;
+        s.hops[i] = Some(hops);
+        self.bells[i].notify_one();
         true
     }
 
@@ -120,7 +148,8 @@ impl IdleWorkers {
             .expect("idle")
             .waiting
             .iter()
-            .cloned()
+            .filter_map(|&i| self.index.iter().find(|(_, &n)| n == i))
+            .map(|(id, _)| id.clone())
             .collect()
     }
 }
