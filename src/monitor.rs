@@ -145,11 +145,13 @@ pub async fn run(
         // The database hears of it when something changed, and at least
         // every RECORD_EVERY (for `last_seen`): not on every poll.
         let seen = Seen::of(&probed);
-        let fresh = recorded
-            .as_ref()
-            .is_some_and(|(s, at)| *s == seen && at.elapsed() < RECORD_EVERY);
+        let same = recorded.as_ref().is_some_and(|(s, _)| *s == seen);
+        let fresh = same
+            && recorded
+                .as_ref()
+                .is_some_and(|(_, at)| at.elapsed() < RECORD_EVERY);
         if !fresh {
-            record(&store, &backend_id, probed).await;
+            record(&store, &backend_id, probed, same).await;
             recorded = Some((seen, tokio::time::Instant::now()));
         }
         if was_usable != Some(usable) {
@@ -271,8 +273,14 @@ async fn probe(client: &ComfyClient) -> Result<BackendStats, ComfyError> {
 }
 
 /// Records what the backend said: online, incompatible (too old to be
-/// driven safely) or offline.
-async fn record(store: &Store, backend_id: &str, probed: Result<BackendStats, ComfyError>) {
+/// driven safely) or offline. `same`: it said what it said at the last
+/// record, so an online backend only needs its `last_seen` moved.
+async fn record(
+    store: &Store,
+    backend_id: &str,
+    probed: Result<BackendStats, ComfyError>,
+    same: bool,
+) {
     let recorded = match probed {
         Ok(stats) => match version_problem(stats.comfyui_version.as_deref()) {
             Some(why) => {
@@ -282,7 +290,11 @@ async fn record(store: &Store, backend_id: &str, probed: Result<BackendStats, Co
             }
             None => {
                 crate::metrics::backend(backend_id, true, stats.vram_total, stats.vram_free);
-                store.backend_online(backend_id, stats).await
+                if same && matches!(store.backend_still_online(backend_id).await, Ok(true)) {
+                    Ok(())
+                } else {
+                    store.backend_online(backend_id, stats).await
+                }
             }
         },
         Err(e) => {

@@ -532,3 +532,39 @@ async fn a_backend_that_may_not_run_the_queued_jobs_learns_that_another_may() {
     ));
     assert!(matches!(try_lease("big").await.unwrap(), LeaseTry::Nothing));
 }
+
+#[tokio::test]
+async fn a_backend_that_still_answers_the_same_only_moves_its_last_seen() {
+    // The monitor's record of a backend that said nothing new, every 30 s
+    // per backend, is one statement; it never brings a backend back.
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    let record = || async {
+        app.store
+            .backends()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|b| b.id == "n1")
+            .unwrap()
+    };
+    let before = record().await;
+    assert_eq!(before.state, orchestrator::store::BackendState::Online);
+    assert!(app.store.backend_still_online("n1").await.unwrap());
+    let after = record().await;
+    assert_eq!(after.state, orchestrator::store::BackendState::Online);
+    assert!(after.last_seen >= before.last_seen && after.last_seen.is_some());
+    app.store
+        .backend_offline("n1", "connection refused".into())
+        .await
+        .unwrap();
+    let offline = record().await;
+    assert!(
+        !app.store.backend_still_online("n1").await.unwrap(),
+        "an offline backend is recorded in full, not refreshed"
+    );
+    let still = record().await;
+    assert_eq!(still.state, orchestrator::store::BackendState::Offline);
+    assert_eq!(still.last_seen, offline.last_seen);
+    assert!(!app.store.backend_still_online("nobody").await.unwrap());
+}

@@ -109,6 +109,32 @@ impl Store {
         self.backend_seen(id, Seen::Online(stats)).await
     }
 
+    /// Records that a backend still answers as it did at its last record:
+    /// only `last_seen` moves. One statement, no read before it: a farm of a
+    /// thousand backends does this about 33 times a second. `false` if the
+    /// database does not hold it as online (then record it in full).
+    pub async fn backend_still_online(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.writer()
+            .write_one(move |conn| {
+                Box::pin(async move {
+                    let now = fmt_time(Utc::now());
+                    let n = sqlx::query(
+                        "UPDATE backends SET last_seen = ?, updated_at = ? \
+                         WHERE id = ? AND state = 'online'",
+                    )
+                    .bind(&now)
+                    .bind(&now)
+                    .bind(&id)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    Ok(n == 1)
+                })
+            })
+            .await
+    }
+
     /// Records a failed poll; `offline_since` keeps the first failure's time.
     pub async fn backend_offline(&self, id: &str, error: String) -> Result<(), StoreError> {
         self.backend_seen(id, Seen::Offline(error)).await

@@ -38,6 +38,8 @@ struct Op {
     finish: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
     /// Writes with at most one statement: atomic by itself, no savepoint needed.
     single: bool,
+    /// A submission: its own lane, taken first.
+    urgent: bool,
 }
 
 /// A write: runs on the writer's connection inside the batch's transaction.
@@ -102,7 +104,7 @@ impl Writer {
     /// once the transaction is committed. If `f` fails, its own changes are
     /// rolled back and the others in the batch still commit.
     pub async fn write<T: Send + 'static>(&self, f: impl WriteFn<T>) -> Result<T, StoreError> {
-        self.submit_op(f, false).await
+        self.submit_op(f, false, false).await
     }
 
     /// Like [`Writer::write`], for an operation that writes with at most one
@@ -113,13 +115,21 @@ impl Writer {
         &self,
         f: impl WriteFn<T>,
     ) -> Result<T, StoreError> {
-        self.submit_op(f, true).await
+        self.submit_op(f, true, true).await
+    }
+
+    /// Like [`Writer::write_single`], in the lane of ordinary writes: a
+    /// statement that is cheap to commit but no client waits for (a
+    /// backend's `last_seen`).
+    pub async fn write_one<T: Send + 'static>(&self, f: impl WriteFn<T>) -> Result<T, StoreError> {
+        self.submit_op(f, true, false).await
     }
 
     async fn submit_op<T: Send + 'static>(
         &self,
         f: impl WriteFn<T>,
         single: bool,
+        urgent: bool,
     ) -> Result<T, StoreError> {
         let (done_tx, done_rx) = oneshot::channel::<Result<T, StoreError>>();
         let slot: Arc<Mutex<Option<Result<T, StoreError>>>> = Arc::new(Mutex::new(None));
@@ -146,8 +156,9 @@ impl Writer {
             run,
             finish,
             single,
+            urgent,
         };
-        let lane = if single { &self.urgent } else { &self.tx };
+        let lane = if urgent { &self.urgent } else { &self.tx };
         lane.send(op).await.map_err(|_| StoreError::Closed)?;
         done_rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -190,7 +201,7 @@ async fn run(
             Some(op) = lanes.other.recv() => op,
             else => break,
         };
-        lanes.last_urgent = first.single;
+        lanes.last_urgent = first.urgent;
         if commit_batch(&mut conn, first, &mut lanes, max_batch).await {
             committed.send_modify(|n| *n += 1);
         }
@@ -217,7 +228,7 @@ impl Lanes<'_> {
             self.urgent.try_recv().or_else(|_| self.other.try_recv())
         }
         .ok()?;
-        self.last_urgent = op.single;
+        self.last_urgent = op.urgent;
         Some(op)
     }
 }
