@@ -3,12 +3,8 @@
 //!
 //! Why the rules are one SQL expression ([`bar_reason`]): the lease query
 //! uses it to skip jobs, the failure path uses it to tell whether any
-//! backend is left for a job (and to say why not), and the submit check uses
-//! its tag part, so the three can never disagree.
-
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+//! backend is left for a job (and to say why not), and the submit check
+//! (`takers.rs`) uses its tag part, so the three can never disagree.
 
 use chrono::Utc;
 use serde_json::json;
@@ -23,7 +19,7 @@ use super::{fmt_time, Store, StoreError};
 pub const MAX_FAILURES_PER_BACKEND: i64 = 2;
 
 /// The tags in the JSON array `requires` that the JSON array `tags` lacks.
-fn missing_tags(requires: &str, tags: &str) -> String {
+pub(super) fn missing_tags(requires: &str, tags: &str) -> String {
     format!(
         "(SELECT r.value FROM json_each({requires}) r \
          WHERE r.value NOT IN (SELECT value FROM json_each({tags})))"
@@ -91,31 +87,6 @@ pub struct Fit {
     pub hash: String,
     /// The check.
     pub check: std::sync::Arc<FitCheck>,
-}
-
-/// The answers of [`Store::enabled_backends_with_tags`] by tag set, until
-/// the backends' tags or admin states change.
-#[derive(Default)]
-pub(super) struct Takers {
-    generation: AtomicU64,
-    known: Mutex<HashMap<String, Arc<[String]>>>,
-    /// Held while an answer is read: the submissions that miss together
-    /// (the first ones after a start or a change) wait for one read of the
-    /// farm instead of each making its own (13 reads of 10 ms each at the
-    /// start of a burst on a farm of 1,000).
-    reading: tokio::sync::Mutex<()>,
-}
-
-/// Tag sets remembered at most (clients use a handful).
-const MAX_TAG_SETS: usize = 1_000;
-
-impl Takers {
-    /// Backends' tags or admin states changed (called once the change is
-    /// committed): what was kept is forgotten.
-    pub(super) fn changed(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        self.known.lock().expect("takers").clear();
-    }
 }
 
 /// What a lease attempt came to.
@@ -568,61 +539,6 @@ impl Store {
                 _ => Ready::Nothing,
             },
         })
-    }
-
-    /// The configured backends whose tags cover `requires` (the submit check).
-    pub async fn backends_with_tags(&self, requires: &[String]) -> Result<Vec<String>, StoreError> {
-        let requires = serde_json::to_string(requires)?;
-        Ok(sqlx::query_scalar(&format!(
-            "SELECT id FROM backends b WHERE configured = 1 AND NOT EXISTS {} ORDER BY id",
-            missing_tags("?1", "b.tags")
-        ))
-        .bind(requires)
-        .fetch_all(self.reader())
-        .await?)
-    }
-
-    /// The enabled configured backends whose tags cover `requires` (what
-    /// a submission is checked against). Every submission asks, and the
-    /// read goes over the whole farm (about 270 us with 1,000 backends, a
-    /// core's worth at 4,000 submissions a second): the answer is kept
-    /// until a backend's tags or admin state change.
-    pub async fn enabled_backends_with_tags(
-        &self,
-        requires: &[String],
-    ) -> Result<Arc<[String]>, StoreError> {
-        let key = serde_json::to_string(requires)?;
-        let known = || self.takers.known.lock().expect("takers").get(&key).cloned();
-        if let Some(ids) = known() {
-            return Ok(ids);
-        }
-        let _reading = self.takers.reading.lock().await;
-        let generation = self.takers.generation.load(Ordering::SeqCst);
-        if let Some(ids) = known() {
-            return Ok(ids);
-        }
-        let rows: Vec<(String, bool, Option<AdminState>)> = sqlx::query_as(&format!(
-            "SELECT id, config_enabled, admin_state FROM backends b \
-             WHERE configured = 1 AND NOT EXISTS {} ORDER BY id",
-            missing_tags("?1", "b.tags")
-        ))
-        .bind(&key)
-        .fetch_all(self.reader())
-        .await?;
-        let ids: Arc<[String]> = rows
-            .into_iter()
-            .filter(|(_, config, admin)| backend_enabled(*config, *admin))
-            .map(|(id, _, _)| id)
-            .collect();
-        let mut known = self.takers.known.lock().expect("takers");
-        // Kept only if nothing changed while it was read.
-        if self.takers.generation.load(Ordering::SeqCst) == generation {
-            if known.len() >= MAX_TAG_SETS {
-                known.clear();
-            }
-            known.insert(key, ids.clone());
-        }
-        Ok(ids)
     }
 
     /// Why a queued job is not running yet, in a sentence: its retry

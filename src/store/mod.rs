@@ -35,6 +35,7 @@ mod outcomes;
 mod retention;
 mod rows;
 mod submit;
+mod takers;
 mod transitions;
 mod webhooks;
 pub mod writer;
@@ -121,7 +122,7 @@ pub struct Store {
     /// Submissions wait here to be stored many at a time (one INSERT each batch).
     submissions: tokio::sync::mpsc::Sender<submit::PendingSubmission>,
     /// Which backends take jobs of a tag set (asked by every submission).
-    takers: Arc<lease::Takers>,
+    takers: Arc<takers::Takers>,
 }
 
 /// Formats a time the way it is stored: RFC 3339 UTC with microseconds, so
