@@ -10,9 +10,9 @@
 //! at most once around the workers that were waiting, so a job that fits
 //! one box out of many still starts at once; one that finds the queue empty
 //! of due jobs (a worker that freed a slot took the job first) ends the
-//! ring, or a busy farm would ring through its idle workers for nothing. Busy workers need no ring: they lease when a slot
-//! frees, and a backend that takes no jobs now (disabled, draining, not
-//! online) does not wait here: its own bell rings when that changes (its
+//! ring, or a busy farm would ring through its idle workers for nothing.
+//! Busy workers need no ring: they lease when a slot frees, and a backend
+//! that takes no jobs now (disabled, draining, not online) does not wait here: its own bell rings when that changes (its
 //! state, its admin state, its inventory). Farm-wide changes (a retry
 //! due, jobs queued again) still wake everyone through the broadcast in
 //! `Shared::wake`.

@@ -401,7 +401,7 @@ impl Worker {
             self.helpers.spawn(self.ctx().submit(lease));
         }
         if self.tracked.len() >= self.max_inflight {
-            self.shared.idle.end_ring(&self.id);
+            // Off the waiting list, and its ring (if any) ends.
             self.shared.idle.busy(&self.id);
             return;
         }

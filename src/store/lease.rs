@@ -104,14 +104,6 @@ pub enum LeaseTry {
     Closed,
 }
 
-/// What the read before a lease found.
-enum Ready {
-    Eligible,
-    Nothing,
-    Elsewhere,
-    Closed,
-}
-
 /// How a free backend chooses among jobs of the same priority.
 #[derive(Debug, Clone, Copy)]
 pub struct Preference {
@@ -471,11 +463,8 @@ impl Store {
     ) -> Result<LeaseTry, StoreError> {
         // A worker that would find nothing costs a read, not a write: the
         // writer is shared by the whole farm.
-        match self.may_lease(backend_id).await? {
-            Ready::Closed => return Ok(LeaseTry::Closed),
-            Ready::Nothing => return Ok(LeaseTry::Nothing),
-            Ready::Elsewhere => return Ok(LeaseTry::Elsewhere),
-            Ready::Eligible => {}
+        if let Some(none_here) = self.may_lease(backend_id).await? {
+            return Ok(none_here);
         }
         let id = backend_id.to_string();
         let lease = self
@@ -510,9 +499,11 @@ impl Store {
     }
 
     /// Whether the backend takes jobs now and some queued job is eligible
-    /// there (read-only). The backend first: a closed one would otherwise
-    /// find an eligible job and take a writer's turn to learn it is closed.
-    async fn may_lease(&self, backend_id: &str) -> Result<Ready, StoreError> {
+    /// there (read-only): `None` if one is, else why there is nothing to
+    /// lease (`Closed`, `Nothing` or `Elsewhere`). The backend first: a
+    /// closed one would otherwise find an eligible job and take a writer's
+    /// turn to learn it is closed.
+    async fn may_lease(&self, backend_id: &str) -> Result<Option<LeaseTry>, StoreError> {
         let backend: Option<(bool, Option<AdminState>, BackendState)> = sqlx::query_as(
             "SELECT config_enabled, admin_state, state FROM backends WHERE id = ? AND configured = 1",
         )
@@ -521,7 +512,7 @@ impl Store {
         .await?;
         match backend {
             Some((config, admin, BackendState::Online)) if backend_enabled(config, admin) => {}
-            _ => return Ok(Ready::Closed),
+            _ => return Ok(Some(LeaseTry::Closed)),
         }
         let now = fmt_time(Utc::now());
         let found: Option<i64> = sqlx::query_scalar(&format!(
@@ -533,11 +524,8 @@ impl Store {
         .fetch_optional(self.reader())
         .await?;
         Ok(match found {
-            Some(_) => Ready::Eligible,
-            None => match self.nothing_or_elsewhere().await? {
-                LeaseTry::Elsewhere => Ready::Elsewhere,
-                _ => Ready::Nothing,
-            },
+            Some(_) => None,
+            None => Some(self.nothing_or_elsewhere().await?),
         })
     }
 

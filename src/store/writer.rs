@@ -1,12 +1,13 @@
-//! The one writer: every write to the database goes through it, on a thread of its own.
+//! The one writer: every write to the database goes through it, on a
+//! thread of its own.
 //!
 //! Why: SQLite allows one writer at a time. Funnelling writes through one
 //! connection removes `SQLITE_BUSY` retry loops, and lets many concurrent
 //! requests share one transaction and one fsync (group commit): the writer
 //! takes what is queued, and what comes while it works, up to a time budget
-//! ([`BATCH_BUDGET`]), runs each operation in its own savepoint (so one failing operation does not undo the
-//! others), commits once, and only then answers each caller. A caller that
-//! gets `Ok` knows its write is durable.
+//! ([`BATCH_BUDGET`]), runs each operation in its own savepoint (so one
+//! failing operation does not undo the others), commits once, and only then
+//! answers each caller. A caller that gets `Ok` knows its write is durable.
 
 use std::sync::{Arc, Mutex};
 
@@ -195,13 +196,9 @@ async fn run(
         last_urgent: false,
     };
     loop {
-        let first = tokio::select! {
-            biased;
-            Some(op) = lanes.urgent.recv() => op,
-            Some(op) = lanes.other.recv() => op,
-            else => break,
+        let Some(first) = lanes.wait().await else {
+            break;
         };
-        lanes.last_urgent = first.urgent;
         if commit_batch(&mut conn, first, &mut lanes, max_batch).await {
             committed.send_modify(|n| *n += 1);
         }
@@ -220,6 +217,19 @@ struct Lanes<'a> {
 }
 
 impl Lanes<'_> {
+    /// The next operation, once one comes (a submission first); `None` when
+    /// every handle is gone.
+    async fn wait(&mut self) -> Option<Op> {
+        let op = tokio::select! {
+            biased;
+            Some(op) = self.urgent.recv() => op,
+            Some(op) = self.other.recv() => op,
+            else => return None,
+        };
+        self.last_urgent = op.urgent;
+        Some(op)
+    }
+
     /// The next waiting operation, if any.
     fn next(&mut self) -> Option<Op> {
         let op = if self.last_urgent {
