@@ -701,41 +701,36 @@ async fn a_queued_job_runs_the_template_it_was_checked_against_after_the_templat
     let app = spawn_farm_online(vec![backend("node1", sim.port, &[], 1)]).await;
     let dir = app.config.workflows_dir.clone();
     std::fs::create_dir_all(&dir).unwrap();
-    let template = |prefix: &str| {
-        let graph = include_str!("../src/workflows/builtin/image_blur.json").replace(
-            "\"filename_prefix\": \"orchestrator\"",
-            &format!("\"filename_prefix\": \"{prefix}\""),
-        );
-        assert!(graph.contains(prefix));
-        std::fs::write(dir.join("night.json"), graph).unwrap();
-        std::fs::write(
-            dir.join("night.yaml"),
-            "parameters:\n  width: {type: int, default: 16, target: 1.inputs.width}\n",
-        )
-        .unwrap();
-    };
-    let reload = || async {
-        let (status, body) = app.post_json("/api/workflows/reload", &json!({})).await;
-        assert_eq!(status, 200, "{body}");
+    // The template as it is now (its SaveImage prefix), then a job of it.
+    let submit_with = |prefix: &'static str| {
+        let (app, dir) = (&app, &dir);
+        async move {
+            let graph = include_str!("../src/workflows/builtin/image_blur.json").replace(
+                "\"filename_prefix\": \"orchestrator\"",
+                &format!("\"filename_prefix\": \"{prefix}\""),
+            );
+            assert!(graph.contains(prefix));
+            std::fs::write(dir.join("night.json"), graph).unwrap();
+            std::fs::write(
+                dir.join("night.yaml"),
+                "parameters:\n  width: {type: int, default: 16, target: 1.inputs.width}\n",
+            )
+            .unwrap();
+            let (status, body) = app.post_json("/api/workflows/reload", &json!({})).await;
+            assert_eq!(status, 200, "{body}");
+            submit(
+                app,
+                json!({"workflow_id": "night", "parameters": {"width": 16}}),
+            )
+            .await
+        }
     };
     let (status, b) = app
         .post_json("/api/backends/node1/disable", &json!({}))
         .await;
     assert_eq!(status, 200, "{b}");
-    template("before");
-    reload().await;
-    let queued = submit(
-        &app,
-        json!({"workflow_id": "night", "parameters": {"width": 16}}),
-    )
-    .await;
-    template("after");
-    reload().await;
-    let later = submit(
-        &app,
-        json!({"workflow_id": "night", "parameters": {"width": 16}}),
-    )
-    .await;
+    let queued = submit_with("before").await;
+    let later = submit_with("after").await;
     assert_eq!(app.job(&queued).await["status"], "queued");
     let (status, b) = app
         .post_json("/api/backends/node1/enable", &json!({}))
