@@ -184,6 +184,7 @@ impl Service {
         }
         tasks.spawn(crate::webhooks::run(
             state.store.clone(),
+            state.events.clone(),
             state.config.clone(),
             stop.clone(),
         ));

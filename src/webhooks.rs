@@ -8,19 +8,32 @@
 
 use std::time::Duration;
 
+use futures::{FutureExt, StreamExt};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::{Store, Webhook};
+use crate::events::EventHub;
+use crate::store::{EventFilter, JobStatus, Store, Webhook};
 
 /// Header carrying `sha256=HEX` (HMAC-SHA256 of the body).
 pub const SIGNATURE_HEADER: &str = "X-Orchestrator-Signature";
 
-/// Delivers due webhooks until `shutdown` turns true.
-pub async fn run(store: Store, config: std::sync::Arc<Config>, stop: CancellationToken) {
+/// Delivers due webhooks until `stop`.
+///
+/// A job's end queues its webhook in the transaction that appends its final
+/// event, so the task looks at the outbox when such events come (and when a
+/// retry falls due), not after every commit: a busy farm commits many
+/// times a second, and two reads a commit were most of the reading the
+/// service did.
+pub async fn run(
+    store: Store,
+    events: EventHub,
+    config: std::sync::Arc<Config>,
+    stop: CancellationToken,
+) {
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_millis(config.webhooks.timeout_ms))
         .build()
@@ -31,7 +44,17 @@ pub async fn run(store: Store, config: std::sync::Arc<Config>, stop: Cancellatio
             return;
         }
     };
-    let mut commits = store.subscribe_commits();
+    let ends = EventFilter {
+        statuses: vec![
+            JobStatus::Completed,
+            JobStatus::Failed,
+            JobStatus::Cancelled,
+        ],
+        ..Default::default()
+    };
+    // Followed from before the first look at the outbox: no end falls between.
+    let after = store.latest_event_seq().await.unwrap_or(0);
+    let mut ends = std::pin::pin!(events.follow(ends, after));
     loop {
         match store.due_webhooks(32).await {
             Ok(due) => {
@@ -50,8 +73,14 @@ pub async fn run(store: Store, config: std::sync::Arc<Config>, stop: Cancellatio
         };
         tokio::select! {
             _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
-            // A commit may have queued a webhook.
-            _ = commits.changed() => {}
+            ended = ends.next() => {
+                // The stream ends with the service.
+                if ended.is_none() {
+                    return;
+                }
+                // Jobs that ended together: one look for all of them.
+                while let Some(Some(_)) = ends.next().now_or_never() {}
+            }
             _ = stop.cancelled() => return,
         }
     }

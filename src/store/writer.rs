@@ -37,10 +37,29 @@ type RunFn = Box<
 struct Op {
     run: RunFn,
     finish: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
-    /// Writes with at most one statement: atomic by itself, no savepoint needed.
-    single: bool,
-    /// A submission: its own lane, taken first.
-    urgent: bool,
+    kind: Kind,
+}
+
+/// What the writer needs to know of an operation besides its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Any write: in a savepoint of its own, in the ordinary lane.
+    Any,
+    /// A submission: one statement (atomic by itself, no savepoint), in
+    /// its own lane, taken first.
+    Submission,
+    /// One statement that appends nothing to the event log (a backend's
+    /// `last_seen`): no savepoint, and its commit wakes no log reader.
+    Quiet,
+}
+
+impl Kind {
+    fn single(self) -> bool {
+        self != Kind::Any
+    }
+    fn urgent(self) -> bool {
+        self == Kind::Submission
+    }
 }
 
 /// A write: runs on the writer's connection inside the batch's transaction.
@@ -95,8 +114,8 @@ impl Writer {
         ))
     }
 
-    /// Changes after every committed batch: event-log readers wait on it
-    /// instead of polling.
+    /// Changes after every committed batch that may have appended to the
+    /// event log: its readers wait on it instead of polling.
     pub fn subscribe_commits(&self) -> watch::Receiver<u64> {
         self.committed.subscribe()
     }
@@ -105,7 +124,7 @@ impl Writer {
     /// once the transaction is committed. If `f` fails, its own changes are
     /// rolled back and the others in the batch still commit.
     pub async fn write<T: Send + 'static>(&self, f: impl WriteFn<T>) -> Result<T, StoreError> {
-        self.submit_op(f, false, false).await
+        self.submit_op(f, Kind::Any).await
     }
 
     /// Like [`Writer::write`], for an operation that writes with at most one
@@ -116,21 +135,22 @@ impl Writer {
         &self,
         f: impl WriteFn<T>,
     ) -> Result<T, StoreError> {
-        self.submit_op(f, true, true).await
+        self.submit_op(f, Kind::Submission).await
     }
 
-    /// Like [`Writer::write_single`], in the lane of ordinary writes: a
-    /// statement that is cheap to commit but no client waits for (a
-    /// backend's `last_seen`).
+    /// Like [`Writer::write_single`], in the lane of ordinary writes, for a
+    /// statement that appends nothing to the event log and that no client
+    /// waits for (a backend's `last_seen`): a batch of only these wakes no
+    /// reader of the log (a farm of a thousand backends records dozens a
+    /// second while idle).
     pub async fn write_one<T: Send + 'static>(&self, f: impl WriteFn<T>) -> Result<T, StoreError> {
-        self.submit_op(f, true, false).await
+        self.submit_op(f, Kind::Quiet).await
     }
 
     async fn submit_op<T: Send + 'static>(
         &self,
         f: impl WriteFn<T>,
-        single: bool,
-        urgent: bool,
+        kind: Kind,
     ) -> Result<T, StoreError> {
         let (done_tx, done_rx) = oneshot::channel::<Result<T, StoreError>>();
         let slot: Arc<Mutex<Option<Result<T, StoreError>>>> = Arc::new(Mutex::new(None));
@@ -153,13 +173,12 @@ impl Writer {
             };
             let _ = done_tx.send(answer);
         });
-        let op = Op {
-            run,
-            finish,
-            single,
-            urgent,
+        let op = Op { run, finish, kind };
+        let lane = if kind.urgent() {
+            &self.urgent
+        } else {
+            &self.tx
         };
-        let lane = if urgent { &self.urgent } else { &self.tx };
         lane.send(op).await.map_err(|_| StoreError::Closed)?;
         done_rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -199,7 +218,7 @@ async fn run(
         let Some(first) = lanes.wait().await else {
             break;
         };
-        if commit_batch(&mut conn, first, &mut lanes, max_batch).await {
+        if commit_batch(&mut conn, first, &mut lanes, max_batch).await == Some(true) {
             committed.send_modify(|n| *n += 1);
         }
     }
@@ -226,7 +245,7 @@ impl Lanes<'_> {
             Some(op) = self.other.recv() => op,
             else => return None,
         };
-        self.last_urgent = op.urgent;
+        self.last_urgent = op.kind.urgent();
         Some(op)
     }
 
@@ -238,31 +257,34 @@ impl Lanes<'_> {
             self.urgent.try_recv().or_else(|_| self.other.try_recv())
         }
         .ok()?;
-        self.last_urgent = op.urgent;
+        self.last_urgent = op.kind.urgent();
         Some(op)
     }
 }
 
 /// Runs `first` and what waits after it (taken as the batch goes, until
 /// `max_batch` operations or [`BATCH_BUDGET`]) in one transaction, and
-/// commits once; `true` if it reached the disk.
+/// commits once. `None` if it did not reach the disk, else whether any of
+/// its operations may have appended to the event log.
 async fn commit_batch(
     conn: &mut SqliteConnection,
     first: Op,
     lanes: &mut Lanes<'_>,
     max_batch: usize,
-) -> bool {
+) -> Option<bool> {
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE").await {
         tracing::error!(error = %e, "cannot begin a write transaction");
         (first.finish)(Err(e));
-        return false;
+        return None;
     }
+    let mut logs = false;
     let started = std::time::Instant::now();
     let mut finishes = Vec::new();
     let mut aborted: Option<StoreError> = None;
     let mut next = Some(first);
     while let Some(op) = next.take() {
-        let result = if op.single {
+        logs |= op.kind != Kind::Quiet;
+        let result = if op.kind.single() {
             match (op.run)(conn).await {
                 // SQLite may have rolled the transaction back: abandon the batch.
                 Err(e @ (StoreError::Full | StoreError::Database(_) | StoreError::Closed)) => {
@@ -303,7 +325,7 @@ async fn commit_batch(
     for finish in finishes {
         finish(commit.clone());
     }
-    ok
+    ok.then_some(logs)
 }
 
 /// Runs one op in a savepoint. An op that fails is undone alone (its caller
@@ -342,17 +364,51 @@ mod tests {
         (n(&writer.urgent), n(&writer.tx))
     }
 
-    #[tokio::test]
-    async fn a_submission_waits_behind_one_farm_write_at_most() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A writer on a new database with one table, `t (label)`.
+    async fn writer_on_new_db(dir: &std::path::Path) -> Writer {
         let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(dir.path().join("w.db"))
+            .filename(dir.join("w.db"))
             .create_if_missing(true);
         let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
         exec(&mut conn, "CREATE TABLE t (label TEXT)")
             .await
             .unwrap();
-        let (writer, _runtime) = Writer::spawn(conn, 512).unwrap();
+        Writer::spawn(conn, 512).unwrap().0
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_quiet_writes_wakes_no_reader_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer_on_new_db(dir.path()).await;
+        let mut commits = writer.subscribe_commits();
+        commits.borrow_and_update();
+        let insert = || {
+            typed(|conn| {
+                Box::pin(async move {
+                    exec(conn, "INSERT INTO t (label) VALUES ('x')").await?;
+                    Ok(())
+                })
+            })
+        };
+        writer.write_one(insert()).await.unwrap();
+        // The writer has finished the first batch (and told the readers,
+        // had it to) before it takes the second.
+        writer.write_one(insert()).await.unwrap();
+        assert!(
+            !commits.has_changed().unwrap(),
+            "a last_seen refresh woke the event readers"
+        );
+        writer.write(insert()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), commits.changed())
+            .await
+            .expect("an ordinary write wakes the event readers")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_submission_waits_behind_one_farm_write_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer_on_new_db(dir.path()).await;
         let order = Arc::new(Mutex::new(Vec::<String>::new()));
         let op = |label: String| {
             let order = order.clone();
