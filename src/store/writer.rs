@@ -5,9 +5,11 @@
 //! connection removes `SQLITE_BUSY` retry loops, and lets many concurrent
 //! requests share one transaction and one fsync (group commit): the writer
 //! takes what is queued, and what comes while it works, up to a time budget
-//! ([`BATCH_BUDGET`]), runs each operation in its own savepoint (so one
-//! failing operation does not undo the others), commits once, and only then
-//! answers each caller. A caller that gets `Ok` knows its write is durable.
+//! ([`BATCH_BUDGET`]), runs each operation after the first in its own
+//! savepoint (so one failing operation does not undo the others; the first
+//! is undone by rolling back a transaction that holds nothing else), commits
+//! once, and only then answers each caller. A caller that gets `Ok` knows its
+//! write is durable.
 
 use std::sync::{Arc, Mutex};
 
@@ -281,6 +283,12 @@ async fn commit_batch(
     let started = std::time::Instant::now();
     let mut finishes = Vec::new();
     let mut aborted: Option<StoreError> = None;
+    // Whether the transaction holds an earlier operation's work, which a
+    // failing one must not undo: from then on each runs in a savepoint.
+    let mut holds_work = false;
+    // Whether a savepoint is open: released with the next one's opening,
+    // or by the COMMIT (one round trip to SQLite's thread saved a time).
+    let mut open_savepoint = false;
     let mut next = Some(first);
     while let Some(op) = next.take() {
         logs |= op.kind != Kind::Quiet;
@@ -293,9 +301,26 @@ async fn commit_batch(
                 // A refusal before its one write (a conflict): nothing to undo.
                 _ => Ok(()),
             }
+        } else if !holds_work {
+            // The first operation runs bare: if it fails, rolling the
+            // transaction back undoes it alone. Nothing else was taken.
+            if (op.run)(conn).await.is_err() {
+                let rollback = exec(conn, "ROLLBACK").await;
+                // Its caller gets its own error.
+                (op.finish)(rollback);
+                return None;
+            }
+            Ok(())
         } else {
-            run_in_savepoint(conn, op.run).await
+            let open = if open_savepoint {
+                "RELEASE op; SAVEPOINT op"
+            } else {
+                "SAVEPOINT op"
+            };
+            open_savepoint = true;
+            run_in_savepoint(conn, open, op.run).await
         };
+        holds_work = true;
         finishes.push(op.finish);
         if let Err(e) = result {
             // SQLite may have rolled back the whole transaction (disk
@@ -328,19 +353,22 @@ async fn commit_batch(
     ok.then_some(logs)
 }
 
-/// Runs one op in a savepoint. An op that fails is undone alone (its caller
-/// gets its own error); an `Err` here means the transaction itself is lost.
-async fn run_in_savepoint(conn: &mut SqliteConnection, run: RunFn) -> Result<(), StoreError> {
-    exec(conn, "SAVEPOINT op").await?;
-    match run(conn).await {
-        Ok(()) => exec(conn, "RELEASE op").await,
-        Err(op_error) => {
-            if exec(conn, "ROLLBACK TO op").await.is_err() {
-                return Err(op_error);
-            }
-            exec(conn, "RELEASE op").await
+/// Runs one op in a savepoint, opened by `open`. An op that fails is undone
+/// alone (its caller gets its own error) and its savepoint stays open, to
+/// be released with the next one; an `Err` here means the transaction
+/// itself is lost.
+async fn run_in_savepoint(
+    conn: &mut SqliteConnection,
+    open: &str,
+    run: RunFn,
+) -> Result<(), StoreError> {
+    exec(conn, open).await?;
+    if let Err(op_error) = run(conn).await {
+        if exec(conn, "ROLLBACK TO op").await.is_err() {
+            return Err(op_error);
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -403,6 +431,85 @@ mod tests {
             .await
             .expect("an ordinary write wakes the event readers")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failing_operation_is_undone_alone_wherever_it_falls_in_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer_on_new_db(dir.path()).await;
+        let insert = |label: &'static str, fail: bool| {
+            typed(move |conn| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO t (label) VALUES (?)")
+                        .bind(label)
+                        .execute(&mut *conn)
+                        .await?;
+                    if fail {
+                        return Err(StoreError::InvalidState(format!("{label} refused")));
+                    }
+                    Ok(())
+                })
+            })
+        };
+        // A first operation that will fail holds the writer while the
+        // others queue, in this order: another failing one, then failures
+        // between successes.
+        let (open, gate) = oneshot::channel::<()>();
+        let (inside, entered) = oneshot::channel::<()>();
+        let held = {
+            let w = writer.clone();
+            tokio::spawn(async move {
+                w.write(typed(|conn| {
+                    Box::pin(async move {
+                        exec(conn, "INSERT INTO t (label) VALUES ('held')").await?;
+                        let _ = inside.send(());
+                        let _ = gate.await;
+                        Err(StoreError::InvalidState("held refused".into()))
+                    })
+                }))
+                .await
+            })
+        };
+        entered.await.unwrap();
+        let plan = [
+            ("first", true),
+            ("a", false),
+            ("b", true),
+            ("c", false),
+            ("d", true),
+            ("e", false),
+        ];
+        let mut tasks = Vec::new();
+        for (i, (label, fail)) in plan.into_iter().enumerate() {
+            let (w, f) = (writer.clone(), insert(label, fail));
+            tasks.push(tokio::spawn(async move { w.write(f).await }));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while queued(&writer).1 < i + 1 {
+                assert!(Instant::now() < deadline, "queued: {:?}", queued(&writer));
+                tokio::task::yield_now().await;
+            }
+        }
+        open.send(()).unwrap();
+        assert!(
+            matches!(held.await.unwrap(), Err(StoreError::InvalidState(m)) if m == "held refused")
+        );
+        for ((label, fail), task) in plan.into_iter().zip(tasks) {
+            let result = task.await.unwrap();
+            match result {
+                Err(StoreError::InvalidState(m)) if fail => {
+                    assert_eq!(m, format!("{label} refused"))
+                }
+                Ok(()) if !fail => {}
+                other => panic!("{label}: {other:?}"),
+            }
+        }
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.path().join("w.db"));
+        let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+        let rows: Vec<String> = sqlx::query_scalar("SELECT label FROM t ORDER BY rowid")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(rows, ["a", "c", "e"]);
     }
 
     #[tokio::test]
