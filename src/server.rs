@@ -128,7 +128,7 @@ impl Service {
             usage.clone(),
             stop.clone(),
         ));
-        let state = AppState {
+        let state = AppState::new(api::Services {
             usage,
             inputs,
             store,
@@ -138,7 +138,7 @@ impl Service {
             farm,
             submitter,
             events,
-        };
+        });
         Ok(Service {
             state,
             tasks,
