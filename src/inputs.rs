@@ -277,6 +277,9 @@ impl Inputs {
     /// was not stored before.
     pub async fn commit(&self, staged: Staged) -> Result<(InputRecord, bool), InputError> {
         let io = |e: std::io::Error| InputError::Io(format!("cannot store the file: {e}"));
+        // A deletion of the same bytes under way ends first: its file
+        // removal cannot follow this rename.
+        let _named = self.store.name_inputs(&[staged.id()]).await;
         let path = self.dir.join(&staged.hex);
         tokio::fs::rename(&staged.tmp, &path).await.map_err(io)?;
         // The rename itself reaches the disk too.
@@ -306,8 +309,14 @@ impl Inputs {
         let _ = tokio::fs::remove_file(&staged.tmp).await;
     }
 
-    /// Deletes an input (record and file) unless an unfinished job needs it.
+    /// Deletes an input (record and file) unless an unfinished job needs it,
+    /// or a submission naming it (or an upload of it) is being stored now.
     pub async fn delete(&self, id: &str) -> Result<InputDeletion, StoreError> {
+        // Held until the file is gone: a submission naming it meanwhile
+        // waits, then finds it missing.
+        let Some(_deleting) = self.store.start_deleting_input(id) else {
+            return Ok(InputDeletion::Named);
+        };
         let outcome = self.store.delete_input(id).await?;
         if outcome == InputDeletion::Deleted {
             if let Some(path) = self.path_of(id) {

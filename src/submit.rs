@@ -248,7 +248,8 @@ impl Submitter {
             self.config.dispatch.default_max_attempts,
         )?;
         self.check_requires(&parsed.job.requires).await?;
-        self.check_inputs(&parsed.inputs).await?;
+        // Held until the job is stored or refused.
+        let _inputs = self.check_inputs(&parsed.inputs).await?;
         self.check_runs_somewhere(&parsed).await?;
         let workflow_id = parsed.job.workflow_id.clone();
         let requires = parsed.job.requires.clone();
@@ -305,12 +306,17 @@ impl Submitter {
     }
 
     /// Every input file the graph names must be stored: the job could
-    /// never run otherwise.
-    async fn check_inputs(&self, refs: &[(String, String)]) -> Result<(), SubmitError> {
+    /// never run otherwise. The answer holds them until the job is stored
+    /// (no deletion takes them in between).
+    async fn check_inputs(
+        &self,
+        refs: &[(String, String)],
+    ) -> Result<crate::store::InputsNamed, SubmitError> {
         let ids: Vec<String> = refs.iter().map(|(_, id)| id.clone()).collect();
+        let named = self.store.name_inputs(&ids).await;
         let missing = self.store.missing_inputs(&ids).await?;
         match refs.iter().find(|(_, id)| missing.contains(id)) {
-            None => Ok(()),
+            None => Ok(named),
             Some((field, id)) => Err(SubmitError::invalid(
                 field,
                 format!(

@@ -104,6 +104,64 @@ async fn a_file_that_is_not_what_it_claims_or_too_large_is_refused_and_nothing_i
 }
 
 #[tokio::test]
+async fn a_deletion_and_a_submission_naming_the_same_input_do_not_cross() {
+    // A submission checks its inputs, and its job is stored with the next
+    // batch: a deletion in between used to leave a stored job naming a file
+    // that was gone.
+    use futures::FutureExt;
+    let app = spawn_app().await;
+    let (bytes, _) = frame();
+    let (_, input) = upload(&app, bytes, "image/png").await;
+    let input_id = input["input_id"].as_str().unwrap().to_string();
+    let ids = [input_id.clone()];
+    let delete = || {
+        app.client
+            .delete(format!("{}/api/inputs/{input_id}", app.url))
+            .send()
+    };
+    // While a submission naming it is being stored, a deletion is refused.
+    let named = app.store.name_inputs(&ids).await;
+    let r = delete().await.unwrap();
+    assert_eq!(r.status(), 409);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "in_use");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("submission being stored"),
+        "{body}"
+    );
+    drop(named);
+    // While a deletion is under way, a submission naming it waits...
+    let deleting = app.store.start_deleting_input(&input_id).unwrap();
+    let mut waiting = Box::pin(app.store.name_inputs(&ids));
+    assert!(
+        (&mut waiting).now_or_never().is_none(),
+        "went past a deletion"
+    );
+    assert_eq!(
+        app.store.delete_input(&input_id).await.unwrap(),
+        orchestrator::store::InputDeletion::Deleted
+    );
+    drop(deleting);
+    // ...until it ends, and then finds the input gone and says so.
+    drop(
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("the submission goes on once the deletion ends"),
+    );
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": input_id}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "parameters.image");
+}
+
+#[tokio::test]
 async fn an_image_parameter_takes_a_stored_input_and_names_itself_otherwise() {
     let app = spawn_app().await;
     let cases = [

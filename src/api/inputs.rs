@@ -243,7 +243,7 @@ pub(super) async fn download(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, body = super::ErrorBody),
-        (status = 409, description = "Unfinished jobs use it", body = super::ErrorBody),
+        (status = 409, description = "Unfinished jobs use it, or a submission naming it is being stored", body = super::ErrorBody),
     )
 )]
 pub(super) async fn delete(
@@ -256,6 +256,11 @@ pub(super) async fn delete(
             Ok(StatusCode::NO_CONTENT)
         }
         InputDeletion::NotFound => Err(ApiError::not_found(format!("input `{id}`"))),
+        InputDeletion::Named => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            format!("input `{id}` is named by a submission being stored now; try again"),
+        )),
         InputDeletion::InUse(jobs) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "in_use",

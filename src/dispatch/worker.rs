@@ -12,6 +12,12 @@
 //! `status` broadcast after each submit, and reconnects when any of these
 //! stays silent. A backend that answers nothing is down from its first
 //! silence; past the grace period its jobs go elsewhere.
+//!
+//! Why one file of some 650 lines: the loop, the socket's watch and the
+//! filling are one concern (they share the worker's state and its one
+//! `select!`); what stands alone lives beside it: one attempt
+//! (`attempt.rs`), the socket (`link.rs`), the phases (`phase.rs`),
+//! progress (`progress.rs`).
 
 use std::collections::HashMap;
 use std::sync::Arc;

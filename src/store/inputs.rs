@@ -5,6 +5,8 @@
 //! (`data/inputs/<hex>`), but whether one may be deleted depends on the jobs
 //! that name it, which only the database knows.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
@@ -44,8 +46,75 @@ pub enum InputDeletion {
     Deleted,
     /// Unfinished jobs still need it.
     InUse(Vec<String>),
+    /// A submission naming it, or an upload of it, is being stored now.
+    Named,
     /// No such input.
     NotFound,
+}
+
+/// Inputs named by submissions (or uploads) on their way to the database,
+/// and inputs being deleted: the two exclude each other.
+///
+/// Why: a submission checks that its inputs are stored, and its job is
+/// stored a few milliseconds later, with the next batch; a deletion in
+/// between left a stored job naming a file that was gone, accepted with a
+/// `2xx` and doomed. Likewise an upload of the same bytes during a deletion
+/// could have its file removed under its new record. In memory, because
+/// both sides are this process: a deletion refuses an input that is named
+/// now, and a submission waits for a deletion under way to end (then finds
+/// the input missing, and says so).
+#[derive(Debug, Default)]
+pub(crate) struct InputClaims {
+    state: std::sync::Mutex<Claims>,
+    /// Rung when a deletion ends.
+    deleted: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Claims {
+    named: std::collections::HashMap<String, usize>,
+    deleting: std::collections::HashSet<String>,
+}
+
+/// Inputs a submission or an upload names, held until it is stored or
+/// refused: no deletion takes them meanwhile.
+#[must_use = "the inputs are free to be deleted once this is dropped"]
+pub struct InputsNamed {
+    claims: Arc<InputClaims>,
+    ids: Vec<String>,
+}
+
+impl Drop for InputsNamed {
+    fn drop(&mut self) {
+        let mut c = self.claims.state.lock().expect("input claims");
+        for id in &self.ids {
+            if let Some(n) = c.named.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    c.named.remove(id);
+                }
+            }
+        }
+    }
+}
+
+/// An input being deleted; submissions naming it wait until this drops.
+#[must_use = "the deletion is over once this is dropped"]
+pub struct InputDeleting {
+    claims: Arc<InputClaims>,
+    id: String,
+}
+
+impl Drop for InputDeleting {
+    fn drop(&mut self) {
+        self.claims
+            .state
+            .lock()
+            .expect("input claims")
+            .deleting
+            .remove(&self.id);
+        self.claims.deleted.notify_waiters();
+    }
 }
 
 const INPUT_COLUMNS: &str = "id, size, content_type, filename, created_at, last_used_at";
@@ -135,7 +204,47 @@ impl Store {
         )
     }
 
-    /// Deletes an input's record unless an unfinished job needs it.
+    /// Holds `ids` for a submission or an upload until the answer drops:
+    /// deletions refuse them meanwhile. Waits for a deletion of any of them
+    /// that is under way to end first.
+    pub async fn name_inputs(&self, ids: &[String]) -> InputsNamed {
+        let claims = &self.input_claims;
+        loop {
+            let ended = claims.deleted.notified();
+            let mut ended = std::pin::pin!(ended);
+            // Registered before the look, so an end between the two is not missed.
+            ended.as_mut().enable();
+            {
+                let mut c = claims.state.lock().expect("input claims");
+                if !ids.iter().any(|id| c.deleting.contains(id)) {
+                    for id in ids {
+                        *c.named.entry(id.clone()).or_default() += 1;
+                    }
+                    return InputsNamed {
+                        claims: claims.clone(),
+                        ids: ids.to_vec(),
+                    };
+                }
+            }
+            ended.await;
+        }
+    }
+
+    /// Marks `id` as being deleted until the answer drops; `None` while a
+    /// submission or an upload names it.
+    pub fn start_deleting_input(&self, id: &str) -> Option<InputDeleting> {
+        let mut c = self.input_claims.state.lock().expect("input claims");
+        if c.named.contains_key(id) || !c.deleting.insert(id.to_string()) {
+            return None;
+        }
+        Some(InputDeleting {
+            claims: self.input_claims.clone(),
+            id: id.to_string(),
+        })
+    }
+
+    /// Deletes an input's record unless an unfinished job needs it (the
+    /// caller holds [`Store::start_deleting_input`]'s mark).
     pub async fn delete_input(&self, id: &str) -> Result<InputDeletion, StoreError> {
         let id = id.to_string();
         self.writer()

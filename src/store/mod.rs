@@ -51,7 +51,7 @@ use sqlx::{ConnectOptions, SqlitePool};
 
 pub use cleanup::CleanupEntry;
 pub use farm::{Attempt, QueueSample};
-pub use inputs::{InputDeletion, InputRecord, InputUse};
+pub use inputs::{InputDeleting, InputDeletion, InputRecord, InputUse, InputsNamed};
 pub use inventory::InventorySummary;
 pub use lease::MAX_FAILURES_PER_BACKEND;
 pub use lease::{Fit, LeaseTry, Preference};
@@ -123,6 +123,8 @@ pub struct Store {
     submissions: tokio::sync::mpsc::Sender<submit::PendingSubmission>,
     /// Which backends take jobs of a tag set (asked by every submission).
     takers: Arc<takers::Takers>,
+    /// Inputs on their way into a job, and inputs being deleted.
+    input_claims: Arc<inputs::InputClaims>,
 }
 
 /// Formats a time the way it is stored: RFC 3339 UTC with microseconds, so
@@ -185,6 +187,7 @@ impl Store {
             clock: submit::SubmitClock::default(),
             submissions,
             takers: Arc::default(),
+            input_claims: Arc::default(),
         };
         store.clock = store.load_submit_clock().await?;
         // At most as many rows as SQLite takes bound values in one statement.
