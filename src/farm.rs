@@ -16,13 +16,11 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(60);
 
 /// Samples the queue now and every [`SAMPLE_EVERY`] until `stop`.
 pub async fn sample_queue(store: Store, stop: CancellationToken) {
-    loop {
+    use crate::periodic::{every, First};
+    every(SAMPLE_EVERY, First::Now, stop, || async {
         if let Err(e) = store.sample_queue(chrono::Utc::now()).await {
             tracing::warn!(error = %e, "cannot record the queue sample");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(SAMPLE_EVERY) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
+    })
+    .await
 }

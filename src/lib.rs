@@ -53,6 +53,7 @@ pub mod manifest;
 pub mod memory;
 pub mod metrics;
 pub mod monitor;
+pub mod periodic;
 pub mod retention;
 pub mod server;
 pub mod simulator;

@@ -38,18 +38,12 @@ pub fn trim() {
 
 /// Trims every [`TRIM_EVERY`] until the service stops.
 pub async fn trim_now_and_then(stop: CancellationToken) {
-    let mut every = tokio::time::interval(TRIM_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    every.tick().await;
-    loop {
-        tokio::select! {
-            _ = every.tick() => {
-                // A few milliseconds walking the heap: off the runtime's threads.
-                if let Err(e) = tokio::task::spawn_blocking(trim).await {
-                    tracing::debug!(error = %e, "cannot trim the heap");
-                }
-            }
-            _ = stop.cancelled() => return,
+    use crate::periodic::{every, First};
+    every(TRIM_EVERY, First::AfterPeriod, stop, || async {
+        // A few milliseconds walking the heap: off the runtime's threads.
+        if let Err(e) = tokio::task::spawn_blocking(trim).await {
+            tracing::debug!(error = %e, "cannot trim the heap");
         }
-    }
+    })
+    .await
 }

@@ -49,14 +49,13 @@ pub async fn upkeep(stop: tokio_util::sync::CancellationToken) {
     let Some(handle) = init() else {
         return;
     };
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = every.tick() => handle.run_upkeep(),
-            _ = stop.cancelled() => return,
-        }
-    }
+    use crate::periodic::{every, First};
+    let period = std::time::Duration::from_secs(5);
+    every(period, First::Now, stop, || {
+        handle.run_upkeep();
+        std::future::ready(())
+    })
+    .await
 }
 
 /// The metrics in the Prometheus text format.
