@@ -45,7 +45,8 @@ struct Op {
 /// What the writer needs to know of an operation besides its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Any write: in a savepoint of its own, in the ordinary lane.
+    /// Any write, in the ordinary lane; undone alone if it fails (by its
+    /// savepoint, or by rolling back a batch it is the first of).
     Any,
     /// A submission: one statement (atomic by itself, no savepoint), in
     /// its own lane, taken first.
