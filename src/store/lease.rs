@@ -194,6 +194,26 @@ async fn choose(
     if busy && last_affinity.is_some() {
         return Ok(None);
     }
+    // With no job of another model queued there is nothing to weigh: the
+    // switch below would pick this very job. Three index seeks, where the
+    // weighing reads up to SWITCH_WINDOW jobs with their bars (0.28 ms in
+    // the writer for every backend's first job on a large farm).
+    if let Some(a) = affinity.as_deref() {
+        let other: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+                 WHERE status = 'queued' AND affinity < ?1) \
+             OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+                 WHERE status = 'queued' AND affinity > ?1) \
+             OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+                 WHERE status = 'queued' AND affinity IS NULL)",
+        )
+        .bind(a)
+        .fetch_one(&mut *conn)
+        .await?;
+        if !other {
+            return Ok(Some(seq));
+        }
+    }
     // Switching: to the model with the most waiting work per backend that
     // holds it (a model no other backend holds first), oldest job first.
     let switch_to: Option<i64> = sqlx::query_scalar(&format!(
@@ -363,11 +383,14 @@ async fn assign(
     .execute(&mut *conn)
     .await?;
     if affinity.is_some() {
-        sqlx::query("UPDATE backends SET last_affinity = ? WHERE id = ?")
-            .bind(&affinity)
-            .bind(backend_id)
-            .execute(&mut *conn)
-            .await?;
+        // Unchanged, no write (nor the index's).
+        sqlx::query(
+            "UPDATE backends SET last_affinity = ?1 WHERE id = ?2 AND last_affinity IS NOT ?1",
+        )
+        .bind(&affinity)
+        .bind(backend_id)
+        .execute(&mut *conn)
+        .await?;
     }
     append_event(
         conn,
