@@ -162,6 +162,10 @@ struct SimulateArgs {
     /// prompt's (loading a model onto the GPU).
     #[arg(long, default_value_t = 0)]
     load_ms: u64,
+    /// Answer `GET /queue` only after this long (a box too busy to answer
+    /// its health checks quickly).
+    #[arg(long, default_value_t = 0)]
+    queue_delay_ms: u64,
 }
 
 /// How the client commands reach a running orchestrator.
@@ -350,6 +354,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         view_stall_ms: a.view_stall_ms,
         max_body_bytes: a.max_body_bytes,
         load_ms: a.load_ms,
+        queue_delay_ms: a.queue_delay_ms,
         ..Default::default()
     };
     orchestrator::simulator::serve(listener, config, orchestrator::server::shutdown_signal()).await;
