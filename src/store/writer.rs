@@ -284,9 +284,6 @@ async fn commit_batch(
     let started = std::time::Instant::now();
     let mut finishes = Vec::new();
     let mut aborted: Option<StoreError> = None;
-    // Whether the transaction holds an earlier operation's work, which a
-    // failing one must not undo: from then on each runs in a savepoint.
-    let mut holds_work = false;
     // Whether a savepoint is open: released with the next one's opening,
     // or by the COMMIT (one round trip to SQLite's thread saved a time).
     let mut open_savepoint = false;
@@ -302,9 +299,11 @@ async fn commit_batch(
                 // A refusal before its one write (a conflict): nothing to undo.
                 _ => Ok(()),
             }
-        } else if !holds_work {
+        } else if finishes.is_empty() {
             // The first operation runs bare: if it fails, rolling the
             // transaction back undoes it alone. Nothing else was taken.
+            // Later ones run in a savepoint: the transaction holds earlier
+            // operations' work, which a failing one must not undo.
             if (op.run)(conn).await.is_err() {
                 let rollback = exec(conn, "ROLLBACK").await;
                 // Its caller gets its own error.
@@ -321,7 +320,6 @@ async fn commit_batch(
             open_savepoint = true;
             run_in_savepoint(conn, open, op.run).await
         };
-        holds_work = true;
         finishes.push(op.finish);
         if let Err(e) = result {
             // SQLite may have rolled back the whole transaction (disk
@@ -393,6 +391,42 @@ mod tests {
         (n(&writer.urgent), n(&writer.tx))
     }
 
+    /// Waits until the lanes hold `expected` (submissions, others).
+    async fn until_queued(writer: &Writer, expected: (usize, usize)) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while queued(writer) != expected {
+            assert!(Instant::now() < deadline, "queued: {:?}", queued(writer));
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Holds the writer inside a write (which inserts `held`, then answers
+    /// `answer`) until the returned sender fires: the lanes fill meanwhile.
+    async fn hold_writer(
+        writer: &Writer,
+        answer: Result<(), StoreError>,
+    ) -> (
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
+        let (open, gate) = oneshot::channel::<()>();
+        let (inside, entered) = oneshot::channel::<()>();
+        let w = writer.clone();
+        let held = tokio::spawn(async move {
+            w.write(typed(|conn| {
+                Box::pin(async move {
+                    exec(conn, "INSERT INTO t (label) VALUES ('held')").await?;
+                    let _ = inside.send(());
+                    let _ = gate.await;
+                    answer
+                })
+            }))
+            .await
+        });
+        entered.await.unwrap();
+        (open, held)
+    }
+
     /// A writer on a new database with one table, `t (label)`.
     async fn writer_on_new_db(dir: &std::path::Path) -> Writer {
         let options = sqlx::sqlite::SqliteConnectOptions::new()
@@ -455,23 +489,8 @@ mod tests {
         // A first operation that will fail holds the writer while the
         // others queue, in this order: another failing one, then failures
         // between successes.
-        let (open, gate) = oneshot::channel::<()>();
-        let (inside, entered) = oneshot::channel::<()>();
-        let held = {
-            let w = writer.clone();
-            tokio::spawn(async move {
-                w.write(typed(|conn| {
-                    Box::pin(async move {
-                        exec(conn, "INSERT INTO t (label) VALUES ('held')").await?;
-                        let _ = inside.send(());
-                        let _ = gate.await;
-                        Err(StoreError::InvalidState("held refused".into()))
-                    })
-                }))
-                .await
-            })
-        };
-        entered.await.unwrap();
+        let refused = Err(StoreError::InvalidState("held refused".into()));
+        let (open, held) = hold_writer(&writer, refused).await;
         let plan = [
             ("first", true),
             ("a", false),
@@ -484,11 +503,7 @@ mod tests {
         for (i, (label, fail)) in plan.into_iter().enumerate() {
             let (w, f) = (writer.clone(), insert(label, fail));
             tasks.push(tokio::spawn(async move { w.write(f).await }));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while queued(&writer).1 < i + 1 {
-                assert!(Instant::now() < deadline, "queued: {:?}", queued(&writer));
-                tokio::task::yield_now().await;
-            }
+            until_queued(&writer, (0, i + 1)).await;
         }
         open.send(()).unwrap();
         assert!(
@@ -532,22 +547,7 @@ mod tests {
             })
         };
         // The writer is held inside a first farm write while the lanes fill.
-        let (open, gate) = oneshot::channel::<()>();
-        let (inside, entered) = oneshot::channel::<()>();
-        let first = {
-            let w = writer.clone();
-            tokio::spawn(async move {
-                w.write(typed(|_conn| {
-                    Box::pin(async move {
-                        let _ = inside.send(());
-                        let _ = gate.await;
-                        Ok(())
-                    })
-                }))
-                .await
-            })
-        };
-        entered.await.unwrap();
+        let (open, first) = hold_writer(&writer, Ok(())).await;
         let mut tasks = Vec::new();
         for i in 0..100 {
             let (w, f) = (writer.clone(), op(format!("farm{i}")));
@@ -557,11 +557,7 @@ mod tests {
             let (w, f) = (writer.clone(), op(format!("submit{i}")));
             tasks.push(tokio::spawn(async move { w.write_single(f).await }));
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while queued(&writer) != (3, 100) {
-            assert!(Instant::now() < deadline, "queued: {:?}", queued(&writer));
-            tokio::task::yield_now().await;
-        }
+        until_queued(&writer, (3, 100)).await;
         open.send(()).unwrap();
         first.await.unwrap().unwrap();
         for t in tasks {
