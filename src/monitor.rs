@@ -145,11 +145,10 @@ pub async fn run(
         // The database hears of it when something changed, and at least
         // every RECORD_EVERY (for `last_seen`): not on every poll.
         let seen = Seen::of(&probed);
-        let same = recorded.as_ref().is_some_and(|(s, _)| *s == seen);
-        let fresh = same
-            && recorded
-                .as_ref()
-                .is_some_and(|(_, at)| at.elapsed() < RECORD_EVERY);
+        let (same, fresh) = match &recorded {
+            Some((s, at)) if *s == seen => (true, at.elapsed() < RECORD_EVERY),
+            _ => (false, false),
+        };
         if !fresh {
             record(&store, &backend_id, probed, same).await;
             recorded = Some((seen, tokio::time::Instant::now()));

@@ -45,11 +45,10 @@ pub async fn run(
         }
     };
     let ends = EventFilter {
-        statuses: vec![
-            JobStatus::Completed,
-            JobStatus::Failed,
-            JobStatus::Cancelled,
-        ],
+        statuses: JobStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect(),
         ..Default::default()
     };
     // Followed from before the first look at the outbox: no end falls between.
