@@ -258,6 +258,10 @@ async fn the_backends_a_submission_is_checked_against_follow_admin_and_tag_chang
         app.store.set_backend_admin_state("b", admin).await.unwrap();
         assert_eq!(takers(&["flux"]).await, Vec::<String>::new(), "{admin:?}");
         assert_eq!(takers(&[]).await, ["a"], "{admin:?}");
+        // From the same kept read: configured with the tags, enabled or not
+        // (a job needing them may wait for b).
+        let flux = ["flux".to_string()];
+        assert_eq!(app.store.backends_with_tags(&flux).await.unwrap(), ["b"]);
     }
     app.store
         .set_backend_admin_state("b", AdminState::Enabled)
@@ -268,6 +272,8 @@ async fn the_backends_a_submission_is_checked_against_follow_admin_and_tag_chang
     farm(&app, &[("a", &["flux"])]).await;
     assert_eq!(takers(&["flux"]).await, ["a"]);
     assert_eq!(takers(&[]).await, ["a"]);
+    let flux = ["flux".to_string()];
+    assert_eq!(app.store.backends_with_tags(&flux).await.unwrap(), ["a"]);
 }
 
 #[tokio::test]

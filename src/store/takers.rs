@@ -15,12 +15,20 @@ use super::lease::missing_tags;
 use super::model::*;
 use super::{Store, StoreError};
 
-/// The answers of [`Store::enabled_backends_with_tags`] by tag set, until
-/// the backends' tags or admin states change.
+/// The configured backends whose tags cover one tag set, and of those the
+/// enabled ones: both from one read of the farm.
+struct Covering {
+    all: Arc<[String]>,
+    enabled: Arc<[String]>,
+}
+
+/// The answers of [`Store::backends_with_tags`] and
+/// [`Store::enabled_backends_with_tags`] by tag set, until the backends'
+/// tags, configuration or admin states change.
 #[derive(Default)]
 pub(super) struct Takers {
     generation: AtomicU64,
-    known: Mutex<HashMap<String, Arc<[String]>>>,
+    known: Mutex<HashMap<String, Arc<Covering>>>,
     /// Held while an answer is read: the submissions that miss together
     /// (the first ones after a start or a change) wait for one read of the
     /// farm instead of each making its own (13 reads of 10 ms each at the
@@ -32,8 +40,8 @@ pub(super) struct Takers {
 const MAX_TAG_SETS: usize = 1_000;
 
 impl Takers {
-    /// Backends' tags or admin states changed (called once the change is
-    /// committed): what was kept is forgotten.
+    /// Backends' tags, configuration or admin states changed (called once
+    /// the change is committed): what was kept is forgotten.
     pub(super) fn changed(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.known.lock().expect("takers").clear();
@@ -41,36 +49,35 @@ impl Takers {
 }
 
 impl Store {
-    /// The configured backends whose tags cover `requires` (the submit check).
+    /// The configured backends whose tags cover `requires`, enabled or not
+    /// (the submit check of `requires`: a job may wait for a disabled one).
     pub async fn backends_with_tags(&self, requires: &[String]) -> Result<Vec<String>, StoreError> {
-        let requires = serde_json::to_string(requires)?;
-        Ok(sqlx::query_scalar(&format!(
-            "SELECT id FROM backends b WHERE configured = 1 AND NOT EXISTS {} ORDER BY id",
-            missing_tags("?1", "b.tags")
-        ))
-        .bind(requires)
-        .fetch_all(self.reader())
-        .await?)
+        Ok(self.covering(requires).await?.all.to_vec())
     }
 
     /// The enabled configured backends whose tags cover `requires` (what
-    /// a submission is checked against). Every submission asks, and the
-    /// read goes over the whole farm (about 270 us with 1,000 backends, a
-    /// core's worth at 4,000 submissions a second): the answer is kept
-    /// until a backend's tags or admin state change.
+    /// a submission's graph is checked against).
     pub async fn enabled_backends_with_tags(
         &self,
         requires: &[String],
     ) -> Result<Arc<[String]>, StoreError> {
+        Ok(self.covering(requires).await?.enabled.clone())
+    }
+
+    /// Every submission asks, and the read goes over the whole farm (about
+    /// 270 us with 1,000 backends, a core's worth at 4,000 submissions a
+    /// second): the answer is kept until a backend's tags, configuration or
+    /// admin state change.
+    async fn covering(&self, requires: &[String]) -> Result<Arc<Covering>, StoreError> {
         let key = serde_json::to_string(requires)?;
         let known = || self.takers.known.lock().expect("takers").get(&key).cloned();
-        if let Some(ids) = known() {
-            return Ok(ids);
+        if let Some(c) = known() {
+            return Ok(c);
         }
         let _reading = self.takers.reading.lock().await;
         let generation = self.takers.generation.load(Ordering::SeqCst);
-        if let Some(ids) = known() {
-            return Ok(ids);
+        if let Some(c) = known() {
+            return Ok(c);
         }
         let rows: Vec<(String, bool, Option<AdminState>)> = sqlx::query_as(&format!(
             "SELECT id, config_enabled, admin_state FROM backends b \
@@ -80,19 +87,22 @@ impl Store {
         .bind(&key)
         .fetch_all(self.reader())
         .await?;
-        let ids: Arc<[String]> = rows
-            .into_iter()
-            .filter(|(_, config, admin)| backend_enabled(*config, *admin))
-            .map(|(id, _, _)| id)
-            .collect();
+        let covering = Arc::new(Covering {
+            all: rows.iter().map(|(id, _, _)| id.clone()).collect(),
+            enabled: rows
+                .into_iter()
+                .filter(|(_, config, admin)| backend_enabled(*config, *admin))
+                .map(|(id, _, _)| id)
+                .collect(),
+        });
         let mut known = self.takers.known.lock().expect("takers");
         // Kept only if nothing changed while it was read.
         if self.takers.generation.load(Ordering::SeqCst) == generation {
             if known.len() >= MAX_TAG_SETS {
                 known.clear();
             }
-            known.insert(key, ids.clone());
+            known.insert(key, covering.clone());
         }
-        Ok(ids)
+        Ok(covering)
     }
 }
