@@ -13,7 +13,7 @@
 //! dispatch or the others. Every stream ends when the service stops.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::Stream;
@@ -68,6 +68,10 @@ pub struct EventHub {
     /// The live subscribers; `None` once the reader has stopped (with the
     /// service), so that nobody joins a feed that no longer flows.
     subscribers: Arc<Mutex<Option<Vec<Subscriber>>>>,
+    /// The last sequence number the reader has handed out: where a stream
+    /// "from now" starts. Kept in memory so that starting one cannot fail
+    /// (a failed read of the log's end must not mean "from the beginning").
+    head: Arc<AtomicI64>,
     stop: CancellationToken,
 }
 
@@ -79,12 +83,13 @@ impl EventHub {
         stop: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<EventHub, crate::store::StoreError> {
+        let after = store.latest_event_seq().await?;
         let hub = EventHub {
             store,
             subscribers: Arc::new(Mutex::new(Some(Vec::new()))),
+            head: Arc::new(AtomicI64::new(after)),
             stop,
         };
-        let after = hub.store.latest_event_seq().await?;
         tasks.spawn(hub.clone().read(after));
         Ok(hub)
     }
@@ -103,6 +108,8 @@ impl EventHub {
                     if let Some(e) = events.last() {
                         last = e.seq;
                     }
+                    // Before the hand-out: whoever got these events finds "now" past them.
+                    self.head.store(last, Ordering::Release);
                     self.publish(events);
                     if full {
                         continue;
@@ -157,6 +164,20 @@ impl EventHub {
             });
         }
         (rx, lagged)
+    }
+
+    /// Every event from now on that matches `filter`, and the sequence
+    /// number it starts after (what a client passes to resume).
+    ///
+    /// "Now" is the last event the reader has handed out: events committed
+    /// a moment earlier and not yet handed out are included, so nothing
+    /// committed after the call is missed.
+    pub fn follow_from_now(
+        &self,
+        filter: EventFilter,
+    ) -> (i64, impl Stream<Item = Arc<Published>> + Send + 'static) {
+        let after = self.head.load(Ordering::Acquire);
+        (after, self.follow(filter, after))
     }
 
     /// The events after `after` that match `filter`, then every new one.
@@ -292,5 +313,45 @@ mod tests {
             stream.next().await.is_none(),
             "the stream ends with the service"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_from_now_gets_every_later_event_and_none_of_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), &Default::default())
+            .await
+            .unwrap();
+        let note = |m: &str| store.note_event("j", "note", "b", m.to_string(), None);
+        note("before the hub").await.unwrap();
+        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let hub = EventHub::start(store.clone(), stop.clone(), &tasks)
+            .await
+            .unwrap();
+        let (started, _) = hub.follow_from_now(EventFilter::default());
+        assert_eq!(started, store.latest_event_seq().await.unwrap());
+        note("handed out").await.unwrap();
+        let handed = store.latest_event_seq().await.unwrap();
+        // "Now" moves on once the reader has handed that event out.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (after, stream) = loop {
+            let (after, stream) = hub.follow_from_now(EventFilter::default());
+            if after >= handed || std::time::Instant::now() > deadline {
+                break (after, stream);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        assert_eq!(after, handed, "now is the last event handed out");
+        let mut stream = Box::pin(stream);
+        note("later").await.unwrap();
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+            .await
+            .expect("an event")
+            .expect("the stream is open");
+        assert_eq!(
+            next.event.message.as_deref(),
+            Some("later"),
+            "nothing from before the stream started"
+        );
+        stop.cancel();
     }
 }

@@ -52,16 +52,7 @@ pub async fn run(
         ..Default::default()
     };
     // Followed from before the first look at the outbox: no end falls between.
-    let after = match store.latest_event_seq().await {
-        Ok(seq) => seq,
-        Err(e) => {
-            // Not from 0: that would read the whole history. The outbox is
-            // still looked at every minute.
-            tracing::warn!(error = %e, "webhooks: cannot find the log's end; looking at the outbox every minute");
-            i64::MAX
-        }
-    };
-    let mut ends = std::pin::pin!(events.follow(ends, after));
+    let mut ends = std::pin::pin!(events.follow_from_now(ends).1);
     loop {
         match store.due_webhooks(32).await {
             Ok(due) => {

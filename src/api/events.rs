@@ -140,11 +140,11 @@ pub(super) async fn sse(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (filter, after) = parse(query.as_deref(), &headers)?;
-    let after = match after {
-        Some(a) => a,
-        None => state.store.latest_event_seq().await?,
+    let events = match after {
+        Some(a) => state.events.follow(filter, a).boxed(),
+        None => state.events.follow_from_now(filter).1.boxed(),
     };
-    let body = axum::body::Body::from_stream(sse_body(state.events.follow(filter, after)));
+    let body = axum::body::Body::from_stream(sse_body(events));
     Ok((
         [
             (axum::http::header::CONTENT_TYPE, "text/event-stream"),
@@ -220,13 +220,16 @@ async fn ws_session(state: AppState, mut socket: WebSocket) {
                             }
                             continue;
                         }
-                        let after = match after {
-                            Some(a) => a,
-                            None => state.store.latest_event_seq().await.unwrap_or(0),
-                        };
                         preview_jobs = want.then(|| job_ids.clone());
                         let filter = EventFilter { job_ids, statuses: status, workflow_id };
-                        events = Some(Box::pin(state.events.follow(filter, after)));
+                        let (after, stream) = match after {
+                            Some(a) => (a, state.events.follow(filter, a).boxed()),
+                            None => {
+                                let (a, s) = state.events.follow_from_now(filter);
+                                (a, s.boxed())
+                            }
+                        };
+                        events = Some(stream);
                         let ack = json!({"type": "subscribed", "after": after});
                         if socket.send(Message::Text(ack.to_string().into())).await.is_err() {
                             return;
