@@ -6,15 +6,25 @@
 //! with heaptrack, `docs/PERFORMANCE.md`). glibc's allocator keeps freed
 //! memory mapped, spread over one arena per thread that ever allocated, so
 //! the process stayed at the peak for good. Two arenas instead of one per
-//! thread, and handing free pages back every ten seconds, let resident
-//! memory follow what is held. Elsewhere than glibc these do nothing.
+//! thread, and handing free pages back, let resident memory follow what is
+//! held: at once when a burst (a hundred thousand submissions, a farm coming
+//! up) has just freed a lot, and every ten seconds in any case. Elsewhere
+//! than glibc these do nothing.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// How often free memory is handed back to the system.
+/// How often free memory is handed back to the system in any case.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the heap's free memory is looked at (a walk of the
+/// allocator's free lists, no system call).
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// Free memory the heap may gain over its lowest point since the last trim
+/// before it is handed back without waiting for [`TRIM_EVERY`].
+const SLACK: usize = 8 << 20;
 
 /// Sets the allocator up; call first thing, before any thread starts.
 pub fn tune() {
@@ -36,14 +46,83 @@ pub fn trim() {
     }
 }
 
-/// Trims every [`TRIM_EVERY`] until the service stops.
+/// Bytes the heap holds free (handed back to the system or not).
+fn free_bytes() -> usize {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallinfo2 only reads the allocator's statistics under its locks.
+    unsafe {
+        libc::mallinfo2().fordblks
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    0
+}
+
+/// When to trim, from what the heap held free at each look.
+#[derive(Debug)]
+struct Trimmer {
+    /// The least free memory seen since the last trim: what was freed after
+    /// it is the rise above it (the free lists also keep memory already
+    /// handed back, so the level alone says nothing).
+    low: usize,
+    /// Looks since the last trim.
+    looks: u32,
+}
+
+impl Trimmer {
+    fn new(free: usize) -> Trimmer {
+        Trimmer {
+            low: free,
+            looks: 0,
+        }
+    }
+
+    /// Whether to trim now, given the heap's free bytes.
+    fn look(&mut self, free: usize) -> bool {
+        self.low = self.low.min(free);
+        self.looks += 1;
+        let due = free > self.low.saturating_add(SLACK)
+            || self.looks >= (TRIM_EVERY.as_secs() / LOOK_EVERY.as_secs()) as u32;
+        if due {
+            *self = Trimmer::new(free);
+        }
+        due
+    }
+}
+
+/// Trims when much was freed since the last trim, and every [`TRIM_EVERY`]
+/// anyway, until the service stops.
 pub async fn trim_now_and_then(stop: CancellationToken) {
     use crate::periodic::{every, First};
-    every(TRIM_EVERY, First::AfterPeriod, stop, || async {
-        // A few milliseconds walking the heap: off the runtime's threads.
-        if let Err(e) = tokio::task::spawn_blocking(trim).await {
-            tracing::debug!(error = %e, "cannot trim the heap");
+    let mut trimmer = Trimmer::new(free_bytes());
+    every(LOOK_EVERY, First::AfterPeriod, stop, move || {
+        let due = trimmer.look(free_bytes());
+        async move {
+            // A few milliseconds walking the heap: off the runtime's threads.
+            if due {
+                if let Err(e) = tokio::task::spawn_blocking(trim).await {
+                    tracing::debug!(error = %e, "cannot trim the heap");
+                }
+            }
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trim_follows_a_large_free_at_once_and_comes_every_ten_looks_anyway() {
+        const MB: usize = 1 << 20;
+        let mut t = Trimmer::new(40 * MB);
+        // Reused and freed again: what counts is the rise over the low.
+        assert!(!t.look(20 * MB));
+        assert!(!t.look(27 * MB), "7 MB freed: within the slack");
+        assert!(t.look(29 * MB), "9 MB freed since the low: at once");
+        // Nothing freed: only the tenth look trims.
+        let quiet: Vec<bool> = (0..10).map(|_| t.look(29 * MB)).collect();
+        assert_eq!(quiet.iter().filter(|d| **d).count(), 1);
+        assert!(quiet[9]);
+    }
 }
