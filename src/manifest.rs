@@ -73,9 +73,9 @@ pub struct Parsed {
     pub warnings: Vec<String>,
     /// The input files the graph names, each with the field that named it.
     pub inputs: Vec<(String, String)>,
-    /// For a template: which parameter each `(node, input)` of the graph
-    /// came from (`parameters.NAME`), so later checks name it.
-    pub param_fields: std::collections::HashMap<(String, String), String>,
+    /// The template it was bound from, so later checks name the parameter
+    /// (`parameters.NAME`) a graph input came from (looked up only then).
+    pub template: Option<std::sync::Arc<crate::workflows::Template>>,
 }
 
 impl Parsed {
@@ -83,11 +83,12 @@ impl Parsed {
     /// parameter it came from, else the inline graph's input; `None` for a
     /// template's own constant.
     pub fn field_of(&self, node: &str, input: &str) -> Option<String> {
-        if let Some(f) = self
-            .param_fields
-            .get(&(node.to_string(), input.to_string()))
+        if let Some(p) = self
+            .template
+            .as_ref()
+            .and_then(|t| t.param_for(node, input))
         {
-            return Some(f.clone());
+            return Some(format!("parameters.{}", p.name));
         }
         self.job
             .workflow_id
@@ -169,7 +170,7 @@ pub fn parse(
         Some(v) => Some(v.clone()),
     };
     let mut template_timeout = None;
-    let mut param_fields = std::collections::HashMap::new();
+    let mut bound_from = None;
     let inputs;
     let (workflow_id, graph, bound) = match (workflow_id, inline) {
         (Some(_), Some(_)) => {
@@ -204,19 +205,12 @@ pub fn parse(
                     .map(|p| format!("parameters.{}", p.name))
             })?;
             template_timeout = template.timeout_s;
-            for p in &template.parameters {
-                for t in &p.targets {
-                    param_fields.insert(
-                        (t.node.clone(), t.input.clone()),
-                        format!("parameters.{}", p.name),
-                    );
-                }
-            }
             inputs = input_refs(&graph, |node, input| {
                 template
                     .param_for(node, input)
                     .map(|p| format!("parameters.{}", p.name))
             })?;
+            bound_from = Some(template);
             (Some(id), graph, bound)
         }
         (None, Some(graph)) => {
@@ -275,7 +269,7 @@ pub fn parse(
             max_attempts,
             idempotency_key,
             manifest_hash,
-            manifest: body.clone(),
+            manifest: body,
             parameters: bound,
             metadata,
             graph,
@@ -290,7 +284,7 @@ pub fn parse(
         },
         warnings,
         inputs,
-        param_fields,
+        template: bound_from,
     })
 }
 
