@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use serde_json::Value;
 use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection};
 
@@ -89,7 +89,9 @@ impl SubmitClock {
             *last + chrono::Duration::microseconds(1)
         };
         // Stored with microsecond precision: keep the in-memory value equal.
-        let t = parse_time(&fmt_time(t)).unwrap_or(t);
+        let t = t
+            .with_nanosecond(t.nanosecond() / 1_000 * 1_000)
+            .unwrap_or(t);
         *last = t;
         t
     }
@@ -262,4 +264,23 @@ async fn insert_jobs(
     // Metadata rows and the `submitted` event come from the jobs_submitted trigger.
     q.build().execute(&mut *conn).await?;
     Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submission_times_only_go_forward_and_read_back_as_stored() {
+        let clock = SubmitClock::starting_after(Utc::now() + chrono::Duration::seconds(1));
+        let mut last = None;
+        for _ in 0..1_000 {
+            let t = clock.next();
+            assert_eq!(parse_time(&fmt_time(t)), Some(t), "microseconds, as stored");
+            if let Some(l) = last {
+                assert!(t > l, "{t} after {l}");
+            }
+            last = Some(t);
+        }
+    }
 }
