@@ -184,9 +184,18 @@ async fn the_backend_page_shows_the_inventory_and_a_refresh_answers_with_the_new
     );
     assert_eq!(inv["models"]["checkpoints"], json!([XL]), "{inv}");
     assert_eq!(inv["comfyui_version"], "0.3.64");
+    // Submissions are checked against what the farm has, as it is now.
+    refused(
+        &app,
+        txt2img(FLUX, "before"),
+        "parameters.checkpoint",
+        &["no enabled backend has"],
+    )
+    .await;
     sim.set_checkpoints(&[XL, FLUX]);
     let (status, fresh) = app.post_json("/api/backends/a/refresh", &json!({})).await;
     assert_eq!(status, 200, "{fresh}");
+    submit(&app, &txt2img(FLUX, "after the refresh")).await;
     assert_eq!(
         fresh["inventory"]["models"]["checkpoints"],
         json!([XL, FLUX])

@@ -91,6 +91,10 @@ struct Shared {
     due: DueTimes,
     /// What each backend can run, as last read.
     inventories: std::sync::RwLock<HashMap<String, Arc<Inventory>>>,
+    /// The last answer of [`Farm::distinct_inventories`], for the backend
+    /// list it was asked with, until an inventory changes. Taken after
+    /// `inventories`, emptied under its write lock.
+    distinct_kept: Mutex<Option<DistinctKept>>,
     /// How inventories check graphs.
     rules: Arc<Rules>,
     /// Each backend's client (for reading its inventory on demand).
@@ -151,6 +155,7 @@ impl Shared {
             None => inventory,
         };
         all.insert(backend_id.to_string(), Arc::new(inventory));
+        *self.distinct_kept.lock().expect("distinct inventories") = None;
         drop(all);
         // Jobs this backend could not run may fit now; nothing changed
         // for the others.
@@ -270,6 +275,7 @@ impl Farm {
                     .map(|(id, inv)| (id, Arc::new(inv)))
                     .collect(),
             ),
+            distinct_kept: Mutex::new(None),
             rules: Arc::new(Rules::new(&config.inventory.exempt)),
             clients,
             idle: idle::IdleWorkers::new(
@@ -356,17 +362,27 @@ impl Farm {
 
     /// The distinct inventories of these backends (identical boxes count
     /// once), or `None` while one of them has none yet. Asked by every
-    /// submission: no copy per backend, however large the farm.
-    pub fn distinct_inventories(&self, backend_ids: &[String]) -> Option<Vec<Arc<Inventory>>> {
+    /// submission with the list the store keeps for its tag set: the answer
+    /// for that list is kept until an inventory changes, so a submission
+    /// does not look through a thousand backends' inventories each time.
+    pub fn distinct_inventories(&self, backend_ids: &Arc<[String]>) -> Option<Vec<Arc<Inventory>>> {
         let map = self.shared.inventories.read().expect("inventories");
-        let mut distinct: Vec<Arc<Inventory>> = Vec::new();
-        for id in backend_ids {
-            let inventory = map.get(id)?;
-            if !distinct.iter().any(|d| d.hash == inventory.hash) {
-                distinct.push(inventory.clone());
-            }
+        let mut kept = self
+            .shared
+            .distinct_kept
+            .lock()
+            .expect("distinct inventories");
+        // The same list (held here, so its address is not reused) and no
+        // inventory changed since (that empties what is kept).
+        if let Some(k) = kept.as_ref().filter(|k| Arc::ptr_eq(&k.ids, backend_ids)) {
+            return k.distinct.clone();
         }
-        Some(distinct)
+        let distinct = distinct_of(&map, backend_ids);
+        *kept = Some(DistinctKept {
+            ids: backend_ids.clone(),
+            distinct: distinct.clone(),
+        });
+        distinct
     }
 
     /// How inventories check graphs.
@@ -411,6 +427,28 @@ impl Farm {
     pub fn stop_token(&self) -> CancellationToken {
         self.shared.stop.clone()
     }
+}
+
+/// A kept answer of [`Farm::distinct_inventories`].
+struct DistinctKept {
+    ids: Arc<[String]>,
+    distinct: Option<Vec<Arc<Inventory>>>,
+}
+
+/// The distinct inventories of `backend_ids` in `map`, `None` while one
+/// has none.
+fn distinct_of(
+    map: &HashMap<String, Arc<Inventory>>,
+    backend_ids: &[String],
+) -> Option<Vec<Arc<Inventory>>> {
+    let mut distinct: Vec<Arc<Inventory>> = Vec::new();
+    for id in backend_ids {
+        let inventory = map.get(id)?;
+        if !distinct.iter().any(|d| d.hash == inventory.hash) {
+            distinct.push(inventory.clone());
+        }
+    }
+    Some(distinct)
 }
 
 #[cfg(test)]
