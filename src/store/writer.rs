@@ -5,7 +5,8 @@
 //! connection removes `SQLITE_BUSY` retry loops, and lets many concurrent
 //! requests share one transaction and one fsync (group commit): the writer
 //! takes what is queued, and what comes while it works, up to a time budget
-//! ([`BATCH_BUDGET`]), runs each operation after the first in its own
+//! ([`BATCH_BUDGET`]) or until it holds a submission (a client waits for
+//! that commit), runs each operation after the first in its own
 //! savepoint (so one failing operation does not undo the others; the first
 //! is undone by rolling back a transaction that holds nothing else), commits
 //! once, and only then answers each caller. A caller that gets `Ok` knows its
@@ -239,9 +240,14 @@ struct Lanes<'a> {
 }
 
 impl Lanes<'_> {
-    /// The next operation, once one comes (a submission first); `None` when
-    /// every handle is gone.
+    /// The next operation, once one comes (in turns when both lanes wait,
+    /// else a submission first); `None` when every handle is gone.
     async fn wait(&mut self) -> Option<Op> {
+        // Turns hold across batches too: a batch that ended with a
+        // submission is followed by a farm write, if one waits.
+        if let Some(op) = self.next() {
+            return Some(op);
+        }
         let op = tokio::select! {
             biased;
             Some(op) = self.urgent.recv() => op,
@@ -288,8 +294,10 @@ async fn commit_batch(
     // or by the COMMIT (one round trip to SQLite's thread saved a time).
     let mut open_savepoint = false;
     let mut next = Some(first);
+    let mut holds_submission = false;
     while let Some(op) = next.take() {
         logs |= op.kind != Kind::Quiet;
+        let op_urgent = op.kind.urgent();
         let result = if op.kind.single() {
             match (op.run)(conn).await {
                 // SQLite may have rolled the transaction back: abandon the batch.
@@ -327,7 +335,11 @@ async fn commit_batch(
             aborted = Some(e);
             break;
         }
-        if finishes.len() < max_batch && started.elapsed() < BATCH_BUDGET {
+        // A client waits for a submission's commit: once one is in, the
+        // batch commits without taking more (what comes meanwhile starts
+        // the next one).
+        holds_submission |= op_urgent;
+        if !holds_submission && finishes.len() < max_batch && started.elapsed() < BATCH_BUDGET {
             next = lanes.next();
         }
     }
@@ -374,6 +386,7 @@ async fn run_in_savepoint(
 mod tests {
     use super::*;
     use sqlx::Connection;
+    use std::collections::HashMap;
     use std::time::{Duration, Instant};
 
     /// Gives a closure the signature of a write (a closure's own inference
@@ -533,14 +546,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let writer = writer_on_new_db(dir.path()).await;
         let order = Arc::new(Mutex::new(Vec::<String>::new()));
+        // How many batches had committed when each write ran.
+        let commits = writer.subscribe_commits();
+        let batch_of = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
         let op = |label: String| {
-            let order = order.clone();
+            let (order, commits, batch_of) = (order.clone(), commits.clone(), batch_of.clone());
             typed(move |conn| {
                 Box::pin(async move {
                     sqlx::query("INSERT INTO t (label) VALUES (?)")
                         .bind(&label)
                         .execute(conn)
                         .await?;
+                    batch_of
+                        .lock()
+                        .unwrap()
+                        .insert(label.clone(), *commits.borrow());
                     order.lock().unwrap().push(label);
                     Ok(())
                 })
@@ -573,5 +593,16 @@ mod tests {
         );
         let farm: Vec<&String> = order.iter().filter(|l| l.starts_with("farm")).collect();
         assert!(farm.windows(2).all(|w| w[0] != w[1]) && farm.len() == 100);
+        // A batch that holds a submission commits at once: its client
+        // waits for that commit, not for the farm writes queued behind it.
+        let batch_of = batch_of.lock().unwrap();
+        for pair in order[..6].windows(2).filter(|w| w[0].starts_with("submit")) {
+            assert!(
+                batch_of[&pair[1]] > batch_of[&pair[0]],
+                "{} ran in the batch of {}",
+                pair[1],
+                pair[0]
+            );
+        }
     }
 }
