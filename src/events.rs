@@ -166,17 +166,19 @@ impl EventHub {
         (rx, lagged)
     }
 
-    /// Every event from now on that matches `filter`, and the sequence
-    /// number it starts after (what a client passes to resume).
+    /// The events after `after` that match `filter`, or without `after`
+    /// every event from now on, then every new one; and the sequence number
+    /// the stream starts after (what a client passes to resume).
     ///
     /// "Now" is the last event the reader has handed out: events committed
     /// a moment earlier and not yet handed out are included, so nothing
     /// committed after the call is missed.
-    pub fn follow_from_now(
+    pub fn follow_from(
         &self,
         filter: EventFilter,
+        after: Option<i64>,
     ) -> (i64, impl Stream<Item = Arc<Published>> + Send + 'static) {
-        let after = self.head.load(Ordering::Acquire);
+        let after = after.unwrap_or_else(|| self.head.load(Ordering::Acquire));
         (after, self.follow(filter, after))
     }
 
@@ -327,14 +329,14 @@ mod tests {
         let hub = EventHub::start(store.clone(), stop.clone(), &tasks)
             .await
             .unwrap();
-        let (started, _) = hub.follow_from_now(EventFilter::default());
+        let (started, _) = hub.follow_from(EventFilter::default(), None);
         assert_eq!(started, store.latest_event_seq().await.unwrap());
         note("handed out").await.unwrap();
         let handed = store.latest_event_seq().await.unwrap();
         // "Now" moves on once the reader has handed that event out.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let (after, stream) = loop {
-            let (after, stream) = hub.follow_from_now(EventFilter::default());
+            let (after, stream) = hub.follow_from(EventFilter::default(), None);
             if after >= handed || std::time::Instant::now() > deadline {
                 break (after, stream);
             }

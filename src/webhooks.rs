@@ -52,7 +52,7 @@ pub async fn run(
         ..Default::default()
     };
     // Followed from before the first look at the outbox: no end falls between.
-    let mut ends = std::pin::pin!(events.follow_from_now(ends).1);
+    let mut ends = std::pin::pin!(events.follow_from(ends, None).1);
     loop {
         match store.due_webhooks(32).await {
             Ok(due) => {

@@ -140,10 +140,7 @@ pub(super) async fn sse(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (filter, after) = parse(query.as_deref(), &headers)?;
-    let events = match after {
-        Some(a) => state.events.follow(filter, a).boxed(),
-        None => state.events.follow_from_now(filter).1.boxed(),
-    };
+    let (_, events) = state.events.follow_from(filter, after);
     let body = axum::body::Body::from_stream(sse_body(events));
     Ok((
         [
@@ -222,14 +219,8 @@ async fn ws_session(state: AppState, mut socket: WebSocket) {
                         }
                         preview_jobs = want.then(|| job_ids.clone());
                         let filter = EventFilter { job_ids, statuses: status, workflow_id };
-                        let (after, stream) = match after {
-                            Some(a) => (a, state.events.follow(filter, a).boxed()),
-                            None => {
-                                let (a, s) = state.events.follow_from_now(filter);
-                                (a, s.boxed())
-                            }
-                        };
-                        events = Some(stream);
+                        let (after, stream) = state.events.follow_from(filter, after);
+                        events = Some(Box::pin(stream));
                         let ack = json!({"type": "subscribed", "after": after});
                         if socket.send(Message::Text(ack.to_string().into())).await.is_err() {
                             return;
