@@ -297,7 +297,10 @@ async fn commit_batch(
     let mut holds_submission = false;
     while let Some(op) = next.take() {
         logs |= op.kind != Kind::Quiet;
-        let op_urgent = op.kind.urgent();
+        // A client waits for a submission's commit: once one is in, the
+        // batch commits without taking more (what comes meanwhile starts
+        // the next one).
+        holds_submission |= op.kind.urgent();
         let result = if op.kind.single() {
             match (op.run)(conn).await {
                 // SQLite may have rolled the transaction back: abandon the batch.
@@ -335,10 +338,6 @@ async fn commit_batch(
             aborted = Some(e);
             break;
         }
-        // A client waits for a submission's commit: once one is in, the
-        // batch commits without taking more (what comes meanwhile starts
-        // the next one).
-        holds_submission |= op_urgent;
         if !holds_submission && finishes.len() < max_batch && started.elapsed() < BATCH_BUDGET {
             next = lanes.next();
         }
