@@ -119,16 +119,15 @@ pub async fn sweep_once(
             if stale.is_empty() {
                 break;
             }
-            let mut deleted = 0;
+            let before = swept.input_files;
             for i in stale {
                 if inputs.delete(&i.id).await? == crate::store::InputDeletion::Deleted {
-                    deleted += 1;
                     swept.input_files += 1;
                     swept.input_bytes += i.size.max(0) as u64;
                 }
             }
             // What stays (a submission naming it now) is for the next sweep.
-            if deleted == 0 {
+            if swept.input_files == before {
                 break;
             }
         }
