@@ -249,7 +249,7 @@ impl Submitter {
         )?;
         self.check_requires(&parsed.job.requires).await?;
         // Held until the job is stored or refused.
-        let _inputs = self.check_inputs(&parsed.inputs).await?;
+        let _inputs = self.check_inputs(&parsed).await?;
         self.check_runs_somewhere(&parsed).await?;
         let workflow_id = parsed.job.workflow_id.clone();
         let requires = parsed.job.requires.clone();
@@ -310,12 +310,13 @@ impl Submitter {
     /// (no deletion takes them in between).
     async fn check_inputs(
         &self,
-        refs: &[(String, String)],
+        parsed: &manifest::Parsed,
     ) -> Result<crate::store::InputsNamed, SubmitError> {
-        let ids: Vec<String> = refs.iter().map(|(_, id)| id.clone()).collect();
-        let named = self.store.name_inputs(&ids).await;
-        let missing = self.store.missing_inputs(&ids).await?;
-        match refs.iter().find(|(_, id)| missing.contains(id)) {
+        // The job's distinct ids; each reference for the field to name.
+        let ids = &parsed.job.inputs;
+        let named = self.store.name_inputs(ids).await;
+        let missing = self.store.missing_inputs(ids).await?;
+        match parsed.inputs.iter().find(|(_, id)| missing.contains(id)) {
             None => Ok(named),
             Some((field, id)) => Err(SubmitError::invalid(
                 field,
