@@ -166,6 +166,53 @@ async fn a_backend_holds_no_more_than_max_inflight_jobs() {
     assert_eq!(h["jobs"]["queued"], 1);
 }
 
+#[tokio::test]
+async fn workers_racing_for_fewer_jobs_lease_each_once_and_the_rest_learn_none_is_left() {
+    // On a large farm a rung worker and a worker whose job just ended both
+    // find the same job and go to the writer for it: one leases it; the
+    // other must neither take it too nor be told that due jobs wait
+    // elsewhere (it would pass its ring on through the idle farm).
+    let app = spawn_app().await;
+    let ids = ["r1", "r2", "r3", "r4", "r5", "r6"];
+    farm(&app, &ids.map(|id| (id, &[][..]))).await;
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        jobs.push(app.submit_blur(json!({})).await);
+    }
+    for round in 0..3 {
+        let tries = futures::future::join_all(
+            ids.iter()
+                .map(|id| app.store.lease_for(id, None, Preference::default())),
+        );
+        let tries = tokio::time::timeout(std::time::Duration::from_secs(20), tries)
+            .await
+            .expect("every lease turn ends");
+        let mut leased: Vec<String> = Vec::new();
+        for t in tries {
+            match t.unwrap() {
+                LeaseTry::Leased(lease) => leased.push(lease.job_id),
+                LeaseTry::Nothing => {}
+                other => panic!("round {round}: nothing else is queued, got {other:?}"),
+            }
+        }
+        leased.sort();
+        let mut want = jobs.clone();
+        want.sort();
+        assert_eq!(leased, want, "round {round}: each job leased once");
+        for id in &jobs {
+            let job = app.job(id).await;
+            assert_eq!(job["status"], "assigned", "round {round}");
+            assert_eq!(job["attempts"], 1, "round {round}: one lease each");
+        }
+        // The next round races for two new jobs (every backend has slots
+        // left: six jobs in all).
+        jobs.clear();
+        for _ in 0..2 {
+            jobs.push(app.submit_blur(json!({})).await);
+        }
+    }
+}
+
 /// Configures (only) these backends, all online, with these tags.
 async fn farm(app: &TestApp, backends: &[(&str, &[&str])]) {
     app.store
