@@ -138,10 +138,31 @@ async fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_one() {
     assert_eq!(job["status"], "assigned");
     assert_eq!(job["prompt_id"], new.prompt_id.as_str());
 
-    // The current lease works.
-    app.store.mark_running(&id, new.token).await.unwrap();
-    app.store.complete(&id, new.token, vec![]).await.unwrap();
-    assert_eq!(app.job(&id).await["status"], "completed");
+    // The current lease works, and answers with what the metrics need
+    // (the job's workflow, its submission and start), once.
+    let times = app.store.mark_running(&id, new.token).await.unwrap();
+    let times = times.expect("it starts running now");
+    assert_eq!(times.workflow_id.as_deref(), Some("image_blur"));
+    let started = times.started_at.expect("started");
+    assert!(times.submitted_at <= started);
+    assert!(
+        app.store
+            .mark_running(&id, new.token)
+            .await
+            .unwrap()
+            .is_none(),
+        "running already"
+    );
+    let done = app.store.complete(&id, new.token, vec![]).await.unwrap();
+    assert_eq!(done.workflow_id.as_deref(), Some("image_blur"));
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "completed");
+    assert_eq!(
+        done.started_at
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        job["started_at"].as_str().map(str::to_string),
+        "the stored start"
+    );
 }
 
 #[tokio::test]

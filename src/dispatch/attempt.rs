@@ -341,9 +341,15 @@ impl Ctx {
                     .complete(job_id, held.token, outputs)
                     .await
                 {
-                    Ok(()) => {
+                    Ok(times) => {
                         tracing::info!(job_id, backend_id, "job completed");
-                        self.count_completion(job_id).await;
+                        let run = times
+                            .started_at
+                            .map(|s| {
+                                (chrono::Utc::now() - s).num_milliseconds().max(0) as f64 / 1000.0
+                            })
+                            .unwrap_or(0.0);
+                        crate::metrics::completed(times.workflow_id.as_deref(), backend_id, run);
                     }
                     Err(StoreError::LeaseLost) => {}
                     Err(e) => return Err(e.into()),
@@ -375,16 +381,6 @@ impl Ctx {
         // The freed slot is this worker's own: it leases again when this
         // helper is joined. No one else needs waking.
         Ok(())
-    }
-
-    async fn count_completion(&self, job_id: &str) {
-        if let Ok(Some(job)) = self.shared.store.job_times(job_id).await {
-            let run = job
-                .started_at
-                .map(|s| (chrono::Utc::now() - s).num_milliseconds().max(0) as f64 / 1000.0)
-                .unwrap_or(0.0);
-            crate::metrics::completed(job.workflow_id.as_deref(), &self.backend_id, run);
-        }
     }
 
     /// The prompt finished but its outputs could not be had, try after try:

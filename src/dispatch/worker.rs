@@ -598,16 +598,14 @@ impl Worker {
     /// `assigned` → `running` in the database, and the queue-wait metric.
     pub(super) async fn record_running(&self, job_id: &str, token: i64) {
         match self.shared.store.mark_running(job_id, token).await {
-            Ok(true) => {
-                if let Ok(Some(job)) = self.shared.store.job_times(job_id).await {
-                    let wait = (chrono::Utc::now() - job.submitted_at)
-                        .num_milliseconds()
-                        .max(0) as f64
-                        / 1000.0;
-                    crate::metrics::started(job.workflow_id.as_deref(), &self.id, wait);
-                }
+            Ok(Some(job)) => {
+                let wait = (chrono::Utc::now() - job.submitted_at)
+                    .num_milliseconds()
+                    .max(0) as f64
+                    / 1000.0;
+                crate::metrics::started(job.workflow_id.as_deref(), &self.id, wait);
             }
-            Ok(false) | Err(StoreError::LeaseLost) => {}
+            Ok(None) | Err(StoreError::LeaseLost) => {}
             Err(e) => {
                 tracing::error!(job_id, backend_id = %self.id, error = %e, "cannot record running")
             }

@@ -32,6 +32,9 @@ pub(super) struct Held {
     pub(super) cancel_requested: bool,
     /// The backend had started running this lease's prompt.
     pub(super) started: bool,
+    /// Its workflow and times, for the metrics of the caller (read with
+    /// the fence, so a transition's caller need not read them again).
+    pub(super) times: JobTimes,
 }
 
 /// Reads the job if it still carries this lease and a backend holds it.
@@ -42,7 +45,8 @@ async fn fence(
 ) -> Result<Option<Held>, StoreError> {
     let row = sqlx::query(
         "SELECT j.status, j.attempts, j.max_attempts, j.backend_id, j.prompt_id, j.cancel_requested, \
-         l.started_at FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id \
+         l.started_at, j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
+         FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id \
          WHERE j.id = ? AND j.lease_token = ?",
     )
     .bind(job_id)
@@ -68,6 +72,11 @@ async fn fence(
             .unwrap_or_default(),
         cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
         started: r.try_get::<Option<String>, _>("started_at")?.is_some(),
+        times: JobTimes {
+            workflow_id: r.try_get("workflow_id")?,
+            submitted_at: r.try_get("submitted_at")?,
+            started_at: r.try_get("job_started_at")?,
+        },
     }))
 }
 
@@ -442,33 +451,44 @@ impl Store {
         .await
     }
 
-    /// `assigned` → `running`, once; later calls change nothing (`false`).
-    pub async fn mark_running(&self, job_id: &str, token: i64) -> Result<bool, StoreError> {
+    /// `assigned` → `running`, once, with the job's workflow and times (for
+    /// the queue-wait metric); later calls change nothing (`None`).
+    pub async fn mark_running(
+        &self,
+        job_id: &str,
+        token: i64,
+    ) -> Result<Option<JobTimes>, StoreError> {
         self.fenced(job_id, token, |conn, held| {
             Box::pin(async move {
                 if held.status == JobStatus::Running {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 // It runs, so the backend has it, even if the answer to the
                 // submit is still on its way.
                 apply(conn, &held, Step::Submitted).await?;
                 apply(conn, &held, Step::Running).await?;
-                Ok(true)
+                let mut times = held.times;
+                times.started_at = times.started_at.or_else(|| Some(Utc::now()));
+                Ok(Some(times))
             })
         })
         .await
     }
 
-    /// Records the collected outputs and completes the job.
+    /// Records the collected outputs and completes the job; returns its
+    /// workflow and times (for the run-time metric).
     pub async fn complete(
         &self,
         job_id: &str,
         token: i64,
         outputs: Vec<OutputRecord>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<JobTimes, StoreError> {
         let step = Step::Completed(outputs);
         self.fenced(job_id, token, |conn, held| {
-            Box::pin(async move { apply(conn, &held, step).await })
+            Box::pin(async move {
+                apply(conn, &held, step).await?;
+                Ok(held.times)
+            })
         })
         .await
     }
