@@ -11,17 +11,19 @@ use super::{fmt_time, Store, StoreError};
 pub(super) async fn enqueue_webhook(
     conn: &mut SqliteConnection,
     job_id: &str,
+    url: &str,
     status: JobStatus,
 ) -> Result<(), StoreError> {
     let now = fmt_time(Utc::now());
     sqlx::query(
         "INSERT INTO webhook_outbox (job_id, url, status, next_attempt_at, created_at) \
-         SELECT id, callback_url, ?, ?, ? FROM jobs WHERE id = ? AND callback_url IS NOT NULL",
+         VALUES (?, ?, ?, ?, ?)",
     )
+    .bind(job_id)
+    .bind(url)
     .bind(status)
     .bind(&now)
     .bind(&now)
-    .bind(job_id)
     .execute(&mut *conn)
     .await?;
     Ok(())
