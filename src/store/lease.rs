@@ -336,7 +336,9 @@ async fn lease_in(
                 continue;
             }
         }
-        return assign(conn, backend_id, seq, &now).await.map(Some);
+        return assign(conn, backend_id, seq, &now, last_affinity.as_deref())
+            .await
+            .map(Some);
     }
     Ok(None)
 }
@@ -348,6 +350,7 @@ async fn assign(
     backend_id: &str,
     seq: i64,
     now: &str,
+    last_affinity: Option<&str>,
 ) -> Result<Lease, StoreError> {
     let token = next_token(conn).await?;
     let prompt_id = uuid::Uuid::new_v4().to_string();
@@ -382,8 +385,9 @@ async fn assign(
     .bind(now)
     .execute(&mut *conn)
     .await?;
-    if affinity.is_some() {
-        // Unchanged, no write (nor the index's).
+    if affinity.is_some() && affinity.as_deref() != last_affinity {
+        // Unchanged (as read at the start of this lease, in this
+        // transaction): no statement; else no write unless it changed.
         sqlx::query(
             "UPDATE backends SET last_affinity = ?1 WHERE id = ?2 AND last_affinity IS NOT ?1",
         )
