@@ -100,6 +100,12 @@ pub fn submitted(workflow: Option<&str>) {
     metrics::counter!("orchestrator_submissions_total", "workflow" => workflow.unwrap_or("inline").to_string()).increment(1);
 }
 
+/// Seconds from `t` to now, for the histograms: never negative (the wall
+/// clock may step back between two readings).
+pub fn seconds_since(t: chrono::DateTime<chrono::Utc>) -> f64 {
+    (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+}
+
 /// A job started on a backend after waiting `wait_s` seconds in the queue.
 pub fn started(workflow: Option<&str>, backend: &str, wait_s: f64) {
     metrics::histogram!("orchestrator_queue_wait_seconds", "workflow" => workflow.unwrap_or("inline").to_string(), "backend" => backend.to_string())

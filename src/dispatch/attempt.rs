@@ -343,12 +343,7 @@ impl Ctx {
                 {
                     Ok(times) => {
                         tracing::info!(job_id, backend_id, "job completed");
-                        let run = times
-                            .started_at
-                            .map(|s| {
-                                (chrono::Utc::now() - s).num_milliseconds().max(0) as f64 / 1000.0
-                            })
-                            .unwrap_or(0.0);
+                        let run = times.started_at.map_or(0.0, crate::metrics::seconds_since);
                         crate::metrics::completed(times.workflow_id.as_deref(), backend_id, run);
                     }
                     Err(StoreError::LeaseLost) => {}

@@ -599,10 +599,7 @@ impl Worker {
     pub(super) async fn record_running(&self, job_id: &str, token: i64) {
         match self.shared.store.mark_running(job_id, token).await {
             Ok(Some(job)) => {
-                let wait = (chrono::Utc::now() - job.submitted_at)
-                    .num_milliseconds()
-                    .max(0) as f64
-                    / 1000.0;
+                let wait = crate::metrics::seconds_since(job.submitted_at);
                 crate::metrics::started(job.workflow_id.as_deref(), &self.id, wait);
             }
             Ok(None) | Err(StoreError::LeaseLost) => {}
