@@ -385,16 +385,14 @@ async fn assign(
     .bind(now)
     .execute(&mut *conn)
     .await?;
+    // `last_affinity` was read at the start of this lease, in this
+    // transaction: an unchanged model costs no statement (nor the index's write).
     if affinity.is_some() && affinity.as_deref() != last_affinity {
-        // Unchanged (as read at the start of this lease, in this
-        // transaction): no statement; else no write unless it changed.
-        sqlx::query(
-            "UPDATE backends SET last_affinity = ?1 WHERE id = ?2 AND last_affinity IS NOT ?1",
-        )
-        .bind(&affinity)
-        .bind(backend_id)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query("UPDATE backends SET last_affinity = ?1 WHERE id = ?2")
+            .bind(&affinity)
+            .bind(backend_id)
+            .execute(&mut *conn)
+            .await?;
     }
     append_event(
         conn,
