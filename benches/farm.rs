@@ -3,8 +3,10 @@
 //!
 //! Run: `cargo bench --bench farm` (add `-- --jobs 2000 --backends 8`;
 //! `-- --only mixed` runs only the mixed-model scenario; `-- --only big`
-//! only the 8 against 1,000 backends scenario; `--no-baseline` leaves out
-//! its 8-backend run, for trying a change to the large farm quickly).
+//! only the 8 against 1,000 backends scenario, in `--rounds 5` rounds of
+//! 1,000 jobs to each farm in turn; `--no-baseline` leaves out its
+//! 8-backend farm, for trying a change to the large farm quickly, and for
+//! a `BENCH_LOG` of one process only).
 //! Each figure is printed with the machine it ran on.
 
 mod common;
@@ -331,89 +333,125 @@ async fn counts(client: &reqwest::Client, url: &str) -> serde_json::Value {
 
 /// A farm of `backends` simulated backends (in this process, `--job-ms 0`)
 /// in front of the release binary on default settings, a process of its
-/// own so that its CPU and memory are measured alone: what the idle farm
-/// costs it (CPU over 20 s once settled, `--settle` seconds after all are
-/// online; resident memory), submit latency from 16
-/// clients and jobs per second end to end, then its memory while `queued`
-/// more jobs wait (submitted from 64 clients with every backend disabled,
-/// sampled for 20 s) and while the farm starts on them (20 s more).
+/// own so that its CPU and memory are measured alone.
 ///
 /// The simulated backends stand for GPU boxes and run on `machines`, a
 /// runtime of their own: the operating system shares the cores between
 /// them and the submitting clients as it would between processes, instead
 /// of queueing each client's next request behind a thousand backends' work.
-async fn big_farm(machines: &tokio::runtime::Handle, backends: usize, jobs: usize, queued: usize) {
-    if !std::path::Path::new(common::RELEASE_BIN).exists() {
-        println!("large farm: build the release binary first (cargo build --release)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (sims, configs) = machines.spawn(common::sims(backends, 0, 2)).await.unwrap();
-    let mut yaml = format!(
-        "data_dir: {}\nworkflows_dir: {}\ninbox:\n  enabled: false\nbackends:\n",
-        dir.path().join("data").display(),
-        dir.path().join("workflows").display()
-    );
-    for b in &configs {
-        yaml.push_str(&format!(
-            "  - id: {}\n    host: 127.0.0.1\n    port: {}\n    max_inflight: 2\n",
-            b.id, b.port
-        ));
-    }
-    let config = dir.path().join("config.yaml");
-    std::fs::write(&config, yaml).unwrap();
-    let started = Instant::now();
-    let (child, url) = common::spawn_release(&["--config".as_ref(), config.as_os_str()]).await;
-    let pid = child.id().unwrap();
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let list = get_json(&client, &format!("{url}/api/backends")).await;
-        let online = list["backends"]
-            .as_array()
-            .map_or(0, |l| l.iter().filter(|b| b["state"] == "online").count());
-        if online == backends || Instant::now() > deadline {
-            break;
+struct BigFarm {
+    backends: usize,
+    configs: Vec<orchestrator::config::BackendConfig>,
+    child: tokio::process::Child,
+    pid: u32,
+    url: String,
+    /// From the start of the binary to every backend online.
+    online: Duration,
+    /// Jobs completed so far (each round waits for its own).
+    done: u64,
+    _sims: Vec<SimHandle>,
+    _dir: tempfile::TempDir,
+}
+
+/// One round of submissions to one farm.
+struct Round {
+    /// Each submission's latency, sorted.
+    lat: Vec<f64>,
+    jobs_per_s: f64,
+    cpu_per_job_ms: f64,
+}
+
+/// The value at quantile `q` of sorted `v`.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    v[((v.len() - 1) as f64 * q) as usize]
+}
+
+impl BigFarm {
+    async fn start(machines: &tokio::runtime::Handle, backends: usize) -> BigFarm {
+        let dir = tempfile::tempdir().unwrap();
+        let (sims, configs) = machines.spawn(common::sims(backends, 0, 2)).await.unwrap();
+        let mut yaml = format!(
+            "data_dir: {}\nworkflows_dir: {}\ninbox:\n  enabled: false\nbackends:\n",
+            dir.path().join("data").display(),
+            dir.path().join("workflows").display()
+        );
+        for b in &configs {
+            yaml.push_str(&format!(
+                "  - id: {}\n    host: 127.0.0.1\n    port: {}\n    max_inflight: 2\n",
+                b.id, b.port
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let started = Instant::now();
+        let (child, url) = common::spawn_release(&["--config".as_ref(), config.as_os_str()]).await;
+        let pid = child.id().unwrap();
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let list = get_json(&client, &format!("{url}/api/backends")).await;
+            let online = list["backends"]
+                .as_array()
+                .map_or(0, |l| l.iter().filter(|b| b["state"] == "online").count());
+            if online == backends || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        BigFarm {
+            backends,
+            configs,
+            child,
+            pid,
+            url,
+            online: started.elapsed(),
+            done: 0,
+            _sims: sims,
+            _dir: dir,
+        }
     }
-    let online = started.elapsed();
-    // Let the first inventory reads, reconciles and records pass: the
-    // steady idle state is what a farm lives in.
-    tokio::time::sleep(Duration::from_secs(common::arg("--settle", 30))).await;
-    let cpu0 = common::cpu_time(pid);
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let idle = (common::cpu_time(pid) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
-    let idle_rss = common::rss_kb(pid) as f64 / 1024.0;
-    let start = Instant::now();
-    let cpu_before = common::cpu_time(pid);
-    let lat = submit_timed(&url, jobs, 16).await;
-    while counts(&client, &url).await["completed"]
-        .as_u64()
-        .unwrap_or(0)
-        < jobs as u64
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+
+    /// The idle orchestrator's share of a core over `over`, and its
+    /// resident memory (MB) at the end.
+    fn idle_from(&self, cpu0: Duration, t0: Instant) -> (f64, f64) {
+        let idle = (common::cpu_time(self.pid) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+        (idle, common::rss_kb(self.pid) as f64 / 1024.0)
     }
-    let total = start.elapsed().as_secs_f64();
-    let cpu_per_job = (common::cpu_time(pid) - cpu_before).as_secs_f64() * 1000.0 / jobs as f64;
-    let q = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
-    println!(
-        "farm of {backends} simulated backends (--job-ms 0) before the release binary (default settings): all online after {:.1} s; idle: {:.1}% of a core, RSS {idle_rss:.0} MB; {jobs} jobs from 16 clients: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s end to end, {cpu_per_job:.2} ms of the orchestrator's CPU a job",
-        online.as_secs_f64(),
-        idle * 100.0,
-        q(0.5),
-        q(0.99),
-        jobs as f64 / total
-    );
-    if queued > 0 {
+
+    /// `jobs` submitted from 16 clients, then waited for to the last.
+    async fn round(&mut self, jobs: usize) -> Round {
+        let client = reqwest::Client::new();
+        let start = Instant::now();
+        let cpu_before = common::cpu_time(self.pid);
+        let lat = submit_timed(&self.url, jobs, 16).await;
+        self.done += jobs as u64;
+        while counts(&client, &self.url).await["completed"]
+            .as_u64()
+            .unwrap_or(0)
+            < self.done
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let total = start.elapsed().as_secs_f64();
+        Round {
+            lat,
+            jobs_per_s: jobs as f64 / total,
+            cpu_per_job_ms: (common::cpu_time(self.pid) - cpu_before).as_secs_f64() * 1000.0
+                / jobs as f64,
+        }
+    }
+
+    /// Memory while `queued` more jobs wait (submitted from 64 clients
+    /// with every backend disabled, sampled for 20 s) and while the farm
+    /// starts on them (20 s more).
+    async fn queued(&mut self, queued: usize) {
+        let (client, url, pid) = (reqwest::Client::new(), self.url.clone(), self.pid);
         // Queued means waiting: every backend is disabled while they are
         // submitted, so that they are all in the queue at once.
         let admin = |action: &'static str| {
             use futures::StreamExt;
             let (client, url) = (client.clone(), url.clone());
-            futures::stream::iter(configs.iter().map(move |b| {
+            futures::stream::iter(self.configs.iter().map(move |b| {
                 let (client, url) = (client.clone(), url.clone());
                 async move {
                     let r = client
@@ -449,8 +487,115 @@ async fn big_farm(machines: &tokio::runtime::Handle, backends: usize, jobs: usiz
             "  then {queued} more jobs submitted ({rate:.0}/s) with every backend disabled: RSS at most {peak:.0} MB over the next 20 s ({last:.0} MB at their end) with {waiting} queued; backends enabled again: at most {running_peak:.0} MB over 20 s while they run ({running_last:.0} MB at the end, {left} still queued)"
         );
     }
-    drop(child);
-    drop(sims);
+}
+
+/// The large farm against the baseline of 8 (unless `--no-baseline`), both
+/// up at once: what each idle farm costs (CPU over 20 s, `--settle` seconds
+/// after all are online; resident memory), then `rounds` rounds of `jobs`
+/// submissions from 16 clients to each in turn (which goes first
+/// alternates), each waited for to the last job, then the large farm's
+/// memory with `queued` jobs waiting.
+///
+/// Why rounds in turn: this machine's speed drifts over minutes, and one
+/// farm measured a minute after the other compared the two phases more
+/// than the two farms (the same build gave 0.91x and 3.28x). Rounds in
+/// turn see the same phases, and the p99 over all of a farm's rounds
+/// rests on more than its ten slowest submissions.
+async fn big_farms(
+    machines: &tokio::runtime::Handle,
+    backends: usize,
+    baseline: bool,
+    rounds: usize,
+    jobs: usize,
+    queued: usize,
+) {
+    if !std::path::Path::new(common::RELEASE_BIN).exists() {
+        println!("large farm: build the release binary first (cargo build --release)");
+        return;
+    }
+    let mut farms = Vec::new();
+    if baseline {
+        farms.push(BigFarm::start(machines, 8).await);
+    }
+    farms.push(BigFarm::start(machines, backends).await);
+    // Let the first inventory reads, reconciles and records pass: the
+    // steady idle state is what a farm lives in.
+    tokio::time::sleep(Duration::from_secs(common::arg("--settle", 30))).await;
+    let (t0, cpu0): (Instant, Vec<Duration>) = (
+        Instant::now(),
+        farms.iter().map(|f| common::cpu_time(f.pid)).collect(),
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    for (f, cpu0) in farms.iter().zip(cpu0) {
+        let (idle, rss) = f.idle_from(cpu0, t0);
+        println!(
+            "farm of {} simulated backends (--job-ms 0) before the release binary (default settings): all online after {:.1} s; idle: {:.1}% of a core, RSS {rss:.0} MB",
+            f.backends,
+            f.online.as_secs_f64(),
+            idle * 100.0,
+        );
+    }
+    let mut all: Vec<Vec<Round>> = farms.iter().map(|_| Vec::new()).collect();
+    for r in 0..rounds {
+        let mut order: Vec<usize> = (0..farms.len()).collect();
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let round = farms[i].round(jobs).await;
+            println!(
+                "  round {}, {} backends: {jobs} jobs from 16 clients: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s end to end, {:.2} ms of the orchestrator's CPU a job",
+                r + 1,
+                farms[i].backends,
+                quantile(&round.lat, 0.5),
+                quantile(&round.lat, 0.99),
+                round.jobs_per_s,
+                round.cpu_per_job_ms
+            );
+            all[i].push(round);
+        }
+    }
+    let mut p99s = Vec::new();
+    for (f, rounds) in farms.iter().zip(&all) {
+        let mut lat: Vec<f64> = rounds.iter().flat_map(|r| r.lat.iter().copied()).collect();
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let mean = |x: fn(&Round) -> f64| rounds.iter().map(x).sum::<f64>() / rounds.len() as f64;
+        p99s.push(quantile(&lat, 0.99));
+        println!(
+            "{} backends, all {} submissions of {} rounds: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s, {:.2} ms of CPU a job (means of the rounds)",
+            f.backends,
+            lat.len(),
+            rounds.len(),
+            quantile(&lat, 0.5),
+            quantile(&lat, 0.99),
+            mean(|r| r.jobs_per_s),
+            mean(|r| r.cpu_per_job_ms)
+        );
+    }
+    if let [base, big] = p99s[..] {
+        let mut ratios: Vec<f64> = all[0]
+            .iter()
+            .zip(&all[1])
+            .map(|(a, b)| quantile(&b.lat, 0.99) / quantile(&a.lat, 0.99))
+            .collect();
+        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "submit p99, {backends} against 8 backends: {:.2}x over all rounds; round by round {}",
+            big / base,
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}x"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    // The baseline stops before the large farm's memory is measured.
+    let mut big = farms.pop().expect("the large farm");
+    drop(farms);
+    if queued > 0 {
+        big.queued(queued).await;
+    }
+    let _ = big.child.kill().await;
 }
 
 fn main() {
@@ -470,12 +615,16 @@ fn main() {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async {
-            if n != 8 && !std::env::args().any(|a| a == "--no-baseline") {
-                big_farm(machines.handle(), 8, 1000, 0).await;
-            }
-            big_farm(machines.handle(), n, 1000, queued).await;
-        });
+        let baseline = n != 8 && !std::env::args().any(|a| a == "--no-baseline");
+        let rounds = common::arg("--rounds", 5).max(1);
+        rt.block_on(big_farms(
+            machines.handle(),
+            n,
+            baseline,
+            rounds,
+            1000,
+            queued,
+        ));
         return;
     }
     let mixed_jobs = common::arg("--mixed-jobs", 400);
