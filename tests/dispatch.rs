@@ -744,3 +744,49 @@ async fn a_queued_job_runs_the_template_it_was_checked_against_after_the_templat
         assert!(name.starts_with(prefix), "{id}: {name}");
     }
 }
+
+/// A freed slot looks for work only when a queued job may have nobody on its
+/// way to it (one seeker a job, `src/dispatch/idle.rs`): that must never
+/// leave work waiting. Here the workers' safety net is an hour away, so
+/// only the rings, the freed slots and the broadcasts can start these jobs.
+#[tokio::test]
+async fn work_queued_while_every_slot_is_busy_starts_as_slots_free_without_the_safety_net() {
+    let sim = start_sim(300).await;
+    let app = spawn_farm_with(vec![backend("a", sim.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 3_600_000;
+    })
+    .await;
+    app.wait_backend("a", "online").await;
+    // Fails for good at its one attempt: to be queued again below.
+    let again = submit(
+        &app,
+        json!({"workflow": failing_graph(), "max_attempts": 1}),
+    )
+    .await;
+    app.wait_status(&again, "failed").await;
+    // The only slot busy: two jobs queued behind it (no waiting worker to
+    // ring), and the failed one queued again by hand (no ring either).
+    let first = submit(&app, blur(json!({}))).await;
+    app.wait_status(&first, "running").await;
+    let behind = [
+        submit(&app, blur(json!({"parameters": {"width": 16, "height": 16, "color": 1}}))).await,
+        submit(&app, blur(json!({"parameters": {"width": 16, "height": 16, "color": 2}}))).await,
+    ];
+    let (status, body) = app
+        .post_json(&format!("/api/job/{again}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for id in &behind {
+        app.wait_status(id, "completed").await;
+    }
+    let job = app
+        .wait_job(&again, "its second attempt to end", |j| {
+            j["attempts"] == 2 && j["status"] == "failed"
+        })
+        .await;
+    assert_eq!(job["leases"].as_array().unwrap().len(), 2);
+    // Nothing ran twice, nothing was left behind.
+    assert!(sim.prompt_posts().values().all(|n| *n == 1));
+    let (_, health) = app.get("/api/health").await;
+    assert_eq!(health["jobs"]["queued"], 0, "{health}");
+}

@@ -184,6 +184,8 @@ impl Shared {
 
     /// Wakes every worker: a job was queued, or a backend may take one.
     fn wake(&self) {
+        // Freed slots look too, until a look finds nothing due.
+        self.idle.opened();
         self.wake.send_modify(|n| *n += 1);
     }
 

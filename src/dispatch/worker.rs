@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 
 use super::attempt::{Ctx, Held, Report, FINISH_TRIES};
 use super::link::{Check, Link};
+use super::idle::Found;
 use super::phase::{Phase, Signal};
 use super::progress::{ProgressBook, Step, PROGRESS_EVERY};
 use super::{Command, Shared};
@@ -37,6 +38,17 @@ use crate::comfy::{ComfyClient, Preview, WsEvent};
 use crate::config::BackendConfig;
 use crate::store::LeaseTry;
 use crate::store::StoreError;
+
+/// Why a worker looks for work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Wake {
+    /// A slot may have freed (a helper ended): it looks only when a queued
+    /// job may have no seeker (see `super::idle`).
+    SlotFreed,
+    /// It was woken for it (its start, a broadcast, its bell, its safety
+    /// net, a reconcile): it looks until it is full or finds nothing.
+    Always,
+}
 
 /// A prompt the worker follows.
 #[derive(Debug, Clone)]
@@ -126,7 +138,7 @@ impl Worker {
     /// (prompts stay on the backend; the next start re-attaches to them).
     pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let stop = self.shared.stop.clone();
-        let mut wake = self.shared.wake.subscribe();
+        let mut broadcast = self.shared.wake.subscribe();
         let bell = self.shared.idle.bell(&self.id);
         let poll = Duration::from_millis(self.shared.config.dispatch.poll_interval_ms);
         // Ticks in this worker's slot of the period, with the other workers
@@ -140,7 +152,7 @@ impl Worker {
         let mut last_round = Instant::now();
         let mut last_fill = Instant::now();
         // Lease only when something may have changed, not on every progress message.
-        let mut dirty = true;
+        let mut wake = Some(Wake::Always);
         while !stop.is_cancelled() {
             if self.link.stream.is_none() && !self.connect().await {
                 self.shared.idle.busy(&self.id);
@@ -158,12 +170,13 @@ impl Worker {
             if self.reconcile_soon {
                 self.reconcile_soon = false;
                 self.reconcile().await;
-                dirty = true;
+                wake = Some(Wake::Always);
             }
-            if dirty {
-                self.fill().await;
-                last_fill = Instant::now();
-                dirty = false;
+            if let Some(why) = wake.take() {
+                self.fill(why).await;
+                if why == Wake::Always {
+                    last_fill = Instant::now();
+                }
             }
             let Some(stream) = self.link.stream.as_mut() else {
                 continue;
@@ -176,11 +189,11 @@ impl Worker {
                 },
                 Some(r) = self.helpers.join_next(), if !self.helpers.is_empty() => {
                     self.on_joined(r);
-                    dirty = true;
+                    wake = wake.max(Some(Wake::SlotFreed));
                 }
                 Some(cmd) = commands.recv() => self.on_command(cmd).await,
-                _ = wake.changed() => dirty = true,
-                _ = bell.notified() => dirty = true,
+                _ = broadcast.changed() => wake = Some(Wake::Always),
+                _ = bell.notified() => wake = Some(Wake::Always),
                 _ = flush.tick(), if self.progress.has_pending() => self.progress.flush().await,
                 _ = tick.tick() => {
                     // Safety nets only (queued jobs ring a waiting worker;
@@ -188,7 +201,9 @@ impl Worker {
                     // nothing: on a large farm these reads were most of an
                     // idle orchestrator's database work.
                     let net = if self.tracked.is_empty() { poll * 15 } else { poll * 5 };
-                    dirty |= last_fill.elapsed() >= net;
+                    if last_fill.elapsed() >= net {
+                        wake = Some(Wake::Always);
+                    }
                     self.check_health().await;
                     self.check_timeouts().await;
                     // Ask the backend now and then about anything missed.
@@ -351,12 +366,17 @@ impl Worker {
         }
     }
 
-    /// Leases jobs while the backend has free slots.
-    async fn fill(&mut self) {
+    /// Leases jobs while the backend has free slots and there is reason to
+    /// look (`why`, then the idle workers' gate).
+    async fn fill(&mut self, why: Wake) {
         if self.stuck {
             self.shared.idle.busy(&self.id);
             return;
         }
+        let mut why = why;
+        // A ring is answered by one lease: further free slots go through the
+        // gate, as after a finished job.
+        let mut rung = self.shared.idle.is_rung(&self.id);
         let mut leased = false;
         // Whether due jobs wait that another backend may run.
         let mut elsewhere = false;
@@ -367,8 +387,26 @@ impl Worker {
             ),
         };
         while self.tracked.len() < self.max_inflight {
+            let look = match why {
+                Wake::Always => self.shared.idle.look(),
+                Wake::SlotFreed => match self.shared.idle.gate(&self.id) {
+                    Some(look) => look,
+                    // Waiting for a ring now.
+                    None => return,
+                },
+            };
             let fit = self.shared.fit_for(&self.id);
-            let lease = match self.shared.store.lease_for(&self.id, fit, prefer).await {
+            let tried = self.shared.store.lease_for(&self.id, fit, prefer).await;
+            self.shared.idle.found(
+                look,
+                match &tried {
+                    Ok(LeaseTry::Leased(_)) => Found::Job,
+                    Ok(LeaseTry::Nothing) => Found::Nothing,
+                    Ok(LeaseTry::Elsewhere) => Found::Elsewhere,
+                    Ok(LeaseTry::Closed) | Err(_) => Found::Failed,
+                },
+            );
+            let lease = match tried {
                 Ok(LeaseTry::Leased(l)) => l,
                 Ok(LeaseTry::Nothing) => break,
                 Ok(LeaseTry::Elsewhere) => {
@@ -386,10 +424,19 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::error!(backend_id = %self.id, error = %e, "lease failed");
+                    // Its ring, if any, is not lost with the read.
+                    self.shared.idle.pass_on(&self.id);
                     break;
                 }
             };
             leased = true;
+            self.shared.idle.end_ring(&self.id);
+            if std::mem::take(&mut rung) {
+                why = Wake::SlotFreed;
+            } else if why == Wake::Always && self.tracked.len() + 1 >= self.max_inflight {
+                // Full before it saw the queue's end: more may be due.
+                self.shared.idle.filled();
+            }
             tracing::info!(job_id = %lease.job_id, backend_id = %self.id, prompt_id = %lease.prompt_id, attempt = lease.attempt, "job leased");
             let limit = lease
                 .timeout_s
@@ -587,6 +634,7 @@ impl Worker {
                 if self.running.as_deref() == Some(pid.as_str()) {
                     self.running = None;
                 }
+                self.progress.ended(job_id);
                 if self.signal(&pid, Signal::Ended).is_some() {
                     self.spawn_finish(&pid);
                 }
