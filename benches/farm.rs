@@ -572,6 +572,37 @@ async fn big_farms(
             mean(|r| r.cpu_per_job_ms)
         );
     }
+    // The same submissions as the server saw them (its own histogram of
+    // request durations): what of the latency is the orchestrator's, and
+    // what the clients' wait for the cores.
+    for (f, rounds) in farms.iter().zip(&all) {
+        let text = reqwest::get(format!("{}/metrics", f.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(name)
+                        && l.contains("route=\"/api/job\"")
+                        && l.contains("method=\"POST\"")
+                        && l.contains("status=\"201\"")
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let sum = value("orchestrator_http_request_duration_seconds_sum");
+        let count = value("orchestrator_http_request_duration_seconds_count");
+        let client: f64 = rounds.iter().flat_map(|r| r.lat.iter()).sum::<f64>()
+            / rounds.iter().map(|r| r.lat.len()).sum::<usize>() as f64;
+        println!(
+            "{} backends: a submission took {:.2} ms on average in the server's own measure, {client:.2} ms at the clients",
+            f.backends,
+            sum * 1000.0 / count
+        );
+    }
     if let [base, big] = p99s[..] {
         let mut ratios: Vec<f64> = all[0]
             .iter()

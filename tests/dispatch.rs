@@ -769,8 +769,16 @@ async fn work_queued_while_every_slot_is_busy_starts_as_slots_free_without_the_s
     let first = submit(&app, blur(json!({}))).await;
     app.wait_status(&first, "running").await;
     let behind = [
-        submit(&app, blur(json!({"parameters": {"width": 16, "height": 16, "color": 1}}))).await,
-        submit(&app, blur(json!({"parameters": {"width": 16, "height": 16, "color": 2}}))).await,
+        submit(
+            &app,
+            blur(json!({"parameters": {"width": 16, "height": 16, "color": 1}})),
+        )
+        .await,
+        submit(
+            &app,
+            blur(json!({"parameters": {"width": 16, "height": 16, "color": 2}})),
+        )
+        .await,
     ];
     let (status, body) = app
         .post_json(&format!("/api/job/{again}/retry"), &json!({}))

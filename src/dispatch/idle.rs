@@ -395,7 +395,10 @@ mod tests {
         // A look begun before a job was counted may not clear it.
         let late = idle.look();
         idle.busy("c");
-        assert!(!idle.ring_for(&["flux".to_string()]), "only b has flux, busy");
+        assert!(
+            !idle.ring_for(&["flux".to_string()]),
+            "only b has flux, busy"
+        );
         idle.found(late, Found::Nothing);
         let c = idle.gate("c").expect("the flux job is still counted");
         // A look that saw the queue after every count: nothing is left.

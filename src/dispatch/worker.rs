@@ -29,8 +29,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::attempt::{Ctx, Held, Report, FINISH_TRIES};
-use super::link::{Check, Link};
 use super::idle::Found;
+use super::link::{Check, Link};
 use super::phase::{Phase, Signal};
 use super::progress::{ProgressBook, Step, PROGRESS_EVERY};
 use super::{Command, Shared};
