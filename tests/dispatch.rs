@@ -798,3 +798,35 @@ async fn work_queued_while_every_slot_is_busy_starts_as_slots_free_without_the_s
     let (_, health) = app.get("/api/health").await;
     assert_eq!(health["jobs"]["queued"], 0, "{health}");
 }
+
+/// The other way a job can have no ring: the only backend whose tags cover
+/// it is busy while another one idles. It starts when that backend frees a
+/// slot, with the safety net an hour away, and never on the idle one.
+#[tokio::test]
+async fn a_job_only_a_busy_backend_may_run_starts_when_that_backend_frees_a_slot() {
+    let plain = start_sim(0).await;
+    let gpu = start_sim(300).await;
+    let app = spawn_farm_with(
+        vec![
+            backend("plain", plain.port, &[], 1),
+            backend("big", gpu.port, &["sdxl"], 1),
+        ],
+        |c| c.dispatch.poll_interval_ms = 3_600_000,
+    )
+    .await;
+    app.wait_backend("plain", "online").await;
+    app.wait_backend("big", "online").await;
+    let first = submit(&app, blur(json!({"requires": ["sdxl"]}))).await;
+    app.wait_status(&first, "running").await;
+    // Only "big" may run it, and "big" is full: no waiting worker to ring.
+    let second = submit(&app, blur(json!({"requires": ["sdxl"]}))).await;
+    // The idle backend still takes untagged work meanwhile.
+    let other = submit(&app, blur(json!({}))).await;
+    assert_eq!(
+        app.wait_status(&other, "completed").await["backend_id"],
+        "plain"
+    );
+    for id in [&first, &second] {
+        assert_eq!(app.wait_status(id, "completed").await["backend_id"], "big");
+    }
+}
