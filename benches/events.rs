@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::quantile;
 use orchestrator::config::Config;
 use orchestrator::server::Service;
 use serde_json::{json, Value};
@@ -175,11 +176,6 @@ async fn scenario(clients: &tokio::runtime::Handle, subscribers: usize, jobs: us
     for v in [&mut firsts, &mut spreads, &mut latencies, &mut to_log] {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     }
-    let quantile = |v: &[f64], q: f64| {
-        v.get(((v.len().max(1) - 1) as f64 * q) as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
     let (first50, first99) = (quantile(&firsts, 0.5), quantile(&firsts, 0.99));
     let (spread50, spread99) = (quantile(&spreads, 0.5), quantile(&spreads, 0.99));
     let p = |q: f64| quantile(&latencies, q);

@@ -14,6 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::quantile;
 use orchestrator::config::Config;
 use orchestrator::server::Service;
 use orchestrator::simulator::{self, SimConfig, SimHandle};
@@ -142,7 +143,7 @@ async fn idle_gap(max_inflight: u32, jobs: usize, job_ms: u64) {
         .map(|w| w[1].1.saturating_duration_since(w[0].2).as_secs_f64() * 1000.0)
         .collect();
     gaps.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let p = |q: f64| gaps[((gaps.len() as f64 - 1.0) * q) as usize];
+    let p = |q: f64| common::quantile(&gaps, q);
     println!(
         "idle gap between consecutive jobs on one backend, max_inflight {max_inflight}, --job-ms {job_ms}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} gaps",
         p(0.5),
@@ -202,8 +203,8 @@ async fn dispatch_latency(jobs: usize) {
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
         "dispatch latency, submit (durable) -> POST /prompt at an idle backend: p50 {:.2} ms, p99 {:.2} ms over {jobs} jobs",
-        lat[(lat.len() - 1) / 2],
-        lat[((lat.len() - 1) as f64 * 0.99) as usize]
+        common::quantile(&lat, 0.5),
+        common::quantile(&lat, 0.99)
     );
     let _ = stop.send(());
     let _ = task.await;
@@ -361,11 +362,6 @@ struct Round {
     cpu_per_job_ms: f64,
     /// This process's CPU a job meanwhile: the simulators' and the clients'.
     bench_cpu_per_job_ms: f64,
-}
-
-/// The value at quantile `q` of sorted `v`.
-fn quantile(v: &[f64], q: f64) -> f64 {
-    v[((v.len() - 1) as f64 * q) as usize]
 }
 
 impl BigFarm {

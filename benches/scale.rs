@@ -18,10 +18,7 @@ fn graph() -> Value {
 
 fn pct(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (
-        v[(v.len() - 1) / 2],
-        v[((v.len() - 1) as f64 * 0.99) as usize],
-    )
+    (common::quantile(&v, 0.5), common::quantile(&v, 0.99))
 }
 
 /// Stops a service the way the binary does (its workers end, its lock is freed).

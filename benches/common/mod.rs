@@ -5,6 +5,15 @@ use orchestrator::config::BackendConfig;
 use orchestrator::server::Service;
 use orchestrator::simulator::{self, SimConfig, SimHandle};
 
+/// The value at quantile `q` (0 to 1) of `sorted` (ascending): the one at
+/// rank `(len - 1) * q`, rounded down; NaN when there is none.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len().max(1) - 1) as f64 * q) as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
 /// `--name VALUE` from the command line, or `default`.
 pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();

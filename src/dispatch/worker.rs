@@ -368,12 +368,11 @@ impl Worker {
 
     /// Leases jobs while the backend has free slots and there is reason to
     /// look (`why`, then the idle workers' gate).
-    async fn fill(&mut self, why: Wake) {
+    async fn fill(&mut self, mut why: Wake) {
         if self.stuck {
             self.shared.idle.busy(&self.id);
             return;
         }
-        let mut why = why;
         // A ring is answered by one lease: further free slots go through the
         // gate, as after a finished job.
         let mut rung = self.shared.idle.is_rung(&self.id);
