@@ -642,3 +642,99 @@ async fn a_backend_that_still_answers_the_same_only_moves_its_last_seen() {
     assert_eq!(still.last_seen, offline.last_seen);
     assert!(!app.store.backend_still_online("nobody").await.unwrap());
 }
+
+#[tokio::test]
+async fn a_lease_is_recorded_with_its_event_and_a_token_that_only_rises() {
+    // One statement leases (a trigger writes the lease's row, its event and
+    // the token counter): what clients and the fencing see must not change.
+    let app = spawn_app().await;
+    online_backend(&app, "n1").await;
+    let id = app.submit_blur(json!({"max_attempts": 3})).await;
+    let first = app.store.lease_next("n1").await.unwrap().expect("leased");
+    assert_eq!((first.job_id.as_str(), first.attempt), (id.as_str(), 1));
+    let outcome = app
+        .store
+        .fail_attempt(
+            &id,
+            first.token,
+            false,
+            json!({"message": "out of memory"}),
+            Duration::zero(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(outcome, AttemptOutcome::Retry(_)), "{outcome:?}");
+    let app = app.restart().await;
+    online_backend(&app, "n1").await;
+    let second = app.store.lease_next("n1").await.unwrap().expect("leased");
+    assert_eq!(second.attempt, 2);
+    assert!(
+        second.token > first.token,
+        "fencing tokens rise across a restart: {} then {}",
+        first.token,
+        second.token
+    );
+    let other = app.submit_blur(json!({})).await;
+    let third = app.store.lease_next("n1").await.unwrap().expect("leased");
+    assert_eq!(third.job_id, other);
+    assert!(third.token > second.token);
+
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "assigned");
+    assert_eq!(job["prompt_id"], second.prompt_id.as_str());
+    let leases = job["leases"].as_array().unwrap();
+    let seen: Vec<_> = leases
+        .iter()
+        .map(|l| {
+            (
+                l["prompt_id"].as_str().unwrap(),
+                l["attempt"].as_i64().unwrap(),
+                l["backend_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (first.prompt_id.as_str(), 1, "n1"),
+            (second.prompt_id.as_str(), 2, "n1")
+        ]
+    );
+    assert_eq!(leases[0]["outcome"], "failed");
+    assert!(leases[1]["outcome"].is_null() && leases[1]["leased_at"].is_string());
+    let assigned: Vec<_> = app
+        .events(&id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "assigned")
+        .collect();
+    assert_eq!(assigned.len(), 2, "{assigned:?}");
+    for (event, lease) in assigned.iter().zip([&first, &second]) {
+        assert_eq!(event["status"], "assigned");
+        assert_eq!(event["backend_id"], "n1");
+        assert_eq!(event["attempt"], lease.attempt);
+        assert_eq!(
+            event["message"],
+            format!("leased to backend n1 (attempt {})", lease.attempt)
+        );
+        assert_eq!(event["data"], json!({"prompt_id": lease.prompt_id}));
+    }
+
+    // Completed after a failed attempt: the earlier error does not stay.
+    assert!(app.job(&id).await["error"].is_object());
+    app.store.mark_submitted(&id, second.token).await.unwrap();
+    app.store.mark_running(&id, second.token).await.unwrap();
+    app.store.complete(&id, second.token, vec![]).await.unwrap();
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "completed");
+    assert!(job["error"].is_null(), "{}", job["error"]);
+    let kinds = app.event_kinds(&id).await;
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| *k == "submitted_to_backend")
+            .count(),
+        1,
+        "accepted once on the second lease: {kinds:?}"
+    );
+}

@@ -7,7 +7,6 @@
 //! (`takers.rs`) uses its tag part, so the three can never disagree.
 
 use chrono::Utc;
-use serde_json::json;
 use sqlx::{Row, SqliteConnection};
 
 use super::events::{append_event, EventInput};
@@ -52,14 +51,6 @@ fn bar_reason(job: &str, backend: &str) -> String {
         rejected = leases("rejected"),
         failed = leases("failed"),
     )
-}
-
-async fn next_token(conn: &mut SqliteConnection) -> Result<i64, StoreError> {
-    Ok(sqlx::query_scalar(
-        "UPDATE counters SET value = value + 1 WHERE name = 'lease_token' RETURNING value",
-    )
-    .fetch_one(&mut *conn)
-    .await?)
 }
 
 /// The best eligible queued job for backend `b` (`?1` now, `?2` the backend
@@ -130,12 +121,23 @@ const MAX_CANDIDATES: usize = 32;
 /// the waiting work per model (bounds the scan on a deep queue).
 const SWITCH_WINDOW: i64 = 256;
 
+/// What [`choose`] picked: the queued job's `seq`, and its id and graph
+/// when it was asked for them and had them at hand.
+struct Choice {
+    seq: i64,
+    job: Option<(String, String)>,
+}
+
 /// The job a backend should take now: the best eligible one, unless one of
 /// the same priority keeps its model loaded (the one it ran last). Failing
 /// that, the backend switches to the model with the most waiting work per
 /// online backend already holding it (so each model settles on as few GPUs
 /// as its backlog needs, instead of every GPU switching between all of
 /// them). Never when the best has waited longer than the preference allows.
+///
+/// With `with_graph`, the choice carries the job's id and graph when it is
+/// the best one (a lease checks it against the backend's inventory: one
+/// read less).
 ///
 /// A `busy` backend (one with a prompt in flight) fills its next slot only
 /// with work for the model it has loaded: taking another model early would
@@ -148,10 +150,13 @@ async fn choose(
     busy: bool,
     prefer: Preference,
     now: &str,
-) -> Result<Option<i64>, StoreError> {
+    with_graph: bool,
+) -> Result<Option<Choice>, StoreError> {
     let best = sqlx::query(&format!(
-        "SELECT j.seq, j.affinity, j.priority, j.submitted_at FROM jobs j INDEXED BY jobs_queue, backends b \
+        "SELECT j.seq, j.affinity, j.priority, j.submitted_at, j.id, {} AS graph \
+         FROM jobs j INDEXED BY jobs_queue, backends b \
          WHERE b.id = ?2 AND {} ORDER BY j.priority DESC, j.seq LIMIT 1",
+        if with_graph { "j.graph" } else { "NULL" },
         eligible()
     ))
     .bind(now)
@@ -160,6 +165,13 @@ async fn choose(
     .await?;
     let Some(best) = best else { return Ok(None) };
     let seq: i64 = best.try_get("seq")?;
+    let the_best = Choice {
+        seq,
+        job: best
+            .try_get::<Option<String>, _>("graph")?
+            .map(|graph| best.try_get("id").map(|id| (id, graph)))
+            .transpose()?,
+    };
     let affinity: Option<String> = best.try_get("affinity")?;
     let priority: i64 = best.try_get("priority")?;
     let waited_long = best
@@ -172,7 +184,7 @@ async fn choose(
         || waited_long
         || (last_affinity.is_some() && affinity.as_deref() == last_affinity)
     {
-        return Ok(Some(seq));
+        return Ok(Some(the_best));
     }
     if let Some(last) = last_affinity {
         let same: Option<i64> = sqlx::query_scalar(&format!(
@@ -187,32 +199,44 @@ async fn choose(
         .bind(priority)
         .fetch_optional(&mut *conn)
         .await?;
-        if same.is_some() {
-            return Ok(same);
+        if let Some(seq) = same {
+            return Ok(Some(Choice { seq, job: None }));
         }
     }
     if busy && last_affinity.is_some() {
         return Ok(None);
     }
     // With no job of another model queued there is nothing to weigh: the
-    // switch below would pick this very job. Three index seeks, where the
-    // weighing reads up to SWITCH_WINDOW jobs with their bars (0.28 ms in
+    // switch below would pick this very job. One to three index seeks,
+    // where the weighing reads up to SWITCH_WINDOW jobs with their bars (0.28 ms in
     // the writer for every backend's first job on a large farm).
-    if let Some(a) = affinity.as_deref() {
-        let other: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-                 WHERE status = 'queued' AND affinity < ?1) \
-             OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-                 WHERE status = 'queued' AND affinity > ?1) \
-             OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-                 WHERE status = 'queued' AND affinity IS NULL)",
-        )
-        .bind(a)
-        .fetch_one(&mut *conn)
-        .await?;
-        if !other {
-            return Ok(Some(seq));
+    let other: bool = match affinity.as_deref() {
+        Some(a) => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+                     WHERE status = 'queued' AND affinity < ?1) \
+                 OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+                     WHERE status = 'queued' AND affinity > ?1) \
+                 OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+                     WHERE status = 'queued' AND affinity IS NULL)",
+            )
+            .bind(a)
+            .fetch_one(&mut *conn)
+            .await?
         }
+        // A job that needs no model: the weighing matters only if some
+        // queued job needs one.
+        None => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+                     WHERE status = 'queued' AND affinity IS NOT NULL)",
+            )
+            .fetch_one(&mut *conn)
+            .await?
+        }
+    };
+    if !other {
+        return Ok(Some(the_best));
     }
     // Switching: to the model with the most waiting work per backend that
     // holds it (a model no other backend holds first), oldest job first.
@@ -232,7 +256,13 @@ async fn choose(
     .bind(SWITCH_WINDOW)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(Some(switch_to.unwrap_or(seq)))
+    Ok(Some(match switch_to {
+        Some(other) if other != seq => Choice {
+            seq: other,
+            job: None,
+        },
+        _ => the_best,
+    }))
 }
 
 /// Records that a backend's inventory cannot run a job (it is skipped there
@@ -274,9 +304,12 @@ async fn lease_in(
     fit: Option<&Fit>,
     prefer: Preference,
 ) -> Result<Option<Lease>, StoreError> {
+    // The backend and what it holds in one statement: each is a round trip
+    // to SQLite's thread while the whole farm's writes wait.
     let Some(b) = sqlx::query(
-        "SELECT config_enabled, admin_state, state, max_inflight, last_affinity, inventory_hash \
-         FROM backends WHERE id = ? AND configured = 1",
+        "SELECT config_enabled, admin_state, state, max_inflight, last_affinity, inventory_hash, \
+         (SELECT count(*) FROM jobs WHERE backend_id = b.id AND status IN ('assigned', 'running')) \
+         AS active FROM backends b WHERE id = ? AND configured = 1",
     )
     .bind(backend_id)
     .fetch_optional(&mut *conn)
@@ -293,12 +326,7 @@ async fn lease_in(
         return Ok(None);
     }
     let max_inflight: i64 = b.try_get("max_inflight")?;
-    let active: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE backend_id = ? AND status IN ('assigned', 'running')",
-    )
-    .bind(backend_id)
-    .fetch_one(&mut *conn)
-    .await?;
+    let active: i64 = b.try_get("active")?;
     if active >= max_inflight {
         return Ok(None);
     }
@@ -312,24 +340,29 @@ async fn lease_in(
     }
     let now = fmt_time(Utc::now());
     for _ in 0..MAX_CANDIDATES {
-        let Some(seq) = choose(
+        let Some(Choice { seq, job }) = choose(
             conn,
             backend_id,
             last_affinity.as_deref(),
             active > 0,
             prefer,
             &now,
+            fit.is_some(),
         )
         .await?
         else {
             return Ok(None);
         };
         if let Some(fit) = fit {
-            let (job_id, graph): (String, String) =
-                sqlx::query_as("SELECT id, graph FROM jobs WHERE seq = ?")
-                    .bind(seq)
-                    .fetch_one(&mut *conn)
-                    .await?;
+            let (job_id, graph): (String, String) = match job {
+                Some(job) => job,
+                None => {
+                    sqlx::query_as("SELECT id, graph FROM jobs WHERE seq = ?")
+                        .bind(seq)
+                        .fetch_one(&mut *conn)
+                        .await?
+                }
+            };
             let graph: serde_json::Value = serde_json::from_str(&graph)?;
             if let Err(why) = (fit.check)(&graph) {
                 unfit(conn, &job_id, backend_id, &fit.hash, &why).await?;
@@ -352,39 +385,28 @@ async fn assign(
     now: &str,
     last_affinity: Option<&str>,
 ) -> Result<Lease, StoreError> {
-    let token = next_token(conn).await?;
     let prompt_id = uuid::Uuid::new_v4().to_string();
+    // The jobs_leased trigger writes the lease's row, moves the token
+    // counter and appends the `assigned` event (migration V8).
     let row = sqlx::query(
-        "UPDATE jobs SET status = 'assigned', backend_id = ?, prompt_id = ?, lease_token = ?, \
-         attempts = attempts + 1, last_backend_id = ?, not_before = NULL, avoid_until = NULL, \
-         progress = NULL, updated_at = ? WHERE seq = ? AND status = 'queued' \
-         RETURNING id, attempts, graph, affinity, timeout_s",
+        "UPDATE jobs SET status = 'assigned', backend_id = ?1, prompt_id = ?2, \
+         lease_token = (SELECT value + 1 FROM counters WHERE name = 'lease_token'), \
+         attempts = attempts + 1, last_backend_id = ?1, not_before = NULL, avoid_until = NULL, \
+         progress = NULL, updated_at = ?3 WHERE seq = ?4 AND status = 'queued' \
+         RETURNING id, attempts, lease_token, graph, affinity, timeout_s",
     )
     .bind(backend_id)
     .bind(&prompt_id)
-    .bind(token)
-    .bind(backend_id)
     .bind(now)
     .bind(seq)
     .fetch_one(&mut *conn)
     .await?;
     let job_id: String = row.try_get("id")?;
     let attempt: i64 = row.try_get("attempts")?;
+    let token: i64 = row.try_get("lease_token")?;
     let graph: String = row.try_get("graph")?;
     let affinity: Option<String> = row.try_get("affinity")?;
     let timeout_s: Option<i64> = row.try_get("timeout_s")?;
-    sqlx::query(
-        "INSERT INTO leases (prompt_id, job_id, attempt, backend_id, lease_token, leased_at) \
-         VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&prompt_id)
-    .bind(&job_id)
-    .bind(attempt)
-    .bind(backend_id)
-    .bind(token)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
     // `last_affinity` was read at the start of this lease, in this
     // transaction: an unchanged model costs no statement (nor the index's write).
     if affinity.is_some() && affinity.as_deref() != last_affinity {
@@ -394,21 +416,6 @@ async fn assign(
             .execute(&mut *conn)
             .await?;
     }
-    append_event(
-        conn,
-        &job_id,
-        EventInput {
-            kind: "assigned",
-            status: Some(JobStatus::Assigned),
-            backend_id: Some(backend_id),
-            attempt: Some(attempt),
-            message: Some(format!(
-                "leased to backend {backend_id} (attempt {attempt})"
-            )),
-            data: Some(json!({ "prompt_id": prompt_id })),
-        },
-    )
-    .await?;
     Ok(Lease {
         job_id,
         prompt_id,

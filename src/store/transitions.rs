@@ -30,6 +30,8 @@ pub(super) struct Held {
     pub(super) backend: String,
     pub(super) prompt_id: String,
     pub(super) cancel_requested: bool,
+    /// The backend had accepted this lease's prompt.
+    pub(super) submitted: bool,
     /// The backend had started running this lease's prompt.
     pub(super) started: bool,
     /// Its workflow and times, for the metrics of the caller (read with
@@ -45,7 +47,7 @@ async fn fence(
 ) -> Result<Option<Held>, StoreError> {
     let row = sqlx::query(
         "SELECT j.status, j.attempts, j.max_attempts, j.backend_id, j.prompt_id, j.cancel_requested, \
-         l.started_at, j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
+         l.submitted_at IS NOT NULL AS submitted, l.started_at, j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
          FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id \
          WHERE j.id = ? AND j.lease_token = ?",
     )
@@ -71,6 +73,7 @@ async fn fence(
             .try_get::<Option<String>, _>("prompt_id")?
             .unwrap_or_default(),
         cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+        submitted: r.try_get::<Option<bool>, _>("submitted")?.unwrap_or(false),
         started: r.try_get::<Option<String>, _>("started_at")?.is_some(),
         times: JobTimes {
             workflow_id: r.try_get("workflow_id")?,
@@ -125,6 +128,8 @@ pub(super) async fn apply(
         data,
     };
     match step {
+        // Known accepted (read with the fence): nothing to record.
+        Step::Submitted if held.submitted => {}
         Step::Submitted => {
             let n = sqlx::query(
                 "UPDATE leases SET submitted_at = ? WHERE prompt_id = ? AND submitted_at IS NULL",
@@ -188,10 +193,6 @@ pub(super) async fn apply(
                 .await?;
             }
             finish_lease(conn, held, LeaseOutcome::Completed, None).await?;
-            sqlx::query("UPDATE jobs SET error = NULL WHERE id = ?")
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
             set_final(conn, id, JobStatus::Completed, None).await?;
             let message = format!(
                 "completed on backend {} with {} output(s)",
@@ -339,13 +340,16 @@ async fn set_final(
     error: Option<&Value>,
 ) -> Result<(), StoreError> {
     let now = fmt_time(Utc::now());
+    // A completed job keeps no error of an earlier attempt; a failed or
+    // cancelled one keeps the last it had unless given its own.
     let callback: Option<Option<String>> = sqlx::query_scalar(
-        "UPDATE jobs SET status = ?, error = coalesce(?, error), finished_at = ?, updated_at = ?, \
-         progress = NULL, cancel_requested = 0 WHERE id = ? RETURNING callback_url",
+        "UPDATE jobs SET status = ?1, \
+         error = CASE WHEN ?1 = 'completed' THEN NULL ELSE coalesce(?2, error) END, \
+         finished_at = ?3, updated_at = ?3, progress = NULL, cancel_requested = 0 \
+         WHERE id = ?4 RETURNING callback_url",
     )
     .bind(status)
     .bind(error.map(|e| e.to_string()))
-    .bind(&now)
     .bind(&now)
     .bind(job_id)
     .fetch_optional(&mut *conn)

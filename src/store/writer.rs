@@ -41,6 +41,11 @@ struct Op {
     run: RunFn,
     finish: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
     kind: Kind,
+    /// Which write this is (the type name of its function, which names the
+    /// store method it comes from): the trace of what holds the writer
+    /// (`RUST_LOG=orchestrator::store::writer=trace`) says it with each
+    /// operation's time.
+    name: &'static str,
 }
 
 /// What the writer needs to know of an operation besides its work.
@@ -156,6 +161,7 @@ impl Writer {
         f: impl WriteFn<T>,
         kind: Kind,
     ) -> Result<T, StoreError> {
+        let name = std::any::type_name_of_val(&f);
         let (done_tx, done_rx) = oneshot::channel::<Result<T, StoreError>>();
         let slot: Arc<Mutex<Option<Result<T, StoreError>>>> = Arc::new(Mutex::new(None));
         let run_slot = slot.clone();
@@ -177,7 +183,12 @@ impl Writer {
             };
             let _ = done_tx.send(answer);
         });
-        let op = Op { run, finish, kind };
+        let op = Op {
+            run,
+            finish,
+            kind,
+            name,
+        };
         let lane = if kind.urgent() {
             &self.urgent
         } else {
@@ -301,6 +312,9 @@ async fn commit_batch(
         // batch commits without taking more (what comes meanwhile starts
         // the next one).
         holds_submission |= op.kind.urgent();
+        let op_started = std::time::Instant::now();
+        let kind = op.kind;
+        let name = op.name;
         let result = if op.kind.single() {
             match (op.run)(conn).await {
                 // SQLite may have rolled the transaction back: abandon the batch.
@@ -331,6 +345,12 @@ async fn commit_batch(
             open_savepoint = true;
             run_in_savepoint(conn, open, op.run).await
         };
+        tracing::trace!(
+            ?kind,
+            name,
+            us = op_started.elapsed().as_micros() as u64,
+            "write ran"
+        );
         finishes.push(op.finish);
         if let Err(e) = result {
             // SQLite may have rolled back the whole transaction (disk
@@ -342,6 +362,7 @@ async fn commit_batch(
             next = lanes.next();
         }
     }
+    let worked = started.elapsed();
     let commit = match aborted {
         Some(e) => {
             let _ = exec(conn, "ROLLBACK").await;
@@ -357,6 +378,14 @@ async fn commit_batch(
         },
     };
     let ok = commit.is_ok();
+    tracing::trace!(
+        ops = finishes.len(),
+        submission = holds_submission,
+        work_us = worked.as_micros() as u64,
+        commit_us = (started.elapsed() - worked).as_micros() as u64,
+        ok,
+        "batch ended"
+    );
     for finish in finishes {
         finish(commit.clone());
     }
