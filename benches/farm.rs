@@ -362,6 +362,15 @@ struct Round {
     cpu_per_job_ms: f64,
     /// This process's CPU a job meanwhile: the simulators' and the clients'.
     bench_cpu_per_job_ms: f64,
+    /// From the first submission to the last answer.
+    window_s: f64,
+    /// The orchestrator's CPU over that window, in cores (2.0 is all of
+    /// this machine's): what the submissions' answers waited behind.
+    window_cores: f64,
+    /// Jobs of the round no longer queued when the last submission was
+    /// answered: how much of the farm's work (leases, prompts, progress)
+    /// ran during the submissions rather than after them.
+    leased_in_window: u64,
 }
 
 impl BigFarm {
@@ -423,6 +432,11 @@ impl BigFarm {
         let cpu_before = common::cpu_time(self.pid);
         let bench_before = common::cpu_time(std::process::id());
         let lat = submit_timed(&self.url, jobs, 16).await;
+        let window_s = start.elapsed().as_secs_f64();
+        let window_cores = (common::cpu_time(self.pid) - cpu_before).as_secs_f64() / window_s;
+        let queued = counts(&client, &self.url).await["queued"]
+            .as_u64()
+            .unwrap_or(0);
         self.done += jobs as u64;
         while counts(&client, &self.url).await["completed"]
             .as_u64()
@@ -441,6 +455,9 @@ impl BigFarm {
                 .as_secs_f64()
                 * 1000.0
                 / jobs as f64,
+            window_s,
+            window_cores,
+            leased_in_window: (jobs as u64).saturating_sub(queued),
         }
     }
 
@@ -547,14 +564,17 @@ async fn big_farms(
         for i in order {
             let round = farms[i].round(jobs).await;
             println!(
-                "  round {}, {} backends: {jobs} jobs from 16 clients: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s end to end, {:.2} ms of the orchestrator's CPU a job ({:.2} ms of the simulators' and clients')",
+                "  round {}, {} backends: {jobs} jobs from 16 clients: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s end to end, {:.2} ms of the orchestrator's CPU a job ({:.2} ms of the simulators' and clients'); while submitting ({:.2} s): the orchestrator used {:.2} cores, {} jobs left the queue",
                 r + 1,
                 farms[i].backends,
                 quantile(&round.lat, 0.5),
                 quantile(&round.lat, 0.99),
                 round.jobs_per_s,
                 round.cpu_per_job_ms,
-                round.bench_cpu_per_job_ms
+                round.bench_cpu_per_job_ms,
+                round.window_s,
+                round.window_cores,
+                round.leased_in_window
             );
             all[i].push(round);
         }
@@ -566,7 +586,7 @@ async fn big_farms(
         let mean = |x: fn(&Round) -> f64| rounds.iter().map(x).sum::<f64>() / rounds.len() as f64;
         p99s.push(quantile(&lat, 0.99));
         println!(
-            "{} backends, all {} submissions of {} rounds: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s, {:.2} ms of CPU a job ({:.2} ms of the simulators' and clients'; means of the rounds)",
+            "{} backends, all {} submissions of {} rounds: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s, {:.2} ms of CPU a job ({:.2} ms of the simulators' and clients'; means of the rounds); while submitting, {:.2} cores in the orchestrator and {:.0} jobs out of the queue (means)",
             f.backends,
             lat.len(),
             rounds.len(),
@@ -574,7 +594,9 @@ async fn big_farms(
             quantile(&lat, 0.99),
             mean(|r| r.jobs_per_s),
             mean(|r| r.cpu_per_job_ms),
-            mean(|r| r.bench_cpu_per_job_ms)
+            mean(|r| r.bench_cpu_per_job_ms),
+            mean(|r| r.window_cores),
+            mean(|r| r.leased_in_window as f64)
         );
     }
     // The same submissions as the server saw them (its own histogram of
