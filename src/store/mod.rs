@@ -174,10 +174,15 @@ impl Store {
             );
         }
         migrate::run(&mut conn).await?;
+        // In WAL mode a read transaction that finds the database changed
+        // since its connection's last one starts from an empty page cache:
+        // on a farm that writes all the time a reader's cache serves one
+        // query, so it needs little room (256 KiB, not SQLite's 2 MB); what
+        // a large read pulls in is not kept four times over.
         let read = SqlitePoolOptions::new()
             .max_connections(db.read_connections)
             .min_connections(1)
-            .connect_with(options.read_only(true))
+            .connect_with(options.read_only(true).pragma("cache_size", "-256"))
             .await?;
         let (writer, writer_runtime) = writer::Writer::spawn(conn, db.max_batch)?;
         let (submissions, submissions_rx) = tokio::sync::mpsc::channel(db.max_batch * 4);
