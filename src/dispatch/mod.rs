@@ -243,6 +243,7 @@ impl Farm {
             max_reply_bytes: config.limits.max_backend_reply_bytes,
             max_output_bytes: config.limits.max_output_bytes,
         };
+        let connections = crate::comfy::Connections::new(timeout);
         let mut commands = HashMap::new();
         let mut clients = HashMap::new();
         let mut receivers = Vec::new();
@@ -254,7 +255,7 @@ impl Farm {
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("backend `{}`", b.id)))?;
             let client =
-                ComfyClient::with_limits(&b.host, b.port, &backend.client_id, timeout, limits);
+                ComfyClient::sharing(&connections, &b.host, b.port, &backend.client_id, limits);
             clients.insert(b.id.clone(), client.clone());
             receivers.push((b.clone(), rx, client));
         }
