@@ -343,7 +343,7 @@ async fn counts(client: &reqwest::Client, url: &str) -> serde_json::Value {
 struct BigFarm {
     backends: usize,
     configs: Vec<orchestrator::config::BackendConfig>,
-    child: tokio::process::Child,
+    child: common::Release,
     pid: u32,
     url: String,
     /// From the start of the binary to every backend online.
@@ -392,7 +392,7 @@ impl BigFarm {
         std::fs::write(&config, yaml).unwrap();
         let started = Instant::now();
         let (child, url) = common::spawn_release(&["--config".as_ref(), config.as_os_str()]).await;
-        let pid = child.id().unwrap();
+        let pid = child.pid();
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -653,7 +653,7 @@ async fn big_farms(
     if queued > 0 {
         big.queued(queued).await;
     }
-    let _ = big.child.kill().await;
+    big.child.kill().await;
 }
 
 fn main() {

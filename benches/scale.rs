@@ -197,8 +197,7 @@ async fn memory(queued: i64) {
             stop_service(service).await;
         }
         let data = dir.path().join("data");
-        let (mut child, url) =
-            common::spawn_release(&["--data-dir".as_ref(), data.as_os_str()]).await;
+        let (child, url) = common::spawn_release(&["--data-dir".as_ref(), data.as_os_str()]).await;
         // Touch the API so that the pools and caches are warm.
         for _ in 0..20 {
             reqwest::get(format!("{url}/api/jobs?limit=100"))
@@ -215,12 +214,12 @@ async fn memory(queued: i64) {
                 .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let rss = common::rss_kb(child.id().unwrap());
+        let rss = common::rss_kb(child.pid());
         println!(
             "memory of the release binary with {n} queued jobs: RSS {:.1} MB",
             rss as f64 / 1024.0
         );
-        let _ = child.kill().await;
+        child.kill().await;
     }
 }
 

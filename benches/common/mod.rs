@@ -88,7 +88,7 @@ pub const RELEASE_BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/relea
 /// environment runs it under a profiler (`BENCH_WRAP="heaptrack -o /tmp/h"`):
 /// the figures are then the profiler's too, but the profile is the binary's;
 /// `BENCH_LOG` is its `RUST_LOG` (`warn` unless set).
-pub async fn spawn_release(args: &[&std::ffi::OsStr]) -> (tokio::process::Child, String) {
+pub async fn spawn_release(args: &[&std::ffi::OsStr]) -> (Release, String) {
     use tokio::io::AsyncBufReadExt;
     let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
     let mut words = wrap.split_whitespace();
@@ -108,6 +108,9 @@ pub async fn spawn_release(args: &[&std::ffi::OsStr]) -> (tokio::process::Child,
             std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .stdout(std::process::Stdio::piped())
+        // A group of its own: a wrapper's children (a profiler starts the
+        // binary as one) end with it.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -120,7 +123,41 @@ pub async fn spawn_release(args: &[&std::ffi::OsStr]) -> (tokio::process::Child,
     };
     // Keep reading its output so that it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url)
+    (Release(child), url)
+}
+
+/// The release binary started by [`spawn_release`], with whatever wraps
+/// it: dropped or killed, its whole process group ends (killing a wrapper
+/// alone once left a profiled orchestrator running through the next
+/// benchmark).
+pub struct Release(tokio::process::Child);
+
+impl Release {
+    /// The started process (the wrapper's, under `BENCH_WRAP`).
+    pub fn pid(&self) -> u32 {
+        self.0.id().expect("running")
+    }
+
+    /// Ends the process group and waits for the started process.
+    pub async fn kill(mut self) {
+        self.kill_group();
+        let _ = self.0.wait().await;
+    }
+
+    fn kill_group(&self) {
+        if let Some(pid) = self.0.id() {
+            // SAFETY: kill only sends a signal; the group is the child's own.
+            unsafe {
+                libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
 }
 
 /// Resident memory of process `pid`, in KiB.

@@ -2,9 +2,10 @@
 //!
 //! Why in memory first: ComfyUI sends a message per sampler step; the API
 //! reads the latest value from memory, and the database gets it at most
-//! every [`PROGRESS_EVERY`] per job (the latest value is always stored in
-//! the end), so a fast sampler never turns into a write per step. Previews
-//! are relayed as they come and never stored.
+//! every [`PROGRESS_EVERY`] per job (what is still held back when the run
+//! ends is dropped: the job's end says it all), so a fast sampler never
+//! turns into a write per step. Previews are relayed as they come and
+//! never stored.
 
 use std::collections::HashMap;
 use std::sync::Arc;
