@@ -645,8 +645,9 @@ async fn a_backend_that_still_answers_the_same_only_moves_its_last_seen() {
 
 #[tokio::test]
 async fn a_lease_is_recorded_with_its_event_and_a_token_that_only_rises() {
-    // One statement leases (a trigger writes the lease's row, its event and
-    // the token counter): what clients and the fencing see must not change.
+    // One statement leases, and one each records the prompt's acceptance
+    // and its start (triggers write the lease's rows, the events and the
+    // token counter): what clients and the fencing see must not change.
     let app = spawn_app().await;
     online_backend(&app, "n1").await;
     let id = app.submit_blur(json!({"max_attempts": 3})).await;
@@ -736,5 +737,56 @@ async fn a_lease_is_recorded_with_its_event_and_a_token_that_only_rises() {
             .count(),
         1,
         "accepted once on the second lease: {kinds:?}"
+    );
+
+    // Running before the submit's answer came (ComfyUI's socket can be
+    // faster than its HTTP answer): accepted, then running, once each.
+    assert!(app
+        .store
+        .mark_running(&other, third.token)
+        .await
+        .unwrap()
+        .is_some());
+    app.store.mark_submitted(&other, third.token).await.unwrap();
+    let events: Vec<_> = app
+        .events(&other)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "submitted_to_backend" || e["kind"] == "running")
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["status"].clone(),
+                e["backend_id"].clone(),
+                e["attempt"].clone(),
+                e["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (
+                "submitted_to_backend".to_string(),
+                serde_json::Value::Null,
+                json!("n1"),
+                json!(1),
+                "backend n1 accepted the prompt".to_string()
+            ),
+            (
+                "running".to_string(),
+                json!("running"),
+                json!("n1"),
+                json!(1),
+                "running on backend n1".to_string()
+            ),
+        ]
+    );
+    let job = app.job(&other).await;
+    assert_eq!(job["status"], "running");
+    let lease = &job["leases"][0];
+    assert!(
+        lease["submitted_at"].is_string() && lease["started_at"].is_string(),
+        "{lease}"
     );
 }

@@ -130,47 +130,27 @@ pub(super) async fn apply(
     match step {
         // Known accepted (read with the fence): nothing to record.
         Step::Submitted if held.submitted => {}
+        // The leases_submitted trigger appends `submitted_to_backend` when
+        // this sets the time (migration V9).
         Step::Submitted => {
-            let n = sqlx::query(
+            sqlx::query(
                 "UPDATE leases SET submitted_at = ? WHERE prompt_id = ? AND submitted_at IS NULL",
             )
             .bind(&now)
             .bind(&held.prompt_id)
             .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if n == 1 {
-                let message = format!("backend {} accepted the prompt", held.backend);
-                let ev = EventInput {
-                    status: None,
-                    ..event("submitted_to_backend", held.status, message, None)
-                };
-                append_event(conn, id, ev).await?;
-            }
+            .await?;
         }
+        // The jobs_running trigger records the lease's start and appends
+        // the `running` event (migration V9).
         Step::Running => {
             sqlx::query(
-                "UPDATE leases SET started_at = coalesce(started_at, ?) WHERE prompt_id = ?",
+                "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?1), updated_at = ?1 \
+                 WHERE id = ?2",
             )
-            .bind(&now)
-            .bind(&held.prompt_id)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query(
-                "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?), updated_at = ? \
-                 WHERE id = ?",
-            )
-            .bind(&now)
             .bind(&now)
             .bind(id)
             .execute(&mut *conn)
-            .await?;
-            let message = format!("running on backend {}", held.backend);
-            append_event(
-                conn,
-                id,
-                event("running", JobStatus::Running, message, None),
-            )
             .await?;
         }
         Step::Completed(outputs) => {
