@@ -129,10 +129,7 @@ pub struct ComfyClient {
     base: String,
     ws_base: String,
     client_id: String,
-    http: reqwest::Client,
-    /// For `/view`: no overall timeout (large videos), but a read timeout.
-    downloads: reqwest::Client,
-    timeout: Duration,
+    connections: Connections,
     limits: Limits,
 }
 
@@ -229,9 +226,7 @@ impl ComfyClient {
             base: format!("http://{host}:{port}"),
             ws_base: format!("ws://{host}:{port}"),
             client_id: client_id.to_string(),
-            http: connections.http.clone(),
-            downloads: connections.downloads.clone(),
-            timeout: connections.timeout,
+            connections: connections.clone(),
             limits,
         }
     }
@@ -243,7 +238,7 @@ impl ComfyClient {
 
     /// The timeout of each call.
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.connections.timeout
     }
 
     /// Reads a whole answer, refusing one over the cap.
@@ -255,7 +250,11 @@ impl ComfyClient {
             )));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = r.chunk().await.map_err(|e| net_error(e, self.timeout))? {
+        while let Some(chunk) = r
+            .chunk()
+            .await
+            .map_err(|e| net_error(e, self.connections.timeout))?
+        {
             if body.len() as u64 + chunk.len() as u64 > cap {
                 return Err(ComfyError::BadResponse(format!(
                     "an answer over {cap} bytes"
@@ -292,25 +291,26 @@ impl ComfyClient {
     /// buffer grown to the answer's size for as long as it lives (0.4 MB a
     /// backend with the simulator's definitions, more with custom nodes).
     async fn get_json_with(&self, path: &str, close: bool) -> Result<Value, ComfyError> {
-        let mut request = self.http.get(format!("{}{path}", self.base));
+        let mut request = self.connections.http.get(format!("{}{path}", self.base));
         if close {
             request = request.header(reqwest::header::CONNECTION, "close");
         }
         let r = request
             .send()
             .await
-            .map_err(|e| net_error(e, self.timeout))?;
+            .map_err(|e| net_error(e, self.connections.timeout))?;
         self.json_of(r).await
     }
 
     async fn post_empty(&self, path: &str, body: Value) -> Result<(), ComfyError> {
         let r = self
+            .connections
             .http
             .post(format!("{}{path}", self.base))
             .json(&body)
             .send()
             .await
-            .map_err(|e| net_error(e, self.timeout))?;
+            .map_err(|e| net_error(e, self.connections.timeout))?;
         if !r.status().is_success() {
             return Err(ComfyError::BadResponse(format!(
                 "HTTP {} on {path}",
@@ -329,12 +329,13 @@ impl ComfyClient {
             "prompt_id": prompt_id,
         });
         let r = self
+            .connections
             .http
             .post(format!("{}/prompt", self.base))
             .json(&body)
             .send()
             .await
-            .map_err(|e| net_error(e, self.timeout))?;
+            .map_err(|e| net_error(e, self.connections.timeout))?;
         let status = r.status();
         if status.is_client_error() {
             let body = self.body(r).await?;
@@ -436,11 +437,12 @@ impl ComfyClient {
     /// (`None` for a folder this backend does not know).
     pub async fn models(&self, folder: &str) -> Result<Option<Vec<String>>, ComfyError> {
         let r = self
+            .connections
             .http
             .get(format!("{}/models/{folder}", self.base))
             .send()
             .await
-            .map_err(|e| net_error(e, self.timeout))?;
+            .map_err(|e| net_error(e, self.connections.timeout))?;
         if r.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -463,6 +465,7 @@ impl ComfyClient {
     /// refused.
     pub async fn view(&self, f: &OutputFile) -> Result<Download, ComfyError> {
         let r = self
+            .connections
             .downloads
             .get(format!("{}/view", self.base))
             .query(&[
@@ -472,7 +475,7 @@ impl ComfyClient {
             ])
             .send()
             .await
-            .map_err(|e| net_error(e, self.timeout))?;
+            .map_err(|e| net_error(e, self.connections.timeout))?;
         if !r.status().is_success() {
             return Err(ComfyError::BadResponse(format!(
                 "/view of {} answered HTTP {}",
@@ -498,7 +501,7 @@ impl ComfyClient {
             content_type,
             received: 0,
             cap,
-            timeout: self.timeout,
+            timeout: self.connections.timeout,
         })
     }
 
@@ -542,12 +545,13 @@ impl ComfyClient {
             .text("type", "input")
             .text("overwrite", "true");
         let r = self
+            .connections
             .downloads
             .post(format!("{}/upload/image", self.base))
             .multipart(form)
             .send()
             .await
-            .map_err(|e| net_error(e, self.timeout))?;
+            .map_err(|e| net_error(e, self.connections.timeout))?;
         let v = self.json_of(r).await?;
         uploaded_value(&v)
     }
@@ -576,9 +580,9 @@ impl ComfyClient {
             .read_buffer_size(4 * 1024)
             .write_buffer_size(0);
         let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
-        let (ws, _) = tokio::time::timeout(self.timeout, connect)
+        let (ws, _) = tokio::time::timeout(self.connections.timeout, connect)
             .await
-            .map_err(|_| ComfyError::Timeout(self.timeout))?
+            .map_err(|_| ComfyError::Timeout(self.connections.timeout))?
             .map_err(|e| ComfyError::Unreachable(e.to_string()))?;
         Ok(EventStream { ws })
     }

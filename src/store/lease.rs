@@ -208,8 +208,8 @@ async fn choose(
     }
     // With no job of another model queued there is nothing to weigh: the
     // switch below would pick this very job. One to three index seeks,
-    // where the weighing reads up to SWITCH_WINDOW jobs with their bars (0.28 ms in
-    // the writer for every backend's first job on a large farm).
+    // where the weighing reads up to SWITCH_WINDOW jobs with their bars
+    // (0.28 ms in the writer for every backend's first job on a large farm).
     let other: bool = match affinity.as_deref() {
         Some(a) => {
             sqlx::query_scalar(
