@@ -344,7 +344,6 @@ struct BigFarm {
     backends: usize,
     configs: Vec<orchestrator::config::BackendConfig>,
     child: common::Release,
-    pid: u32,
     url: String,
     /// From the start of the binary to every backend online.
     online: Duration,
@@ -392,7 +391,6 @@ impl BigFarm {
         std::fs::write(&config, yaml).unwrap();
         let started = Instant::now();
         let (child, url) = common::spawn_release(&["--config".as_ref(), config.as_os_str()]).await;
-        let pid = child.pid();
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -409,7 +407,6 @@ impl BigFarm {
             backends,
             configs,
             child,
-            pid,
             url,
             online: started.elapsed(),
             done: 0,
@@ -421,19 +418,21 @@ impl BigFarm {
     /// The idle orchestrator's share of a core over `over`, and its
     /// resident memory (MB) at the end.
     fn idle_from(&self, cpu0: Duration, t0: Instant) -> (f64, f64) {
-        let idle = (common::cpu_time(self.pid) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
-        (idle, common::rss_kb(self.pid) as f64 / 1024.0)
+        let idle =
+            (common::cpu_time(self.child.pid()) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+        (idle, common::rss_kb(self.child.pid()) as f64 / 1024.0)
     }
 
     /// `jobs` submitted from 16 clients, then waited for to the last.
     async fn round(&mut self, jobs: usize) -> Round {
         let client = reqwest::Client::new();
         let start = Instant::now();
-        let cpu_before = common::cpu_time(self.pid);
+        let cpu_before = common::cpu_time(self.child.pid());
         let bench_before = common::cpu_time(std::process::id());
         let lat = submit_timed(&self.url, jobs, 16).await;
         let window_s = start.elapsed().as_secs_f64();
-        let window_cores = (common::cpu_time(self.pid) - cpu_before).as_secs_f64() / window_s;
+        let window_cores =
+            (common::cpu_time(self.child.pid()) - cpu_before).as_secs_f64() / window_s;
         let queued = counts(&client, &self.url).await["queued"]
             .as_u64()
             .unwrap_or(0);
@@ -449,7 +448,8 @@ impl BigFarm {
         Round {
             lat,
             jobs_per_s: jobs as f64 / total,
-            cpu_per_job_ms: (common::cpu_time(self.pid) - cpu_before).as_secs_f64() * 1000.0
+            cpu_per_job_ms: (common::cpu_time(self.child.pid()) - cpu_before).as_secs_f64()
+                * 1000.0
                 / jobs as f64,
             bench_cpu_per_job_ms: (common::cpu_time(std::process::id()) - bench_before)
                 .as_secs_f64()
@@ -465,7 +465,7 @@ impl BigFarm {
     /// with every backend disabled, sampled for 20 s) and while the farm
     /// starts on them (20 s more).
     async fn queued(&mut self, queued: usize) {
-        let (client, url, pid) = (reqwest::Client::new(), self.url.clone(), self.pid);
+        let (client, url, pid) = (reqwest::Client::new(), self.url.clone(), self.child.pid());
         // Queued means waiting: every backend is disabled while they are
         // submitted, so that they are all in the queue at once.
         let admin = |action: &'static str| {
@@ -543,7 +543,10 @@ async fn big_farms(
     tokio::time::sleep(Duration::from_secs(common::arg("--settle", 30))).await;
     let (t0, cpu0): (Instant, Vec<Duration>) = (
         Instant::now(),
-        farms.iter().map(|f| common::cpu_time(f.pid)).collect(),
+        farms
+            .iter()
+            .map(|f| common::cpu_time(f.child.pid()))
+            .collect(),
     );
     tokio::time::sleep(Duration::from_secs(20)).await;
     for (f, cpu0) in farms.iter().zip(cpu0) {

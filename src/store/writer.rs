@@ -313,8 +313,6 @@ async fn commit_batch(
         // the next one).
         holds_submission |= op.kind.urgent();
         let op_started = std::time::Instant::now();
-        let kind = op.kind;
-        let name = op.name;
         let result = if op.kind.single() {
             match (op.run)(conn).await {
                 // SQLite may have rolled the transaction back: abandon the batch.
@@ -346,8 +344,8 @@ async fn commit_batch(
             run_in_savepoint(conn, open, op.run).await
         };
         tracing::trace!(
-            ?kind,
-            name,
+            kind = ?op.kind,
+            name = op.name,
             us = op_started.elapsed().as_micros() as u64,
             "write ran"
         );
