@@ -389,12 +389,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!(
-        "machine: {} cores",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    );
+    println!("machine: {}", common::machine());
     let jobs = common::arg("--jobs", 200);
     let max = common::arg("--subscribers", 1000);
     // The subscribers stand for dashboards on other machines, and the

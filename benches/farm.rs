@@ -20,21 +20,6 @@ use orchestrator::server::Service;
 use orchestrator::simulator::{self, SimConfig, SimHandle};
 use serde_json::json;
 
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} cores, {model}")
-}
-
 async fn farm(
     backends: usize,
     max_inflight: u32,
@@ -664,7 +649,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("machine: {}", machine());
+    println!("machine: {}", common::machine());
     let jobs = common::arg("--jobs", 2000);
     let backends = common::arg("--backends", 2);
     let only_mixed = std::env::args().any(|a| a == "mixed");

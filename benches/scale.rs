@@ -228,12 +228,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!(
-        "machine: {} cores",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    );
+    println!("machine: {}", common::machine());
     rt.block_on(async {
         memory(common::arg("--queued", 100_000)).await;
         startup(

@@ -5,6 +5,8 @@
 //! Run: `cargo bench --bench submit` (needs `wrk` on the PATH; `apt-get install wrk`).
 //! Add `-- --synchronous normal` to compare with `synchronous = NORMAL`.
 
+mod common;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -71,10 +73,8 @@ fn main() {
     let sync = synchronous();
     let dir = tempfile::tempdir().unwrap();
     println!(
-        "machine: {} cores; data on {}; synchronous = {sync:?}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        "machine: {}; data on {}; synchronous = {sync:?}",
+        common::machine(),
         dir.path().display()
     );
     rt.block_on(async {

@@ -14,6 +14,43 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// What the figures ran on: the cores, the CPU, and how long the file
+/// system of the temporary folder (where the benches keep their data) took
+/// to create a folder with one file in it, as every job does for its
+/// outputs. That last one swings by ten times on one machine: ext4 without
+/// a journal walks past every inode freed in the last minute or so when it
+/// creates one (docs/PERFORMANCE.md, "This machine, a later day"), so a
+/// bench run just after many files were removed pays for it in every job.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    // Few, so that removing them frees few inodes for the next creations.
+    const PROBES: u32 = 20;
+    let creation = tempfile::tempdir().ok().and_then(|dir| {
+        let start = std::time::Instant::now();
+        for i in 0..PROBES {
+            let folder = dir.path().join(i.to_string());
+            std::fs::create_dir(&folder).ok()?;
+            std::fs::File::create(folder.join("output.png")).ok()?;
+        }
+        Some(start.elapsed() / PROBES)
+    });
+    let creation = creation.map_or("unknown".into(), |t| format!("{} us", t.as_micros()));
+    format!(
+        "{cpus} cores, {model}; a folder with a file created in {} in {creation}",
+        std::env::temp_dir().display()
+    )
+}
+
 /// `--name VALUE` from the command line, or `default`.
 pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
