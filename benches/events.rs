@@ -161,22 +161,23 @@ fn cpu_by_thread() -> HashMap<String, Duration> {
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
             continue;
         };
-        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // Fields 14 and 15 (utime, stime): the 12th and 13th after the name.
-        let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-        *by.entry(stat[open + 1..close].to_string()).or_default() +=
-            Duration::from_millis((field(11) + field(12)) * 10);
+        *by.entry(stat[open + 1..close].to_string()).or_default() += common::stat_cpu(&stat);
     }
     by
 }
 
-/// The service's share of [`cpu_by_thread`]: its runtime (which also runs
-/// this bench's few submissions), its writer and SQLite's threads.
-fn service_cpu(by: &HashMap<String, Duration>) -> Duration {
+/// The CPU of the threads whose name `keep` takes, in [`cpu_by_thread`].
+fn cpu_of(by: &HashMap<String, Duration>, keep: impl Fn(&str) -> bool) -> Duration {
     by.iter()
-        .filter(|(name, _)| !name.starts_with("bench-") && !name.starts_with("events"))
+        .filter(|(name, _)| keep(name))
         .map(|(_, t)| *t)
         .sum()
+}
+
+/// The service's threads: its runtime (which also runs this bench's few
+/// submissions), its writer and SQLite's threads; not the bench's own.
+fn is_service(thread: &str) -> bool {
+    !thread.starts_with("bench-") && !thread.starts_with("events")
 }
 
 /// What one scenario measured, for comparing sizes.
@@ -266,12 +267,9 @@ async fn scenario(machines: &Machines<'_>, subscribers: usize, jobs: usize) -> O
     }
     let elapsed = start.elapsed();
     let cpu1 = cpu_by_thread();
-    let service_cpu = service_cpu(&cpu1).saturating_sub(service_cpu(&cpu0));
-    let dashboards_cpu: Duration = cpu1
-        .iter()
-        .filter(|(name, _)| name.starts_with("bench-dashboard"))
-        .map(|(name, t)| t.saturating_sub(cpu0.get(name).copied().unwrap_or_default()))
-        .sum();
+    let service_cpu = cpu_of(&cpu1, is_service).saturating_sub(cpu_of(&cpu0, is_service));
+    let is_dashboard = |thread: &str| thread.starts_with("bench-dashboard");
+    let dashboards_cpu = cpu_of(&cpu1, is_dashboard).saturating_sub(cpu_of(&cpu0, is_dashboard));
     // When each prompt started on its backend (same process, same clock).
     let mut started: HashMap<String, Instant> = HashMap::new();
     for s in &sims {
@@ -341,25 +339,24 @@ async fn scenario(machines: &Machines<'_>, subscribers: usize, jobs: usize) -> O
         .iter()
         .filter(|s| s.lock().unwrap().read.len() >= jobs)
         .count();
-    let q = |v: &[f64], at: f64| quantile(v, at);
     println!(
         "{subscribers} SSE subscribers, {jobs} jobs on 2 simulated backends (--job-ms 50): {complete}/{subscribers} subscribers saw every job; jobs ran at {:.0}/s\n  \
          backend execution_start -> `running` at the subscriber's socket: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n  \
          per job: in the log after p50 {:.1} ms, p99 {:.1} ms; at the first subscriber p50 {:.1} ms, p99 {:.1} ms; fan-out to the last one took p50 {:.1} ms, p99 {:.1} ms more\n  \
          read by the subscriber (its threads {}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         jobs as f64 / elapsed.as_secs_f64(),
-        q(&arrivals, 0.5),
-        q(&arrivals, 0.99),
+        quantile(&arrivals, 0.5),
+        quantile(&arrivals, 0.99),
         arrivals.last().copied().unwrap_or(f64::NAN),
-        q(&to_log, 0.5),
-        q(&to_log, 0.99),
-        q(&firsts, 0.5),
-        q(&firsts, 0.99),
-        q(&spreads, 0.5),
-        q(&spreads, 0.99),
+        quantile(&to_log, 0.5),
+        quantile(&to_log, 0.99),
+        quantile(&firsts, 0.5),
+        quantile(&firsts, 0.99),
+        quantile(&spreads, 0.5),
+        quantile(&spreads, 0.99),
         if beside { "beside the server's" } else { "on idle priority" },
-        q(&reads, 0.5),
-        q(&reads, 0.99),
+        quantile(&reads, 0.5),
+        quantile(&reads, 0.99),
         reads.last().copied().unwrap_or(f64::NAN),
     );
     println!(

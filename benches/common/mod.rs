@@ -211,7 +211,12 @@ pub fn rss_kb(pid: u32) -> u64 {
 
 /// CPU time (user + system) process `pid` has used, from /proc.
 pub fn cpu_time(pid: u32) -> std::time::Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// The CPU time (user + system) in a `/proc/.../stat` line, of a process or
+/// of one of its threads.
+pub fn stat_cpu(stat: &str) -> std::time::Duration {
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 (utime, stime): the 12th and 13th after the name.
