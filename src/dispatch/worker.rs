@@ -154,6 +154,9 @@ impl Worker {
         // Lease only when something may have changed, not on every progress message.
         let mut wake = Some(Wake::Always);
         while !stop.is_cancelled() {
+            if self.take_reports() {
+                wake = wake.max(Some(Wake::SlotFreed));
+            }
             if self.link.stream.is_none() && !self.connect().await {
                 self.shared.idle.busy(&self.id);
                 let (since, delay) = self.link.connect_failed();
@@ -209,9 +212,12 @@ impl Worker {
                     // Ask the backend now and then about anything missed.
                     let due = self.reconcile_at.is_some_and(|t| Instant::now() >= t);
                     if due || last_round.elapsed() >= net {
-                        last_round = Instant::now();
                         self.reconcile_at = None;
                         self.reconcile().await;
+                        // Paced from its end: a backend that answers
+                        // slowly is not asked again at once, and the
+                        // worker hears its socket and helpers between.
+                        last_round = Instant::now();
                     }
                 }
                 _ = stop.cancelled() => {}
@@ -348,7 +354,10 @@ impl Worker {
             let Some(stream) = self.link.stream.as_mut() else {
                 return heard;
             };
-            match stream.next().now_or_never() {
+            // Unconstrained: "nothing has arrived" must be the socket's
+            // answer, not the task's spent budget (which makes a ready
+            // read look pending), or a late message could be judged missing.
+            match tokio::task::coop::unconstrained(stream.next()).now_or_never() {
                 None => return heard,
                 Some(Some(Ok(ev))) => {
                     heard |= ev != WsEvent::Pong;
@@ -494,6 +503,23 @@ impl Worker {
         if let Some(t) = self.tracked.get(pid) {
             self.helpers.spawn(self.ctx().cancel(t.held.clone()));
         }
+    }
+
+    /// Takes the reports of the helpers that have ended; `true` if any.
+    ///
+    /// Why before every turn of the loop rather than only through its
+    /// `select!`: a backend whose `/queue` answers slowly keeps the safety
+    /// net's tick due after every round, and the `select!` was seen to pick
+    /// that tick for half a minute while a finished job's report waited, so
+    /// the freed slot took no job. Taking them here does not depend on which
+    /// ready branch the `select!` picks.
+    fn take_reports(&mut self) -> bool {
+        let mut any = false;
+        while let Some(joined) = self.helpers.try_join_next() {
+            self.on_joined(joined);
+            any = true;
+        }
+        any
     }
 
     fn on_joined(&mut self, joined: Result<Report, tokio::task::JoinError>) {

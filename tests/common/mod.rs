@@ -25,7 +25,20 @@ pub struct TestApp {
 }
 
 /// A config with a fresh temporary data folder.
+/// With `TEST_LOG` set (a tracing filter, `orchestrator=debug`), the
+/// service's log goes to each test's captured output: printed for the tests
+/// that fail, which is where a rare failure's story is.
+fn log_if_asked() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub fn test_config() -> (Config, tempfile::TempDir) {
+    log_if_asked();
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         port: 0,
