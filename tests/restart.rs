@@ -314,9 +314,20 @@ async fn a_backend_that_vanishes_loses_its_jobs_after_the_grace_period_and_runs_
     ])
     .await;
     app.post_json("/api/backends/b/disable", &json!({})).await;
-    let running = app.submit_blur(json!({"parameters": {"color": 1}})).await;
-    let pending = app.submit_blur(json!({"parameters": {"color": 2}})).await;
-    app.wait_status(&running, "running").await;
+    let one = app.submit_blur(json!({"parameters": {"color": 1}})).await;
+    let two = app.submit_blur(json!({"parameters": {"color": 2}})).await;
+    // Both go to a (two slots) and are submitted side by side: whichever
+    // prompt reached it first runs, the other waits in its queue.
+    let (running, pending) = poll("one of the two to run on a", || async {
+        if app.job(&one).await["status"] == "running" {
+            Some((one.clone(), two.clone()))
+        } else if app.job(&two).await["status"] == "running" {
+            Some((two.clone(), one.clone()))
+        } else {
+            None
+        }
+    })
+    .await;
     let pending_prompt = app
         .wait_job(&pending, "acknowledged", |j| {
             j["leases"][0]["submitted_at"].is_string()

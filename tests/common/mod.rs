@@ -24,7 +24,6 @@ pub struct TestApp {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// A config with a fresh temporary data folder.
 /// With `TEST_LOG` set (a tracing filter, `orchestrator=debug`), the
 /// service's log goes to each test's captured output: printed for the tests
 /// that fail, which is where a rare failure's story is.
@@ -37,6 +36,7 @@ fn log_if_asked() {
     }
 }
 
+/// A config with a fresh temporary data folder.
 pub fn test_config() -> (Config, tempfile::TempDir) {
     log_if_asked();
     let dir = tempfile::tempdir().unwrap();
