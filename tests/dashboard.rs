@@ -142,7 +142,13 @@ async fn the_catalogue_offers_the_models_the_farm_has() {
     .await;
     app.wait_inventory("a").await;
     app.wait_inventory("b").await;
-    let (_, list) = app.get("/api/workflows").await;
+    // The backend's record shows its inventory a moment before the
+    // catalogue has it: wait for the catalogue itself.
+    let list = poll("the catalogue to offer both backends' models", || async {
+        let (_, list) = app.get("/api/workflows").await;
+        list.to_string().contains("b.safetensors").then_some(list)
+    })
+    .await;
     let param = |wf: &str, name: &str| -> Value {
         list["workflows"]
             .as_array()
