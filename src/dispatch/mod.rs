@@ -24,6 +24,7 @@
 //! (downloads), [`progress`] (live progress and previews).
 
 mod attempt;
+mod fill;
 mod idle;
 mod link;
 mod outputs;
