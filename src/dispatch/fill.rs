@@ -7,8 +7,6 @@
 //! lease, a ring answered or passed on) is this file's concern alone, and
 //! the one the farm's size makes expensive.
 
-use std::time::Duration;
-
 use tokio::time::Instant;
 
 use super::attempt::Held;
@@ -100,16 +98,12 @@ impl Worker {
                 self.shared.idle.filled();
             }
             tracing::info!(job_id = %lease.job_id, backend_id = %self.id, prompt_id = %lease.prompt_id, attempt = lease.attempt, "job leased");
-            let limit = lease
-                .timeout_s
-                .map(|s| s as u64)
-                .unwrap_or(self.shared.config.dispatch.job_timeout_s);
             self.tracked.insert(
                 lease.prompt_id.clone(),
                 Tracked {
                     held: Held::from(&lease),
                     phase: Phase::Submitting,
-                    limit: Duration::from_secs(limit),
+                    limit: self.run_limit(lease.timeout_s),
                     sent: Instant::now(),
                 },
             );

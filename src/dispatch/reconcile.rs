@@ -9,8 +9,6 @@
 //! is unknown there, and each answer has exactly one consequence (see the
 //! table in `docs/operations.md`).
 
-use std::time::Duration;
-
 use tokio::time::Instant;
 
 use chrono::Utc;
@@ -77,10 +75,6 @@ impl Worker {
                 continue;
             }
             let phase = known.unwrap_or_else(|| phase_from(&a));
-            let limit = a
-                .timeout_s
-                .map(|s| s as u64)
-                .unwrap_or(self.shared.config.dispatch.job_timeout_s);
             self.tracked.insert(
                 pid.clone(),
                 Tracked {
@@ -91,7 +85,7 @@ impl Worker {
                         prompt_id: pid.clone(),
                     },
                     phase,
-                    limit: Duration::from_secs(limit),
+                    limit: self.run_limit(a.timeout_s),
                     sent: Instant::now(),
                 },
             );

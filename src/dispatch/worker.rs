@@ -118,6 +118,16 @@ impl Worker {
         Duration::from_millis(self.shared.config.dispatch.heartbeat_ms)
     }
 
+    /// How long a job may run here: its own limit (from its manifest or
+    /// template), else `dispatch.job_timeout_s`.
+    pub(super) fn run_limit(&self, timeout_s: Option<i64>) -> Duration {
+        Duration::from_secs(
+            timeout_s
+                .map(|s| s as u64)
+                .unwrap_or(self.shared.config.dispatch.job_timeout_s),
+        )
+    }
+
     pub(super) fn deaf_after(&self) -> Duration {
         Duration::from_millis(self.shared.config.dispatch.deaf_after_ms)
     }
