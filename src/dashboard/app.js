@@ -7,6 +7,11 @@ const main = document.getElementById("main");
 const STATUSES = ["queued", "assigned", "running", "completed", "failed", "cancelled"];
 const progress = {}; // job id -> {value, max, node}
 let refreshTimer = null;
+// Each drawing of a page takes a turn. A drawing whose answers arrive after a
+// newer one began (the user moved on, or a refresh came in between) is
+// dropped, so a slow answer never paints over the page the user is on.
+let turns = 0;
+function turn() { const mine = ++turns; return () => mine === turns; }
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
@@ -47,6 +52,7 @@ function wireButtons(after) {
 const filters = {status: "", workflow_id: "", backend: "", meta: ""};
 
 async function renderJobs() {
+  const current = turn();
   const q = new URLSearchParams({limit: "100"});
   if (filters.status) q.set("status", filters.status);
   if (filters.workflow_id) q.set("workflow_id", filters.workflow_id);
@@ -54,6 +60,7 @@ async function renderJobs() {
   if (filters.meta.includes("=")) { const [k, ...v] = filters.meta.split("="); q.set("metadata." + k.trim(), v.join("=").trim()); }
   let page, error = "";
   try { page = await api("/api/jobs?" + q); } catch (e) { error = e.message; page = {jobs: []}; }
+  if (!current()) return;
   const thumb = j => j.preview
     ? `<a href="#/job/${esc(j.job_id)}"><img class="thumb" loading="lazy" alt="" src="/api/job/${esc(j.job_id)}/outputs/${encodeURIComponent(j.preview)}?thumb=64"></a>`
     : "";
@@ -87,11 +94,13 @@ async function renderJobs() {
 }
 
 async function renderJob(id) {
+  const current = turn();
   let j, events;
   try {
     j = await api(`/api/job/${encodeURIComponent(id)}`);
     events = (await api(`/api/job/${encodeURIComponent(id)}/events`)).events.filter(e => e.kind !== "progress");
-  } catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  } catch (e) { if (current()) main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  if (!current()) return;
   const outputs = j.outputs.map(o => {
     const url = `/api/job/${esc(j.job_id)}/outputs/${encodeURIComponent(o.name)}`;
     return o.content_type.startsWith("image/") && !o.pruned_at
@@ -122,11 +131,13 @@ async function renderJob(id) {
 }
 
 async function renderBackends() {
+  const current = turn();
   let list, active;
   try {
     list = await api("/api/backends");
     active = (await api("/api/jobs?status=assigned,running&limit=1000")).jobs;
-  } catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  } catch (e) { if (current()) main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  if (!current()) return;
   const runs = id => active.filter(j => j.backend_id === id)
     .map(j => `<div><a class="mono" href="#/job/${esc(j.job_id)}">${esc(j.job_id.slice(0, 8))}</a> ${badge(j.status)} ${j.status === "running" ? bar(j.job_id, j) : ""}</div>`).join("");
   const gib = v => v == null ? "–" : (v / 1073741824).toFixed(1) + " GiB";
@@ -148,9 +159,11 @@ async function renderBackends() {
 
 // One backend: its state and what it can run (node classes, model files).
 async function renderBackend(id) {
+  const current = turn();
   let b;
   try { b = await api(`/api/backends/${encodeURIComponent(id)}`); }
-  catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  catch (e) { if (current()) main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  if (!current()) return;
   const inv = b.inventory;
   const folders = inv ? Object.entries(inv.models).filter(([, files]) => files.length) : [];
   const models = folders.map(([folder, files]) => `<tr><td>${esc(folder)}</td><td>${files.length}</td>
@@ -202,13 +215,19 @@ function connect() {
     if (refreshTimer || location.hash.startsWith("#/submit")) return;
     const farm = location.hash.startsWith("#/farm");
     if (farm && e.kind === "progress") return;
-    refreshTimer = setTimeout(() => { refreshTimer = null; render(); }, farm ? 1000 : 250);
+    refreshTimer = setTimeout(() => {
+      refreshTimer = null;
+      // The user may have opened the form since this refresh was asked for.
+      if (!location.hash.startsWith("#/submit")) render();
+    }, farm ? 1000 : 250);
   };
   ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
    "requeued", "cancel_requested", "cancelled", "retried", "backend_online", "backend_offline"].forEach(k => es.addEventListener(k, onEvent));
 }
 
-window.addEventListener("hashchange", render);
+// A move to another page draws it now; a refresh asked for by the page left
+// behind is not due any more.
+window.addEventListener("hashchange", () => { clearTimeout(refreshTimer); refreshTimer = null; render(); });
 // Running bars on the farm view grow with time.
 setInterval(() => { if (location.hash.startsWith("#/farm") && !refreshTimer) render(); }, 15000);
 render();

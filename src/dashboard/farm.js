@@ -73,10 +73,12 @@ function activitySvg(view, width) {
 }
 
 async function renderFarm() {
+  const current = turn();
   const to = new Date(), from = new Date(to.getTime() - farmHours * 3600e3);
   let view;
   try { view = await api(`/api/farm?from=${encodeURIComponent(from.toISOString())}&to=${encodeURIComponent(to.toISOString())}`); }
-  catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  catch (e) { if (current()) main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  if (!current()) return;
   const width = Math.max(640, main.clientWidth - 44);
   const legend = Object.entries(OUTCOME_COLOURS).map(([k, c]) => `<span class="legend"><i style="background:${c}"></i>${k}</span>`).join("");
   const windows = FARM_WINDOWS.map(([label, h]) => `<button data-hours="${h}" class="${h === farmHours ? "on" : ""}">${label}</button>`).join(" ");

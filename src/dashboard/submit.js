@@ -39,11 +39,13 @@ function metadataRow(k, v) {
 }
 
 async function renderSubmit(fromJob) {
+  const current = turn();
   let workflows, job = null;
   try {
     workflows = (await api("/api/workflows")).workflows;
     if (fromJob) job = await api(`/api/job/${encodeURIComponent(fromJob)}`);
-  } catch (e) { main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  } catch (e) { if (current()) main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
+  if (!current()) return;
   let chosen = (job && job.workflow_id) || (workflows[0] && workflows[0].id);
   const draw = () => {
     const wf = workflows.find(w => w.id === chosen);
