@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use orchestrator::simulator::png;
+use orchestrator::simulator::{png, SimConfig};
 use serde_json::{json, Value};
 
 /// A small picture with distinct pixels.
@@ -525,4 +525,54 @@ async fn retention_frees_old_outputs_inputs_and_progress_and_keeps_what_is_neede
     assert!(list["inputs"].as_array().unwrap().is_empty());
     let (_, h) = app.get("/api/health").await;
     assert!(h["disk"]["database_bytes"].as_i64().unwrap() > 0, "{h}");
+}
+
+#[tokio::test]
+async fn an_urgent_job_whose_picture_uploads_slowly_is_not_overtaken_on_its_backend() {
+    // Two slots on one box; a picture takes 1.5 s to reach it.
+    let sim = start_sim_with(SimConfig {
+        job_ms: 300,
+        upload_delay_ms: 1_500,
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm(vec![backend("a", sim.port, &[], 2)]).await;
+    app.wait_backend("a", "online").await;
+    let (bytes, _) = frame();
+    let (_, routine_input) = upload(&app, bytes, "image/png").await;
+    let routine_input = routine_input["input_id"].as_str().unwrap().to_string();
+    // The routine job's picture is on the box already (an earlier shot used it).
+    let earlier = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": routine_input}}),
+    )
+    .await;
+    app.wait_status(&earlier, "completed").await;
+    let fresh = png::encode(4, 4, &[200; 4 * 4 * 3]);
+    let (_, urgent_input) = upload(&app, fresh, "image/png").await;
+    let urgent_input = urgent_input["input_id"].as_str().unwrap().to_string();
+
+    // Both queued while the box is closed, then leased together in the
+    // queue's order: the urgent one first.
+    app.post_json("/api/backends/a/disable", &json!({})).await;
+    let routine = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": routine_input, "filename_prefix": "routine"}}),
+    )
+    .await;
+    let urgent = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "priority": 10, "parameters": {"image": urgent_input, "filename_prefix": "urgent"}}),
+    )
+    .await;
+    app.post_json("/api/backends/a/enable", &json!({})).await;
+    let urgent = app.wait_status(&urgent, "completed").await;
+    let routine = app.wait_status(&routine, "completed").await;
+    let started = |j: &Value| {
+        chrono::DateTime::parse_from_rfc3339(j["started_at"].as_str().unwrap()).unwrap()
+    };
+    assert!(
+        started(&urgent) < started(&routine),
+        "the urgent job ran after the routine one: {urgent} {routine}"
+    );
 }

@@ -49,6 +49,23 @@ pub(super) struct Ctx {
     pub(super) uploaded: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
+/// A submit's place in its backend's order: it posts its prompt only after
+/// the prompt leased before it on the same backend was posted.
+///
+/// Why: a worker leases in the queue's order (priority, then age) and each
+/// prompt is posted by a helper of its own, side by side; ComfyUI runs its
+/// queue in the order the prompts reached it. Without the turn, a job whose
+/// input pictures are still uploading would be overtaken by the one leased
+/// after it (an urgent shot waiting a whole job's length behind a routine
+/// one). Uploads do not wait: only the `POST /prompt`.
+pub(super) struct Turn {
+    /// Heard when the previous prompt has been posted, or its helper gave up
+    /// before posting (the sender dropped): either way, this one may go.
+    pub(super) after: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Dropped once this prompt has been posted (or will never be).
+    pub(super) posted: tokio::sync::oneshot::Sender<()>,
+}
+
 /// The folder inputs go to in each backend's input folder.
 const INPUT_SUBFOLDER: &str = "orchestrator";
 
@@ -222,7 +239,7 @@ impl Ctx {
     }
 
     /// `POST /prompt`, and what the answer means for the job.
-    pub(super) async fn submit(self, lease: Lease) -> Report {
+    pub(super) async fn submit(self, lease: Lease, turn: Turn) -> Report {
         let held = Held::from(&lease);
         let pid = held.prompt_id.clone();
         let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
@@ -243,7 +260,13 @@ impl Ctx {
                 };
             }
         };
-        match self.client.submit(&pid, &graph).await {
+        if let Some(after) = turn.after {
+            // Ok or a dropped sender: either way the previous one is done posting.
+            let _ = after.await;
+        }
+        let answer = self.client.submit(&pid, &graph).await;
+        drop(turn.posted);
+        match answer {
             Ok(()) => match self.shared.store.mark_submitted(job_id, held.token).await {
                 Ok(true) => Report::AcceptedCancelled(pid),
                 Ok(false) => Report::Accepted(pid),

@@ -9,7 +9,7 @@
 
 use tokio::time::Instant;
 
-use super::attempt::Held;
+use super::attempt::{Held, Turn};
 use super::idle::Found;
 use super::phase::Phase;
 use super::worker::{Tracked, Worker};
@@ -107,7 +107,12 @@ impl Worker {
                     sent: Instant::now(),
                 },
             );
-            self.helpers.spawn(self.ctx().submit(lease));
+            let (posted, heard) = tokio::sync::oneshot::channel();
+            let turn = Turn {
+                after: self.last_post.replace(heard),
+                posted,
+            };
+            self.helpers.spawn(self.ctx().submit(lease, turn));
         }
         if self.tracked.len() >= self.max_inflight {
             // Off the waiting list, and its ring (if any) ends.

@@ -70,6 +70,9 @@ pub(super) struct Worker {
     pub(super) stuck: bool,
     /// Inputs uploaded since the last connect (a reconnect may be a restart).
     uploaded: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    /// Heard when the prompt leased last here has been posted (or will
+    /// never be): the next one posts after it (see [`Turn`]).
+    pub(super) last_post: Option<tokio::sync::oneshot::Receiver<()>>,
     /// What the socket tells this backend's monitor.
     pulse: Arc<crate::monitor::Pulse>,
     /// Its place among the farm's timer slots (`super::SLOTS`).
@@ -100,6 +103,7 @@ impl Worker {
             link: Link::new(),
             stuck: false,
             uploaded: Arc::default(),
+            last_post: None,
             pulse,
             slot,
         }

@@ -228,6 +228,7 @@ async fn upload_image(State(sim): State<S>, mut form: axum::extract::Multipart) 
     let Some((name, bytes)) = file else {
         return StatusCode::BAD_REQUEST.into_response();
     };
+    tokio::time::sleep(Duration::from_millis(sim.config.upload_delay_ms)).await;
     if subfolder.split('/').any(|p| p == "..") || subfolder.starts_with('/') || name.contains('/') {
         return StatusCode::BAD_REQUEST.into_response();
     }

@@ -100,6 +100,9 @@ pub struct SimConfig {
     /// `GET /queue` answers only after this long (a box too loaded to
     /// answer at once), with the queue as it is then.
     pub queue_delay_ms: u64,
+    /// `POST /upload/image` answers only after this long (a large picture
+    /// on a slow link), with the file stored then.
+    pub upload_delay_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -119,6 +122,7 @@ impl Default for SimConfig {
             ignore_interrupts: 0,
             load_ms: 0,
             queue_delay_ms: 0,
+            upload_delay_ms: 0,
         }
     }
 }
