@@ -1,6 +1,6 @@
 //! Collecting a finished prompt's files: downloaded from `/view` into the
-//! job's folder, hashed on the way, synced to disk before the job is
-//! `completed`.
+//! job's folder, hashed on the way, synced to disk (their bytes, then their
+//! names in the folder) before the job is `completed`.
 //!
 //! Why a `.part` file and a guard: a download cut short (the backend went
 //! away, the service stops) must never look like a complete output; the
@@ -150,7 +150,28 @@ pub(super) async fn collect(
             pruned_at: None,
         });
     }
+    if !records.is_empty() {
+        // The renames (and the job's folder, if it is new) reach the disk
+        // too before the job says `completed`: after a power cut a completed
+        // job's files are where its record says.
+        for folder in [Some(dir), dir.parent()].into_iter().flatten() {
+            sync_dir(folder).await?;
+        }
+    }
     Ok(records)
+}
+
+/// Syncs a folder's entries (the names in it, not its files' bytes).
+async fn sync_dir(dir: &Path) -> Result<(), DispatchError> {
+    let synced = match tokio::fs::File::open(dir).await {
+        Ok(d) => d.sync_all().await,
+        Err(e) => Err(e),
+    };
+    match synced {
+        // A file system that cannot sync a folder has nothing more to give.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+        r => r.map_err(|e| io_error(dir, e)),
+    }
 }
 
 #[cfg(test)]
