@@ -204,6 +204,40 @@ pub fn main_model(graph: &Value) -> Option<String> {
     (!found.is_empty()).then(|| found.join("+"))
 }
 
+/// The endings of model files: ComfyUI's `supported_pt_extensions`
+/// (folder_paths.py), and `.gguf` and `.onnx`, which common custom node
+/// packs load.
+const MODEL_FILE_ENDINGS: &[&str] = &[
+    ".ckpt",
+    ".pt",
+    ".pt2",
+    ".bin",
+    ".pth",
+    ".safetensors",
+    ".pkl",
+    ".sft",
+    ".gguf",
+    ".onnx",
+];
+
+/// Whether a graph names any model file (whatever node loads it): one that
+/// names none loads nothing into a GPU's memory, so running it costs a
+/// backend no model switch.
+pub fn names_model_files(graph: &Value) -> bool {
+    let Some(nodes) = graph.as_object() else {
+        return false;
+    };
+    nodes
+        .values()
+        .filter_map(|n| n["inputs"].as_object())
+        .flat_map(|inputs| inputs.values())
+        .filter_map(Value::as_str)
+        .any(|v| {
+            let v = v.to_ascii_lowercase();
+            MODEL_FILE_ENDINGS.iter().any(|e| v.ends_with(e))
+        })
+}
+
 /// The rules submit-time and lease-time checks run with: the core nodes'
 /// self-checked inputs, the operator's exemptions (`inventory.exempt`:
 /// `Class` or `Class.input`), and inputs the orchestrator provides itself
@@ -277,6 +311,31 @@ mod tests {
             vec!["sd_xl_base_1.0.safetensors".into()],
         );
         Inventory::new(all.as_object().unwrap(), models)
+    }
+
+    #[test]
+    fn a_graph_names_model_files_whatever_node_loads_them() {
+        let blur = json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 3, "sigma": 1.0, "blur_mode": "gaussian"}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "blur.pt"}}
+        });
+        // Any value ending like a model file counts, an output's prefix too:
+        // such a graph keeps its template's affinity, as every graph without
+        // a checkpoint did before.
+        assert!(names_model_files(&blur));
+        let mut blur = blur;
+        blur["3"]["inputs"]["filename_prefix"] = json!("blur");
+        assert!(!names_model_files(&blur));
+        let upscale = json!({
+            "1": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "4x-UltraSharp.PTH"}}
+        });
+        assert!(names_model_files(&upscale));
+        let custom = json!({
+            "1": {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "flux1-dev-Q4_K_S.gguf"}}
+        });
+        assert!(names_model_files(&custom));
+        assert!(main_model(&custom).is_some() && main_model(&upscale).is_none());
     }
 
     #[test]

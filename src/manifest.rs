@@ -257,8 +257,16 @@ pub fn parse(
         h.update(body.to_string().as_bytes());
         format!("{:x}", h.finalize())
     };
-    let affinity = crate::inventory::main_model(&graph)
-        .or_else(|| workflow_id.as_ref().map(|w| format!("workflow:{w}")));
+    // What a backend that ran it keeps loaded: its checkpoint; else, for a
+    // graph that loads other model files (a LoRA stack, an upscaler, a
+    // custom loader), its template stands for them; a graph that names no
+    // model file keeps nothing loaded, and any busy backend may take it.
+    let affinity = crate::inventory::main_model(&graph).or_else(|| {
+        workflow_id
+            .as_ref()
+            .filter(|_| crate::inventory::names_model_files(&graph))
+            .map(|w| format!("workflow:{w}"))
+    });
     Ok(Parsed {
         job: NewJob {
             affinity,
@@ -378,6 +386,15 @@ mod tests {
         assert_eq!(p.job.max_attempts, 3);
         assert_eq!(p.job.graph["1"]["inputs"]["width"], 256);
         assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn a_job_keeps_loaded_its_checkpoint_or_its_template_and_a_graph_without_models_nothing() {
+        let blur = json!({"workflow_id": "image_blur", "parameters": {"width": 256}});
+        assert_eq!(parse(blur, &catalog(), 3).unwrap().job.affinity, None);
+        let xl = json!({"workflow_id": "txt2img_sdxl", "parameters": {"prompt": "a fox"}});
+        let affinity = parse(xl, &catalog(), 3).unwrap().job.affinity.unwrap();
+        assert!(affinity.ends_with(".safetensors"), "{affinity}");
     }
 
     #[test]

@@ -444,3 +444,30 @@ async fn an_exempted_input_is_left_to_the_backend() {
     let job = app.wait_status(&id, "failed").await;
     assert_eq!(job["leases"][0]["outcome"], "rejected", "{job}");
 }
+
+#[tokio::test]
+async fn a_busy_box_keeps_its_model_but_fills_a_free_slot_with_work_that_loads_none() {
+    let sim = sim_with(&[XL, FLUX], 1_500).await;
+    let app = spawn_farm(vec![backend("a", sim.port, &[], 2)]).await;
+    app.wait_inventory("a").await;
+    let xl = submit(&app, &txt2img(XL, "a fox")).await;
+    app.wait_status(&xl, "running").await;
+    // A graph that names no model file: nothing to switch, so the second
+    // slot takes it while the XL job runs.
+    let blur = submit(
+        &app,
+        &json!({"workflow_id": "image_blur", "parameters": {"width": 64, "height": 64}}),
+    )
+    .await;
+    let blur = poll("the blur job sent to the busy box", || async {
+        let job = app.job(&blur).await;
+        (job["leases"].as_array().is_some_and(|l| !l.is_empty())).then_some(job)
+    })
+    .await;
+    assert_eq!(blur["backend_id"], "a");
+    assert_eq!(app.job(&xl).await["status"], "running", "{blur}");
+    app.wait_status(blur["job_id"].as_str().unwrap(), "completed")
+        .await;
+    app.wait_status(&xl, "completed").await;
+    assert_eq!(sim.loads(), 1, "one model loaded, never switched");
+}

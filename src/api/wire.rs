@@ -312,7 +312,8 @@ pub struct Backend {
     /// Since when it has not answered.
     pub offline_since: Option<DateTime<Utc>>,
     /// The model its last job loaded (a checkpoint file, or
-    /// `workflow:ID` for a graph without one): what it likely has loaded,
+    /// `workflow:ID` for a graph without one that names other model files;
+    /// a graph naming none leaves it as it was): what it likely has loaded,
     /// and what it prefers next.
     pub loaded_model: Option<String>,
 }

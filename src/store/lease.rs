@@ -134,15 +134,18 @@ struct Choice {
 /// online backend already holding it (so each model settles on as few GPUs
 /// as its backlog needs, instead of every GPU switching between all of
 /// them). Never when the best has waited longer than the preference allows.
+/// A best job that loads no model (no affinity) needs no weighing: it
+/// switches nothing, so it is taken unless the loaded model's work is there.
 ///
 /// With `with_graph`, the choice carries the job's id and graph when it is
 /// the best one (a lease checks it against the backend's inventory: one
 /// read less).
 ///
 /// A `busy` backend (one with a prompt in flight) fills its next slot only
-/// with work for the model it has loaded: taking another model early would
-/// commit it to a switch that an idle backend, or the next submission, may
-/// make unnecessary. It chooses again when its slot frees.
+/// with work for the model it has loaded, or work that loads no model:
+/// taking another model early would commit it to a switch that an idle
+/// backend, or the next submission, may make unnecessary. It chooses again
+/// when its slot frees.
 async fn choose(
     conn: &mut SqliteConnection,
     backend_id: &str,
@@ -203,6 +206,12 @@ async fn choose(
             return Ok(Some(Choice { seq, job: None }));
         }
     }
+    let Some(affinity) = affinity else {
+        // A job that loads no model commits the backend to no switch: it
+        // takes the slot, a busy backend's too (which would otherwise keep
+        // its second slot empty while such work waits).
+        return Ok(Some(the_best));
+    };
     if busy && last_affinity.is_some() {
         return Ok(None);
     }
@@ -210,31 +219,17 @@ async fn choose(
     // switch below would pick this very job. One to three index seeks,
     // where the weighing reads up to SWITCH_WINDOW jobs with their bars
     // (0.28 ms in the writer for every backend's first job on a large farm).
-    let other: bool = match affinity.as_deref() {
-        Some(a) => {
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-                     WHERE status = 'queued' AND affinity < ?1) \
-                 OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-                     WHERE status = 'queued' AND affinity > ?1) \
-                 OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-                     WHERE status = 'queued' AND affinity IS NULL)",
-            )
-            .bind(a)
-            .fetch_one(&mut *conn)
-            .await?
-        }
-        // A job that needs no model: the weighing matters only if some
-        // queued job needs one.
-        None => {
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-                     WHERE status = 'queued' AND affinity IS NOT NULL)",
-            )
-            .fetch_one(&mut *conn)
-            .await?
-        }
-    };
+    let other: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+             WHERE status = 'queued' AND affinity < ?1) \
+         OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+             WHERE status = 'queued' AND affinity > ?1) \
+         OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
+             WHERE status = 'queued' AND affinity IS NULL)",
+    )
+    .bind(&affinity)
+    .fetch_one(&mut *conn)
+    .await?;
     if !other {
         return Ok(Some(the_best));
     }
