@@ -71,7 +71,7 @@ pub(super) struct Worker {
     /// Inputs uploaded since the last connect (a reconnect may be a restart).
     uploaded: Arc<std::sync::Mutex<HashMap<String, String>>>,
     /// Heard when the prompt leased last here has been posted (or will
-    /// never be): the next one posts after it (see [`Turn`]).
+    /// never be): the next one posts after it (see [`super::attempt::Turn`]).
     pub(super) last_post: Option<tokio::sync::oneshot::Receiver<()>>,
     /// What the socket tells this backend's monitor.
     pulse: Arc<crate::monitor::Pulse>,
