@@ -733,3 +733,72 @@ async fn concurrent_submissions_with_one_idempotency_key_make_one_job() {
         "{statuses:?}"
     );
 }
+
+/// What one read of a job's page must never show, whatever the farm is doing
+/// at that moment: the page is one snapshot.
+fn coherent(job: &Value) -> Result<(), String> {
+    let leases = job["leases"].as_array().ok_or("no leases list")?;
+    let open: Vec<&Value> = leases.iter().filter(|l| l["outcome"].is_null()).collect();
+    let ok = match job["status"].as_str().ok_or("no status")? {
+        "queued" => open.is_empty() && job["backend_id"].is_null(),
+        "assigned" | "running" => open.len() == 1 && open[0]["backend_id"] == job["backend_id"],
+        "completed" => {
+            open.is_empty()
+                && leases.last().is_some_and(|l| l["outcome"] == "completed")
+                && !job["outputs"].as_array().is_some_and(Vec::is_empty)
+        }
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(job.to_string())
+    }
+}
+
+#[tokio::test]
+async fn a_jobs_page_is_one_snapshot_while_the_farm_works_on_it() {
+    let a = start_sim(0).await;
+    let b = start_sim(0).await;
+    let app = spawn_farm(vec![
+        backend("a", a.port, &[], 2),
+        backend("b", b.port, &[], 2),
+    ])
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    // Each job read over and over from its submission to its end, while
+    // the others are leased, run and completed around it.
+    let mut readers = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let id = app.submit_blur(json!({"parameters": {"color": i}})).await;
+        let (client, url) = (app.client.clone(), app.url.clone());
+        readers.spawn(async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let mut reads = 0;
+            loop {
+                let job: Value = client
+                    .get(format!("{url}/api/job/{id}"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                reads += 1;
+                coherent(&job).map_err(|j| format!("read {reads}: {j}"))?;
+                if job["status"] == "completed" {
+                    return Ok::<usize, String>(reads);
+                }
+                assert!(std::time::Instant::now() < deadline, "{id} never completed");
+            }
+        });
+    }
+    let mut reads = 0;
+    while let Some(r) = readers.join_next().await {
+        reads += r
+            .unwrap()
+            .unwrap_or_else(|e| panic!("an incoherent page: {e}"));
+    }
+    assert!(reads >= 24, "{reads}");
+}

@@ -185,7 +185,9 @@ pub struct JobDetail {
     pub waiting_for: Option<String>,
 }
 
-/// One job: manifest, bound graph, status, attempts, backend, outputs.
+/// One job: manifest, bound graph, status, attempts, backend, outputs; all
+/// of it as the database held it at one moment (a job never shows `queued`
+/// beside the lease that took it, or `completed` without its outputs).
 #[utoipa::path(
     get,
     path = "/api/job/{id}",
@@ -200,22 +202,17 @@ pub(super) async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobDetail>, ApiError> {
-    let job = state
+    let d = state
         .store
-        .job(&id)
+        .job_detail(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
-    let job = with_progress(&state, job.into());
-    let outputs = state.store.job_outputs(&id).await?;
-    let leases = state.store.job_leases(&id).await?;
-    let webhooks = state.store.job_webhooks(&id).await?;
-    let waiting_for = state.store.why_waiting(&id).await?;
     Ok(Json(JobDetail {
-        waiting_for,
-        job,
-        outputs: outputs.into_iter().map(Output::from).collect(),
-        leases: leases.into_iter().map(Lease::from).collect(),
-        webhooks: webhooks.into_iter().map(WebhookDelivery::from).collect(),
+        waiting_for: d.waiting_for,
+        job: with_progress(&state, d.job.into()),
+        outputs: d.outputs.into_iter().map(Output::from).collect(),
+        leases: d.leases.into_iter().map(Lease::from).collect(),
+        webhooks: d.webhooks.into_iter().map(WebhookDelivery::from).collect(),
     }))
 }
 

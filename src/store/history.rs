@@ -11,6 +11,14 @@ use super::model::*;
 use super::rows::*;
 use super::{fmt_time, Store, StoreError};
 
+/// A job's outputs, by name.
+const OUTPUTS_OF: &str = "SELECT name, kind, node_id, filename, subfolder, type, size, sha256, \
+     content_type, pruned_at FROM outputs WHERE job_id = ? ORDER BY name";
+
+/// A job's leases, oldest first.
+const LEASES_OF: &str = "SELECT prompt_id, attempt, backend_id, leased_at, submitted_at, \
+     started_at, finished_at, outcome, error FROM leases WHERE job_id = ? ORDER BY leased_at";
+
 /// Builds the history query; `prefix` lets tests ask for its plan.
 fn list_query<'a>(
     prefix: &str,
@@ -156,21 +164,46 @@ impl Store {
 
     /// Outputs of a job, by name.
     pub async fn job_outputs(&self, id: &str) -> Result<Vec<OutputRecord>, StoreError> {
-        self.all_by(
-            "SELECT name, kind, node_id, filename, subfolder, type, size, sha256, content_type, \
-             pruned_at FROM outputs WHERE job_id = ? ORDER BY name",
-            id,
-        )
-        .await
+        self.all_by(OUTPUTS_OF, id).await
     }
 
-    /// Leases of a job, oldest first.
-    pub async fn job_leases(&self, id: &str) -> Result<Vec<LeaseRecord>, StoreError> {
-        self.all_by(
-            "SELECT prompt_id, attempt, backend_id, leased_at, submitted_at, started_at, \
-             finished_at, outcome, error FROM leases WHERE job_id = ? ORDER BY leased_at",
-            id,
-        )
-        .await
+    /// A job with everything its page shows, read in one snapshot: separate
+    /// reads could show a job still `queued` beside the lease that took it,
+    /// or `running` beside the outputs of its end.
+    pub async fn job_detail(&self, id: &str) -> Result<Option<JobDetailRecord>, StoreError> {
+        let mut tx = self.reader().begin().await?;
+        let sql = format!(
+            "SELECT {} FROM jobs j WHERE j.id = ?",
+            job_columns("j", true)
+        );
+        let Some(job) = sqlx::query_as::<_, JobRecord>(&sql)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let outputs = sqlx::query_as(OUTPUTS_OF)
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let leases = sqlx::query_as(LEASES_OF)
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let webhooks = sqlx::query_as(super::webhooks::WEBHOOKS_OF)
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let waiting_for = super::lease::why_waiting_in(&mut tx, id).await?;
+        // Read only: nothing to commit.
+        tx.rollback().await?;
+        Ok(Some(JobDetailRecord {
+            job,
+            outputs,
+            leases,
+            webhooks,
+            waiting_for,
+        }))
     }
 }

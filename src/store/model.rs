@@ -327,6 +327,21 @@ pub struct OutputRecord {
     pub pruned_at: Option<DateTime<Utc>>,
 }
 
+/// A job and everything its page shows, from one snapshot of the database.
+#[derive(Debug, Clone)]
+pub struct JobDetailRecord {
+    /// The job.
+    pub job: JobRecord,
+    /// Its collected files.
+    pub outputs: Vec<OutputRecord>,
+    /// Its leases, oldest first.
+    pub leases: Vec<LeaseRecord>,
+    /// Its webhook deliveries.
+    pub webhooks: Vec<WebhookRecord>,
+    /// Why it is still queued, when it is.
+    pub waiting_for: Option<String>,
+}
+
 /// One lease of a job: which backend got which prompt id, and how it ended.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LeaseRecord {

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 
-use super::model::{JobStatus, Webhook, WebhookRecord};
+use super::model::{JobStatus, Webhook};
 use super::{fmt_time, Store, StoreError};
 
 /// Queues the job's webhook, inside the transaction that ends the job.
@@ -28,6 +28,10 @@ pub(super) async fn enqueue_webhook(
     .await?;
     Ok(())
 }
+
+/// A job's webhook deliveries, in the order they were queued.
+pub(super) const WEBHOOKS_OF: &str = "SELECT url, status, attempts, delivered_at, gave_up_at, \
+     last_error FROM webhook_outbox WHERE job_id = ? ORDER BY id";
 
 impl Store {
     /// Webhooks due now, oldest first.
@@ -85,15 +89,5 @@ impl Store {
                 })
             })
             .await
-    }
-
-    /// The outbox rows of a job, oldest first.
-    pub async fn job_webhooks(&self, job_id: &str) -> Result<Vec<WebhookRecord>, StoreError> {
-        self.all_by(
-            "SELECT url, status, attempts, delivered_at, gave_up_at, last_error FROM webhook_outbox \
-             WHERE job_id = ? ORDER BY id",
-            job_id,
-        )
-        .await
     }
 }
