@@ -15,6 +15,8 @@
 //! - A crash between storing a job and moving its file cannot submit it
 //!   twice: each file's idempotency key is derived from its name, size,
 //!   modification time and content, so the next scan finds the stored job.
+//!   A file that changed between settling and being read is left to settle
+//!   again, so its key and its bytes are always of the same state.
 //! - Names come from one directory listing and stay single path components:
 //!   nothing can be moved outside the inbox.
 //! - File events (the `notify` crate) start a scan at once; a periodic
@@ -310,6 +312,16 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
                 tracing::warn!(file = %path.display(), error = %e, "cannot read an inbox file; it stays there");
                 return;
             }
+            // What was read must be the file that settled: a writer that
+            // paused longer than `settle_ms` right after creating the file
+            // can have written it since. Its key would then be made of one
+            // state and its bytes of another, and after a crash before the
+            // move the next start would key it anew and submit it twice.
+            // Left for the next scan, which sees it change and settle again.
+            Ok(bytes) if !still(&path, seen, bytes.len()).await => {
+                tracing::debug!(file = %path.display(), "inbox file changed while read; it settles again");
+                return;
+            }
             Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
                 Err(e) => Err(refusal(
                     400,
@@ -391,6 +403,20 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
                 tracing::error!(file = %name, error = %err, "cannot write the error file");
             }
         }
+    }
+}
+
+/// Whether the file is still as it was when it settled, `read` bytes long.
+async fn still(path: &Path, seen: Seen, read: usize) -> bool {
+    match tokio::fs::symlink_metadata(path).await {
+        Ok(meta) => {
+            let now = Seen {
+                size: meta.len(),
+                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            };
+            now == seen && read as u64 == seen.size
+        }
+        Err(_) => false,
     }
 }
 
