@@ -51,6 +51,15 @@ struct Seen {
     modified: SystemTime,
 }
 
+impl Seen {
+    fn of(meta: &std::fs::Metadata) -> Seen {
+        Seen {
+            size: meta.len(),
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+}
+
 /// What the inbox needs: the submit path and the input files.
 #[derive(Clone)]
 pub struct Inbox {
@@ -137,11 +146,7 @@ fn list(dir: &Path) -> std::io::Result<Vec<(String, Seen)>> {
         if !meta.file_type().is_file() {
             continue;
         }
-        let seen = Seen {
-            size: meta.len(),
-            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-        };
-        found.push((name, seen));
+        found.push((name, Seen::of(&meta)));
     }
     Ok(found)
 }
@@ -408,16 +413,9 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
 
 /// Whether the file is still as it was when it settled, `read` bytes long.
 async fn still(path: &Path, seen: Seen, read: usize) -> bool {
-    match tokio::fs::symlink_metadata(path).await {
-        Ok(meta) => {
-            let now = Seen {
-                size: meta.len(),
-                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            };
-            now == seen && read as u64 == seen.size
-        }
-        Err(_) => false,
-    }
+    tokio::fs::symlink_metadata(path)
+        .await
+        .is_ok_and(|meta| Seen::of(&meta) == seen && read as u64 == seen.size)
 }
 
 /// The idempotency key of one dropped file: the same file seen again after a

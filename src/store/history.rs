@@ -19,6 +19,14 @@ const OUTPUTS_OF: &str = "SELECT name, kind, node_id, filename, subfolder, type,
 const LEASES_OF: &str = "SELECT prompt_id, attempt, backend_id, leased_at, submitted_at, \
      started_at, finished_at, outcome, error FROM leases WHERE job_id = ? ORDER BY leased_at";
 
+/// One job, with every column its record has.
+fn one_job() -> String {
+    format!(
+        "SELECT {} FROM jobs j WHERE j.id = ?",
+        job_columns("j", true)
+    )
+}
+
 /// Builds the history query; `prefix` lets tests ask for its plan.
 fn list_query<'a>(
     prefix: &str,
@@ -69,11 +77,7 @@ fn list_query<'a>(
 impl Store {
     /// One job, with its manifest and graph.
     pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {} FROM jobs j WHERE j.id = ?",
-            job_columns("j", true)
-        );
-        self.one_by(&sql, id).await
+        self.one_by(&one_job(), id).await
     }
 
     /// A job's workflow and times, without its manifest and graph (for metrics).
@@ -172,11 +176,7 @@ impl Store {
     /// or `running` beside the outputs of its end.
     pub async fn job_detail(&self, id: &str) -> Result<Option<JobDetailRecord>, StoreError> {
         let mut tx = self.reader().begin().await?;
-        let sql = format!(
-            "SELECT {} FROM jobs j WHERE j.id = ?",
-            job_columns("j", true)
-        );
-        let Some(job) = sqlx::query_as::<_, JobRecord>(&sql)
+        let Some(job) = sqlx::query_as::<_, JobRecord>(&one_job())
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
