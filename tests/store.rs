@@ -5,8 +5,8 @@ mod common;
 use chrono::Duration;
 use common::*;
 use orchestrator::store::{
-    AdminState, AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, LeaseTry, LostOutcome,
-    LostRun, Preference, StoreError,
+    AdminState, AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, CleanupEntry, LeaseTry,
+    LostOutcome, LostRun, Preference, StoreError,
 };
 use serde_json::json;
 
@@ -789,4 +789,52 @@ async fn a_lease_is_recorded_with_its_event_and_a_token_that_only_rises() {
         lease["submitted_at"].is_string() && lease["started_at"].is_string(),
         "{lease}"
     );
+}
+
+#[tokio::test]
+async fn the_farm_at_a_glance_names_due_work_and_the_backends_that_hold_something() {
+    // What the idle workers' safety nets read once for all of them: with
+    // nothing due and nothing held, they skip their own reads.
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[]), ("n2", &[])]).await;
+    let glance = app.store.farm_glance().await.unwrap();
+    assert!(!glance.due && glance.holders.is_empty(), "{glance:?}");
+
+    let id = app.submit_blur(json!({})).await;
+    let glance = app.store.farm_glance().await.unwrap();
+    assert!(glance.due, "a queued job is due");
+    assert!(glance.holders.is_empty(), "{glance:?}");
+
+    let lease = app.store.lease_next("n1").await.unwrap().expect("leased");
+    assert_eq!(lease.job_id, id);
+    let glance = app.store.farm_glance().await.unwrap();
+    assert!(!glance.due, "the only job is leased");
+    assert_eq!(glance.holders, ["n1".to_string()].into());
+
+    // A prompt given up on (its job queued again) still has to be removed
+    // from its backend: that backend holds something too.
+    assert!(app
+        .store
+        .requeue_lost(&id, lease.token, "backend lost it".into(), false)
+        .await
+        .unwrap());
+    app.store
+        .add_cleanup(CleanupEntry::new(
+            &lease.prompt_id,
+            "n2",
+            Some(&id),
+            "given up on",
+            chrono::Utc::now(),
+        ))
+        .await
+        .unwrap();
+    let glance = app.store.farm_glance().await.unwrap();
+    assert!(glance.due, "queued again");
+    assert_eq!(glance.holders, ["n2".to_string()].into());
+    app.store
+        .cleanup_done(vec![lease.prompt_id.clone()])
+        .await
+        .unwrap();
+    let glance = app.store.farm_glance().await.unwrap();
+    assert!(glance.holders.is_empty(), "{glance:?}");
 }

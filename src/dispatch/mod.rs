@@ -25,6 +25,7 @@
 
 mod attempt;
 mod fill;
+mod glance;
 mod idle;
 mod link;
 mod outputs;
@@ -104,6 +105,8 @@ struct Shared {
     idle: idle::IdleWorkers,
     /// Where the farm's timers are laid out from (see [`SLOTS`]).
     epoch: tokio::time::Instant,
+    /// One look at the farm for the safety nets of a slot's workers.
+    glances: glance::Glances,
 }
 
 /// The periodic work of workers and monitors (ticks, pings, polls) falls in
@@ -289,6 +292,7 @@ impl Farm {
                     .map(|b| (b.id.as_str(), b.tags.as_slice())),
             ),
             epoch: tokio::time::Instant::now(),
+            glances: Default::default(),
         });
         tasks.spawn(wake_when_due(shared.clone()));
         let interval = Duration::from_millis(config.monitor.poll_interval_ms);

@@ -200,25 +200,39 @@ impl Worker {
                 _ = broadcast.changed() => wake = Some(Wake::Always),
                 _ = bell.notified() => wake = Some(Wake::Always),
                 _ = flush.tick(), if self.progress.has_pending() => self.progress.flush().await,
-                _ = tick.tick() => {
+                at = tick.tick() => {
                     // Safety nets only (queued jobs ring a waiting worker;
                     // a connect reconciles), so rarer for a worker holding
-                    // nothing: on a large farm these reads were most of an
-                    // idle orchestrator's database work.
+                    // nothing, and skipped when the farm's glance (read
+                    // once for this slot's workers) says they would find
+                    // nothing: on a large farm these reads were most of
+                    // an idle orchestrator's database work.
+                    let idle = self.tracked.is_empty() && !self.stuck;
                     let net = if self.tracked.is_empty() { poll * 15 } else { poll * 5 };
-                    if last_fill.elapsed() >= net {
+                    let (look_due, round_due) = (last_fill.elapsed() >= net, last_round.elapsed() >= net);
+                    let glance = if look_due || round_due {
+                        self.shared.glances.for_tick(at, &self.shared.store).await
+                    } else {
+                        None
+                    };
+                    let nets = super::glance::nets(&self.id, look_due, round_due, idle, glance.as_deref());
+                    if nets.look {
                         wake = Some(Wake::Always);
+                    } else if look_due {
+                        last_fill = Instant::now();
                     }
                     self.check_health().await;
                     self.check_timeouts().await;
                     // Ask the backend now and then about anything missed.
                     let due = self.reconcile_at.is_some_and(|t| Instant::now() >= t);
-                    if due || last_round.elapsed() >= net {
+                    if due || nets.reconcile {
                         self.reconcile_at = None;
                         self.reconcile().await;
                         // Paced from its end: a backend that answers
                         // slowly is not asked again at once, and the
                         // worker hears its socket and helpers between.
+                        last_round = Instant::now();
+                    } else if round_due {
                         last_round = Instant::now();
                     }
                 }

@@ -95,6 +95,17 @@ pub enum LeaseTry {
     Closed,
 }
 
+/// The farm at a glance, for safety nets: read once for all the workers
+/// whose nets fall due together instead of a few reads by each of them.
+#[derive(Debug, Clone, Default)]
+pub struct FarmGlance {
+    /// Some queued job is due now.
+    pub due: bool,
+    /// Backends that hold a job (assigned or running) or have prompts on
+    /// their cleanup list.
+    pub holders: std::collections::HashSet<String>,
+}
+
 /// How a free backend chooses among jobs of the same priority.
 #[derive(Debug, Clone, Copy)]
 pub struct Preference {
@@ -553,6 +564,31 @@ impl Store {
         Ok(match found {
             Some(_) => None,
             None => Some(self.nothing_or_elsewhere().await?),
+        })
+    }
+
+    /// What the idle workers' safety nets need to know, for the whole farm
+    /// at once: whether any queued job is due, and which backends hold jobs
+    /// or have prompts to clean up (see `dispatch::glance`).
+    pub async fn farm_glance(&self) -> Result<FarmGlance, StoreError> {
+        let mut conn = self.reader().acquire().await?;
+        let due: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue \
+             WHERE status = 'queued' AND (not_before IS NULL OR not_before <= ?1))",
+        )
+        .bind(fmt_time(Utc::now()))
+        .fetch_one(&mut *conn)
+        .await?;
+        let holders: Vec<String> = sqlx::query_scalar(
+            "SELECT backend_id FROM jobs WHERE status IN ('assigned', 'running') \
+             AND backend_id IS NOT NULL \
+             UNION SELECT backend_id FROM prompt_cleanup",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(FarmGlance {
+            due,
+            holders: holders.into_iter().collect(),
         })
     }
 

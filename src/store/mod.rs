@@ -54,7 +54,7 @@ pub use farm::{Attempt, QueueSample};
 pub use inputs::{InputDeleting, InputDeletion, InputRecord, InputUse, InputsNamed};
 pub use inventory::InventorySummary;
 pub use lease::MAX_FAILURES_PER_BACKEND;
-pub use lease::{Fit, LeaseTry, Preference};
+pub use lease::{FarmGlance, Fit, LeaseTry, Preference};
 pub use model::*;
 pub use retention::StaleOutput;
 pub use transitions::{LostOutcome, LostRun};
