@@ -146,7 +146,7 @@ pub async fn run(
         // every RECORD_EVERY (for `last_seen`): not on every poll.
         let seen = Seen::of(&probed);
         let (same, fresh) = match &recorded {
-            Some((s, at)) if *s == seen => (true, at.elapsed() < RECORD_EVERY),
+            Some((s, at)) if *s == seen => (true, still_fresh(at.elapsed(), interval)),
             _ => (false, false),
         };
         if !fresh {
@@ -197,6 +197,13 @@ const HOLD_FOR_INVENTORY: u32 = 3;
 
 /// The longest a poll result may go unrecorded when nothing changed.
 const RECORD_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether a record `age` old may wait for a later poll. Within a poll
+/// interval of [`RECORD_EVERY`] it may not: a heard box is polled every
+/// 30 s, and a record a hair younger than that would wait a whole poll more.
+fn still_fresh(age: Duration, interval: Duration) -> bool {
+    age + interval < RECORD_EVERY
+}
 
 /// After this long offline, a backend is polled less often...
 const BACK_OFF_AFTER: Duration = Duration::from_secs(60);
@@ -332,6 +339,19 @@ mod tests {
         );
         let slow = Duration::from_secs(60);
         assert_eq!(next_poll(slow, Some(Duration::from_secs(600)), false), slow);
+    }
+
+    #[test]
+    fn a_heard_box_polled_every_30_s_moves_its_last_seen_at_each_poll() {
+        let i = Duration::from_secs(2);
+        let heard_poll = i * QUIET_FACTOR;
+        assert_eq!(heard_poll, RECORD_EVERY);
+        // The next poll comes a little less than 30 s after the last record
+        // (the record follows the poll's answer): it records.
+        assert!(!still_fresh(heard_poll - Duration::from_millis(3), i));
+        // A box polled every 2 s records every 30 s, not at each poll.
+        assert!(still_fresh(Duration::from_secs(20), i));
+        assert!(!still_fresh(Duration::from_secs(28), i));
     }
 
     #[tokio::test(start_paused = true)]

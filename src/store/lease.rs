@@ -467,6 +467,10 @@ pub(super) async fn unrunnable_reason(
 /// The jobs a backend holds.
 const HELD: &str = "j.status IN ('assigned', 'running')";
 
+/// Whether any queued job is due at `?1` (for any backend).
+const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue \
+     WHERE status = 'queued' AND (not_before IS NULL OR not_before <= ?1))";
+
 const ACTIVE_SELECT: &str =
     "SELECT j.id, j.prompt_id, j.lease_token, j.status, j.attempts, j.cancel_requested, \
      j.timeout_s, l.submitted_at IS NOT NULL AS submitted, l.leased_at, \
@@ -522,13 +526,10 @@ impl Store {
     /// another backend may run it), which a worker that was rung for a job
     /// needs to know: to pass the ring on, or to end it there.
     async fn nothing_or_elsewhere(&self) -> Result<LeaseTry, StoreError> {
-        let due: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue \
-             WHERE status = 'queued' AND (not_before IS NULL OR not_before <= ?1))",
-        )
-        .bind(fmt_time(Utc::now()))
-        .fetch_one(self.reader())
-        .await?;
+        let due: bool = sqlx::query_scalar(ANY_DUE)
+            .bind(fmt_time(Utc::now()))
+            .fetch_one(self.reader())
+            .await?;
         Ok(if due {
             LeaseTry::Elsewhere
         } else {
@@ -572,13 +573,10 @@ impl Store {
     /// or have prompts to clean up (see `dispatch::glance`).
     pub async fn farm_glance(&self) -> Result<FarmGlance, StoreError> {
         let mut conn = self.reader().acquire().await?;
-        let due: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue \
-             WHERE status = 'queued' AND (not_before IS NULL OR not_before <= ?1))",
-        )
-        .bind(fmt_time(Utc::now()))
-        .fetch_one(&mut *conn)
-        .await?;
+        let due: bool = sqlx::query_scalar(ANY_DUE)
+            .bind(fmt_time(Utc::now()))
+            .fetch_one(&mut *conn)
+            .await?;
         let holders: Vec<String> = sqlx::query_scalar(
             "SELECT backend_id FROM jobs WHERE status IN ('assigned', 'running') \
              AND backend_id IS NOT NULL \
