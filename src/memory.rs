@@ -67,8 +67,8 @@ fn free_bytes() -> usize {
     0
 }
 
-/// The CPU time the process has used.
-fn cpu_time() -> Duration {
+/// The CPU time the process has used, where it can be read.
+fn cpu_time() -> Option<Duration> {
     #[cfg(target_os = "linux")]
     {
         let mut ts = libc::timespec {
@@ -77,11 +77,19 @@ fn cpu_time() -> Duration {
         };
         // SAFETY: clock_gettime writes the timespec it is given, nothing else.
         if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
-            return Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+            return Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
         }
     }
-    // Unknown: always busy (look every time).
-    Duration::MAX
+    None
+}
+
+/// Whether the process used [`BUSY`] CPU between two readings; when the
+/// clock cannot be read, it counts as busy (the heap is looked at each time).
+fn busy_between(then: Option<Duration>, now: Option<Duration>) -> bool {
+    match (then, now) {
+        (Some(then), Some(now)) => now.saturating_sub(then) >= BUSY,
+        _ => true,
+    }
 }
 
 /// When to trim, from what the heap held free at each look.
@@ -129,7 +137,7 @@ pub async fn trim_now_and_then(stop: CancellationToken) {
     let mut cpu_then = cpu_time();
     every(LOOK_EVERY, First::AfterPeriod, stop, move || {
         let cpu = cpu_time();
-        let busy = cpu.saturating_sub(cpu_then) >= BUSY;
+        let busy = busy_between(cpu_then, cpu);
         cpu_then = cpu;
         let due = trimmer.look(busy.then(free_bytes));
         async move {
@@ -179,14 +187,24 @@ mod tests {
     }
 
     #[test]
+    fn a_second_counts_as_busy_after_100_ms_of_cpu_or_when_the_clock_is_unknown() {
+        let at = |ms| Some(Duration::from_millis(ms));
+        assert!(!busy_between(at(1_000), at(1_099)));
+        assert!(busy_between(at(1_000), at(1_100)));
+        assert!(busy_between(None, at(1_000)));
+        assert!(busy_between(at(1_000), None));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
     fn the_process_cpu_clock_moves_with_work() {
-        let before = cpu_time();
+        let before = cpu_time().expect("the process CPU clock");
         let mut x = 0u64;
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_millis(30) {
             x = std::hint::black_box(x.wrapping_add(1));
         }
-        assert!(cpu_time() > before);
+        assert!(cpu_time().expect("the process CPU clock") > before);
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
