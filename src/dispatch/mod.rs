@@ -21,7 +21,8 @@
 //! each followed prompt stands: the one state machine), [`attempt`] (one
 //! attempt's steps: submit, finish, fail, cancel, time out), [`reconcile`]
 //! (asking the backend, the cleanup list, taking jobs back), [`outputs`]
-//! (downloads), [`progress`] (live progress and previews).
+//! (downloads), [`progress`] (live progress and previews), [`idle`] (who
+//! waits for work), [`glance`] (one read of the farm for the safety nets).
 
 mod attempt;
 mod fill;
