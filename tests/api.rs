@@ -760,31 +760,24 @@ fn coherent(job: &Value) -> Result<(), String> {
 async fn a_jobs_page_is_one_snapshot_while_the_farm_works_on_it() {
     let a = start_sim(0).await;
     let b = start_sim(0).await;
-    let app = spawn_farm(vec![
-        backend("a", a.port, &[], 2),
-        backend("b", b.port, &[], 2),
-    ])
-    .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
+    let app = std::sync::Arc::new(
+        spawn_farm_online(vec![
+            backend("a", a.port, &[], 2),
+            backend("b", b.port, &[], 2),
+        ])
+        .await,
+    );
     // Each job read over and over from its submission to its end, while
     // the others are leased, run and completed around it.
     let mut readers = tokio::task::JoinSet::new();
     for i in 0..24 {
         let id = app.submit_blur(json!({"parameters": {"color": i}})).await;
-        let (client, url) = (app.client.clone(), app.url.clone());
+        let app = app.clone();
         readers.spawn(async move {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             let mut reads = 0;
             loop {
-                let job: Value = client
-                    .get(format!("{url}/api/job/{id}"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let job = app.job(&id).await;
                 reads += 1;
                 coherent(&job).map_err(|j| format!("read {reads}: {j}"))?;
                 if job["status"] == "completed" {

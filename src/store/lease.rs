@@ -577,11 +577,10 @@ impl Store {
             .bind(fmt_time(Utc::now()))
             .fetch_one(&mut *conn)
             .await?;
-        let holders: Vec<String> = sqlx::query_scalar(
-            "SELECT backend_id FROM jobs WHERE status IN ('assigned', 'running') \
-             AND backend_id IS NOT NULL \
-             UNION SELECT backend_id FROM prompt_cleanup",
-        )
+        let holders: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT j.backend_id FROM jobs j WHERE {HELD} AND j.backend_id IS NOT NULL \
+             UNION SELECT backend_id FROM prompt_cleanup"
+        ))
         .fetch_all(&mut *conn)
         .await?;
         Ok(FarmGlance {
