@@ -179,9 +179,17 @@ impl Store {
         // on a farm that writes all the time a reader's cache serves one
         // query, so it needs little room (256 KiB, not SQLite's 2 MB); what
         // a large read pulls in is not kept four times over.
+        //
+        // No ping before each read (sqlx's default, made for connections
+        // over a network): a file's connection cannot have hung up, a broken
+        // one fails its query just the same, and the ping was one more round
+        // trip to the connection's thread before every read. (The pool still
+        // pings a connection as it comes back, which settles a read dropped
+        // half-way.)
         let read = SqlitePoolOptions::new()
             .max_connections(db.read_connections)
             .min_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true).pragma("cache_size", "-256"))
             .await?;
         let (writer, writer_runtime) = writer::Writer::spawn(conn, db.max_batch)?;
