@@ -54,20 +54,24 @@ pub async fn run(
     // Followed from before the first look at the outbox: no end falls between.
     let mut ends = std::pin::pin!(events.follow_from(ends, None).1);
     loop {
-        match store.due_webhooks(32).await {
-            Ok(due) => {
+        let wait = match store.webhook_queue(32).await {
+            // Delivered ones may be due again soon (a retry): look again
+            // at once rather than trust a time read before they were tried.
+            Ok((due, _)) if !due.is_empty() => {
                 for hook in due {
                     deliver(&store, &config, &http, hook).await;
                 }
+                Duration::ZERO
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read the webhook outbox"),
-        }
-        let wait = match store.next_webhook_at().await {
-            Ok(Some(at)) => (at - chrono::Utc::now())
+            Ok((_, Some(at))) => (at - chrono::Utc::now())
                 .to_std()
                 .unwrap_or(Duration::ZERO)
                 .min(Duration::from_secs(60)),
-            _ => Duration::from_secs(60),
+            Ok((_, None)) => Duration::from_secs(60),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the webhook outbox");
+                Duration::from_secs(1)
+            }
         };
         tokio::select! {
             _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}

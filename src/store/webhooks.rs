@@ -34,27 +34,37 @@ pub(super) const WEBHOOKS_OF: &str = "SELECT url, status, attempts, delivered_at
      last_error FROM webhook_outbox WHERE job_id = ? ORDER BY id";
 
 impl Store {
-    /// Webhooks due now, oldest first.
-    pub async fn due_webhooks(&self, limit: i64) -> Result<Vec<Webhook>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, job_id, url, attempts FROM webhook_outbox INDEXED BY webhook_due \
-             WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= ? \
+    /// Webhooks due now (at most `limit`, oldest first), and when the next
+    /// pending one falls due after them, if any: one read, because the
+    /// webhook task asks after every batch of job ends and most jobs name
+    /// no callback (it was two reads each time, a tenth of a busy farm's
+    /// reads).
+    pub async fn webhook_queue(
+        &self,
+        limit: usize,
+    ) -> Result<(Vec<Webhook>, Option<DateTime<Utc>>), StoreError> {
+        let rows: Vec<(i64, String, String, i64, String)> = sqlx::query_as(
+            "SELECT id, job_id, url, attempts, next_attempt_at FROM webhook_outbox \
+             INDEXED BY webhook_due WHERE delivered_at IS NULL AND gave_up_at IS NULL \
              ORDER BY next_attempt_at LIMIT ?",
         )
-        .bind(fmt_time(Utc::now()))
-        .bind(limit)
+        .bind(limit as i64 + 1)
         .fetch_all(self.reader())
-        .await?)
-    }
-
-    /// When the next webhook falls due, if any is pending.
-    pub async fn next_webhook_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let s: Option<String> = sqlx::query_scalar(
-            "SELECT min(next_attempt_at) FROM webhook_outbox WHERE delivered_at IS NULL AND gave_up_at IS NULL",
-        )
-        .fetch_one(self.reader())
         .await?;
-        Ok(s.as_deref().and_then(super::parse_time))
+        let now = fmt_time(Utc::now());
+        let mut due = Vec::new();
+        for (id, job_id, url, attempts, at) in rows {
+            if due.len() == limit || at > now {
+                return Ok((due, super::parse_time(&at)));
+            }
+            due.push(Webhook {
+                id,
+                job_id,
+                url,
+                attempts,
+            });
+        }
+        Ok((due, None))
     }
 
     /// Records one delivery try: delivered, retry at `next`, or given up (`next: None`).
@@ -89,5 +99,57 @@ impl Store {
                 })
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    #[tokio::test]
+    async fn one_read_gives_the_due_webhooks_and_when_the_next_falls_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite"), &Default::default())
+            .await
+            .unwrap();
+        let (empty, next) = store.webhook_queue(32).await.unwrap();
+        assert!(empty.is_empty() && next.is_none(), "nothing queued");
+        for job in ["j1", "j2", "j3"] {
+            store
+                .writer()
+                .write(move |conn| {
+                    Box::pin(async move {
+                        enqueue_webhook(conn, job, "http://127.0.0.1:9/hook", JobStatus::Completed)
+                            .await
+                    })
+                })
+                .await
+                .unwrap();
+        }
+        // j2's first try failed: its retry falls due in a minute.
+        let retry = Utc::now() + Duration::minutes(1);
+        let (due, _) = store.webhook_queue(32).await.unwrap();
+        let j2 = due.iter().find(|h| h.job_id == "j2").unwrap().id;
+        store
+            .webhook_tried(j2, false, Some("refused".into()), Some(retry))
+            .await
+            .unwrap();
+
+        let (due, next) = store.webhook_queue(32).await.unwrap();
+        let jobs: Vec<&str> = due.iter().map(|h| h.job_id.as_str()).collect();
+        assert_eq!(jobs, ["j1", "j3"], "the due ones, oldest first");
+        assert_eq!(next.map(fmt_time), Some(fmt_time(retry)), "then j2's retry");
+        // More due than the limit: the rest are due now.
+        let (due, next) = store.webhook_queue(1).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert!(next.unwrap() <= Utc::now(), "{next:?}");
+        // Delivered ones leave the queue.
+        for h in store.webhook_queue(32).await.unwrap().0 {
+            store.webhook_tried(h.id, true, None, None).await.unwrap();
+        }
+        let (due, next) = store.webhook_queue(32).await.unwrap();
+        assert!(due.is_empty());
+        assert_eq!(next.map(fmt_time), Some(fmt_time(retry)));
     }
 }
