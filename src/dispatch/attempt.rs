@@ -347,13 +347,17 @@ impl Ctx {
             .history(&held.prompt_id)
             .await?
             .ok_or_else(|| DispatchError::NoHistory(held.prompt_id.clone()))?;
-        let cancel_requested = self
-            .shared
-            .store
-            .lease_of(job_id)
-            .await?
-            .is_some_and(|a| a.cancel_requested);
         let end = entry.end();
+        // An interrupted prompt is a cancel when one was asked for (read
+        // now: it may have come after this attempt began); no other end
+        // needs to know, and most prompts succeed.
+        let cancel_requested = matches!(end, PromptEnd::Interrupted { .. })
+            && self
+                .shared
+                .store
+                .lease_of(job_id)
+                .await?
+                .is_some_and(|a| a.cancel_requested);
         match &end {
             PromptEnd::Success => {
                 let dir = self.shared.outputs_dir.join(job_id);

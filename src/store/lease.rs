@@ -539,32 +539,34 @@ impl Store {
 
     /// Whether the backend takes jobs now and some queued job is eligible
     /// there (read-only): `None` if one is, else why there is nothing to
-    /// lease (`Closed`, `Nothing` or `Elsewhere`). The backend first: a
-    /// closed one would otherwise find an eligible job and take a writer's
-    /// turn to learn it is closed.
+    /// lease (`Closed`, `Nothing` or `Elsewhere`). A closed backend is
+    /// `Closed` even with a job eligible there: it would otherwise take a
+    /// writer's turn to learn it is closed.
     async fn may_lease(&self, backend_id: &str) -> Result<Option<LeaseTry>, StoreError> {
-        let backend: Option<(bool, Option<AdminState>, BackendState)> = sqlx::query_as(
-            "SELECT config_enabled, admin_state, state FROM backends WHERE id = ? AND configured = 1",
-        )
-        .bind(backend_id)
-        .fetch_optional(self.reader())
-        .await?;
-        match backend {
-            Some((config, admin, BackendState::Online)) if backend_enabled(config, admin) => {}
-            _ => return Ok(Some(LeaseTry::Closed)),
-        }
-        let now = fmt_time(Utc::now());
-        let found: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT j.seq FROM jobs j INDEXED BY jobs_queue, backends b WHERE b.id = ?2 AND {} LIMIT 1",
-            eligible()
-        ))
-        .bind(&now)
-        .bind(backend_id)
-        .fetch_optional(self.reader())
-        .await?;
-        Ok(match found {
-            Some(_) => None,
-            None => Some(self.nothing_or_elsewhere().await?),
+        // One read for both (each read is a round trip to SQLite's thread,
+        // and every lease of a busy farm asks this first).
+        let backend: Option<(bool, Option<AdminState>, BackendState, bool)> =
+            sqlx::query_as(&format!(
+                "SELECT b.config_enabled, b.admin_state, b.state, \
+                 EXISTS (SELECT 1 FROM jobs j INDEXED BY jobs_queue WHERE {}) \
+                 FROM backends b WHERE b.id = ?2 AND b.configured = 1",
+                eligible()
+            ))
+            .bind(fmt_time(Utc::now()))
+            .bind(backend_id)
+            .fetch_optional(self.reader())
+            .await?;
+        Ok(match backend {
+            Some((config, admin, BackendState::Online, found))
+                if backend_enabled(config, admin) =>
+            {
+                if found {
+                    None
+                } else {
+                    Some(self.nothing_or_elsewhere().await?)
+                }
+            }
+            _ => Some(LeaseTry::Closed),
         })
     }
 
