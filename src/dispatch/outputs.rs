@@ -163,7 +163,8 @@ pub(super) async fn collect(
             size += chunk.len() as i64;
             held.extend_from_slice(&chunk);
             if held.len() >= PIECE {
-                let (path, piece) = (part.path.clone(), std::mem::take(&mut held));
+                let piece = std::mem::replace(&mut held, Vec::with_capacity(PIECE));
+                let path = part.path.clone();
                 file = Some(blocking(move || write_piece(file, &path, &piece)).await?);
             }
         }
