@@ -278,10 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_subscriber_that_falls_behind_its_buffer_reads_the_rest_from_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), &Default::default())
-            .await
-            .unwrap();
+        let (_dir, store) = Store::temporary().await;
         let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
         let hub = EventHub::start(store.clone(), stop.clone(), &tasks)
             .await
@@ -319,10 +316,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_from_now_gets_every_later_event_and_none_of_the_history() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), &Default::default())
-            .await
-            .unwrap();
+        let (_dir, store) = Store::temporary().await;
         let note = |m: &str| store.note_event("j", "note", "b", m.to_string(), None);
         note("before the hub").await.unwrap();
         let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());

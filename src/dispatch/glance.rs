@@ -143,10 +143,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_workers_of_one_tick_share_one_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite"), &Default::default())
-            .await
-            .unwrap();
+        let (_dir, store) = Store::temporary().await;
         let glances = Glances::default();
         let tick = Instant::now();
         let first = glances.for_tick(tick, &store).await.unwrap();

@@ -216,6 +216,17 @@ impl Store {
         Ok(store)
     }
 
+    /// A store in a temporary folder of its own, for unit tests (the
+    /// folder goes when the returned guard is dropped).
+    #[cfg(test)]
+    pub(crate) async fn temporary() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite"), &Default::default())
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
     /// The read pool, for queries.
     pub(crate) fn reader(&self) -> &SqlitePool {
         &self.read

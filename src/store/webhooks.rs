@@ -37,7 +37,7 @@ impl Store {
     /// Webhooks due now (at most `limit`, oldest first), and when the next
     /// pending one falls due after them, if any: one read, because the
     /// webhook task asks after every batch of job ends and most jobs name
-    /// no callback (it was two reads each time, a tenth of a busy farm's
+    /// no callback (it was two reads each time, a sixth of a busy farm's
     /// reads).
     pub async fn webhook_queue(
         &self,
@@ -109,10 +109,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_read_gives_the_due_webhooks_and_when_the_next_falls_due() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite"), &Default::default())
-            .await
-            .unwrap();
+        let (_dir, store) = Store::temporary().await;
         let (empty, next) = store.webhook_queue(32).await.unwrap();
         assert!(empty.is_empty() && next.is_none(), "nothing queued");
         for job in ["j1", "j2", "j3"] {
