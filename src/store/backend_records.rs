@@ -14,7 +14,9 @@ use utoipa::ToSchema;
 #[serde(rename_all = "lowercase")]
 #[sqlx(rename_all = "lowercase")]
 pub enum BackendState {
-    /// Not polled yet since start-up.
+    /// Not polled yet since it was first configured. (After a restart a
+    /// backend keeps the state of its last poll until the next one: work
+    /// resumes on the boxes that were up without waiting for every poll.)
     Unknown,
     /// Answering, and of a version we can drive.
     Online,
