@@ -173,20 +173,20 @@ pub(super) async fn collect(
         // it is new) reach the disk too before the job says `completed`:
         // after a power cut a completed job's files are where its record
         // says.
-        let last = i + 1 == files.len();
+        let folder = (i + 1 == files.len()).then(|| dir.to_path_buf());
         let (path, dest) = (part.path.clone(), dir.join(&name));
         blocking(move || {
             let file = write_piece(file, &path, &held)?;
             file.sync_all().map_err(|e| io_error(&path, e))?;
             drop(file);
             std::fs::rename(&path, &dest).map_err(|e| io_error(&dest, e))?;
-            match (last, dest.parent()) {
-                (true, Some(dir)) => [Some(dir), dir.parent()]
+            if let Some(folder) = &folder {
+                [Some(folder.as_path()), folder.parent()]
                     .into_iter()
                     .flatten()
-                    .try_for_each(sync_dir),
-                _ => Ok(()),
+                    .try_for_each(sync_dir)?;
             }
+            Ok(())
         })
         .await?;
         part.keep = true;
