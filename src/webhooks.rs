@@ -56,7 +56,8 @@ pub async fn run(
     loop {
         let wait = match store.webhook_queue(32).await {
             // Delivered ones may be due again soon (a retry): look again
-            // at once rather than trust a time read before they were tried.
+            // after the loop's shortest wait rather than trust a time read
+            // before they were tried.
             Ok((due, _)) if !due.is_empty() => {
                 for hook in due {
                     deliver(&store, &config, &http, hook).await;
