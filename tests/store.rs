@@ -6,7 +6,7 @@ use chrono::Duration;
 use common::*;
 use orchestrator::store::{
     AdminState, AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, CleanupEntry, LeaseTry,
-    LostOutcome, LostRun, Preference, StoreError,
+    LostOutcome, LostRun, OutputRecord, Preference, StoreError,
 };
 use serde_json::json;
 
@@ -99,6 +99,7 @@ async fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_one() {
     assert_eq!(new.attempt, 1, "a lost lease does not burn an attempt");
 
     // The stale worker tries every transition: each is refused, nothing changes.
+    let events_before = app.events(&id).await.len();
     assert!(matches!(
         app.store.mark_running(&id, old.token).await,
         Err(StoreError::LeaseLost)
@@ -137,6 +138,19 @@ async fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_one() {
     let job = app.job(&id).await;
     assert_eq!(job["status"], "assigned");
     assert_eq!(job["prompt_id"], new.prompt_id.as_str());
+    assert_eq!(
+        app.events(&id).await.len(),
+        events_before,
+        "no event appended"
+    );
+    let current = &job["leases"][1];
+    assert_eq!(current["prompt_id"], new.prompt_id.as_str());
+    assert!(
+        current["submitted_at"].is_null()
+            && current["started_at"].is_null()
+            && current["finished_at"].is_null(),
+        "the new lease is untouched: {current}"
+    );
 
     // The current lease works, and answers with what the metrics need
     // (the job's workflow, its submission and start), once.
@@ -837,4 +851,131 @@ async fn the_farm_at_a_glance_names_due_work_and_the_backends_that_hold_somethin
         .unwrap();
     let glance = app.store.farm_glance().await.unwrap();
     assert!(glance.holders.is_empty(), "{glance:?}");
+}
+
+fn output(name: &str, size: i64) -> OutputRecord {
+    OutputRecord {
+        name: name.into(),
+        kind: "images".into(),
+        node_id: "9".into(),
+        filename: format!("{name}.png"),
+        subfolder: "shots/é 1".into(),
+        file_type: "output".into(),
+        size,
+        sha256: format!("{size:064x}"),
+        content_type: "image/png".into(),
+        pruned_at: None,
+    }
+}
+
+#[tokio::test]
+async fn every_end_of_a_job_is_stored_whole_with_its_outputs_event_and_webhook() {
+    // A job's end goes to SQLite as one text of several statements: each
+    // of them must land, with its own values, and a stale lease none.
+    let app = spawn_app().await;
+    online_backend(&app, "n1").await;
+    let hook = "http://127.0.0.1:9/hook";
+
+    // Completed with two outputs, a callback and a cancel that came too late.
+    let done = app.submit_blur(json!({ "callback_url": hook })).await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    assert_eq!(l.job_id, done);
+    app.store.request_cancel(&done).await.unwrap();
+    assert!(app.store.mark_submitted(&done, l.token).await.unwrap());
+    app.store.mark_running(&done, l.token).await.unwrap();
+    let outputs = vec![output("b_00001", 1_500_000), output("a_00002", 7)];
+    app.store.complete(&done, l.token, outputs).await.unwrap();
+    let job = app.job(&done).await;
+    assert_eq!(job["status"], "completed");
+    let mut stored = job["outputs"].as_array().unwrap().clone();
+    stored.sort_by_key(|o| o["name"].as_str().unwrap().to_string());
+    let expected: Vec<_> = [("a_00002", 7), ("b_00001", 1_500_000)]
+        .map(|(name, size)| {
+            json!({
+                "name": name, "kind": "images", "node_id": "9", "filename": format!("{name}.png"),
+                "subfolder": "shots/é 1", "type": "output", "size": size,
+                "sha256": format!("{size:064x}"), "content_type": "image/png",
+            })
+        })
+        .into();
+    assert_eq!(stored, expected, "every field of every output");
+    assert_eq!(job["leases"][0]["outcome"], "completed");
+    assert!(job["leases"][0]["finished_at"].is_string());
+    assert_eq!(job["webhooks"].as_array().unwrap().len(), 1, "{job}");
+    assert_eq!(job["webhooks"][0]["url"], hook);
+    assert_eq!(job["webhooks"][0]["status"], "completed");
+    let events = app.events(&done).await;
+    let tail: Vec<_> = events[events.len() - 2..]
+        .iter()
+        .map(|e| (e["kind"].clone(), e["status"].clone(), e["attempt"].clone()))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (json!("completed"), json!("completed"), json!(1)),
+            (json!("cancel_too_late"), json!("completed"), json!(1)),
+        ]
+    );
+    let completed = &events[events.len() - 2];
+    assert_eq!(
+        completed["message"],
+        "completed on backend n1 with 2 output(s)"
+    );
+    assert_eq!(
+        completed["data"],
+        json!({ "outputs": ["b_00001", "a_00002"] })
+    );
+    assert_eq!(completed["workflow_id"], "image_blur");
+
+    // Failed for good, without a callback: no webhook.
+    let failed = app.submit_blur(json!({ "max_attempts": 1 })).await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    app.store
+        .fail_attempt(&failed, l.token, false, failure(), Duration::zero())
+        .await
+        .unwrap();
+    let job = app.job(&failed).await;
+    assert_eq!(job["status"], "failed");
+    assert!(job["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no attempts left"));
+    assert_eq!(job["webhooks"], json!([]));
+    assert_eq!(job["leases"][0]["outcome"], "failed");
+
+    // Failed with a callback: its webhook says so.
+    let hooked = app
+        .submit_blur(json!({ "max_attempts": 1, "callback_url": hook }))
+        .await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    app.store
+        .fail_attempt(&hooked, l.token, false, failure(), Duration::zero())
+        .await
+        .unwrap();
+    let job = app.job(&hooked).await;
+    assert_eq!(job["webhooks"][0]["status"], "failed", "{job}");
+
+    // Taken back: queued, the attempt given back, the lease lost.
+    let lost = app.submit_blur(json!({ "callback_url": hook })).await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    assert!(app
+        .store
+        .requeue_lost(&lost, l.token, "the backend restarted".into(), false)
+        .await
+        .unwrap());
+    let job = app.job(&lost).await;
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["attempts"], 0);
+    assert_eq!(job["leases"][0]["outcome"], "lost");
+    assert_eq!(job["webhooks"], json!([]), "not an end");
+    assert_eq!(app.event_kinds(&lost).await.last().unwrap(), "requeued");
+
+    // Cancelled while queued, with a callback: ended, webhook queued.
+    assert_eq!(
+        app.store.request_cancel(&lost).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let job = app.job(&lost).await;
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(job["webhooks"][0]["status"], "cancelled");
 }

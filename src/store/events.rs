@@ -11,6 +11,7 @@ use serde_json::Value;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::watch;
 
+use super::batch::Batch;
 use super::model::*;
 use super::rows::{push_in, EVENT_COLUMNS};
 use super::{fmt_time, Store, StoreError};
@@ -38,21 +39,26 @@ pub(crate) async fn append_event(
     job_id: &str,
     ev: EventInput<'_>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    let mut b = Batch::default();
+    push_event(&mut b, job_id, ev, &fmt_time(Utc::now()));
+    b.run(conn).await
+}
+
+/// Adds one event of a job's to a batch of statements.
+pub(super) fn push_event(b: &mut Batch<'_>, job_id: &str, ev: EventInput<'_>, now: &str) {
+    b.push(
         "INSERT INTO job_events (job_id, workflow_id, at, kind, status, backend_id, attempt, message, data) \
-         VALUES (?1, (SELECT workflow_id FROM jobs WHERE id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         VALUES (?, (SELECT workflow_id FROM jobs WHERE id = ?), ?, ?, ?, ?, ?, ?, ?)",
     )
-    .bind(job_id)
-    .bind(fmt_time(Utc::now()))
-    .bind(ev.kind)
+    .bind(job_id.to_string())
+    .bind(job_id.to_string())
+    .bind(now.to_string())
+    .bind(ev.kind.to_string())
     .bind(ev.status)
-    .bind(ev.backend_id)
+    .bind(ev.backend_id.map(str::to_string))
     .bind(ev.attempt)
     .bind(ev.message)
-    .bind(ev.data.map(|d| d.to_string()))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .bind(ev.data.map(|d| d.to_string()));
 }
 
 /// Appends a backend event (no job), inside the caller's transaction.

@@ -20,6 +20,7 @@
 
 mod backend_records;
 mod backends;
+mod batch;
 #[cfg(feature = "bench-support")]
 mod bench;
 mod cleanup;

@@ -14,9 +14,10 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use sqlx::{Row, SqliteConnection};
 
-use super::events::{append_event, EventInput};
+use super::batch::Batch;
+use super::events::{push_event, EventInput};
 use super::model::*;
-use super::webhooks::enqueue_webhook;
+use super::webhooks::push_webhook;
 use super::{fmt_time, Store, StoreError};
 
 /// The job as the fence found it: still held under the caller's lease.
@@ -24,14 +25,11 @@ use super::{fmt_time, Store, StoreError};
 pub(super) struct Held {
     pub(super) job_id: String,
     pub(super) token: i64,
-    pub(super) status: JobStatus,
     pub(super) attempt: i64,
     pub(super) max_attempts: i64,
     pub(super) backend: String,
     pub(super) prompt_id: String,
     pub(super) cancel_requested: bool,
-    /// The backend had accepted this lease's prompt.
-    pub(super) submitted: bool,
     /// The backend had started running this lease's prompt.
     pub(super) started: bool,
     /// Its workflow and times, for the metrics of the caller (read with
@@ -39,31 +37,29 @@ pub(super) struct Held {
     pub(super) times: JobTimes,
 }
 
+/// The fence: job `?1` still carries lease `?2` and a backend holds it
+/// (the job named `j`). The one condition every fenced statement uses.
+const HELD: &str = "j.id = ?1 AND j.lease_token = ?2 AND j.status IN ('assigned', 'running')";
+
 /// Reads the job if it still carries this lease and a backend holds it.
 async fn fence(
     conn: &mut SqliteConnection,
     job_id: &str,
     token: i64,
 ) -> Result<Option<Held>, StoreError> {
-    let row = sqlx::query(
-        "SELECT j.status, j.attempts, j.max_attempts, j.backend_id, j.prompt_id, j.cancel_requested, \
-         l.submitted_at IS NOT NULL AS submitted, l.started_at, j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
-         FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id \
-         WHERE j.id = ? AND j.lease_token = ?",
-    )
+    let row = sqlx::query(&format!(
+        "SELECT j.attempts, j.max_attempts, j.backend_id, j.prompt_id, j.cancel_requested, l.started_at, \
+         j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
+         FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id WHERE {HELD}"
+    ))
     .bind(job_id)
     .bind(token)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(r) = row else { return Ok(None) };
-    let status: JobStatus = r.try_get("status")?;
-    if !status.is_held() {
-        return Ok(None);
-    }
     Ok(Some(Held {
         job_id: job_id.to_string(),
         token,
-        status,
         attempt: r.try_get("attempts")?,
         max_attempts: r.try_get("max_attempts")?,
         backend: r
@@ -73,7 +69,6 @@ async fn fence(
             .try_get::<Option<String>, _>("prompt_id")?
             .unwrap_or_default(),
         cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
-        submitted: r.try_get::<Option<bool>, _>("submitted")?.unwrap_or(false),
         started: r.try_get::<Option<String>, _>("started_at")?.is_some(),
         times: JobTimes {
             workflow_id: r.try_get("workflow_id")?,
@@ -83,12 +78,26 @@ async fn fence(
     }))
 }
 
-/// One change of a job, with the event that records it.
+/// Whether the job still carries this lease and a backend holds it: the
+/// fence alone, for a step whose own statement found nothing to change.
+async fn still_held(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    token: i64,
+) -> Result<Option<bool>, StoreError> {
+    let cancel: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT j.cancel_requested FROM jobs j WHERE {HELD}"
+    ))
+    .bind(job_id)
+    .bind(token)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(cancel.map(|c| c != 0))
+}
+
+/// One way a held job ends or goes back to the queue, with the event that
+/// records it.
 pub(super) enum Step {
-    /// ComfyUI accepted the prompt (recorded once).
-    Submitted,
-    /// ComfyUI started running it.
-    Running,
     /// Finished; its outputs are collected.
     Completed(Vec<OutputRecord>),
     /// Ended for good without success.
@@ -111,7 +120,8 @@ pub(super) enum Step {
     Cancelled { message: String },
 }
 
-/// Applies one step to a held job: the job row, its lease, its event.
+/// Applies one step to a held job: the job row, its lease, its event (and
+/// its outputs, its webhook), in one round trip.
 pub(super) async fn apply(
     conn: &mut SqliteConnection,
     held: &Held,
@@ -127,53 +137,12 @@ pub(super) async fn apply(
         message: Some(message),
         data,
     };
+    let mut b = Batch::default();
     match step {
-        // Known accepted (read with the fence): nothing to record.
-        Step::Submitted if held.submitted => {}
-        // The leases_submitted trigger appends `submitted_to_backend` when
-        // this sets the time (migration V9).
-        Step::Submitted => {
-            sqlx::query(
-                "UPDATE leases SET submitted_at = ? WHERE prompt_id = ? AND submitted_at IS NULL",
-            )
-            .bind(&now)
-            .bind(&held.prompt_id)
-            .execute(&mut *conn)
-            .await?;
-        }
-        // The jobs_running trigger records the lease's start and appends
-        // the `running` event (migration V9).
-        Step::Running => {
-            sqlx::query(
-                "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?1), updated_at = ?1 \
-                 WHERE id = ?2",
-            )
-            .bind(&now)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
-        }
         Step::Completed(outputs) => {
-            for o in &outputs {
-                sqlx::query(
-                    "INSERT OR REPLACE INTO outputs (job_id, name, kind, node_id, filename, subfolder, type, \
-                     size, sha256, content_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(id)
-                .bind(&o.name)
-                .bind(&o.kind)
-                .bind(&o.node_id)
-                .bind(&o.filename)
-                .bind(&o.subfolder)
-                .bind(&o.file_type)
-                .bind(o.size)
-                .bind(&o.sha256)
-                .bind(&o.content_type)
-                .execute(&mut *conn)
-                .await?;
-            }
-            finish_lease(conn, held, LeaseOutcome::Completed, None).await?;
-            set_final(conn, id, JobStatus::Completed, None).await?;
+            push_outputs(&mut b, id, &outputs)?;
+            push_finish_lease(&mut b, held, LeaseOutcome::Completed, None, &now);
+            push_final(&mut b, id, JobStatus::Completed, None, &now);
             let message = format!(
                 "completed on backend {} with {} output(s)",
                 held.backend,
@@ -181,14 +150,14 @@ pub(super) async fn apply(
             );
             let data = json!({ "outputs": outputs.iter().map(|o| &o.name).collect::<Vec<_>>() });
             let ev = event("completed", JobStatus::Completed, message, Some(data));
-            append_event(conn, id, ev).await?;
+            push_event(&mut b, id, ev, &now);
             if held.cancel_requested {
                 let message = format!(
                     "the cancel came too late: the prompt had already finished on backend {}, so the job is completed",
                     held.backend
                 );
                 let ev = event("cancel_too_late", JobStatus::Completed, message, None);
-                append_event(conn, id, ev).await?;
+                push_event(&mut b, id, ev, &now);
             }
         }
         Step::Failed {
@@ -196,12 +165,12 @@ pub(super) async fn apply(
             error,
             message,
         } => {
-            finish_lease(conn, held, outcome, Some(&error)).await?;
+            push_finish_lease(&mut b, held, outcome, Some(&error), &now);
             let mut final_error = error.clone();
             final_error["message"] = json!(message);
-            set_final(conn, id, JobStatus::Failed, Some(&final_error)).await?;
+            push_final(&mut b, id, JobStatus::Failed, Some(&final_error), &now);
             let ev = event("failed", JobStatus::Failed, message, Some(error));
-            append_event(conn, id, ev).await?;
+            push_event(&mut b, id, ev, &now);
         }
         Step::Retry {
             outcome,
@@ -210,84 +179,130 @@ pub(super) async fn apply(
             not_before,
             avoid_until,
         } => {
-            finish_lease(conn, held, outcome, Some(&error)).await?;
-            back_to_queue(
-                conn,
-                id,
-                0,
-                Some(not_before),
-                Some(avoid_until),
-                Some(&error),
-            )
-            .await?;
+            push_finish_lease(&mut b, held, outcome, Some(&error), &now);
+            let requeue = Requeue {
+                attempts_delta: 0,
+                not_before: Some(not_before),
+                avoid_until: Some(avoid_until),
+                error: Some(&error),
+            };
+            push_back_to_queue(&mut b, id, requeue, &now);
             let ev = event("retry_scheduled", JobStatus::Queued, message, Some(error));
-            append_event(conn, id, ev).await?;
+            push_event(&mut b, id, ev, &now);
         }
         Step::Requeued { reason, message } => {
             let error = json!({ "message": reason, "while_running": held.started });
-            finish_lease(conn, held, LeaseOutcome::Lost, Some(&error)).await?;
-            back_to_queue(conn, id, -1, None, None, None).await?;
-            append_event(
-                conn,
-                id,
-                event("requeued", JobStatus::Queued, message, None),
-            )
-            .await?;
+            push_finish_lease(&mut b, held, LeaseOutcome::Lost, Some(&error), &now);
+            let requeue = Requeue {
+                attempts_delta: -1,
+                ..Requeue::default()
+            };
+            push_back_to_queue(&mut b, id, requeue, &now);
+            let ev = event("requeued", JobStatus::Queued, message, None);
+            push_event(&mut b, id, ev, &now);
         }
         Step::Cancelled { message } => {
-            finish_lease(conn, held, LeaseOutcome::Cancelled, None).await?;
-            set_final(conn, id, JobStatus::Cancelled, None).await?;
+            push_finish_lease(&mut b, held, LeaseOutcome::Cancelled, None, &now);
+            push_final(&mut b, id, JobStatus::Cancelled, None, &now);
             let ev = event("cancelled", JobStatus::Cancelled, message, None);
-            append_event(conn, id, ev).await?;
+            push_event(&mut b, id, ev, &now);
         }
     }
+    b.run(conn).await
+}
+
+/// The collected outputs, as one statement whatever their number (a JSON
+/// array read by `json_each`).
+fn push_outputs(
+    b: &mut Batch<'_>,
+    job_id: &str,
+    outputs: &[OutputRecord],
+) -> Result<(), StoreError> {
+    if outputs.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Value> = outputs
+        .iter()
+        .map(|o| {
+            json!([
+                o.name,
+                o.kind,
+                o.node_id,
+                o.filename,
+                o.subfolder,
+                o.file_type,
+                o.size,
+                o.sha256,
+                o.content_type
+            ])
+        })
+        .collect();
+    b.push(
+        "INSERT OR REPLACE INTO outputs (job_id, name, kind, node_id, filename, subfolder, type, \
+         size, sha256, content_type) SELECT ?, o.value ->> 0, o.value ->> 1, o.value ->> 2, \
+         o.value ->> 3, o.value ->> 4, o.value ->> 5, o.value ->> 6, o.value ->> 7, o.value ->> 8 \
+         FROM json_each(?) o ORDER BY o.key",
+    )
+    .bind(job_id.to_string())
+    .bind(serde_json::to_string(&rows)?);
     Ok(())
 }
 
+/// Closes the held lease with its outcome.
+fn push_finish_lease(
+    b: &mut Batch<'_>,
+    held: &Held,
+    outcome: LeaseOutcome,
+    error: Option<&Value>,
+    now: &str,
+) {
+    b.push(
+        "UPDATE leases SET finished_at = ?, outcome = ?, error = ? WHERE job_id = ? AND lease_token = ?",
+    )
+    .bind(now.to_string())
+    .bind(outcome)
+    .bind(error.map(|e| e.to_string()))
+    .bind(held.job_id.clone())
+    .bind(held.token);
+}
+
+/// Closes the held lease with its outcome, now (before the caller's rules
+/// read the job's leases).
 pub(super) async fn finish_lease(
     conn: &mut SqliteConnection,
     held: &Held,
     outcome: LeaseOutcome,
     error: Option<&Value>,
 ) -> Result<(), StoreError> {
-    let q = sqlx::query(
-        "UPDATE leases SET finished_at = ?, outcome = ?, error = ? WHERE job_id = ? AND lease_token = ?",
-    );
-    run(
-        conn,
-        q.bind(fmt_time(Utc::now()))
-            .bind(outcome)
-            .bind(error.map(|e| e.to_string()))
-            .bind(&held.job_id)
-            .bind(held.token),
-    )
-    .await
+    let mut b = Batch::default();
+    push_finish_lease(&mut b, held, outcome, error, &fmt_time(Utc::now()));
+    b.run(conn).await
 }
 
-/// Back to the queue: no backend, no lease; `attempts_delta` -1 gives the attempt back.
-async fn back_to_queue(
-    conn: &mut SqliteConnection,
-    job_id: &str,
+/// How a job goes back to the queue.
+#[derive(Default)]
+struct Requeue<'e> {
+    /// Added to its attempts: -1 gives the attempt back.
     attempts_delta: i64,
     not_before: Option<DateTime<Utc>>,
     avoid_until: Option<DateTime<Utc>>,
-    error: Option<&Value>,
-) -> Result<(), StoreError> {
-    let q = sqlx::query(
+    /// Kept as the job's last error.
+    error: Option<&'e Value>,
+}
+
+/// Back to the queue: no backend, no lease.
+fn push_back_to_queue(b: &mut Batch<'_>, job_id: &str, r: Requeue<'_>, now: &str) {
+    b.push(
         "UPDATE jobs SET status = 'queued', backend_id = NULL, prompt_id = NULL, lease_token = NULL, \
          attempts = attempts + ?, not_before = ?, avoid_until = ?, error = coalesce(?, error), \
          progress = NULL, updated_at = ? WHERE id = ?",
-    );
-    run(
-        conn,
-        q.bind(attempts_delta)
-            .bind(not_before.map(fmt_time))
-            .bind(avoid_until.map(fmt_time))
-            .bind(error.map(|e| e.to_string()))
-            .bind(fmt_time(Utc::now()))
-            .bind(job_id),
     )
-    .await
+    .bind(r.attempts_delta)
+    .bind(r.not_before.map(fmt_time))
+    .bind(r.avoid_until.map(fmt_time))
+    .bind(r.error.map(|e| e.to_string()))
+    .bind(now.to_string())
+    .bind(job_id.to_string());
 }
 
 /// The columns `cols` of job `job_id`; `NotFound` when there is none.
@@ -303,42 +318,28 @@ async fn job_row(
         .ok_or_else(|| StoreError::NotFound(format!("job `{job_id}`")))
 }
 
-/// Runs one statement whose answer is not needed.
-async fn run<'q>(
-    conn: &mut SqliteConnection,
-    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-) -> Result<(), StoreError> {
-    q.execute(conn).await?;
-    Ok(())
-}
-
-/// A terminal state, with the webhook queued in the same transaction.
-async fn set_final(
-    conn: &mut SqliteConnection,
+/// A terminal state, with the job's webhook queued if it names one.
+fn push_final(
+    b: &mut Batch<'_>,
     job_id: &str,
     status: JobStatus,
     error: Option<&Value>,
-) -> Result<(), StoreError> {
-    let now = fmt_time(Utc::now());
+    now: &str,
+) {
     // A completed job keeps no error of an earlier attempt; a failed or
     // cancelled one keeps the last it had unless given its own.
-    let callback: Option<Option<String>> = sqlx::query_scalar(
-        "UPDATE jobs SET status = ?1, \
-         error = CASE WHEN ?1 = 'completed' THEN NULL ELSE coalesce(?2, error) END, \
-         finished_at = ?3, updated_at = ?3, progress = NULL, cancel_requested = 0 \
-         WHERE id = ?4 RETURNING callback_url",
+    b.push(
+        "UPDATE jobs SET status = ?, \
+         error = CASE WHEN ? THEN NULL ELSE coalesce(?, error) END, \
+         finished_at = ?, updated_at = ?, progress = NULL, cancel_requested = 0 WHERE id = ?",
     )
     .bind(status)
+    .bind(status == JobStatus::Completed)
     .bind(error.map(|e| e.to_string()))
-    .bind(&now)
-    .bind(job_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    // Most jobs name no callback: their end costs no outbox statement.
-    match callback.flatten() {
-        Some(url) => enqueue_webhook(conn, job_id, &url, status).await,
-        None => Ok(()),
-    }
+    .bind(now.to_string())
+    .bind(now.to_string())
+    .bind(job_id.to_string());
+    push_webhook(b, job_id, status, now);
 }
 
 /// Fails a queued job that no backend can run (found so when a backend's
@@ -349,7 +350,9 @@ pub(super) async fn fail_queued(
     reason: String,
 ) -> Result<(), StoreError> {
     let error = json!({ "message": reason });
-    set_final(conn, job_id, JobStatus::Failed, Some(&error)).await?;
+    let now = fmt_time(Utc::now());
+    let mut b = Batch::default();
+    push_final(&mut b, job_id, JobStatus::Failed, Some(&error), &now);
     let ev = EventInput {
         kind: "failed",
         status: Some(JobStatus::Failed),
@@ -357,7 +360,8 @@ pub(super) async fn fail_queued(
         data: Some(error),
         ..Default::default()
     };
-    append_event(conn, job_id, ev).await
+    push_event(&mut b, job_id, ev, &now);
+    b.run(conn).await
 }
 
 /// How a lost lease is given back.
@@ -429,38 +433,77 @@ impl Store {
     }
 
     /// Records that ComfyUI accepted the prompt. Returns whether a cancel is pending.
+    ///
+    /// One statement, fenced in itself: the lease's `submitted_at`, set
+    /// once (the `leases_submitted` trigger appends `submitted_to_backend`,
+    /// migration V9). Only when it changes nothing (the start recorded it
+    /// first, or the lease is lost) does the fence read again.
     pub async fn mark_submitted(&self, job_id: &str, token: i64) -> Result<bool, StoreError> {
-        self.fenced(job_id, token, |conn, held| {
-            Box::pin(async move {
-                apply(conn, &held, Step::Submitted).await?;
-                Ok(held.cancel_requested)
+        let job_id = job_id.to_string();
+        self.writer()
+            .write_statement(move |conn| {
+                Box::pin(async move {
+                    let cancel: Option<i64> = sqlx::query_scalar(&format!(
+                        "UPDATE leases SET submitted_at = ?3 WHERE submitted_at IS NULL \
+                         AND prompt_id = (SELECT j.prompt_id FROM jobs j WHERE {HELD}) \
+                         RETURNING (SELECT cancel_requested FROM jobs WHERE id = ?1)"
+                    ))
+                    .bind(&job_id)
+                    .bind(token)
+                    .bind(fmt_time(Utc::now()))
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    let cancel = match cancel {
+                        Some(c) => Some(c != 0),
+                        None => still_held(conn, &job_id, token).await?,
+                    };
+                    cancel.ok_or(StoreError::LeaseLost)
+                })
             })
-        })
-        .await
+            .await
     }
 
     /// `assigned` → `running`, once, with the job's workflow and times (for
     /// the queue-wait metric); later calls change nothing (`None`).
+    ///
+    /// One statement, fenced in itself: the `jobs_running` trigger records
+    /// the lease's start (and its submission, if the answer to the submit
+    /// is still on its way: it runs, so the backend has it) and appends the
+    /// events (migration V10). Only when it changes nothing (running
+    /// already, or the lease is lost) does the fence read again.
     pub async fn mark_running(
         &self,
         job_id: &str,
         token: i64,
     ) -> Result<Option<JobTimes>, StoreError> {
-        self.fenced(job_id, token, |conn, held| {
-            Box::pin(async move {
-                if held.status == JobStatus::Running {
-                    return Ok(None);
-                }
-                // It runs, so the backend has it, even if the answer to the
-                // submit is still on its way.
-                apply(conn, &held, Step::Submitted).await?;
-                apply(conn, &held, Step::Running).await?;
-                let mut times = held.times;
-                times.started_at = times.started_at.or_else(|| Some(Utc::now()));
-                Ok(Some(times))
+        let job_id = job_id.to_string();
+        self.writer()
+            .write_statement(move |conn| {
+                Box::pin(async move {
+                    let row = sqlx::query(&format!(
+                        "UPDATE jobs AS j SET status = 'running', started_at = coalesce(started_at, ?3), \
+                         updated_at = ?3 WHERE {HELD} AND j.status = 'assigned' \
+                         RETURNING workflow_id, submitted_at, started_at"
+                    ))
+                    .bind(&job_id)
+                    .bind(token)
+                    .bind(fmt_time(Utc::now()))
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    if let Some(r) = row {
+                        return Ok(Some(JobTimes {
+                            workflow_id: r.try_get("workflow_id")?,
+                            submitted_at: r.try_get("submitted_at")?,
+                            started_at: r.try_get("started_at")?,
+                        }));
+                    }
+                    match still_held(conn, &job_id, token).await? {
+                        Some(_) => Ok(None),
+                        None => Err(StoreError::LeaseLost),
+                    }
+                })
             })
-        })
-        .await
+            .await
     }
 
     /// Records the collected outputs and completes the job; returns its
@@ -510,27 +553,26 @@ impl Store {
                             "job `{job_id}` is already {current}"
                         )));
                     }
+                    let now = fmt_time(Utc::now());
+                    let mut b = Batch::default();
                     if current == JobStatus::Queued {
-                        set_final(conn, &job_id, JobStatus::Cancelled, None).await?;
+                        push_final(&mut b, &job_id, JobStatus::Cancelled, None, &now);
                         let ev = EventInput {
                             kind: "cancelled",
                             status: Some(JobStatus::Cancelled),
                             message: Some("cancelled while queued".into()),
                             ..Default::default()
                         };
-                        append_event(conn, &job_id, ev).await?;
+                        push_event(&mut b, &job_id, ev, &now);
+                        b.run(conn).await?;
                         return Ok(CancelOutcome::Cancelled);
                     }
                     let backend_id: String = row
                         .try_get::<Option<String>, _>("backend_id")?
                         .unwrap_or_default();
-                    sqlx::query(
-                        "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
-                    )
-                    .bind(fmt_time(Utc::now()))
-                    .bind(&job_id)
-                    .execute(&mut *conn)
-                    .await?;
+                    b.push("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?")
+                        .bind(now.clone())
+                        .bind(job_id.clone());
                     let ev = EventInput {
                         kind: "cancel_requested",
                         status: Some(current),
@@ -541,7 +583,8 @@ impl Store {
                         )),
                         data: None,
                     };
-                    append_event(conn, &job_id, ev).await?;
+                    push_event(&mut b, &job_id, ev, &now);
+                    b.run(conn).await?;
                     Ok(CancelOutcome::Requested { backend_id })
                 })
             })
@@ -563,21 +606,22 @@ impl Store {
                     }
                     let attempts: i64 = row.try_get("attempts")?;
                     let max_attempts: i64 = row.try_get("max_attempts")?;
-                    sqlx::query(
+                    let now = fmt_time(Utc::now());
+                    let mut b = Batch::default();
+                    b.push(
                         "UPDATE jobs SET max_attempts = ?, finished_at = NULL, cancel_requested = 0 WHERE id = ?",
                     )
                     .bind(max_attempts.max(attempts + 1))
-                    .bind(&job_id)
-                    .execute(&mut *conn)
-                    .await?;
-                    back_to_queue(conn, &job_id, 0, None, None, None).await?;
+                    .bind(job_id.clone());
+                    push_back_to_queue(&mut b, &job_id, Requeue::default(), &now);
                     let ev = EventInput {
                         kind: "retried",
                         status: Some(JobStatus::Queued),
                         message: Some(format!("queued again by a user after it was {current}")),
                         ..Default::default()
                     };
-                    append_event(conn, &job_id, ev).await
+                    push_event(&mut b, &job_id, ev, &now);
+                    b.run(conn).await
                 })
             })
             .await

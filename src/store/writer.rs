@@ -60,6 +60,9 @@ enum Kind {
     /// One statement that appends nothing to the event log (a backend's
     /// `last_seen`): no savepoint, and its commit wakes no log reader.
     Quiet,
+    /// One statement (its triggers' writes included) in the ordinary lane,
+    /// which may append to the event log: no savepoint.
+    Statement,
 }
 
 impl Kind {
@@ -154,6 +157,17 @@ impl Writer {
     /// second while idle).
     pub async fn write_one<T: Send + 'static>(&self, f: impl WriteFn<T>) -> Result<T, StoreError> {
         self.submit_op(f, Kind::Quiet).await
+    }
+
+    /// Like [`Writer::write`], for an operation that writes with at most
+    /// one statement (its triggers included; reads before or after it are
+    /// free): a statement is atomic by itself, so no savepoint is spent on
+    /// it. A job's start, each step of which is one statement.
+    pub async fn write_statement<T: Send + 'static>(
+        &self,
+        f: impl WriteFn<T>,
+    ) -> Result<T, StoreError> {
+        self.submit_op(f, Kind::Statement).await
     }
 
     async fn submit_op<T: Send + 'static>(
