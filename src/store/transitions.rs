@@ -7,7 +7,11 @@
 //! (`WHERE lease_token = ?`), so a worker that lost its lease (the job was
 //! taken back and leased again) cannot overwrite the newer lease's state;
 //! and every change is one transaction with its event. Written once, neither
-//! can be forgotten by the next transition someone adds.
+//! can be forgotten by the next transition someone adds. The fence's
+//! condition is written once too ([`HELD`]): the two steps of a job's start
+//! (accepted, running), which every job takes, carry it in their one
+//! `UPDATE` instead of reading first; each statement is a round trip to
+//! SQLite's thread while the farm's other writes wait.
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
