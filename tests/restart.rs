@@ -502,3 +502,27 @@ async fn sigterm_stops_within_the_bound_and_leaves_the_prompt_running_for_the_ne
     assert_each_prompt_posted_once(&[job], &[&a]);
     bin.kill9().await;
 }
+
+#[tokio::test]
+async fn after_a_restart_with_every_slot_taken_a_freed_slot_takes_the_queued_job_at_once() {
+    // The backend's one slot is taken by a prompt that keeps running across
+    // the restart; the second job was queued before it, so no submission
+    // rings for it afterwards. When the slot frees it must be taken then,
+    // not at the idle worker's safety net (a minute's worth of polls here,
+    // past the wait's deadline).
+    let a = start_sim(1_500).await;
+    let app = spawn_farm_with(vec![backend("a", a.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 60_000;
+    })
+    .await;
+    app.wait_backend("a", "online").await;
+    let first = app.submit_blur(json!({})).await;
+    app.wait_status(&first, "running").await;
+    let second = app.submit_blur(json!({})).await;
+    let app = app.restart().await;
+    assert_eq!(app.job(&second).await["status"], "queued");
+    let first = app.wait_status(&first, "completed").await;
+    assert_eq!(first["leases"].as_array().unwrap().len(), 1, "re-attached");
+    let second = app.wait_status(&second, "completed").await;
+    assert_eq!(second["leases"].as_array().unwrap().len(), 1);
+}

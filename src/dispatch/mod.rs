@@ -295,6 +295,11 @@ impl Farm {
             epoch: tokio::time::Instant::now(),
             glances: Default::default(),
         });
+        // Jobs queued before this start have no ring. Each worker looks once
+        // as it starts, but one that starts full (its prompts outlived the
+        // restart) must look when a slot frees, not wait for its safety
+        // net: freed slots look until a look finds nothing due.
+        shared.idle.opened();
         tasks.spawn(wake_when_due(shared.clone()));
         let interval = Duration::from_millis(config.monitor.poll_interval_ms);
         for (i, (b, rx, client)) in receivers.into_iter().enumerate() {
