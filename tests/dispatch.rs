@@ -830,3 +830,30 @@ async fn a_job_only_a_busy_backend_may_run_starts_when_that_backend_frees_a_slot
         assert_eq!(app.wait_status(id, "completed").await["backend_id"], "big");
     }
 }
+
+#[tokio::test]
+async fn a_retry_that_only_the_failing_backend_can_run_goes_back_to_it_when_its_avoidance_ends() {
+    // A failed attempt's job keeps away from its backend for a while so
+    // that another gets the first chance; with no other, that backend must
+    // take it again then, not at its idle safety net (set past the wait's
+    // deadline here).
+    let a = start_sim_with(orchestrator::simulator::SimConfig {
+        job_ms: 50,
+        fail_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm_with(vec![backend("a", a.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 60_000;
+        c.dispatch.retry_backoff_ms = 500;
+        c.dispatch.retry_backoff_max_ms = 500;
+    })
+    .await;
+    app.wait_backend("a", "online").await;
+    let id = app.submit_blur(json!({ "max_attempts": 2 })).await;
+    let job = app.wait_status(&id, "failed").await;
+    assert_eq!(job["attempts"], 2, "retried on the same backend: {job}");
+    let leases = job["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 2);
+    assert!(leases.iter().all(|l| l["backend_id"] == "a"));
+}

@@ -526,3 +526,33 @@ async fn after_a_restart_with_every_slot_taken_a_freed_slot_takes_the_queued_job
     let second = app.wait_status(&second, "completed").await;
     assert_eq!(second["leases"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_retry_whose_back_off_spans_a_restart_starts_when_it_falls_due() {
+    // The attempt failed and the job waits out its back-off when the
+    // service restarts: the restarted service must wake a worker when it
+    // falls due, not leave it to the idle safety net (set past the wait's
+    // deadline here).
+    let a = start_sim_with(SimConfig {
+        job_ms: 50,
+        fail_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm_with(vec![backend("a", a.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 60_000;
+        c.dispatch.retry_backoff_ms = 2_000;
+        c.dispatch.retry_backoff_max_ms = 2_000;
+    })
+    .await;
+    app.wait_backend("a", "online").await;
+    let id = app.submit_blur(json!({ "max_attempts": 2 })).await;
+    app.wait_job(&id, "its first attempt failed", |j| {
+        j["status"] == "queued" && j["attempts"] == 1
+    })
+    .await;
+    let app = app.restart().await;
+    let job = app.wait_status(&id, "failed").await;
+    assert_eq!(job["attempts"], 2, "retried once after the restart: {job}");
+    assert_eq!(job["leases"].as_array().unwrap().len(), 2);
+}

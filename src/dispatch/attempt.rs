@@ -161,6 +161,9 @@ impl Ctx {
                 self.count_failure(job_id, false).await;
                 tracing::info!(job_id, backend_id = %self.backend_id, retry_at = %at, "attempt failed; job queued again");
                 self.shared.wake_at(at);
+                // This backend may take it again then, if no other did.
+                self.shared
+                    .wake_at(chrono::Utc::now() + crate::store::avoid_span(delay));
                 true
             }
             Ok(AttemptOutcome::LeaseLost) => true,

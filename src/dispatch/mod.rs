@@ -218,6 +218,11 @@ pub struct Farm {
     shared: Arc<Shared>,
 }
 
+/// At most this many distinct back-off ends are read at start: later ones
+/// wait for a worker's safety net (a farm with more retries waiting than
+/// this is busy enough that freed slots look anyway).
+const MAX_RETRY_TIMES: usize = 10_000;
+
 /// Delay before the next attempt after `attempt` failed: the retry
 /// back-off, doubling from `retry_backoff_ms` up to `retry_backoff_max_ms`.
 pub fn backoff(config: &Config, attempt: i64) -> chrono::Duration {
@@ -300,6 +305,11 @@ impl Farm {
         // restart) must look when a slot frees, not wait for its safety
         // net: freed slots look until a look finds nothing due.
         shared.idle.opened();
+        // Retries waiting out a back-off across the restart: woken when
+        // each falls due, as the attempt that failed them would have.
+        for at in store.retry_times(MAX_RETRY_TIMES).await? {
+            shared.wake_at(at);
+        }
         tasks.spawn(wake_when_due(shared.clone()));
         let interval = Duration::from_millis(config.monitor.poll_interval_ms);
         for (i, (b, rx, client)) in receivers.into_iter().enumerate() {

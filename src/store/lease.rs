@@ -465,7 +465,7 @@ pub(super) async fn unrunnable_reason(
 }
 
 /// The jobs a backend holds.
-const HELD: &str = "j.status IN ('assigned', 'running')";
+pub(super) const HELD: &str = "j.status IN ('assigned', 'running')";
 
 /// Whether any queued job is due at `?1` (for any backend).
 const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue \
@@ -589,6 +589,27 @@ impl Store {
             due,
             holders: holders.into_iter().collect(),
         })
+    }
+
+    /// When queued jobs that wait out a retry become eligible again (their
+    /// back-off ends, and later the backend that failed them may take them
+    /// again): distinct times, the earliest `limit`. A service that starts
+    /// wakes its workers then, as the attempts that failed them would have.
+    pub async fn retry_times(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<chrono::DateTime<Utc>>, StoreError> {
+        let times: Vec<String> = sqlx::query_scalar(
+            "SELECT t FROM (SELECT not_before AS t FROM jobs INDEXED BY jobs_queue \
+             WHERE status = 'queued' AND not_before > ?1 \
+             UNION SELECT avoid_until FROM jobs INDEXED BY jobs_queue \
+             WHERE status = 'queued' AND avoid_until > ?1) ORDER BY t LIMIT ?2",
+        )
+        .bind(fmt_time(Utc::now()))
+        .bind(limit as i64)
+        .fetch_all(self.reader())
+        .await?;
+        Ok(times.iter().filter_map(|t| super::parse_time(t)).collect())
     }
 
     /// Jobs a backend holds now.

@@ -57,6 +57,7 @@ pub use inventory::InventorySummary;
 pub use lease::MAX_FAILURES_PER_BACKEND;
 pub use lease::{FarmGlance, Fit, LeaseTry, Preference};
 pub use model::*;
+pub use outcomes::avoid_span;
 pub use retention::StaleOutput;
 pub use transitions::{LostOutcome, LostRun};
 

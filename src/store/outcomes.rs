@@ -16,6 +16,13 @@ use super::model::*;
 use super::transitions::{apply, finish_lease, Held, LostOutcome, LostRun, Step};
 use super::{Store, StoreError};
 
+/// How long a retried job keeps away from the backend that failed it:
+/// another backend gets the first chance, then this one may take it again
+/// (and its worker is woken then: it may be the only one that can).
+pub fn avoid_span(backoff: chrono::Duration) -> chrono::Duration {
+    backoff * 2
+}
+
 /// Ends an attempt that failed, inside the fenced transaction.
 async fn fail_in(
     conn: &mut SqliteConnection,
@@ -66,8 +73,7 @@ async fn fail_in(
         message: format!("{message}; attempt {attempt} of {max} failed, retrying{retrying}"),
         error,
         not_before,
-        // Away from this backend for a while: another gets the first chance.
-        avoid_until: now + backoff * 2,
+        avoid_until: now + avoid_span(backoff),
     };
     apply(conn, &held, step).await?;
     Ok(AttemptOutcome::Retry(not_before))

@@ -8,7 +8,7 @@
 //! taken back and leased again) cannot overwrite the newer lease's state;
 //! and every change is one transaction with its event. Written once, neither
 //! can be forgotten by the next transition someone adds. The fence's
-//! condition is written once too ([`HELD`]): the two steps of a job's start
+//! condition is written once too ([`held`]): the two steps of a job's start
 //! (accepted, running), which every job takes, carry it in their one
 //! `UPDATE` instead of reading first; each statement is a round trip to
 //! SQLite's thread while the farm's other writes wait.
@@ -20,6 +20,7 @@ use sqlx::{Row, SqliteConnection};
 
 use super::batch::Batch;
 use super::events::{push_event, EventInput};
+use super::lease::HELD;
 use super::model::*;
 use super::webhooks::push_webhook;
 use super::{fmt_time, Store, StoreError};
@@ -43,7 +44,9 @@ pub(super) struct Held {
 
 /// The fence: job `?1` still carries lease `?2` and a backend holds it
 /// (the job named `j`). The one condition every fenced statement uses.
-const HELD: &str = "j.id = ?1 AND j.lease_token = ?2 AND j.status IN ('assigned', 'running')";
+fn held() -> String {
+    format!("j.id = ?1 AND j.lease_token = ?2 AND {HELD}")
+}
 
 /// Reads the job if it still carries this lease and a backend holds it.
 async fn fence(
@@ -54,7 +57,8 @@ async fn fence(
     let row = sqlx::query(&format!(
         "SELECT j.attempts, j.max_attempts, j.backend_id, j.prompt_id, j.cancel_requested, l.started_at, \
          j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
-         FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id WHERE {HELD}"
+         FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id WHERE {}",
+        held()
     ))
     .bind(job_id)
     .bind(token)
@@ -90,7 +94,8 @@ async fn still_held(
     token: i64,
 ) -> Result<Option<bool>, StoreError> {
     let cancel: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT j.cancel_requested FROM jobs j WHERE {HELD}"
+        "SELECT j.cancel_requested FROM jobs j WHERE {}",
+        held()
     ))
     .bind(job_id)
     .bind(token)
@@ -449,8 +454,9 @@ impl Store {
                 Box::pin(async move {
                     let cancel: Option<i64> = sqlx::query_scalar(&format!(
                         "UPDATE leases SET submitted_at = ?3 WHERE submitted_at IS NULL \
-                         AND prompt_id = (SELECT j.prompt_id FROM jobs j WHERE {HELD}) \
-                         RETURNING (SELECT cancel_requested FROM jobs WHERE id = ?1)"
+                         AND prompt_id = (SELECT j.prompt_id FROM jobs j WHERE {}) \
+                         RETURNING (SELECT cancel_requested FROM jobs WHERE id = ?1)",
+                        held()
                     ))
                     .bind(&job_id)
                     .bind(token)
@@ -486,8 +492,9 @@ impl Store {
                 Box::pin(async move {
                     let row = sqlx::query(&format!(
                         "UPDATE jobs AS j SET status = 'running', started_at = coalesce(started_at, ?3), \
-                         updated_at = ?3 WHERE {HELD} AND j.status = 'assigned' \
-                         RETURNING workflow_id, submitted_at, started_at"
+                         updated_at = ?3 WHERE {} AND j.status = 'assigned' \
+                         RETURNING workflow_id, submitted_at, started_at",
+                        held()
                     ))
                     .bind(&job_id)
                     .bind(token)
