@@ -129,7 +129,7 @@ impl Trimmer {
     }
 }
 
-/// Trims when much was freed since the last trim, and every [`TRIM_EVERY`]
+/// Trims when much was freed since the last trim, and every `TRIM_EVERY`
 /// anyway, until the service stops.
 pub async fn trim_now_and_then(stop: CancellationToken) {
     use crate::periodic::{every, First};

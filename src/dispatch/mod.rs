@@ -17,12 +17,12 @@
 //!   on goes on a durable cleanup list and is removed there when it answers.
 //! - Every state change after the lease is fenced by the lease token.
 //!
-//! Layout: [`worker`] (the per-backend loop and filling), [`phase`] (where
-//! each followed prompt stands: the one state machine), [`attempt`] (one
-//! attempt's steps: submit, finish, fail, cancel, time out), [`reconcile`]
-//! (asking the backend, the cleanup list, taking jobs back), [`outputs`]
-//! (downloads), [`progress`] (live progress and previews), [`idle`] (who
-//! waits for work), [`glance`] (one read of the farm for the safety nets).
+//! Layout: `worker` (the per-backend loop and filling), `phase` (where
+//! each followed prompt stands: the one state machine), `attempt` (one
+//! attempt's steps: submit, finish, fail, cancel, time out), `reconcile`
+//! (asking the backend, the cleanup list, taking jobs back), `outputs`
+//! (downloads), `progress` (live progress and previews), `idle` (who
+//! waits for work), `glance` (one read of the farm for the safety nets).
 
 mod attempt;
 mod fill;

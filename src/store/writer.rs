@@ -5,7 +5,7 @@
 //! connection removes `SQLITE_BUSY` retry loops, and lets many concurrent
 //! requests share one transaction and one fsync (group commit): the writer
 //! takes what is queued, and what comes while it works, up to a time budget
-//! ([`BATCH_BUDGET`]) or until it holds a submission (a client waits for
+//! (`BATCH_BUDGET`) or until it holds a submission (a client waits for
 //! that commit), runs each operation after the first in its own
 //! savepoint (so one failing operation does not undo the others; the first
 //! is undone by rolling back a transaction that holds nothing else), commits
