@@ -837,19 +837,7 @@ async fn a_retry_that_only_the_failing_backend_can_run_goes_back_to_it_when_its_
     // that another gets the first chance; with no other, that backend must
     // take it again then, not at its idle safety net (set past the wait's
     // deadline here).
-    let a = start_sim_with(orchestrator::simulator::SimConfig {
-        job_ms: 50,
-        fail_rate: 1.0,
-        ..Default::default()
-    })
-    .await;
-    let app = spawn_farm_with(vec![backend("a", a.port, &[], 1)], |c| {
-        c.dispatch.poll_interval_ms = 60_000;
-        c.dispatch.retry_backoff_ms = 500;
-        c.dispatch.retry_backoff_max_ms = 500;
-    })
-    .await;
-    app.wait_backend("a", "online").await;
+    let (_sim, app) = one_failing_backend(500).await;
     let id = app.submit_blur(json!({ "max_attempts": 2 })).await;
     let job = app.wait_status(&id, "failed").await;
     assert_eq!(job["attempts"], 2, "retried on the same backend: {job}");

@@ -533,19 +533,7 @@ async fn a_retry_whose_back_off_spans_a_restart_starts_when_it_falls_due() {
     // service restarts: the restarted service must wake a worker when it
     // falls due, not leave it to the idle safety net (set past the wait's
     // deadline here).
-    let a = start_sim_with(SimConfig {
-        job_ms: 50,
-        fail_rate: 1.0,
-        ..Default::default()
-    })
-    .await;
-    let app = spawn_farm_with(vec![backend("a", a.port, &[], 1)], |c| {
-        c.dispatch.poll_interval_ms = 60_000;
-        c.dispatch.retry_backoff_ms = 2_000;
-        c.dispatch.retry_backoff_max_ms = 2_000;
-    })
-    .await;
-    app.wait_backend("a", "online").await;
+    let (_sim, app) = one_failing_backend(2_000).await;
     let id = app.submit_blur(json!({ "max_attempts": 2 })).await;
     app.wait_job(&id, "its first attempt failed", |j| {
         j["status"] == "queued" && j["attempts"] == 1

@@ -86,6 +86,14 @@ async fn fence(
     }))
 }
 
+/// What a step fenced in itself came to (the lease held).
+enum Stepped {
+    /// It changed the job: the row its statement returned.
+    Changed(sqlx::sqlite::SqliteRow),
+    /// It had nothing to change (the step was recorded already).
+    Unchanged { cancel_requested: bool },
+}
+
 /// Whether the job still carries this lease and a backend holds it: the
 /// fence alone, for a step whose own statement found nothing to change.
 async fn still_held(
@@ -441,6 +449,38 @@ impl Store {
             .ok_or(StoreError::LeaseLost)
     }
 
+    /// Runs a step that carries the fence in itself (`{held}` in `sql`,
+    /// with `?1` the job, `?2` the lease token and `?3` the time now) as one
+    /// statement of the writer's; when it changes nothing, the fence alone
+    /// says whether the lease still holds (`LeaseLost` if not).
+    async fn fenced_statement(
+        &self,
+        job_id: &str,
+        token: i64,
+        sql: &'static str,
+    ) -> Result<Stepped, StoreError> {
+        let job_id = job_id.to_string();
+        self.writer()
+            .write_statement(move |conn| {
+                Box::pin(async move {
+                    let row = sqlx::query(&sql.replace("{held}", &held()))
+                        .bind(&job_id)
+                        .bind(token)
+                        .bind(fmt_time(Utc::now()))
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    if let Some(row) = row {
+                        return Ok(Stepped::Changed(row));
+                    }
+                    match still_held(conn, &job_id, token).await? {
+                        Some(cancel_requested) => Ok(Stepped::Unchanged { cancel_requested }),
+                        None => Err(StoreError::LeaseLost),
+                    }
+                })
+            })
+            .await
+    }
+
     /// Records that ComfyUI accepted the prompt. Returns whether a cancel is pending.
     ///
     /// One statement, fenced in itself: the lease's `submitted_at`, set
@@ -448,29 +488,13 @@ impl Store {
     /// migration V9). Only when it changes nothing (the start recorded it
     /// first, or the lease is lost) does the fence read again.
     pub async fn mark_submitted(&self, job_id: &str, token: i64) -> Result<bool, StoreError> {
-        let job_id = job_id.to_string();
-        self.writer()
-            .write_statement(move |conn| {
-                Box::pin(async move {
-                    let cancel: Option<i64> = sqlx::query_scalar(&format!(
-                        "UPDATE leases SET submitted_at = ?3 WHERE submitted_at IS NULL \
-                         AND prompt_id = (SELECT j.prompt_id FROM jobs j WHERE {}) \
-                         RETURNING (SELECT cancel_requested FROM jobs WHERE id = ?1)",
-                        held()
-                    ))
-                    .bind(&job_id)
-                    .bind(token)
-                    .bind(fmt_time(Utc::now()))
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                    let cancel = match cancel {
-                        Some(c) => Some(c != 0),
-                        None => still_held(conn, &job_id, token).await?,
-                    };
-                    cancel.ok_or(StoreError::LeaseLost)
-                })
-            })
-            .await
+        let sql = "UPDATE leases SET submitted_at = ?3 WHERE submitted_at IS NULL \
+                   AND prompt_id = (SELECT j.prompt_id FROM jobs j WHERE {held}) \
+                   RETURNING (SELECT cancel_requested FROM jobs WHERE id = ?1)";
+        match self.fenced_statement(job_id, token, sql).await? {
+            Stepped::Changed(row) => Ok(row.try_get::<i64, _>(0)? != 0),
+            Stepped::Unchanged { cancel_requested } => Ok(cancel_requested),
+        }
     }
 
     /// `assigned` → `running`, once, with the job's workflow and times (for
@@ -486,35 +510,18 @@ impl Store {
         job_id: &str,
         token: i64,
     ) -> Result<Option<JobTimes>, StoreError> {
-        let job_id = job_id.to_string();
-        self.writer()
-            .write_statement(move |conn| {
-                Box::pin(async move {
-                    let row = sqlx::query(&format!(
-                        "UPDATE jobs AS j SET status = 'running', started_at = coalesce(started_at, ?3), \
-                         updated_at = ?3 WHERE {} AND j.status = 'assigned' \
-                         RETURNING workflow_id, submitted_at, started_at",
-                        held()
-                    ))
-                    .bind(&job_id)
-                    .bind(token)
-                    .bind(fmt_time(Utc::now()))
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                    if let Some(r) = row {
-                        return Ok(Some(JobTimes {
-                            workflow_id: r.try_get("workflow_id")?,
-                            submitted_at: r.try_get("submitted_at")?,
-                            started_at: r.try_get("started_at")?,
-                        }));
-                    }
-                    match still_held(conn, &job_id, token).await? {
-                        Some(_) => Ok(None),
-                        None => Err(StoreError::LeaseLost),
-                    }
-                })
-            })
-            .await
+        let sql = "UPDATE jobs AS j SET status = 'running', \
+                   started_at = coalesce(started_at, ?3), updated_at = ?3 \
+                   WHERE {held} AND j.status = 'assigned' \
+                   RETURNING workflow_id, submitted_at, started_at";
+        match self.fenced_statement(job_id, token, sql).await? {
+            Stepped::Changed(r) => Ok(Some(JobTimes {
+                workflow_id: r.try_get("workflow_id")?,
+                submitted_at: r.try_get("submitted_at")?,
+                started_at: r.try_get("started_at")?,
+            })),
+            Stepped::Unchanged { .. } => Ok(None),
+        }
     }
 
     /// Records the collected outputs and completes the job; returns its

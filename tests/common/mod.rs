@@ -328,6 +328,26 @@ pub async fn spawn_farm_with(
     app
 }
 
+/// One backend, `a`, whose every prompt fails at run time, retried after
+/// `backoff_ms`; its idle safety net is set past every wait's deadline,
+/// so a test sees only what wakes a worker on purpose.
+pub async fn one_failing_backend(backoff_ms: u64) -> (SimHandle, TestApp) {
+    let sim = start_sim_with(SimConfig {
+        job_ms: 50,
+        fail_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm_with(vec![backend("a", sim.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 60_000;
+        c.dispatch.retry_backoff_ms = backoff_ms;
+        c.dispatch.retry_backoff_max_ms = backoff_ms;
+    })
+    .await;
+    app.wait_backend("a", "online").await;
+    (sim, app)
+}
+
 pub async fn spawn_farm(backends: Vec<BackendConfig>) -> TestApp {
     spawn_farm_with(backends, |_| {}).await
 }
