@@ -160,10 +160,10 @@ impl Ctx {
             Ok(AttemptOutcome::Retry(at)) => {
                 self.count_failure(job_id, false).await;
                 tracing::info!(job_id, backend_id = %self.backend_id, retry_at = %at, "attempt failed; job queued again");
-                self.shared.wake_at(at);
+                self.shared.wake_at(at, None);
                 // This backend may take it again then, if no other did.
-                self.shared
-                    .wake_at(chrono::Utc::now() + crate::store::avoid_span(delay));
+                let avoided = chrono::Utc::now() + crate::store::avoid_span(delay);
+                self.shared.wake_at(avoided, Some(&self.backend_id));
                 true
             }
             Ok(AttemptOutcome::LeaseLost) => true,

@@ -35,7 +35,7 @@ mod progress;
 mod reconcile;
 mod worker;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -118,34 +118,43 @@ struct Shared {
 /// the load spread but wake it a few times a second.
 pub(crate) const SLOTS: u32 = 10;
 
-/// Times at which the workers must be woken: a retry's back-off ends.
+/// Times at which workers must be woken: a retry's back-off ends (every
+/// worker), or the avoidance of the backend that failed it (that backend's
+/// worker alone: the others could take the job already).
 #[derive(Default)]
 struct DueTimes {
-    times: Mutex<BTreeSet<Instant>>,
+    /// When, and whom: `None` every worker, else one backend's.
+    times: Mutex<BTreeMap<Instant, Vec<Option<String>>>>,
     changed: Notify,
 }
 
 impl DueTimes {
-    fn add(&self, at: Instant) {
-        self.times.lock().expect("due").insert(at);
+    fn add(&self, at: Instant, who: Option<String>) {
+        self.times
+            .lock()
+            .expect("due")
+            .entry(at)
+            .or_default()
+            .push(who);
         self.changed.notify_one();
     }
 
-    /// Waits until the earliest time falls due (`true`, and it is
-    /// forgotten) or an earlier one may have been added (`false`).
-    async fn next(&self) -> bool {
-        let next = self.times.lock().expect("due").first().copied();
+    /// Waits until the earliest time falls due (whom to wake then, and it
+    /// is forgotten) or an earlier one may have been added (nobody).
+    async fn next(&self) -> Vec<Option<String>> {
+        let next = self.times.lock().expect("due").keys().next().copied();
         let Some(at) = next else {
             self.changed.notified().await;
-            return false;
+            return Vec::new();
         };
         tokio::select! {
             _ = tokio::time::sleep_until(at) => {
                 let now = Instant::now();
-                self.times.lock().expect("due").retain(|t| *t > now);
-                true
+                let mut times = self.times.lock().expect("due");
+                let later = times.split_off(&(now + Duration::from_nanos(1)));
+                std::mem::replace(&mut *times, later).into_values().flatten().collect()
             }
-            _ = self.changed.notified() => false,
+            _ = self.changed.notified() => Vec::new(),
         }
     }
 }
@@ -194,19 +203,27 @@ impl Shared {
         self.wake.send_modify(|n| *n += 1);
     }
 
-    /// Wakes every worker at `at` (a retry's back-off ends then).
-    fn wake_at(&self, at: chrono::DateTime<chrono::Utc>) {
+    /// Wakes every worker at `at` (a retry's back-off ends then), or only
+    /// the worker of backend `who`.
+    fn wake_at(&self, at: chrono::DateTime<chrono::Utc>, who: Option<&str>) {
         let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
-        self.due.add(Instant::now() + wait);
+        self.due.add(Instant::now() + wait, who.map(str::to_string));
     }
 }
 
 /// Wakes the workers when retries fall due, until the service stops.
 async fn wake_when_due(shared: Arc<Shared>) {
     loop {
-        tokio::select! {
+        let due = tokio::select! {
             _ = shared.stop.cancelled() => return,
-            due = shared.due.next() => if due { shared.wake() },
+            due = shared.due.next() => due,
+        };
+        if due.contains(&None) {
+            shared.wake();
+            continue;
+        }
+        for id in due.iter().flatten() {
+            shared.idle.bell(id).notify_one();
         }
     }
 }
@@ -308,7 +325,7 @@ impl Farm {
         // Retries waiting out a back-off across the restart: woken when
         // each falls due, as the attempt that failed them would have.
         for at in store.retry_times(MAX_RETRY_TIMES).await? {
-            shared.wake_at(at);
+            shared.wake_at(at, None);
         }
         tasks.spawn(wake_when_due(shared.clone()));
         let interval = Duration::from_millis(config.monitor.poll_interval_ms);
@@ -483,22 +500,33 @@ mod tests {
     async fn workers_are_woken_when_a_retry_falls_due_not_before() {
         let due = Arc::new(DueTimes::default());
         let start = Instant::now();
-        due.add(start + Duration::from_secs(5));
-        due.add(start + Duration::from_secs(2));
+        due.add(start + Duration::from_secs(5), Some("b".into()));
+        due.add(start + Duration::from_secs(2), None);
+        due.add(start + Duration::from_secs(5), Some("c".into()));
         let waiter = {
             let due = due.clone();
             tokio::spawn(async move {
                 let mut woken = Vec::new();
                 while woken.len() < 2 {
-                    if due.next().await {
-                        woken.push(Instant::now() - start);
+                    let whom = due.next().await;
+                    if !whom.is_empty() {
+                        woken.push((Instant::now() - start, whom));
                     }
                 }
                 woken
             })
         };
         let woken = waiter.await.unwrap();
-        assert_eq!(woken, [Duration::from_secs(2), Duration::from_secs(5)]);
+        let (two, five) = (Duration::from_secs(2), Duration::from_secs(5));
+        assert_eq!(
+            woken,
+            [
+                (two, vec![None]),
+                (five, vec![Some("b".to_string()), Some("c".to_string())])
+            ],
+            "every worker at the back-off's end, the avoided backends' at the avoidance's"
+        );
+        assert!(due.times.lock().unwrap().is_empty(), "each woken once");
     }
 
     #[test]
