@@ -544,3 +544,78 @@ async fn a_retry_whose_back_off_spans_a_restart_starts_when_it_falls_due() {
     assert_eq!(job["attempts"], 2, "retried once after the restart: {job}");
     assert_eq!(job["leases"].as_array().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_database_of_the_release_before_v10_killed_mid_batch_is_upgraded_and_finishes_its_jobs() {
+    // tests/fixtures/db/v9_mid_batch.db was written by the release before
+    // migration V10 (at cdd7c07) and killed with `kill -9` on a one-box
+    // farm (backend `gpu1`, 2 slots): sh010 completed, sh020 running,
+    // sh030 assigned, sh040 queued. The ComfyUI it ran on is gone: this
+    // one does not know their prompts.
+    let sim = start_sim(100).await;
+    let (config, dir) = farm_config(vec![backend("gpu1", sim.port, &[], 2)]);
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/db/v9_mid_batch.db");
+    std::fs::copy(fixture, config.data_dir.join("orchestrator.db")).unwrap();
+    let mut app = spawn_with(config).await;
+    app.set_dir(dir);
+    let shots = [
+        ("sh010", "01a21dc8-3db0-71c2-a1ea-ad0a17ecc25d", "completed"),
+        ("sh020", "01a21dc8-6463-7617-b392-63f7418850b7", "running"),
+        ("sh030", "01a21dc8-65e9-757b-bb70-f3bbf932e9e6", "assigned"),
+        ("sh040", "01a21dc8-6785-725d-827b-70a603f2aa52", "queued"),
+    ];
+    let done = app.job(shots[0].1).await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["metadata"]["shot"], "sh010");
+    assert_eq!(
+        done["outputs"].as_array().unwrap().len(),
+        1,
+        "its history kept"
+    );
+    for (shot, id, before) in &shots[1..] {
+        let job = app.wait_status(id, "completed").await;
+        assert_eq!(job["metadata"]["shot"], *shot);
+        let leases = job["leases"].as_array().unwrap();
+        let kinds = app.event_kinds(id).await;
+        assert_eq!(
+            kinds[0], "submitted",
+            "{shot}: its log kept from the start: {kinds:?}"
+        );
+        if *before == "queued" {
+            assert_eq!(leases.len(), 1, "{shot}");
+        } else {
+            // Its prompt was lost with the old ComfyUI: queued again
+            // without the attempt counting, then run here.
+            assert_eq!(leases.len(), 2, "{shot}: {leases:?}");
+            assert_eq!(leases[0]["outcome"], "lost", "{shot}");
+            assert_eq!(job["attempts"], 1, "{shot}: the lost run does not count");
+            assert!(kinds.contains(&"requeued".to_string()), "{shot}: {kinds:?}");
+        }
+        // The run after the upgrade went through V10's trigger: accepted,
+        // then running, once each for that lease.
+        let mut last_lease: Vec<_> = kinds
+            .iter()
+            .rev()
+            .take_while(|k| *k != "assigned")
+            .collect();
+        last_lease.reverse();
+        let started: Vec<_> = last_lease
+            .into_iter()
+            .filter(|k| *k == "submitted_to_backend" || *k == "running")
+            .collect();
+        assert_eq!(
+            started,
+            ["submitted_to_backend", "running"],
+            "{shot}: the last lease accepted, then running: {kinds:?}"
+        );
+    }
+    assert_eq!(
+        app.job(shots[0].1).await["leases"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
