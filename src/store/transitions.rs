@@ -8,10 +8,12 @@
 //! taken back and leased again) cannot overwrite the newer lease's state;
 //! and every change is one transaction with its event. Written once, neither
 //! can be forgotten by the next transition someone adds. The fence's
-//! condition is written once too ([`held`]): the two steps of a job's start
+//! condition is written once too ([`with_fence`]): the two steps of a job's start
 //! (accepted, running), which every job takes, carry it in their one
 //! `UPDATE` instead of reading first; each statement is a round trip to
 //! SQLite's thread while the farm's other writes wait.
+
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -42,10 +44,15 @@ pub(super) struct Held {
     pub(super) times: JobTimes,
 }
 
-/// The fence: job `?1` still carries lease `?2` and a backend holds it
-/// (the job named `j`). The one condition every fenced statement uses.
-fn held() -> String {
-    format!("j.id = ?1 AND j.lease_token = ?2 AND {HELD}")
+/// A fenced statement's text: `{held}` in `sql` becomes the fence, job
+/// `?1` still carries lease `?2` and a backend holds it (the job named
+/// `j`), the one condition every fenced statement uses. Each text is built
+/// once, into a `LazyLock`: these run for every job.
+fn with_fence(sql: &str) -> String {
+    sql.replace(
+        "{held}",
+        &format!("j.id = ?1 AND j.lease_token = ?2 AND {HELD}"),
+    )
 }
 
 /// Reads the job if it still carries this lease and a backend holds it.
@@ -54,16 +61,18 @@ async fn fence(
     job_id: &str,
     token: i64,
 ) -> Result<Option<Held>, StoreError> {
-    let row = sqlx::query(&format!(
-        "SELECT j.attempts, j.max_attempts, j.backend_id, j.prompt_id, j.cancel_requested, l.started_at, \
-         j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
-         FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id WHERE {}",
-        held()
-    ))
-    .bind(job_id)
-    .bind(token)
-    .fetch_optional(&mut *conn)
-    .await?;
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        with_fence(
+            "SELECT j.attempts, j.max_attempts, j.backend_id, j.prompt_id, j.cancel_requested, \
+             l.started_at, j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
+             FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id WHERE {held}",
+        )
+    });
+    let row = sqlx::query(&SQL)
+        .bind(job_id)
+        .bind(token)
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some(r) = row else { return Ok(None) };
     Ok(Some(Held {
         job_id: job_id.to_string(),
@@ -101,14 +110,13 @@ async fn still_held(
     job_id: &str,
     token: i64,
 ) -> Result<Option<bool>, StoreError> {
-    let cancel: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT j.cancel_requested FROM jobs j WHERE {}",
-        held()
-    ))
-    .bind(job_id)
-    .bind(token)
-    .fetch_optional(&mut *conn)
-    .await?;
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| with_fence("SELECT j.cancel_requested FROM jobs j WHERE {held}"));
+    let cancel: Option<i64> = sqlx::query_scalar(&SQL)
+        .bind(job_id)
+        .bind(token)
+        .fetch_optional(&mut *conn)
+        .await?;
     Ok(cancel.map(|c| c != 0))
 }
 
@@ -449,8 +457,8 @@ impl Store {
             .ok_or(StoreError::LeaseLost)
     }
 
-    /// Runs a step that carries the fence in itself (`{held}` in `sql`,
-    /// with `?1` the job, `?2` the lease token and `?3` the time now) as one
+    /// Runs a step that carries the fence in itself (`sql`, built by
+    /// [`with_fence`], with `?3` the time now) as one
     /// statement of the writer's; when it changes nothing, the fence alone
     /// says whether the lease still holds (`LeaseLost` if not).
     async fn fenced_statement(
@@ -463,7 +471,7 @@ impl Store {
         self.writer()
             .write_statement(move |conn| {
                 Box::pin(async move {
-                    let row = sqlx::query(&sql.replace("{held}", &held()))
+                    let row = sqlx::query(sql)
                         .bind(&job_id)
                         .bind(token)
                         .bind(fmt_time(Utc::now()))
@@ -488,10 +496,14 @@ impl Store {
     /// migration V9). Only when it changes nothing (the start recorded it
     /// first, or the lease is lost) does the fence read again.
     pub async fn mark_submitted(&self, job_id: &str, token: i64) -> Result<bool, StoreError> {
-        let sql = "UPDATE leases SET submitted_at = ?3 WHERE submitted_at IS NULL \
-                   AND prompt_id = (SELECT j.prompt_id FROM jobs j WHERE {held}) \
-                   RETURNING (SELECT cancel_requested FROM jobs WHERE id = ?1)";
-        match self.fenced_statement(job_id, token, sql).await? {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            with_fence(
+                "UPDATE leases SET submitted_at = ?3 WHERE submitted_at IS NULL \
+                 AND prompt_id = (SELECT j.prompt_id FROM jobs j WHERE {held}) \
+                 RETURNING (SELECT cancel_requested FROM jobs WHERE id = ?1)",
+            )
+        });
+        match self.fenced_statement(job_id, token, &SQL).await? {
             Stepped::Changed(row) => Ok(row.try_get::<i64, _>(0)? != 0),
             Stepped::Unchanged { cancel_requested } => Ok(cancel_requested),
         }
@@ -510,11 +522,15 @@ impl Store {
         job_id: &str,
         token: i64,
     ) -> Result<Option<JobTimes>, StoreError> {
-        let sql = "UPDATE jobs AS j SET status = 'running', \
-                   started_at = coalesce(started_at, ?3), updated_at = ?3 \
-                   WHERE {held} AND j.status = 'assigned' \
-                   RETURNING workflow_id, submitted_at, started_at";
-        match self.fenced_statement(job_id, token, sql).await? {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            with_fence(
+                "UPDATE jobs AS j SET status = 'running', \
+                 started_at = coalesce(started_at, ?3), updated_at = ?3 \
+                 WHERE {held} AND j.status = 'assigned' \
+                 RETURNING workflow_id, submitted_at, started_at",
+            )
+        });
+        match self.fenced_statement(job_id, token, &SQL).await? {
             Stepped::Changed(r) => Ok(Some(JobTimes {
                 workflow_id: r.try_get("workflow_id")?,
                 submitted_at: r.try_get("submitted_at")?,
