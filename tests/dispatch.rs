@@ -295,6 +295,72 @@ async fn cancel_removes_an_assigned_job_from_the_backend_queue_and_interrupts_a_
     app.wait_status(&second, "completed").await;
 }
 
+/// A box shared with an artist: a prompt queued from ComfyUI's own page
+/// runs, ours waits behind it and is cancelled. The cancel must not
+/// interrupt the artist's prompt (an interrupt without a prompt id stops
+/// whatever runs). The same check against a real ComfyUI is in
+/// `tests/live.rs`.
+#[tokio::test]
+async fn a_cancel_spares_a_prompt_that_is_not_ours_on_a_shared_box() {
+    let sim = start_sim(5_000).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 2)]).await;
+    app.wait_backend("node1", "online").await;
+    let graph = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 7}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "artist"}}
+    });
+    let r: Value = app
+        .client
+        .post(format!("{}/prompt", sim.url))
+        .json(&json!({"prompt": graph, "client_id": "an-artist"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let theirs = r["prompt_id"].as_str().unwrap().to_string();
+    let ours = submit(&app, blur(json!({"parameters": {"width": 64, "color": 5}}))).await;
+    app.wait_job(&ours, "submitted", |j| {
+        j["leases"][0]["submitted_at"].is_string()
+    })
+    .await;
+    let queue: Value = app
+        .client
+        .get(format!("{}/queue", sim.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        queue["queue_running"][0][1], theirs,
+        "the artist's prompt runs while ours waits: {queue}"
+    );
+    let (status, body) = app
+        .post_json(&format!("/api/job/{ours}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    app.wait_status(&ours, "cancelled").await;
+    let entry = poll("the artist's prompt to end", || {
+        let url = format!("{}/history/{theirs}", sim.url);
+        let (client, theirs) = (&app.client, &theirs);
+        async move {
+            let h: Value = client.get(url).send().await.ok()?.json().await.ok()?;
+            h.get(theirs).cloned()
+        }
+    })
+    .await;
+    assert_eq!(entry["status"]["status_str"], "success", "{entry:#}");
+    assert!(
+        !entry["status"]["messages"]
+            .to_string()
+            .contains("execution_interrupted"),
+        "{entry:#}"
+    );
+}
+
 #[tokio::test]
 async fn jobs_run_by_priority_then_age() {
     let sim = start_sim(0).await;
