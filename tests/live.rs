@@ -266,6 +266,39 @@ async fn a_value_comfyui_would_refuse_is_a_422_naming_its_field_and_nothing_is_s
 
 #[tokio::test]
 #[ignore = "needs a real ComfyUI: ORCH_LIVE_COMFYUI=host:port"]
+async fn a_model_the_box_does_not_have_is_a_422_naming_it_and_nothing_is_stored() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (app, _) = live_app().await;
+    // What the box has comes from its own `/object_info`.
+    let missing = format!("no_such_model_{}.safetensors", nonce());
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow": {
+                "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": missing}},
+                "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+                "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+                "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "live/model"}}
+            }}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"]["field"], "workflow.1.inputs.ckpt_name",
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&missing)),
+        "{body}"
+    );
+    let (_, jobs) = app.get("/api/jobs").await;
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 0, "{jobs}");
+}
+
+#[tokio::test]
+#[ignore = "needs a real ComfyUI: ORCH_LIVE_COMFYUI=host:port"]
 async fn a_runtime_error_fails_the_job_with_comfyuis_exception_after_its_retry() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (app, _) = live_app().await;
