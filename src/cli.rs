@@ -434,20 +434,37 @@ pub async fn watch(remote: &Remote, ids: Vec<String>) -> anyhow::Result<()> {
     let multi = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:.bold} {bar:30} {pos:>3}/{len:3} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar());
+    // Bars are drawn on a terminal only: in a log, a pipe or a script,
+    // each job's changes are lines instead (progress left out).
+    let lines = !remote.json && multi.is_hidden();
     let mut bars: HashMap<String, ProgressBar> = HashMap::new();
     let mut open: Vec<String> = Vec::new();
     let mut finals: Map<String, Value> = Map::new();
+    let mut unfinished: Vec<String> = Vec::new();
+    let mut end = |id: &str, bar: &ProgressBar, job: &Value| {
+        let msg = finish_bar(bar, job);
+        if lines {
+            println!("{}  {msg}", short(id));
+        }
+        let status = job["status"].as_str().unwrap_or("").to_string();
+        if status != "completed" {
+            unfinished.push(format!("{} {status}", short(id)));
+        }
+        finals.insert(id.to_string(), json!(status));
+    };
     for id in &ids {
         let job = remote.get(&format!("/api/job/{id}")).await?;
         let bar = multi.add(ProgressBar::new(1));
         bar.set_style(style.clone());
-        bar.set_prefix(id.chars().take(8).collect::<String>());
+        bar.set_prefix(short(id));
         let status = job["status"].as_str().unwrap_or("").to_string();
         bar.set_message(status.clone());
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-            finish_bar(&bar, &job);
-            finals.insert(id.clone(), json!(status));
+            end(id, &bar, &job);
         } else {
+            if lines {
+                println!("{}  {}", short(id), where_it_is(&job));
+            }
             open.push(id.clone());
         }
         bars.insert(id.clone(), bar);
@@ -460,8 +477,8 @@ pub async fn watch(remote: &Remote, ids: Vec<String>) -> anyhow::Result<()> {
         };
         let chunk = chunk.map_err(|e| anyhow!("the event stream broke: {e}"))?;
         buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
+        while let Some(cut) = buf.find("\n\n") {
+            let block: String = buf.drain(..cut + 2).collect();
             let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else {
                 continue;
             };
@@ -485,21 +502,51 @@ pub async fn watch(remote: &Remote, ids: Vec<String>) -> anyhow::Result<()> {
                 ));
             } else if matches!(kind, "completed" | "failed" | "cancelled") {
                 let job = remote.get(&format!("/api/job/{id}")).await?;
-                finish_bar(bar, &job);
-                finals.insert(id.to_string(), json!(kind));
+                end(id, bar, &job);
                 open.retain(|o| o != id);
             } else if let Some(s) = ev["status"].as_str() {
                 bar.set_message(s.to_string());
+                if lines {
+                    let what = ev["message"].as_str().unwrap_or(s);
+                    println!("{}  {s}: {what}", short(id));
+                }
             }
         }
     }
     if remote.json {
         println!("{}", Value::Object(finals));
     }
+    if !open.is_empty() {
+        bail!("the event stream ended before {} job(s) did", open.len());
+    }
+    // A script's `watch ID && next-step` must not go on after a failure.
+    if !unfinished.is_empty() {
+        bail!(
+            "{} of {} job(s) did not complete: {}",
+            unfinished.len(),
+            ids.len(),
+            unfinished.join(", ")
+        );
+    }
     Ok(())
 }
 
-fn finish_bar(bar: &ProgressBar, job: &Value) {
+/// A job id as the bars and lines show it (its first 8 characters).
+fn short(id: &str) -> String {
+    id.chars().take(8).collect()
+}
+
+/// Where a job stands, in a line: its status, and its backend if it has one.
+fn where_it_is(job: &Value) -> String {
+    let status = job["status"].as_str().unwrap_or("?");
+    match job["backend_id"].as_str() {
+        Some(b) if status != "queued" => format!("{status} on {b}"),
+        _ => status.to_string(),
+    }
+}
+
+/// Ends a job's bar with its outcome, and returns that outcome's words.
+fn finish_bar(bar: &ProgressBar, job: &Value) -> String {
     let status = job["status"].as_str().unwrap_or("");
     let msg = match job["error"]["message"].as_str() {
         Some(e) if status != "completed" => format!("{status}: {e}"),
@@ -510,5 +557,6 @@ fn finish_bar(bar: &ProgressBar, job: &Value) {
     };
     bar.set_length(1);
     bar.set_position(1);
-    bar.finish_with_message(msg);
+    bar.finish_with_message(msg.clone());
+    msg
 }

@@ -72,7 +72,8 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// Live progress bars until the jobs end (default: all queued or running).
+    /// Live progress bars until the jobs end (default: all queued or running);
+    /// without a terminal, a line per change. Fails if a job does not complete.
     Watch {
         /// Job ids.
         ids: Vec<String>,

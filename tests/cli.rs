@@ -120,3 +120,50 @@ async fn submit_watch_status_jobs_cancel_and_backends_from_the_command_line() {
     assert!(ok, "{err}");
     assert!(out.starts_with("queued"), "{out}");
 }
+
+/// `watch` in a log or a script (no terminal: no bars): a line for each
+/// change of each job, and a non-zero exit when one does not complete, so
+/// `orchestrator watch ID && deliver` stops at a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_without_a_terminal_prints_lines_and_fails_when_a_job_does() {
+    let sim = start_sim(300).await;
+    let app = spawn_farm(vec![backend("cli1", sim.port, &[], 1)]).await;
+    app.wait_backend("cli1", "online").await;
+    let good = app.submit_blur(serde_json::json!({})).await;
+    let (ok, out, err) = cli(&app.url, &["watch", &good]).await;
+    assert!(ok, "{err}");
+    let short = &good[..8];
+    let last = out.lines().last().unwrap_or_default();
+    assert_eq!(last, format!("{short}  completed (1 outputs)"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(short) && l.contains("running")),
+        "the start is a line too: {out}"
+    );
+
+    // The recorded graph that raises at run time, with no second attempt.
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &serde_json::json!({"max_attempts": 1, "workflow": {
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+                "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
+                "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+                "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}
+            }}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let bad = body["job_id"].as_str().unwrap().to_string();
+    let (ok, out, err) = cli(&app.url, &["watch", &good, &bad]).await;
+    assert!(!ok, "a failed job makes watch fail: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&bad[..8]) && l.contains("failed")),
+        "{out}"
+    );
+    assert!(
+        err.contains("1 of 2 job(s) did not complete") && err.contains(&bad[..8]),
+        "{err}"
+    );
+}
