@@ -185,10 +185,20 @@ pub async fn submit(remote: &Remote, args: SubmitArgs) -> anyhow::Result<()> {
 
 fn progress_text(job: &Value) -> String {
     let p = &job["progress"];
-    match (p["node"].as_str(), p["value"].as_f64(), p["max"].as_f64()) {
-        (Some(n), Some(v), Some(m)) => format!("node {n} {v}/{m}"),
-        (Some(n), _, _) => format!("node {n}"),
+    match (p["value"].as_f64(), p["max"].as_f64()) {
+        (Some(v), Some(m)) if p["node"].is_string() => format!("{} {v}/{m}", node_text(p)),
+        _ if p["node"].is_string() => node_text(p),
         _ => String::new(),
+    }
+}
+
+/// The node a progress value is at: its type and id (`KSampler (node 3)`),
+/// or its id alone when the type is not known.
+fn node_text(p: &Value) -> String {
+    let node = p["node"].as_str().unwrap_or("?");
+    match p["node_type"].as_str() {
+        Some(t) => format!("{t} (node {node})"),
+        None => format!("node {node}"),
     }
 }
 
@@ -496,10 +506,7 @@ pub async fn watch(remote: &Remote, ids: Vec<String>) -> anyhow::Result<()> {
                     bar.set_length(m as u64);
                     bar.set_position(v as u64);
                 }
-                bar.set_message(format!(
-                    "running, node {}",
-                    ev["data"]["node"].as_str().unwrap_or("?")
-                ));
+                bar.set_message(format!("running, {}", node_text(&ev["data"])));
             } else if matches!(kind, "completed" | "failed" | "cancelled") {
                 let job = remote.get(&format!("/api/job/{id}")).await?;
                 end(id, bar, &job);

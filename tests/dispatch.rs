@@ -579,9 +579,14 @@ async fn progress_is_visible_while_a_job_runs() {
         .await;
     assert_eq!(job["status"], "running");
     assert_eq!(job["progress"]["node"], "2");
+    assert_eq!(
+        job["progress"]["node_type"], "ImageBlur",
+        "named by its type"
+    );
     assert!(job["progress"]["value"].as_f64().unwrap() >= 1.0);
     let (_, list) = app.get("/api/jobs?status=running").await;
     assert_eq!(list["jobs"][0]["progress"]["node"], "2");
+    assert_eq!(list["jobs"][0]["progress"]["node_type"], "ImageBlur");
 }
 
 /// The value of one Prometheus sample (`name{labels} value`), 0 when absent.

@@ -619,3 +619,34 @@ async fn a_database_of_the_release_before_v10_killed_mid_batch_is_upgraded_and_f
         1
     );
 }
+
+/// Progress names the node by its type (`ImageBlur`), also for a prompt
+/// that outlived a restart of the orchestrator (its graph is read again).
+#[tokio::test]
+async fn progress_after_a_restart_still_names_the_node_type() {
+    let sim = start_sim(4_000).await;
+    let app = spawn_farm(vec![backend("a", sim.port, &[], 1)]).await;
+    app.wait_backend("a", "online").await;
+    let id = app.submit_blur(json!({})).await;
+    app.wait_job(&id, "progress", |j| j["progress"]["max"].is_number())
+        .await;
+    let last_seq = |events: &[Value]| {
+        events
+            .iter()
+            .filter_map(|e| e["seq"].as_i64())
+            .max()
+            .unwrap_or(0)
+    };
+    let before = last_seq(&app.events(&id).await);
+    let app = app.restart().await;
+    // A progress event the new process wrote.
+    let after = poll("progress from the restarted service", || async {
+        app.events(&id)
+            .await
+            .into_iter()
+            .find(|e| e["kind"] == "progress" && e["seq"].as_i64().is_some_and(|s| s > before))
+    })
+    .await;
+    assert_eq!(after["data"]["node_type"], "ImageBlur", "{after:#}");
+    app.wait_status(&id, "completed").await;
+}

@@ -33,9 +33,10 @@ async function act(path, after) {
 
 function bar(id, job) {
   const p = progress[id] || job.progress;
-  if (!p || p.max == null) return p && p.node ? `<span class="muted">node ${esc(p.node)}</span>` : "";
+  const node = p && p.node ? (p.node_type ? `${esc(p.node_type)} (node ${esc(p.node)})` : `node ${esc(p.node)}`) : "";
+  if (!p || p.max == null) return node ? `<span class="muted">${node}</span>` : "";
   const pct = Math.min(100, Math.round(100 * p.value / Math.max(1, p.max)));
-  return `<span class="bar" title="node ${esc(p.node)} ${p.value}/${p.max}"><span style="width:${pct}%"></span></span> <span class="muted">${pct}%</span>`;
+  return `<span class="bar" title="${node} ${p.value}/${p.max}"><span style="width:${pct}%"></span></span> <span class="muted">${pct}% ${node}</span>`;
 }
 
 function actions(j, after) {

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::attempt::{Held, Turn};
 use super::idle::Found;
 use super::phase::Phase;
+use super::progress::node_types;
 use super::worker::{Tracked, Worker};
 use crate::store::LeaseTry;
 
@@ -105,6 +106,7 @@ impl Worker {
                     phase: Phase::Submitting,
                     limit: self.run_limit(lease.timeout_s),
                     sent: Instant::now(),
+                    nodes: std::sync::Arc::new(node_types(&lease.graph)),
                 },
             );
             let (posted, heard) = tokio::sync::oneshot::channel();

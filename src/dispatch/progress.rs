@@ -42,6 +42,22 @@ pub(super) struct ProgressBook {
     pending: HashMap<String, Pending>,
 }
 
+/// A graph's node ids and their types (`"3"` → `"KSampler"`).
+pub(super) type NodeTypes = HashMap<String, String>;
+
+/// The node types of a graph (API format).
+///
+/// Why: ComfyUI's progress names a node by its id, which means nothing to
+/// someone watching a job; its type (`KSampler`, `VAEDecode`) does.
+pub(super) fn node_types(graph: &Value) -> NodeTypes {
+    graph
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(id, node)| Some((id.clone(), node["class_type"].as_str()?.to_string())))
+        .collect()
+}
+
 /// What a progress message says: a node started, or a step of it.
 pub(super) enum Step {
     /// A node started (its steps are not known yet).
@@ -70,23 +86,29 @@ impl ProgressBook {
 
     /// Keeps the live progress in memory, and stores it at most every
     /// `PROGRESS_EVERY` per job.
-    pub(super) async fn set(&mut self, job_id: &str, token: i64, step: Step) {
+    /// `nodes` names the node's type beside its id (`node_type`).
+    pub(super) async fn set(&mut self, job_id: &str, token: i64, step: Step, nodes: &NodeTypes) {
         let merged = {
             let mut map = self.shared.progress.lock().expect("progress");
             let entry = map.entry(job_id.to_string()).or_insert_with(|| json!({}));
             if let Some(e) = entry.as_object_mut() {
-                match step {
+                let node = match step {
                     Step::Node(node) => {
                         e.remove("value");
                         e.remove("max");
-                        e.insert("node".into(), json!(node));
+                        Some(node)
                     }
                     Step::Value { node, value, max } => {
-                        e.insert("node".into(), json!(node));
                         e.insert("value".into(), json!(value));
                         e.insert("max".into(), json!(max));
+                        node
                     }
-                }
+                };
+                match node.as_ref().and_then(|n| nodes.get(n)) {
+                    Some(t) => e.insert("node_type".into(), json!(t)),
+                    None => e.remove("node_type"),
+                };
+                e.insert("node".into(), json!(node));
             }
             entry.clone()
         };

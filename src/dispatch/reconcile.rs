@@ -15,6 +15,7 @@ use chrono::Utc;
 
 use super::attempt::Held;
 use super::phase::{Phase, Signal};
+use super::progress::{node_types, NodeTypes};
 use super::worker::{Tracked, Worker};
 use crate::comfy::QueueState;
 use crate::store::{ActiveJob, JobStatus, LostOutcome, LostRun};
@@ -75,6 +76,14 @@ impl Worker {
                 continue;
             }
             let phase = known.unwrap_or_else(|| phase_from(&a));
+            // Known already, or read once (a prompt that outlived a restart).
+            let nodes = match self.tracked.get(&pid) {
+                Some(t) => t.nodes.clone(),
+                None => std::sync::Arc::new(match self.shared.store.job(&a.job_id).await {
+                    Ok(Some(job)) => job.graph.as_ref().map(node_types).unwrap_or_default(),
+                    _ => NodeTypes::new(),
+                }),
+            };
             self.tracked.insert(
                 pid.clone(),
                 Tracked {
@@ -87,6 +96,7 @@ impl Worker {
                     phase,
                     limit: self.run_limit(a.timeout_s),
                     sent: Instant::now(),
+                    nodes,
                 },
             );
             if a.cancel_requested {

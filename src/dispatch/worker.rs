@@ -32,7 +32,7 @@ use super::attempt::{Ctx, Held, Report, FINISH_TRIES};
 use super::fill::Wake;
 use super::link::{Check, Link};
 use super::phase::{Phase, Signal};
-use super::progress::{ProgressBook, Step, PROGRESS_EVERY};
+use super::progress::{NodeTypes, ProgressBook, Step, PROGRESS_EVERY};
 use super::{Command, Shared};
 use crate::comfy::{ComfyClient, Preview, WsEvent};
 use crate::config::BackendConfig;
@@ -47,6 +47,8 @@ pub(super) struct Tracked {
     pub(super) limit: Duration,
     /// When its submit was sent (a `status` broadcast must follow it).
     pub(super) sent: Instant,
+    /// Its graph's node types: progress names the node by its type.
+    pub(super) nodes: Arc<NodeTypes>,
 }
 
 pub(super) struct Worker {
@@ -556,7 +558,9 @@ impl Worker {
                     node: Some(node), ..
                 } = ev
                 {
-                    self.progress.set(job_id, token, Step::Node(node)).await;
+                    self.progress
+                        .set(job_id, token, Step::Node(node), &t.nodes)
+                        .await;
                 }
                 if self.signal(&pid, Signal::Started).is_some() {
                     self.record_running(job_id, token).await;
@@ -566,7 +570,7 @@ impl Worker {
                 node, value, max, ..
             } => {
                 let step = Step::Value { node, value, max };
-                self.progress.set(job_id, token, step).await;
+                self.progress.set(job_id, token, step, &t.nodes).await;
             }
             WsEvent::Executing { node: None, .. } => {
                 if self.running.as_deref() == Some(pid.as_str()) {
