@@ -361,6 +361,59 @@ async fn a_cancel_spares_a_prompt_that_is_not_ours_on_a_shared_box() {
     );
 }
 
+/// A box an artist is using: the prompts queued from ComfyUI's own page
+/// take its slots as ours do, so the farm's jobs go to a free box instead
+/// of waiting behind them; once the artist's queue drains, it takes work
+/// again.
+#[tokio::test]
+async fn a_box_busy_with_prompts_not_ours_leaves_the_work_to_a_free_one() {
+    let a = start_sim(4_000).await;
+    let b = start_sim(300).await;
+    let app = spawn_farm_online(vec![
+        backend("a", a.port, &[], 1),
+        backend("b", b.port, &[], 1),
+    ])
+    .await;
+    let graph = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 1}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "artist"}}
+    });
+    let r = app
+        .client
+        .post(format!("{}/prompt", a.url))
+        .json(&json!({"prompt": graph, "client_id": "an-artist"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let shown = poll("a's worker to hear the artist's prompt", || async {
+        let (_, b) = app.get("/api/backends/a").await;
+        (b["prompts_not_ours"] == 1).then_some(b)
+    })
+    .await;
+    assert_eq!(shown["active_jobs"], 0);
+    let jobs: Vec<String> = futures::future::join_all(
+        (0..3).map(|i| submit(&app, blur(json!({"parameters": {"width": 64 + i}})))),
+    )
+    .await;
+    // While the artist's prompt runs (4 s), a takes none: b runs the three
+    // one after the other.
+    for id in &jobs {
+        let job = app.wait_status(id, "completed").await;
+        assert_eq!(job["backend_id"], "b", "{job:#}");
+    }
+    // Its queue drained: a takes work again.
+    poll("a's queue to drain", || async {
+        let (_, b) = app.get("/api/backends/a").await;
+        (b["prompts_not_ours"] == 0).then_some(())
+    })
+    .await;
+    app.post_json("/api/backends/b/disable", &json!({})).await;
+    let later = submit(&app, blur(json!({"parameters": {"width": 99}}))).await;
+    let job = app.wait_status(&later, "completed").await;
+    assert_eq!(job["backend_id"], "a");
+}
+
 #[tokio::test]
 async fn jobs_run_by_priority_then_age() {
     let sim = start_sim(0).await;

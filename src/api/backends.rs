@@ -30,6 +30,13 @@ pub struct BackendList {
     pub message: Option<String>,
 }
 
+/// A backend's stored record, with what only its worker knows now.
+fn live(state: &AppState, record: crate::store::BackendRecord) -> Backend {
+    let mut b = Backend::from(record);
+    b.prompts_not_ours = state.farm.prompts_not_ours(&b.id) as i64;
+    b
+}
+
 /// The configured backends with their state.
 #[utoipa::path(get, path = "/api/backends", tag = "backends", responses((status = 200, body = BackendList)))]
 pub(super) async fn list_backends(
@@ -40,7 +47,7 @@ pub(super) async fn list_backends(
         .backends()
         .await?
         .into_iter()
-        .map(Backend::from)
+        .map(|b| live(&state, b))
         .collect();
     let message = if backends.is_empty() {
         Some(
@@ -106,7 +113,7 @@ pub(super) async fn get_backend(
             comfyui_version: i.comfyui_version,
         });
     Ok(Json(BackendDetail {
-        backend: backend.into(),
+        backend: live(&state, backend),
         inventory,
     }))
 }

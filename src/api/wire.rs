@@ -305,6 +305,11 @@ pub struct Backend {
     pub queue_remaining: Option<i64>,
     /// Jobs this orchestrator has on it now (assigned or running).
     pub active_jobs: i64,
+    /// Prompts in its ComfyUI queue that this orchestrator did not send (an
+    /// artist's, queued from ComfyUI's own page), as last heard on its
+    /// socket: they take its `max_inflight` slots as ours do, so work goes
+    /// to a free box rather than waiting behind them.
+    pub prompts_not_ours: i64,
     /// Last error talking to it, or why it gets no jobs.
     pub last_error: Option<String>,
     /// Last successful contact.
@@ -337,6 +342,7 @@ impl From<BackendRecord> for Backend {
             vram_free: b.vram_free,
             queue_remaining: b.queue_remaining,
             active_jobs: b.active_jobs,
+            prompts_not_ours: 0,
             last_error: b.last_error,
             last_seen: b.last_seen,
             offline_since: b.offline_since,

@@ -47,7 +47,7 @@ impl Worker {
                 self.shared.config.dispatch.affinity_max_wait_s as i64,
             ),
         };
-        while self.tracked.len() < self.max_inflight {
+        while self.slots_taken() < self.max_inflight {
             let look = match why {
                 Wake::Always => self.shared.idle.look(),
                 Wake::SlotFreed => match self.shared.idle.gate(&self.id) {
@@ -94,7 +94,7 @@ impl Worker {
             self.shared.idle.end_ring(&self.id);
             if std::mem::take(&mut rung) {
                 why = Wake::SlotFreed;
-            } else if why == Wake::Always && self.tracked.len() + 1 >= self.max_inflight {
+            } else if why == Wake::Always && self.slots_taken() + 1 >= self.max_inflight {
                 // Full before it saw the queue's end: more may be due.
                 self.shared.idle.filled();
             }
@@ -116,7 +116,7 @@ impl Worker {
             };
             self.helpers.spawn(self.ctx().submit(lease, turn));
         }
-        if self.tracked.len() >= self.max_inflight {
+        if self.slots_taken() >= self.max_inflight {
             // Off the waiting list, and its ring (if any) ends.
             self.shared.idle.busy(&self.id);
             return;

@@ -89,6 +89,9 @@ struct Shared {
     stop: CancellationToken,
     commands: HashMap<String, mpsc::Sender<Command>>,
     progress: Mutex<HashMap<String, Value>>,
+    /// Prompts not ours in each backend's queue, as its worker last heard
+    /// (absent: none, or not heard yet).
+    foreign: Mutex<HashMap<String, usize>>,
     previews: tokio::sync::broadcast::Sender<Preview>,
     /// Times at which a retry falls due (the workers are woken then).
     due: DueTimes,
@@ -295,6 +298,7 @@ impl Farm {
             stop: stop.clone(),
             commands,
             progress: Mutex::new(HashMap::new()),
+            foreign: Mutex::new(HashMap::new()),
             previews: tokio::sync::broadcast::channel(64).0,
             due: DueTimes::default(),
             inventories: std::sync::RwLock::new(
@@ -457,6 +461,19 @@ impl Farm {
             .expect("progress")
             .get(job_id)
             .cloned()
+    }
+
+    /// Prompts in the backend's ComfyUI queue that this orchestrator did
+    /// not send (an artist's, queued from ComfyUI's own page), as its
+    /// worker last heard: they take the backend's slots as ours do.
+    pub fn prompts_not_ours(&self, backend_id: &str) -> usize {
+        self.shared
+            .foreign
+            .lock()
+            .expect("foreign")
+            .get(backend_id)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Live previews of running jobs (lagging receivers miss frames, nothing else).

@@ -64,6 +64,12 @@ pub(super) enum Signal {
 }
 
 impl Phase {
+    /// Whether the backend may hold the prompt in its queue (running or
+    /// waiting) in this phase.
+    pub(super) fn may_be_on_backend(self) -> bool {
+        !matches!(self, Phase::Finishing)
+    }
+
     /// The phase after `signal`, or `None` when the signal changes nothing
     /// in this phase.
     pub(super) fn on(self, signal: Signal) -> Option<Phase> {

@@ -156,6 +156,17 @@ impl Worker {
                 }
             }
         }
+        // What runs or waits there that is not ours, exactly (a `status`
+        // gives a count; at a restart it comes before our prompts are
+        // followed again, and would count them as not ours until the
+        // queue next changes).
+        let not_ours = queue
+            .running
+            .iter()
+            .chain(&queue.pending)
+            .filter(|p| !self.tracked.contains_key(*p))
+            .count();
+        self.note_foreign(not_ours);
         // Messages that arrived while this worker waited on the backend
         // are late, not missing: read what is waiting first (the next
         // reconcile decides again with them counted).

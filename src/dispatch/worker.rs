@@ -79,6 +79,12 @@ pub(super) struct Worker {
     pulse: Arc<crate::monitor::Pulse>,
     /// Its place among the farm's timer slots (`super::SLOTS`).
     slot: u32,
+    /// Prompts in the backend's queue that are not ours (an artist's,
+    /// queued from ComfyUI's own page), from its last `status`: they take
+    /// its slots as ours do.
+    pub(super) foreign: usize,
+    /// Fewer of them since the worker last looked: a slot may have freed.
+    foreign_freed: bool,
 }
 
 impl Worker {
@@ -108,7 +114,48 @@ impl Worker {
             last_post: None,
             pulse,
             slot,
+            foreign: 0,
+            foreign_freed: false,
         }
+    }
+
+    /// Slots taken on the backend: our prompts and those not ours.
+    pub(super) fn slots_taken(&self) -> usize {
+        self.tracked.len() + self.foreign
+    }
+
+    /// ComfyUI's queue holds `remaining` prompts, running or waiting (a
+    /// `status` message, sent at each change of its queue): what is not
+    /// ours takes the box's slots too, so that work queued behind an
+    /// artist's prompts goes to a free box instead.
+    ///
+    /// Ours are the prompts followed in a phase where the backend may hold
+    /// them. The count errs towards "ours" (a prompt whose end is being
+    /// collected is counted though it left the queue), which leases as
+    /// before; a prompt given up on that still runs there counts as not
+    /// ours, which it is as far as free slots go.
+    fn saw_queue(&mut self, remaining: i64) {
+        let ours = self
+            .tracked
+            .values()
+            .filter(|t| t.phase.may_be_on_backend())
+            .count();
+        self.note_foreign(usize::try_from(remaining).unwrap_or(0).saturating_sub(ours));
+    }
+
+    /// `foreign` prompts not ours are on the backend now.
+    pub(super) fn note_foreign(&mut self, foreign: usize) {
+        if foreign != self.foreign {
+            tracing::debug!(backend_id = %self.id, foreign, "prompts not ours in the backend's queue");
+            let mut shown = self.shared.foreign.lock().expect("foreign");
+            if foreign == 0 {
+                shown.remove(&self.id);
+            } else {
+                shown.insert(self.id.clone(), foreign);
+            }
+        }
+        self.foreign_freed |= foreign < self.foreign;
+        self.foreign = foreign;
     }
 
     pub(super) fn ctx(&self) -> Ctx {
@@ -158,7 +205,7 @@ impl Worker {
         // Lease only when something may have changed, not on every progress message.
         let mut wake = Some(Wake::Always);
         while !stop.is_cancelled() {
-            if self.take_reports() {
+            if self.take_reports() || std::mem::take(&mut self.foreign_freed) {
                 wake = wake.max(Some(Wake::SlotFreed));
             }
             if self.link.stream.is_none() && !self.connect().await {
@@ -288,6 +335,10 @@ impl Worker {
         tracing::warn!(backend_id = %self.id, "reconnecting to the backend: {why}");
         self.link.down_since.get_or_insert_with(Instant::now);
         self.pulse.socket_changed();
+        // Unknown until the backend's next `status` (sent at each connect);
+        // no slot freed for that.
+        self.note_foreign(0);
+        self.foreign_freed = false;
         if let Some(old) = self.link.stream.take() {
             // ComfyUI forgets our registration when an old socket ends:
             // the old one must be gone before the new one opens.
@@ -528,6 +579,12 @@ impl Worker {
         let pid = match &ev {
             WsEvent::FeatureFlags => {
                 self.link.confirmed();
+                return;
+            }
+            WsEvent::Status {
+                queue_remaining: Some(remaining),
+            } => {
+                self.saw_queue(*remaining);
                 return;
             }
             WsEvent::Preview(frame) => {
