@@ -148,7 +148,7 @@ async function renderBackends() {
       <td>${esc(b.admin_state || (b.config_enabled ? "enabled" : "disabled"))}${b.accepting_jobs ? "" : ' <span class="muted">(no new jobs)</span>'}</td>
       <td>${esc(b.comfyui_version || "–")}</td>
       <td>${gib(b.vram_free)} / ${gib(b.vram_total)}</td>
-      <td>${b.active_jobs} / ${b.max_inflight}${runs(b.id)}</td>
+      <td>${b.active_jobs} / ${b.max_inflight}${b.prompts_not_ours ? ` <span class="muted" title="prompts in its ComfyUI queue that the orchestrator did not send">+${b.prompts_not_ours} not ours</span>` : ""}${runs(b.id)}</td>
       <td>${esc((b.tags || []).join(", "))}</td>
       <td class="muted">${esc(b.last_error || "")}</td>
       <td><button data-act="/api/backends/${esc(b.id)}/enable">Enable</button> <button data-act="/api/backends/${esc(b.id)}/drain">Drain</button> <button data-act="/api/backends/${esc(b.id)}/disable">Disable</button></td></tr>`).join("");
@@ -173,7 +173,7 @@ async function renderBackend(id) {
     <div class="grid">
       <span class="muted">Address</span><span class="mono">${esc(b.host)}:${b.port}</span>
       <span class="muted">ComfyUI</span><span>${esc(b.comfyui_version || "–")}</span>
-      <span class="muted">Jobs</span><span>${b.active_jobs} / ${b.max_inflight}</span>
+      <span class="muted">Jobs</span><span>${b.active_jobs} / ${b.max_inflight}${b.prompts_not_ours ? ` (+${b.prompts_not_ours} prompts not ours in its queue)` : ""}</span>
       <span class="muted">Loaded model</span><span class="mono">${esc(b.loaded_model || "–")}</span>
       <span class="muted">Tags</span><span>${esc((b.tags || []).join(", ") || "–")}</span>
       <span class="muted">Last error</span><span>${esc(b.last_error || "–")}</span>
