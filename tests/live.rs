@@ -372,6 +372,12 @@ async fn a_cancel_takes_our_prompt_out_of_the_queue_and_spares_a_prompt_not_ours
         }
     })
     .await;
+    // The artist's prompt is counted as taking one of the box's slots.
+    poll("the artist's prompt to be counted as not ours", || async {
+        let (_, b) = app.get("/api/backends/live").await;
+        (b["prompts_not_ours"] == 1).then_some(())
+    })
+    .await;
     let (status, body) = app
         .post_json(&format!("/api/job/{id}/cancel"), &json!({}))
         .await;
