@@ -127,6 +127,28 @@ fn slow_graph(side: u32, blurs: u32, prefix: &str) -> Value {
     g
 }
 
+/// A job of `blurs` blurs (see [`slow_graph`]), once ComfyUI runs it.
+async fn running_slow_job(app: &TestApp, side: u32, blurs: u32, prefix: &str) -> String {
+    let id = submit(app, json!({"workflow": slow_graph(side, blurs, prefix)})).await;
+    wait_for(app, &id, &["running"]).await;
+    id
+}
+
+/// Cancels a job and waits for its end: the job, and its last event's words.
+async fn cancel(app: &TestApp, id: &str) -> (Value, String) {
+    let (status, body) = app
+        .post_json(&format!("/api/job/{id}/cancel"), &json!({}))
+        .await;
+    assert!(status == 200 || status == 202, "{status} {body}");
+    let job = wait_for(app, id, &["cancelled", "completed", "failed"]).await;
+    assert_eq!(job["status"], "cancelled", "{job:#}");
+    let last = app.events(id).await.last().cloned().unwrap();
+    (
+        job,
+        last["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
 #[tokio::test]
 #[ignore = "needs a real ComfyUI: ORCH_LIVE_COMFYUI=host:port"]
 async fn a_job_runs_on_comfyui_and_its_outputs_are_comfyuis_files_byte_for_byte() {
@@ -378,19 +400,8 @@ async fn a_cancel_takes_our_prompt_out_of_the_queue_and_spares_a_prompt_not_ours
         (b["prompts_not_ours"] == 1).then_some(())
     })
     .await;
-    let (status, body) = app
-        .post_json(&format!("/api/job/{id}/cancel"), &json!({}))
-        .await;
-    assert!(status == 200 || status == 202, "{status} {body}");
-    let job = wait_for(&app, &id, &["cancelled", "completed", "failed"]).await;
-    assert_eq!(job["status"], "cancelled", "{job:#}");
-    let last = app.events(&id).await.last().cloned().unwrap();
-    assert!(
-        last["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("removed from backend")),
-        "{last:#}"
-    );
+    let (_, last) = cancel(&app, &id).await;
+    assert!(last.contains("removed from backend"), "{last}");
     let q = comfy_json(&app, format!("{comfy}/queue")).await;
     assert!(
         !q.to_string().contains(&ours),
@@ -420,26 +431,10 @@ async fn a_cancel_takes_our_prompt_out_of_the_queue_and_spares_a_prompt_not_ours
 async fn a_cancel_of_a_running_job_interrupts_it_on_comfyui() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (app, comfy) = live_app().await;
-    let id = submit(
-        &app,
-        json!({"workflow": slow_graph(1536 + nonce() % 64, 6, "live/cancelled")}),
-    )
-    .await;
-    wait_for(&app, &id, &["running"]).await;
-    let (status, body) = app
-        .post_json(&format!("/api/job/{id}/cancel"), &json!({}))
-        .await;
-    assert!(status == 200 || status == 202, "{status} {body}");
-    let job = wait_for(&app, &id, &["cancelled", "completed", "failed"]).await;
-    assert_eq!(job["status"], "cancelled", "{job:#}");
+    let id = running_slow_job(&app, 1536 + nonce() % 64, 6, "live/cancelled").await;
+    let (job, last) = cancel(&app, &id).await;
     assert_eq!(job["outputs"].as_array().map_or(0, |o| o.len()), 0);
-    let last = app.events(&id).await.last().cloned().unwrap();
-    assert!(
-        last["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("interrupted")),
-        "{last:#}"
-    );
+    assert!(last.contains("interrupted"), "{last}");
     let q = comfy_json(&app, format!("{comfy}/queue")).await;
     assert_eq!(q["queue_running"], json!([]), "{q}");
 }
@@ -449,12 +444,7 @@ async fn a_cancel_of_a_running_job_interrupts_it_on_comfyui() {
 async fn a_job_running_through_a_restart_of_the_orchestrator_completes_once() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (app, _) = live_app().await;
-    let id = submit(
-        &app,
-        json!({"workflow": slow_graph(1024 + nonce() % 64, 4, "live/restart")}),
-    )
-    .await;
-    wait_for(&app, &id, &["running"]).await;
+    let id = running_slow_job(&app, 1024 + nonce() % 64, 4, "live/restart").await;
     let app = app.restart().await;
     let job = wait_for(&app, &id, &["completed", "failed"]).await;
     assert_eq!(job["status"], "completed", "{job:#}");
@@ -478,12 +468,7 @@ async fn a_job_whose_comfyui_restarts_runs_again_without_the_attempt_counting() 
     );
     let _turn = ONE_AT_A_TIME.lock().await;
     let (app, _) = live_app().await;
-    let id = submit(
-        &app,
-        json!({"workflow": slow_graph(1024 + nonce() % 64, 4, "live/lost")}),
-    )
-    .await;
-    wait_for(&app, &id, &["running"]).await;
+    let id = running_slow_job(&app, 1024 + nonce() % 64, 4, "live/lost").await;
     let done = tokio::task::spawn_blocking(move || {
         std::process::Command::new("sh")
             .arg("-c")
