@@ -414,6 +414,44 @@ async fn a_box_busy_with_prompts_not_ours_leaves_the_work_to_a_free_one() {
     assert_eq!(job["backend_id"], "a");
 }
 
+/// Work queued while the only box is busy with an artist's prompt starts
+/// when that prompt ends: the freed slot looks at once, not at the
+/// worker's safety net (set past the deadline here).
+#[tokio::test]
+async fn work_queued_behind_prompts_not_ours_starts_when_they_end() {
+    let a = start_sim(1_500).await;
+    let app = spawn_farm_with(vec![backend("a", a.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 60_000;
+    })
+    .await;
+    app.wait_backend("a", "online").await;
+    let graph = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 3}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "artist"}}
+    });
+    let r = app
+        .client
+        .post(format!("{}/prompt", a.url))
+        .json(&json!({"prompt": graph, "client_id": "an-artist"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    poll("a's worker to hear the artist's prompt", || async {
+        let (_, b) = app.get("/api/backends/a").await;
+        (b["prompts_not_ours"] == 1).then_some(())
+    })
+    .await;
+    let id = submit(&app, blur(json!({}))).await;
+    let job = app.wait_status(&id, "completed").await;
+    assert_eq!(job["backend_id"], "a");
+    assert_eq!(
+        app.event_kinds(&id).await[..2],
+        ["submitted", "assigned"],
+        "{job:#}"
+    );
+}
+
 #[tokio::test]
 async fn jobs_run_by_priority_then_age() {
     let sim = start_sim(0).await;
