@@ -443,6 +443,13 @@ async fn work_queued_behind_prompts_not_ours_starts_when_they_end() {
     })
     .await;
     let id = submit(&app, blur(json!({}))).await;
+    // Its page says why it waits.
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "queued", "{job:#}");
+    assert_eq!(
+        job["waiting_for"],
+        "no backend can take it now: a is busy (0 of 1 slots ours, and 1 prompt in its queue not from the orchestrator)"
+    );
     let job = app.wait_status(&id, "completed").await;
     assert_eq!(job["backend_id"], "a");
     assert_eq!(

@@ -476,6 +476,11 @@ impl Farm {
             .unwrap_or(0)
     }
 
+    /// [`Farm::prompts_not_ours`] of every backend that has any.
+    pub fn all_prompts_not_ours(&self) -> HashMap<String, usize> {
+        self.shared.foreign.lock().expect("foreign").clone()
+    }
+
     /// Live previews of running jobs (lagging receivers miss frames, nothing else).
     pub fn subscribe_previews(&self) -> tokio::sync::broadcast::Receiver<Preview> {
         self.shared.previews.subscribe()

@@ -173,8 +173,14 @@ impl Store {
 
     /// A job with everything its page shows, read in one snapshot: separate
     /// reads could show a job still `queued` beside the lease that took it,
-    /// or `running` beside the outputs of its end.
-    pub async fn job_detail(&self, id: &str) -> Result<Option<JobDetailRecord>, StoreError> {
+    /// or `running` beside the outputs of its end. `not_ours`: prompts not
+    /// ours in each backend's queue (only the running farm knows them),
+    /// for why a queued job waits.
+    pub async fn job_detail(
+        &self,
+        id: &str,
+        not_ours: &std::collections::HashMap<String, usize>,
+    ) -> Result<Option<JobDetailRecord>, StoreError> {
         let mut tx = self.reader().begin().await?;
         let Some(job) = sqlx::query_as::<_, JobRecord>(&one_job())
             .bind(id)
@@ -195,7 +201,7 @@ impl Store {
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
-        let waiting_for = super::lease::why_waiting_in(&mut tx, id).await?;
+        let waiting_for = super::lease::why_waiting_in(&mut tx, id, not_ours).await?;
         // Read only: nothing to commit.
         tx.rollback().await?;
         Ok(Some(JobDetailRecord {

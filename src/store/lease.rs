@@ -635,6 +635,7 @@ impl Store {
 pub(super) async fn why_waiting_in(
     conn: &mut SqliteConnection,
     job_id: &str,
+    not_ours: &std::collections::HashMap<String, usize>,
 ) -> Result<Option<String>, StoreError> {
     let job: Option<(JobStatus, Option<String>)> =
         sqlx::query_as("SELECT status, not_before FROM jobs WHERE id = ?")
@@ -662,6 +663,7 @@ pub(super) async fn why_waiting_in(
     if rows.is_empty() {
         return Ok(Some("no backends are configured; it waits for one".into()));
     }
+    let others = |id: &str| not_ours.get(id).copied().unwrap_or(0) as i64;
     let mut kept = Vec::new();
     let mut free = Vec::new();
     for r in &rows {
@@ -678,8 +680,14 @@ pub(super) async fn why_waiting_in(
             )
         } else if state != BackendState::Online {
             format!("is {}", state.as_str())
-        } else if active >= max {
-            format!("is busy ({active} of {max} slots)")
+        } else if active + others(&id) >= max {
+            match others(&id) {
+                0 => format!("is busy ({active} of {max} slots)"),
+                n => format!(
+                    "is busy ({active} of {max} slots ours, and {n} prompt{} in its queue not from the orchestrator)",
+                    if n == 1 { "" } else { "s" }
+                ),
+            }
         } else {
             free.push(id);
             continue;
