@@ -295,6 +295,41 @@ async fn cancel_removes_an_assigned_job_from_the_backend_queue_and_interrupts_a_
     app.wait_status(&second, "completed").await;
 }
 
+/// An artist's prompt, queued on `sim` from ComfyUI's own page (not by the
+/// orchestrator): its prompt id.
+async fn artist_prompt(
+    app: &TestApp,
+    sim: &orchestrator::simulator::SimHandle,
+    color: u32,
+) -> String {
+    let graph = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "artist"}}
+    });
+    let r = app
+        .client
+        .post(format!("{}/prompt", sim.url))
+        .json(&json!({"prompt": graph, "client_id": "an-artist"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r: Value = r.json().await.unwrap();
+    r["prompt_id"].as_str().unwrap().to_string()
+}
+
+/// Waits until backend `id`'s worker counts `n` prompts not ours there.
+async fn heard_not_ours(app: &TestApp, id: &str, n: u64) -> Value {
+    poll(
+        &format!("{id}'s worker to count {n} prompts not ours"),
+        || async {
+            let (_, b) = app.get(&format!("/api/backends/{id}")).await;
+            (b["prompts_not_ours"] == n).then_some(b)
+        },
+    )
+    .await
+}
+
 /// A box shared with an artist: a prompt queued from ComfyUI's own page
 /// runs, ours waits behind it and is cancelled. The cancel must not
 /// interrupt the artist's prompt (an interrupt without a prompt id stops
@@ -305,21 +340,7 @@ async fn a_cancel_spares_a_prompt_that_is_not_ours_on_a_shared_box() {
     let sim = start_sim(5_000).await;
     let app = spawn_farm(vec![backend("node1", sim.port, &[], 2)]).await;
     app.wait_backend("node1", "online").await;
-    let graph = json!({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 7}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "artist"}}
-    });
-    let r: Value = app
-        .client
-        .post(format!("{}/prompt", sim.url))
-        .json(&json!({"prompt": graph, "client_id": "an-artist"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let theirs = r["prompt_id"].as_str().unwrap().to_string();
+    let theirs = artist_prompt(&app, &sim, 7).await;
     let ours = submit(&app, blur(json!({"parameters": {"width": 64, "color": 5}}))).await;
     app.wait_job(&ours, "submitted", |j| {
         j["leases"][0]["submitted_at"].is_string()
@@ -374,23 +395,8 @@ async fn a_box_busy_with_prompts_not_ours_leaves_the_work_to_a_free_one() {
         backend("b", b.port, &[], 1),
     ])
     .await;
-    let graph = json!({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 1}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "artist"}}
-    });
-    let r = app
-        .client
-        .post(format!("{}/prompt", a.url))
-        .json(&json!({"prompt": graph, "client_id": "an-artist"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let shown = poll("a's worker to hear the artist's prompt", || async {
-        let (_, b) = app.get("/api/backends/a").await;
-        (b["prompts_not_ours"] == 1).then_some(b)
-    })
-    .await;
+    artist_prompt(&app, &a, 1).await;
+    let shown = heard_not_ours(&app, "a", 1).await;
     assert_eq!(shown["active_jobs"], 0);
     let jobs: Vec<String> = futures::future::join_all(
         (0..3).map(|i| submit(&app, blur(json!({"parameters": {"width": 64 + i}})))),
@@ -403,11 +409,7 @@ async fn a_box_busy_with_prompts_not_ours_leaves_the_work_to_a_free_one() {
         assert_eq!(job["backend_id"], "b", "{job:#}");
     }
     // Its queue drained: a takes work again.
-    poll("a's queue to drain", || async {
-        let (_, b) = app.get("/api/backends/a").await;
-        (b["prompts_not_ours"] == 0).then_some(())
-    })
-    .await;
+    heard_not_ours(&app, "a", 0).await;
     app.post_json("/api/backends/b/disable", &json!({})).await;
     let later = submit(&app, blur(json!({"parameters": {"width": 99}}))).await;
     let job = app.wait_status(&later, "completed").await;
@@ -425,23 +427,8 @@ async fn work_queued_behind_prompts_not_ours_starts_when_they_end() {
     })
     .await;
     app.wait_backend("a", "online").await;
-    let graph = json!({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 3}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "artist"}}
-    });
-    let r = app
-        .client
-        .post(format!("{}/prompt", a.url))
-        .json(&json!({"prompt": graph, "client_id": "an-artist"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    poll("a's worker to hear the artist's prompt", || async {
-        let (_, b) = app.get("/api/backends/a").await;
-        (b["prompts_not_ours"] == 1).then_some(())
-    })
-    .await;
+    artist_prompt(&app, &a, 3).await;
+    heard_not_ours(&app, "a", 1).await;
     let id = submit(&app, blur(json!({}))).await;
     // Its page says why it waits.
     let job = app.job(&id).await;
