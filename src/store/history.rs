@@ -201,7 +201,7 @@ impl Store {
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
-        let waiting_for = super::lease::why_waiting_in(&mut tx, id, not_ours).await?;
+        let waiting_for = super::waiting::why_waiting_in(&mut tx, id, not_ours).await?;
         // Read only: nothing to commit.
         tx.rollback().await?;
         Ok(Some(JobDetailRecord {

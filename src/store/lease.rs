@@ -2,15 +2,17 @@
 //! job away from a backend. Also what a backend holds now.
 //!
 //! Why the rules are one SQL expression ([`bar_reason`]): the lease query
-//! uses it to skip jobs, the failure path uses it to tell whether any
-//! backend is left for a job (and to say why not), and the submit check
-//! (`takers.rs`) uses its tag part, so the three can never disagree.
+//! uses it to skip jobs, the failure path and a queued job's page use it
+//! to tell whether any backend is left for a job and to say why not
+//! (`waiting.rs`), and the submit check (`takers.rs`) uses its tag part, so
+//! they can never disagree.
 
 use chrono::Utc;
 use sqlx::{Row, SqliteConnection};
 
 use super::events::{append_event, EventInput};
 use super::model::*;
+use super::waiting::unrunnable_reason;
 use super::{fmt_time, Store, StoreError};
 
 /// Run-time failures of one job on one backend before that backend is not
@@ -27,7 +29,7 @@ pub(super) fn missing_tags(requires: &str, tags: &str) -> String {
 
 /// Why backend `backend` (a `backends` row alias) may not run job `job` (a
 /// `jobs` row alias), or NULL when it may: the one place these rules live.
-fn bar_reason(job: &str, backend: &str) -> String {
+pub(super) fn bar_reason(job: &str, backend: &str) -> String {
     let missing = missing_tags(&format!("{job}.requires"), &format!("{backend}.tags"));
     let leases = |outcome: &str| {
         format!(
@@ -432,38 +434,6 @@ async fn assign(
     })
 }
 
-/// Why no configured backend can run a job, or `None` if one can (enabled
-/// or not: a disabled backend may come back, so the job waits for it).
-pub(super) async fn unrunnable_reason(
-    conn: &mut SqliteConnection,
-    job_id: &str,
-) -> Result<Option<String>, StoreError> {
-    let rows = sqlx::query(&format!(
-        "SELECT b.id, {} AS bar FROM jobs j, backends b \
-         WHERE j.id = ? AND b.configured = 1 ORDER BY b.id",
-        bar_reason("j", "b")
-    ))
-    .bind(job_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    if rows.is_empty() {
-        // No farm configured yet: jobs wait for one.
-        return Ok(None);
-    }
-    let mut reasons = Vec::new();
-    for r in rows {
-        let id: String = r.try_get("id")?;
-        match r.try_get::<Option<String>, _>("bar")? {
-            Some(why) => reasons.push(format!("{id} {why}")),
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(format!(
-        "no enabled backend can run this job: {}",
-        reasons.join("; ")
-    )))
-}
-
 /// The jobs a backend holds.
 pub(super) const HELD: &str = "j.status IN ('assigned', 'running')";
 
@@ -626,80 +596,4 @@ impl Store {
         )
         .await
     }
-}
-
-/// Why a queued job is not running yet, in a sentence: its retry back-off,
-/// or what keeps each backend from taking it now (the same rules leasing
-/// applies). `None` for a job that is not queued. On the caller's
-/// connection: the job's page reads it in the same snapshot as the job.
-pub(super) async fn why_waiting_in(
-    conn: &mut SqliteConnection,
-    job_id: &str,
-    not_ours: &std::collections::HashMap<String, usize>,
-) -> Result<Option<String>, StoreError> {
-    let job: Option<(JobStatus, Option<String>)> =
-        sqlx::query_as("SELECT status, not_before FROM jobs WHERE id = ?")
-            .bind(job_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some((JobStatus::Queued, not_before)) = job else {
-        return Ok(None);
-    };
-    let now = fmt_time(Utc::now());
-    if let Some(t) = not_before.filter(|t| *t > now) {
-        return Ok(Some(format!(
-            "waiting for its retry back-off to end at {t}"
-        )));
-    }
-    let rows = sqlx::query(&format!(
-        "SELECT b.id, b.config_enabled, b.admin_state, b.state, b.max_inflight, {} AS bar, \
-         (SELECT count(*) FROM jobs h WHERE h.backend_id = b.id AND h.status IN ('assigned', 'running')) \
-         AS active FROM jobs j, backends b WHERE j.id = ? AND b.configured = 1 ORDER BY b.id",
-        bar_reason("j", "b")
-    ))
-    .bind(job_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    if rows.is_empty() {
-        return Ok(Some("no backends are configured; it waits for one".into()));
-    }
-    let others = |id: &str| not_ours.get(id).copied().unwrap_or(0) as i64;
-    let mut kept = Vec::new();
-    let mut free = Vec::new();
-    for r in &rows {
-        let id: String = r.try_get("id")?;
-        let admin: Option<AdminState> = r.try_get("admin_state")?;
-        let state: BackendState = r.try_get("state")?;
-        let (active, max): (i64, i64) = (r.try_get("active")?, r.try_get("max_inflight")?);
-        let why = if let Some(bar) = r.try_get::<Option<String>, _>("bar")? {
-            bar
-        } else if !backend_enabled(r.try_get::<i64, _>("config_enabled")? != 0, admin) {
-            format!(
-                "is {}",
-                admin.map_or("disabled in the config", |a| a.as_str())
-            )
-        } else if state != BackendState::Online {
-            format!("is {}", state.as_str())
-        } else if active + others(&id) >= max {
-            match others(&id) {
-                0 => format!("is busy ({active} of {max} slots)"),
-                n => format!(
-                    "is busy ({active} of {max} slots ours, and {n} prompt{} in its queue not from the orchestrator)",
-                    if n == 1 { "" } else { "s" }
-                ),
-            }
-        } else {
-            free.push(id);
-            continue;
-        };
-        kept.push(format!("{id} {why}"));
-    }
-    Ok(Some(if free.is_empty() {
-        format!("no backend can take it now: {}", kept.join("; "))
-    } else {
-        format!(
-            "next in line for a free slot on {} (behind jobs of higher priority or older)",
-            free.join(", ")
-        )
-    }))
 }

@@ -38,6 +38,7 @@ mod rows;
 mod submit;
 mod takers;
 mod transitions;
+mod waiting;
 mod webhooks;
 pub mod writer;
 

@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 use sqlx::SqliteConnection;
 
 use super::cleanup::{add_cleanup, CleanupEntry};
-use super::lease::unrunnable_reason;
 use super::model::*;
 use super::transitions::{apply, finish_lease, Held, LostOutcome, LostRun, Step};
+use super::waiting::unrunnable_reason;
 use super::{Store, StoreError};
 
 /// How long a retried job keeps away from the backend that failed it:

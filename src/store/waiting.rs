@@ -1,0 +1,121 @@
+//! Why a job waits, or why no backend can run it, in a sentence for people.
+//!
+//! Why apart from leasing: these read the same rules leasing applies
+//! ([`super::lease::bar_reason`]) but decide nothing; they explain a queued
+//! job on its page, and name what each backend lacks when a job fails for
+//! want of one.
+
+use chrono::Utc;
+use sqlx::{Row, SqliteConnection};
+
+use super::lease::bar_reason;
+use super::model::*;
+use super::{fmt_time, StoreError};
+
+/// Why no configured backend can run a job, or `None` if one can (enabled
+/// or not: a disabled backend may come back, so the job waits for it).
+pub(super) async fn unrunnable_reason(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+) -> Result<Option<String>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT b.id, {} AS bar FROM jobs j, backends b \
+         WHERE j.id = ? AND b.configured = 1 ORDER BY b.id",
+        bar_reason("j", "b")
+    ))
+    .bind(job_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.is_empty() {
+        // No farm configured yet: jobs wait for one.
+        return Ok(None);
+    }
+    let mut reasons = Vec::new();
+    for r in rows {
+        let id: String = r.try_get("id")?;
+        match r.try_get::<Option<String>, _>("bar")? {
+            Some(why) => reasons.push(format!("{id} {why}")),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(format!(
+        "no enabled backend can run this job: {}",
+        reasons.join("; ")
+    )))
+}
+
+/// Why a queued job is not running yet, in a sentence: its retry back-off,
+/// or what keeps each backend from taking it now (the same rules leasing
+/// applies). `None` for a job that is not queued. On the caller's
+/// connection: the job's page reads it in the same snapshot as the job.
+pub(super) async fn why_waiting_in(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    not_ours: &std::collections::HashMap<String, usize>,
+) -> Result<Option<String>, StoreError> {
+    let job: Option<(JobStatus, Option<String>)> =
+        sqlx::query_as("SELECT status, not_before FROM jobs WHERE id = ?")
+            .bind(job_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((JobStatus::Queued, not_before)) = job else {
+        return Ok(None);
+    };
+    let now = fmt_time(Utc::now());
+    if let Some(t) = not_before.filter(|t| *t > now) {
+        return Ok(Some(format!(
+            "waiting for its retry back-off to end at {t}"
+        )));
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT b.id, b.config_enabled, b.admin_state, b.state, b.max_inflight, {} AS bar, \
+         (SELECT count(*) FROM jobs h WHERE h.backend_id = b.id AND h.status IN ('assigned', 'running')) \
+         AS active FROM jobs j, backends b WHERE j.id = ? AND b.configured = 1 ORDER BY b.id",
+        bar_reason("j", "b")
+    ))
+    .bind(job_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Some("no backends are configured; it waits for one".into()));
+    }
+    let mut kept = Vec::new();
+    let mut free = Vec::new();
+    for r in &rows {
+        let id: String = r.try_get("id")?;
+        let admin: Option<AdminState> = r.try_get("admin_state")?;
+        let state: BackendState = r.try_get("state")?;
+        let (active, max): (i64, i64) = (r.try_get("active")?, r.try_get("max_inflight")?);
+        let others = not_ours.get(&id).copied().unwrap_or(0) as i64;
+        let why = if let Some(bar) = r.try_get::<Option<String>, _>("bar")? {
+            bar
+        } else if !backend_enabled(r.try_get::<i64, _>("config_enabled")? != 0, admin) {
+            format!(
+                "is {}",
+                admin.map_or("disabled in the config", |a| a.as_str())
+            )
+        } else if state != BackendState::Online {
+            format!("is {}", state.as_str())
+        } else if active + others >= max {
+            match others {
+                0 => format!("is busy ({active} of {max} slots)"),
+                n => format!(
+                    "is busy ({active} of {max} slots ours, and {n} prompt{} in its queue not from the orchestrator)",
+                    if n == 1 { "" } else { "s" }
+                ),
+            }
+        } else {
+            free.push(id);
+            continue;
+        };
+        kept.push(format!("{id} {why}"));
+    }
+    Ok(Some(if free.is_empty() {
+        format!("no backend can take it now: {}", kept.join("; "))
+    } else {
+        format!(
+            "next in line for a free slot on {} (behind jobs of higher priority or older)",
+            free.join(", ")
+        )
+    }))
+}
