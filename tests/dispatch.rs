@@ -58,20 +58,7 @@ async fn a_job_completes_and_its_output_downloads_byte_identical_to_the_backends
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "image/png");
         let ours = r.bytes().await.unwrap();
-        let theirs = app
-            .client
-            .get(format!("{}/view", sim.url))
-            .query(&[
-                ("filename", o["filename"].as_str().unwrap()),
-                ("subfolder", o["subfolder"].as_str().unwrap()),
-                ("type", "output"),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let theirs = comfy_view(&app.client, &sim.url, o).await;
         assert_eq!(ours, theirs, "byte-identical");
         assert_eq!(o["size"], ours.len());
         assert_eq!(o["sha256"], format!("{:x}", Sha256::digest(&ours)));
@@ -373,13 +360,7 @@ async fn a_cancel_spares_a_prompt_that_is_not_ours_on_a_shared_box() {
         }
     })
     .await;
-    assert_eq!(entry["status"]["status_str"], "success", "{entry:#}");
-    assert!(
-        !entry["status"]["messages"]
-            .to_string()
-            .contains("execution_interrupted"),
-        "{entry:#}"
-    );
+    assert_ran_untouched(&entry);
 }
 
 /// A box an artist is using: the prompts queued from ComfyUI's own page

@@ -30,10 +30,14 @@ pub struct BackendList {
     pub message: Option<String>,
 }
 
-/// A backend's stored record, with what only its worker knows now.
-fn live(state: &AppState, record: crate::store::BackendRecord) -> Backend {
+/// A backend's stored record, with what only its worker knows now
+/// (`not_ours`: [`crate::dispatch::Farm::prompts_not_ours`]).
+fn live(
+    record: crate::store::BackendRecord,
+    not_ours: &std::collections::HashMap<String, usize>,
+) -> Backend {
     let mut b = Backend::from(record);
-    b.prompts_not_ours = state.farm.prompts_not_ours(&b.id) as i64;
+    b.prompts_not_ours = not_ours.get(&b.id).copied().unwrap_or(0) as i64;
     b
 }
 
@@ -42,12 +46,13 @@ fn live(state: &AppState, record: crate::store::BackendRecord) -> Backend {
 pub(super) async fn list_backends(
     State(state): State<AppState>,
 ) -> Result<Json<BackendList>, ApiError> {
+    let not_ours = state.farm.prompts_not_ours();
     let backends: Vec<Backend> = state
         .store
         .backends()
         .await?
         .into_iter()
-        .map(|b| live(&state, b))
+        .map(|b| live(b, &not_ours))
         .collect();
     let message = if backends.is_empty() {
         Some(
@@ -113,7 +118,7 @@ pub(super) async fn get_backend(
             comfyui_version: i.comfyui_version,
         });
     Ok(Json(BackendDetail {
-        backend: live(&state, backend),
+        backend: live(backend, &state.farm.prompts_not_ours()),
         inventory,
     }))
 }

@@ -204,7 +204,7 @@ pub(super) async fn get_job(
 ) -> Result<Json<JobDetail>, ApiError> {
     let d = state
         .store
-        .job_detail(&id, &state.farm.all_prompts_not_ours())
+        .job_detail(&id, &state.farm.prompts_not_ours())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
     Ok(Json(JobDetail {

@@ -463,21 +463,11 @@ impl Farm {
             .cloned()
     }
 
-    /// Prompts in the backend's ComfyUI queue that this orchestrator did
+    /// Prompts in each backend's ComfyUI queue that this orchestrator did
     /// not send (an artist's, queued from ComfyUI's own page), as its
-    /// worker last heard: they take the backend's slots as ours do.
-    pub fn prompts_not_ours(&self, backend_id: &str) -> usize {
-        self.shared
-            .foreign
-            .lock()
-            .expect("foreign")
-            .get(backend_id)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// [`Farm::prompts_not_ours`] of every backend that has any.
-    pub fn all_prompts_not_ours(&self) -> HashMap<String, usize> {
+    /// worker last heard, for the backends that have any: they take the
+    /// backend's slots as ours do.
+    pub fn prompts_not_ours(&self) -> HashMap<String, usize> {
         self.shared.foreign.lock().expect("foreign").clone()
     }
 

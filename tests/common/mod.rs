@@ -405,3 +405,33 @@ impl TestApp {
         self._dir = Some(dir);
     }
 }
+
+/// An output file as the ComfyUI at `base` serves it (`/view`, from a
+/// job's `outputs` entry): the orchestrator's copy must be these bytes.
+pub async fn comfy_view(client: &reqwest::Client, base: &str, output: &Value) -> bytes::Bytes {
+    client
+        .get(format!("{base}/view"))
+        .query(&[
+            ("filename", output["filename"].as_str().unwrap()),
+            ("subfolder", output["subfolder"].as_str().unwrap()),
+            ("type", "output"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+}
+
+/// A ComfyUI `/history` entry of a prompt that ran to its end untouched
+/// (a prompt not ours, which no cancel of ours may interrupt).
+pub fn assert_ran_untouched(entry: &Value) {
+    assert_eq!(entry["status"]["status_str"], "success", "{entry:#}");
+    assert!(
+        !entry["status"]["messages"]
+            .to_string()
+            .contains("execution_interrupted"),
+        "{entry:#}"
+    );
+}
