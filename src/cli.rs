@@ -327,6 +327,26 @@ pub async fn job_action(remote: &Remote, id: &str, action: &str) -> anyhow::Resu
     Ok(())
 }
 
+/// Gives a job a new priority and says where that leaves it.
+pub async fn set_priority(remote: &Remote, id: &str, priority: i64) -> anyhow::Result<()> {
+    let job = remote
+        .post(
+            &format!("/api/job/{id}/priority"),
+            json!({ "priority": priority }),
+        )
+        .await?;
+    if remote.json {
+        println!("{job}");
+        return Ok(());
+    }
+    let status = job["status"].as_str().unwrap_or("");
+    match job["waiting_for"].as_str() {
+        Some(why) => println!("{status}, priority {priority}: {why}"),
+        None => println!("{status}, priority {priority}"),
+    }
+    Ok(())
+}
+
 /// Prints the farm.
 pub async fn backends(remote: &Remote) -> anyhow::Result<()> {
     let list = remote.get("/api/backends").await?;

@@ -94,6 +94,17 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Give a job that has not ended a new priority (higher runs first,
+    /// -1000 to 1000): a queued job moves in the queue at once.
+    Priority {
+        /// Job id.
+        id: String,
+        /// The new priority.
+        #[arg(allow_negative_numbers = true)]
+        priority: i64,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// The ComfyUI backends and their state.
     Backends {
         /// Read this backend's inventory (node classes, model files) again
@@ -425,6 +436,11 @@ fn main() -> ExitCode {
             Command::Retry { id, remote } => {
                 orchestrator::cli::job_action(&remote.remote(), &id, "retry").await
             }
+            Command::Priority {
+                id,
+                priority,
+                remote,
+            } => orchestrator::cli::set_priority(&remote.remote(), &id, priority).await,
             Command::Backends { refresh, remote } => match refresh {
                 Some(id) => orchestrator::cli::refresh_backend(&remote.remote(), &id).await,
                 None => orchestrator::cli::backends(&remote.remote()).await,

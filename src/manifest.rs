@@ -15,6 +15,10 @@ use utoipa::ToSchema;
 use crate::store::NewJob;
 use crate::workflows::{validate_graph, BindError, Catalog};
 
+/// The priorities a job may have: higher runs first. One range for the
+/// manifest and for a change later (`POST /api/job/{id}/priority`).
+pub const PRIORITIES: std::ops::RangeInclusive<i64> = -1000..=1000;
+
 /// The manifest as documented (the parser below reads it from raw JSON).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
@@ -226,7 +230,7 @@ pub fn parse(
             (None, graph, Value::Object(Map::new()))
         }
     };
-    let priority = opt_int(m, "priority", -1000, 1000)?.unwrap_or(0);
+    let priority = opt_int(m, "priority", *PRIORITIES.start(), *PRIORITIES.end())?.unwrap_or(0);
     let max_attempts = opt_int(m, "max_attempts", 1, 100)?
         .map(|n| n as u32)
         .unwrap_or(default_max_attempts);

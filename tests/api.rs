@@ -386,6 +386,73 @@ async fn cancel_of_a_queued_job_is_final() {
 }
 
 #[tokio::test]
+async fn a_priority_change_answers_with_the_job_and_refuses_what_it_cannot_do() {
+    let app = spawn_app().await;
+    let id = app.submit_blur(json!({})).await;
+    let path = format!("/api/job/{id}/priority");
+    let (status, job) = app.post_json(&path, &json!({"priority": -7})).await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["job_id"], id.as_str());
+    assert_eq!(job["priority"], -7);
+    assert_eq!(job["status"], "queued");
+    assert!(job["waiting_for"].is_string(), "{job}");
+    assert_eq!(app.job(&id).await["priority"], -7);
+
+    // Each bad body names `priority` and changes nothing.
+    for (body, says) in [
+        (json!({}), "is required"),
+        (json!({"priority": null}), "is required"),
+        (
+            json!({"priority": "high"}),
+            "must be an integer from -1000 to 1000, got \"high\"",
+        ),
+        (json!({"priority": 1.5}), "got 1.5"),
+        (json!({"priority": 5000}), "got 5000"),
+        (json!([3]), "is required"),
+    ] {
+        let (status, b) = app.post_json(&path, &body).await;
+        assert_eq!(status, 422, "{body} -> {b}");
+        assert_eq!(b["error"]["field"], "priority", "{b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains(says),
+            "{body} -> {b}"
+        );
+    }
+    let r = app
+        .client
+        .post(format!("{}{path}", app.url))
+        .header("content-type", "application/json")
+        .body("{\"priority\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(app.job(&id).await["priority"], -7);
+
+    let (status, b) = app
+        .post_json("/api/job/no-such-job/priority", &json!({"priority": 1}))
+        .await;
+    assert_eq!(status, 404, "{b}");
+
+    // A job that ended takes no new priority.
+    app.post_json(&format!("/api/job/{id}/cancel"), &json!({}))
+        .await;
+    let (status, b) = app.post_json(&path, &json!({"priority": 9})).await;
+    assert_eq!(status, 409, "{b}");
+    assert_eq!(b["error"]["code"], "invalid_state");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already cancelled"),
+        "{b}"
+    );
+    assert_eq!(app.job(&id).await["priority"], -7);
+    let kinds = app.event_kinds(&id).await;
+    assert_eq!(kinds, ["submitted", "priority_changed", "cancelled"]);
+}
+
+#[tokio::test]
 async fn health_reports_the_database_and_job_counts() {
     let app = spawn_app().await;
     app.submit_blur(json!({})).await;
@@ -507,6 +574,7 @@ async fn the_openapi_document_describes_every_route_and_the_docs_page_is_served(
         "/api/job/{id}",
         "/api/job/{id}/events",
         "/api/job/{id}/cancel",
+        "/api/job/{id}/priority",
         "/api/jobs",
         "/api/health",
         "/api/backends",

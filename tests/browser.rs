@@ -280,6 +280,33 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     )
     .await;
 
+    // A job queued while the only backend drains: its page says why it
+    // waits, and its priority changes from there.
+    let waiting = app.submit_blur(json!({})).await;
+    b.goto(&format!("{}/#/job/{waiting}", app.url)).await;
+    b.wait_for(
+        "why the job waits",
+        "document.getElementById('set-priority') !== null && document.body.innerText.includes('Waiting for')",
+    )
+    .await;
+    let why = app.job(&waiting).await["waiting_for"].clone();
+    let page = b.eval("document.body.innerText").await;
+    assert!(
+        page.as_str().unwrap().contains(why.as_str().unwrap()),
+        "{page}"
+    );
+    b.eval("window.prompt = () => '7'; document.getElementById('set-priority').click()")
+        .await;
+    poll("the priority set from the page", || async {
+        (app.job(&waiting).await["priority"] == 7).then_some(())
+    })
+    .await;
+    b.wait_for(
+        "the new priority on the page",
+        "document.body.innerText.includes('priority_changed')",
+    )
+    .await;
+
     // The backend's own page: what it can run, and a refresh after a model
     // was copied to it.
     b.goto(&format!("{}/#/backend/gpu-box-1", app.url)).await;

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
     let out = tokio::process::Command::new(binary_path())
@@ -119,6 +119,22 @@ async fn submit_watch_status_jobs_cancel_and_backends_from_the_command_line() {
     let (ok, out, err) = cli(&app.url, &["retry", &second]).await;
     assert!(ok, "{err}");
     assert!(out.starts_with("queued"), "{out}");
+
+    // A queued shot moved down (a negative number is a value, not a flag),
+    // with why it waits; a finished one refused.
+    app.post_json("/api/backends/cli1/disable", &json!({}))
+        .await;
+    let third = app.submit_blur(json!({})).await;
+    let (ok, out, err) = cli(&app.url, &["priority", &third, "-3"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("queued, priority -3: no backend can take it now"),
+        "{out}"
+    );
+    assert_eq!(app.job(&third).await["priority"], -3);
+    let (ok, _, err) = cli(&app.url, &["priority", &id, "5"]).await;
+    assert!(!ok);
+    assert!(err.contains("is already completed"), "{err}");
 }
 
 /// `watch` in a log or a script (no terminal: no bars): a line for each

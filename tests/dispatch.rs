@@ -467,6 +467,55 @@ async fn jobs_run_by_priority_then_age() {
 }
 
 #[tokio::test]
+async fn a_shot_moved_up_an_overnight_queue_runs_next() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
+    app.wait_backend("node1", "online").await;
+    app.post_json("/api/backends/node1/disable", &json!({}))
+        .await;
+    let mut batch = Vec::new();
+    for color in 1..=4 {
+        batch.push(submit(&app, blur(json!({"parameters": {"color": color}}))).await);
+    }
+    let (first, second, urgent, last) = (&batch[0], &batch[1], &batch[2], &batch[3]);
+    let (status, job) = app
+        .post_json(
+            &format!("/api/job/{urgent}/priority"),
+            &json!({"priority": 10}),
+        )
+        .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["priority"], 10);
+    let (status, job) = app
+        .post_json(
+            &format!("/api/job/{first}/priority"),
+            &json!({"priority": -1}),
+        )
+        .await;
+    assert_eq!(status, 200, "{job}");
+    app.post_json("/api/backends/node1/enable", &json!({}))
+        .await;
+    for id in &batch {
+        app.wait_status(id, "completed").await;
+    }
+    let mut order = Vec::new();
+    for id in &batch {
+        let job = app.job(id).await;
+        let leased = job["leases"][0]["leased_at"].as_str().unwrap().to_string();
+        order.push((leased, id.clone()));
+    }
+    order.sort();
+    let ran: Vec<_> = order.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ran, [urgent, second, last, first].map(String::clone));
+    let events = app.events(urgent).await;
+    let moved = events
+        .iter()
+        .find(|e| e["kind"] == "priority_changed")
+        .expect("the change is in the job's history");
+    assert_eq!(moved["message"], "priority changed from 0 to 10 by a user");
+}
+
+#[tokio::test]
 async fn requires_tags_pick_the_backend_and_impossible_tags_are_refused() {
     let plain = start_sim(0).await;
     let gpu = start_sim(0).await;

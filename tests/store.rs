@@ -5,8 +5,9 @@ mod common;
 use chrono::Duration;
 use common::*;
 use orchestrator::store::{
-    AdminState, AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, CleanupEntry, LeaseTry,
-    LostOutcome, LostRun, OutputRecord, Preference, StoreError,
+    AdminState, AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, CleanupEntry,
+    JobStatus, LeaseTry, LostOutcome, LostRun, OutputRecord, Preference, PriorityChange,
+    StoreError,
 };
 use serde_json::json;
 
@@ -292,6 +293,75 @@ async fn leases_go_by_priority_then_age() {
         order.push(l.job_id);
     }
     assert_eq!(order, [high, mid_old, mid_new, low_old]);
+}
+
+#[tokio::test]
+async fn a_new_priority_reorders_the_queue_and_a_held_job_keeps_it_for_later() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    let first = app.submit_blur(json!({})).await;
+    let second = app.submit_blur(json!({})).await;
+    let urgent = app.submit_blur(json!({})).await;
+    let change = app.store.set_priority(&urgent, 10).await.unwrap();
+    assert_eq!(
+        change,
+        PriorityChange {
+            from: 0,
+            status: JobStatus::Queued
+        }
+    );
+    app.store.set_priority(&first, -1).await.unwrap();
+    let lease = app.store.lease_next("n1").await.unwrap().unwrap();
+    assert_eq!(lease.job_id, urgent, "the job moved up runs first");
+
+    // A held job takes a new priority for when it is queued again, and its
+    // history says so.
+    let change = app.store.set_priority(&urgent, 20).await.unwrap();
+    assert_eq!(change.status, JobStatus::Assigned);
+    assert_eq!(app.job(&urgent).await["priority"], 20);
+    let events = app.store.job_events(&urgent).await.unwrap();
+    let moved: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "priority_changed")
+        .collect();
+    assert_eq!(moved.len(), 2, "{events:#?}");
+    assert_eq!(
+        moved[0].message.as_deref(),
+        Some("priority changed from 0 to 10 by a user")
+    );
+    assert_eq!(moved[0].data, Some(json!({"from": 0, "to": 10})));
+    assert_eq!(moved[1].status, Some(JobStatus::Assigned));
+    assert_eq!(moved[1].backend_id.as_deref(), Some("n1"));
+    assert!(
+        moved[1]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("backend n1 runs it already"),
+        "{:?}",
+        moved[1].message
+    );
+
+    // The same priority again changes nothing and writes nothing.
+    let before = app.store.job_events(&second).await.unwrap().len();
+    let change = app.store.set_priority(&second, 0).await.unwrap();
+    assert_eq!(change.from, 0);
+    assert_eq!(app.store.job_events(&second).await.unwrap().len(), before);
+
+    let next = app.store.lease_next("n1").await.unwrap().unwrap();
+    assert_eq!(next.job_id, second, "the job moved down waits behind");
+
+    // A job that ended takes none; an unknown one is not found.
+    app.store.request_cancel(&first).await.unwrap();
+    assert!(matches!(
+        app.store.set_priority(&first, 5).await,
+        Err(StoreError::InvalidState(m)) if m.contains("already cancelled")
+    ));
+    assert_eq!(app.job(&first).await["priority"], -1);
+    assert!(matches!(
+        app.store.set_priority("no-such-job", 5).await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 #[tokio::test]

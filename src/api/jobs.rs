@@ -28,6 +28,7 @@ pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
         .route("/api/job/{id}/events", get(job_events))
         .route("/api/job/{id}/cancel", post(cancel_job))
         .route("/api/job/{id}/retry", post(retry_job))
+        .route("/api/job/{id}/priority", post(set_priority))
         .route("/api/jobs", get(list_jobs))
 }
 
@@ -202,18 +203,23 @@ pub(super) async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobDetail>, ApiError> {
+    detail(&state, &id).await.map(Json)
+}
+
+/// The job as `GET /api/job/{id}` shows it.
+async fn detail(state: &AppState, id: &str) -> Result<JobDetail, ApiError> {
     let d = state
         .store
-        .job_detail(&id, &state.farm.prompts_not_ours())
+        .job_detail(id, &state.farm.prompts_not_ours())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
-    Ok(Json(JobDetail {
+    Ok(JobDetail {
         waiting_for: d.waiting_for,
-        job: with_progress(&state, d.job.into()),
+        job: with_progress(state, d.job.into()),
         outputs: d.outputs.into_iter().map(Output::from).collect(),
         leases: d.leases.into_iter().map(Lease::from).collect(),
         webhooks: d.webhooks.into_iter().map(WebhookDelivery::from).collect(),
-    }))
+    })
 }
 
 /// The job's event log.
@@ -331,6 +337,70 @@ pub(super) async fn retry_job(
         submitted_at: job.submitted_at,
         warnings: vec![],
     }))
+}
+
+/// The body of `POST /api/job/{id}/priority`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PriorityRequest {
+    /// The job's new priority, -1000 to 1000; higher runs first.
+    pub priority: i64,
+}
+
+/// Give a job that has not ended a new priority: a queued job takes its new
+/// place in the queue at once (a shot needed first in the morning goes to
+/// the front of an overnight batch); one a backend holds keeps it for when
+/// it is queued again. The change is a `priority_changed` event.
+#[utoipa::path(
+    post,
+    path = "/api/job/{id}/priority",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    request_body = PriorityRequest,
+    responses(
+        (status = 200, description = "The job, with its new priority and `waiting_for`", body = JobDetail),
+        (status = 404, body = super::ErrorBody),
+        (status = 409, description = "The job has ended", body = super::ErrorBody),
+        (status = 422, description = "`priority` missing, not an integer or out of range", body = super::ErrorBody),
+    )
+)]
+pub(super) async fn set_priority(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    req: axum::extract::Request,
+) -> Result<Json<JobDetail>, ApiError> {
+    let headers = req.headers().clone();
+    let value = json_body(
+        &headers,
+        limited_body(req, state.config.limits.max_body_bytes).await,
+    )?;
+    let range = crate::manifest::PRIORITIES;
+    let priority = match value.get("priority") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                "priority",
+                format!(
+                "is required: the job's new priority, an integer from {} to {} (higher runs first)",
+                range.start(),
+                range.end()
+            ),
+            ))
+        }
+        Some(v) => v.as_i64().filter(|n| range.contains(n)).ok_or_else(|| {
+            ApiError::invalid(
+                "priority",
+                format!(
+                    "must be an integer from {} to {}, got {v}",
+                    range.start(),
+                    range.end()
+                ),
+            )
+        })?,
+    };
+    let change = state.store.set_priority(&id, priority).await?;
+    if change.from != priority {
+        tracing::info!(job_id = %id, from = change.from, to = priority, status = %change.status, "priority changed");
+    }
+    detail(&state, &id).await.map(Json)
 }
 
 fn with_progress(state: &AppState, mut job: Job) -> Job {

@@ -23,6 +23,7 @@ use super::{backends, events, farm, inputs, jobs, outputs, system, AppState};
         jobs::job_events,
         jobs::cancel_job,
         jobs::retry_job,
+        jobs::set_priority,
         outputs::get_output,
         farm::farm,
         jobs::list_jobs,

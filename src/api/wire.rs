@@ -237,7 +237,7 @@ pub struct Event {
     /// Job events: `submitted`, `assigned`, `submitted_to_backend`, `running`,
     /// `progress`, `completed`, `failed`, `retry_scheduled`, `requeued`,
     /// `cancel_requested`, `cancelled`, `cancel_too_late`, `retried`,
-    /// `backend_socket_deaf`. Backend events: `backend_online`,
+    /// `priority_changed`, `backend_socket_deaf`. Backend events: `backend_online`,
     /// `backend_offline`, `backend_incompatible`.
     pub kind: String,
     /// Job status after the event.

@@ -111,13 +111,15 @@ async function renderJob(id) {
   const leases = j.leases.map(l => `<tr><td>${l.attempt}</td><td>${esc(l.backend_id)}</td><td class="mono">${esc(l.prompt_id)}</td>
       <td>${time(l.leased_at)}</td><td>${l.outcome ? badge(l.outcome) : "<span class=muted>current</span>"}</td><td>${esc(l.error ? l.error.message : "")}</td></tr>`).join("");
   const evs = events.map(e => `<tr><td>${time(e.at)}</td><td>${esc(e.kind)}</td><td>${e.status ? badge(e.status) : ""}</td><td>${esc(e.message || "")}</td></tr>`).join("");
+  const ended = ["completed", "failed", "cancelled"].includes(j.status);
   const again = j.workflow_id ? ` <a class="button" href="#/submit/${esc(j.job_id)}">Run again with changes</a>` : "";
   main.innerHTML = `<h2>Job <span class="mono">${esc(j.job_id)}</span> ${badge(j.status)} ${actions(j)}${again}</h2>
     <div class="grid">
       <span class="muted">Workflow</span><span>${esc(j.workflow_id || "(inline graph)")}</span>
       <span class="muted">Backend</span><span>${esc(j.backend_id || "–")}</span>
       <span class="muted">Attempts</span><span>${j.attempts} of ${j.max_attempts}</span>
-      <span class="muted">Priority</span><span>${j.priority}</span>
+      <span class="muted">Priority</span><span>${j.priority}${ended ? "" : ` <button id="set-priority" title="higher runs first; a queued job moves in the queue at once">Change</button>`}</span>
+      ${j.waiting_for ? `<span class="muted">Waiting for</span><span>${esc(j.waiting_for)}</span>` : ""}
       <span class="muted">Submitted</span><span>${time(j.submitted_at)}</span>
       <span class="muted">Finished</span><span>${time(j.finished_at)}</span>
       <span class="muted">Progress</span><span id="job-progress">${j.status === "running" ? bar(j.job_id, j) : "–"}</span>
@@ -129,6 +131,20 @@ async function renderJob(id) {
     <section><h2>Attempts</h2><table><thead><tr><th>Attempt</th><th>Backend</th><th>Prompt id</th><th>Leased</th><th>Outcome</th><th>Error</th></tr></thead><tbody>${leases || `<tr><td colspan="6" class="muted">Not leased yet.</td></tr>`}</tbody></table></section>
     <section><h2>Events</h2><table><thead><tr><th>At</th><th>Event</th><th>Status</th><th>Message</th></tr></thead><tbody>${evs}</tbody></table></section>`;
   wireButtons(() => renderJob(id));
+  const change = document.getElementById("set-priority");
+  if (change) change.onclick = () => setPriority(j, () => renderJob(id));
+}
+
+// Asks for a job's new priority; what is not a whole number goes to the
+// server as typed, so its answer names the problem.
+async function setPriority(j, after) {
+  const typed = prompt("New priority, -1000 to 1000 (higher runs first)", j.priority);
+  if (typed === null) return;
+  const value = /^\s*-?\d+\s*$/.test(typed) ? Number(typed) : typed;
+  try {
+    await api(`/api/job/${encodeURIComponent(j.job_id)}/priority`, {method: "POST", body: JSON.stringify({priority: value})});
+  } catch (e) { alert(e.message); }
+  after();
 }
 
 async function renderBackends() {
@@ -223,7 +239,7 @@ function connect() {
     }, farm ? 1000 : 250);
   };
   ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
-   "requeued", "cancel_requested", "cancelled", "retried", "backend_online", "backend_offline"].forEach(k => es.addEventListener(k, onEvent));
+   "requeued", "cancel_requested", "cancelled", "retried", "priority_changed", "backend_online", "backend_offline"].forEach(k => es.addEventListener(k, onEvent));
 }
 
 // A move to another page draws it now; a refresh asked for by the page left

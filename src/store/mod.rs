@@ -33,6 +33,7 @@ mod lease;
 mod migrate;
 pub mod model;
 mod outcomes;
+mod requests;
 mod retention;
 mod rows;
 mod submit;
@@ -59,6 +60,7 @@ pub use lease::MAX_FAILURES_PER_BACKEND;
 pub use lease::{FarmGlance, Fit, LeaseTry, Preference};
 pub use model::*;
 pub use outcomes::avoid_span;
+pub use requests::PriorityChange;
 pub use retention::StaleOutput;
 pub use transitions::{LostOutcome, LostRun};
 

@@ -1,6 +1,7 @@
-//! Every change of a job after it was submitted: the steps of a leased job
-//! (submitted, running, completed, failed, retried, lost, cancelled), and
-//! the unleased ones (cancel while queued, retry by a user).
+//! Every change a job's run makes after it was submitted: the steps of a
+//! leased job (submitted, running, completed, failed, retried, lost,
+//! cancelled). What a user asks of a job by hand (cancel, retry, a new
+//! priority) is in `requests.rs`.
 //!
 //! Why one helper ([`Store::transition`]) and one step function
 //! ([`apply`]): every change of a leased job is fenced by its lease token
@@ -306,7 +307,7 @@ pub(super) async fn finish_lease(
 
 /// How a job goes back to the queue.
 #[derive(Default)]
-struct Requeue<'e> {
+pub(super) struct Requeue<'e> {
     /// Added to its attempts: -1 gives the attempt back.
     attempts_delta: i64,
     not_before: Option<DateTime<Utc>>,
@@ -316,7 +317,7 @@ struct Requeue<'e> {
 }
 
 /// Back to the queue: no backend, no lease.
-fn push_back_to_queue(b: &mut Batch<'_>, job_id: &str, r: Requeue<'_>, now: &str) {
+pub(super) fn push_back_to_queue(b: &mut Batch<'_>, job_id: &str, r: Requeue<'_>, now: &str) {
     b.push(
         "UPDATE jobs SET status = 'queued', backend_id = NULL, prompt_id = NULL, lease_token = NULL, \
          attempts = attempts + ?, not_before = ?, avoid_until = ?, error = coalesce(?, error), \
@@ -331,7 +332,7 @@ fn push_back_to_queue(b: &mut Batch<'_>, job_id: &str, r: Requeue<'_>, now: &str
 }
 
 /// The columns `cols` of job `job_id`; `NotFound` when there is none.
-async fn job_row(
+pub(super) async fn job_row(
     conn: &mut SqliteConnection,
     job_id: &str,
     cols: &str,
@@ -344,7 +345,7 @@ async fn job_row(
 }
 
 /// A terminal state, with the job's webhook queued if it names one.
-fn push_final(
+pub(super) fn push_final(
     b: &mut Batch<'_>,
     job_id: &str,
     status: JobStatus,
@@ -571,94 +572,6 @@ impl Store {
             })
             .await?;
         Ok(done.is_some())
-    }
-
-    /// Cancels a queued job now, or flags a held one for its backend to stop.
-    pub async fn request_cancel(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
-        let job_id = job_id.to_string();
-        self.writer()
-            .write(move |conn| {
-                Box::pin(async move {
-                    let row =
-                        job_row(conn, &job_id, "status, backend_id, attempts, lease_token").await?;
-                    let current: JobStatus = row.try_get("status")?;
-                    if current.is_terminal() {
-                        return Err(StoreError::InvalidState(format!(
-                            "job `{job_id}` is already {current}"
-                        )));
-                    }
-                    let now = fmt_time(Utc::now());
-                    let mut b = Batch::default();
-                    if current == JobStatus::Queued {
-                        push_final(&mut b, &job_id, JobStatus::Cancelled, None, &now);
-                        let ev = EventInput {
-                            kind: "cancelled",
-                            status: Some(JobStatus::Cancelled),
-                            message: Some("cancelled while queued".into()),
-                            ..Default::default()
-                        };
-                        push_event(&mut b, &job_id, ev, &now);
-                        b.run(conn).await?;
-                        return Ok(CancelOutcome::Cancelled);
-                    }
-                    let backend_id: String = row
-                        .try_get::<Option<String>, _>("backend_id")?
-                        .unwrap_or_default();
-                    b.push("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?")
-                        .bind(now.clone())
-                        .bind(job_id.clone());
-                    let ev = EventInput {
-                        kind: "cancel_requested",
-                        status: Some(current),
-                        backend_id: Some(&backend_id),
-                        attempt: Some(row.try_get("attempts")?),
-                        message: Some(format!(
-                            "cancel requested; asking backend {backend_id} to stop it"
-                        )),
-                        data: None,
-                    };
-                    push_event(&mut b, &job_id, ev, &now);
-                    b.run(conn).await?;
-                    Ok(CancelOutcome::Requested { backend_id })
-                })
-            })
-            .await
-    }
-
-    /// Queues a failed or cancelled job again, as a new attempt.
-    pub async fn retry(&self, job_id: &str) -> Result<(), StoreError> {
-        let job_id = job_id.to_string();
-        self.writer()
-            .write(move |conn| {
-                Box::pin(async move {
-                    let row = job_row(conn, &job_id, "status, attempts, max_attempts").await?;
-                    let current: JobStatus = row.try_get("status")?;
-                    if !matches!(current, JobStatus::Failed | JobStatus::Cancelled) {
-                        return Err(StoreError::InvalidState(format!(
-                            "job `{job_id}` is {current}; only failed or cancelled jobs can be retried"
-                        )));
-                    }
-                    let attempts: i64 = row.try_get("attempts")?;
-                    let max_attempts: i64 = row.try_get("max_attempts")?;
-                    let now = fmt_time(Utc::now());
-                    let mut b = Batch::default();
-                    b.push(
-                        "UPDATE jobs SET max_attempts = ?, finished_at = NULL, cancel_requested = 0 WHERE id = ?",
-                    )
-                    .bind(max_attempts.max(attempts + 1))
-                    .bind(job_id.clone());
-                    push_back_to_queue(&mut b, &job_id, Requeue::default(), &now);
-                    let ev = EventInput {
-                        kind: "retried",
-                        status: Some(JobStatus::Queued),
-                        message: Some(format!("queued again by a user after it was {current}")),
-                        ..Default::default()
-                    };
-                    push_event(&mut b, &job_id, ev, &now);
-                    b.run(conn).await
-                })
-            })
-            .await
     }
 
     /// Jobs held by backends no longer in the config go back to the queue.

@@ -1,0 +1,173 @@
+//! What a user asks of a job by hand: cancel it, queue it again, give it
+//! another priority.
+//!
+//! Why apart from `transitions.rs`: those are the steps of a job's run,
+//! each fenced by the lease of the worker that takes it. These come from a
+//! person (the API, the command line, the dashboard) at any moment of the
+//! job's life, so they are checked against the job's state instead: a job
+//! a backend holds is only flagged for its worker (a cancel), and a job
+//! that ended takes no new priority.
+
+use chrono::Utc;
+use serde_json::json;
+use sqlx::Row;
+
+use super::batch::Batch;
+use super::events::{push_event, EventInput};
+use super::model::*;
+use super::transitions::{job_row, push_back_to_queue, push_final, Requeue};
+use super::{fmt_time, Store, StoreError};
+
+/// What a change of priority did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriorityChange {
+    /// The priority it had.
+    pub from: i64,
+    /// Its status when it changed.
+    pub status: JobStatus,
+}
+
+impl Store {
+    /// Cancels a queued job now, or flags a held one for its backend to stop.
+    pub async fn request_cancel(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
+        let job_id = job_id.to_string();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let row =
+                        job_row(conn, &job_id, "status, backend_id, attempts, lease_token").await?;
+                    let current: JobStatus = row.try_get("status")?;
+                    if current.is_terminal() {
+                        return Err(StoreError::InvalidState(format!(
+                            "job `{job_id}` is already {current}"
+                        )));
+                    }
+                    let now = fmt_time(Utc::now());
+                    let mut b = Batch::default();
+                    if current == JobStatus::Queued {
+                        push_final(&mut b, &job_id, JobStatus::Cancelled, None, &now);
+                        let ev = EventInput {
+                            kind: "cancelled",
+                            status: Some(JobStatus::Cancelled),
+                            message: Some("cancelled while queued".into()),
+                            ..Default::default()
+                        };
+                        push_event(&mut b, &job_id, ev, &now);
+                        b.run(conn).await?;
+                        return Ok(CancelOutcome::Cancelled);
+                    }
+                    let backend_id: String = row
+                        .try_get::<Option<String>, _>("backend_id")?
+                        .unwrap_or_default();
+                    b.push("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?")
+                        .bind(now.clone())
+                        .bind(job_id.clone());
+                    let ev = EventInput {
+                        kind: "cancel_requested",
+                        status: Some(current),
+                        backend_id: Some(&backend_id),
+                        attempt: Some(row.try_get("attempts")?),
+                        message: Some(format!(
+                            "cancel requested; asking backend {backend_id} to stop it"
+                        )),
+                        data: None,
+                    };
+                    push_event(&mut b, &job_id, ev, &now);
+                    b.run(conn).await?;
+                    Ok(CancelOutcome::Requested { backend_id })
+                })
+            })
+            .await
+    }
+
+    /// Queues a failed or cancelled job again, as a new attempt.
+    pub async fn retry(&self, job_id: &str) -> Result<(), StoreError> {
+        let job_id = job_id.to_string();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let row = job_row(conn, &job_id, "status, attempts, max_attempts").await?;
+                    let current: JobStatus = row.try_get("status")?;
+                    if !matches!(current, JobStatus::Failed | JobStatus::Cancelled) {
+                        return Err(StoreError::InvalidState(format!(
+                            "job `{job_id}` is {current}; only failed or cancelled jobs can be retried"
+                        )));
+                    }
+                    let attempts: i64 = row.try_get("attempts")?;
+                    let max_attempts: i64 = row.try_get("max_attempts")?;
+                    let now = fmt_time(Utc::now());
+                    let mut b = Batch::default();
+                    b.push(
+                        "UPDATE jobs SET max_attempts = ?, finished_at = NULL, cancel_requested = 0 WHERE id = ?",
+                    )
+                    .bind(max_attempts.max(attempts + 1))
+                    .bind(job_id.clone());
+                    push_back_to_queue(&mut b, &job_id, Requeue::default(), &now);
+                    let ev = EventInput {
+                        kind: "retried",
+                        status: Some(JobStatus::Queued),
+                        message: Some(format!("queued again by a user after it was {current}")),
+                        ..Default::default()
+                    };
+                    push_event(&mut b, &job_id, ev, &now);
+                    b.run(conn).await
+                })
+            })
+            .await
+    }
+
+    /// Gives a job that has not ended a new priority: a queued job takes
+    /// its place in the queue at once; a held one keeps it for when it is
+    /// queued again (a retry, a requeue). The change is one of the job's
+    /// events, so its history says who moved it up the queue and when.
+    pub async fn set_priority(
+        &self,
+        job_id: &str,
+        priority: i64,
+    ) -> Result<PriorityChange, StoreError> {
+        let job_id = job_id.to_string();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let row = job_row(conn, &job_id, "status, priority, backend_id").await?;
+                    let status: JobStatus = row.try_get("status")?;
+                    if status.is_terminal() {
+                        return Err(StoreError::InvalidState(format!(
+                            "job `{job_id}` is already {status}; a priority orders jobs waiting to run"
+                        )));
+                    }
+                    let from: i64 = row.try_get("priority")?;
+                    if from == priority {
+                        return Ok(PriorityChange { from, status });
+                    }
+                    let now = fmt_time(Utc::now());
+                    let mut b = Batch::default();
+                    b.push("UPDATE jobs SET priority = ?, updated_at = ? WHERE id = ?")
+                        .bind(priority)
+                        .bind(now.clone())
+                        .bind(job_id.clone());
+                    let backend: Option<String> = row.try_get("backend_id")?;
+                    let when = match (&backend, status) {
+                        (Some(b), s) if s.is_held() => {
+                            format!("; backend {b} runs it already, it counts if it is queued again")
+                        }
+                        _ => String::new(),
+                    };
+                    let ev = EventInput {
+                        kind: "priority_changed",
+                        status: Some(status),
+                        backend_id: backend.as_deref(),
+                        message: Some(format!(
+                            "priority changed from {from} to {priority} by a user{when}"
+                        )),
+                        data: Some(json!({"from": from, "to": priority})),
+                        ..Default::default()
+                    };
+                    push_event(&mut b, &job_id, ev, &now);
+                    b.run(conn).await?;
+                    Ok(PriorityChange { from, status })
+                })
+            })
+            .await
+    }
+}
