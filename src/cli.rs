@@ -253,6 +253,9 @@ pub struct JobsArgs {
     pub meta: Vec<String>,
     /// Page size.
     pub limit: u32,
+    /// Print only the ids of every matching job (all pages), one a line,
+    /// for `cancel`, `retry` and `priority` to act on a batch.
+    pub ids_only: bool,
 }
 
 /// Prints the history as a table.
@@ -272,6 +275,9 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
             .split_once('=')
             .ok_or_else(|| anyhow!("`{m}` is not key=value"))?;
         q.push((format!("metadata.{k}"), v.to_string()));
+    }
+    if args.ids_only {
+        return print_ids(remote, q).await;
     }
     let query: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(q)
@@ -310,41 +316,107 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cancels a job (`action` "cancel") or queues it again ("retry").
-pub async fn job_action(remote: &Remote, id: &str, action: &str) -> anyhow::Result<()> {
-    let answer = remote
-        .post(&format!("/api/job/{id}/{action}"), json!({}))
-        .await?;
-    if remote.json {
-        println!("{answer}");
-    } else {
-        println!(
-            "{}: {}",
-            answer["status"].as_str().unwrap_or(""),
-            answer["message"].as_str().unwrap_or("")
-        );
+/// The ids of every job the query matches, newest first, one a line:
+/// a page of `limit` at a time, each cursor followed to the end.
+async fn print_ids(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Result<()> {
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut pairs = q.clone();
+        if let Some(c) = cursor.take() {
+            pairs.push(("cursor".into(), c));
+        }
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        let page = remote.get(&format!("/api/jobs?{query}")).await?;
+        for j in page["jobs"].as_array().into_iter().flatten() {
+            println!("{}", j["job_id"].as_str().unwrap_or(""));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// The job ids a command was given; a lone `-` reads them from standard
+/// input (whitespace-separated, none at all is fine), so `orchestrator jobs
+/// --ids --status failed | orchestrator retry -` retries a whole batch.
+pub fn job_ids(args: Vec<String>) -> anyhow::Result<Vec<String>> {
+    if args.len() == 1 && args[0] == "-" {
+        let text = std::io::read_to_string(std::io::stdin()).context("reading job ids")?;
+        return Ok(text.split_whitespace().map(str::to_string).collect());
+    }
+    Ok(args)
+}
+
+/// Does `one` for each job, which returns the line to print. With one job,
+/// its line or its error. With several, each line begins with its job's
+/// id, a job that fails does not stop the rest, and the command fails at
+/// the end naming how many did.
+async fn each_job<F, Fut>(ids: &[String], mut one: F) -> anyhow::Result<()>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<String>>,
+{
+    if let [id] = ids {
+        println!("{}", one(id.clone()).await?);
+        return Ok(());
+    }
+    let mut failed = 0;
+    for id in ids {
+        match one(id.clone()).await {
+            Ok(line) => println!("{id}  {line}"),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{id}  error: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} jobs failed", ids.len());
     }
     Ok(())
 }
 
-/// Gives a job a new priority and says where that leaves it.
-pub async fn set_priority(remote: &Remote, id: &str, priority: i64) -> anyhow::Result<()> {
-    let job = remote
-        .post(
-            &format!("/api/job/{id}/priority"),
-            json!({ "priority": priority }),
-        )
-        .await?;
-    if remote.json {
-        println!("{job}");
-        return Ok(());
-    }
-    let status = job["status"].as_str().unwrap_or("");
-    match job["waiting_for"].as_str() {
-        Some(why) => println!("{status}, priority {priority}: {why}"),
-        None => println!("{status}, priority {priority}"),
-    }
-    Ok(())
+/// Cancels jobs (`action` "cancel") or queues them again ("retry").
+pub async fn job_action(remote: &Remote, ids: &[String], action: &str) -> anyhow::Result<()> {
+    each_job(ids, |id| async move {
+        let answer = remote
+            .post(&format!("/api/job/{id}/{action}"), json!({}))
+            .await?;
+        Ok(if remote.json {
+            answer.to_string()
+        } else {
+            format!(
+                "{}: {}",
+                answer["status"].as_str().unwrap_or(""),
+                answer["message"].as_str().unwrap_or("")
+            )
+        })
+    })
+    .await
+}
+
+/// Gives jobs a new priority and says where that leaves each.
+pub async fn set_priority(remote: &Remote, ids: &[String], priority: i64) -> anyhow::Result<()> {
+    each_job(ids, |id| async move {
+        let job = remote
+            .post(
+                &format!("/api/job/{id}/priority"),
+                json!({ "priority": priority }),
+            )
+            .await?;
+        if remote.json {
+            return Ok(job.to_string());
+        }
+        let status = job["status"].as_str().unwrap_or("");
+        Ok(match job["waiting_for"].as_str() {
+            Some(why) => format!("{status}, priority {priority}: {why}"),
+            None => format!("{status}, priority {priority}"),
+        })
+    })
+    .await
 }
 
 /// Prints the farm.

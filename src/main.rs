@@ -66,9 +66,14 @@ enum Command {
         /// Only jobs whose metadata has key=value (repeat).
         #[arg(long = "meta", short = 'm')]
         meta: Vec<String>,
-        /// How many.
+        /// How many (with `--ids`, how many a request: all are printed).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Print only the ids of every matching job, one a line (all of
+        /// them, not a page): `orchestrator jobs --ids --status failed -m
+        /// batch=night1 | orchestrator retry -`.
+        #[arg(long)]
+        ids: bool,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -80,28 +85,31 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// Cancel a job.
+    /// Cancel jobs.
     Cancel {
-        /// Job id.
-        id: String,
+        /// Job ids; `-` reads them from standard input (`jobs --ids`).
+        #[arg(required = true)]
+        ids: Vec<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// Queue a failed or cancelled job again.
+    /// Queue failed or cancelled jobs again.
     Retry {
-        /// Job id.
-        id: String,
+        /// Job ids; `-` reads them from standard input (`jobs --ids`).
+        #[arg(required = true)]
+        ids: Vec<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// Give a job that has not ended a new priority (higher runs first,
+    /// Give jobs that have not ended a new priority (higher runs first,
     /// -1000 to 1000): a queued job moves in the queue at once.
     Priority {
-        /// Job id.
-        id: String,
         /// The new priority.
         #[arg(allow_negative_numbers = true)]
         priority: i64,
+        /// Job ids; `-` reads them from standard input (`jobs --ids`).
+        #[arg(required = true)]
+        ids: Vec<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -418,6 +426,7 @@ fn main() -> ExitCode {
                 backend,
                 meta,
                 limit,
+                ids,
                 remote,
             } => {
                 let args = orchestrator::cli::JobsArgs {
@@ -426,21 +435,27 @@ fn main() -> ExitCode {
                     backend,
                     meta,
                     limit,
+                    ids_only: ids,
                 };
                 orchestrator::cli::jobs(&remote.remote(), args).await
             }
             Command::Watch { ids, remote } => orchestrator::cli::watch(&remote.remote(), ids).await,
-            Command::Cancel { id, remote } => {
-                orchestrator::cli::job_action(&remote.remote(), &id, "cancel").await
+            Command::Cancel { ids, remote } => {
+                let ids = orchestrator::cli::job_ids(ids)?;
+                orchestrator::cli::job_action(&remote.remote(), &ids, "cancel").await
             }
-            Command::Retry { id, remote } => {
-                orchestrator::cli::job_action(&remote.remote(), &id, "retry").await
+            Command::Retry { ids, remote } => {
+                let ids = orchestrator::cli::job_ids(ids)?;
+                orchestrator::cli::job_action(&remote.remote(), &ids, "retry").await
             }
             Command::Priority {
-                id,
                 priority,
+                ids,
                 remote,
-            } => orchestrator::cli::set_priority(&remote.remote(), &id, priority).await,
+            } => {
+                let ids = orchestrator::cli::job_ids(ids)?;
+                orchestrator::cli::set_priority(&remote.remote(), &ids, priority).await
+            }
             Command::Backends { refresh, remote } => match refresh {
                 Some(id) => orchestrator::cli::refresh_backend(&remote.remote(), &id).await,
                 None => orchestrator::cli::backends(&remote.remote()).await,

@@ -6,12 +6,24 @@ use common::*;
 use serde_json::{json, Value};
 
 async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(binary_path())
+    cli_fed(url, args, "").await
+}
+
+/// The command with `input` on its standard input, as from a pipe.
+async fn cli_fed(url: &str, args: &[&str], input: &str) -> (bool, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(binary_path())
         .args(args)
         .args(["--url", url])
-        .output()
-        .await
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -125,16 +137,91 @@ async fn submit_watch_status_jobs_cancel_and_backends_from_the_command_line() {
     app.post_json("/api/backends/cli1/disable", &json!({}))
         .await;
     let third = app.submit_blur(json!({})).await;
-    let (ok, out, err) = cli(&app.url, &["priority", &third, "-3"]).await;
+    let (ok, out, err) = cli(&app.url, &["priority", "-3", &third]).await;
     assert!(ok, "{err}");
     assert!(
         out.starts_with("queued, priority -3: no backend can take it now"),
         "{out}"
     );
     assert_eq!(app.job(&third).await["priority"], -3);
-    let (ok, _, err) = cli(&app.url, &["priority", &id, "5"]).await;
+    let (ok, _, err) = cli(&app.url, &["priority", "5", &id]).await;
     assert!(!ok);
     assert!(err.contains("is already completed"), "{err}");
+}
+
+/// A night's batch acted on at once: its ids listed (every page), moved up
+/// the queue from a pipe, cancelled with one id wrong (the rest still
+/// cancelled, the command failing), then retried from a pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_moved_cancelled_and_retried_by_its_ids() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("cli1", sim.port, &[], 1)]).await;
+    app.wait_backend("cli1", "online").await;
+    app.post_json("/api/backends/cli1/disable", &json!({}))
+        .await;
+    let mut night = Vec::new();
+    for _ in 0..3 {
+        night.push(
+            app.submit_blur(json!({"metadata": {"batch": "night1"}}))
+                .await,
+        );
+    }
+    let other = app
+        .submit_blur(json!({"metadata": {"batch": "other"}}))
+        .await;
+
+    // Two a request: every page is followed.
+    let (ok, listed, err) = cli(
+        &app.url,
+        &["jobs", "--ids", "-m", "batch=night1", "--limit", "2"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let mut got: Vec<_> = listed.lines().map(str::to_string).collect();
+    got.sort();
+    let mut want = night.clone();
+    want.sort();
+    assert_eq!(got, want, "{listed}");
+
+    let (ok, out, err) = cli_fed(&app.url, &["priority", "5", "-"], &listed).await;
+    assert!(ok, "{err}");
+    for id in &night {
+        assert_eq!(app.job(id).await["priority"], 5);
+        assert!(out.contains(&format!("{id}  queued, priority 5")), "{out}");
+    }
+    assert_eq!(app.job(&other).await["priority"], 0);
+
+    let (ok, out, err) = cli(&app.url, &["cancel", &night[0], "no-such-job", &night[1]]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("no-such-job  error: ") && err.contains("1 of 3 jobs failed"),
+        "{err}"
+    );
+    for id in &night[..2] {
+        assert_eq!(app.job(id).await["status"], "cancelled");
+    }
+
+    let (_, cancelled, _) = cli(
+        &app.url,
+        &[
+            "jobs",
+            "--ids",
+            "--status",
+            "cancelled",
+            "-m",
+            "batch=night1",
+        ],
+    )
+    .await;
+    assert_eq!(cancelled.lines().count(), 2, "{cancelled}");
+    let (ok, _, err) = cli_fed(&app.url, &["retry", "-"], &cancelled).await;
+    assert!(ok, "{err}");
+    for id in &night[..2] {
+        assert_eq!(app.job(id).await["status"], "queued");
+    }
+    // Nothing to act on is not an error for a pipe.
+    let (ok, out, err) = cli_fed(&app.url, &["retry", "-"], "").await;
+    assert!(ok && out.is_empty(), "{out} {err}");
 }
 
 /// `watch` in a log or a script (no terminal: no bars): a line for each
