@@ -449,7 +449,16 @@ pub async fn backends(remote: &Remote) -> anyhow::Result<()> {
             b["comfyui_version"].as_str().unwrap_or("-"),
             b["active_jobs"],
             vram,
-            b["last_error"].as_str().unwrap_or("")
+            match (
+                b["quarantined_until"].as_str(),
+                b["quarantine_reason"].as_str()
+            ) {
+                (Some(until), Some(why)) => format!(
+                    "in quarantine until {} (enable ends it): {why}",
+                    until.get(..19).unwrap_or(until)
+                ),
+                _ => b["last_error"].as_str().unwrap_or("").to_string(),
+            }
         );
     }
     if let Some(m) = list["message"].as_str() {

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use orchestrator::simulator::SimConfig;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -513,6 +514,156 @@ async fn a_shot_moved_up_an_overnight_queue_runs_next() {
         .find(|e| e["kind"] == "priority_changed")
         .expect("the change is in the job's history");
     assert_eq!(moved["message"], "priority changed from 0 to 10 by a user");
+}
+
+/// The backend events (`job_id` null) of kind `kind`, oldest first.
+async fn backend_events(app: &TestApp, kind: &str) -> Vec<orchestrator::store::JobEvent> {
+    let all = app
+        .store
+        .events_after(0, &Default::default(), 100_000)
+        .await
+        .unwrap();
+    all.into_iter()
+        .filter(|e| e.job_id.is_none() && e.kind == kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_vouches() {
+    let sick = start_sim_with(SimConfig {
+        job_ms: 20,
+        fail_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let good = start_sim(20).await;
+    let app = spawn_farm_with(
+        vec![
+            backend("sick", sick.port, &[], 1),
+            backend("good", good.port, &[], 1),
+        ],
+        |c| {
+            c.dispatch.retry_backoff_ms = 50;
+            c.dispatch.retry_backoff_max_ms = 50;
+        },
+    )
+    .await;
+    app.wait_backend("sick", "online").await;
+    app.wait_backend("good", "online").await;
+    let mut night = Vec::new();
+    for color in 0..12 {
+        night.push(submit(&app, blur(json!({"parameters": {"color": color}}))).await);
+    }
+    for id in &night {
+        app.wait_status(id, "completed").await;
+    }
+
+    let (_, b) = app.get("/api/backends/sick").await;
+    let until = b["quarantined_until"].as_str().expect("in quarantine");
+    let until = chrono::DateTime::parse_from_rfc3339(until).unwrap();
+    let reason = b["quarantine_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("3 jobs in a row failed there that other backends then completed")
+            && reason.contains("simulated failure"),
+        "{b}"
+    );
+    assert_eq!(b["accepting_jobs"], false, "{b}");
+    let (_, g) = app.get("/api/backends/good").await;
+    assert!(g["quarantined_until"].is_null(), "{g}");
+    let events = backend_events(&app, "backend_quarantined").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].backend_id.as_deref(), Some("sick"));
+    // From then on it took nothing (but for one lease that may have passed
+    // the check as the quarantine began: its one slot).
+    let began = until - chrono::Duration::seconds(app.config.dispatch.quarantine_s as i64);
+    let (mut on_sick, mut after) = (0, Vec::new());
+    for id in &night {
+        for l in app.job(id).await["leases"].as_array().unwrap() {
+            if l["backend_id"] == "sick" {
+                on_sick += 1;
+                let at = l["leased_at"].as_str().unwrap();
+                if chrono::DateTime::parse_from_rfc3339(at).unwrap() > began {
+                    after.push(at.to_string());
+                }
+            }
+        }
+    }
+    assert!(on_sick >= 3, "{on_sick} attempts on the sick box");
+    assert!(
+        after.len() <= 1,
+        "leased to the sick box after its quarantine began at {began}: {after:?}"
+    );
+
+    // A job queued now says why the sick box does not take it.
+    app.post_json("/api/backends/good/disable", &json!({}))
+        .await;
+    let waiting = submit(&app, blur(json!({}))).await;
+    let why = app.job(&waiting).await["waiting_for"].clone();
+    assert!(
+        why.as_str()
+            .unwrap()
+            .contains("sick is in quarantine until"),
+        "{why}"
+    );
+
+    // The operator vouches for it: it takes jobs again at once.
+    let (status, b) = app.post_json("/api/backends/sick/enable", &json!({})).await;
+    assert_eq!(status, 200, "{b}");
+    assert!(b["quarantined_until"].is_null(), "{b}");
+    app.wait_job(&waiting, "leased to the sick box", |j| {
+        j["leases"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|l| l["backend_id"] == "sick"))
+    })
+    .await;
+    assert_eq!(
+        backend_events(&app, "backend_quarantine_lifted")
+            .await
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn jobs_that_fail_everywhere_put_no_box_in_quarantine() {
+    let a = start_sim(10).await;
+    let b = start_sim(10).await;
+    let app = spawn_farm_with(
+        vec![backend("a", a.port, &[], 1), backend("b", b.port, &[], 1)],
+        |c| {
+            c.dispatch.retry_backoff_ms = 20;
+            c.dispatch.retry_backoff_max_ms = 20;
+            c.dispatch.quarantine_after = 1;
+        },
+    )
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    // A bad batch (asks for a channel the picture lacks: an IndexError on
+    // any box) among good jobs.
+    let bad_graph = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "bad"}}
+    });
+    let mut bad = Vec::new();
+    let mut good = Vec::new();
+    for color in 0..4 {
+        bad.push(submit(&app, json!({"workflow": bad_graph, "max_attempts": 2})).await);
+        good.push(submit(&app, blur(json!({"parameters": {"color": color}}))).await);
+    }
+    for id in &bad {
+        app.wait_status(id, "failed").await;
+    }
+    for id in &good {
+        app.wait_status(id, "completed").await;
+    }
+    for id in ["a", "b"] {
+        let (_, b) = app.get(&format!("/api/backends/{id}")).await;
+        assert!(b["quarantined_until"].is_null(), "{b}");
+    }
+    assert!(backend_events(&app, "backend_quarantined").await.is_empty());
 }
 
 #[tokio::test]

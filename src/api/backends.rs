@@ -6,8 +6,11 @@ use axum::{Json, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use std::collections::HashMap;
+
 use super::wire::Backend;
 use super::{ApiError, AppState};
+use crate::dispatch::Quarantine;
 use crate::store::AdminState;
 
 pub(super) fn router() -> Router<AppState> {
@@ -30,15 +33,34 @@ pub struct BackendList {
     pub message: Option<String>,
 }
 
-/// A backend's stored record, with what only its worker knows now
-/// (`not_ours`: [`crate::dispatch::Farm::prompts_not_ours`]).
-fn live(
-    record: crate::store::BackendRecord,
-    not_ours: &std::collections::HashMap<String, usize>,
-) -> Backend {
-    let mut b = Backend::from(record);
-    b.prompts_not_ours = not_ours.get(&b.id).copied().unwrap_or(0) as i64;
-    b
+/// What only the running farm knows of its backends now, read once for a
+/// whole list.
+struct FarmNow {
+    /// [`crate::dispatch::Farm::prompts_not_ours`].
+    not_ours: HashMap<String, usize>,
+    /// [`crate::dispatch::Farm::quarantined`].
+    quarantined: HashMap<String, Quarantine>,
+}
+
+impl FarmNow {
+    fn read(state: &AppState) -> FarmNow {
+        FarmNow {
+            not_ours: state.farm.prompts_not_ours(),
+            quarantined: state.farm.quarantined(),
+        }
+    }
+
+    /// A backend's stored record, with what only its worker knows now.
+    fn live(&self, record: crate::store::BackendRecord) -> Backend {
+        let mut b = Backend::from(record);
+        b.prompts_not_ours = self.not_ours.get(&b.id).copied().unwrap_or(0) as i64;
+        if let Some(q) = self.quarantined.get(&b.id) {
+            b.accepting_jobs = false;
+            b.quarantined_until = Some(q.until);
+            b.quarantine_reason = Some(q.reason.clone());
+        }
+        b
+    }
 }
 
 /// The configured backends with their state.
@@ -46,13 +68,13 @@ fn live(
 pub(super) async fn list_backends(
     State(state): State<AppState>,
 ) -> Result<Json<BackendList>, ApiError> {
-    let not_ours = state.farm.prompts_not_ours();
+    let now = FarmNow::read(&state);
     let backends: Vec<Backend> = state
         .store
         .backends()
         .await?
         .into_iter()
-        .map(|b| live(b, &not_ours))
+        .map(|b| now.live(b))
         .collect();
     let message = if backends.is_empty() {
         Some(
@@ -60,7 +82,10 @@ pub(super) async fn list_backends(
                 .into(),
         )
     } else if !backends.iter().any(|b| b.accepting_jobs) {
-        Some("no backend is accepting jobs now (offline, disabled or draining)".into())
+        Some(
+            "no backend is accepting jobs now (offline, disabled, draining or in quarantine)"
+                .into(),
+        )
     } else {
         None
     };
@@ -118,7 +143,7 @@ pub(super) async fn get_backend(
             comfyui_version: i.comfyui_version,
         });
     Ok(Json(BackendDetail {
-        backend: live(backend, &state.farm.prompts_not_ours()),
+        backend: FarmNow::read(&state).live(backend),
         inventory,
     }))
 }
@@ -159,11 +184,17 @@ async fn set_admin(
 ) -> Result<Json<BackendDetail>, ApiError> {
     state.store.set_backend_admin_state(&id, admin).await?;
     tracing::info!(backend_id = %id, admin_state = admin.as_str(), "backend admin state changed");
-    state.farm.backend_changed(&id);
+    if admin == AdminState::Enabled {
+        // An operator who enables a box vouches for it.
+        state.farm.lift_quarantine(&id).await;
+    } else {
+        state.farm.backend_changed(&id);
+    }
     get_backend(State(state), Path(id)).await
 }
 
-/// Let the backend take jobs again (kept across restarts).
+/// Let the backend take jobs again (kept across restarts); ends its
+/// quarantine, if it is in one.
 #[utoipa::path(post, path = "/api/backends/{id}/enable", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
     responses((status = 200, body = BackendDetail), (status = 404, body = super::ErrorBody)))]

@@ -210,7 +210,7 @@ pub(super) async fn get_job(
 async fn detail(state: &AppState, id: &str) -> Result<JobDetail, ApiError> {
     let d = state
         .store
-        .job_detail(id, &state.farm.prompts_not_ours())
+        .job_detail(id, &state.farm.live_backends())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
     Ok(JobDetail {

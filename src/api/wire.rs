@@ -238,7 +238,8 @@ pub struct Event {
     /// `progress`, `completed`, `failed`, `retry_scheduled`, `requeued`,
     /// `cancel_requested`, `cancelled`, `cancel_too_late`, `retried`,
     /// `priority_changed`, `backend_socket_deaf`. Backend events: `backend_online`,
-    /// `backend_offline`, `backend_incompatible`.
+    /// `backend_offline`, `backend_incompatible`, `backend_quarantined`,
+    /// `backend_quarantine_lifted`.
     pub kind: String,
     /// Job status after the event.
     pub status: Option<JobStatus>,
@@ -310,6 +311,13 @@ pub struct Backend {
     /// socket: they take its `max_inflight` slots as ours do, so work goes
     /// to a free box rather than waiting behind them.
     pub prompts_not_ours: i64,
+    /// Until when it takes no jobs because its jobs failed while the same
+    /// jobs completed on other backends (a sick box: a broken driver, a
+    /// full disk); `null` when it is not in quarantine. Enabling it ends
+    /// the quarantine now.
+    pub quarantined_until: Option<DateTime<Utc>>,
+    /// Why it is in quarantine: how many jobs, and the last one's error.
+    pub quarantine_reason: Option<String>,
     /// Last error talking to it, or why it gets no jobs.
     pub last_error: Option<String>,
     /// Last successful contact.
@@ -343,6 +351,8 @@ impl From<BackendRecord> for Backend {
             queue_remaining: b.queue_remaining,
             active_jobs: b.active_jobs,
             prompts_not_ours: 0,
+            quarantined_until: None,
+            quarantine_reason: None,
             last_error: b.last_error,
             last_seen: b.last_seen,
             offline_since: b.offline_since,

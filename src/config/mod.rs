@@ -236,6 +236,12 @@ pub struct DispatchConfig {
     /// A job whose runs its backends lost this many times after they had
     /// started (the backend died under it) fails: it may be what kills them.
     pub max_lost_runs: u32,
+    /// A backend whose jobs failed this many times in a row, each a job that
+    /// another backend then completed, is sick (a broken driver, a full
+    /// disk, a bad custom node): it takes no jobs for `quarantine_s`. 0: never.
+    pub quarantine_after: u32,
+    /// How long a sick backend is left out (an operator's enable ends it sooner).
+    pub quarantine_s: u64,
     /// Longest a run may take on a backend, in seconds, for a job whose
     /// manifest and template do not say (`timeout_s`).
     pub job_timeout_s: u64,
@@ -356,6 +362,8 @@ impl Default for DispatchConfig {
             cancel_timeout_s: 30,
             request_timeout_ms: 10_000,
             max_lost_runs: 2,
+            quarantine_after: 3,
+            quarantine_s: 900,
             job_timeout_s: 7_200,
             heartbeat_ms: 5_000,
             deaf_after_ms: 3_000,
@@ -487,6 +495,12 @@ impl Config {
         }
         if self.dispatch.request_timeout_ms == 0 {
             return invalid("dispatch.request_timeout_ms", "must be above 0");
+        }
+        if self.dispatch.quarantine_after > 0 && self.dispatch.quarantine_s == 0 {
+            return invalid(
+                "dispatch.quarantine_s",
+                "must be at least 1 (set dispatch.quarantine_after to 0 to turn quarantine off)",
+            );
         }
         if self.dispatch.max_lost_runs == 0 {
             return invalid("dispatch.max_lost_runs", "must be at least 1");

@@ -160,13 +160,13 @@ async function renderBackends() {
   const gib = v => v == null ? "–" : (v / 1073741824).toFixed(1) + " GiB";
   const rows = list.backends.map(b => `<tr id="backend-${esc(b.id)}">
       <td><a href="#/backend/${esc(b.id)}"><strong>${esc(b.name)}</strong></a><div class="muted mono">${esc(b.id)} · ${esc(b.host)}:${b.port}</div>${b.loaded_model ? `<div class="muted">loaded: ${esc(b.loaded_model)}</div>` : ""}</td>
-      <td>${badge(b.state)}</td>
+      <td>${badge(b.state)}${b.quarantined_until ? ` ${badge("quarantined")}<div class="muted" title="${esc(b.quarantine_reason)}">until ${time(b.quarantined_until)}; Enable ends it</div>` : ""}</td>
       <td>${esc(b.admin_state || (b.config_enabled ? "enabled" : "disabled"))}${b.accepting_jobs ? "" : ' <span class="muted">(no new jobs)</span>'}</td>
       <td>${esc(b.comfyui_version || "–")}</td>
       <td>${gib(b.vram_free)} / ${gib(b.vram_total)}</td>
       <td>${b.active_jobs} / ${b.max_inflight}${b.prompts_not_ours ? ` <span class="muted" title="prompts in its ComfyUI queue that the orchestrator did not send">+${b.prompts_not_ours} not ours</span>` : ""}${runs(b.id)}</td>
       <td>${esc((b.tags || []).join(", "))}</td>
-      <td class="muted">${esc(b.last_error || "")}</td>
+      <td class="muted">${esc(b.quarantine_reason || b.last_error || "")}</td>
       <td><button data-act="/api/backends/${esc(b.id)}/enable">Enable</button> <button data-act="/api/backends/${esc(b.id)}/drain">Drain</button> <button data-act="/api/backends/${esc(b.id)}/disable">Disable</button></td></tr>`).join("");
   main.innerHTML = `<h2>Backends</h2>${list.message ? `<p class="muted">${esc(list.message)}</p>` : ""}
     <table><thead><tr><th>Backend</th><th>State</th><th>Admin</th><th>ComfyUI</th><th>VRAM free</th><th>Jobs</th><th>Tags</th><th>Last error</th><th></th></tr></thead>
@@ -239,7 +239,7 @@ function connect() {
     }, farm ? 1000 : 250);
   };
   ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
-   "requeued", "cancel_requested", "cancelled", "retried", "priority_changed", "backend_online", "backend_offline"].forEach(k => es.addEventListener(k, onEvent));
+   "requeued", "cancel_requested", "cancelled", "retried", "priority_changed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
 }
 
 // A move to another page draws it now; a refresh asked for by the page left

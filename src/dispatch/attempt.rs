@@ -113,6 +113,7 @@ fn runtime_error(backend_id: &str, attempt: i64, end: &PromptEnd) -> Value {
             "backend_id": backend_id,
             "attempt": attempt,
             "node_id": node_id,
+            "interrupted": true,
         }),
         PromptEnd::Other(status) => json!({
             "message": format!("backend {backend_id}: the prompt ended with status `{status}`"),
@@ -174,6 +175,56 @@ impl Ctx {
         };
         self.shared.wake();
         recorded
+    }
+
+    /// The job completed here after failing elsewhere: each backend that
+    /// failed it may be sick (`super::health`); one found so is left out
+    /// for a while, with an event, and looks for work again when that ends.
+    async fn judge_where_it_failed(&self, job_id: &str) {
+        let leases = match self.shared.store.job_leases(job_id).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(job_id, backend_id = %self.backend_id, error = %e, "cannot read where the job failed before");
+                return;
+            }
+        };
+        let failed: Vec<_> = leases
+            .into_iter()
+            .filter(|l| l.outcome == Some(crate::store::LeaseOutcome::Failed))
+            .filter(|l| l.error.as_ref().is_none_or(super::health::blames_the_box))
+            .filter_map(|l| {
+                Some(super::health::FailedThere {
+                    at: l.finished_at?,
+                    message: l
+                        .error
+                        .as_ref()
+                        .and_then(|e| e["message"].as_str())
+                        .unwrap_or("failed")
+                        .to_string(),
+                    backend_id: l.backend_id,
+                })
+            })
+            .collect();
+        for (sick, q) in self.shared.health.proven(job_id, &self.backend_id, &failed) {
+            tracing::warn!(backend_id = %sick, until = %q.until, job_id, "backend quarantined: {}", q.reason);
+            let message = format!(
+                "backend {sick} takes no jobs until {}: {}",
+                q.until.format("%H:%M:%S UTC"),
+                q.reason
+            );
+            let data = json!({"until": q.until, "reason": q.reason});
+            if let Err(e) = self
+                .shared
+                .store
+                .backend_event(&sick, "backend_quarantined", &message, data)
+                .await
+            {
+                tracing::warn!(backend_id = %sick, error = %e, "cannot record the quarantine");
+            }
+            // A moment after its end, so that the worker finds it over.
+            self.shared
+                .wake_at(q.until + chrono::Duration::milliseconds(100), Some(&sick));
+        }
     }
 
     async fn count_failure(&self, job_id: &str, is_final: bool) {
@@ -375,6 +426,10 @@ impl Ctx {
                         tracing::info!(job_id, backend_id, "job completed");
                         let run = times.started_at.map_or(0.0, crate::metrics::seconds_since);
                         crate::metrics::completed(times.workflow_id.as_deref(), backend_id, run);
+                        self.shared.health.completed(backend_id);
+                        if held.attempt > 1 {
+                            self.judge_where_it_failed(job_id).await;
+                        }
                     }
                     Err(StoreError::LeaseLost) => {}
                     Err(e) => return Err(e.into()),

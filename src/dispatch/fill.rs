@@ -35,6 +35,13 @@ impl Worker {
             self.shared.idle.busy(&self.id);
             return;
         }
+        if self.shared.health.quarantined(&self.id).is_some() {
+            // As a closed backend: rung at the quarantine's end, or when
+            // an operator lifts it.
+            self.shared.idle.pass_on(&self.id);
+            self.shared.idle.busy(&self.id);
+            return;
+        }
         // A ring is answered by one lease: further free slots go through the
         // gate, as after a finished job.
         let mut rung = self.shared.idle.is_rung(&self.id);

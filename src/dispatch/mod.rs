@@ -27,6 +27,7 @@
 mod attempt;
 mod fill;
 mod glance;
+mod health;
 mod idle;
 mod link;
 mod outputs;
@@ -51,6 +52,7 @@ use crate::config::Config;
 use crate::inventory::{Inventory, Rules};
 use crate::store::{CancelOutcome, Store, StoreError};
 
+pub use health::Quarantine;
 pub use outputs::safe_name;
 pub use progress::Preview;
 
@@ -111,6 +113,8 @@ struct Shared {
     epoch: tokio::time::Instant,
     /// One look at the farm for the safety nets of a slot's workers.
     glances: glance::Glances,
+    /// Which backends fail jobs that others complete (see `health`).
+    health: health::Health,
 }
 
 /// The periodic work of workers and monitors (ticks, pings, polls) falls in
@@ -320,6 +324,10 @@ impl Farm {
             ),
             epoch: tokio::time::Instant::now(),
             glances: Default::default(),
+            health: health::Health::new(
+                config.dispatch.quarantine_after,
+                chrono::Duration::seconds(config.dispatch.quarantine_s as i64),
+            ),
         });
         // Jobs queued before this start have no ring. Each worker looks once
         // as it starts, but one that starts full (its prompts outlived the
@@ -469,6 +477,52 @@ impl Farm {
     /// backend's slots as ours do.
     pub fn prompts_not_ours(&self) -> HashMap<String, usize> {
         self.shared.foreign.lock().expect("foreign").clone()
+    }
+
+    /// Backends left out of leasing now because their jobs failed while
+    /// the same jobs completed elsewhere (see `dispatch::health`).
+    pub fn quarantined(&self) -> HashMap<String, Quarantine> {
+        self.shared.health.all()
+    }
+
+    /// What a queued job's page needs of the running farm to say why it
+    /// waits: prompts not ours, and quarantines in a sentence each.
+    pub fn live_backends(&self) -> crate::store::LiveBackends {
+        crate::store::LiveBackends {
+            not_ours: self.prompts_not_ours(),
+            quarantined: self
+                .quarantined()
+                .into_iter()
+                .map(|(id, q)| {
+                    let until = q.until.format("%Y-%m-%d %H:%M:%S UTC");
+                    (id, format!("until {until} ({})", q.reason))
+                })
+                .collect(),
+        }
+    }
+
+    /// An operator vouches for a backend: its quarantine, if any, ends now,
+    /// with an event saying so, and its worker looks for work.
+    pub async fn lift_quarantine(&self, backend_id: &str) {
+        if self.shared.health.lift(backend_id) {
+            tracing::info!(backend_id, "quarantine lifted by an operator");
+            let message =
+                format!("backend {backend_id} may take jobs again: an operator enabled it");
+            if let Err(e) = self
+                .shared
+                .store
+                .backend_event(
+                    backend_id,
+                    "backend_quarantine_lifted",
+                    &message,
+                    serde_json::json!({"by": "operator"}),
+                )
+                .await
+            {
+                tracing::warn!(backend_id, error = %e, "cannot record the end of the quarantine");
+            }
+        }
+        self.backend_changed(backend_id);
     }
 
     /// Live previews of running jobs (lagging receivers miss frames, nothing else).

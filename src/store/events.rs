@@ -84,6 +84,27 @@ pub(super) async fn backend_event(
 }
 
 impl Store {
+    /// Appends an event about a backend that no state change carries (its
+    /// quarantine): on its own, in the log every subscriber reads.
+    pub async fn backend_event(
+        &self,
+        backend_id: &str,
+        kind: &str,
+        message: &str,
+        data: Value,
+    ) -> Result<(), StoreError> {
+        let (id, kind, message) = (
+            backend_id.to_string(),
+            kind.to_string(),
+            message.to_string(),
+        );
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move { backend_event(conn, &id, &kind, message, data).await })
+            })
+            .await
+    }
+
     /// Changes after every commit: wait on it for new events.
     pub fn subscribe_commits(&self) -> watch::Receiver<u64> {
         self.writer().subscribe_commits()

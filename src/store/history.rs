@@ -89,6 +89,12 @@ impl Store {
         .await
     }
 
+    /// A job's leases, oldest first: where each attempt ran and how it
+    /// ended (a completion judges the backends that failed the job before).
+    pub async fn job_leases(&self, id: &str) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.all_by(LEASES_OF, id).await
+    }
+
     /// The event log of one job, oldest first.
     pub async fn job_events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ? ORDER BY seq");
@@ -179,7 +185,7 @@ impl Store {
     pub async fn job_detail(
         &self,
         id: &str,
-        not_ours: &std::collections::HashMap<String, usize>,
+        live: &super::LiveBackends,
     ) -> Result<Option<JobDetailRecord>, StoreError> {
         let mut tx = self.reader().begin().await?;
         let Some(job) = sqlx::query_as::<_, JobRecord>(&one_job())
@@ -201,7 +207,7 @@ impl Store {
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
-        let waiting_for = super::waiting::why_waiting_in(&mut tx, id, not_ours).await?;
+        let waiting_for = super::waiting::why_waiting_in(&mut tx, id, live).await?;
         // Read only: nothing to commit.
         tx.rollback().await?;
         Ok(Some(JobDetailRecord {

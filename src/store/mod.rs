@@ -63,6 +63,7 @@ pub use outcomes::avoid_span;
 pub use requests::PriorityChange;
 pub use retention::StaleOutput;
 pub use transitions::{LostOutcome, LostRun};
+pub use waiting::LiveBackends;
 
 use crate::config::{DatabaseConfig, Synchronous};
 

@@ -44,6 +44,16 @@ pub(super) async fn unrunnable_reason(
     )))
 }
 
+/// What only the running farm knows of its backends, which a queued job's
+/// page needs beside the database to say truly why it waits.
+#[derive(Debug, Clone, Default)]
+pub struct LiveBackends {
+    /// Prompts not ours in each backend's ComfyUI queue (they take its slots).
+    pub not_ours: std::collections::HashMap<String, usize>,
+    /// Backends in quarantine, each with a sentence: until when, and why.
+    pub quarantined: std::collections::HashMap<String, String>,
+}
+
 /// Why a queued job is not running yet, in a sentence: its retry back-off,
 /// or what keeps each backend from taking it now (the same rules leasing
 /// applies). `None` for a job that is not queued. On the caller's
@@ -51,7 +61,7 @@ pub(super) async fn unrunnable_reason(
 pub(super) async fn why_waiting_in(
     conn: &mut SqliteConnection,
     job_id: &str,
-    not_ours: &std::collections::HashMap<String, usize>,
+    live: &LiveBackends,
 ) -> Result<Option<String>, StoreError> {
     let job: Option<(JobStatus, Option<String>)> =
         sqlx::query_as("SELECT status, not_before FROM jobs WHERE id = ?")
@@ -86,7 +96,7 @@ pub(super) async fn why_waiting_in(
         let admin: Option<AdminState> = r.try_get("admin_state")?;
         let state: BackendState = r.try_get("state")?;
         let (active, max): (i64, i64) = (r.try_get("active")?, r.try_get("max_inflight")?);
-        let others = not_ours.get(&id).copied().unwrap_or(0) as i64;
+        let others = live.not_ours.get(&id).copied().unwrap_or(0) as i64;
         let why = if let Some(bar) = r.try_get::<Option<String>, _>("bar")? {
             bar
         } else if !backend_enabled(r.try_get::<i64, _>("config_enabled")? != 0, admin) {
@@ -96,6 +106,8 @@ pub(super) async fn why_waiting_in(
             )
         } else if state != BackendState::Online {
             format!("is {}", state.as_str())
+        } else if let Some(q) = live.quarantined.get(&id) {
+            format!("is in quarantine {q}")
         } else if active + others >= max {
             match others {
                 0 => format!("is busy ({active} of {max} slots)"),

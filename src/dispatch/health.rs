@@ -1,0 +1,257 @@
+//! A sick box: one whose jobs fail while the same jobs complete elsewhere.
+//!
+//! Why: a GPU box whose driver broke, whose disk filled or whose custom
+//! nodes fail everything answers like a healthy one and fails each job in
+//! a second. Left alone it takes the next queued job as soon as it has
+//! failed the last, and passes the night's queue through itself, an
+//! attempt of every job at a time (and a job allowed one attempt fails
+//! there outright). Retries avoid it per job; nothing avoided it as a box.
+//!
+//! The evidence is a failure *proven* to be the box's: a job it failed that
+//! another backend then completed. A job that fails everywhere (a bad batch,
+//! a bad parameter) proves nothing against any box. A backend with
+//! `dispatch.quarantine_after` proven failures in a row (no job completed
+//! there in between) is left out for `dispatch.quarantine_s`; an operator's
+//! enable ends that sooner. The proof arrives when the failed job completes
+//! elsewhere, so a sick box is found after a few jobs, not at its first.
+//!
+//! Not every failure blames the box: running out of GPU memory says the
+//! job needs a bigger one (a farm whose boxes differ), and an interrupt
+//! that was not ours says someone at the box stopped it. Neither counts.
+//!
+//! Kept in memory, not in the database: a restart gives every box a fresh
+//! start, and a box still sick is found again by the same few jobs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Duration, Utc};
+
+/// A backend left out of leasing for a while.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quarantine {
+    /// When it takes jobs again.
+    pub until: DateTime<Utc>,
+    /// Why, in a sentence.
+    pub reason: String,
+}
+
+/// One backend's record since its last completed job.
+#[derive(Debug, Default)]
+struct Record {
+    /// Failures before this do not count: it completed a job then, or a
+    /// quarantine ended then.
+    since: Option<DateTime<Utc>>,
+    /// Jobs it failed since then that another backend completed.
+    proven: BTreeSet<String>,
+    quarantine: Option<Quarantine>,
+}
+
+/// The backends' records.
+#[derive(Debug)]
+pub(super) struct Health {
+    after: usize,
+    span: Duration,
+    records: Mutex<HashMap<String, Record>>,
+}
+
+/// A failed attempt of a job that has now completed on another backend.
+#[derive(Debug, Clone)]
+pub(super) struct FailedThere {
+    /// Where it failed.
+    pub backend_id: String,
+    /// When that attempt ended.
+    pub at: DateTime<Utc>,
+    /// Its error's sentence.
+    pub message: String,
+}
+
+impl Health {
+    /// `after` proven failures in a row leave a backend out for `span`
+    /// (`after` 0: never).
+    pub(super) fn new(after: u32, span: Duration) -> Health {
+        Health {
+            after: after as usize,
+            span,
+            records: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A job completed on `backend_id`: its run of failures ends.
+    pub(super) fn completed(&self, backend_id: &str) {
+        let mut records = self.records.lock().expect("health");
+        let r = records.entry(backend_id.to_string()).or_default();
+        r.since = Some(Utc::now());
+        r.proven.clear();
+    }
+
+    /// Job `job_id` completed on `completed_on` after failing on the
+    /// backends in `failed`: each failure after that backend's last
+    /// completion counts against it. Returns the backends this puts in
+    /// quarantine, with theirs.
+    pub(super) fn proven(
+        &self,
+        job_id: &str,
+        completed_on: &str,
+        failed: &[FailedThere],
+    ) -> Vec<(String, Quarantine)> {
+        if self.after == 0 {
+            return Vec::new();
+        }
+        let now = Utc::now();
+        let mut records = self.records.lock().expect("health");
+        let mut put = Vec::new();
+        for f in failed.iter().filter(|f| f.backend_id != completed_on) {
+            let r = records.entry(f.backend_id.clone()).or_default();
+            if r.since.is_some_and(|since| f.at < since) || active(r, now).is_some() {
+                continue;
+            }
+            r.proven.insert(job_id.to_string());
+            if r.proven.len() < self.after {
+                continue;
+            }
+            let until = now + self.span;
+            let q = Quarantine {
+                until,
+                reason: format!(
+                    "{} jobs in a row failed there that other backends then completed (the last on {completed_on}: {})",
+                    r.proven.len(),
+                    f.message
+                ),
+            };
+            r.proven.clear();
+            // What it failed before the quarantine ends was judged already.
+            r.since = Some(until);
+            r.quarantine = Some(q.clone());
+            put.push((f.backend_id.clone(), q));
+        }
+        put
+    }
+
+    /// The backend's quarantine, while it lasts.
+    pub(super) fn quarantined(&self, backend_id: &str) -> Option<Quarantine> {
+        let records = self.records.lock().expect("health");
+        records.get(backend_id).and_then(|r| active(r, Utc::now()))
+    }
+
+    /// Every backend in quarantine now.
+    pub(super) fn all(&self) -> HashMap<String, Quarantine> {
+        let now = Utc::now();
+        let records = self.records.lock().expect("health");
+        records
+            .iter()
+            .filter_map(|(id, r)| active(r, now).map(|q| (id.clone(), q)))
+            .collect()
+    }
+
+    /// An operator vouches for the backend: its quarantine ends now, and
+    /// what it failed before counts no more. Whether it was in one.
+    pub(super) fn lift(&self, backend_id: &str) -> bool {
+        let now = Utc::now();
+        let mut records = self.records.lock().expect("health");
+        let Some(r) = records.get_mut(backend_id) else {
+            return false;
+        };
+        let was = active(r, now).is_some();
+        r.quarantine = None;
+        r.since = Some(now);
+        r.proven.clear();
+        was
+    }
+}
+
+/// Whether a failed attempt's error may be the box's fault: not an
+/// out-of-memory error (the job needs a bigger box), not an interrupt
+/// from someone at the box.
+pub(super) fn blames_the_box(error: &serde_json::Value) -> bool {
+    let says = |field: &str| {
+        error[field].as_str().is_some_and(|s| {
+            s.to_ascii_lowercase().contains("out of memory") || s.contains("OutOfMemory")
+        })
+    };
+    error["interrupted"] != true && !says("exception_type") && !says("exception_message")
+}
+
+fn active(r: &Record, now: DateTime<Utc>) -> Option<Quarantine> {
+    r.quarantine.clone().filter(|q| q.until > now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(backend: &str, ago_s: i64) -> FailedThere {
+        FailedThere {
+            backend_id: backend.into(),
+            at: Utc::now() - Duration::seconds(ago_s),
+            message: "CUDA error: an illegal memory access was encountered".into(),
+        }
+    }
+
+    #[test]
+    fn three_jobs_failed_here_and_completed_elsewhere_put_a_box_in_quarantine() {
+        let h = Health::new(3, Duration::minutes(15));
+        assert!(h.proven("j1", "good", &[failed("sick", 5)]).is_empty());
+        // The same job proven twice counts once.
+        assert!(h.proven("j1", "good", &[failed("sick", 4)]).is_empty());
+        assert!(h.proven("j2", "good", &[failed("sick", 3)]).is_empty());
+        let put = h.proven("j3", "good", &[failed("sick", 2), failed("good", 1)]);
+        assert_eq!(put.len(), 1, "{put:?}");
+        let (id, q) = &put[0];
+        assert_eq!(id, "sick");
+        assert!(
+            q.reason.starts_with("3 jobs in a row failed there"),
+            "{q:?}"
+        );
+        assert!(q.reason.contains("CUDA error"), "{q:?}");
+        assert_eq!(h.quarantined("sick"), Some(q.clone()));
+        assert_eq!(h.quarantined("good"), None, "where the job completed");
+        assert_eq!(h.all().len(), 1);
+        assert!(h.lift("sick"));
+        assert_eq!(h.quarantined("sick"), None);
+        assert!(!h.lift("sick"));
+    }
+
+    #[test]
+    fn a_completion_on_the_box_ends_its_run_of_failures() {
+        let h = Health::new(3, Duration::minutes(15));
+        h.proven("j1", "good", &[failed("flaky", 60)]);
+        h.proven("j2", "good", &[failed("flaky", 50)]);
+        h.completed("flaky");
+        // Failed before that completion: proves nothing now.
+        assert!(h.proven("j3", "good", &[failed("flaky", 40)]).is_empty());
+        h.proven("j4", "good", &[failed("flaky", 0)]);
+        assert!(h.quarantined("flaky").is_none(), "two since its completion");
+    }
+
+    #[test]
+    fn running_out_of_memory_or_being_interrupted_does_not_blame_the_box() {
+        use serde_json::json;
+        // As ComfyUI 0.3.64 reports them (torch 2.x names the type
+        // torch.OutOfMemoryError; older ones torch.cuda.OutOfMemoryError).
+        let oom = json!({"exception_type": "torch.OutOfMemoryError",
+            "exception_message": "Allocation on device \nThis error means you ran out of memory on your GPU."});
+        assert!(!blames_the_box(&oom));
+        let old_oom = json!({"exception_type": "torch.cuda.OutOfMemoryError", "exception_message": "CUDA out of memory. Tried to allocate 2.00 GiB"});
+        assert!(!blames_the_box(&old_oom));
+        assert!(!blames_the_box(
+            &json!({"message": "interrupted at node 3", "interrupted": true})
+        ));
+        let driver = json!({"exception_type": "RuntimeError", "exception_message": "CUDA error: an illegal memory access was encountered"});
+        assert!(blames_the_box(&driver));
+        assert!(blames_the_box(
+            &json!({"message": "the prompt finished but its outputs could not be collected"})
+        ));
+    }
+
+    #[test]
+    fn off_at_zero_and_over_when_its_time_is_up() {
+        let off = Health::new(0, Duration::minutes(15));
+        for j in ["a", "b", "c", "d"] {
+            assert!(off.proven(j, "good", &[failed("sick", 1)]).is_empty());
+        }
+        let h = Health::new(1, Duration::milliseconds(-1));
+        assert_eq!(h.proven("a", "good", &[failed("sick", 1)]).len(), 1);
+        assert_eq!(h.quarantined("sick"), None, "its span is over");
+    }
+}
