@@ -145,7 +145,17 @@ pub fn retained(s: &crate::retention::Swept) {
         .increment(s.progress_events);
 }
 
-/// What the monitor saw of a backend.
+/// Whether a backend is in quarantine (a sick box), set at each scrape:
+/// an alert on it tells the operator to look at the box.
+pub fn quarantined(id: &str, yes: bool) {
+    metrics::gauge!("orchestrator_backend_quarantined", "backend" => id.to_string()).set(if yes {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+/// A backend's health and VRAM, as its last poll found them.
 pub fn backend(id: &str, up: bool, vram_total: Option<i64>, vram_free: Option<i64>) {
     metrics::gauge!("orchestrator_backend_up", "backend" => id.to_string()).set(if up {
         1.0

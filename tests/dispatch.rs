@@ -516,6 +516,18 @@ async fn a_shot_moved_up_an_overnight_queue_runs_next() {
     assert_eq!(moved["message"], "priority changed from 0 to 10 by a user");
 }
 
+async fn metrics_text(app: &TestApp) -> String {
+    let url = format!("{}/metrics", app.url);
+    app.client
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// The backend events (`job_id` null) of kind `kind`, oldest first.
 async fn backend_events(app: &TestApp, kind: &str) -> Vec<orchestrator::store::JobEvent> {
     let all = app
@@ -594,6 +606,13 @@ async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_
         "leased to the sick box after its quarantine began at {began}: {after:?}"
     );
 
+    let text = metrics_text(&app).await;
+    assert!(
+        text.contains("orchestrator_backend_quarantined{backend=\"sick\"} 1")
+            && text.contains("orchestrator_backend_quarantined{backend=\"good\"} 0"),
+        "{text}"
+    );
+
     // A job queued now says why the sick box does not take it.
     app.post_json("/api/backends/good/disable", &json!({}))
         .await;
@@ -621,6 +640,11 @@ async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_
             .await
             .len(),
         1
+    );
+    let text = metrics_text(&app).await;
+    assert!(
+        text.contains("orchestrator_backend_quarantined{backend=\"sick\"} 0"),
+        "{text}"
     );
 }
 

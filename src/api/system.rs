@@ -100,6 +100,10 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
 /// up/VRAM, HTTP requests and latencies.
 #[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+    let quarantined = state.farm.quarantined();
+    for b in &state.config.backends {
+        crate::metrics::quarantined(&b.id, quarantined.contains_key(&b.id));
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
