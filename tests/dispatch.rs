@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use orchestrator::simulator::SimConfig;
+use orchestrator::simulator::{SimConfig, SimHandle};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -540,8 +540,10 @@ async fn backend_events(app: &TestApp, kind: &str) -> Vec<orchestrator::store::J
         .collect()
 }
 
-#[tokio::test]
-async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_vouches() {
+/// A box that fails every prompt beside a good one, quarantined for
+/// `quarantine_s` once it is found out, after a night of 12 jobs that all
+/// completed (on the good box). The simulators, the service, the night.
+async fn sick_beside_good(quarantine_s: u64) -> (SimHandle, SimHandle, TestApp, Vec<String>) {
     let sick = start_sim_with(SimConfig {
         job_ms: 20,
         fail_rate: 1.0,
@@ -557,6 +559,9 @@ async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_
         |c| {
             c.dispatch.retry_backoff_ms = 50;
             c.dispatch.retry_backoff_max_ms = 50;
+            c.dispatch.quarantine_s = quarantine_s;
+            // No safety net rings a worker in these tests' time.
+            c.dispatch.poll_interval_ms = 60_000;
         },
     )
     .await;
@@ -569,6 +574,12 @@ async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_
     for id in &night {
         app.wait_status(id, "completed").await;
     }
+    (sick, good, app, night)
+}
+
+#[tokio::test]
+async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_vouches() {
+    let (_sick, _good, app, night) = sick_beside_good(900).await;
 
     let (_, b) = app.get("/api/backends/sick").await;
     let until = b["quarantined_until"].as_str().expect("in quarantine");
@@ -645,6 +656,32 @@ async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_
     assert!(
         text.contains("orchestrator_backend_quarantined{backend=\"sick\"} 0"),
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_quarantine_ends_by_itself_and_the_box_takes_work_again() {
+    let (_sick, _good, app, _) = sick_beside_good(4).await;
+    app.post_json("/api/backends/good/disable", &json!({}))
+        .await;
+    let (_, b) = app.get("/api/backends/sick").await;
+    let until = b["quarantined_until"].as_str().expect("in quarantine");
+    let until = chrono::DateTime::parse_from_rfc3339(until).unwrap();
+    // Queued while the only box left is in quarantine (or just after it
+    // ended, on a slow run): nobody rings its worker but the quarantine's end.
+    let id = submit(&app, blur(json!({}))).await;
+    let job = app
+        .wait_job(&id, "leased to the sick box again", |j| {
+            j["leases"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|l| l["backend_id"] == "sick"))
+        })
+        .await;
+    let leased = job["leases"][0]["leased_at"].as_str().unwrap();
+    let leased = chrono::DateTime::parse_from_rfc3339(leased).unwrap();
+    assert!(
+        leased >= until,
+        "leased {leased}, quarantined until {until}"
     );
 }
 
