@@ -19,6 +19,18 @@ pub const SIZES: &[u32] = &[64, 128, 256, 512];
 /// The content type thumbnails are served with.
 pub const CONTENT_TYPE: &str = "image/jpeg";
 
+/// The outputs this build decodes into thumbnails, by content type: what
+/// ComfyUI's own save nodes write (PNG; WebP and GIF for animations, as
+/// `SaveAnimatedWEBP` and video nodes' previews; JPEG from custom nodes).
+/// A job list's `preview` is chosen among these only, so a list never
+/// points at a thumbnail that cannot be made.
+pub const PICTURES: &[&str] = &["image/png", "image/jpeg", "image/webp", "image/gif"];
+
+/// Whether an output of this content type has thumbnails.
+pub fn of_a_picture(content_type: &str) -> bool {
+    PICTURES.contains(&content_type)
+}
+
 /// Largest decoded image a thumbnail is made from (a decompression bomb is
 /// refused, not allocated).
 const MAX_DECODED_BYTES: u64 = 1 << 30;
@@ -114,6 +126,38 @@ mod tests {
             "shot.png",
         );
         assert!(files.contains(&thumb), "{files:?}");
+    }
+
+    #[tokio::test]
+    async fn an_animation_becomes_a_still_of_its_first_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let red = image::RgbaImage::from_pixel(300, 150, image::Rgba([220, 0, 0, 255]));
+        // WebP as SaveAnimatedWEBP writes it (lossless), and a GIF.
+        let mut webp = Vec::new();
+        image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+            .encode(red.as_raw(), 300, 150, image::ExtendedColorType::Rgba8)
+            .unwrap();
+        std::fs::write(dir.path().join("anim.webp"), webp).unwrap();
+        let mut gif = Vec::new();
+        {
+            let mut e = image::codecs::gif::GifEncoder::new(&mut gif);
+            e.encode_frame(image::Frame::new(red.clone())).unwrap();
+            e.encode_frame(image::Frame::new(red)).unwrap();
+        }
+        std::fs::write(dir.path().join("loop.gif"), gif).unwrap();
+        for name in ["anim.webp", "loop.gif"] {
+            let thumb = get(dir.path(), name, 64).await.unwrap();
+            let made = image::load_from_memory(&std::fs::read(&thumb).unwrap()).unwrap();
+            assert_eq!((made.width(), made.height()), (64, 32), "{name}");
+            let px = made.to_rgb8().get_pixel(10, 10).0;
+            assert!(px[0] > 180 && px[1] < 40, "{name}: {px:?}");
+        }
+        for t in ["image/webp", "image/gif", "image/png", "image/jpeg"] {
+            assert!(of_a_picture(t), "{t}");
+        }
+        for t in ["video/mp4", "image/tiff", "audio/flac"] {
+            assert!(!of_a_picture(t), "{t}");
+        }
     }
 
     #[tokio::test]

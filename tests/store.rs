@@ -939,6 +939,49 @@ fn output(name: &str, size: i64) -> OutputRecord {
 }
 
 #[tokio::test]
+async fn a_lists_preview_is_an_output_with_thumbnails_an_animation_too() {
+    let app = spawn_app().await;
+    online_backend(&app, "n1").await;
+    let id = app.submit_blur(json!({})).await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    app.store.mark_running(&id, l.token).await.unwrap();
+    // A video node's file and a TIFF sort first; the animated WebP is the
+    // first output a thumbnail can be made of.
+    let with = |name: &str, content_type: &str| OutputRecord {
+        content_type: content_type.into(),
+        ..output(name, 10)
+    };
+    let outputs = vec![
+        with("a_00001_.mp4", "video/mp4"),
+        with("b_00001_.tiff", "image/tiff"),
+        with("c_00001_.webp", "image/webp"),
+    ];
+    app.store.complete(&id, l.token, outputs).await.unwrap();
+    let (_, list) = app.get("/api/jobs").await;
+    assert_eq!(list["jobs"][0]["preview"], "c_00001_.webp", "{list}");
+    let job = app.job(&id).await;
+    let thumbs: Vec<_> = job["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["name"].as_str().unwrap(),
+                o["thumbnail"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        thumbs,
+        [
+            ("a_00001_.mp4", false),
+            ("b_00001_.tiff", false),
+            ("c_00001_.webp", true)
+        ]
+    );
+}
+
+#[tokio::test]
 async fn every_end_of_a_job_is_stored_whole_with_its_outputs_event_and_webhook() {
     // A job's end goes to SQLite as one text of several statements: each
     // of them must land, with its own values, and a stale lease none.
@@ -964,7 +1007,7 @@ async fn every_end_of_a_job_is_stored_whole_with_its_outputs_event_and_webhook()
             json!({
                 "name": name, "kind": "images", "node_id": "9", "filename": format!("{name}.png"),
                 "subfolder": "shots/é 1", "type": "output", "size": size,
-                "sha256": format!("{size:064x}"), "content_type": "image/png",
+                "sha256": format!("{size:064x}"), "content_type": "image/png", "thumbnail": true,
             })
         })
         .into();

@@ -64,7 +64,7 @@ pub(super) async fn get_output(
     let (path, content_type) = match size {
         None => (dir.join(&output.name), output.content_type.clone()),
         Some(size) => {
-            if !output.content_type.starts_with("image/") {
+            if !crate::thumbs::of_a_picture(&output.content_type) {
                 return Err(not_a_picture(&name, &output.content_type));
             }
             let thumb =

@@ -131,6 +131,9 @@ pub struct Output {
     pub sha256: String,
     /// MIME type it is served with.
     pub content_type: String,
+    /// Whether `?thumb=SIZE` serves a small JPEG of it (PNG, JPEG, WebP and
+    /// GIF pictures, an animation's first frame).
+    pub thumbnail: bool,
     /// When retention deleted its file (`retention.outputs_days`); the record stays.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pruned_at: Option<DateTime<Utc>>,
@@ -147,6 +150,7 @@ impl From<OutputRecord> for Output {
             file_type: o.file_type,
             size: o.size,
             sha256: o.sha256,
+            thumbnail: crate::thumbs::of_a_picture(&o.content_type) && o.pruned_at.is_none(),
             content_type: o.content_type,
             pruned_at: o.pruned_at,
         }

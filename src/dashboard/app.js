@@ -104,7 +104,7 @@ async function renderJob(id) {
   if (!current()) return;
   const outputs = j.outputs.map(o => {
     const url = `/api/job/${esc(j.job_id)}/outputs/${encodeURIComponent(o.name)}`;
-    return o.content_type.startsWith("image/") && !o.pruned_at
+    return o.thumbnail
       ? `<a href="${url}" target="_blank" title="${esc(o.name)}"><img src="${url}?thumb=256" alt="${esc(o.name)}"></a>`
       : `<a href="${url}">${esc(o.name)}</a> `;
   }).join("");

@@ -57,9 +57,15 @@ pub(super) fn job_columns(alias: &str, whole: bool) -> String {
         cols.push(format!("{alias}.manifest, {alias}.graph"));
     } else {
         cols.push("NULL AS manifest, NULL AS graph".into());
-        // A list shows a picture of each finished job: its first image output.
+        // A list shows a picture of each finished job: its first output
+        // that has thumbnails.
+        let pictures = crate::thumbs::PICTURES
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
         cols.push(format!(
-            "(SELECT o.name FROM outputs o WHERE o.job_id = {alias}.id AND o.content_type LIKE 'image/%' \
+            "(SELECT o.name FROM outputs o WHERE o.job_id = {alias}.id AND o.content_type IN ({pictures}) \
              AND o.pruned_at IS NULL ORDER BY o.name LIMIT 1) AS preview"
         ));
     }
