@@ -205,6 +205,67 @@ async fn a_job_runs_on_comfyui_and_its_outputs_are_comfyuis_files_byte_for_byte(
 
 #[tokio::test]
 #[ignore = "needs a real ComfyUI: ORCH_LIVE_COMFYUI=host:port"]
+async fn a_video_and_an_animation_are_collected_and_the_animation_has_a_thumbnail() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (app, comfy) = live_app().await;
+    // Even: H.264 refuses odd sizes (ComfyUI raises av.error.ExternalError).
+    let side = 64 + 2 * (nonce() % 32);
+    let graph = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": side, "height": side, "batch_size": 8, "color": 16711680}},
+        "2": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 8}},
+        "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "live/shot", "format": "mp4", "codec": "h264"}},
+        "4": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "live/anim", "fps": 6, "lossless": true, "quality": 80, "method": "default"}}
+    });
+    let id = submit(&app, json!({"workflow": graph})).await;
+    let job = wait_for(&app, &id, &["completed", "failed"]).await;
+    assert_eq!(job["status"], "completed", "{job:#}");
+    let outputs = job["outputs"].as_array().unwrap();
+    let of = |ext: &str| {
+        outputs
+            .iter()
+            .find(|o| o["name"].as_str().unwrap().ends_with(ext))
+            .unwrap_or_else(|| panic!("no .{ext} output: {job:#}"))
+    };
+    let (video, anim) = (of("mp4"), of("webp"));
+    assert_eq!(video["content_type"], "video/mp4");
+    assert_eq!(video["thumbnail"], false);
+    assert_eq!(anim["content_type"], "image/webp");
+    assert_eq!(anim["thumbnail"], true);
+    for o in [video, anim] {
+        let name = o["name"].as_str().unwrap();
+        let ours = app
+            .client
+            .get(format!("{}/api/job/{id}/outputs/{name}", app.url))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(ours, comfy_view(&app.client, &comfy, o).await, "{name}");
+    }
+    // The list's picture of the job is the animation, and its thumbnail
+    // is a red square.
+    let (_, list) = app.get("/api/jobs?limit=1").await;
+    assert_eq!(list["jobs"][0]["preview"], anim["name"], "{list}");
+    let thumb = app
+        .client
+        .get(format!(
+            "{}/api/job/{id}/outputs/{}?thumb=64",
+            app.url,
+            anim["name"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(thumb.status(), 200);
+    assert_eq!(thumb.headers()["content-type"], "image/jpeg");
+    let jpeg = thumb.bytes().await.unwrap();
+    assert!(jpeg.starts_with(&[0xff, 0xd8, 0xff]), "a JPEG");
+}
+
+#[tokio::test]
+#[ignore = "needs a real ComfyUI: ORCH_LIVE_COMFYUI=host:port"]
 async fn a_picture_is_uploaded_to_comfyui_and_comes_back_inverted() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (app, _) = live_app().await;
