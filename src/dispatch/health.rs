@@ -80,9 +80,20 @@ impl Health {
     /// A job completed on `backend_id`: its run of failures ends.
     pub(super) fn completed(&self, backend_id: &str) {
         let mut records = self.records.lock().expect("health");
-        let r = records.entry(backend_id.to_string()).or_default();
-        r.since = Some(Utc::now());
-        r.proven.clear();
+        // Every completion comes here: no allocation once the box has a record.
+        match records.get_mut(backend_id) {
+            Some(r) => {
+                r.since = Some(Utc::now());
+                r.proven.clear();
+            }
+            None => {
+                let r = Record {
+                    since: Some(Utc::now()),
+                    ..Record::default()
+                };
+                records.insert(backend_id.to_string(), r);
+            }
+        }
     }
 
     /// Job `job_id` completed on `completed_on` after failing on the
