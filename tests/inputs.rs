@@ -203,15 +203,7 @@ async fn an_image_parameter_takes_a_stored_input_and_names_itself_otherwise() {
 async fn first_output(app: &TestApp, job: &Value) -> (u32, u32, Vec<u8>) {
     let id = job["job_id"].as_str().unwrap();
     let name = job["outputs"][0]["name"].as_str().unwrap();
-    let bytes = app
-        .client
-        .get(format!("{}/api/job/{id}/outputs/{name}", app.url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let bytes = app.output_bytes(id, name).await;
     png::decode(&bytes).expect("a PNG")
 }
 

@@ -177,15 +177,7 @@ async fn a_job_runs_on_comfyui_and_its_outputs_are_comfyuis_files_byte_for_byte(
     assert_eq!(outputs.len(), 2, "{job:#}");
     for o in outputs {
         let name = o["name"].as_str().unwrap();
-        let ours = app
-            .client
-            .get(format!("{}/api/job/{id}/outputs/{name}", app.url))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let ours = app.output_bytes(&id, name).await;
         let theirs = comfy_view(&app.client, &comfy, o).await;
         assert_eq!(ours, theirs, "{name} is ComfyUI's file, byte for byte");
         assert_eq!(o["subfolder"], "live");
@@ -233,15 +225,7 @@ async fn a_video_and_an_animation_are_collected_and_the_animation_has_a_thumbnai
     assert_eq!(anim["thumbnail"], true);
     for o in [video, anim] {
         let name = o["name"].as_str().unwrap();
-        let ours = app
-            .client
-            .get(format!("{}/api/job/{id}/outputs/{name}", app.url))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let ours = app.output_bytes(&id, name).await;
         assert_eq!(ours, comfy_view(&app.client, &comfy, o).await, "{name}");
     }
     // The list's picture of the job is the animation, and its thumbnail
@@ -291,15 +275,7 @@ async fn a_picture_is_uploaded_to_comfyui_and_comes_back_inverted() {
     let job = wait_for(&app, &id, &["completed", "failed"]).await;
     assert_eq!(job["status"], "completed", "{job:#}");
     let name = job["outputs"][0]["name"].as_str().unwrap();
-    let bytes = app
-        .client
-        .get(format!("{}/api/job/{id}/outputs/{name}", app.url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let bytes = app.output_bytes(&id, name).await;
     let (w, h, out) = png::decode(&bytes).expect("a PNG");
     assert_eq!((w, h), (24, 16));
     // ComfyUI computes in floats and truncates when it saves: 255 - v can

@@ -145,6 +145,18 @@ impl TestApp {
         body
     }
 
+    /// The bytes of output `name` of job `id`, as a client downloads them.
+    pub async fn output_bytes(&self, id: &str, name: &str) -> bytes::Bytes {
+        let r = self
+            .client
+            .get(format!("{}/api/job/{id}/outputs/{name}", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "output {name} of job {id}");
+        r.bytes().await.unwrap()
+    }
+
     /// Polls a job until `pred` holds or the deadline passes.
     pub async fn wait_job(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
