@@ -307,6 +307,34 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     )
     .await;
 
+    // The queued jobs, filtered on the list, cancelled at once.
+    b.goto(&format!("{}/#/", app.url)).await;
+    let filter = |status: &str| {
+        format!("document.querySelector('#filters select[name=status]').value = '{status}'; document.getElementById('filters').requestSubmit()")
+    };
+    b.wait_for("the filters", "document.getElementById('filters') !== null")
+        .await;
+    b.eval(&filter("queued")).await;
+    b.wait_for(
+        "the button for the queued jobs",
+        "(document.getElementById('bulk') || {}).innerText === 'Cancel this job'",
+    )
+    .await;
+    b.eval("window.confirm = () => true; document.getElementById('bulk').click()")
+        .await;
+    app.wait_status(&waiting, "cancelled").await;
+    b.wait_for(
+        "no queued job left",
+        "document.getElementById('bulk') === null && document.body.innerText.includes('No jobs.')",
+    )
+    .await;
+    b.eval(&filter("")).await;
+    b.wait_for(
+        "every job listed again",
+        &format!("document.getElementById('job-{id}') !== null"),
+    )
+    .await;
+
     // The backend's own page: what it can run, and a refresh after a model
     // was copied to it.
     b.goto(&format!("{}/#/backend/gpu-box-1", app.url)).await;

@@ -74,6 +74,10 @@ async function renderJobs() {
       <td class="progress">${j.status === "running" ? bar(j.job_id, j) : (j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : "")}</td>
       <td>${time(j.submitted_at)}</td>
       <td>${actions(j)}</td></tr>`).join("");
+  // A night's batch is acted on at once: its failures retried, its queue cancelled.
+  const bulk = !page.jobs.length ? null
+    : ["failed", "cancelled"].includes(filters.status) ? {label: "Retry", act: "retry"}
+    : filters.status === "queued" ? {label: "Cancel", act: "cancel"} : null;
   main.innerHTML = `<h2>Jobs</h2>
     <form class="filters" id="filters">
       <select name="status"><option value="">any status</option>${STATUSES.map(s => `<option ${s === filters.status ? "selected" : ""}>${s}</option>`).join("")}</select>
@@ -83,6 +87,7 @@ async function renderJobs() {
       <button>Filter</button>
     </form>
     ${error ? `<div class="error">${esc(error)}</div>` : ""}
+    ${bulk ? `<p><button id="bulk">${bulk.label} ${page.jobs.length === 1 ? "this job" : `these ${page.jobs.length} jobs`}</button>${page.next_cursor ? ' <span class="muted">(the first page: filter more for the rest)</span>' : ""}</p>` : ""}
     <table><thead><tr><th></th><th>Job</th><th>Status</th><th>Workflow</th><th>Backend</th><th>Progress / error</th><th>Submitted</th><th></th></tr></thead>
     <tbody>${rows || `<tr><td colspan="8" class="muted">No jobs.</td></tr>`}</tbody></table>`;
   document.getElementById("filters").onsubmit = ev => {
@@ -92,6 +97,20 @@ async function renderJobs() {
     renderJobs();
   };
   wireButtons(renderJobs);
+  if (bulk) document.getElementById("bulk").onclick = () => each(page.jobs, bulk, renderJobs);
+}
+
+// Retries or cancels each job of a page, one after the other; those that
+// cannot be (one that ended meanwhile) are named at the end.
+async function each(jobs, bulk, after) {
+  if (!confirm(`${bulk.label} ${jobs.length} job${jobs.length === 1 ? "" : "s"}?`)) return;
+  const failed = [];
+  for (const j of jobs) {
+    try { await api(`/api/job/${encodeURIComponent(j.job_id)}/${bulk.act}`, {method: "POST", body: "{}"}); }
+    catch (e) { failed.push(`${j.job_id.slice(0, 8)}: ${e.message}`); }
+  }
+  if (failed.length) alert(`${failed.length} of ${jobs.length} could not be done:\n${failed.join("\n")}`);
+  after();
 }
 
 async function renderJob(id) {
