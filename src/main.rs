@@ -80,7 +80,7 @@ enum Command {
     /// Live progress bars until the jobs end (default: all queued or running);
     /// without a terminal, a line per change. Fails if a job does not complete.
     Watch {
-        /// Job ids.
+        /// Job ids; `-` reads them from standard input (`jobs --ids`).
         ids: Vec<String>,
         #[command(flatten)]
         remote: RemoteArgs,
@@ -439,7 +439,17 @@ fn main() -> ExitCode {
                 };
                 orchestrator::cli::jobs(&remote.remote(), args).await
             }
-            Command::Watch { ids, remote } => orchestrator::cli::watch(&remote.remote(), ids).await,
+            Command::Watch { ids, remote } => {
+                let piped = ids.len() == 1 && ids[0] == "-";
+                let ids = orchestrator::cli::job_ids(ids)?;
+                if piped && ids.is_empty() {
+                    // An empty batch, not "everything queued or running".
+                    println!("nothing to watch");
+                    Ok(())
+                } else {
+                    orchestrator::cli::watch(&remote.remote(), ids).await
+                }
+            }
             Command::Cancel { ids, remote } => {
                 let ids = orchestrator::cli::job_ids(ids)?;
                 orchestrator::cli::job_action(&remote.remote(), &ids, "cancel").await

@@ -222,6 +222,16 @@ async fn a_batch_is_moved_cancelled_and_retried_by_its_ids() {
     // Nothing to act on is not an error for a pipe.
     let (ok, out, err) = cli_fed(&app.url, &["retry", "-"], "").await;
     assert!(ok && out.is_empty(), "{out} {err}");
+    let (ok, out, err) = cli_fed(&app.url, &["watch", "-"], "").await;
+    assert!(ok && out.trim() == "nothing to watch", "{out} {err}");
+
+    // The retried jobs watched to their end from a pipe, once the box is back.
+    app.post_json("/api/backends/cli1/enable", &json!({})).await;
+    let (ok, out, err) = cli_fed(&app.url, &["watch", "-"], &cancelled).await;
+    assert!(ok, "{out} {err}");
+    for id in &night[..2] {
+        assert!(out.contains(&format!("{}  completed", &id[..8])), "{out}");
+    }
 }
 
 /// `watch` in a log or a script (no terminal: no bars): a line for each
