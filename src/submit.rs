@@ -194,15 +194,17 @@ fn refusal_error(
         }
     };
     let message = format!("{what} (checked: {checked})");
-    match field {
-        Some(f) => SubmitError::invalid(&f, message),
-        None => {
-            let id = parsed.job.workflow_id.as_deref().unwrap_or("");
-            SubmitError::invalid(
-                "workflow_id",
-                format!("workflow `{id}` cannot run on this farm: {message}"),
-            )
-        }
+    match (field, parsed.job.workflow_id.as_deref()) {
+        (Some(f), _) => SubmitError::invalid(&f, message),
+        (None, Some(id)) => SubmitError::invalid(
+            "workflow_id",
+            format!("workflow `{id}` cannot run on this farm: {message}"),
+        ),
+        // An inline graph refused as a whole (no output node, say).
+        (None, None) => SubmitError::invalid(
+            "workflow",
+            format!("the workflow cannot run on this farm: {message}"),
+        ),
     }
 }
 

@@ -72,6 +72,17 @@ async fn each_kind_of_graph_error_is_a_422_naming_its_field() {
         &["ImageBlurr", "node 2"],
     )
     .await;
+    // No output node: the graph as a whole (it said `workflow_id` and
+    // "workflow ``" for an inline graph, seen on the real ComfyUI).
+    refused(
+        &app,
+        with(&|g| {
+            g.as_object_mut().unwrap().remove("3");
+        }),
+        "workflow",
+        &["the workflow cannot run on this farm: Prompt has no outputs"],
+    )
+    .await;
     refused(
         &app,
         with(&|g| {
