@@ -683,6 +683,16 @@ async fn a_quarantine_ends_by_itself_and_the_box_takes_work_again() {
         leased >= until,
         "leased {leased}, quarantined until {until}"
     );
+    let over = backend_events(&app, "backend_quarantine_over").await;
+    assert_eq!(over.len(), 1, "its end is said once: {over:?}");
+    assert!(
+        over[0]
+            .message
+            .as_deref()
+            .unwrap()
+            .starts_with("backend sick takes jobs again: its quarantine ended"),
+        "{over:?}"
+    );
 }
 
 #[tokio::test]

@@ -243,7 +243,7 @@ pub struct Event {
     /// `cancel_requested`, `cancelled`, `cancel_too_late`, `retried`,
     /// `priority_changed`, `backend_socket_deaf`. Backend events: `backend_online`,
     /// `backend_offline`, `backend_incompatible`, `backend_quarantined`,
-    /// `backend_quarantine_lifted`.
+    /// `backend_quarantine_over`, `backend_quarantine_lifted`.
     pub kind: String,
     /// Job status after the event.
     pub status: Option<JobStatus>,

@@ -258,7 +258,7 @@ function connect() {
     }, farm ? 1000 : 250);
   };
   ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
-   "requeued", "cancel_requested", "cancelled", "retried", "priority_changed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
+   "requeued", "cancel_requested", "cancelled", "retried", "priority_changed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_over", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
 }
 
 // A move to another page draws it now; a refresh asked for by the page left

@@ -35,6 +35,22 @@ impl Worker {
             self.shared.idle.busy(&self.id);
             return;
         }
+        if let Some(q) = self.shared.health.ended(&self.id) {
+            tracing::info!(backend_id = %self.id, "quarantine over; the backend takes jobs again");
+            let message = format!(
+                "backend {} takes jobs again: its quarantine ended ({})",
+                self.id, q.reason
+            );
+            let data = serde_json::json!({"until": q.until});
+            if let Err(e) = self
+                .shared
+                .store
+                .backend_event(&self.id, "backend_quarantine_over", &message, data)
+                .await
+            {
+                tracing::warn!(backend_id = %self.id, error = %e, "cannot record the end of the quarantine");
+            }
+        }
         if self.shared.health.quarantined(&self.id).is_some() {
             // As a closed backend: rung at the quarantine's end, or when
             // an operator lifts it.

@@ -145,6 +145,17 @@ impl Health {
         records.get(backend_id).and_then(|r| active(r, Utc::now()))
     }
 
+    /// The backend's quarantine if it has just ended, once: its end is
+    /// then said (an event), as its start was.
+    pub(super) fn ended(&self, backend_id: &str) -> Option<Quarantine> {
+        let mut records = self.records.lock().expect("health");
+        let r = records.get_mut(backend_id)?;
+        if r.quarantine.as_ref()?.until > Utc::now() {
+            return None;
+        }
+        r.quarantine.take()
+    }
+
     /// Every backend in quarantine now.
     pub(super) fn all(&self) -> HashMap<String, Quarantine> {
         let now = Utc::now();
@@ -264,5 +275,10 @@ mod tests {
         let h = Health::new(1, Duration::milliseconds(-1));
         assert_eq!(h.proven("a", "good", &[failed("sick", 1)]).len(), 1);
         assert_eq!(h.quarantined("sick"), None, "its span is over");
+        assert!(h.ended("sick").is_some(), "said once");
+        assert!(h.ended("sick").is_none());
+        let lasting = Health::new(1, Duration::minutes(15));
+        lasting.proven("a", "good", &[failed("sick", 1)]);
+        assert!(lasting.ended("sick").is_none(), "not over yet");
     }
 }
