@@ -213,14 +213,9 @@ impl Ctx {
                 q.reason
             );
             let data = json!({"until": q.until, "reason": q.reason});
-            if let Err(e) = self
-                .shared
-                .store
-                .backend_event(&sick, "backend_quarantined", &message, data)
-                .await
-            {
-                tracing::warn!(backend_id = %sick, error = %e, "cannot record the quarantine");
-            }
+            self.shared
+                .quarantine_event(&sick, "backend_quarantined", &message, data)
+                .await;
             // A moment after its end, so that the worker finds it over.
             self.shared
                 .wake_at(q.until + chrono::Duration::milliseconds(100), Some(&sick));

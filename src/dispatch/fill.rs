@@ -42,14 +42,9 @@ impl Worker {
                 self.id, q.reason
             );
             let data = serde_json::json!({"until": q.until});
-            if let Err(e) = self
-                .shared
-                .store
-                .backend_event(&self.id, "backend_quarantine_over", &message, data)
-                .await
-            {
-                tracing::warn!(backend_id = %self.id, error = %e, "cannot record the end of the quarantine");
-            }
+            self.shared
+                .quarantine_event(&self.id, "backend_quarantine_over", &message, data)
+                .await;
         }
         if self.shared.health.quarantined(&self.id).is_some() {
             // As a closed backend: rung at the quarantine's end, or when

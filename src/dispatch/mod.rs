@@ -210,6 +210,19 @@ impl Shared {
         self.wake.send_modify(|n| *n += 1);
     }
 
+    /// Appends a backend's quarantine event (its start, end or lift) to the
+    /// log; one that cannot be written is logged, and the quarantine, kept
+    /// in memory, holds all the same.
+    async fn quarantine_event(&self, backend_id: &str, kind: &str, message: &str, data: Value) {
+        if let Err(e) = self
+            .store
+            .backend_event(backend_id, kind, message, data)
+            .await
+        {
+            tracing::warn!(backend_id, kind, error = %e, "cannot record the quarantine's event");
+        }
+    }
+
     /// Wakes every worker at `at` (a retry's back-off ends then), or only
     /// the worker of backend `who`.
     fn wake_at(&self, at: chrono::DateTime<chrono::Utc>, who: Option<&str>) {
@@ -508,19 +521,10 @@ impl Farm {
             tracing::info!(backend_id, "quarantine lifted by an operator");
             let message =
                 format!("backend {backend_id} may take jobs again: an operator enabled it");
-            if let Err(e) = self
-                .shared
-                .store
-                .backend_event(
-                    backend_id,
-                    "backend_quarantine_lifted",
-                    &message,
-                    serde_json::json!({"by": "operator"}),
-                )
-                .await
-            {
-                tracing::warn!(backend_id, error = %e, "cannot record the end of the quarantine");
-            }
+            let data = serde_json::json!({"by": "operator"});
+            self.shared
+                .quarantine_event(backend_id, "backend_quarantine_lifted", &message, data)
+                .await;
         }
         self.backend_changed(backend_id);
     }
