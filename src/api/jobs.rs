@@ -73,6 +73,15 @@ async fn limited_body(req: axum::extract::Request, limit: usize) -> Result<Bytes
         })
 }
 
+/// A JSON request's body, at most `limits.max_body_bytes`, parsed.
+async fn json_request(state: &AppState, req: axum::extract::Request) -> Result<Value, ApiError> {
+    let headers = req.headers().clone();
+    json_body(
+        &headers,
+        limited_body(req, state.config.limits.max_body_bytes).await,
+    )
+}
+
 /// Requires a JSON body, then parses it into a value.
 pub(super) fn json_body(
     headers: &HeaderMap,
@@ -138,11 +147,7 @@ pub(super) async fn submit_job(
     if super::inputs::is_multipart(req.headers()) {
         return super::inputs::submit_multipart(&state, req).await;
     }
-    let headers = req.headers().clone();
-    let value = json_body(
-        &headers,
-        limited_body(req, state.config.limits.max_body_bytes).await,
-    )?;
+    let value = json_request(&state, req).await?;
     let submitted = state.submitter.submit(value).await?;
     let code = if submitted.created {
         StatusCode::CREATED
@@ -368,11 +373,7 @@ pub(super) async fn set_priority(
     Path(id): Path<String>,
     req: axum::extract::Request,
 ) -> Result<Json<JobDetail>, ApiError> {
-    let headers = req.headers().clone();
-    let value = json_body(
-        &headers,
-        limited_body(req, state.config.limits.max_body_bytes).await,
-    )?;
+    let value = json_request(&state, req).await?;
     let range = crate::manifest::PRIORITIES;
     let priority = match value.get("priority") {
         None | Some(Value::Null) => {
