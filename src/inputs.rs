@@ -32,6 +32,42 @@ pub fn looks_like_id(value: &str) -> bool {
     value.starts_with(ID_PREFIX)
 }
 
+/// The prefix of a reference to another job's output (`job:<id>` for its
+/// first picture, `job:<id>/<output name>` for one by name): a second pass
+/// of a shot (an upscale, an img2img) submitted with its first.
+pub const JOB_PREFIX: &str = "job:";
+
+/// Whether a value is meant as a reference to another job's output.
+pub fn looks_like_job_ref(value: &str) -> bool {
+    value.starts_with(JOB_PREFIX)
+}
+
+/// A well-formed reference to another job's output: the job's id and the
+/// output's name, if one is given. The id is a UUID and the name a plain
+/// file name, so neither can point anywhere but at a stored output.
+pub fn job_ref(value: &str) -> Option<(String, Option<String>)> {
+    let rest = value.strip_prefix(JOB_PREFIX)?;
+    let (id, name) = match rest.split_once('/') {
+        Some((id, name)) => (id, Some(name)),
+        None => (rest, None),
+    };
+    let id = uuid::Uuid::parse_str(id).ok()?.hyphenated().to_string();
+    match name {
+        None => Some((id, None)),
+        Some(n) if plain_file_name(n) => Some((id, Some(n.to_string()))),
+        Some(_) => None,
+    }
+}
+
+/// A name with no folder in it and nothing a path could be tricked with.
+fn plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control)
+}
+
 /// The types ComfyUI's loaders take, by their first bytes: the MIME type.
 pub fn sniff(head: &[u8]) -> Option<&'static str> {
     let at = |i: usize, m: &[u8]| head.get(i..i + m.len()) == Some(m);

@@ -266,8 +266,11 @@ impl NodeRules for Rules {
     }
 
     fn provided(&self, value: &Value) -> bool {
-        // An uploaded file, by its input id: it is put there before the job runs.
-        value.as_str().is_some_and(crate::inputs::looks_like_id)
+        // An uploaded file, by its input id, or another job's output: it is
+        // put there before the job runs.
+        value.as_str().is_some_and(|s| {
+            crate::inputs::looks_like_id(s) || crate::inputs::looks_like_job_ref(s)
+        })
     }
 }
 

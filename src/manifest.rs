@@ -77,6 +77,9 @@ pub struct Parsed {
     pub warnings: Vec<String>,
     /// The input files the graph names, each with the field that named it.
     pub inputs: Vec<(String, String)>,
+    /// The jobs whose outputs it starts from, each with the field that
+    /// named it (`job:<id>` values).
+    pub parents: Vec<(String, String)>,
     /// The template it was bound from, so later checks name the parameter
     /// (`parameters.NAME`) a graph input came from (looked up only then).
     pub template: Option<std::sync::Arc<crate::workflows::Template>>,
@@ -176,6 +179,7 @@ pub fn parse(
     let mut template_timeout = None;
     let mut bound_from = None;
     let inputs;
+    let parents: Vec<(String, String)>;
     let (workflow_id, graph, bound) = match (workflow_id, inline) {
         (Some(_), Some(_)) => {
             return Err(err(
@@ -209,7 +213,7 @@ pub fn parse(
                     .map(|p| format!("parameters.{}", p.name))
             })?;
             template_timeout = template.timeout_s;
-            inputs = input_refs(&graph, |node, input| {
+            (inputs, parents) = input_refs(&graph, |node, input| {
                 template
                     .param_for(node, input)
                     .map(|p| format!("parameters.{}", p.name))
@@ -220,7 +224,7 @@ pub fn parse(
         (None, Some(graph)) => {
             validate_graph(&graph)?;
             check_file_names(&graph, |_, _| None)?;
-            inputs = input_refs(&graph, |_, _| None)?;
+            (inputs, parents) = input_refs(&graph, |_, _| None)?;
             if !parameters.is_empty() {
                 return Err(err(
                     "parameters",
@@ -293,39 +297,63 @@ pub fn parse(
                 ids.dedup();
                 ids
             },
+            parents: {
+                let mut ids: Vec<String> = parents.iter().map(|(_, id)| id.clone()).collect();
+                ids.sort();
+                ids.dedup();
+                ids
+            },
         },
         warnings,
         inputs,
+        parents,
         template: bound_from,
     })
 }
 
+/// A value a graph names, with the field it came from: `(field, value)`.
+type FieldRef = (String, String);
+
 /// The input files a graph names: every input value that is an input id
-/// (`sha256:<hex>`), with the field it came from (`field_of` names the
-/// template parameter, when one did). A value that starts like an id but is
-/// not one is a mistake worth a `422`.
+/// (`sha256:<hex>`), and the jobs whose outputs it starts from (`job:<id>`,
+/// `job:<id>/<output name>`; the job's id), each with the field it came from
+/// (`field_of` names the template parameter, when one did). A value that
+/// starts like either but is not one is a mistake worth a `422`.
 fn input_refs(
     graph: &Value,
     field_of: impl Fn(&str, &str) -> Option<String>,
-) -> Result<Vec<(String, String)>, BindError> {
-    let mut refs = Vec::new();
+) -> Result<(Vec<FieldRef>, Vec<FieldRef>), BindError> {
+    let (mut files, mut jobs) = (Vec::new(), Vec::new());
     for (node, body) in graph.as_object().into_iter().flatten() {
         for (input, v) in body["inputs"].as_object().into_iter().flatten() {
-            let Some(s) = v.as_str().filter(|s| crate::inputs::looks_like_id(s)) else {
+            let Some(s) = v.as_str() else {
                 continue;
             };
-            let field =
-                field_of(node, input).unwrap_or_else(|| format!("workflow.{node}.inputs.{input}"));
-            if crate::inputs::hex_of(s).is_none() {
-                return Err(err(
-                    &field,
-                    format!("`{s}` is not an input id (sha256: and 64 lowercase hex digits)"),
-                ));
+            let field = || {
+                field_of(node, input).unwrap_or_else(|| format!("workflow.{node}.inputs.{input}"))
+            };
+            if crate::inputs::looks_like_id(s) {
+                if crate::inputs::hex_of(s).is_none() {
+                    return Err(err(
+                        &field(),
+                        format!("`{s}` is not an input id (sha256: and 64 lowercase hex digits)"),
+                    ));
+                }
+                files.push((field(), s.to_string()));
+            } else if crate::inputs::looks_like_job_ref(s) {
+                let Some((job, _)) = crate::inputs::job_ref(s) else {
+                    return Err(err(
+                        &field(),
+                        format!(
+                            "`{s}` is not a job's output (job:<job id>, or job:<job id>/<output name>)"
+                        ),
+                    ));
+                };
+                jobs.push((field(), job));
             }
-            refs.push((field, s.to_string()));
         }
     }
-    Ok(refs)
+    Ok((files, jobs))
 }
 
 /// Inputs whose value ComfyUI turns into a path under its output folder.

@@ -252,6 +252,7 @@ impl Submitter {
         self.check_requires(&parsed.job.requires).await?;
         // Held until the job is stored or refused.
         let _inputs = self.check_inputs(&parsed).await?;
+        self.check_parents(&parsed).await?;
         self.check_runs_somewhere(&parsed).await?;
         let workflow_id = parsed.job.workflow_id.clone();
         let requires = parsed.job.requires.clone();
@@ -327,6 +328,23 @@ impl Submitter {
                 ),
             )),
         }
+    }
+
+    /// Every job it starts from must be stored and able still to complete:
+    /// a job waiting on one that failed would only fail in its turn.
+    async fn check_parents(&self, parsed: &manifest::Parsed) -> Result<(), SubmitError> {
+        let statuses = self.store.job_statuses(&parsed.job.parents).await?;
+        for (field, id) in &parsed.parents {
+            let problem = match statuses.get(id) {
+                None => format!("job {id} is not known here (start from a job submitted to this orchestrator)"),
+                Some(s @ (JobStatus::Failed | JobStatus::Cancelled)) => format!(
+                    "job {id} is {s}; retry it first (POST /api/job/{id}/retry), then submit this one"
+                ),
+                Some(_) => continue,
+            };
+            return Err(SubmitError::invalid(field, problem));
+        }
+        Ok(())
     }
 
     /// With a farm configured, a job that needs tags no backend has could

@@ -568,3 +568,195 @@ async fn an_urgent_job_whose_picture_uploads_slowly_is_not_overtaken_on_its_back
         "the urgent job ran after the routine one: {urgent} {routine}"
     );
 }
+
+/// Submits an invert of `image` (an input id or a `job:` reference): its
+/// answer's status.
+async fn submit_invert(app: &TestApp, image: &str) -> (String, String) {
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": image}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    (
+        body["job_id"].as_str().unwrap().to_string(),
+        body["status"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_job_starts_from_another_jobs_output_once_that_one_completes() {
+    // Slow enough that the second and third are submitted while the first runs.
+    let sim = start_sim(600).await;
+    let app = spawn_farm(vec![backend("a", sim.port, &[], 2)]).await;
+    app.wait_backend("a", "online").await;
+    let (bytes, rgb) = frame();
+    let (_, input) = upload(&app, bytes, "image/png").await;
+    let (first, status) = submit_invert(&app, input["input_id"].as_str().unwrap()).await;
+    assert_eq!(status, "queued");
+    // The second pass of the shot, and a third from the second, named by output.
+    let (second, status) = submit_invert(&app, &format!("job:{first}")).await;
+    assert_eq!(status, "waiting", "its parent has not completed");
+    let waiting = app.job(&second).await;
+    let why = waiting["waiting_for"].as_str().unwrap();
+    assert!(why.contains(&first), "names the job it waits for: {why}");
+    // The backend has a free slot, and takes nothing of the chain's next.
+    assert!(app.job(&first).await["status"] != "completed");
+    assert_eq!(app.job(&second).await["backend_id"], Value::Null);
+    app.wait_status(&first, "completed").await;
+    // Named by an output it will not have: it waits, then fails saying which there are.
+    let (wrong, _) = submit_invert(&app, &format!("job:{second}/missing.png")).await;
+
+    let job = app.wait_status(&second, "completed").await;
+    let (w, h, out) = first_output(&app, &job).await;
+    assert_eq!((w, h), (16, 8));
+    assert_eq!(
+        out, rgb,
+        "inverted twice: the picture the first started from"
+    );
+    let kinds = app.event_kinds(&second).await;
+    assert_eq!(kinds[..2], ["submitted", "parents_completed"], "{kinds:?}");
+    let events = app.events(&second).await;
+    assert_eq!(events[0]["status"], "waiting");
+
+    let second_out = job["outputs"][0]["name"].as_str().unwrap();
+    let failed = app.wait_status(&wrong, "failed").await;
+    let msg = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no output named `missing.png`") && msg.contains(second_out),
+        "{msg}"
+    );
+    // By name, from a completed job: queued at once, and run from that file.
+    let (third, status) = submit_invert(&app, &format!("job:{second}/{second_out}")).await;
+    assert_eq!(status, "queued");
+    let job = app.wait_status(&third, "completed").await;
+    let (_, _, out) = first_output(&app, &job).await;
+    let inverted: Vec<u8> = rgb.iter().map(|v| 255 - v).collect();
+    assert_eq!(out, inverted);
+}
+
+#[tokio::test]
+async fn a_job_whose_parent_ends_without_completing_fails_and_so_do_its_own() {
+    // No backends: nothing runs, the chain's fate is the first job's.
+    let app = spawn_app().await;
+    let (bytes, _) = frame();
+    let (_, input) = upload(&app, bytes, "image/png").await;
+    let (first, _) = submit_invert(&app, input["input_id"].as_str().unwrap()).await;
+    let (second, s2) = submit_invert(&app, &format!("job:{first}")).await;
+    // The third says when it ends (to a port where nobody listens: the
+    // delivery is on record, its tries are not this test's concern).
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{second}")},
+                    "callback_url": "http://127.0.0.1:9/hook"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (third, s3) = (
+        body["job_id"].as_str().unwrap().to_string(),
+        body["status"].to_string(),
+    );
+    assert_eq!((s2.as_str(), s3.as_str()), ("waiting", "\"waiting\""));
+    let j = app.job(&second).await;
+    assert_eq!(j["starts_from"], json!([first]));
+    assert_eq!(j["followed_by"], json!([third]));
+    let (_, waiting) = app.get("/api/jobs?status=waiting").await;
+    assert_eq!(waiting["jobs"].as_array().unwrap().len(), 2, "{waiting}");
+
+    let (status, _) = app
+        .post_json(&format!("/api/job/{first}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    for (job, parent) in [(&second, &first), (&third, &second)] {
+        let j = app.wait_status(job, "failed").await;
+        assert_eq!(j["error"]["code"], "parent_failed", "{j}");
+        let msg = j["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(parent.as_str()), "names its parent: {msg}");
+        assert!(j["finished_at"].is_string());
+        let kinds = app.event_kinds(job).await;
+        assert_eq!(kinds, ["submitted", "failed"]);
+    }
+    assert!(app.job(&second).await["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("was cancelled"));
+    let hooks = &app.job(&third).await["webhooks"];
+    assert_eq!(hooks.as_array().unwrap().len(), 1, "{hooks}");
+    assert_eq!(hooks[0]["status"], "failed");
+
+    // A new job cannot start from one that ended so.
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{first}")}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "parameters.image");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("retry it first"));
+
+    // Retried before its parent, the second waits for it again and says why.
+    let (status, _) = app
+        .post_json(&format!("/api/job/{second}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let j = app.job(&second).await;
+    assert_eq!(j["status"], "waiting");
+    let why = j["waiting_for"].as_str().unwrap();
+    assert!(why.contains("cancelled: retry it"), "{why}");
+    // The parent retried: queued (no backend), the child still waits.
+    let (status, _) = app
+        .post_json(&format!("/api/job/{first}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(app.job(&first).await["status"], "queued");
+    assert_eq!(app.job(&second).await["status"], "waiting");
+    // A waiting job is cancelled at once, and its own waiting child would fail.
+    let (status, _) = app
+        .post_json(&format!("/api/job/{second}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(app.job(&second).await["status"], "cancelled");
+    let (_, counts) = app.get("/api/health").await;
+    assert_eq!(counts["jobs"]["waiting"], 0, "{counts}");
+}
+
+#[tokio::test]
+async fn a_reference_to_a_job_that_is_not_one_is_refused_naming_the_field() {
+    let app = spawn_app().await;
+    let unknown = "0191e7c8-4a7b-7c3e-9a52-2f0d6e1b9c11";
+    for (image, says) in [
+        (format!("job:{unknown}"), "is not known here"),
+        ("job:not-a-uuid".to_string(), "job's output"),
+        (format!("job:{unknown}/../../etc/passwd"), "job's output"),
+        (format!("job:{unknown}/"), "job's output"),
+    ] {
+        let (status, body) = app
+            .post_json(
+                "/api/job",
+                &json!({"workflow_id": "image_invert", "parameters": {"image": image}}),
+            )
+            .await;
+        assert_eq!(status, 422, "{image}: {body}");
+        assert_eq!(body["error"]["field"], "parameters.image", "{image}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(says), "{image}: {msg}");
+    }
+    // In an inline graph, the field is the node's input.
+    let graph = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "job:nope"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+    });
+    let (status, body) = app.post_json("/api/job", &json!({"workflow": graph})).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "workflow.1.inputs.image");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("is not a job's output"), "{msg}");
+    let (_, jobs) = app.get("/api/jobs").await;
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 0, "nothing stored");
+}

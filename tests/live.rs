@@ -272,6 +272,13 @@ async fn a_picture_is_uploaded_to_comfyui_and_comes_back_inverted() {
         json!({"workflow_id": "image_invert", "parameters": {"image": input["input_id"]}}),
     )
     .await;
+    // Its second pass, submitted before the first ran: it starts from the
+    // first's output, so ComfyUI gets that file uploaded in its turn.
+    let second = submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{id}")}}),
+    )
+    .await;
     let job = wait_for(&app, &id, &["completed", "failed"]).await;
     assert_eq!(job["status"], "completed", "{job:#}");
     let name = job["outputs"][0]["name"].as_str().unwrap();
@@ -285,6 +292,18 @@ async fn a_picture_is_uploaded_to_comfyui_and_comes_back_inverted() {
         assert!(
             *o == want || *o + 1 == want,
             "byte {i}: {o}, the inverse of {v} is {want}"
+        );
+    }
+    let job = wait_for(&app, &second, &["completed", "failed"]).await;
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert_eq!(job["starts_from"], json!([id]));
+    let name = job["outputs"][0]["name"].as_str().unwrap();
+    let (w, h, twice) = png::decode(&app.output_bytes(&second, name).await).expect("a PNG");
+    assert_eq!((w, h), (24, 16));
+    for (i, (t, v)) in twice.iter().zip(&rgb).enumerate() {
+        assert!(
+            t.abs_diff(*v) <= 1,
+            "byte {i}: {t}, inverted twice from {v}"
         );
     }
 }

@@ -169,11 +169,12 @@ async fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_one() {
         "running already"
     );
     let done = app.store.complete(&id, new.token, vec![]).await.unwrap();
-    assert_eq!(done.workflow_id.as_deref(), Some("image_blur"));
+    assert_eq!(done.times.workflow_id.as_deref(), Some("image_blur"));
     let job = app.job(&id).await;
     assert_eq!(job["status"], "completed");
     assert_eq!(
-        done.started_at
+        done.times
+            .started_at
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         job["started_at"].as_str().map(str::to_string),
         "the stored start"

@@ -160,7 +160,9 @@ pub(super) async fn submit_job(
 impl From<Submitted> for SubmitResponse {
     fn from(s: Submitted) -> SubmitResponse {
         SubmitResponse {
-            message: if s.created {
+            message: if s.created && s.status == JobStatus::Waiting {
+                "Job stored; it waits for the jobs it starts from to complete".to_string()
+            } else if s.created {
                 "Job stored and queued".to_string()
             } else {
                 "A job with this idempotency key and manifest exists; this is it".to_string()
@@ -189,6 +191,11 @@ pub struct JobDetail {
     /// keeps each backend from taking it now).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+    /// The jobs whose outputs it starts from (its `job:<id>` inputs): it
+    /// is `waiting` until they complete, and fails if one of them does.
+    pub starts_from: Vec<String>,
+    /// The jobs that start from its outputs, oldest first.
+    pub followed_by: Vec<String>,
 }
 
 /// One job: manifest, bound graph, status, attempts, backend, outputs; all
@@ -220,6 +227,8 @@ async fn detail(state: &AppState, id: &str) -> Result<JobDetail, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
     Ok(JobDetail {
         waiting_for: d.waiting_for,
+        starts_from: d.starts_from,
+        followed_by: d.followed_by,
         job: with_progress(state, d.job.into()),
         outputs: d.outputs.into_iter().map(Output::from).collect(),
         leases: d.leases.into_iter().map(Lease::from).collect(),

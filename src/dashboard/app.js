@@ -4,7 +4,7 @@
 "use strict";
 
 const main = document.getElementById("main");
-const STATUSES = ["queued", "assigned", "running", "completed", "failed", "cancelled"];
+const STATUSES = ["waiting", "queued", "assigned", "running", "completed", "failed", "cancelled"];
 const progress = {}; // job id -> {value, max, node}
 let refreshTimer = null;
 // Each drawing of a page takes a turn. A drawing whose answers arrive after a
@@ -41,7 +41,7 @@ function bar(id, job) {
 
 function actions(j, after) {
   const b = [];
-  if (["queued", "assigned", "running"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/cancel">Cancel</button>`);
+  if (["waiting", "queued", "assigned", "running"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/cancel">Cancel</button>`);
   if (["failed", "cancelled"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/retry">Retry</button>`);
   return b.join(" ");
 }
@@ -77,7 +77,7 @@ async function renderJobs() {
   // A night's batch is acted on at once: its failures retried, its queue cancelled.
   const bulk = !page.jobs.length ? null
     : ["failed", "cancelled"].includes(filters.status) ? {label: "Retry", act: "retry"}
-    : filters.status === "queued" ? {label: "Cancel", act: "cancel"} : null;
+    : ["waiting", "queued"].includes(filters.status) ? {label: "Cancel", act: "cancel"} : null;
   main.innerHTML = `<h2>Jobs</h2>
     <form class="filters" id="filters">
       <select name="status"><option value="">any status</option>${STATUSES.map(s => `<option ${s === filters.status ? "selected" : ""}>${s}</option>`).join("")}</select>
@@ -139,6 +139,8 @@ async function renderJob(id) {
       <span class="muted">Attempts</span><span>${j.attempts} of ${j.max_attempts}</span>
       <span class="muted">Priority</span><span>${j.priority}${ended ? "" : ` <button id="set-priority" title="higher runs first; a queued job moves in the queue at once">Change</button>`}</span>
       ${j.waiting_for ? `<span class="muted">Waiting for</span><span>${esc(j.waiting_for)}</span>` : ""}
+      ${j.starts_from.length ? `<span class="muted">Starts from</span><span>${jobLinks(j.starts_from)}</span>` : ""}
+      ${j.followed_by.length ? `<span class="muted">Followed by</span><span>${jobLinks(j.followed_by)}</span>` : ""}
       <span class="muted">Submitted</span><span>${time(j.submitted_at)}</span>
       <span class="muted">Finished</span><span>${time(j.finished_at)}</span>
       <span class="muted">Progress</span><span id="job-progress">${j.status === "running" ? bar(j.job_id, j) : "–"}</span>
@@ -152,6 +154,11 @@ async function renderJob(id) {
   wireButtons(() => renderJob(id));
   const change = document.getElementById("set-priority");
   if (change) change.onclick = () => setPriority(j, () => renderJob(id));
+}
+
+// Links to jobs by their short ids (a chain of passes over one shot).
+function jobLinks(ids) {
+  return ids.map(id => `<a class="mono" href="#/job/${esc(id)}" title="${esc(id)}">${esc(id.slice(0, 8))}</a>`).join(", ");
 }
 
 // Asks for a job's new priority; what is not a whole number goes to the
@@ -258,7 +265,7 @@ function connect() {
     }, farm ? 1000 : 250);
   };
   ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
-   "requeued", "cancel_requested", "cancelled", "retried", "priority_changed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_over", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
+   "requeued", "parents_completed", "cancel_requested", "cancelled", "retried", "priority_changed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_over", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
 }
 
 // A move to another page draws it now; a refresh asked for by the page left

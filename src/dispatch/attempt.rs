@@ -230,9 +230,10 @@ impl Ctx {
         crate::metrics::failed(workflow.as_deref(), &self.backend_id, is_final);
     }
 
-    /// Uploads each input file the graph names (once per backend and
-    /// connection: a backend that restarted gets them again; uploading twice
-    /// is harmless) and puts the names ComfyUI answered in their place.
+    /// Uploads each input file the graph names, and each output of another
+    /// job it starts from (once per backend and connection: a backend that
+    /// restarted gets them again; uploading twice is harmless), and puts the
+    /// names ComfyUI answered in their place.
     async fn with_inputs(&self, mut graph: Value) -> Result<Value, DispatchError> {
         let Some(nodes) = graph.as_object_mut() else {
             return Ok(graph);
@@ -242,19 +243,23 @@ impl Ctx {
                 continue;
             };
             for v in inputs.values_mut() {
-                let Some(id) = v.as_str().filter(|s| crate::inputs::hex_of(s).is_some()) else {
+                let Some(file) = self.file_of(v).await? else {
                     continue;
                 };
-                let id = id.to_string();
-                let known = self.uploaded.lock().expect("uploads").get(&id).cloned();
+                let known = self
+                    .uploaded
+                    .lock()
+                    .expect("uploads")
+                    .get(&file.hex)
+                    .cloned();
                 let value = match known {
                     Some(value) => value,
                     None => {
-                        let value = self.upload(&id).await?;
+                        let value = self.upload(&file).await?;
                         self.uploaded
                             .lock()
                             .expect("uploads")
-                            .insert(id, value.clone());
+                            .insert(file.hex, value.clone());
                         value
                     }
                 };
@@ -264,26 +269,59 @@ impl Ctx {
         Ok(graph)
     }
 
-    async fn upload(&self, id: &str) -> Result<String, DispatchError> {
-        let missing = || DispatchError::Files(format!("input {id} is not stored here any more"));
-        let record = self.shared.store.input(id).await?.ok_or_else(missing)?;
-        let hex = crate::inputs::hex_of(id).ok_or_else(missing)?;
-        let path = self.shared.inputs_dir.join(hex);
-        let file = tokio::fs::File::open(&path)
+    /// The file an input value stands for, if it names one: a stored input
+    /// (`sha256:`), or another job's output (`job:`).
+    async fn file_of(&self, v: &Value) -> Result<Option<FileToSend>, DispatchError> {
+        let Some(s) = v.as_str() else {
+            return Ok(None);
+        };
+        if let Some(hex) = crate::inputs::hex_of(s) {
+            let missing = || DispatchError::Files(format!("input {s} is not stored here any more"));
+            let record = self.shared.store.input(s).await?.ok_or_else(missing)?;
+            return Ok(Some(FileToSend {
+                hex: hex.to_string(),
+                content_type: record.content_type,
+                size: record.size,
+                path: self.shared.inputs_dir.join(hex),
+                what: format!("input {s}"),
+            }));
+        }
+        let Some((job, name)) = crate::inputs::job_ref(s) else {
+            return Ok(None);
+        };
+        let outputs = self.shared.store.job_outputs(&job).await?;
+        let output =
+            parent_output(&job, name.as_deref(), &outputs).map_err(DispatchError::Files)?;
+        Ok(Some(FileToSend {
+            hex: output.sha256.clone(),
+            content_type: output.content_type.clone(),
+            size: output.size,
+            path: self.shared.outputs_dir.join(&job).join(&output.name),
+            what: format!("output {} of job {job}", output.name),
+        }))
+    }
+
+    async fn upload(&self, file: &FileToSend) -> Result<String, DispatchError> {
+        let (what, path) = (&file.what, &file.path);
+        let opened = tokio::fs::File::open(path)
             .await
-            .map_err(|e| DispatchError::Files(format!("input {id}: {}: {e}", path.display())))?;
-        let name = format!("{hex}.{}", crate::inputs::extension(&record.content_type));
+            .map_err(|e| DispatchError::Files(format!("{what}: {}: {e}", path.display())))?;
+        let name = format!(
+            "{}.{}",
+            file.hex,
+            crate::inputs::extension(&file.content_type)
+        );
         let value = self
             .client
             .upload(
                 INPUT_SUBFOLDER,
                 &name,
-                &record.content_type,
-                file,
-                record.size as u64,
+                &file.content_type,
+                opened,
+                file.size as u64,
             )
             .await?;
-        tracing::info!(input_id = id, backend_id = %self.backend_id, "input uploaded");
+        tracing::info!(file = %what, backend_id = %self.backend_id, "input uploaded");
         Ok(value)
     }
 
@@ -417,8 +455,12 @@ impl Ctx {
                     .complete(job_id, held.token, outputs)
                     .await
                 {
-                    Ok(times) => {
+                    Ok(done) => {
+                        let times = done.times;
                         tracing::info!(job_id, backend_id, "job completed");
+                        for requires in &done.released {
+                            self.shared.idle.ring_for(requires);
+                        }
                         let run = times.started_at.map_or(0.0, crate::metrics::seconds_since);
                         crate::metrics::completed(times.workflow_id.as_deref(), backend_id, run);
                         self.shared.health.completed(backend_id);
@@ -560,5 +602,56 @@ impl Ctx {
         } else {
             Report::Deferred(pid, DispatchError::Store(StoreError::Closed))
         }
+    }
+}
+
+/// A file a job needs on the backend before it runs, named there by its
+/// SHA-256 (the same bytes, whichever way they came, are sent once).
+struct FileToSend {
+    hex: String,
+    content_type: String,
+    size: i64,
+    path: std::path::PathBuf,
+    /// What it is, for errors and logs.
+    what: String,
+}
+
+/// Which of a parent job's outputs a `job:` reference means: the one it
+/// names, or else its first picture (a saved one before a preview), by name.
+fn parent_output<'a>(
+    job: &str,
+    name: Option<&str>,
+    outputs: &'a [crate::store::OutputRecord],
+) -> Result<&'a crate::store::OutputRecord, String> {
+    let names = || {
+        let all: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+        if all.is_empty() {
+            "it has none".to_string()
+        } else {
+            format!("its outputs: {}", all.join(", "))
+        }
+    };
+    let found = match name {
+        Some(n) => outputs
+            .iter()
+            .find(|o| o.name == n)
+            .ok_or_else(|| format!("job {job} has no output named `{n}` ({})", names()))?,
+        None => outputs
+            .iter()
+            .filter(|o| crate::thumbs::of_a_picture(&o.content_type))
+            .min_by_key(|o| (o.file_type != "output", o.name.as_str()))
+            .ok_or_else(|| {
+                format!(
+                    "job {job} has no picture among its outputs to start from ({}); name one as job:{job}/<name>",
+                    names()
+                )
+            })?,
+    };
+    match found.pruned_at {
+        Some(at) => Err(format!(
+            "the output {} of job {job} was deleted by retention at {at}",
+            found.name
+        )),
+        None => Ok(found),
     }
 }

@@ -155,6 +155,8 @@ fn connect_options(path: &Path, db: &DatabaseConfig) -> SqliteConnectOptions {
             Synchronous::Normal => SqliteSynchronous::Normal,
         })
         .foreign_keys(true)
+        // A failed job fails the jobs waiting on it, and theirs (V11).
+        .pragma("recursive_triggers", "ON")
         .busy_timeout(Duration::from_secs(5))
         .log_statements(tracing::log::LevelFilter::Trace)
 }

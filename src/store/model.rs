@@ -21,6 +21,9 @@ pub use super::backend_records::*;
 #[serde(rename_all = "lowercase")]
 #[sqlx(rename_all = "lowercase")]
 pub enum JobStatus {
+    /// Waiting for the jobs it starts from (its parents) to complete; queued
+    /// when the last one does.
+    Waiting,
     /// Waiting for a backend.
     Queued,
     /// Leased to a backend, prompt id chosen; submitted or about to be.
@@ -37,7 +40,8 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// Every state, in lifecycle order.
-    pub const ALL: [JobStatus; 6] = [
+    pub const ALL: [JobStatus; 7] = [
+        JobStatus::Waiting,
         JobStatus::Queued,
         JobStatus::Assigned,
         JobStatus::Running,
@@ -49,6 +53,7 @@ impl JobStatus {
     /// The name stored and shown (`queued`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
+            JobStatus::Waiting => "waiting",
             JobStatus::Queued => "queued",
             JobStatus::Assigned => "assigned",
             JobStatus::Running => "running",
@@ -144,6 +149,9 @@ pub struct NewJob {
     pub timeout_s: Option<i64>,
     /// The input files the graph names (`sha256:<hex>` ids).
     pub inputs: Vec<String>,
+    /// The jobs whose outputs it starts from (`job:<id>` inputs): it waits
+    /// until they complete.
+    pub parents: Vec<String>,
     /// What it needs loaded (its checkpoint, or its workflow): a backend
     /// that ran the same last prefers it.
     pub affinity: Option<String>,
@@ -244,6 +252,16 @@ pub struct JobTimes {
     pub started_at: Option<DateTime<Utc>>,
 }
 
+/// What a job's completion did.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The job's times, for its metrics.
+    pub times: JobTimes,
+    /// The jobs waiting on it that it queued (its last parent to complete),
+    /// by the tags each needs: their workers are woken.
+    pub released: Vec<Vec<String>>,
+}
+
 /// One entry of the event log.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct JobEvent {
@@ -340,6 +358,10 @@ pub struct JobDetailRecord {
     pub webhooks: Vec<WebhookRecord>,
     /// Why it is still queued, when it is.
     pub waiting_for: Option<String>,
+    /// The jobs whose outputs it starts from.
+    pub starts_from: Vec<String>,
+    /// The jobs that start from its outputs, oldest first.
+    pub followed_by: Vec<String>,
 }
 
 /// One lease of a job: which backend got which prompt id, and how it ended.

@@ -44,12 +44,12 @@ impl Store {
                     }
                     let now = fmt_time(Utc::now());
                     let mut b = Batch::default();
-                    if current == JobStatus::Queued {
+                    if matches!(current, JobStatus::Queued | JobStatus::Waiting) {
                         push_final(&mut b, &job_id, JobStatus::Cancelled, None, &now);
                         let ev = EventInput {
                             kind: "cancelled",
                             status: Some(JobStatus::Cancelled),
-                            message: Some("cancelled while queued".into()),
+                            message: Some(format!("cancelled while {current}")),
                             ..Default::default()
                         };
                         push_event(&mut b, &job_id, ev, &now);
@@ -95,6 +95,14 @@ impl Store {
                     }
                     let attempts: i64 = row.try_get("attempts")?;
                     let max_attempts: i64 = row.try_get("max_attempts")?;
+                    // One that starts from jobs not all completed waits for them again.
+                    let waits_on: Vec<String> = sqlx::query_scalar(
+                        "SELECT p.parent_id FROM job_parents p JOIN jobs j ON j.id = p.parent_id \
+                         WHERE p.job_id = ? AND j.status <> 'completed' ORDER BY p.parent_id",
+                    )
+                    .bind(&job_id)
+                    .fetch_all(&mut *conn)
+                    .await?;
                     let now = fmt_time(Utc::now());
                     let mut b = Batch::default();
                     b.push(
@@ -103,10 +111,23 @@ impl Store {
                     .bind(max_attempts.max(attempts + 1))
                     .bind(job_id.clone());
                     push_back_to_queue(&mut b, &job_id, Requeue::default(), &now);
+                    let (status, message) = if waits_on.is_empty() {
+                        (JobStatus::Queued, format!("queued again by a user after it was {current}"))
+                    } else {
+                        b.push("UPDATE jobs SET status = 'waiting' WHERE id = ?")
+                            .bind(job_id.clone());
+                        (
+                            JobStatus::Waiting,
+                            format!(
+                                "retried by a user after it was {current}; it waits for {} to complete",
+                                waits_on.join(", ")
+                            ),
+                        )
+                    };
                     let ev = EventInput {
                         kind: "retried",
-                        status: Some(JobStatus::Queued),
-                        message: Some(format!("queued again by a user after it was {current}")),
+                        status: Some(status),
+                        message: Some(message),
                         ..Default::default()
                     };
                     push_event(&mut b, &job_id, ev, &now);

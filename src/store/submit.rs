@@ -46,6 +46,7 @@ pub(super) struct EncodedJob {
     timeout_s: Option<i64>,
     inputs: String,
     affinity: Option<String>,
+    parents: Vec<String>,
 }
 
 impl From<NewJob> for EncodedJob {
@@ -66,6 +67,7 @@ impl From<NewJob> for EncodedJob {
             timeout_s: job.timeout_s,
             inputs: Value::from(job.inputs).to_string(),
             affinity: job.affinity,
+            parents: job.parents,
         }
     }
 }
@@ -156,6 +158,22 @@ impl Store {
         ))
     }
 
+    /// The statuses of these jobs, of those that exist (a submission that
+    /// starts from them checks them first).
+    pub async fn job_statuses(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, JobStatus>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, status FROM jobs WHERE 1 = 1");
+        super::rows::push_in(&mut q, "id", ids);
+        let rows: Vec<(String, JobStatus)> = q.build_query_as().fetch_all(self.reader()).await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Stores a job durably (or finds the earlier one with the same
     /// idempotency key). Returns once the commit is on disk.
     pub async fn submit(&self, job: NewJob) -> Result<SubmitOutcome, StoreError> {
@@ -190,6 +208,25 @@ async fn known_keys(
     Ok(known)
 }
 
+/// Of the jobs these new ones start from, those that have not completed
+/// (most submissions name none, and cost no read).
+async fn unfinished_parents(
+    conn: &mut SqliteConnection,
+    jobs: &[EncodedJob],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut ids: Vec<String> = jobs.iter().flat_map(|j| j.parents.clone()).collect();
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    ids.sort();
+    ids.dedup();
+    let mut q: QueryBuilder<Sqlite> =
+        QueryBuilder::new("SELECT id FROM jobs WHERE status <> 'completed'");
+    super::rows::push_in(&mut q, "id", &ids);
+    let found: Vec<String> = q.build_query_scalar().fetch_all(&mut *conn).await?;
+    Ok(found.into_iter().collect())
+}
+
 /// Stores a batch of submissions with one multi-row INSERT (plus one read
 /// for their idempotency keys), in submission order. Each gets its own
 /// outcome: created, the earlier job with the same key, or a conflict.
@@ -203,8 +240,9 @@ async fn insert_jobs(
         .filter_map(|j| j.idempotency_key.clone())
         .collect();
     let mut known = known_keys(conn, &keys).await?;
+    let unfinished = unfinished_parents(conn, &jobs).await?;
     let mut outcomes = Vec::with_capacity(jobs.len());
-    let mut rows: Vec<(EncodedJob, DateTime<Utc>)> = Vec::new();
+    let mut rows: Vec<(EncodedJob, DateTime<Utc>, JobStatus)> = Vec::new();
     for job in jobs {
         if let Some(key) = &job.idempotency_key {
             if let Some((hash, summary)) = known.get(key) {
@@ -220,9 +258,15 @@ async fn insert_jobs(
             }
         }
         let now = clock.next();
+        // Read in the writer's transaction: no parent can end in between.
+        let status = if job.parents.iter().any(|p| unfinished.contains(p)) {
+            JobStatus::Waiting
+        } else {
+            JobStatus::Queued
+        };
         let summary = JobSummary {
             id: job.id.clone(),
-            status: JobStatus::Queued,
+            status,
             submitted_at: now,
         };
         if let Some(key) = &job.idempotency_key {
@@ -230,7 +274,7 @@ async fn insert_jobs(
             known.insert(key.clone(), (job.manifest_hash.clone(), summary.clone()));
         }
         outcomes.push(Ok(SubmitOutcome::Created(summary)));
-        rows.push((job, now));
+        rows.push((job, now, status));
     }
     if rows.is_empty() {
         return Ok(outcomes);
@@ -238,13 +282,13 @@ async fn insert_jobs(
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
         "INSERT INTO jobs (id, workflow_id, status, priority, requires, max_attempts, \
          idempotency_key, manifest_hash, manifest, parameters, metadata, graph, callback_url, \
-         timeout_s, inputs, affinity, submitted_at, updated_at) ",
+         timeout_s, inputs, affinity, parents, submitted_at, updated_at) ",
     );
-    q.push_values(rows, |mut b, (job, now)| {
+    q.push_values(rows, |mut b, (job, now, status)| {
         let now_s = fmt_time(now);
         b.push_bind(job.id)
             .push_bind(job.workflow_id)
-            .push_bind(JobStatus::Queued)
+            .push_bind(status)
             .push_bind(job.priority)
             .push_bind(job.requires)
             .push_bind(job.max_attempts)
@@ -258,6 +302,7 @@ async fn insert_jobs(
             .push_bind(job.timeout_s)
             .push_bind(job.inputs)
             .push_bind(job.affinity)
+            .push_bind(Value::from(job.parents).to_string())
             .push_bind(now_s.clone())
             .push_bind(now_s);
     });

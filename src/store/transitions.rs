@@ -548,12 +548,28 @@ impl Store {
         job_id: &str,
         token: i64,
         outputs: Vec<OutputRecord>,
-    ) -> Result<JobTimes, StoreError> {
+    ) -> Result<Completion, StoreError> {
         let step = Step::Completed(outputs);
+        let id = job_id.to_string();
         self.fenced(job_id, token, |conn, held| {
             Box::pin(async move {
                 apply(conn, &held, step).await?;
-                Ok(held.times)
+                // Queued by this completion (V11's trigger): the tags each needs.
+                let released: Vec<String> = sqlx::query_scalar(
+                    "SELECT requires FROM jobs WHERE status = 'queued' AND id IN \
+                     (SELECT job_id FROM job_parents WHERE parent_id = ?)",
+                )
+                .bind(&id)
+                .fetch_all(&mut *conn)
+                .await?;
+                let released = released
+                    .iter()
+                    .map(|r| serde_json::from_str(r).unwrap_or_default())
+                    .collect();
+                Ok(Completion {
+                    times: held.times,
+                    released,
+                })
             })
         })
         .await

@@ -54,9 +54,46 @@ pub struct LiveBackends {
     pub quarantined: std::collections::HashMap<String, String>,
 }
 
+/// Why a job that starts from others' outputs waits: each of them not yet
+/// completed, with where it stands.
+async fn waiting_on_parents(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+) -> Result<String, StoreError> {
+    let parents: Vec<(String, JobStatus, Option<String>)> = sqlx::query_as(
+        "SELECT j.id, j.status, j.backend_id FROM job_parents p JOIN jobs j ON j.id = p.parent_id \
+         WHERE p.job_id = ? AND j.status <> 'completed' ORDER BY j.seq",
+    )
+    .bind(job_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let each: Vec<String> = parents
+        .iter()
+        .map(|(id, status, backend)| match (status, backend) {
+            (s, Some(b)) if s.is_held() => format!("{id} ({s} on {b})"),
+            (JobStatus::Failed | JobStatus::Cancelled, _) => {
+                format!("{id} ({status}: retry it, or cancel this job)")
+            }
+            _ => format!("{id} ({status})"),
+        })
+        .collect();
+    Ok(match each.len() {
+        0 => "the jobs it starts from completed; it is being queued".into(),
+        1 => format!(
+            "waiting for the job it starts from to complete: {}",
+            each[0]
+        ),
+        _ => format!(
+            "waiting for the jobs it starts from to complete: {}",
+            each.join(", ")
+        ),
+    })
+}
+
 /// Why a queued job is not running yet, in a sentence: its retry back-off,
 /// or what keeps each backend from taking it now (the same rules leasing
-/// applies). `None` for a job that is not queued. On the caller's
+/// applies), or for a waiting one the jobs it starts from. `None` for a
+/// job that is neither. On the caller's
 /// connection: the job's page reads it in the same snapshot as the job.
 pub(super) async fn why_waiting_in(
     conn: &mut SqliteConnection,
@@ -68,8 +105,10 @@ pub(super) async fn why_waiting_in(
             .bind(job_id)
             .fetch_optional(&mut *conn)
             .await?;
-    let Some((JobStatus::Queued, not_before)) = job else {
-        return Ok(None);
+    let not_before = match job {
+        Some((JobStatus::Queued, not_before)) => not_before,
+        Some((JobStatus::Waiting, _)) => return waiting_on_parents(conn, job_id).await.map(Some),
+        _ => return Ok(None),
     };
     let now = fmt_time(Utc::now());
     if let Some(t) = not_before.filter(|t| *t > now) {

@@ -198,9 +198,9 @@ impl Param {
             ParamType::Float => v.is_number(),
             ParamType::String => v.is_string(),
             ParamType::Bool => v.is_boolean(),
-            ParamType::Image | ParamType::Mask => {
-                v.as_str().and_then(crate::inputs::hex_of).is_some()
-            }
+            ParamType::Image | ParamType::Mask => v.as_str().is_some_and(|s| {
+                crate::inputs::hex_of(s).is_some() || crate::inputs::job_ref(s).is_some()
+            }),
         };
         if !type_ok {
             let want = match self.ty {
@@ -209,7 +209,7 @@ impl Param {
                 ParamType::String => "a string",
                 ParamType::Bool => "true or false",
                 ParamType::Image | ParamType::Mask => {
-                    "an input id (sha256:<64 hex>, from POST /api/inputs)"
+                    "an input id (sha256:<64 hex>, from POST /api/inputs) or another job's output (job:<job id>)"
                 }
             };
             return Err(format!("must be {want}, got {}", describe(v)));
