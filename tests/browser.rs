@@ -307,6 +307,29 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     )
     .await;
 
+    // A second pass of that shot, submitted before it ran: its page says
+    // what it waits for and links the job it starts from.
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{waiting}")}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let child = body["job_id"].as_str().unwrap().to_string();
+    b.goto(&format!("{}/#/job/{child}", app.url)).await;
+    b.wait_for(
+        "the job it starts from, linked",
+        &format!("document.querySelector('a[href=\"#/job/{waiting}\"]') !== null && document.body.innerText.includes('Starts from')"),
+    )
+    .await;
+    let page = b.eval("document.body.innerText").await;
+    let page = page.as_str().unwrap();
+    assert!(
+        page.contains("waiting") && page.contains("Waiting for"),
+        "{page}"
+    );
+
     // The queued jobs, filtered on the list, cancelled at once.
     b.goto(&format!("{}/#/", app.url)).await;
     let filter = |status: &str| {
@@ -323,6 +346,8 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     b.eval("window.confirm = () => true; document.getElementById('bulk').click()")
         .await;
     app.wait_status(&waiting, "cancelled").await;
+    // Its second pass can no longer run: it failed with it.
+    app.wait_status(&child, "failed").await;
     b.wait_for(
         "no queued job left",
         "document.getElementById('bulk') === null && document.body.innerText.includes('No jobs.')",
