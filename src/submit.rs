@@ -258,7 +258,10 @@ impl Submitter {
         let requires = parsed.job.requires.clone();
         let (created, summary) = match self.store.submit(parsed.job).await? {
             SubmitOutcome::Created(s) => {
-                self.farm.job_queued(&requires);
+                // A waiting one is rung for when its last parent completes.
+                if s.status == JobStatus::Queued {
+                    self.farm.job_queued(&requires);
+                }
                 crate::metrics::submitted(workflow_id.as_deref());
                 tracing::info!(job_id = %s.id, "job submitted");
                 (true, s)

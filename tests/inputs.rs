@@ -760,3 +760,46 @@ async fn a_reference_to_a_job_that_is_not_one_is_refused_naming_the_field() {
     let (_, jobs) = app.get("/api/jobs").await;
     assert_eq!(jobs["jobs"].as_array().unwrap().len(), 0, "nothing stored");
 }
+
+#[tokio::test]
+async fn the_backend_that_can_run_a_released_job_is_woken_for_it() {
+    // Each box's safety-net look is past every deadline: only the
+    // completion of the parent can wake the other box for its child.
+    let (sa, sb) = (start_sim(0).await, start_sim(0).await);
+    let app = spawn_farm_with(
+        vec![
+            backend("a", sa.port, &["a"], 1),
+            backend("b", sb.port, &["b"], 1),
+        ],
+        |c| {
+            c.dispatch.poll_interval_ms = 60_000;
+            c.dispatch.heartbeat_ms = 60_000;
+        },
+    )
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    let (bytes, _) = frame();
+    let (_, input) = upload(&app, bytes, "image/png").await;
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": input["input_id"]},
+                    "requires": ["a"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let first = body["job_id"].as_str().unwrap().to_string();
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{first}")},
+                    "requires": ["b"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let second = body["job_id"].as_str().unwrap().to_string();
+    app.wait_status(&first, "completed").await;
+    let job = app.wait_status(&second, "completed").await;
+    assert_eq!(job["backend_id"], "b");
+}
