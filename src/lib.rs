@@ -62,3 +62,21 @@ pub mod submit;
 pub mod thumbs;
 pub mod webhooks;
 pub mod workflows;
+
+/// An error with its causes, `outer: cause: root cause`: what an operator
+/// needs in a stored message. An HTTP client's error alone says "error
+/// sending request for url (…)"; why (refused, a certificate no one
+/// vouches for, a reset) is in its sources.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -302,6 +302,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 enabled: true,
                 tags: vec![],
                 max_inflight: 2,
+                url: None,
+                headers: Default::default(),
             });
             println!("demo backend {id}: simulated ComfyUI on http://127.0.0.1:{port}");
         }

@@ -89,8 +89,8 @@ impl Service {
                     .map(|b| BackendUpsert {
                         id: b.id.clone(),
                         name: b.name.clone().unwrap_or_else(|| b.id.clone()),
-                        host: b.host.clone(),
-                        port: b.port,
+                        host: b.host_port().0,
+                        port: b.host_port().1,
                         enabled: b.enabled,
                         tags: b.tags.clone(),
                         max_inflight: b.max_inflight,

@@ -156,7 +156,10 @@ async fn deliver(store: &Store, config: &Config, http: &reqwest::Client, hook: W
     let error = match result {
         Ok(r) if r.status().is_success() => None,
         Ok(r) => Some(format!("the receiver answered HTTP {}", r.status())),
-        Err(e) => Some(format!("cannot reach the receiver: {e}")),
+        Err(e) => Some(format!(
+            "cannot reach the receiver: {}",
+            crate::with_causes(&e)
+        )),
     };
     let tries = hook.attempts + 1;
     match error {

@@ -1253,3 +1253,109 @@ async fn a_retry_that_only_the_failing_backend_can_run_goes_back_to_it_when_its_
     assert_eq!(leases.len(), 2);
     assert!(leases.iter().all(|l| l["backend_id"] == "a"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_behind_an_https_proxy_with_a_token_runs_jobs_and_one_without_it_is_refused() {
+    let sim = start_sim(0).await;
+    let (port, seen) = tls_proxy(sim.port, "authorization: bearer t0ken").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "monitor: {{poll_interval_ms: 50}}\nbackends:\n\
+             \x20 - {{id: cloud, url: \"https://127.0.0.1:{port}/\", headers: {{Authorization: Bearer t0ken}}, tags: [cloud]}}\n\
+             \x20 - {{id: nokey, url: \"https://localhost:{port}\"}}\n"
+        ),
+    );
+    let bin = spawn_binary_with_env(&config, &[("SSL_CERT_FILE", &test_ca())]).await;
+    let client = reqwest::Client::new();
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get(path)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let r = client
+        .post(format!("{}/api/job", bin.url))
+        .json(&json!({"workflow_id": "image_blur", "requires": ["cloud"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let job = poll("the job through the proxy", || async {
+        let j = get(format!("{}/api/job/{id}", bin.url)).await;
+        (j["status"] == "completed").then_some(j)
+    })
+    .await;
+    assert_eq!(job["backend_id"], "cloud");
+    // Its picture came back through the proxy, whole.
+    let name = job["outputs"][0]["name"].as_str().unwrap();
+    let bytes = client
+        .get(format!("{}/api/job/{id}/outputs/{name}", bin.url))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        format!("{:x}", Sha256::digest(&bytes)),
+        job["outputs"][0]["sha256"]
+    );
+    let backends = get(format!("{}/api/backends", bin.url)).await;
+    let of = |id: &str| {
+        backends["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(of("cloud")["host"], "127.0.0.1");
+    assert_eq!(of("cloud")["port"], port);
+    assert!(
+        !backends.to_string().contains("t0ken"),
+        "headers are never shown"
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.first_lines
+                .iter()
+                .any(|l| l.starts_with("get /ws?clientid=")),
+            "the WebSocket went through TLS with the token: {:?}",
+            seen.first_lines
+        );
+    }
+    // The box without the token: refused, and it says so.
+    let nokey = poll("the box without a token seen refused", || async {
+        let b = get(format!("{}/api/backends", bin.url)).await;
+        let b = b["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == "nokey")
+            .unwrap()
+            .clone();
+        b["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("401"))
+            .then_some(b)
+    })
+    .await;
+    assert_ne!(nokey["state"], "online", "{nokey}");
+    assert!(seen.lock().unwrap().refused > 0);
+    bin.kill9().await;
+}

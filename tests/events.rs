@@ -450,3 +450,114 @@ async fn a_subscription_to_too_many_jobs_is_refused_with_the_field() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["field"], "job_id");
 }
+
+/// An https webhook receiver on loopback, with the certificate of
+/// `tests/fixtures/tls` (issued for 127.0.0.1 by the test CA beside it):
+/// the bodies it was sent. A minimal HTTP/1.1: one request a connection.
+async fn https_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let acceptor = tls_acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/hook", listener.local_addr().unwrap());
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let g = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, g) = (acceptor.clone(), g.clone());
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends the handshake.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body = loop {
+                    let n = tls.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "the request ended early");
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if buf.len() >= end + 4 + len {
+                        break buf[end + 4..end + 4 + len].to_vec();
+                    }
+                };
+                g.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap());
+                tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_goes_to_an_https_receiver_whose_certificate_the_machine_trusts() {
+    let sim = start_sim(0).await;
+    let (hook, got) = https_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "monitor: {{poll_interval_ms: 50}}\nbackends:\n  - {{id: n1, host: 127.0.0.1, port: {}}}\n",
+            sim.port
+        ),
+    );
+    // The test CA, as a studio's own CA would be installed on the machine.
+    let bin = spawn_binary_with_env(&config, &[("SSL_CERT_FILE", &test_ca())]).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/api/job", bin.url))
+        .json(&json!({"workflow_id": "image_blur", "callback_url": hook}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let payload = poll("the callback over https", || async {
+        got.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(payload["job_id"], id.as_str());
+    assert_eq!(payload["status"], "completed");
+    bin.kill9().await;
+}
+
+#[tokio::test]
+async fn a_webhook_to_an_https_receiver_the_machine_does_not_trust_is_refused_and_says_why() {
+    let sim = start_sim(0).await;
+    let (hook, got) = https_receiver().await;
+    let (mut config, dir) = farm_config(vec![backend("n1", sim.port, &[], 1)]);
+    config.webhooks.retry_backoff_ms = 50;
+    config.webhooks.max_attempts = 1;
+    let mut app = spawn_with(config).await;
+    app.set_dir(dir);
+    let id = app.submit_blur(json!({"callback_url": hook})).await;
+    let job = app
+        .wait_job(&id, "the webhook given up", |j| {
+            j["webhooks"][0]["gave_up_at"].is_string()
+        })
+        .await;
+    let error = job["webhooks"][0]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("invalid peer certificate: UnknownIssuer"),
+        "says why: {error}"
+    );
+    assert!(
+        got.lock().unwrap().is_empty(),
+        "nothing sent to an unverified server"
+    );
+}

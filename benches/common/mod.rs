@@ -93,6 +93,8 @@ pub async fn sims_with(
             enabled: true,
             tags: vec![],
             max_inflight,
+            url: None,
+            headers: Default::default(),
         });
         sims.push(sim);
     }

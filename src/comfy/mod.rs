@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -128,6 +129,8 @@ impl EventStream {
 pub struct ComfyClient {
     base: String,
     ws_base: String,
+    /// Sent with every request (a proxy's `Authorization`).
+    headers: reqwest::header::HeaderMap,
     client_id: String,
     connections: Connections,
     limits: Limits,
@@ -139,7 +142,7 @@ fn net_error(e: reqwest::Error, timeout: Duration) -> ComfyError {
     } else if e.is_decode() || e.is_body() {
         ComfyError::BadResponse(e.to_string())
     } else {
-        ComfyError::Unreachable(e.to_string())
+        ComfyError::Unreachable(crate::with_causes(&e))
     }
 }
 
@@ -205,26 +208,41 @@ impl ComfyClient {
         timeout: Duration,
         limits: Limits,
     ) -> ComfyClient {
-        ComfyClient::sharing(&Connections::new(timeout), host, port, client_id, limits)
-    }
-
-    /// A client that makes its requests through `connections`, which other
-    /// backends' clients may share.
-    pub fn sharing(
-        connections: &Connections,
-        host: &str,
-        port: u16,
-        client_id: &str,
-        limits: Limits,
-    ) -> ComfyClient {
         let host = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")
         } else {
             host.to_string()
         };
+        ComfyClient::sharing(
+            &Connections::new(timeout),
+            &format!("http://{host}:{port}"),
+            reqwest::header::HeaderMap::new(),
+            client_id,
+            limits,
+        )
+    }
+
+    /// A client for the ComfyUI at `base` (`http://host:port`, or an
+    /// `https://` address behind a proxy, with a path or not) that sends
+    /// `headers` with every request and makes its requests through
+    /// `connections`, which other backends' clients may share.
+    pub fn sharing(
+        connections: &Connections,
+        base: &str,
+        headers: reqwest::header::HeaderMap,
+        client_id: &str,
+        limits: Limits,
+    ) -> ComfyClient {
+        let base = base.trim_end_matches('/').to_string();
+        let ws_base = match base.split_once("://") {
+            Some(("https", rest)) => format!("wss://{rest}"),
+            Some((_, rest)) => format!("ws://{rest}"),
+            None => format!("ws://{base}"),
+        };
         ComfyClient {
-            base: format!("http://{host}:{port}"),
-            ws_base: format!("ws://{host}:{port}"),
+            base,
+            ws_base,
+            headers,
             client_id: client_id.to_string(),
             connections: connections.clone(),
             limits,
@@ -291,7 +309,11 @@ impl ComfyClient {
     /// buffer grown to the answer's size for as long as it lives (0.4 MB a
     /// backend with the simulator's definitions, more with custom nodes).
     async fn get_json_with(&self, path: &str, close: bool) -> Result<Value, ComfyError> {
-        let mut request = self.connections.http.get(format!("{}{path}", self.base));
+        let mut request = self
+            .connections
+            .http
+            .get(format!("{}{path}", self.base))
+            .headers(self.headers.clone());
         if close {
             request = request.header(reqwest::header::CONNECTION, "close");
         }
@@ -307,6 +329,7 @@ impl ComfyClient {
             .connections
             .http
             .post(format!("{}{path}", self.base))
+            .headers(self.headers.clone())
             .json(&body)
             .send()
             .await
@@ -332,6 +355,7 @@ impl ComfyClient {
             .connections
             .http
             .post(format!("{}/prompt", self.base))
+            .headers(self.headers.clone())
             .json(&body)
             .send()
             .await
@@ -440,6 +464,7 @@ impl ComfyClient {
             .connections
             .http
             .get(format!("{}/models/{folder}", self.base))
+            .headers(self.headers.clone())
             .send()
             .await
             .map_err(|e| net_error(e, self.connections.timeout))?;
@@ -468,6 +493,7 @@ impl ComfyClient {
             .connections
             .downloads
             .get(format!("{}/view", self.base))
+            .headers(self.headers.clone())
             .query(&[
                 ("filename", &f.filename),
                 ("subfolder", &f.subfolder),
@@ -548,6 +574,7 @@ impl ComfyClient {
             .connections
             .downloads
             .post(format!("{}/upload/image", self.base))
+            .headers(self.headers.clone())
             .multipart(form)
             .send()
             .await
@@ -579,11 +606,15 @@ impl ComfyClient {
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(4 * 1024)
             .write_buffer_size(0);
-        let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| ComfyError::Unreachable(format!("{}/ws: {e}", self.ws_base)))?;
+        request.headers_mut().extend(self.headers.clone());
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
         let (ws, _) = tokio::time::timeout(self.connections.timeout, connect)
             .await
             .map_err(|_| ComfyError::Timeout(self.connections.timeout))?
-            .map_err(|e| ComfyError::Unreachable(e.to_string()))?;
+            .map_err(|e| ComfyError::Unreachable(crate::with_causes(&e)))?;
         Ok(EventStream { ws })
     }
 }

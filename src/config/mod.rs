@@ -278,10 +278,21 @@ pub struct BackendConfig {
     #[serde(default)]
     pub name: Option<String>,
     /// Host name or address of the ComfyUI server.
+    #[serde(default)]
     pub host: String,
     /// Port of the ComfyUI server.
     #[serde(default = "default_comfy_port")]
     pub port: u16,
+    /// The server's address as a URL, in place of `host` and `port`: for a
+    /// ComfyUI behind a reverse proxy, over TLS or under a path (a rented
+    /// cloud GPU: `https://gpu7.example.com/comfyui`). Its WebSocket is the
+    /// same address as `ws://` or `wss://`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Headers sent with every request to it, its WebSocket's included: a
+    /// proxy's `Authorization`, an API key. Never shown by the API.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
     /// A disabled backend gets no jobs; the API can change this later.
     #[serde(default = "yes")]
     pub enabled: bool,
@@ -292,6 +303,55 @@ pub struct BackendConfig {
     /// queue so the GPU never idles between jobs.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u32,
+}
+
+impl BackendConfig {
+    /// Where its ComfyUI answers: `url` as given (less a trailing `/`), or
+    /// `http://host:port`.
+    pub fn base_url(&self) -> String {
+        match &self.url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None if self.host.contains(':') && !self.host.starts_with('[') => {
+                format!("http://[{}]:{}", self.host, self.port)
+            }
+            None => format!("http://{}:{}", self.host, self.port),
+        }
+    }
+
+    /// The host and port it is reached at (from `url` when given), for
+    /// display and the database.
+    pub fn host_port(&self) -> (String, u16) {
+        match self
+            .url
+            .as_deref()
+            .and_then(|u| reqwest::Url::parse(u).ok())
+        {
+            Some(u) => (
+                u.host_str().unwrap_or_default().to_string(),
+                u.port_or_known_default().unwrap_or_default(),
+            ),
+            None => (self.host.clone(), self.port),
+        }
+    }
+}
+
+/// Why a backend's `url` cannot be used, if it cannot.
+fn url_problem(url: &str) -> Option<String> {
+    let u = match reqwest::Url::parse(url) {
+        Ok(u) => u,
+        Err(e) => return Some(format!("`{url}` is not a URL: {e}")),
+    };
+    if !matches!(u.scheme(), "http" | "https") {
+        Some("must be an http:// or https:// URL".into())
+    } else if u.host_str().is_none_or(str::is_empty) {
+        Some("must name a host".into())
+    } else if !u.username().is_empty() || u.password().is_some() {
+        Some("must not carry credentials: put them in `headers` (an Authorization header)".into())
+    } else if u.query().is_some() || u.fragment().is_some() {
+        Some("must not have a query or a fragment".into())
+    } else {
+        None
+    }
 }
 
 fn default_comfy_port() -> u16 {
@@ -549,8 +609,23 @@ impl Config {
             if !seen.insert(b.id.clone()) {
                 return invalid(&key("id"), &format!("duplicate backend id `{}`", b.id));
             }
-            if b.host.trim().is_empty() {
-                return invalid(&key("host"), "must not be empty");
+            if let Some(url) = &b.url {
+                if let Some(problem) = url_problem(url) {
+                    return invalid(&key("url"), &problem);
+                }
+            } else if b.host.trim().is_empty() {
+                return invalid(&key("host"), "is required (or give the server's `url`)");
+            }
+            for (name, value) in &b.headers {
+                if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return invalid(&key("headers"), &format!("`{name}` is not a header name"));
+                }
+                if reqwest::header::HeaderValue::from_str(value).is_err() {
+                    return invalid(
+                        &key(&format!("headers.{name}")),
+                        "must be visible ASCII (no line breaks)",
+                    );
+                }
             }
             if b.port == 0 {
                 return invalid(&key("port"), "must be between 1 and 65535");

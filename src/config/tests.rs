@@ -51,3 +51,74 @@ fn the_example_config_is_valid() {
     let text = include_str!("../../config.example.yaml");
     Config::from_yaml(text).unwrap();
 }
+
+#[test]
+fn a_backend_is_reached_at_its_host_and_port_or_its_url() {
+    let c = Config::from_yaml(
+        "backends:\n  - {id: a, host: 10.0.0.5}\n  - {id: b, host: '::1', port: 8189}\n  \
+         - {id: c, url: 'https://gpu7.example.com/comfyui/', headers: {Authorization: Bearer x}}\n",
+    )
+    .unwrap();
+    let at: Vec<(String, (String, u16))> = c
+        .backends
+        .iter()
+        .map(|b| (b.base_url(), b.host_port()))
+        .collect();
+    assert_eq!(
+        at,
+        [
+            ("http://10.0.0.5:8188".into(), ("10.0.0.5".into(), 8188)),
+            ("http://[::1]:8189".into(), ("::1".into(), 8189)),
+            (
+                "https://gpu7.example.com/comfyui".into(),
+                ("gpu7.example.com".into(), 443)
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_backend_url_or_header_that_cannot_work_is_named() {
+    for (yaml, field, says) in [
+        (
+            "{id: a}",
+            "backends[0].host",
+            "is required (or give the server's `url`)",
+        ),
+        (
+            "{id: a, url: 'gpu7:8188'}",
+            "backends[0].url",
+            "http:// or https://",
+        ),
+        (
+            "{id: a, url: 'ftp://gpu7'}",
+            "backends[0].url",
+            "http:// or https://",
+        ),
+        (
+            "{id: a, url: 'https://u:p@gpu7'}",
+            "backends[0].url",
+            "put them in `headers`",
+        ),
+        (
+            "{id: a, url: 'https://gpu7/?token=x'}",
+            "backends[0].url",
+            "query",
+        ),
+        (
+            "{id: a, host: h, headers: {'bad name': x}}",
+            "backends[0].headers",
+            "not a header name",
+        ),
+        (
+            "{id: a, host: h, headers: {X-Key: \"a\\nb\"}}",
+            "backends[0].headers.X-Key",
+            "visible ASCII",
+        ),
+    ] {
+        let err = Config::from_yaml(&format!("backends:\n  - {yaml}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field) && err.contains(says), "{yaml}: {err}");
+    }
+}

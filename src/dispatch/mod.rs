@@ -301,8 +301,19 @@ impl Farm {
                 .backend(&b.id)
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("backend `{}`", b.id)))?;
-            let client =
-                ComfyClient::sharing(&connections, &b.host, b.port, &backend.client_id, limits);
+            // Checked when the config was read: a bad header is left out here.
+            let headers = b
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.parse().ok()?, v.parse().ok()?)))
+                .collect();
+            let client = ComfyClient::sharing(
+                &connections,
+                &b.base_url(),
+                headers,
+                &backend.client_id,
+                limits,
+            );
             clients.insert(b.id.clone(), client.clone());
             receivers.push((b.clone(), rx, client));
         }

@@ -215,7 +215,13 @@ pub fn binary_path() -> PathBuf {
 
 /// Starts `orchestrator serve` with `config_path` and waits for its "listening" line.
 pub async fn spawn_binary(config_path: &Path) -> Binary {
+    spawn_binary_with_env(config_path, &[]).await
+}
+
+/// The binary, with these environment variables set.
+pub async fn spawn_binary_with_env(config_path: &Path, env: &[(&str, &str)]) -> Binary {
     let mut child = tokio::process::Command::new(binary_path())
+        .envs(env.iter().copied())
         .arg("serve")
         .arg("--config")
         .arg(config_path)
@@ -309,6 +315,8 @@ pub fn backend(id: &str, port: u16, tags: &[&str], max_inflight: u32) -> Backend
         enabled: true,
         tags: tags.iter().map(|t| t.to_string()).collect(),
         max_inflight,
+        url: None,
+        headers: Default::default(),
     }
 }
 
@@ -446,4 +454,92 @@ pub fn assert_ran_untouched(entry: &Value) {
             .contains("execution_interrupted"),
         "{entry:#}"
     );
+}
+
+/// The test CA's certificate (`tests/fixtures/tls/ca.pem`), for
+/// `SSL_CERT_FILE`: what a machine that trusts it has installed.
+pub fn test_ca() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls/ca.pem")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A TLS server's side with the certificate of `tests/fixtures/tls`
+/// (issued for 127.0.0.1 and localhost by the test CA beside it).
+pub fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let certs = vec![CertificateDer::from_pem_file(dir.join("server.pem")).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let tls = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls))
+}
+
+/// What a TLS proxy saw: each connection's first request line, and how
+/// many it turned away.
+#[derive(Default)]
+pub struct ProxySeen {
+    pub first_lines: Vec<String>,
+    pub refused: usize,
+}
+
+/// An https reverse proxy on loopback in front of `to` (a simulator), as a
+/// rented GPU's: TLS with the test certificate, and each connection's first
+/// request must carry `require` (a header line, lower case) or is answered
+/// `401` and closed. Its port, and what it saw.
+pub async fn tls_proxy(
+    to: u16,
+    require: &'static str,
+) -> (u16, std::sync::Arc<std::sync::Mutex<ProxySeen>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let acceptor = tls_acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: std::sync::Arc<std::sync::Mutex<ProxySeen>> = Default::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, s) = (acceptor.clone(), s.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let first = text.lines().next().unwrap_or_default().to_string();
+                if !text.contains(require) {
+                    s.lock().unwrap().refused += 1;
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    let _ = tls.shutdown().await;
+                    return;
+                }
+                s.lock().unwrap().first_lines.push(first);
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                else {
+                    return;
+                };
+                if upstream.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+                }
+            });
+        }
+    });
+    (port, seen)
 }
