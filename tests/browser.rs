@@ -307,17 +307,28 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     )
     .await;
 
-    // A second pass of that shot, submitted before it ran: its page says
-    // what it waits for and links the job it starts from.
-    let (status, body) = app
-        .post_json(
-            "/api/job",
-            &json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{waiting}")}}),
+    // A second pass of that shot, submitted from its page before it ran:
+    // the form starts from its output; the new job's page says what it
+    // waits for and links the job it starts from.
+    b.eval("document.getElementById('start-from').click()")
+        .await;
+    b.wait_for(
+        "the form for a job from its output",
+        &format!(
+            "(document.querySelector('[data-keep]') || {{}}).dataset?.keep === 'job:{waiting}'"
+        ),
+    )
+    .await;
+    b.eval("document.getElementById('submit-go').click()").await;
+    let child = b
+        .wait_for(
+            "the new job's page",
+            "location.hash.startsWith('#/job/') && location.hash.slice(6)",
         )
         .await;
-    assert_eq!(status, 201, "{body}");
-    let child = body["job_id"].as_str().unwrap().to_string();
-    b.goto(&format!("{}/#/job/{child}", app.url)).await;
+    let child = child.as_str().unwrap().to_string();
+    assert_ne!(child, waiting);
+    assert_eq!(app.job(&child).await["starts_from"], json!([waiting]));
     b.wait_for(
         "the job it starts from, linked",
         &format!("document.querySelector('a[href=\"#/job/{waiting}\"]') !== null && document.body.innerText.includes('Starts from')"),

@@ -131,7 +131,8 @@ async function renderJob(id) {
       <td>${time(l.leased_at)}</td><td>${l.outcome ? badge(l.outcome) : "<span class=muted>current</span>"}</td><td>${esc(l.error ? l.error.message : "")}</td></tr>`).join("");
   const evs = events.map(e => `<tr><td>${time(e.at)}</td><td>${esc(e.kind)}</td><td>${e.status ? badge(e.status) : ""}</td><td>${esc(e.message || "")}</td></tr>`).join("");
   const ended = ["completed", "failed", "cancelled"].includes(j.status);
-  const again = j.workflow_id ? ` <a class="button" href="#/submit/${esc(j.job_id)}">Run again with changes</a>` : "";
+  const again = (j.workflow_id ? ` <a class="button" href="#/submit/${esc(j.job_id)}">Run again with changes</a>` : "")
+    + (["failed", "cancelled"].includes(j.status) ? "" : ` <a class="button" id="start-from" href="#/submit/after/${esc(j.job_id)}" title="a second pass of this shot: it runs once this job completes">Start a job from its output</a>`);
   main.innerHTML = `<h2>Job <span class="mono">${esc(j.job_id)}</span> ${badge(j.status)} ${actions(j)}${again}</h2>
     <div class="grid">
       <span class="muted">Workflow</span><span>${esc(j.workflow_id || "(inline graph)")}</span>
@@ -232,6 +233,7 @@ function route() {
   const page = h.startsWith("#/backend") ? "backends" : h.startsWith("#/farm") ? "farm" : h.startsWith("#/submit") ? "submit" : "jobs";
   for (const p of ["jobs", "backends", "farm", "submit"]) document.getElementById("nav-" + p).classList.toggle("active", p === page);
   if (h.startsWith("#/farm")) return renderFarm;
+  if (h.startsWith("#/submit/after/")) return () => renderSubmit(null, decodeURIComponent(h.slice(15)));
   if (h.startsWith("#/submit")) return () => renderSubmit(h.length > 9 ? decodeURIComponent(h.slice(9)) : null);
   if (h.startsWith("#/backend/")) return () => renderBackend(decodeURIComponent(h.slice(10)));
   if (h.startsWith("#/job/")) return () => renderJob(decodeURIComponent(h.slice(6)));

@@ -2,7 +2,9 @@
 // parameter, with its type, bounds, default, description and the values the
 // farm offers), file fields that upload inputs first, metadata rows, and each
 // 422 shown beside the field it names. `#/submit/JOB` fills it from a job
-// ("run again with changes"). Uses esc, api from app.js.
+// ("run again with changes"); `#/submit/after/JOB` starts a job from that
+// job's output (its picture fields say `job:JOB`, its metadata is kept: a
+// second pass of the shot). Uses esc, api from app.js.
 "use strict";
 
 // POST returning the body even on an error (the form needs the `field`).
@@ -38,20 +40,26 @@ function metadataRow(k, v) {
   return `<div class="meta-row"><input placeholder="key" value="${esc(k || "")}"> <input placeholder="value" value="${esc(v || "")}"></div>`;
 }
 
-async function renderSubmit(fromJob) {
+async function renderSubmit(fromJob, after) {
   const current = turn();
   let workflows, job = null;
   try {
     workflows = (await api("/api/workflows")).workflows;
-    if (fromJob) job = await api(`/api/job/${encodeURIComponent(fromJob)}`);
+    if (fromJob || after) job = await api(`/api/job/${encodeURIComponent(fromJob || after)}`);
   } catch (e) { if (current()) main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
   if (!current()) return;
-  let chosen = (job && job.workflow_id) || (workflows[0] && workflows[0].id);
+  const takesPicture = w => w.parameters.some(p => p.type === "image" || p.type === "mask");
+  let chosen = after ? (workflows.find(takesPicture) || workflows[0] || {}).id
+    : (job && job.workflow_id) || (workflows[0] && workflows[0].id);
   const draw = () => {
     const wf = workflows.find(w => w.id === chosen);
-    const values = job && job.workflow_id === chosen ? job.parameters : {};
+    const values = after && wf
+      ? Object.fromEntries(wf.parameters.filter(p => p.type === "image" || p.type === "mask").map(p => [p.name, `job:${job.job_id}`]))
+      : job && job.workflow_id === chosen ? job.parameters : {};
     const meta = job ? Object.entries(job.metadata || {}) : [];
-    main.innerHTML = `<h2>Submit a job${job ? ` <span class="muted">again, from ${esc(job.job_id.slice(0, 8))}</span>` : ""}</h2>
+    const title = after ? ` <span class="muted">from the output of ${esc(job.job_id.slice(0, 8))}</span>`
+      : job ? ` <span class="muted">again, from ${esc(job.job_id.slice(0, 8))}</span>` : "";
+    main.innerHTML = `<h2>Submit a job${title}</h2>
       <form id="submit-form" class="form" novalidate>
         <label for="submit-workflow">workflow</label>
         <div><select id="submit-workflow">${workflows.map(w => `<option ${w.id === chosen ? "selected" : ""}>${esc(w.id)}</option>`).join("")}</select>
@@ -59,7 +67,7 @@ async function renderSubmit(fromJob) {
           ${wf && wf.description ? `<div class="muted">${esc(wf.description)}</div>` : ""}</div>
         ${wf ? wf.parameters.map(p => paramField(p, values[p.name])).join("") : ""}
         <label for="submit-priority">priority</label>
-        <div><input type="number" id="submit-priority" step="1" value="${job ? job.priority : 0}"> <span class="field-error" data-field="priority"></span>
+        <div><input type="number" id="submit-priority" step="1" value="${job && !after ? job.priority : 0}"> <span class="field-error" data-field="priority"></span>
           <div class="muted">Higher runs first.</div></div>
         <label>metadata</label>
         <div id="submit-metadata">${(meta.length ? meta : [["", ""]]).map(([k, v]) => metadataRow(k, v)).join("")}
