@@ -392,13 +392,33 @@ impl ComfyClient {
 
     /// `GET /history/{prompt_id}`: `None` when the backend does not know it.
     pub async fn history(&self, prompt_id: &str) -> Result<Option<HistoryEntry>, ComfyError> {
-        let v = self.get_json(&format!("/history/{prompt_id}")).await?;
+        let r = self
+            .connections
+            .http
+            .get(format!("{}/history/{prompt_id}", self.base))
+            .headers(self.headers.clone())
+            .send()
+            .await
+            .map_err(|e| net_error(e, self.connections.timeout))?;
+        // How far the box's clock is behind ours, from its answer's `Date`
+        // (to the second): its timestamps mean nothing here without it.
+        let behind_ms = r
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok())
+            .map(|d| (chrono::Utc::now() - d.with_timezone(&chrono::Utc)).num_milliseconds());
+        let v = self.json_of(r).await?;
         let obj = v
             .as_object()
             .ok_or_else(|| ComfyError::BadResponse("history is not an object".into()))?;
         match obj.get(prompt_id) {
             None => Ok(None),
-            Some(entry) => HistoryEntry::parse(entry).map(Some),
+            Some(entry) => {
+                let mut entry = HistoryEntry::parse(entry)?;
+                entry.clock_behind_ms = behind_ms;
+                Ok(Some(entry))
+            }
         }
     }
 

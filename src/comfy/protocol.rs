@@ -8,6 +8,7 @@
 //! the typed values.
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::ComfyError;
@@ -222,6 +223,9 @@ pub struct HistoryEntry {
     pub outputs: Vec<OutputFile>,
     /// `[event, data]` pairs (`execution_error`, `execution_interrupted`, ...).
     pub messages: Vec<(String, Value)>,
+    /// How far the box's clock was behind ours when it answered (from the
+    /// answer's `Date`), when it said.
+    pub clock_behind_ms: Option<i64>,
 }
 
 impl HistoryEntry {
@@ -271,7 +275,36 @@ impl HistoryEntry {
             completed: status["completed"].as_bool().unwrap_or(false),
             outputs,
             messages,
+            clock_behind_ms: None,
         })
+    }
+
+    /// When the prompt started and ended on the box, on our clock: the
+    /// timestamps of its `execution_start` and of its last message (a
+    /// success, an error, an interrupt), moved by how far the box's clock
+    /// is behind ours. `None` where ComfyUI gave no time or its answer no
+    /// `Date`.
+    pub fn run_times(&self) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+        let Some(behind) = self.clock_behind_ms else {
+            return (None, None);
+        };
+        let at = |kinds: &[&str]| {
+            let ms = self
+                .messages
+                .iter()
+                .rev()
+                .filter(|(k, _)| kinds.contains(&k.as_str()))
+                .find_map(|(_, d)| d["timestamp"].as_i64())?;
+            DateTime::from_timestamp_millis(ms.checked_add(behind)?)
+        };
+        (
+            at(&["execution_start"]),
+            at(&[
+                "execution_success",
+                "execution_error",
+                "execution_interrupted",
+            ]),
+        )
     }
 
     /// The data of the first message of this kind.
@@ -514,6 +547,28 @@ impl WsEvent {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_prompts_run_times_are_moved_onto_our_clock() {
+        // ComfyUI 0.3.64's recorded history of a cached prompt.
+        let rec: Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/comfyui/success_cached.json"
+        ))
+        .unwrap();
+        let body = &rec["exchange"][10]["response"]["body"];
+        let (_, raw) = body.as_object().unwrap().iter().next().unwrap();
+        let mut entry = HistoryEntry::parse(raw).unwrap();
+        assert_eq!(entry.run_times(), (None, None), "no Date: no times");
+        // The box's clock an hour behind ours: its times are an hour later here.
+        entry.clock_behind_ms = Some(3_600_000);
+        let (started, ended) = entry.run_times();
+        let ms = |t: Option<DateTime<Utc>>| t.unwrap().timestamp_millis();
+        assert_eq!(ms(started), 1_795_565_788_673 + 3_600_000);
+        assert_eq!(ms(ended), 1_795_565_788_674 + 3_600_000);
+        // An end with no time (an old ComfyUI): none.
+        entry.messages.retain(|(k, _)| k != "execution_success");
+        assert_eq!(entry.run_times().1, None);
+    }
 
     #[test]
     fn versions_parse_and_old_or_silent_servers_are_refused() {

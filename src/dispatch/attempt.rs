@@ -434,6 +434,7 @@ impl Ctx {
             .history(&held.prompt_id)
             .await?
             .ok_or_else(|| DispatchError::NoHistory(held.prompt_id.clone()))?;
+        let ran = ran_before(&entry, chrono::Utc::now());
         let end = entry.end();
         // An interrupted prompt is a cancel when one was asked for (read
         // now: it may have come after this attempt began); no other end
@@ -452,7 +453,7 @@ impl Ctx {
                 match self
                     .shared
                     .store
-                    .complete(job_id, held.token, outputs)
+                    .complete_at(job_id, held.token, outputs, ran)
                     .await
                 {
                     Ok(done) => {
@@ -653,5 +654,25 @@ fn parent_output<'a>(
             found.name
         )),
         None => Ok(found),
+    }
+}
+
+/// How long after a prompt ended its end counts as learned late.
+const LATE: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+
+/// When the prompt ran, as its box tells it, if its end is learned late
+/// (`learned`, when its history came: after a restart of the orchestrator,
+/// or a socket that went deaf): the job then ends when it ended there, not
+/// minutes later when it was heard of. `None` when heard in time, or when
+/// the box gave no times.
+fn ran_before(
+    entry: &crate::comfy::HistoryEntry,
+    learned: chrono::DateTime<chrono::Utc>,
+) -> Option<crate::store::RanAt> {
+    match entry.run_times() {
+        (started, Some(ended)) if learned - ended > LATE => {
+            Some(crate::store::RanAt { started, ended })
+        }
+        _ => None,
     }
 }

@@ -252,6 +252,16 @@ pub struct JobTimes {
     pub started_at: Option<DateTime<Utc>>,
 }
 
+/// When a prompt ran on its box, on the orchestrator's clock, as the box
+/// told it afterwards.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RanAt {
+    /// When it started there, if the box said.
+    pub started: Option<DateTime<Utc>>,
+    /// When it ended there.
+    pub ended: DateTime<Utc>,
+}
+
 /// What a job's completion did.
 #[derive(Debug, Clone)]
 pub struct Completion {

@@ -124,8 +124,9 @@ async fn still_held(
 /// One way a held job ends or goes back to the queue, with the event that
 /// records it.
 pub(super) enum Step {
-    /// Finished; its outputs are collected.
-    Completed(Vec<OutputRecord>),
+    /// Finished; its outputs are collected. With when it ran, when that was
+    /// learned late (see [`Store::complete_at`]).
+    Completed(Vec<OutputRecord>, Option<RanAt>),
     /// Ended for good without success.
     Failed {
         outcome: LeaseOutcome,
@@ -165,15 +166,41 @@ pub(super) async fn apply(
     };
     let mut b = Batch::default();
     match step {
-        Step::Completed(outputs) => {
+        Step::Completed(outputs, ran) => {
             push_outputs(&mut b, id, &outputs)?;
             push_finish_lease(&mut b, held, LeaseOutcome::Completed, None, &now);
             push_final(&mut b, id, JobStatus::Completed, None, &now);
-            let message = format!(
+            let mut message = format!(
                 "completed on backend {} with {} output(s)",
                 held.backend,
                 outputs.len()
             );
+            if let Some(ran) = ran {
+                // The run's end (and start, if it was never seen) are when
+                // the box says, never before the lease began; the event
+                // stays in the log's order, saying so.
+                let ended = fmt_time(ran.ended);
+                b.push(
+                    "UPDATE leases SET finished_at = max(?, leased_at), \
+                     started_at = coalesce(started_at, min(max(coalesce(?, leased_at), leased_at), max(?, leased_at))) \
+                     WHERE job_id = ? AND lease_token = ?",
+                )
+                .bind(ended.clone())
+                .bind(ran.started.map(fmt_time))
+                .bind(ended.clone())
+                .bind(id.to_string())
+                .bind(held.token);
+                b.push(
+                    "UPDATE jobs SET finished_at = (SELECT finished_at FROM leases \
+                     WHERE job_id = ? AND lease_token = ?) WHERE id = ?",
+                )
+                .bind(id.to_string())
+                .bind(held.token)
+                .bind(id.to_string());
+                message.push_str(&format!(
+                    "; it ended there at {ended}, before the orchestrator heard of it"
+                ));
+            }
             let data = json!({ "outputs": outputs.iter().map(|o| &o.name).collect::<Vec<_>>() });
             let ev = event("completed", JobStatus::Completed, message, Some(data));
             push_event(&mut b, id, ev, &now);
@@ -549,7 +576,21 @@ impl Store {
         token: i64,
         outputs: Vec<OutputRecord>,
     ) -> Result<Completion, StoreError> {
-        let step = Step::Completed(outputs);
+        self.complete_at(job_id, token, outputs, None).await
+    }
+
+    /// [`Store::complete`], for an end learned late (the orchestrator was
+    /// down, or deaf to the box): the job's and its lease's end are `ran`'s,
+    /// when the box ended it, not now; the farm view's bar and the job's
+    /// run time stay true.
+    pub async fn complete_at(
+        &self,
+        job_id: &str,
+        token: i64,
+        outputs: Vec<OutputRecord>,
+        ran: Option<RanAt>,
+    ) -> Result<Completion, StoreError> {
+        let step = Step::Completed(outputs, ran);
         let id = job_id.to_string();
         self.fenced(job_id, token, |conn, held| {
             Box::pin(async move {
