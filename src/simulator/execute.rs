@@ -11,7 +11,7 @@ use axum::extract::ws::Message;
 use serde_json::{json, Map, Value};
 
 use super::nodes::{class_of, save_images, title_of};
-use super::{png, Prompt, Running, Sim, S};
+use super::{now_ms, png, Prompt, Running, Sim, S};
 use crate::comfy::graph::needed_by;
 
 /// Inputs that load a checkpoint (what `load_ms` is about).
@@ -141,13 +141,13 @@ async fn execute(sim: &Sim, p: Prompt) {
     let cid = p.client_id.clone();
     let pid = p.prompt_id.clone();
     let graph = p.graph.as_object().cloned().unwrap_or_default();
-    let start = json!({"prompt_id": pid, "timestamp": sim.stamp()});
+    let start = json!({"prompt_id": pid, "timestamp": now_ms()});
     let mut messages = vec![json!(["execution_start", start])];
     sim.event(&cid, "execution_start", start);
     let cached = sim.lock().last_graph.as_ref() == Some(&p.graph);
     let order = execution_order(&graph, &needed_by(&graph, &p.outputs));
     let cached_nodes: Vec<String> = if cached { order.clone() } else { vec![] };
-    let cached_msg = json!({"nodes": cached_nodes, "prompt_id": pid, "timestamp": sim.stamp()});
+    let cached_msg = json!({"nodes": cached_nodes, "prompt_id": pid, "timestamp": now_ms()});
     messages.push(json!(["execution_cached", cached_msg]));
     sim.event(&cid, "execution_cached", cached_msg);
 
@@ -169,7 +169,7 @@ async fn execute(sim: &Sim, p: Prompt) {
     let status = match &end {
         End::Vanished => return,
         End::Success => {
-            let m = json!({"prompt_id": pid, "timestamp": sim.stamp()});
+            let m = json!({"prompt_id": pid, "timestamp": now_ms()});
             messages.push(json!(["execution_success", m]));
             sim.event(&cid, "execution_success", m);
             json!({"status_str": "success", "completed": true, "messages": messages})
@@ -233,7 +233,7 @@ async fn run_nodes(
     let mut executed: Vec<String> = Vec::new();
     let stopped = |id: &str, class: &str, executed: &[String]| {
         End::Interrupted(
-            json!({"prompt_id": pid, "node_id": id, "node_type": class, "executed": executed, "timestamp": sim.stamp()}),
+            json!({"prompt_id": pid, "node_id": id, "node_type": class, "executed": executed, "timestamp": now_ms()}),
         )
     };
     for id in order {
@@ -310,7 +310,7 @@ async fn run_nodes(
                     "prompt_id": pid, "node_id": id, "node_type": class, "executed": executed,
                     "exception_message": "simulated failure (fail_rate)\n", "exception_type": "RuntimeError",
                     "traceback": ["  File \"simulator\", line 1, in execute\n"], "current_inputs": {}, "current_outputs": order,
-                    "timestamp": sim.stamp()
+                    "timestamp": now_ms()
                 }));
             }
         }
@@ -321,7 +321,7 @@ async fn run_nodes(
                 "exception_message": "index 3 is out of bounds for dimension 3 with size 3\n",
                 "exception_type": "IndexError",
                 "traceback": ["  File \"/opt/ComfyUI/execution.py\", line 496, in execute\n"],
-                "current_inputs": {"image": ["<tensor>"], "channel": ["alpha"]}, "current_outputs": order, "timestamp": sim.stamp()
+                "current_inputs": {"image": ["<tensor>"], "channel": ["alpha"]}, "current_outputs": order, "timestamp": now_ms()
             }));
         }
         if class == "SaveImage" || class == "PreviewImage" {

@@ -103,11 +103,6 @@ pub struct SimConfig {
     /// `POST /upload/image` answers only after this long (a large picture
     /// on a slow link), with the file stored then.
     pub upload_delay_ms: u64,
-    /// The timestamps of its messages are this far behind the machine's
-    /// clock while its answers' `Date` is right: to a client, each prompt
-    /// ended that long before it was asked about (as after a downtime of
-    /// the orchestrator, without a test waiting it out).
-    pub timestamps_behind_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -128,7 +123,6 @@ impl Default for SimConfig {
             load_ms: 0,
             queue_delay_ms: 0,
             upload_delay_ms: 0,
-            timestamps_behind_ms: 0,
         }
     }
 }
@@ -215,13 +209,6 @@ struct Sim {
 }
 
 type S = Arc<Sim>;
-
-impl Sim {
-    /// The time its messages carry, in ms since the epoch.
-    fn stamp(&self) -> u64 {
-        now_ms().saturating_sub(self.config.timestamps_behind_ms)
-    }
-}
 
 fn now_ms() -> u64 {
     SystemTime::now()
