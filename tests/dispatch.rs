@@ -1268,42 +1268,18 @@ async fn a_backend_behind_an_https_proxy_with_a_token_runs_jobs_and_one_without_
         ),
     );
     let bin = spawn_binary_with_env(&config, &[("SSL_CERT_FILE", &test_ca())]).await;
-    let client = reqwest::Client::new();
-    let get = |path: String| {
-        let client = client.clone();
-        async move {
-            client
-                .get(path)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    };
-    let r = client
-        .post(format!("{}/api/job", bin.url))
-        .json(&json!({"workflow_id": "image_blur", "requires": ["cloud"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = bin
+        .submit(&json!({"workflow_id": "image_blur", "requires": ["cloud"]}))
+        .await;
     let job = poll("the job through the proxy", || async {
-        let j = get(format!("{}/api/job/{id}", bin.url)).await;
+        let j = bin.get(&format!("/api/job/{id}")).await;
         (j["status"] == "completed").then_some(j)
     })
     .await;
     assert_eq!(job["backend_id"], "cloud");
     // Its picture came back through the proxy, whole.
     let name = job["outputs"][0]["name"].as_str().unwrap();
-    let bytes = client
-        .get(format!("{}/api/job/{id}/outputs/{name}", bin.url))
-        .send()
+    let bytes = reqwest::get(format!("{}/api/job/{id}/outputs/{name}", bin.url))
         .await
         .unwrap()
         .bytes()
@@ -1313,7 +1289,7 @@ async fn a_backend_behind_an_https_proxy_with_a_token_runs_jobs_and_one_without_
         format!("{:x}", Sha256::digest(&bytes)),
         job["outputs"][0]["sha256"]
     );
-    let backends = get(format!("{}/api/backends", bin.url)).await;
+    let backends = bin.get("/api/backends").await;
     let of = |id: &str| {
         backends["backends"]
             .as_array()
@@ -1341,7 +1317,7 @@ async fn a_backend_behind_an_https_proxy_with_a_token_runs_jobs_and_one_without_
     }
     // The box without the token: refused, and it says so.
     let nokey = poll("the box without a token seen refused", || async {
-        let b = get(format!("{}/api/backends", bin.url)).await;
+        let b = bin.get("/api/backends").await;
         let b = b["backends"]
             .as_array()
             .unwrap()

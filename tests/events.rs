@@ -371,17 +371,9 @@ async fn a_pending_webhook_survives_a_kill_9_of_the_orchestrator() {
         ),
     );
     let bin = spawn_binary(&config).await;
-    let client = reqwest::Client::new();
-    let r = client
-        .post(format!("{}/api/job", bin.url))
-        .json(&json!({"workflow_id": "image_blur", "callback_url": hook}))
-        .send()
-        .await
-        .unwrap();
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = bin
+        .submit(&json!({"workflow_id": "image_blur", "callback_url": hook}))
+        .await;
     poll("two failed tries", || async {
         (*tries.lock().unwrap() >= 2).then_some(())
     })
@@ -515,18 +507,9 @@ async fn a_webhook_goes_to_an_https_receiver_whose_certificate_the_machine_trust
     );
     // The test CA, as a studio's own CA would be installed on the machine.
     let bin = spawn_binary_with_env(&config, &[("SSL_CERT_FILE", &test_ca())]).await;
-    let client = reqwest::Client::new();
-    let r = client
-        .post(format!("{}/api/job", bin.url))
-        .json(&json!({"workflow_id": "image_blur", "callback_url": hook}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = bin
+        .submit(&json!({"workflow_id": "image_blur", "callback_url": hook}))
+        .await;
     let payload = poll("the callback over https", || async {
         got.lock().unwrap().first().cloned()
     })

@@ -251,6 +251,29 @@ pub async fn spawn_binary_with_env(config_path: &Path, env: &[(&str, &str)]) -> 
 }
 
 impl Binary {
+    /// Submits a manifest to the running binary: the new job's id.
+    pub async fn submit(&self, manifest: &Value) -> String {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/job", self.url))
+            .json(manifest)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let body: Value = r.json().await.unwrap();
+        body["job_id"].as_str().unwrap().to_string()
+    }
+
+    /// `GET` of a path of the running binary's API, as JSON.
+    pub async fn get(&self, path: &str) -> Value {
+        reqwest::get(format!("{}{path}", self.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn kill9(mut self) {
         self.child.start_kill().unwrap();
         let _ = self.child.wait().await;
