@@ -44,8 +44,9 @@ pub(super) struct Ctx {
     pub(super) shared: Arc<Shared>,
     pub(super) backend_id: String,
     pub(super) client: ComfyClient,
-    /// Inputs uploaded to this backend since the worker connected: input id
-    /// → the value its loader nodes take.
+    /// Files uploaded to this backend since the worker connected (stored
+    /// inputs and other jobs' outputs alike): their SHA-256 in hex → the
+    /// value its loader nodes take.
     pub(super) uploaded: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
