@@ -669,3 +669,36 @@ impl Download {
         Ok(chunk)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_box_behind_a_proxy_is_reached_under_its_path_and_its_socket_over_tls() {
+        let connections = Connections::new(Duration::from_secs(1));
+        let at = |base: &str| {
+            let c = ComfyClient::sharing(
+                &connections,
+                base,
+                reqwest::header::HeaderMap::new(),
+                "c1",
+                Limits::default(),
+            );
+            (c.base.clone(), c.ws_base.clone())
+        };
+        assert_eq!(
+            at("https://gpu7.example.com/comfyui/"),
+            (
+                "https://gpu7.example.com/comfyui".into(),
+                "wss://gpu7.example.com/comfyui".into()
+            )
+        );
+        assert_eq!(
+            at("http://10.0.0.5:8188"),
+            ("http://10.0.0.5:8188".into(), "ws://10.0.0.5:8188".into())
+        );
+        let v6 = ComfyClient::new("::1", 8188, "c1", Duration::from_secs(1));
+        assert_eq!(v6.base_url(), "http://[::1]:8188");
+    }
+}
