@@ -660,6 +660,38 @@ async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_
 }
 
 #[tokio::test]
+async fn a_quarantine_outlives_a_restart_of_the_orchestrator() {
+    let (_sick, _good, app, _) = sick_beside_good(900).await;
+    let (_, before) = app.get("/api/backends/sick").await;
+    let until = before["quarantined_until"].clone();
+    assert!(until.is_string(), "in quarantine: {before}");
+    let app = app.restart().await;
+    app.wait_backend("good", "online").await;
+    let (_, after) = app.get("/api/backends/sick").await;
+    assert_eq!(after["quarantined_until"], until, "{after}");
+    assert_eq!(after["quarantine_reason"], before["quarantine_reason"]);
+    // The next jobs all go to the good box: the sick one takes none.
+    let mut jobs = Vec::new();
+    for color in 0..4 {
+        jobs.push(submit(&app, blur(json!({"parameters": {"color": color}}))).await);
+    }
+    for id in &jobs {
+        let job = app.wait_status(id, "completed").await;
+        let leased: Vec<&Value> = job["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| &l["backend_id"])
+            .collect();
+        assert_eq!(leased, [&json!("good")], "{job}");
+    }
+    // An operator still ends it by enabling the box.
+    app.post_json("/api/backends/sick/enable", &json!({})).await;
+    let (_, b) = app.get("/api/backends/sick").await;
+    assert!(b["quarantined_until"].is_null(), "{b}");
+}
+
+#[tokio::test]
 async fn a_quarantine_ends_by_itself_and_the_box_takes_work_again() {
     let (_sick, _good, app, _) = sick_beside_good(4).await;
     app.post_json("/api/backends/good/disable", &json!({}))

@@ -19,8 +19,10 @@
 //! job needs a bigger one (a farm whose boxes differ), and an interrupt
 //! that was not ours says someone at the box stopped it. Neither counts.
 //!
-//! Kept in memory, not in the database: a restart gives every box a fresh
-//! start, and a box still sick is found again by the same few jobs.
+//! Kept in memory; a quarantine's record is its events: a restart of the
+//! orchestrator restores one still in force from them (a sick box would
+//! otherwise take the night's queue again until found out once more),
+//! while the failures counting towards the next start afresh.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -164,6 +166,16 @@ impl Health {
             .iter()
             .filter_map(|(id, r)| active(r, now).map(|q| (id.clone(), q)))
             .collect()
+    }
+
+    /// A quarantine in force when the service last stopped (read back
+    /// from its event): it goes on to its end, so a restart of the
+    /// orchestrator does not hand a sick box the night's queue again.
+    pub(super) fn restore(&self, backend_id: &str, q: Quarantine) {
+        let mut records = self.records.lock().expect("health");
+        let r = records.entry(backend_id.to_string()).or_default();
+        r.since = Some(q.until);
+        r.quarantine = Some(q);
     }
 
     /// An operator vouches for the backend: its quarantine ends now, and

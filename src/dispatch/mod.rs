@@ -358,6 +358,17 @@ impl Farm {
         // restart) must look when a slot frees, not wait for its safety
         // net: freed slots look until a look finds nothing due.
         shared.idle.opened();
+        // Quarantines in force when the service stopped go on to their end.
+        for (id, until, reason) in store.quarantines_in_force().await? {
+            if !shared.clients.contains_key(&id) {
+                continue;
+            }
+            tracing::info!(backend_id = %id, %until, "backend still in quarantine: {reason}");
+            shared
+                .health
+                .restore(&id, health::Quarantine { until, reason });
+            shared.wake_at(until + chrono::Duration::milliseconds(100), Some(&id));
+        }
         // Retries waiting out a back-off across the restart: woken when
         // each falls due, as the attempt that failed them would have.
         for at in store.retry_times(MAX_RETRY_TIMES).await? {

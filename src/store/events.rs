@@ -218,3 +218,33 @@ impl Store {
             .await
     }
 }
+
+impl Store {
+    /// Each backend whose last quarantine event put it in quarantine until
+    /// a time still to come, with that time and why: what a restarted
+    /// service restores (a quarantine is kept in memory, and its events
+    /// are its record).
+    pub async fn quarantines_in_force(
+        &self,
+    ) -> Result<Vec<(String, chrono::DateTime<Utc>, String)>, StoreError> {
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT backend_id, kind, data FROM job_events WHERE seq IN \
+             (SELECT max(seq) FROM job_events WHERE job_id IS NULL AND kind IN \
+              ('backend_quarantined', 'backend_quarantine_over', 'backend_quarantine_lifted') \
+              GROUP BY backend_id)",
+        )
+        .fetch_all(self.reader())
+        .await?;
+        let now = Utc::now();
+        Ok(rows
+            .into_iter()
+            .filter(|(_, kind, _)| kind == "backend_quarantined")
+            .filter_map(|(id, _, data)| {
+                let data: Value = serde_json::from_str(data.as_deref()?).ok()?;
+                let until = data["until"].as_str()?.parse().ok()?;
+                let reason = data["reason"].as_str().unwrap_or_default().to_string();
+                (until > now).then_some((id, until, reason))
+            })
+            .collect())
+    }
+}
