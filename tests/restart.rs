@@ -653,49 +653,70 @@ async fn progress_after_a_restart_still_names_the_node_type() {
 
 #[tokio::test]
 async fn a_job_that_ended_while_the_orchestrator_was_down_ends_when_its_box_ended_it() {
-    let a = start_sim(300).await;
-    let app = spawn_farm(vec![backend("a", a.port, &[], 1)]).await;
-    app.wait_backend("a", "online").await;
-    let id = app.submit_blur(json!({})).await;
-    app.wait_status(&id, "running").await;
+    // One box completes its job, the other fails its (one attempt allowed),
+    // both while the service is down.
+    let good = start_sim(300).await;
+    let bad = start_sim_with(SimConfig {
+        job_ms: 300,
+        fail_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm(vec![
+        backend("good", good.port, &["good"], 1),
+        backend("bad", bad.port, &["bad"], 1),
+    ])
+    .await;
+    app.wait_backend("good", "online").await;
+    app.wait_backend("bad", "online").await;
+    let completes = app.submit_blur(json!({"requires": ["good"]})).await;
+    let fails = app
+        .submit_blur(json!({"requires": ["bad"], "max_attempts": 1}))
+        .await;
+    app.wait_status(&completes, "running").await;
+    app.wait_status(&fails, "running").await;
     let (config, dir) = app.stop().await;
     poll(
-        "the prompt ended on its box while nobody listened",
-        || async { (!a.history_ids().is_empty()).then_some(()) },
+        "both prompts ended on their boxes while nobody listened",
+        || async {
+            (!good.history_ids().is_empty() && !bad.history_ids().is_empty()).then_some(())
+        },
     )
     .await;
     let ended = chrono::Utc::now();
     // The downtime itself (not a wait for something to happen): long enough
-    // that the end is old news when the service is back.
+    // that the ends are old news when the service is back.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut app = spawn_with(config).await;
     app.set_dir(dir.unwrap());
     let back = chrono::Utc::now();
-    let job = app.wait_status(&id, "completed").await;
     let at = |v: &Value| {
         chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
             .unwrap()
             .with_timezone(&chrono::Utc)
     };
-    let finished = at(&job["finished_at"]);
-    assert!(
-        finished < back - chrono::Duration::seconds(2),
-        "stamped with the box's end ({finished}), not the restart ({back})"
-    );
-    // The box's times come to the second (its answer's `Date`).
-    let off = (finished - ended).num_milliseconds().abs();
-    assert!(off < 1_500, "{finished} against {ended}");
-    let lease = &job["leases"][0];
-    assert_eq!(
-        at(&lease["finished_at"]),
-        finished,
-        "the farm view's bar ends there too"
-    );
-    let events = app.events(&id).await;
-    let done = events.iter().find(|e| e["kind"] == "completed").unwrap();
-    let message = done["message"].as_str().unwrap();
-    assert!(
-        message.contains("before the orchestrator heard of it"),
-        "{message}"
-    );
+    for (id, status) in [(&completes, "completed"), (&fails, "failed")] {
+        let job = app.wait_status(id, status).await;
+        let finished = at(&job["finished_at"]);
+        assert!(
+            finished < back - chrono::Duration::seconds(2),
+            "{status}: stamped {finished}: it should be when its box ended it, before the restart ({back})"
+        );
+        // The box's times come to the second (its answer's `Date`).
+        let off = (finished - ended).num_milliseconds().abs();
+        assert!(off < 1_500, "{status}: {finished} against {ended}");
+        let lease = &job["leases"][0];
+        assert_eq!(
+            at(&lease["finished_at"]),
+            finished,
+            "{status}: the farm view's bar ends there too"
+        );
+        let events = app.events(id).await;
+        let end = events.iter().find(|e| e["kind"] == status).unwrap();
+        let message = end["message"].as_str().unwrap();
+        assert!(
+            message.contains("before the orchestrator heard of it"),
+            "{message}"
+        );
+    }
 }

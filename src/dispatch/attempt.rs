@@ -146,12 +146,24 @@ impl Ctx {
     /// Records a failed attempt and schedules the retry; `false` if it could
     /// not be recorded (the caller then leaves the prompt for a reconcile).
     pub(super) async fn fail(&self, held: &Held, rejected: bool, error: Value) -> bool {
+        self.fail_at(held, rejected, error, None).await
+    }
+
+    /// [`Ctx::fail`], for a failure learned late (`ran`: when the box
+    /// ran it).
+    async fn fail_at(
+        &self,
+        held: &Held,
+        rejected: bool,
+        error: Value,
+        ran: Option<crate::store::RanAt>,
+    ) -> bool {
         let delay = super::backoff(&self.shared.config, held.attempt);
         let job_id = held.job_id.as_str();
         let recorded = match self
             .shared
             .store
-            .fail_attempt(job_id, held.token, rejected, error, delay)
+            .fail_attempt_at(job_id, held.token, rejected, error, delay, ran)
             .await
         {
             Ok(AttemptOutcome::Failed(reason)) => {
@@ -484,7 +496,7 @@ impl Ctx {
             _ => {
                 let error = runtime_error(backend_id, held.attempt, &end);
                 tracing::warn!(job_id, backend_id, "attempt failed: {}", error["message"]);
-                if !self.fail(held, false, error).await {
+                if !self.fail_at(held, false, error, ran).await {
                     return Err(DispatchError::Store(StoreError::Closed));
                 }
             }

@@ -10,9 +10,10 @@ use chrono::Utc;
 use serde_json::{json, Value};
 use sqlx::SqliteConnection;
 
+use super::batch::Batch;
 use super::cleanup::{add_cleanup, CleanupEntry};
 use super::model::*;
-use super::transitions::{apply, finish_lease, Held, LostOutcome, LostRun, Step};
+use super::transitions::{apply, finish_lease, push_ran_at, Held, LostOutcome, LostRun, Step};
 use super::waiting::unrunnable_reason;
 use super::{Store, StoreError};
 
@@ -30,6 +31,7 @@ async fn fail_in(
     rejected: bool,
     error: Value,
     backoff: chrono::Duration,
+    ran: Option<RanAt>,
 ) -> Result<AttemptOutcome, StoreError> {
     let outcome = if rejected {
         LeaseOutcome::Rejected
@@ -52,13 +54,19 @@ async fn fail_in(
             .await?
             .map(|why| format!("{message}; {why}"))
     };
+    // Heard of late: the run's times are the box's (after the step, which
+    // stamps them now), said in the step's event.
+    let mut late = Batch::default();
+    let said = ran.map(|r| push_ran_at(&mut late, &held, r, final_reason.is_some()));
+    let said = said.as_deref().unwrap_or_default();
     if let Some(reason) = final_reason {
         let step = Step::Failed {
             outcome,
             error,
-            message: reason.clone(),
+            message: format!("{reason}{said}"),
         };
         apply(conn, &held, step).await?;
+        late.run(conn).await?;
         return Ok(AttemptOutcome::Failed(reason));
     }
     let now = Utc::now();
@@ -70,12 +78,13 @@ async fn fail_in(
     };
     let step = Step::Retry {
         outcome,
-        message: format!("{message}; attempt {attempt} of {max} failed, retrying{retrying}"),
+        message: format!("{message}; attempt {attempt} of {max} failed, retrying{retrying}{said}"),
         error,
         not_before,
         avoid_until: now + avoid_span(backoff),
     };
     apply(conn, &held, step).await?;
+    late.run(conn).await?;
     Ok(AttemptOutcome::Retry(not_before))
 }
 
@@ -172,9 +181,24 @@ impl Store {
         error: Value,
         backoff: chrono::Duration,
     ) -> Result<AttemptOutcome, StoreError> {
+        self.fail_attempt_at(job_id, token, rejected, error, backoff, None)
+            .await
+    }
+
+    /// [`Store::fail_attempt`], for a failure learned late: the attempt's
+    /// (and a failed job's) end are `ran`'s, when the box ended it.
+    pub async fn fail_attempt_at(
+        &self,
+        job_id: &str,
+        token: i64,
+        rejected: bool,
+        error: Value,
+        backoff: chrono::Duration,
+        ran: Option<RanAt>,
+    ) -> Result<AttemptOutcome, StoreError> {
         let outcome = self
             .transition(job_id, token, move |conn, held| {
-                Box::pin(fail_in(conn, held, rejected, error, backoff))
+                Box::pin(fail_in(conn, held, rejected, error, backoff, ran))
             })
             .await?;
         Ok(outcome.unwrap_or(AttemptOutcome::LeaseLost))

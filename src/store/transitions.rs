@@ -176,30 +176,7 @@ pub(super) async fn apply(
                 outputs.len()
             );
             if let Some(ran) = ran {
-                // The run's end (and start, if it was never seen) are when
-                // the box says, never before the lease began; the event
-                // stays in the log's order, saying so.
-                let ended = fmt_time(ran.ended);
-                b.push(
-                    "UPDATE leases SET finished_at = max(?, leased_at), \
-                     started_at = coalesce(started_at, min(max(coalesce(?, leased_at), leased_at), max(?, leased_at))) \
-                     WHERE job_id = ? AND lease_token = ?",
-                )
-                .bind(ended.clone())
-                .bind(ran.started.map(fmt_time))
-                .bind(ended.clone())
-                .bind(id.to_string())
-                .bind(held.token);
-                b.push(
-                    "UPDATE jobs SET finished_at = (SELECT finished_at FROM leases \
-                     WHERE job_id = ? AND lease_token = ?) WHERE id = ?",
-                )
-                .bind(id.to_string())
-                .bind(held.token)
-                .bind(id.to_string());
-                message.push_str(&format!(
-                    "; it ended there at {ended}, before the orchestrator heard of it"
-                ));
+                message.push_str(&push_ran_at(&mut b, held, ran, true));
             }
             let data = json!({ "outputs": outputs.iter().map(|o| &o.name).collect::<Vec<_>>() });
             let ev = event("completed", JobStatus::Completed, message, Some(data));
@@ -317,6 +294,34 @@ fn push_finish_lease(
     .bind(error.map(|e| e.to_string()))
     .bind(held.job_id.clone())
     .bind(held.token);
+}
+
+/// A run whose end was learned late: its lease's end (and start, if it
+/// was never seen) are when the box says, never before the lease began,
+/// and so is the job's end when `job_ended` (it ends with this run). The
+/// words its event adds; the event itself stays in the log's order.
+pub(super) fn push_ran_at(b: &mut Batch<'_>, held: &Held, ran: RanAt, job_ended: bool) -> String {
+    let (id, ended) = (held.job_id.as_str(), fmt_time(ran.ended));
+    b.push(
+        "UPDATE leases SET finished_at = max(?, leased_at), \
+         started_at = coalesce(started_at, min(max(coalesce(?, leased_at), leased_at), max(?, leased_at))) \
+         WHERE job_id = ? AND lease_token = ?",
+    )
+    .bind(ended.clone())
+    .bind(ran.started.map(fmt_time))
+    .bind(ended.clone())
+    .bind(id.to_string())
+    .bind(held.token);
+    if job_ended {
+        b.push(
+            "UPDATE jobs SET finished_at = (SELECT finished_at FROM leases \
+             WHERE job_id = ? AND lease_token = ?) WHERE id = ?",
+        )
+        .bind(id.to_string())
+        .bind(held.token)
+        .bind(id.to_string());
+    }
+    format!("; it ended there at {ended}, before the orchestrator heard of it")
 }
 
 /// Closes the held lease with its outcome, now (before the caller's rules
