@@ -25,6 +25,7 @@
 //! waits for work), `glance` (one read of the farm for the safety nets).
 
 mod attempt;
+mod files;
 mod fill;
 mod glance;
 mod health;
