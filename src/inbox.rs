@@ -404,8 +404,22 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
             let stem = name.trim_end_matches(".json");
             move_files(dir, REJECTED, &format!("{stem}."), &taken).await;
             let body = serde_json::to_vec_pretty(&e.body).unwrap_or_default();
-            if let Err(err) = tokio::fs::write(&error_file, body).await {
+            // Written aside, then renamed: a tool watching `rejected/` never
+            // reads a half-written error (a test once read it empty).
+            let part = error_file.with_file_name(format!(
+                ".{}.part",
+                error_file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(name)
+            ));
+            let written = match tokio::fs::write(&part, body).await {
+                Ok(()) => tokio::fs::rename(&part, &error_file).await,
+                Err(err) => Err(err),
+            };
+            if let Err(err) = written {
                 tracing::error!(file = %name, error = %err, "cannot write the error file");
+                let _ = tokio::fs::remove_file(&part).await;
             }
         }
     }

@@ -150,9 +150,11 @@ async fn invalid_manifests_land_in_rejected_with_the_api_error_beside_them() {
         ),
     )
     .unwrap();
+    // An error file is written aside (a hidden `.part`) and renamed: once
+    // all six are there and nothing is half-written, each reads whole.
     let rejected = poll("three rejected files and their errors", || async {
         let r = names(&inbox.join("rejected"));
-        (r.len() >= 6).then_some(r)
+        (r.len() >= 6 && !r.iter().any(|n| n.starts_with('.'))).then_some(r)
     })
     .await;
     assert_eq!(
