@@ -12,18 +12,15 @@
 
 pub mod graph;
 mod protocol;
+mod socket;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use protocol::*;
+pub use socket::EventStream;
 
 /// What can go wrong talking to a backend.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -65,62 +62,6 @@ impl Default for Limits {
             max_reply_bytes: 64 << 20,
             max_output_bytes: 16 << 30,
         }
-    }
-}
-
-/// The backend's WebSocket, yielding parsed events.
-pub struct EventStream {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-impl EventStream {
-    /// The next event; `None` when the socket closed. A broken socket is an error.
-    pub async fn next(&mut self) -> Option<Result<WsEvent, ComfyError>> {
-        loop {
-            let msg = self.ws.next().await?;
-            return Some(match msg {
-                Ok(Message::Text(t)) => Ok(WsEvent::parse_text(t.as_str())),
-                Ok(Message::Binary(b)) => Ok(WsEvent::Preview(b)),
-                Ok(Message::Pong(_)) => Ok(WsEvent::Pong),
-                // tungstenite answers pings by itself.
-                Ok(Message::Ping(_)) => continue,
-                Ok(Message::Close(_)) => return None,
-                Ok(_) => continue,
-                Err(e) => Err(ComfyError::Unreachable(e.to_string())),
-            });
-        }
-    }
-
-    /// Sends a ping; the answer comes back as [`WsEvent::Pong`].
-    pub async fn ping(&mut self) -> Result<(), ComfyError> {
-        self.ws
-            .send(Message::Ping(Bytes::from_static(b"orchestrator")))
-            .await
-            .map_err(|e| ComfyError::Unreachable(e.to_string()))
-    }
-
-    /// Sends our `feature_flags` (as the first message): ComfyUI answers it
-    /// through its table of sockets, so the answer proves that this socket
-    /// is the one our prompts' messages go to.
-    pub async fn probe(&mut self) -> Result<(), ComfyError> {
-        let m = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}});
-        self.ws
-            .send(Message::Text(m.to_string().into()))
-            .await
-            .map_err(|e| ComfyError::Unreachable(e.to_string()))
-    }
-
-    /// Closes the socket and waits (at most `wait`) for the server to close
-    /// its end. ComfyUI forgets a client id's socket when *any* socket with
-    /// that id ends: an old socket must be gone before its replacement opens.
-    pub async fn close(mut self, wait: Duration) {
-        let _ = tokio::time::timeout(wait, async {
-            if self.ws.close(None).await.is_err() {
-                return;
-            }
-            while let Some(Ok(_)) = self.ws.next().await {}
-        })
-        .await;
     }
 }
 
@@ -260,6 +201,19 @@ impl ComfyClient {
     }
 
     /// Reads a whole answer, refusing one over the cap.
+    /// A request to `path` on this backend through `client` (the farm's
+    /// shared one for calls, or the one for transfers), with its headers.
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        client
+            .request(method, format!("{}{path}", self.base))
+            .headers(self.headers.clone())
+    }
+
     async fn body(&self, mut r: reqwest::Response) -> Result<Vec<u8>, ComfyError> {
         let cap = self.limits.max_reply_bytes;
         if r.content_length().is_some_and(|n| n > cap) {
@@ -309,11 +263,7 @@ impl ComfyClient {
     /// buffer grown to the answer's size for as long as it lives (0.4 MB a
     /// backend with the simulator's definitions, more with custom nodes).
     async fn get_json_with(&self, path: &str, close: bool) -> Result<Value, ComfyError> {
-        let mut request = self
-            .connections
-            .http
-            .get(format!("{}{path}", self.base))
-            .headers(self.headers.clone());
+        let mut request = self.request(&self.connections.http, reqwest::Method::GET, path);
         if close {
             request = request.header(reqwest::header::CONNECTION, "close");
         }
@@ -326,10 +276,7 @@ impl ComfyClient {
 
     async fn post_empty(&self, path: &str, body: Value) -> Result<(), ComfyError> {
         let r = self
-            .connections
-            .http
-            .post(format!("{}{path}", self.base))
-            .headers(self.headers.clone())
+            .request(&self.connections.http, reqwest::Method::POST, path)
             .json(&body)
             .send()
             .await
@@ -352,10 +299,7 @@ impl ComfyClient {
             "prompt_id": prompt_id,
         });
         let r = self
-            .connections
-            .http
-            .post(format!("{}/prompt", self.base))
-            .headers(self.headers.clone())
+            .request(&self.connections.http, reqwest::Method::POST, "/prompt")
             .json(&body)
             .send()
             .await
@@ -392,11 +336,9 @@ impl ComfyClient {
 
     /// `GET /history/{prompt_id}`: `None` when the backend does not know it.
     pub async fn history(&self, prompt_id: &str) -> Result<Option<HistoryEntry>, ComfyError> {
+        let path = format!("/history/{prompt_id}");
         let r = self
-            .connections
-            .http
-            .get(format!("{}/history/{prompt_id}", self.base))
-            .headers(self.headers.clone())
+            .request(&self.connections.http, reqwest::Method::GET, &path)
             .send()
             .await
             .map_err(|e| net_error(e, self.connections.timeout))?;
@@ -480,11 +422,9 @@ impl ComfyClient {
     /// `GET /models/{folder}`: the model files a graph can name there
     /// (`None` for a folder this backend does not know).
     pub async fn models(&self, folder: &str) -> Result<Option<Vec<String>>, ComfyError> {
+        let path = format!("/models/{folder}");
         let r = self
-            .connections
-            .http
-            .get(format!("{}/models/{folder}", self.base))
-            .headers(self.headers.clone())
+            .request(&self.connections.http, reqwest::Method::GET, &path)
             .send()
             .await
             .map_err(|e| net_error(e, self.connections.timeout))?;
@@ -510,10 +450,7 @@ impl ComfyClient {
     /// refused.
     pub async fn view(&self, f: &OutputFile) -> Result<Download, ComfyError> {
         let r = self
-            .connections
-            .downloads
-            .get(format!("{}/view", self.base))
-            .headers(self.headers.clone())
+            .request(&self.connections.downloads, reqwest::Method::GET, "/view")
             .query(&[
                 ("filename", &f.filename),
                 ("subfolder", &f.subfolder),
@@ -591,10 +528,11 @@ impl ComfyClient {
             .text("type", "input")
             .text("overwrite", "true");
         let r = self
-            .connections
-            .downloads
-            .post(format!("{}/upload/image", self.base))
-            .headers(self.headers.clone())
+            .request(
+                &self.connections.downloads,
+                reqwest::Method::POST,
+                "/upload/image",
+            )
             .multipart(form)
             .send()
             .await
@@ -615,27 +553,6 @@ impl ComfyClient {
             self.interrupt(p).await?;
         }
         self.delete_history(prompt_ids).await
-    }
-
-    /// Opens `GET /ws?clientId=...`.
-    pub async fn connect(&self) -> Result<EventStream, ComfyError> {
-        let url = format!("{}/ws?clientId={}", self.ws_base, self.client_id);
-        // A socket per backend, mostly quiet: small buffers (tungstenite's
-        // default is 128 KiB each way, 256 MB on a farm of 1,000 boxes); a
-        // bigger message (a preview frame) still grows the read buffer.
-        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(4 * 1024)
-            .write_buffer_size(0);
-        let mut request = url
-            .into_client_request()
-            .map_err(|e| ComfyError::Unreachable(format!("{}/ws: {e}", self.ws_base)))?;
-        request.headers_mut().extend(self.headers.clone());
-        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
-        let (ws, _) = tokio::time::timeout(self.connections.timeout, connect)
-            .await
-            .map_err(|_| ComfyError::Timeout(self.connections.timeout))?
-            .map_err(|e| ComfyError::Unreachable(crate::with_causes(&e)))?;
-        Ok(EventStream { ws })
     }
 }
 
