@@ -318,6 +318,25 @@ impl BackendConfig {
         }
     }
 
+    /// Its `headers` as sent; a bad one is its field (`headers` or
+    /// `headers.NAME`) and what is wrong with it.
+    pub fn header_map(&self) -> Result<reqwest::header::HeaderMap, (String, String)> {
+        let mut map = reqwest::header::HeaderMap::new();
+        for (name, value) in &self.headers {
+            let Ok(n) = reqwest::header::HeaderName::from_bytes(name.as_bytes()) else {
+                return Err(("headers".into(), format!("`{name}` is not a header name")));
+            };
+            let Ok(v) = reqwest::header::HeaderValue::from_str(value) else {
+                return Err((
+                    format!("headers.{name}"),
+                    "must be visible ASCII (no line breaks)".into(),
+                ));
+            };
+            map.append(n, v);
+        }
+        Ok(map)
+    }
+
     /// The host and port it is reached at (from `url` when given), for
     /// display and the database.
     pub fn host_port(&self) -> (String, u16) {
@@ -616,16 +635,8 @@ impl Config {
             } else if b.host.trim().is_empty() {
                 return invalid(&key("host"), "is required (or give the server's `url`)");
             }
-            for (name, value) in &b.headers {
-                if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    return invalid(&key("headers"), &format!("`{name}` is not a header name"));
-                }
-                if reqwest::header::HeaderValue::from_str(value).is_err() {
-                    return invalid(
-                        &key(&format!("headers.{name}")),
-                        "must be visible ASCII (no line breaks)",
-                    );
-                }
+            if let Err((field, problem)) = b.header_map() {
+                return invalid(&key(&field), &problem);
             }
             if b.port == 0 {
                 return invalid(&key("port"), "must be between 1 and 65535");

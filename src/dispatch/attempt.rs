@@ -226,9 +226,7 @@ impl Ctx {
             self.shared
                 .quarantine_event(&sick, "backend_quarantined", &message, data)
                 .await;
-            // A moment after its end, so that the worker finds it over.
-            self.shared
-                .wake_at(q.until + chrono::Duration::milliseconds(100), Some(&sick));
+            self.shared.wake_at_quarantine_end(&sick, q.until);
         }
     }
 

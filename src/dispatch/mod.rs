@@ -224,6 +224,15 @@ impl Shared {
         }
     }
 
+    /// Rings the backend's worker a moment after its quarantine ends at
+    /// `until`, so that the worker finds it over.
+    fn wake_at_quarantine_end(&self, backend_id: &str, until: chrono::DateTime<chrono::Utc>) {
+        self.wake_at(
+            until + chrono::Duration::milliseconds(100),
+            Some(backend_id),
+        );
+    }
+
     /// Wakes every worker at `at` (a retry's back-off ends then), or only
     /// the worker of backend `who`.
     fn wake_at(&self, at: chrono::DateTime<chrono::Utc>, who: Option<&str>) {
@@ -302,12 +311,9 @@ impl Farm {
                 .backend(&b.id)
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("backend `{}`", b.id)))?;
-            // Checked when the config was read: a bad header is left out here.
-            let headers = b
-                .headers
-                .iter()
-                .filter_map(|(k, v)| Some((k.parse().ok()?, v.parse().ok()?)))
-                .collect();
+            // Checked when the config was read (a config built in code
+            // that was not checked sends none).
+            let headers = b.header_map().unwrap_or_default();
             let client = ComfyClient::sharing(
                 &connections,
                 &b.base_url(),
@@ -368,7 +374,7 @@ impl Farm {
             shared
                 .health
                 .restore(&id, health::Quarantine { until, reason });
-            shared.wake_at(until + chrono::Duration::milliseconds(100), Some(&id));
+            shared.wake_at_quarantine_end(&id, until);
         }
         // Retries waiting out a back-off across the restart: woken when
         // each falls due, as the attempt that failed them would have.
