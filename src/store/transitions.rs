@@ -302,14 +302,15 @@ fn push_finish_lease(
 /// words its event adds; the event itself stays in the log's order.
 pub(super) fn push_ran_at(b: &mut Batch<'_>, held: &Held, ran: RanAt, job_ended: bool) -> String {
     let (id, ended) = (held.job_id.as_str(), fmt_time(ran.ended));
+    // A start the box puts after its end is its end.
+    let started = ran.started.map(|s| fmt_time(s.min(ran.ended)));
     b.push(
         "UPDATE leases SET finished_at = max(?, leased_at), \
-         started_at = coalesce(started_at, min(max(coalesce(?, leased_at), leased_at), max(?, leased_at))) \
+         started_at = coalesce(started_at, max(coalesce(?, leased_at), leased_at)) \
          WHERE job_id = ? AND lease_token = ?",
     )
     .bind(ended.clone())
-    .bind(ran.started.map(fmt_time))
-    .bind(ended.clone())
+    .bind(started)
     .bind(id.to_string())
     .bind(held.token);
     if job_ended {
