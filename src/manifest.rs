@@ -291,18 +291,8 @@ pub fn parse(
             graph,
             callback_url,
             timeout_s,
-            inputs: {
-                let mut ids: Vec<String> = inputs.iter().map(|(_, id)| id.clone()).collect();
-                ids.sort();
-                ids.dedup();
-                ids
-            },
-            parents: {
-                let mut ids: Vec<String> = parents.iter().map(|(_, id)| id.clone()).collect();
-                ids.sort();
-                ids.dedup();
-                ids
-            },
+            inputs: distinct(&inputs),
+            parents: distinct(&parents),
         },
         warnings,
         inputs,
@@ -313,6 +303,14 @@ pub fn parse(
 
 /// A value a graph names, with the field it came from: `(field, value)`.
 type FieldRef = (String, String);
+
+/// The values named, each once, in order: what the job stores.
+fn distinct(refs: &[FieldRef]) -> Vec<String> {
+    let mut values: Vec<String> = refs.iter().map(|(_, v)| v.clone()).collect();
+    values.sort();
+    values.dedup();
+    values
+}
 
 /// The input files a graph names: every input value that is an input id
 /// (`sha256:<hex>`), and the jobs whose outputs it starts from (`job:<id>`,
