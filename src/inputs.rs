@@ -16,7 +16,7 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::store::{InputDeletion, InputRecord, Store, StoreError};
+use crate::store::{InputDeletion, InputRecord, OutputRecord, Store, StoreError};
 
 /// The prefix of an input id.
 pub const ID_PREFIX: &str = "sha256:";
@@ -56,6 +56,53 @@ pub fn job_ref(value: &str) -> Option<(String, Option<String>)> {
         None => Some((id, None)),
         Some(n) if plain_file_name(n) => Some((id, Some(n.to_string()))),
         Some(_) => None,
+    }
+}
+
+/// Which of a parent job's outputs a `job:` reference means: the one it
+/// names, or else its first picture (a saved one before a preview, by
+/// name), or else its only output (a video for a `LoadVideo`); the error
+/// says why none can be, listing the job's outputs. Submission and dispatch
+/// both ask, so a reference means the same file at either.
+pub fn output_of_job<'a>(
+    job: &str,
+    name: Option<&str>,
+    outputs: &'a [OutputRecord],
+) -> Result<&'a OutputRecord, String> {
+    let names = || {
+        let all: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+        if all.is_empty() {
+            "it has none".to_string()
+        } else {
+            format!("its outputs: {}", all.join(", "))
+        }
+    };
+    let found = match name {
+        Some(n) => outputs
+            .iter()
+            .find(|o| o.name == n)
+            .ok_or_else(|| format!("job {job} has no output named `{n}` ({})", names()))?,
+        None => outputs
+            .iter()
+            .filter(|o| crate::thumbs::of_a_picture(&o.content_type))
+            .min_by_key(|o| (o.file_type != "output", o.name.as_str()))
+            .or(match outputs {
+                [only] => Some(only),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                format!(
+                    "job {job} has no picture among its outputs to start from ({}); name one as job:{job}/<name>",
+                    names()
+                )
+            })?,
+    };
+    match found.pruned_at {
+        Some(at) => Err(format!(
+            "the output {} of job {job} was deleted by retention at {at}",
+            found.name
+        )),
+        None => Ok(found),
     }
 }
 
@@ -500,5 +547,56 @@ mod tests {
             Some("ab.png".into())
         );
         assert_eq!(clean_name(None), None);
+    }
+
+    fn output(name: &str, content_type: &str, file_type: &str) -> OutputRecord {
+        OutputRecord {
+            name: name.into(),
+            kind: "images".into(),
+            node_id: "9".into(),
+            filename: name.into(),
+            subfolder: String::new(),
+            file_type: file_type.into(),
+            size: 1,
+            sha256: "0".repeat(64),
+            content_type: content_type.into(),
+            pruned_at: None,
+        }
+    }
+
+    #[test]
+    fn a_job_reference_means_the_named_output_or_the_first_saved_picture_or_the_only_one() {
+        let outputs = [
+            output("b_00001_.png", "image/png", "output"),
+            output("a_preview_.png", "image/png", "temp"),
+            output("clip_00001_.mp4", "video/mp4", "output"),
+            output("a_00001_.png", "image/png", "output"),
+        ];
+        let pick = |name, outputs: &[OutputRecord]| {
+            output_of_job("j", name, outputs).map(|o| o.name.clone())
+        };
+        assert_eq!(pick(None, &outputs).unwrap(), "a_00001_.png");
+        assert_eq!(
+            pick(Some("clip_00001_.mp4"), &outputs).unwrap(),
+            "clip_00001_.mp4"
+        );
+        let missing = pick(Some("nope.png"), &outputs).unwrap_err();
+        assert!(missing.contains("no output named `nope.png`") && missing.contains("a_00001_.png"));
+        // A video job's one output; two videos are for the reference to choose.
+        let video = [output("clip_00001_.mp4", "video/mp4", "output")];
+        assert_eq!(pick(None, &video).unwrap(), "clip_00001_.mp4");
+        let two = [
+            video[0].clone(),
+            output("clip_00002_.mp4", "video/mp4", "output"),
+        ];
+        assert!(pick(None, &two)
+            .unwrap_err()
+            .contains("name one as job:j/<name>"));
+        assert!(pick(None, &[]).unwrap_err().contains("it has none"));
+        let mut pruned = video.clone();
+        pruned[0].pruned_at = Some(chrono::Utc::now());
+        assert!(pick(None, &pruned)
+            .unwrap_err()
+            .contains("deleted by retention"));
     }
 }

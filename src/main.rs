@@ -150,6 +150,10 @@ struct SimulateArgs {
     /// Chance (0 to 1) that a prompt fails at run time.
     #[arg(long, default_value_t = 0.0)]
     fail_rate: f64,
+    /// Chance (0 to 1) that a prompt crashes the server once it runs; it
+    /// comes back empty after --crash-down-ms.
+    #[arg(long, default_value_t = 0.0)]
+    crash_rate: f64,
     /// Checkpoint files the simulated server has (comma-separated).
     #[arg(
         long,
@@ -351,6 +355,9 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&a.fail_rate) {
         anyhow::bail!("--fail-rate must be between 0 and 1");
     }
+    if !(0.0..=1.0).contains(&a.crash_rate) {
+        anyhow::bail!("--crash-rate must be between 0 and 1");
+    }
     let _guard = init_logging(&Config::default());
     let (host, port) = (a.host.as_str(), a.port);
     let listener = tokio::net::TcpListener::bind((host, port))
@@ -368,6 +375,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     let config = orchestrator::simulator::SimConfig {
         job_ms: a.job_ms,
         fail_rate: a.fail_rate,
+        crash_rate: a.crash_rate,
         checkpoints: a.checkpoints,
         version: a.version,
         accept_delay_ms: a.accept_delay_ms,

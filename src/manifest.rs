@@ -77,9 +77,9 @@ pub struct Parsed {
     pub warnings: Vec<String>,
     /// The input files the graph names, each with the field that named it.
     pub inputs: Vec<(String, String)>,
-    /// The jobs whose outputs it starts from, each with the field that
-    /// named it (`job:<id>` values).
-    pub parents: Vec<(String, String)>,
+    /// The jobs whose outputs it starts from, each as the field that named
+    /// it (`job:<id>` values) gave it.
+    pub parents: Vec<ParentRef>,
     /// The template it was bound from, so later checks name the parameter
     /// (`parameters.NAME`) a graph input came from (looked up only then).
     pub template: Option<std::sync::Arc<crate::workflows::Template>>,
@@ -179,7 +179,7 @@ pub fn parse(
     let mut template_timeout = None;
     let mut bound_from = None;
     let inputs;
-    let parents: Vec<(String, String)>;
+    let parents: Vec<ParentRef>;
     let (workflow_id, graph, bound) = match (workflow_id, inline) {
         (Some(_), Some(_)) => {
             return Err(err(
@@ -292,7 +292,13 @@ pub fn parse(
             callback_url,
             timeout_s,
             inputs: distinct(&inputs),
-            parents: distinct(&parents),
+            parents: {
+                let ids: Vec<FieldRef> = parents
+                    .iter()
+                    .map(|p| (p.field.clone(), p.job.clone()))
+                    .collect();
+                distinct(&ids)
+            },
         },
         warnings,
         inputs,
@@ -303,6 +309,18 @@ pub fn parse(
 
 /// A value a graph names, with the field it came from: `(field, value)`.
 type FieldRef = (String, String);
+
+/// One `job:` reference of a graph: which job's output, and the field that
+/// named it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParentRef {
+    /// `parameters.NAME`, or `workflow.NODE.inputs.INPUT`.
+    pub field: String,
+    /// The job whose output it starts from.
+    pub job: String,
+    /// The output named (`job:<id>/<name>`), or none: its first picture.
+    pub output: Option<String>,
+}
 
 /// The values named, each once, in order: what the job stores.
 fn distinct(refs: &[FieldRef]) -> Vec<String> {
@@ -320,7 +338,7 @@ fn distinct(refs: &[FieldRef]) -> Vec<String> {
 fn input_refs(
     graph: &Value,
     field_of: impl Fn(&str, &str) -> Option<String>,
-) -> Result<(Vec<FieldRef>, Vec<FieldRef>), BindError> {
+) -> Result<(Vec<FieldRef>, Vec<ParentRef>), BindError> {
     let (mut files, mut jobs) = (Vec::new(), Vec::new());
     for (node, body) in graph.as_object().into_iter().flatten() {
         for (input, v) in body["inputs"].as_object().into_iter().flatten() {
@@ -339,7 +357,7 @@ fn input_refs(
                 }
                 files.push((field(), s.to_string()));
             } else if crate::inputs::looks_like_job_ref(s) {
-                let Some((job, _)) = crate::inputs::job_ref(s) else {
+                let Some((job, output)) = crate::inputs::job_ref(s) else {
                     return Err(err(
                         &field(),
                         format!(
@@ -347,7 +365,11 @@ fn input_refs(
                         ),
                     ));
                 };
-                jobs.push((field(), job));
+                jobs.push(ParentRef {
+                    field: field(),
+                    job,
+                    output,
+                });
             }
         }
     }

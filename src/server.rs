@@ -91,6 +91,7 @@ impl Service {
                         name: b.name.clone().unwrap_or_else(|| b.id.clone()),
                         host: b.host_port().0,
                         port: b.host_port().1,
+                        url: b.base_url(),
                         enabled: b.enabled,
                         tags: b.tags.clone(),
                         max_inflight: b.max_inflight,

@@ -334,18 +334,29 @@ impl Submitter {
     }
 
     /// Every job it starts from must be stored and able still to complete:
-    /// a job waiting on one that failed would only fail in its turn.
+    /// a job waiting on one that failed would only fail in its turn. One
+    /// that has completed must have the output named, still on disk: a
+    /// wrong name or a file retention deleted is said now, not when the job
+    /// runs.
     async fn check_parents(&self, parsed: &manifest::Parsed) -> Result<(), SubmitError> {
         let statuses = self.store.job_statuses(&parsed.job.parents).await?;
-        for (field, id) in &parsed.parents {
+        for parent in &parsed.parents {
+            let id = &parent.job;
             let problem = match statuses.get(id) {
                 None => format!("job {id} is not known here (start from a job submitted to this orchestrator)"),
                 Some(s @ (JobStatus::Failed | JobStatus::Cancelled)) => format!(
                     "job {id} is {s}; retry it first (POST /api/job/{id}/retry), then submit this one"
                 ),
+                Some(JobStatus::Completed) => {
+                    let outputs = self.store.job_outputs(id).await?;
+                    match crate::inputs::output_of_job(id, parent.output.as_deref(), &outputs) {
+                        Ok(_) => continue,
+                        Err(problem) => problem,
+                    }
+                }
                 Some(_) => continue,
             };
-            return Err(SubmitError::invalid(field, problem));
+            return Err(SubmitError::invalid(&parent.field, problem));
         }
         Ok(())
     }

@@ -490,6 +490,7 @@ async fn backends_from_the_config_are_listed_and_stored() {
     assert_eq!(status, 200);
     assert_eq!(b["backends"][0]["id"], "node1");
     assert_eq!(b["backends"][0]["name"], "Beast (5090)");
+    assert_eq!(b["backends"][0]["url"], "http://127.0.0.1:1");
     assert!(b["backends"][0]["client_id"].as_str().unwrap().len() == 36);
     let client_id = b["backends"][0]["client_id"].clone();
     let app = app.restart().await;

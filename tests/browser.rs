@@ -266,6 +266,11 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     );
     b.wait_for("the running job on the backend's row", &on_row)
         .await;
+    // Its address links the box's own ComfyUI page.
+    let link = b
+        .eval("document.querySelector('#backend-gpu-box-1 a[target=_blank]').getAttribute('href')")
+        .await;
+    assert_eq!(link, json!(format!("http://127.0.0.1:{}", sim.port)));
     b.screenshot("backends.png", &shots).await;
     b.eval("document.querySelector('#backend-gpu-box-1 button[data-act$=\"/drain\"]').click()")
         .await;
@@ -348,6 +353,13 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     };
     b.wait_for("the filters", "document.getElementById('filters') !== null")
         .await;
+    // The waiting ones say, on the list, what each waits for.
+    b.eval(&filter("waiting")).await;
+    b.wait_for(
+        "the waiting job's row, linking the job it waits for",
+        &format!("(document.querySelector('#job-{child} .waits-for a[href=\"#/job/{waiting}\"]') || {{}}).innerText === '{}'", &waiting[..8]),
+    )
+    .await;
     b.eval(&filter("queued")).await;
     b.wait_for(
         "the button for the queued jobs",

@@ -434,6 +434,12 @@ async fn retention_frees_old_outputs_inputs_and_progress_and_keeps_what_is_neede
     .await;
     let job = app.wait_status(&done, "completed").await;
     let output = job["outputs"][0]["name"].as_str().unwrap().to_string();
+    let kept = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": image}}),
+    )
+    .await;
+    app.wait_status(&kept, "completed").await;
     let blur = app.submit_blur(json!({"parameters": {"width": 32}})).await;
     let blur_job = app.wait_status(&blur, "completed").await;
     assert!(
@@ -481,6 +487,12 @@ async fn retention_frees_old_outputs_inputs_and_progress_and_keeps_what_is_neede
         json!({"workflow_id": "image_invert", "parameters": {"image": image}}),
     )
     .await;
+    // A second pass, queued: the job it starts from keeps its output too.
+    let second_pass = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{kept}")}}),
+    )
+    .await;
     let month = chrono::Utc::now() + chrono::Duration::days(31);
     let swept =
         orchestrator::retention::sweep_once(&app.store, &inputs, &outputs_dir, &rules, month)
@@ -517,6 +529,29 @@ async fn retention_frees_old_outputs_inputs_and_progress_and_keeps_what_is_neede
     assert!(list["inputs"].as_array().unwrap().is_empty());
     let (_, h) = app.get("/api/health").await;
     assert!(h["disk"]["database_bytes"].as_i64().unwrap() > 0, "{h}");
+    // A pass from an output retention deleted: refused at submission; the
+    // one queued before runs from the output kept for it.
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{done}")}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "parameters.image");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("deleted by retention"), "{msg}");
+    let kept_job = app.job(&kept).await;
+    assert!(kept_job["outputs"][0]["pruned_at"].is_null(), "{kept_job}");
+    app.post_json("/api/backends/a/enable", &json!({})).await;
+    app.wait_status(&second_pass, "completed").await;
+    // Once that pass has ended, the output goes the way of the others.
+    let swept =
+        orchestrator::retention::sweep_once(&app.store, &inputs, &outputs_dir, &rules, month)
+            .await
+            .unwrap();
+    assert!(swept.output_files >= 1, "{swept:?}");
+    assert!(app.job(&kept).await["outputs"][0]["pruned_at"].is_string());
 }
 
 #[tokio::test]
@@ -623,6 +658,26 @@ async fn a_job_starts_from_another_jobs_output_once_that_one_completes() {
     let second_out = job["outputs"][0]["name"].as_str().unwrap();
     let failed = app.wait_status(&wrong, "failed").await;
     let msg = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no output named `missing.png`") && msg.contains(second_out),
+        "{msg}"
+    );
+    // No attempt could do better: failed at its first, the others unused.
+    assert_eq!(failed["error"]["code"], "input_missing", "{failed}");
+    assert_eq!(
+        (failed["attempts"].as_i64(), failed["max_attempts"].as_i64()),
+        (Some(1), Some(3))
+    );
+    // The same, submitted now that the parent has completed: refused at once.
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{second}/missing.png")}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "parameters.image");
+    let msg = body["error"]["message"].as_str().unwrap();
     assert!(
         msg.contains("no output named `missing.png`") && msg.contains(second_out),
         "{msg}"

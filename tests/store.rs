@@ -18,6 +18,7 @@ async fn online_backend(app: &TestApp, id: &str) {
             name: id.into(),
             host: "127.0.0.1".into(),
             port: 1,
+            url: "http://127.0.0.1:1".into(),
             enabled: true,
             tags: vec![],
             max_inflight: 2,
@@ -261,6 +262,7 @@ async fn farm(app: &TestApp, backends: &[(&str, &[&str])]) {
                     name: id.to_string(),
                     host: "127.0.0.1".into(),
                     port: 1,
+                    url: "http://127.0.0.1:1".into(),
                     enabled: true,
                     tags: tags.iter().map(|t| t.to_string()).collect(),
                     max_inflight: 8,
@@ -592,6 +594,7 @@ async fn runs_lost_after_they_started_count_and_fail_the_job_at_the_limit() {
         reason: reason.into(),
         cleanup: cleanup.then(chrono::Utc::now),
         max_lost_runs: Some(2),
+        avoid: None,
     };
     // Lost while waiting in the backend's queue: costs nothing.
     let l = app.store.lease_next("n1").await.unwrap().unwrap();
@@ -649,6 +652,48 @@ async fn runs_lost_after_they_started_count_and_fail_the_job_at_the_limit() {
         .await
         .unwrap();
     assert!(app.store.cleanup_prompts("n1").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_run_lost_after_it_started_keeps_away_from_its_backend_for_a_while() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[]), ("n2", &[])]).await;
+    let id = app.submit_blur(json!({})).await;
+    let lost = |avoid_s: i64| LostRun {
+        reason: "its backend no longer has it".into(),
+        cleanup: None,
+        max_lost_runs: Some(3),
+        avoid: Some(chrono::Duration::seconds(avoid_s)),
+    };
+    // Lost while it waited in the queue there: no evidence, no avoiding.
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    app.store.give_back(&id, l.token, lost(60)).await.unwrap();
+    let l = app
+        .store
+        .lease_next("n1")
+        .await
+        .unwrap()
+        .expect("n1 may take it again");
+    // Lost while running: the box died under it; another gets it first.
+    app.store.mark_running(&id, l.token).await.unwrap();
+    let o = app.store.give_back(&id, l.token, lost(60)).await.unwrap();
+    assert_eq!(o, LostOutcome::Requeued);
+    assert!(
+        app.store.lease_next("n1").await.unwrap().is_none(),
+        "n1 keeps off the job it lost mid-run"
+    );
+    let l = app
+        .store
+        .lease_next("n2")
+        .await
+        .unwrap()
+        .expect("n2 takes it");
+    assert_eq!(l.job_id, id);
+    // Once the span is over, the backend that lost it may take it again.
+    app.store.mark_running(&id, l.token).await.unwrap();
+    app.store.give_back(&id, l.token, lost(0)).await.unwrap();
+    let l = app.store.lease_next("n2").await.unwrap();
+    assert_eq!(l.map(|l| l.job_id), Some(id));
 }
 
 #[tokio::test]

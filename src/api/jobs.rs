@@ -191,9 +191,6 @@ pub struct JobDetail {
     /// keeps each backend from taking it now).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
-    /// The jobs whose outputs it starts from (its `job:<id>` inputs): it
-    /// is `waiting` until they complete, and fails if one of them does.
-    pub starts_from: Vec<String>,
     /// The jobs that start from its outputs, oldest first.
     pub followed_by: Vec<String>,
 }
@@ -227,7 +224,6 @@ async fn detail(state: &AppState, id: &str) -> Result<JobDetail, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
     Ok(JobDetail {
         waiting_for: d.waiting_for,
-        starts_from: d.starts_from,
         followed_by: d.followed_by,
         job: with_progress(state, d.job.into()),
         outputs: d.outputs.into_iter().map(Output::from).collect(),

@@ -76,6 +76,10 @@ pub struct Job {
     /// (`/api/job/{id}/outputs/{preview}?thumb=128`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preview: Option<String>,
+    /// The jobs whose outputs it starts from (its `job:<id>` inputs): it
+    /// is `waiting` until they complete, and fails if one of them does.
+    /// In lists too, so a list of waiting jobs says what each waits for.
+    pub starts_from: Vec<String>,
 }
 
 impl From<JobRecord> for Job {
@@ -105,6 +109,7 @@ impl From<JobRecord> for Job {
             manifest: j.manifest,
             graph: j.graph,
             preview: j.preview,
+            starts_from: j.parents,
         }
     }
 }
@@ -286,6 +291,10 @@ pub struct Backend {
     pub host: String,
     /// Port of the ComfyUI server.
     pub port: i64,
+    /// Where its ComfyUI answers: scheme, host, port and path
+    /// (`https://gpu7.example.com/comfyui` for a box behind a proxy), as
+    /// the config gives it. Its own page, for a look at the box.
+    pub url: String,
     /// Enabled in the config file.
     pub config_enabled: bool,
     /// Operator override: `enabled`, `disabled`, `draining`, or `null` to follow the config.
@@ -341,6 +350,9 @@ impl From<BackendRecord> for Backend {
             accepting_jobs: b.accepting_jobs(),
             id: b.id,
             name: b.name,
+            url: b
+                .url
+                .unwrap_or_else(|| format!("http://{}:{}", b.host, b.port)),
             host: b.host,
             port: b.port,
             config_enabled: b.config_enabled,

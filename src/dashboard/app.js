@@ -71,7 +71,7 @@ async function renderJobs() {
       <td>${badge(j.status)}</td>
       <td>${esc(j.workflow_id || "(inline)")}</td>
       <td>${esc(j.backend_id || "–")}</td>
-      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : (j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : "")}</td>
+      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : j.status === "waiting" ? waitsFor(j) : ""}</td>
       <td>${time(j.submitted_at)}</td>
       <td>${actions(j)}</td></tr>`).join("");
   // A night's batch is acted on at once: its failures retried, its queue cancelled.
@@ -98,6 +98,12 @@ async function renderJobs() {
   };
   wireButtons(renderJobs);
   if (bulk) document.getElementById("bulk").onclick = () => each(page.jobs, bulk, renderJobs);
+}
+
+// A waiting job's row names the jobs it starts from: what the batch waits on.
+function waitsFor(j) {
+  const links = (j.starts_from || []).map(p => `<a class="mono" href="#/job/${esc(p)}">${esc(p.slice(0, 8))}</a>`);
+  return links.length ? `<span class="muted waits-for">waits for ${links.join(", ")}</span>` : "";
 }
 
 // Retries or cancels each job of a page, one after the other; those that
@@ -186,7 +192,7 @@ async function renderBackends() {
     .map(j => `<div><a class="mono" href="#/job/${esc(j.job_id)}">${esc(j.job_id.slice(0, 8))}</a> ${badge(j.status)} ${j.status === "running" ? bar(j.job_id, j) : ""}</div>`).join("");
   const gib = v => v == null ? "–" : (v / 1073741824).toFixed(1) + " GiB";
   const rows = list.backends.map(b => `<tr id="backend-${esc(b.id)}">
-      <td><a href="#/backend/${esc(b.id)}"><strong>${esc(b.name)}</strong></a><div class="muted mono">${esc(b.id)} · ${esc(b.host)}:${b.port}</div>${b.loaded_model ? `<div class="muted">loaded: ${esc(b.loaded_model)}</div>` : ""}</td>
+      <td><a href="#/backend/${esc(b.id)}"><strong>${esc(b.name)}</strong></a><div class="muted mono">${esc(b.id)} · <a class="muted" href="${esc(b.url)}" target="_blank" rel="noopener" title="its ComfyUI's own page">${esc(b.url)}</a></div>${b.loaded_model ? `<div class="muted">loaded: ${esc(b.loaded_model)}</div>` : ""}</td>
       <td>${badge(b.state)}${b.quarantined_until ? ` ${badge("quarantined")}<div class="muted" title="${esc(b.quarantine_reason)}">until ${time(b.quarantined_until)}; Enable ends it</div>` : ""}</td>
       <td>${esc(b.admin_state || (b.config_enabled ? "enabled" : "disabled"))}${b.accepting_jobs ? "" : ' <span class="muted">(no new jobs)</span>'}</td>
       <td>${esc(b.comfyui_version || "–")}</td>
@@ -214,7 +220,7 @@ async function renderBackend(id) {
       <td class="mono">${files.map(f => esc(f)).join("<br>")}</td></tr>`).join("");
   main.innerHTML = `<h2>Backend ${esc(b.name)} ${badge(b.state)}</h2>
     <div class="grid">
-      <span class="muted">Address</span><span class="mono">${esc(b.host)}:${b.port}</span>
+      <span class="muted">Address</span><span class="mono"><a href="${esc(b.url)}" target="_blank" rel="noopener" title="its ComfyUI's own page">${esc(b.url)}</a></span>
       <span class="muted">ComfyUI</span><span>${esc(b.comfyui_version || "–")}</span>
       <span class="muted">Jobs</span><span>${b.active_jobs} / ${b.max_inflight}${b.prompts_not_ours ? ` (+${b.prompts_not_ours} prompts not ours in its queue)` : ""}</span>
       <span class="muted">Loaded model</span><span class="mono">${esc(b.loaded_model || "–")}</span>

@@ -156,13 +156,35 @@ impl Ctx {
         ran: Option<crate::store::RanAt>,
     ) -> bool {
         let delay = super::backoff(&self.shared.config, held.attempt);
-        let job_id = held.job_id.as_str();
-        let recorded = match self
+        let outcome = self
             .shared
             .store
-            .fail_attempt_at(job_id, held.token, rejected, error, delay, ran)
+            .fail_attempt_at(&held.job_id, held.token, rejected, error, delay, ran)
+            .await;
+        self.failure_recorded(held, outcome, delay).await
+    }
+
+    /// Fails the job now: no backend could make the attempt succeed.
+    async fn fail_hopeless(&self, held: &Held, error: Value) -> bool {
+        let outcome = self
+            .shared
+            .store
+            .fail_hopeless(&held.job_id, held.token, error)
+            .await;
+        self.failure_recorded(held, outcome, chrono::Duration::zero())
             .await
-        {
+    }
+
+    /// Counts a failed attempt's outcome and wakes the workers for what it
+    /// queued; `false` if it was not recorded.
+    async fn failure_recorded(
+        &self,
+        held: &Held,
+        outcome: Result<AttemptOutcome, StoreError>,
+        delay: chrono::Duration,
+    ) -> bool {
+        let job_id = held.job_id.as_str();
+        let recorded = match outcome {
             Ok(AttemptOutcome::Failed(reason)) => {
                 tracing::warn!(job_id, backend_id = %self.backend_id, "job failed: {reason}");
                 self.count_failure(job_id, true).await;
@@ -200,8 +222,14 @@ impl Ctx {
         };
         let failed: Vec<_> = leases
             .into_iter()
-            .filter(|l| l.outcome == Some(crate::store::LeaseOutcome::Failed))
-            .filter(|l| l.error.as_ref().is_none_or(super::health::blames_the_box))
+            .filter(|l| match l.outcome {
+                Some(crate::store::LeaseOutcome::Failed) => {
+                    l.error.as_ref().is_none_or(super::health::blames_the_box)
+                }
+                // Its ComfyUI died under it, or the box went away, mid-run.
+                Some(crate::store::LeaseOutcome::Lost) => l.started_at.is_some(),
+                _ => false,
+            })
             .filter_map(|l| {
                 Some(super::health::FailedThere {
                     at: l.finished_at?,
@@ -245,6 +273,21 @@ impl Ctx {
         let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
         let graph = match self.with_inputs(lease.graph).await {
             Ok(g) => g,
+            Err(DispatchError::Gone(why)) => {
+                // No backend could do better: the job fails now, attempts left unused.
+                let error = json!({
+                    "code": "input_missing",
+                    "message": format!("a file the job starts from is missing: {why}"),
+                    "backend_id": backend_id,
+                    "attempt": held.attempt,
+                });
+                tracing::warn!(job_id, backend_id, "{}", error["message"]);
+                return if self.fail_hopeless(&held, error).await {
+                    Report::Done(pid)
+                } else {
+                    Report::NoAnswer(pid)
+                };
+            }
             Err(e) => {
                 // An error of this attempt on this backend: retried elsewhere like any other.
                 let error = json!({
@@ -378,7 +421,7 @@ impl Ctx {
                         let run = times.started_at.map_or(0.0, crate::metrics::seconds_since);
                         crate::metrics::completed(times.workflow_id.as_deref(), backend_id, run);
                         self.shared.health.completed(backend_id);
-                        if held.attempt > 1 {
+                        if done.failed_before {
                             self.judge_where_it_failed(job_id).await;
                         }
                     }

@@ -63,7 +63,7 @@ impl Ctx {
             return Ok(None);
         };
         if let Some(hex) = crate::inputs::hex_of(s) {
-            let missing = || DispatchError::Files(format!("input {s} is not stored here any more"));
+            let missing = || DispatchError::Gone(format!("input {s} is not stored here any more"));
             let record = self.shared.store.input(s).await?.ok_or_else(missing)?;
             return Ok(Some(FileToSend {
                 hex: hex.to_string(),
@@ -77,8 +77,8 @@ impl Ctx {
             return Ok(None);
         };
         let outputs = self.shared.store.job_outputs(&job).await?;
-        let output =
-            parent_output(&job, name.as_deref(), &outputs).map_err(DispatchError::Files)?;
+        let output = crate::inputs::output_of_job(&job, name.as_deref(), &outputs)
+            .map_err(DispatchError::Gone)?;
         Ok(Some(FileToSend {
             hex: output.sha256.clone(),
             content_type: output.content_type.clone(),
@@ -122,106 +122,4 @@ struct FileToSend {
     path: std::path::PathBuf,
     /// What it is, for errors and logs.
     what: String,
-}
-
-/// Which of a parent job's outputs a `job:` reference means: the one it
-/// names, or else its first picture (a saved one before a preview, by
-/// name), or else its only output (a video for a `LoadVideo`).
-fn parent_output<'a>(
-    job: &str,
-    name: Option<&str>,
-    outputs: &'a [crate::store::OutputRecord],
-) -> Result<&'a crate::store::OutputRecord, String> {
-    let names = || {
-        let all: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
-        if all.is_empty() {
-            "it has none".to_string()
-        } else {
-            format!("its outputs: {}", all.join(", "))
-        }
-    };
-    let found = match name {
-        Some(n) => outputs
-            .iter()
-            .find(|o| o.name == n)
-            .ok_or_else(|| format!("job {job} has no output named `{n}` ({})", names()))?,
-        None => outputs
-            .iter()
-            .filter(|o| crate::thumbs::of_a_picture(&o.content_type))
-            .min_by_key(|o| (o.file_type != "output", o.name.as_str()))
-            .or(match outputs {
-                [only] => Some(only),
-                _ => None,
-            })
-            .ok_or_else(|| {
-                format!(
-                    "job {job} has no picture among its outputs to start from ({}); name one as job:{job}/<name>",
-                    names()
-                )
-            })?,
-    };
-    match found.pruned_at {
-        Some(at) => Err(format!(
-            "the output {} of job {job} was deleted by retention at {at}",
-            found.name
-        )),
-        None => Ok(found),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::OutputRecord;
-
-    fn output(name: &str, content_type: &str, file_type: &str) -> OutputRecord {
-        OutputRecord {
-            name: name.into(),
-            kind: "images".into(),
-            node_id: "9".into(),
-            filename: name.into(),
-            subfolder: String::new(),
-            file_type: file_type.into(),
-            size: 1,
-            sha256: "0".repeat(64),
-            content_type: content_type.into(),
-            pruned_at: None,
-        }
-    }
-
-    #[test]
-    fn a_job_reference_means_the_named_output_or_the_first_saved_picture_or_the_only_one() {
-        let outputs = [
-            output("b_00001_.png", "image/png", "output"),
-            output("a_preview_.png", "image/png", "temp"),
-            output("clip_00001_.mp4", "video/mp4", "output"),
-            output("a_00001_.png", "image/png", "output"),
-        ];
-        let pick = |name, outputs: &[OutputRecord]| {
-            parent_output("j", name, outputs).map(|o| o.name.clone())
-        };
-        assert_eq!(pick(None, &outputs).unwrap(), "a_00001_.png");
-        assert_eq!(
-            pick(Some("clip_00001_.mp4"), &outputs).unwrap(),
-            "clip_00001_.mp4"
-        );
-        let missing = pick(Some("nope.png"), &outputs).unwrap_err();
-        assert!(missing.contains("no output named `nope.png`") && missing.contains("a_00001_.png"));
-        // A video job's one output; two videos are for the reference to choose.
-        let video = [output("clip_00001_.mp4", "video/mp4", "output")];
-        assert_eq!(pick(None, &video).unwrap(), "clip_00001_.mp4");
-        let two = [
-            video[0].clone(),
-            output("clip_00002_.mp4", "video/mp4", "output"),
-        ];
-        assert!(pick(None, &two)
-            .unwrap_err()
-            .contains("name one as job:j/<name>"));
-        assert!(pick(None, &[]).unwrap_err().contains("it has none"));
-        let mut pruned = video.clone();
-        pruned[0].pruned_at = Some(chrono::Utc::now());
-        assert!(pick(None, &pruned)
-            .unwrap_err()
-            .contains("deleted by retention"));
-    }
 }

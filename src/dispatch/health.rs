@@ -7,8 +7,9 @@
 //! attempt of every job at a time (and a job allowed one attempt fails
 //! there outright). Retries avoid it per job; nothing avoided it as a box.
 //!
-//! The evidence is a failure *proven* to be the box's: a job it failed that
-//! another backend then completed. A job that fails everywhere (a bad batch,
+//! The evidence is a failure *proven* to be the box's: a job it failed, or
+//! lost mid-run (its ComfyUI died under it: a GPU that faults takes the
+//! server down with each job), that another backend then completed. A job that fails everywhere (a bad batch,
 //! a bad parameter) proves nothing against any box. A backend with
 //! `dispatch.quarantine_after` proven failures in a row (no job completed
 //! there in between) is left out for `dispatch.quarantine_s`; an operator's

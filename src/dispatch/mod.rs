@@ -72,6 +72,11 @@ pub enum DispatchError {
     /// Reading an input, or writing an output, in the data folder failed.
     #[error("{0}")]
     Files(String),
+    /// A file the job names is not here and will not be (an input deleted,
+    /// an output its parent did not make or retention deleted): no attempt
+    /// anywhere can succeed.
+    #[error("{0}")]
+    Gone(String),
 }
 
 /// Messages to a backend's worker.

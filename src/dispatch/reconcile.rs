@@ -181,6 +181,7 @@ impl Worker {
     /// list, to be removed there when the backend answers.
     pub(super) async fn give_back(&mut self, held: &Held, reason: String, cleanup: bool) {
         let (job_id, backend_id) = (held.job_id.as_str(), self.id.as_str());
+        let avoid = crate::store::avoid_span(super::backoff(&self.shared.config, held.attempt));
         let run = LostRun {
             // A submit in doubt may land up to a request timeout later.
             cleanup: cleanup.then(|| {
@@ -189,11 +190,15 @@ impl Worker {
             }),
             max_lost_runs: Some(self.shared.config.dispatch.max_lost_runs as i64),
             reason,
+            avoid: Some(avoid),
         };
         let reason = run.reason.clone();
         match self.shared.store.give_back(job_id, held.token, run).await {
             Ok(LostOutcome::Requeued) => {
                 tracing::warn!(job_id, backend_id, "{reason}; queued again");
+                // Lost mid-run, it keeps away from here a while: this
+                // backend may take it again then, if no other did.
+                self.shared.wake_at(Utc::now() + avoid, Some(backend_id));
             }
             Ok(LostOutcome::Cancelled) => tracing::info!(job_id, backend_id, "{reason}; cancelled"),
             Ok(LostOutcome::Failed(why)) => {

@@ -229,6 +229,7 @@ async fn run_nodes(
 ) -> End {
     let (cid, pid) = (&p.client_id, p.prompt_id.as_str());
     let fail_here = sim.config.fail_rate > 0.0 && sim.random() < sim.config.fail_rate;
+    let crash_here = sim.config.crash_rate > 0.0 && sim.random() < sim.config.crash_rate;
     let work = work_node(graph, order);
     let mut executed: Vec<String> = Vec::new();
     let stopped = |id: &str, class: &str, executed: &[String]| {
@@ -291,6 +292,11 @@ async fn run_nodes(
             for step in 1..=steps {
                 if sim.config.job_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(sim.config.job_ms / steps)).await;
+                }
+                if crash_here && step == steps.div_ceil(2) {
+                    tracing::warn!(node = %id, "simulated ComfyUI crashes (crash_rate)");
+                    sim.crash();
+                    return End::Vanished;
                 }
                 if !still_running(sim, pid) {
                     return End::Vanished;

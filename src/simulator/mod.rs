@@ -67,6 +67,10 @@ pub struct SimConfig {
     pub job_ms: u64,
     /// Chance (0 to 1) that a prompt fails at run time.
     pub fail_rate: f64,
+    /// Chance (0 to 1) that a prompt crashes the server once it runs (a
+    /// GPU that faults, a custom node that segfaults): it comes back empty
+    /// after `crash_down_ms`, as ComfyUI restarted by its service does.
+    pub crash_rate: f64,
     /// Checkpoint files it "has" (for `CheckpointLoaderSimple`).
     pub checkpoints: Vec<String>,
     /// `system.comfyui_version` it reports; empty: it reports none.
@@ -110,6 +114,7 @@ impl Default for SimConfig {
         SimConfig {
             job_ms: 200,
             fail_rate: 0.0,
+            crash_rate: 0.0,
             checkpoints: vec!["sd_xl_base_1.0.safetensors".into()],
             version: "0.3.64".into(),
             prompt_delay_ms: 0,

@@ -82,6 +82,10 @@ pub struct BackendRecord {
     pub host: String,
     /// Port of the ComfyUI server.
     pub port: i64,
+    /// Where its ComfyUI answers (scheme, host, port and path), as the
+    /// config gives it; `None` for a backend gone from the config before
+    /// this was recorded.
+    pub url: Option<String>,
     /// Enabled in the config file.
     pub config_enabled: bool,
     /// Operator override; `None` follows the config.
@@ -139,6 +143,8 @@ pub struct BackendUpsert {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// Where its ComfyUI answers (`http://host:port`, or the `url` given).
+    pub url: String,
     /// Enabled in the config.
     pub enabled: bool,
     /// Tags.

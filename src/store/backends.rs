@@ -33,11 +33,12 @@ impl Store {
                         .await?;
                     for b in configured {
                         sqlx::query(
-                            "INSERT INTO backends (id, name, host, port, configured, config_enabled, \
-                             tags, max_inflight, client_id, state, updated_at) \
-                             VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, 'unknown', ?) \
+                            "INSERT INTO backends (id, name, host, port, url, configured, \
+                             config_enabled, tags, max_inflight, client_id, state, updated_at) \
+                             VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, 'unknown', ?) \
                              ON CONFLICT(id) DO UPDATE SET name = excluded.name, \
-                             host = excluded.host, port = excluded.port, configured = 1, \
+                             host = excluded.host, port = excluded.port, url = excluded.url, \
+                             configured = 1, \
                              config_enabled = excluded.config_enabled, tags = excluded.tags, \
                              max_inflight = excluded.max_inflight, updated_at = excluded.updated_at",
                         )
@@ -45,6 +46,7 @@ impl Store {
                         .bind(&b.name)
                         .bind(&b.host)
                         .bind(b.port as i64)
+                        .bind(&b.url)
                         .bind(b.enabled as i64)
                         .bind(serde_json::to_string(&b.tags)?)
                         .bind(b.max_inflight as i64)

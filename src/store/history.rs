@@ -208,12 +208,6 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
         let waiting_for = super::waiting::why_waiting_in(&mut tx, id, live).await?;
-        let starts_from = sqlx::query_scalar(
-            "SELECT parent_id FROM job_parents WHERE job_id = ? ORDER BY parent_id",
-        )
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?;
         let followed_by = sqlx::query_scalar(
             "SELECT p.job_id FROM job_parents p JOIN jobs j ON j.id = p.job_id \
              WHERE p.parent_id = ? ORDER BY j.seq",
@@ -229,7 +223,6 @@ impl Store {
             leases,
             webhooks,
             waiting_for,
-            starts_from,
             followed_by,
         }))
     }

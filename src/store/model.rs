@@ -239,6 +239,9 @@ pub struct JobRecord {
     /// The name of its first image output (only in lists).
     #[sqlx(default)]
     pub preview: Option<String>,
+    /// The jobs whose outputs it starts from (`job:<id>` inputs).
+    #[sqlx(json)]
+    pub parents: Vec<String>,
 }
 
 /// A job's workflow and times.
@@ -270,6 +273,9 @@ pub struct Completion {
     /// The jobs waiting on it that it queued (its last parent to complete),
     /// by the tags each needs: their workers are woken.
     pub released: Vec<Vec<String>>,
+    /// An earlier attempt failed, or a backend lost it while running it:
+    /// where, is evidence against that backend (`dispatch::health`).
+    pub failed_before: bool,
 }
 
 /// One entry of the event log.
@@ -368,9 +374,8 @@ pub struct JobDetailRecord {
     pub webhooks: Vec<WebhookRecord>,
     /// Why it is still queued, when it is.
     pub waiting_for: Option<String>,
-    /// The jobs whose outputs it starts from.
-    pub starts_from: Vec<String>,
-    /// The jobs that start from its outputs, oldest first.
+    /// The jobs that start from its outputs, oldest first (the ones it
+    /// starts from are the job's `parents`).
     pub followed_by: Vec<String>,
 }
 

@@ -24,15 +24,28 @@ pub fn avoid_span(backoff: chrono::Duration) -> chrono::Duration {
     backoff * 2
 }
 
+/// How an attempt failed, which decides whether the job is tried again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Failure {
+    /// At run time: tried again after a back-off, another backend first.
+    Failed,
+    /// The backend refused the graph: tried on another backend at once.
+    Rejected,
+    /// Nothing any backend could do (a file the job names is gone): the
+    /// job fails now, its attempts left unused.
+    Hopeless,
+}
+
 /// Ends an attempt that failed, inside the fenced transaction.
 async fn fail_in(
     conn: &mut SqliteConnection,
     held: Held,
-    rejected: bool,
+    how: Failure,
     error: Value,
     backoff: chrono::Duration,
     ran: Option<RanAt>,
 ) -> Result<AttemptOutcome, StoreError> {
+    let rejected = how == Failure::Rejected;
     let outcome = if rejected {
         LeaseOutcome::Rejected
     } else {
@@ -45,7 +58,11 @@ async fn fail_in(
         .unwrap_or("the attempt failed")
         .to_string();
     let (attempt, max) = (held.attempt, held.max_attempts);
-    let final_reason = if attempt >= max {
+    let final_reason = if how == Failure::Hopeless {
+        Some(format!(
+            "{message} (attempt {attempt} of {max}; no attempt can succeed)"
+        ))
+    } else if attempt >= max {
         Some(format!(
             "{message} (attempt {attempt} of {max}; no attempts left)"
         ))
@@ -160,9 +177,14 @@ async fn lose_in(
         "taken back from backend {backend}: {}; the attempt does not count{counted}",
         run.reason
     );
+    let avoid_until = run
+        .avoid
+        .filter(|_| held.started)
+        .map(|span| Utc::now() + span);
     let step = Step::Requeued {
         reason: run.reason,
         message,
+        avoid_until,
     };
     apply(conn, &held, step).await?;
     Ok(LostOutcome::Requeued)
@@ -196,9 +218,41 @@ impl Store {
         backoff: chrono::Duration,
         ran: Option<RanAt>,
     ) -> Result<AttemptOutcome, StoreError> {
+        let how = if rejected {
+            Failure::Rejected
+        } else {
+            Failure::Failed
+        };
+        self.fail_with(job_id, token, how, error, backoff, ran)
+            .await
+    }
+
+    /// Ends an attempt that no backend could have made succeed (a file the
+    /// job names is gone for good): the job fails now with `error`, its
+    /// attempts left unused, rather than failing each of them in turn.
+    pub async fn fail_hopeless(
+        &self,
+        job_id: &str,
+        token: i64,
+        error: Value,
+    ) -> Result<AttemptOutcome, StoreError> {
+        let none = chrono::Duration::zero();
+        self.fail_with(job_id, token, Failure::Hopeless, error, none, None)
+            .await
+    }
+
+    async fn fail_with(
+        &self,
+        job_id: &str,
+        token: i64,
+        how: Failure,
+        error: Value,
+        backoff: chrono::Duration,
+        ran: Option<RanAt>,
+    ) -> Result<AttemptOutcome, StoreError> {
         let outcome = self
             .transition(job_id, token, move |conn, held| {
-                Box::pin(fail_in(conn, held, rejected, error, backoff, ran))
+                Box::pin(fail_in(conn, held, how, error, backoff, ran))
             })
             .await?;
         Ok(outcome.unwrap_or(AttemptOutcome::LeaseLost))
@@ -219,6 +273,7 @@ impl Store {
             reason,
             cleanup: cleanup.then(Utc::now),
             max_lost_runs: None,
+            avoid: None,
         };
         Ok(self.give_back(job_id, token, run).await? != LostOutcome::LeaseLost)
     }

@@ -23,7 +23,9 @@ pub struct StaleOutput {
 }
 
 impl Store {
-    /// Outputs not yet pruned of jobs that ended before `before`, oldest first.
+    /// Outputs not yet pruned of jobs that ended before `before`, oldest
+    /// first; not those of a job another job still to end starts from (its
+    /// second pass needs them, as a queued job needs its inputs).
     pub async fn stale_outputs(
         &self,
         before: DateTime<Utc>,
@@ -34,6 +36,9 @@ impl Store {
              JOIN outputs o ON o.job_id = j.id \
              WHERE j.finished_at IS NOT NULL AND j.finished_at < ? \
              AND j.status IN ('completed', 'failed', 'cancelled') AND o.pruned_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM job_parents p JOIN jobs c ON c.id = p.job_id \
+                 WHERE p.parent_id = j.id \
+                 AND c.status NOT IN ('completed', 'failed', 'cancelled')) \
              ORDER BY j.finished_at LIMIT ?",
         )
         .bind(fmt_time(before))

@@ -47,6 +47,7 @@ pub(super) const JOB_COLUMNS: &[&str] = &[
     "started_at",
     "finished_at",
     "not_before",
+    "parents",
 ];
 
 /// `JOB_COLUMNS` of table alias `alias`, then the manifest and graph, or

@@ -141,8 +141,13 @@ pub(super) enum Step {
         not_before: DateTime<Utc>,
         avoid_until: DateTime<Utc>,
     },
-    /// The backend lost it: queued again, the attempt does not count.
-    Requeued { reason: String, message: String },
+    /// The backend lost it: queued again, the attempt does not count;
+    /// with `avoid_until`, that backend takes it again only after then.
+    Requeued {
+        reason: String,
+        message: String,
+        avoid_until: Option<DateTime<Utc>>,
+    },
     /// Cancelled.
     Cancelled { message: String },
 }
@@ -220,11 +225,16 @@ pub(super) async fn apply(
             let ev = event("retry_scheduled", JobStatus::Queued, message, Some(error));
             push_event(&mut b, id, ev, &now);
         }
-        Step::Requeued { reason, message } => {
+        Step::Requeued {
+            reason,
+            message,
+            avoid_until,
+        } => {
             let error = json!({ "message": reason, "while_running": held.started });
             push_finish_lease(&mut b, held, LeaseOutcome::Lost, Some(&error), &now);
             let requeue = Requeue {
                 attempts_delta: -1,
+                avoid_until,
                 ..Requeue::default()
             };
             push_back_to_queue(&mut b, id, requeue, &now);
@@ -434,6 +444,9 @@ pub struct LostRun {
     /// Fail the job once this many of its runs were lost after they had
     /// started (`None`: never).
     pub max_lost_runs: Option<i64>,
+    /// A run lost after it had started keeps away from that backend for
+    /// this long (its box died under it: another gets the first chance).
+    pub avoid: Option<chrono::Duration>,
 }
 
 /// What became of a lost lease.
@@ -613,9 +626,17 @@ impl Store {
                     .iter()
                     .map(|r| serde_json::from_str(r).unwrap_or_default())
                     .collect();
+                let failed_before: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM leases WHERE job_id = ? \
+                     AND (outcome = 'failed' OR (outcome = 'lost' AND started_at IS NOT NULL)))",
+                )
+                .bind(&id)
+                .fetch_one(&mut *conn)
+                .await?;
                 Ok(Completion {
                     times: held.times,
                     released,
+                    failed_before,
                 })
             })
         })
@@ -658,6 +679,7 @@ impl Store {
                         let step = Step::Requeued {
                             message: format!("{reason}; queued again"),
                             reason,
+                            avoid_until: None,
                         };
                         apply(conn, &held, step).await?;
                     }
