@@ -682,6 +682,19 @@ async fn a_run_lost_after_it_started_keeps_away_from_its_backend_for_a_while() {
         app.store.lease_next("n1").await.unwrap().is_none(),
         "n1 keeps off the job it lost mid-run"
     );
+    let events = app.events(&id).await;
+    let said = events.last().unwrap()["message"].as_str().unwrap();
+    assert!(
+        said.contains("another backend gets it first, n1 from"),
+        "{said}"
+    );
+    let requeued: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "requeued")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(requeued.len(), 2);
+    assert!(!requeued[0].contains("another backend"), "{requeued:?}");
     let l = app
         .store
         .lease_next("n2")

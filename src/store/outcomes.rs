@@ -173,14 +173,20 @@ async fn lose_in(
     } else {
         String::new()
     };
-    let message = format!(
-        "taken back from backend {backend}: {}; the attempt does not count{counted}",
-        run.reason
-    );
     let avoid_until = run
         .avoid
         .filter(|_| held.started)
         .map(|span| Utc::now() + span);
+    let avoiding = avoid_until.map_or(String::new(), |t| {
+        format!(
+            "; another backend gets it first, {backend} from {}",
+            t.format("%H:%M:%S UTC")
+        )
+    });
+    let message = format!(
+        "taken back from backend {backend}: {}; the attempt does not count{counted}{avoiding}",
+        run.reason
+    );
     let step = Step::Requeued {
         reason: run.reason,
         message,
