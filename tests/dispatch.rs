@@ -728,6 +728,82 @@ async fn a_box_whose_comfyui_dies_under_every_job_is_quarantined_and_the_night_c
 }
 
 #[tokio::test]
+async fn a_job_that_ran_out_of_gpu_memory_waits_for_a_bigger_box_rather_than_fail_again() {
+    // A farm whose boxes differ: an 8 GB box that cannot hold a large
+    // picture, and a 24 GB one, busy when the large shot comes in.
+    let small = start_sim_with(SimConfig {
+        job_ms: 100,
+        vram_bytes: 8 << 30,
+        oom_above_pixels: 1_000_000,
+        ..Default::default()
+    })
+    .await;
+    let big = start_sim(1_500).await;
+    let app = spawn_farm_with(
+        vec![
+            backend("small", small.port, &[], 1),
+            backend("big", big.port, &["big"], 1),
+        ],
+        |c| {
+            // The retry keeps off the box that failed it for 100 ms only.
+            c.dispatch.retry_backoff_ms = 50;
+            c.dispatch.retry_backoff_max_ms = 50;
+        },
+    )
+    .await;
+    app.wait_backend("small", "online").await;
+    app.wait_backend("big", "online").await;
+    let busy = submit(&app, blur(json!({"requires": ["big"]}))).await;
+    app.wait_status(&busy, "running").await;
+    let large = submit(
+        &app,
+        blur(json!({"parameters": {"width": 2048, "height": 1024}})),
+    )
+    .await;
+    // It ran out of memory on the small box, and waits for the big one.
+    let queued = app
+        .wait_job(&large, "queued again after its first attempt", |j| {
+            j["status"] == "queued" && j["attempts"] == 1
+        })
+        .await;
+    assert_eq!(queued["leases"][0]["backend_id"], "small", "{queued}");
+    assert!(
+        queued["error"]["exception_type"]
+            .as_str()
+            .is_some_and(|t| t.contains("OutOfMemory")),
+        "{queued}"
+    );
+    // Its page says why, while the big box is busy.
+    let why = app
+        .wait_job(&large, "the reason it waits", |j| {
+            j["waiting_for"]
+                .as_str()
+                .is_some_and(|w| w.contains("GPU memory"))
+        })
+        .await;
+    let why = why["waiting_for"].as_str().unwrap();
+    assert!(
+        why.contains(
+            "small has no more GPU memory than a backend where it ran out of it (8.0 GiB)"
+        ),
+        "{why}"
+    );
+    let done = app.wait_status(&large, "completed").await;
+    let leased: Vec<&Value> = done["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["backend_id"])
+        .collect();
+    assert_eq!(
+        leased,
+        [&json!("small"), &json!("big")],
+        "not tried on the small box again: {done}"
+    );
+    assert_eq!(done["attempts"], 2);
+}
+
+#[tokio::test]
 async fn a_quarantine_outlives_a_restart_of_the_orchestrator() {
     let (_sick, _good, app, _) = sick_beside_good(900).await;
     let (_, before) = app.get("/api/backends/sick").await;

@@ -199,12 +199,7 @@ impl Health {
 /// out-of-memory error (the job needs a bigger box), not an interrupt
 /// from someone at the box.
 pub(super) fn blames_the_box(error: &serde_json::Value) -> bool {
-    let says = |field: &str| {
-        error[field].as_str().is_some_and(|s| {
-            s.to_ascii_lowercase().contains("out of memory") || s.contains("OutOfMemory")
-        })
-    };
-    error["interrupted"] != true && !says("exception_type") && !says("exception_message")
+    error["interrupted"] != true && !crate::store::out_of_memory(error)
 }
 
 fn active(r: &Record, now: DateTime<Utc>) -> Option<Quarantine> {

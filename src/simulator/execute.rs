@@ -219,6 +219,16 @@ async fn execute(sim: &Sim, p: Prompt) {
     sim.event(&cid, "executing", json!({"node": null, "prompt_id": pid}));
 }
 
+/// Whether a graph's picture is more than this box's GPU holds.
+fn too_big(sim: &Sim, graph: &Map<String, Value>) -> bool {
+    let limit = sim.config.oom_above_pixels;
+    limit > 0
+        && graph.values().any(|n| {
+            let size = |k: &str| n["inputs"][k].as_u64().unwrap_or(0);
+            size("width") * size("height") > limit
+        })
+}
+
 /// Runs the nodes of a prompt in order; how it ended.
 async fn run_nodes(
     sim: &Sim,
@@ -310,6 +320,16 @@ async fn run_nodes(
                     json!({"value": step, "max": steps, "prompt_id": pid, "node": id}),
                 );
                 send_preview(sim, cid, pid, id, png::solid(8, 8, [step as u8 * 10, 0, 0]));
+            }
+            if too_big(sim, graph) {
+                // As ComfyUI 0.3.64's execution.py words it (its OOM tips).
+                return End::Error(json!({
+                    "prompt_id": pid, "node_id": id, "node_type": class, "executed": executed,
+                    "exception_message": "Allocation on device \nThis error means you ran out of memory on your GPU.\n\nTIPS: If the workflow worked before you might have accidentally set the batch_size to a large number.",
+                    "exception_type": "torch.OutOfMemoryError",
+                    "traceback": ["  File \"/opt/ComfyUI/execution.py\", line 496, in execute\n"], "current_inputs": {}, "current_outputs": order,
+                    "timestamp": now_ms()
+                }));
             }
             if fail_here {
                 return End::Error(json!({

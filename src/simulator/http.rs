@@ -411,8 +411,10 @@ async fn system_stats(State(sim): State<S>) -> Json<Value> {
         "system": system,
         "devices": [{
             "name": "simulated", "type": "cpu", "index": null,
-            "vram_total": 25276502016u64, "vram_free": 24229588992u64,
-            "torch_vram_total": 25276502016u64, "torch_vram_free": 24229588992u64
+            "vram_total": sim.config.vram_bytes,
+            "vram_free": sim.config.vram_bytes.saturating_sub(1_046_913_024),
+            "torch_vram_total": sim.config.vram_bytes,
+            "torch_vram_free": sim.config.vram_bytes.saturating_sub(1_046_913_024)
         }]
     }))
 }

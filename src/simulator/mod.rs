@@ -71,6 +71,12 @@ pub struct SimConfig {
     /// GPU that faults, a custom node that segfaults): it comes back empty
     /// after `crash_down_ms`, as ComfyUI restarted by its service does.
     pub crash_rate: f64,
+    /// GPU memory it reports in `/system_stats`, bytes.
+    pub vram_bytes: u64,
+    /// A prompt whose picture (a node's `width` × `height`) is larger than
+    /// this runs out of GPU memory (0: never), failing as ComfyUI does
+    /// (`torch.OutOfMemoryError`): a farm whose boxes differ.
+    pub oom_above_pixels: u64,
     /// Checkpoint files it "has" (for `CheckpointLoaderSimple`).
     pub checkpoints: Vec<String>,
     /// `system.comfyui_version` it reports; empty: it reports none.
@@ -115,6 +121,8 @@ impl Default for SimConfig {
             job_ms: 200,
             fail_rate: 0.0,
             crash_rate: 0.0,
+            vram_bytes: 25_276_502_016,
+            oom_above_pixels: 0,
             checkpoints: vec!["sd_xl_base_1.0.safetensors".into()],
             version: "0.3.64".into(),
             prompt_delay_ms: 0,

@@ -71,6 +71,44 @@ pub fn backend_enabled(config_enabled: bool, admin: Option<AdminState>) -> bool 
     }
 }
 
+/// [`backend_enabled`] of the `backends` row `alias`, in SQL, for the
+/// rules that look at other backends inside a query.
+pub(super) fn enabled_sql(alias: &str) -> String {
+    format!(
+        "(CASE {alias}.admin_state WHEN 'enabled' THEN 1 WHEN 'disabled' THEN 0 \
+         WHEN 'draining' THEN 0 ELSE {alias}.config_enabled END = 1)"
+    )
+}
+
+/// Whether a failed attempt's error says the GPU ran out of memory: the job
+/// needs a bigger box, and says nothing against this one. ComfyUI names
+/// the exception (`torch.OutOfMemoryError`, `torch.cuda.OutOfMemoryError`)
+/// and adds "you ran out of memory on your GPU" to its message.
+pub fn out_of_memory(error: &serde_json::Value) -> bool {
+    ["exception_type", "exception_message"].iter().any(|f| {
+        error[f].as_str().is_some_and(|s| {
+            let s = s.to_ascii_lowercase();
+            s.contains("out of memory") || s.contains("outofmemory")
+        })
+    })
+}
+
+/// [`out_of_memory`] of the JSON error in column `error`, in SQL (`LIKE`
+/// ignores ASCII case, as the Rust rule does).
+pub(super) fn out_of_memory_sql(error: &str) -> String {
+    let field = |f: &str| {
+        format!(
+            "json_extract({error}, '$.{f}') LIKE '%out of memory%' \
+             OR json_extract({error}, '$.{f}') LIKE '%outofmemory%'"
+        )
+    };
+    format!(
+        "({} OR {})",
+        field("exception_type"),
+        field("exception_message")
+    )
+}
+
 /// One backend as the database knows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct BackendRecord {
@@ -164,4 +202,64 @@ pub struct BackendStats {
     pub vram_free: Option<i64>,
     /// Queue length.
     pub queue_remaining: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn the_sql_forms_of_the_rules_say_what_the_rust_ones_do() {
+        let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+        let enabled = format!(
+            "SELECT {} FROM (SELECT ? AS config_enabled, ? AS admin_state) b",
+            enabled_sql("b")
+        );
+        for config in [false, true] {
+            for admin in [
+                None,
+                Some(AdminState::Enabled),
+                Some(AdminState::Disabled),
+                Some(AdminState::Draining),
+            ] {
+                let got: bool = sqlx::query_scalar(&enabled)
+                    .bind(config)
+                    .bind(admin.map(AdminState::as_str))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                assert_eq!(got, backend_enabled(config, admin), "{config} {admin:?}");
+            }
+        }
+        let oom = format!(
+            "SELECT coalesce({}, 0) FROM (SELECT ? AS error) e",
+            out_of_memory_sql("e.error")
+        );
+        for (error, expected) in [
+            (json!({"exception_type": "torch.OutOfMemoryError"}), true),
+            (
+                json!({"exception_type": "torch.cuda.OutOfMemoryError"}),
+                true,
+            ),
+            (
+                json!({"exception_type": "RuntimeError", "exception_message": "CUDA out of memory. Tried to allocate 2.00 GiB"}),
+                true,
+            ),
+            (
+                json!({"exception_type": "RuntimeError", "exception_message": "CUDA error: an illegal memory access was encountered"}),
+                false,
+            ),
+            (json!({"message": "backend a: out of memory"}), false),
+            (json!({}), false),
+        ] {
+            let got: bool = sqlx::query_scalar(&oom)
+                .bind(error.to_string())
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(out_of_memory(&error), expected, "{error}");
+            assert_eq!(got, expected, "{error}");
+        }
+    }
 }

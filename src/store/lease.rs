@@ -41,12 +41,27 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
         "(SELECT u.reason FROM job_unfit u WHERE u.job_id = {job}.id AND u.backend_id = {backend}.id \
          AND u.inventory_hash = {backend}.inventory_hash)"
     );
+    // The most GPU memory a backend had where the job ran out of it: a
+    // backend with no more leaves it to a bigger one while one is online.
+    let ran_out = format!(
+        "(SELECT max(ob.vram_total) FROM leases l JOIN backends ob ON ob.id = l.backend_id \
+         WHERE l.job_id = {job}.id AND l.outcome = 'failed' AND {})",
+        super::backend_records::out_of_memory_sql("l.error")
+    );
+    let bigger_online = format!(
+        "EXISTS (SELECT 1 FROM backends big WHERE big.configured = 1 AND big.state = 'online' \
+         AND {} AND big.vram_total > {ran_out})",
+        super::backend_records::enabled_sql("big")
+    );
     format!(
         "CASE \
          WHEN EXISTS {missing} THEN 'lacks tags ' || (SELECT json_group_array(value) FROM {missing}) \
          WHEN {unfit} IS NOT NULL THEN 'cannot run it: ' || {unfit} \
          WHEN {rejected} > 0 THEN 'rejected the workflow' \
          WHEN {failed} >= {MAX_FAILURES_PER_BACKEND} THEN 'failed it ' || {failed} || ' times' \
+         WHEN {job}.attempts > 0 AND {backend}.vram_total <= {ran_out} AND {bigger_online} \
+         THEN 'has no more GPU memory than a backend where it ran out of it (' || \
+         printf('%.1f GiB', {ran_out} / 1073741824.0) || '); a bigger one is online' \
          END",
         missing = missing,
         unfit = unfit,
