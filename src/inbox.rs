@@ -45,6 +45,11 @@ pub const REJECTED: &str = "rejected";
 /// Most files submitted at once.
 const CONCURRENCY: usize = 32;
 
+/// How long a manifest that starts from a job named by its idempotency key
+/// (`job:key:`) waits in the inbox for that job, when no job has the key
+/// yet: the files of one drop come in any order.
+const KEY_WAIT: Duration = Duration::from_secs(600);
+
 #[derive(Clone, Copy, PartialEq, Debug)]
 struct Seen {
     size: u64,
@@ -350,7 +355,17 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
                             if submitted.is_err() {
                                 inbox.inputs.forget_new(&created).await;
                             }
-                            submitted.map_err(Refusal::from)
+                            match submitted {
+                                Err(e @ SubmitError::UnknownKey { .. })
+                                    if seen.modified.elapsed().is_ok_and(|age| age < KEY_WAIT) =>
+                                {
+                                    // The job it names may be in this very drop: a later scan
+                                    // (the next file moved, or the periodic one) tries again.
+                                    tracing::debug!(file = %name, error = %e, "inbox file waits for the job it starts from");
+                                    return;
+                                }
+                                other => other.map_err(Refusal::from),
+                            }
                         }
                     }
                 }

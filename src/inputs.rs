@@ -37,6 +37,33 @@ pub fn looks_like_id(value: &str) -> bool {
 /// of a shot (an upscale, an img2img) submitted with its first.
 pub const JOB_PREFIX: &str = "job:";
 
+/// The prefix of a reference to another job's output by the job's
+/// idempotency key (`job:key:<key>`, `job:key:<key>/<output name>`): a
+/// client that names its jobs (the inbox, a script that resubmits) chains
+/// them before it knows their ids.
+pub const JOB_KEY_PREFIX: &str = "job:key:";
+
+/// The text after `job:key:` of a reference by key, if it is one. Which
+/// part is the key is known only once looked up: a key may hold a `/`
+/// (see [`key_readings`]).
+pub fn job_key_ref(value: &str) -> Option<&str> {
+    let rest = value.strip_prefix(JOB_KEY_PREFIX)?;
+    (!rest.is_empty() && rest.len() <= 1024 && !rest.chars().any(char::is_control)).then_some(rest)
+}
+
+/// The ways the text of a reference by key reads, in the order they are
+/// tried: all of it the key (the job's first picture); or the key, then
+/// after its last `/` an output's name.
+pub fn key_readings(rest: &str) -> Vec<(String, Option<String>)> {
+    let mut readings = vec![(rest.to_string(), None)];
+    if let Some((key, name)) = rest.rsplit_once('/') {
+        if !key.is_empty() && plain_file_name(name) {
+            readings.push((key.to_string(), Some(name.to_string())));
+        }
+    }
+    readings
+}
+
 /// Whether a value is meant as a reference to another job's output.
 pub fn looks_like_job_ref(value: &str) -> bool {
     value.starts_with(JOB_PREFIX)

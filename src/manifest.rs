@@ -292,13 +292,7 @@ pub fn parse(
             callback_url,
             timeout_s,
             inputs: distinct(&inputs),
-            parents: {
-                let ids: Vec<FieldRef> = parents
-                    .iter()
-                    .map(|p| (p.field.clone(), p.job.clone()))
-                    .collect();
-                distinct(&ids)
-            },
+            parents: parent_ids(&parents),
         },
         warnings,
         inputs,
@@ -316,10 +310,24 @@ type FieldRef = (String, String);
 pub struct ParentRef {
     /// `parameters.NAME`, or `workflow.NODE.inputs.INPUT`.
     pub field: String,
-    /// The job whose output it starts from.
+    /// The job whose output it starts from (empty until its key is looked
+    /// up, for a reference by key).
     pub job: String,
     /// The output named (`job:<id>/<name>`), or none: its first picture.
     pub output: Option<String>,
+    /// For a reference by key (`job:key:…`): the text after the prefix.
+    pub by_key: Option<String>,
+}
+
+/// The jobs named, each once, in order: what the job stores (a reference by
+/// key counts once its key is looked up).
+pub fn parent_ids(parents: &[ParentRef]) -> Vec<String> {
+    let ids: Vec<FieldRef> = parents
+        .iter()
+        .filter(|p| !p.job.is_empty())
+        .map(|p| (p.field.clone(), p.job.clone()))
+        .collect();
+    distinct(&ids)
 }
 
 /// The values named, each once, in order: what the job stores.
@@ -356,12 +364,19 @@ fn input_refs(
                     ));
                 }
                 files.push((field(), s.to_string()));
+            } else if let Some(rest) = crate::inputs::job_key_ref(s) {
+                jobs.push(ParentRef {
+                    field: field(),
+                    job: String::new(),
+                    output: None,
+                    by_key: Some(rest.to_string()),
+                });
             } else if crate::inputs::looks_like_job_ref(s) {
                 let Some((job, output)) = crate::inputs::job_ref(s) else {
                     return Err(err(
                         &field(),
                         format!(
-                            "`{s}` is not a job's output (job:<job id>, or job:<job id>/<output name>)"
+                            "`{s}` is not a job's output (job:<job id>, job:<job id>/<output name>, or job:key:<its idempotency key>)"
                         ),
                     ));
                 };
@@ -369,6 +384,7 @@ fn input_refs(
                     field: field(),
                     job,
                     output,
+                    by_key: None,
                 });
             }
         }

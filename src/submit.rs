@@ -29,6 +29,16 @@ pub enum SubmitError {
         /// What is wrong, for a person (starts with the field when there is one).
         message: String,
     },
+    /// A job it starts from is named by an idempotency key no stored job
+    /// has (yet: the inbox waits a while for it, as a drop's files come in
+    /// any order).
+    #[error("{message}")]
+    UnknownKey {
+        /// The field that named it.
+        field: String,
+        /// For a person (starts with the field).
+        message: String,
+    },
     /// The idempotency key was used before with another manifest.
     #[error("{0}")]
     Conflict(String),
@@ -46,7 +56,7 @@ impl SubmitError {
     /// The HTTP status a front door answers with.
     pub fn status(&self) -> u16 {
         match self {
-            SubmitError::Invalid { .. } => 422,
+            SubmitError::Invalid { .. } | SubmitError::UnknownKey { .. } => 422,
             SubmitError::Conflict(_) => 409,
             SubmitError::Unavailable { .. } => 503,
         }
@@ -55,7 +65,7 @@ impl SubmitError {
     /// Stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            SubmitError::Invalid { .. } => "validation_failed",
+            SubmitError::Invalid { .. } | SubmitError::UnknownKey { .. } => "validation_failed",
             SubmitError::Conflict(_) => "conflict",
             SubmitError::Unavailable { code, .. } => code,
         }
@@ -65,6 +75,7 @@ impl SubmitError {
     pub fn field(&self) -> Option<&str> {
         match self {
             SubmitError::Invalid { field, .. } => field.as_deref(),
+            SubmitError::UnknownKey { field, .. } => Some(field),
             _ => None,
         }
     }
@@ -244,11 +255,12 @@ impl Submitter {
                 self.catalog.reload_async().await;
             }
         }
-        let parsed = manifest::parse(
+        let mut parsed = manifest::parse(
             manifest,
             &self.catalog,
             self.config.dispatch.default_max_attempts,
         )?;
+        self.look_up_keys(&mut parsed).await?;
         self.check_requires(&parsed.job.requires).await?;
         // Held until the job is stored or refused.
         let _inputs = self.check_inputs(&parsed).await?;
@@ -331,6 +343,68 @@ impl Submitter {
                 ),
             )),
         }
+    }
+
+    /// Puts the ids of the jobs it names by idempotency key (`job:key:`) in
+    /// place, in the graph and its list of parents, so that from here on
+    /// (the checks, the store, dispatch) a reference is a reference by id.
+    async fn look_up_keys(&self, parsed: &mut manifest::Parsed) -> Result<(), SubmitError> {
+        let readings: Vec<_> = parsed
+            .parents
+            .iter()
+            .filter_map(|p| p.by_key.as_deref())
+            .map(|rest| (rest.to_string(), crate::inputs::key_readings(rest)))
+            .collect();
+        if readings.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = readings
+            .iter()
+            .flat_map(|(_, r)| r.iter().map(|(k, _)| k.clone()))
+            .collect();
+        let found = self.store.jobs_by_keys(&keys).await?;
+        // Each reference's text → the job and output it reads as.
+        let mut resolved = std::collections::HashMap::new();
+        for (rest, readings) in readings {
+            let hit = readings
+                .into_iter()
+                .find_map(|(key, name)| found.get(&key).map(|id| (id.clone(), name)));
+            if let Some(hit) = hit {
+                resolved.insert(rest, hit);
+            }
+        }
+        for p in &mut parsed.parents {
+            let Some(rest) = &p.by_key else { continue };
+            match resolved.get(rest) {
+                Some((id, name)) => (p.job, p.output) = (id.clone(), name.clone()),
+                None => {
+                    return Err(SubmitError::UnknownKey {
+                        message: format!(
+                            "{}: no job here has the idempotency key `{rest}` (submit the job it starts from first)",
+                            p.field
+                        ),
+                        field: p.field.clone(),
+                    })
+                }
+            }
+        }
+        let nodes = parsed.job.graph.as_object_mut().into_iter().flatten();
+        for (_, node) in nodes {
+            let inputs = node.get_mut("inputs").and_then(Value::as_object_mut);
+            for v in inputs.into_iter().flat_map(|i| i.values_mut()) {
+                let Some(rest) = v.as_str().and_then(crate::inputs::job_key_ref) else {
+                    continue;
+                };
+                if let Some((id, name)) = resolved.get(rest) {
+                    *v = Value::String(match name {
+                        Some(n) => format!("{}{id}/{n}", crate::inputs::JOB_PREFIX),
+                        None => format!("{}{id}", crate::inputs::JOB_PREFIX),
+                    });
+                }
+            }
+        }
+        parsed.job.parents = manifest::parent_ids(&parsed.parents);
+        Ok(())
     }
 
     /// Every job it starts from must be stored and able still to complete:

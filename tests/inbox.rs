@@ -298,3 +298,92 @@ async fn a_file_seen_again_after_a_crash_before_its_move_is_not_submitted_twice(
     .await;
     assert_eq!(jobs_of_batch(&app.url, "again").await.len(), 2);
 }
+
+#[tokio::test]
+async fn a_second_pass_dropped_before_its_first_waits_for_it_and_chains_by_key() {
+    let (app, inbox) = spawn_inbox_app().await;
+    // The second pass names the first by the key the tool gave it, and
+    // arrives first (a drop's files come in any order).
+    let second = json!({"workflow_id": "image_invert",
+        "parameters": {"image": "job:key:sc01/sh010/pass1"}, "metadata": {"pass": 2}});
+    std::fs::write(inbox.join("sh010_pass2.json"), second.to_string()).unwrap();
+    // A file dropped after it is taken, the second pass stays (not rejected).
+    std::fs::write(inbox.join("other.json"), manifest("other", 1)).unwrap();
+    poll("the other file accepted", || async {
+        names(&inbox.join("accepted"))
+            .iter()
+            .any(|n| n.starts_with("other."))
+            .then_some(())
+    })
+    .await;
+    std::fs::write(inbox.join("other2.json"), manifest("other", 2)).unwrap();
+    poll("the next file accepted", || async {
+        names(&inbox.join("accepted"))
+            .iter()
+            .any(|n| n.starts_with("other2."))
+            .then_some(())
+    })
+    .await;
+    assert!(inbox.join("sh010_pass2.json").exists());
+    assert!(names(&inbox.join("rejected")).is_empty());
+    // The first pass comes: both are taken, the second starting from it.
+    let first = json!({"workflow_id": "image_blur", "idempotency_key": "sc01/sh010/pass1",
+        "metadata": {"pass": 1}});
+    std::fs::write(inbox.join("sh010_pass1.json"), first.to_string()).unwrap();
+    let accepted = poll("both passes accepted", || async {
+        let a = names(&inbox.join("accepted"));
+        (a.iter().filter(|n| n.starts_with("sh010_")).count() == 2).then_some(a)
+    })
+    .await;
+    let id_of = |stem: &str| {
+        let name = accepted.iter().find(|n| n.starts_with(stem)).unwrap();
+        name.rsplit('.').nth(1).unwrap().to_string()
+    };
+    let (first_id, second_id) = (id_of("sh010_pass1."), id_of("sh010_pass2."));
+    let job = app.job(&second_id).await;
+    assert_eq!(job["status"], "waiting", "{job}");
+    assert_eq!(job["starts_from"], json!([first_id]));
+    assert_eq!(
+        job["graph"]["1"]["inputs"]["image"],
+        format!("job:{first_id}")
+    );
+}
+
+#[tokio::test]
+async fn a_pass_whose_first_never_comes_is_rejected_once_it_waited_long_enough() {
+    let (app, inbox) = spawn_inbox_app().await;
+    let path = inbox.join("orphan.json");
+    std::fs::write(
+        &path,
+        json!({"workflow_id": "image_invert", "parameters": {"image": "job:key:never-submitted"}})
+            .to_string(),
+    )
+    .unwrap();
+    // Dropped eleven minutes ago: it has waited the ten it may.
+    let old = std::time::SystemTime::now() - Duration::from_secs(660);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    poll("the orphan rejected", || async {
+        inbox
+            .join("rejected/orphan.json.error.json")
+            .exists()
+            .then_some(())
+    })
+    .await;
+    let error: Value = serde_json::from_str(
+        &std::fs::read_to_string(inbox.join("rejected/orphan.json.error.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(error["error"]["field"], "parameters.image", "{error}");
+    let msg = error["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no job here has the idempotency key `never-submitted`"),
+        "{msg}"
+    );
+    let (_, list) = app.get("/api/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0);
+}

@@ -858,3 +858,68 @@ async fn the_backend_that_can_run_a_released_job_is_woken_for_it() {
     let job = app.wait_status(&second, "completed").await;
     assert_eq!(job["backend_id"], "b");
 }
+
+#[tokio::test]
+async fn a_job_names_the_one_it_starts_from_by_its_idempotency_key() {
+    let sim = start_sim(300).await;
+    let app = spawn_farm(vec![backend("a", sim.port, &[], 1)]).await;
+    app.wait_backend("a", "online").await;
+    let (bytes, rgb) = frame();
+    let (_, input) = upload(&app, bytes, "image/png").await;
+    let post = |manifest: Value| {
+        let app = &app;
+        async move { app.post_json("/api/job", &manifest).await }
+    };
+    // A key with a `/` in it, as a tool names its shots.
+    let (status, first) = post(
+        json!({"workflow_id": "image_invert", "idempotency_key": "sc01/sh010/p1",
+        "parameters": {"image": input["input_id"]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    let first = first["job_id"].as_str().unwrap().to_string();
+    let (status, second) = post(json!({"workflow_id": "image_invert",
+        "parameters": {"image": "job:key:sc01/sh010/p1"}}))
+    .await;
+    assert_eq!(status, 201, "{second}");
+    let second = second["job_id"].as_str().unwrap().to_string();
+    let job = app.job(&second).await;
+    assert_eq!(job["starts_from"], json!([first]));
+    assert_eq!(job["graph"]["1"]["inputs"]["image"], format!("job:{first}"));
+    assert_eq!(
+        job["parameters"]["image"], "job:key:sc01/sh010/p1",
+        "as given"
+    );
+    let done = app.wait_status(&second, "completed").await;
+    let (_, _, out) = first_output(&app, &done).await;
+    assert_eq!(out, rgb, "inverted twice");
+    // By key and output name, in an inline graph.
+    let name = app.job(&first).await["outputs"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let graph = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": format!("job:key:sc01/sh010/p1/{name}")}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+    });
+    let (status, third) = post(json!({"workflow": graph})).await;
+    assert_eq!(status, 201, "{third}");
+    let third = third["job_id"].as_str().unwrap();
+    assert_eq!(
+        app.job(third).await["graph"]["1"]["inputs"]["image"],
+        format!("job:{first}/{name}")
+    );
+    // A key no job has: a 422 naming the field; nothing stored.
+    let (status, body) = post(json!({"workflow_id": "image_invert",
+        "parameters": {"image": "job:key:sc01/sh999/p1"}}))
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "parameters.image");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no job here has the idempotency key `sc01/sh999/p1`"),
+        "{msg}"
+    );
+    let (_, jobs) = app.get("/api/jobs").await;
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 3);
+}

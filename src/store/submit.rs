@@ -174,6 +174,22 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 
+    /// The jobs holding these idempotency keys, of those that exist: key →
+    /// job id (a submission that starts from a job named by its key).
+    pub async fn jobs_by_keys(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, String>, StoreError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT idempotency_key, id FROM jobs WHERE 1 = 1");
+        super::rows::push_in(&mut q, "idempotency_key", keys);
+        let rows: Vec<(String, String)> = q.build_query_as().fetch_all(self.reader()).await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Stores a job durably (or finds the earlier one with the same
     /// idempotency key). Returns once the commit is on disk.
     pub async fn submit(&self, job: NewJob) -> Result<SubmitOutcome, StoreError> {

@@ -199,7 +199,9 @@ impl Param {
             ParamType::String => v.is_string(),
             ParamType::Bool => v.is_boolean(),
             ParamType::Image | ParamType::Mask => v.as_str().is_some_and(|s| {
-                crate::inputs::hex_of(s).is_some() || crate::inputs::job_ref(s).is_some()
+                crate::inputs::hex_of(s).is_some()
+                    || crate::inputs::job_ref(s).is_some()
+                    || crate::inputs::job_key_ref(s).is_some()
             }),
         };
         if !type_ok {
@@ -209,7 +211,7 @@ impl Param {
                 ParamType::String => "a string",
                 ParamType::Bool => "true or false",
                 ParamType::Image | ParamType::Mask => {
-                    "an input id (sha256:<64 hex>, from POST /api/inputs) or another job's output (job:<job id>)"
+                    "an input id (sha256:<64 hex>, from POST /api/inputs) or another job's output (job:<job id>, or job:key:<its idempotency key>)"
                 }
             };
             return Err(format!("must be {want}, got {}", describe(v)));
