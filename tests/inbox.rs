@@ -307,23 +307,18 @@ async fn a_second_pass_dropped_before_its_first_waits_for_it_and_chains_by_key()
     let second = json!({"workflow_id": "image_invert",
         "parameters": {"image": "job:key:sc01/sh010/pass1"}, "metadata": {"pass": 2}});
     std::fs::write(inbox.join("sh010_pass2.json"), second.to_string()).unwrap();
-    // A file dropped after it is taken, the second pass stays (not rejected).
-    std::fs::write(inbox.join("other.json"), manifest("other", 1)).unwrap();
-    poll("the other file accepted", || async {
-        names(&inbox.join("accepted"))
-            .iter()
-            .any(|n| n.starts_with("other."))
-            .then_some(())
-    })
-    .await;
-    std::fs::write(inbox.join("other2.json"), manifest("other", 2)).unwrap();
-    poll("the next file accepted", || async {
-        names(&inbox.join("accepted"))
-            .iter()
-            .any(|n| n.starts_with("other2."))
-            .then_some(())
-    })
-    .await;
+    // Two files dropped after it, one after the other, are taken; the
+    // second pass stays (not rejected).
+    for stem in ["other", "other2"] {
+        std::fs::write(inbox.join(format!("{stem}.json")), manifest(stem, 1)).unwrap();
+        poll(&format!("{stem}.json accepted"), || async {
+            names(&inbox.join("accepted"))
+                .iter()
+                .any(|n| n.starts_with(&format!("{stem}.")))
+                .then_some(())
+        })
+        .await;
+    }
     assert!(inbox.join("sh010_pass2.json").exists());
     assert!(names(&inbox.join("rejected")).is_empty());
     // The first pass comes: both are taken, the second starting from it.
