@@ -692,6 +692,23 @@ async fn a_job_starts_from_another_jobs_output_once_that_one_completes() {
 }
 
 #[tokio::test]
+async fn a_pass_from_an_output_whose_file_was_removed_by_hand_fails_at_once() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("a", sim.port, &[], 1)]).await;
+    app.wait_backend("a", "online").await;
+    let first = app.submit_blur(json!({})).await;
+    let job = app.wait_status(&first, "completed").await;
+    let name = job["outputs"][0]["name"].as_str().unwrap();
+    std::fs::remove_file(app.config.outputs_dir().join(&first).join(name)).unwrap();
+    let (second, _) = submit_invert(&app, &format!("job:{first}")).await;
+    let failed = app.wait_status(&second, "failed").await;
+    assert_eq!(failed["error"]["code"], "input_missing", "{failed}");
+    assert_eq!(failed["attempts"], 1, "{failed}");
+    let msg = failed["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(name), "{msg}");
+}
+
+#[tokio::test]
 async fn a_job_whose_parent_ends_without_completing_fails_and_so_do_its_own() {
     // No backends: nothing runs, the chain's fate is the first job's.
     let app = spawn_app().await;

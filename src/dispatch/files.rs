@@ -90,9 +90,15 @@ impl Ctx {
 
     async fn upload(&self, file: &FileToSend) -> Result<String, DispatchError> {
         let (what, path) = (&file.what, &file.path);
-        let opened = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| DispatchError::Files(format!("{what}: {}: {e}", path.display())))?;
+        let opened = tokio::fs::File::open(path).await.map_err(|e| {
+            let said = format!("{what}: {}: {e}", path.display());
+            // Its record stands but its file is gone (removed from the data
+            // folder by hand): no attempt will find it. Other errors may pass.
+            match e.kind() {
+                std::io::ErrorKind::NotFound => DispatchError::Gone(said),
+                _ => DispatchError::Files(said),
+            }
+        })?;
         let name = format!(
             "{}.{}",
             file.hex,
