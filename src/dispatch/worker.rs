@@ -204,11 +204,13 @@ impl Worker {
         let mut last_fill = Instant::now();
         // Lease only when something may have changed, not on every progress message.
         let mut wake = Some(Wake::Always);
+        // This future lives as long as the service and is as large as its
+        // largest await: the large steps are boxed (18 KB a worker inline).
         while !stop.is_cancelled() {
             if self.take_reports() || std::mem::take(&mut self.foreign_freed) {
                 wake = wake.max(Some(Wake::SlotFreed));
             }
-            if self.link.stream.is_none() && !self.connect().await {
+            if self.link.stream.is_none() && !Box::pin(self.connect()).await {
                 self.shared.idle.busy(&self.id);
                 let (since, delay) = self.link.connect_failed();
                 tracing::debug!(backend_id = %self.id, down_for_ms = since.elapsed().as_millis() as u64, "backend unreachable");
@@ -216,14 +218,14 @@ impl Worker {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.cancelled() => {}
-                    Some(cmd) = commands.recv() => self.on_command(cmd).await,
+                    Some(cmd) = commands.recv() => Box::pin(self.on_command(cmd)).await,
                     Some(r) = self.helpers.join_next(), if !self.helpers.is_empty() => self.on_joined(r),
                 }
                 continue;
             }
             if self.reconcile_soon {
                 self.reconcile_soon = false;
-                self.reconcile().await;
+                Box::pin(self.reconcile()).await;
                 wake = Some(Wake::Always);
             }
             if let Some(why) = wake.take() {
@@ -237,15 +239,15 @@ impl Worker {
             };
             tokio::select! {
                 ev = stream.next() => match ev {
-                    Some(Ok(ev)) => self.on_event(ev).await,
-                    Some(Err(e)) => self.lost_link(&format!("its socket broke: {e}")).await,
-                    None => self.lost_link("it closed its socket").await,
+                    Some(Ok(ev)) => Box::pin(self.on_event(ev)).await,
+                    Some(Err(e)) => Box::pin(self.lost_link(&format!("its socket broke: {e}"))).await,
+                    None => Box::pin(self.lost_link("it closed its socket")).await,
                 },
                 Some(r) = self.helpers.join_next(), if !self.helpers.is_empty() => {
                     self.on_joined(r);
                     wake = wake.max(Some(Wake::SlotFreed));
                 }
-                Some(cmd) = commands.recv() => self.on_command(cmd).await,
+                Some(cmd) = commands.recv() => Box::pin(self.on_command(cmd)).await,
                 _ = broadcast.changed() => wake = Some(Wake::Always),
                 _ = bell.notified() => wake = Some(Wake::Always),
                 _ = flush.tick(), if self.progress.has_pending() => self.progress.flush().await,
@@ -270,13 +272,13 @@ impl Worker {
                     } else if look_due {
                         last_fill = Instant::now();
                     }
-                    self.check_health().await;
+                    Box::pin(self.check_health()).await;
                     self.check_timeouts().await;
                     // Ask the backend now and then about anything missed.
                     let due = self.reconcile_at.is_some_and(|t| Instant::now() >= t);
                     if due || nets.reconcile {
                         self.reconcile_at = None;
-                        self.reconcile().await;
+                        Box::pin(self.reconcile()).await;
                         // Paced from its end: a backend that answers
                         // slowly is not asked again at once, and the
                         // worker hears its socket and helpers between.
