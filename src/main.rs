@@ -42,6 +42,10 @@ enum Command {
         /// Priority (higher runs first).
         #[arg(long)]
         priority: Option<i64>,
+        /// Store it paused: it keeps its place in the queue, and runs once
+        /// resumed (`orchestrator resume ID`).
+        #[arg(long)]
+        paused: bool,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -66,6 +70,9 @@ enum Command {
         /// Only jobs whose metadata has key=value (repeat).
         #[arg(long = "meta", short = 'm')]
         meta: Vec<String>,
+        /// Only paused jobs.
+        #[arg(long)]
+        paused: bool,
         /// How many (with `--ids`, how many a request: all are printed).
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -107,6 +114,23 @@ enum Command {
         /// The new priority.
         #[arg(allow_negative_numbers = true)]
         priority: i64,
+        /// Job ids; `-` reads them from standard input (`jobs --ids`).
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Pause jobs that have not started: they keep their place in the
+    /// queue, and no backend takes them until they are resumed.
+    Pause {
+        /// Job ids; `-` reads them from standard input (`jobs --ids`).
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Resume paused jobs: they run in their turn.
+    Resume {
         /// Job ids; `-` reads them from standard input (`jobs --ids`).
         #[arg(required = true)]
         ids: Vec<String>,
@@ -416,6 +440,7 @@ fn main() -> ExitCode {
                 params,
                 meta,
                 priority,
+                paused,
                 remote,
             } => {
                 let args = orchestrator::cli::SubmitArgs {
@@ -424,6 +449,7 @@ fn main() -> ExitCode {
                     params,
                     meta,
                     priority,
+                    paused,
                 };
                 orchestrator::cli::submit(&remote.remote(), args).await
             }
@@ -435,6 +461,7 @@ fn main() -> ExitCode {
                 workflow,
                 backend,
                 meta,
+                paused,
                 limit,
                 ids,
                 remote,
@@ -444,6 +471,7 @@ fn main() -> ExitCode {
                     workflow,
                     backend,
                     meta,
+                    paused,
                     limit,
                     ids_only: ids,
                 };
@@ -475,6 +503,14 @@ fn main() -> ExitCode {
             } => {
                 let ids = orchestrator::cli::job_ids(ids)?;
                 orchestrator::cli::set_priority(&remote.remote(), &ids, priority).await
+            }
+            Command::Pause { ids, remote } => {
+                let ids = orchestrator::cli::job_ids(ids)?;
+                orchestrator::cli::set_paused(&remote.remote(), &ids, "pause").await
+            }
+            Command::Resume { ids, remote } => {
+                let ids = orchestrator::cli::job_ids(ids)?;
+                orchestrator::cli::set_paused(&remote.remote(), &ids, "resume").await
             }
             Command::Backends { refresh, remote } => match refresh {
                 Some(id) => orchestrator::cli::refresh_backend(&remote.remote(), &id).await,

@@ -53,9 +53,13 @@ pub struct JobManifest {
     /// Longest a run may take on a backend, in seconds (1 to 604800);
     /// default: the template's, else `dispatch.job_timeout_s`.
     pub timeout_s: Option<u32>,
+    /// Store it paused: it keeps its place in the queue, but no backend
+    /// takes it until `POST /api/job/{id}/resume` (a batch submitted by day
+    /// and let go at night).
+    pub paused: Option<bool>,
 }
 
-const KNOWN: [&str; 10] = [
+const KNOWN: [&str; 11] = [
     "workflow_id",
     "parameters",
     "metadata",
@@ -66,6 +70,7 @@ const KNOWN: [&str; 10] = [
     "workflow",
     "callback_url",
     "timeout_s",
+    "paused",
 ];
 
 /// A manifest turned into a job, with warnings for the client.
@@ -239,6 +244,11 @@ pub fn parse(
         .map(|n| n as u32)
         .unwrap_or(default_max_attempts);
     let idempotency_key = opt_string(m, "idempotency_key", 256)?;
+    let paused = match m.get("paused") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(err("paused", "must be true or false")),
+    };
     let requires = match m.get("requires") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items
@@ -293,6 +303,7 @@ pub fn parse(
             timeout_s,
             inputs: distinct(&inputs),
             parents: parent_ids(&parents),
+            paused,
         },
         warnings,
         inputs,

@@ -366,6 +366,15 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
         "(document.getElementById('bulk') || {}).innerText === 'Cancel this job'",
     )
     .await;
+    // Paused from the list: its row says so, and offers to resume it.
+    b.eval("window.confirm = () => true; document.getElementById('bulk-pause').click()")
+        .await;
+    b.wait_for(
+        "the paused row",
+        &format!("(document.querySelector('#job-{waiting} .paused') || {{}}).innerText === 'paused' && document.querySelector('#job-{waiting} button[data-act$=\"/resume\"]') !== null"),
+    )
+    .await;
+    assert!(app.job(&waiting).await["paused_at"].is_string());
     b.eval("window.confirm = () => true; document.getElementById('bulk').click()")
         .await;
     app.wait_status(&waiting, "cancelled").await;

@@ -234,6 +234,71 @@ async fn a_batch_is_moved_cancelled_and_retried_by_its_ids() {
     }
 }
 
+/// A batch submitted paused from the command line (by day, for the
+/// night), listed as paused, let go from a pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_submitted_paused_is_listed_and_resumed_by_its_ids() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("cli1", sim.port, &[], 1)]).await;
+    app.wait_backend("cli1", "online").await;
+    let mut night = Vec::new();
+    for width in ["64", "65"] {
+        let (ok, out, err) = cli(
+            &app.url,
+            &[
+                "submit",
+                "--workflow",
+                "image_blur",
+                "-p",
+                &format!("width={width}"),
+                "--paused",
+            ],
+        )
+        .await;
+        assert!(ok, "{err}");
+        night.push(out.trim().to_string());
+    }
+    // The box is free and runs what is not paused.
+    let day = app.submit_blur(json!({})).await;
+    app.wait_status(&day, "completed").await;
+
+    let (ok, listed, err) = cli(&app.url, &["jobs", "--ids", "--paused"]).await;
+    assert!(ok, "{err}");
+    let mut got: Vec<_> = listed.lines().map(str::to_string).collect();
+    got.sort();
+    let mut want = night.clone();
+    want.sort();
+    assert_eq!(got, want, "{listed}");
+    let (ok, table, err) = cli(&app.url, &["jobs"]).await;
+    assert!(ok, "{err}");
+    for id in &night {
+        let row = table.lines().find(|l| l.starts_with(id.as_str())).unwrap();
+        assert!(
+            row.contains("queued") && row.contains("paused since"),
+            "{row}"
+        );
+    }
+    let (ok, out, err) = cli(&app.url, &["status", &night[0]]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("`orchestrator resume {}` lets it run", night[0])),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&app.url, &["pause", &day]).await;
+    assert!(!ok && err.contains("it is already completed"), "{err}");
+
+    let (ok, out, err) = cli_fed(&app.url, &["resume", "-"], &listed).await;
+    assert!(ok, "{err}");
+    for id in &night {
+        assert!(out.contains(&format!("{id}  ")), "{out}");
+        assert!(!out.contains("paused"), "{out}");
+    }
+    let (ok, out, err) = cli_fed(&app.url, &["watch", "-"], &listed).await;
+    assert!(ok, "{out} {err}");
+    let (ok, listed, _) = cli(&app.url, &["jobs", "--ids", "--paused"]).await;
+    assert!(ok && listed.is_empty(), "{listed}");
+}
+
 /// `watch` in a log or a script (no terminal: no bars): a line for each
 /// change of each job, and a non-zero exit when one does not complete, so
 /// `orchestrator watch ID && deliver` stops at a failure.

@@ -1,4 +1,5 @@
-//! Job routes: submit, look up, history, events, cancel.
+//! Job routes: submit, look up, history, events, cancel, retry, priority,
+//! pause and resume.
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -29,6 +30,8 @@ pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
         .route("/api/job/{id}/cancel", post(cancel_job))
         .route("/api/job/{id}/retry", post(retry_job))
         .route("/api/job/{id}/priority", post(set_priority))
+        .route("/api/job/{id}/pause", post(pause_job))
+        .route("/api/job/{id}/resume", post(resume_job))
         .route("/api/jobs", get(list_jobs))
 }
 
@@ -409,6 +412,58 @@ pub(super) async fn set_priority(
     detail(&state, &id).await.map(Json)
 }
 
+/// Pause a job that has not started: it keeps its place in the queue (and
+/// a waiting one goes on waiting for its parents), but no backend takes it
+/// until it is resumed; the rest of a batch held back while its first
+/// shots are checked. A `paused` event; pausing a paused job changes
+/// nothing.
+#[utoipa::path(
+    post,
+    path = "/api/job/{id}/pause",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job, with `paused_at` and `waiting_for`", body = JobDetail),
+        (status = 404, body = super::ErrorBody),
+        (status = 409, description = "A backend runs it (cancel it to stop it), or it has ended", body = super::ErrorBody),
+    )
+)]
+pub(super) async fn pause_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobDetail>, ApiError> {
+    let change = state.store.set_paused(&id, true).await?;
+    if !change.was_paused {
+        tracing::info!(job_id = %id, status = %change.status, "job paused by a user");
+    }
+    detail(&state, &id).await.map(Json)
+}
+
+/// Resume a paused job: it runs in its turn (its priority and age, as if
+/// never paused). A `resumed` event; resuming a job not paused changes
+/// nothing, so a whole batch can be resumed by its ids.
+#[utoipa::path(
+    post,
+    path = "/api/job/{id}/resume",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job, with `waiting_for`", body = JobDetail),
+        (status = 404, body = super::ErrorBody),
+    )
+)]
+pub(super) async fn resume_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobDetail>, ApiError> {
+    let change = state.store.set_paused(&id, false).await?;
+    if change.was_paused {
+        tracing::info!(job_id = %id, status = %change.status, "job resumed by a user");
+        state.farm.wake();
+    }
+    detail(&state, &id).await.map(Json)
+}
+
 fn with_progress(state: &AppState, mut job: Job) -> Job {
     if job.status.is_held() {
         if let Some(p) = state.farm.progress(&job.job_id) {
@@ -477,6 +532,11 @@ fn parse_filter(query: Option<&str>) -> Result<JobFilter, ApiError> {
             "backend" | "backend_id" => f.backend_id = Some(value.to_string()),
             "submitted_after" => f.submitted_after = Some(parse_time_param(key, value)?),
             "submitted_before" => f.submitted_before = Some(parse_time_param(key, value)?),
+            "paused" => {
+                f.paused = Some(value.parse::<bool>().map_err(|_| {
+                    ApiError::invalid("paused", "must be true (only paused jobs) or false")
+                })?)
+            }
             "limit" => {
                 f.limit = value
                     .parse::<u32>()
@@ -500,7 +560,7 @@ fn parse_filter(query: Option<&str>) -> Result<JobFilter, ApiError> {
                     other,
                     format!(
                         "unknown query parameter `{other}` (filters: status, workflow_id, backend, \
-                         submitted_after, submitted_before, metadata.KEY, limit, cursor)"
+                         submitted_after, submitted_before, paused, metadata.KEY, limit, cursor)"
                     ),
                 ))
             }
@@ -520,6 +580,7 @@ fn parse_filter(query: Option<&str>) -> Result<JobFilter, ApiError> {
         ("backend" = Option<String>, Query, description = "Backend id"),
         ("submitted_after" = Option<String>, Query, description = "RFC 3339, inclusive"),
         ("submitted_before" = Option<String>, Query, description = "RFC 3339, exclusive"),
+        ("paused" = Option<bool>, Query, description = "true: only paused jobs; false: only jobs not paused"),
         ("metadata.KEY" = Option<String>, Query, description = "Metadata field equals value, e.g. metadata.shot=sc01_sh010"),
         ("limit" = Option<u32>, Query, description = "Page size, default 50, at most 1000"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),

@@ -24,6 +24,8 @@ use super::{backends, events, farm, inputs, jobs, outputs, system, AppState};
         jobs::cancel_job,
         jobs::retry_job,
         jobs::set_priority,
+        jobs::pause_job,
+        jobs::resume_job,
         outputs::get_output,
         farm::farm,
         jobs::list_jobs,

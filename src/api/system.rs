@@ -35,6 +35,9 @@ pub struct Health {
     pub database: String,
     /// Number of jobs in each state.
     pub jobs: BTreeMap<String, i64>,
+    /// Jobs a user paused (counted in `queued` or `waiting` too): they do
+    /// not start until resumed, whatever the farm does.
+    pub paused: i64,
     /// The data folder: database, outputs and inputs, and the free space
     /// (measured by the retention sweeper).
     pub disk: crate::retention::DiskUsage,
@@ -64,6 +67,7 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
         }
         Err(e) => e.to_string(),
     };
+    let paused = state.store.paused_count().await.unwrap_or(0);
     let ok = database == "ok";
     let disk = state.usage.lock().expect("usage").clone();
     let mut warnings = Vec::new();
@@ -86,6 +90,7 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
         uptime_s: state.started.elapsed().as_secs(),
         database,
         jobs,
+        paused,
     };
     let code = if ok {
         StatusCode::OK

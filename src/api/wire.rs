@@ -80,6 +80,10 @@ pub struct Job {
     /// is `waiting` until they complete, and fails if one of them does.
     /// In lists too, so a list of waiting jobs says what each waits for.
     pub starts_from: Vec<String>,
+    /// When a user paused it (`POST /api/job/{id}/pause`, or `paused` in
+    /// its manifest): it keeps its place, but no backend takes it until it
+    /// is resumed. `null` when it is not paused.
+    pub paused_at: Option<DateTime<Utc>>,
 }
 
 impl From<JobRecord> for Job {
@@ -110,6 +114,7 @@ impl From<JobRecord> for Job {
             graph: j.graph,
             preview: j.preview,
             starts_from: j.parents,
+            paused_at: j.paused_at,
         }
     }
 }
@@ -246,7 +251,7 @@ pub struct Event {
     /// Job events: `submitted`, `assigned`, `submitted_to_backend`, `running`,
     /// `progress`, `completed`, `failed`, `retry_scheduled`, `requeued`,
     /// `cancel_requested`, `cancelled`, `cancel_too_late`, `retried`,
-    /// `priority_changed`, `backend_socket_deaf`. Backend events: `backend_online`,
+    /// `priority_changed`, `paused`, `resumed`, `backend_socket_deaf`. Backend events: `backend_online`,
     /// `backend_offline`, `backend_incompatible`, `backend_quarantined`,
     /// `backend_quarantine_over`, `backend_quarantine_lifted`.
     pub kind: String,

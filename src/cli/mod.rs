@@ -113,6 +113,8 @@ pub struct SubmitArgs {
     pub meta: Vec<String>,
     /// Priority.
     pub priority: Option<i64>,
+    /// Store it paused.
+    pub paused: bool,
 }
 
 /// Submits a manifest; prints the job id (or the answer as JSON).
@@ -150,6 +152,9 @@ pub async fn submit(remote: &Remote, args: SubmitArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = args.priority {
         m.insert("priority".into(), json!(p));
+    }
+    if args.paused {
+        m.insert("paused".into(), json!(true));
     }
     // `-p image=@frame.png`: the file is uploaded first, and its input id used.
     let base = args
@@ -221,6 +226,12 @@ pub async fn status(remote: &Remote, id: &str) -> anyhow::Result<()> {
     println!("backend    {}", field("backend_id"));
     println!("attempts   {} of {}", job["attempts"], job["max_attempts"]);
     println!("submitted  {}", field("submitted_at"));
+    if job["paused_at"].is_string() {
+        println!(
+            "paused     {} (`orchestrator resume {id}` lets it run)",
+            field("paused_at")
+        );
+    }
     if job["finished_at"].is_string() {
         println!("finished   {}", field("finished_at"));
     }
@@ -253,10 +264,13 @@ pub struct JobsArgs {
     pub backend: Option<String>,
     /// `key=value` metadata filters.
     pub meta: Vec<String>,
+    /// Only paused jobs.
+    pub paused: bool,
     /// Page size.
     pub limit: u32,
     /// Print only the ids of every matching job (all pages), one a line,
-    /// for `cancel`, `retry` and `priority` to act on a batch.
+    /// for `cancel`, `retry`, `priority`, `pause` and `resume` to act on a
+    /// batch.
     pub ids_only: bool,
 }
 
@@ -271,6 +285,9 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
     }
     if let Some(b) = args.backend {
         q.push(("backend".into(), b));
+    }
+    if args.paused {
+        q.push(("paused".into(), "true".into()));
     }
     for m in args.meta {
         let (k, v) = m
@@ -294,10 +311,11 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
         "JOB", "STATUS", "WORKFLOW", "BACKEND", "SUBMITTED"
     );
     for j in page["jobs"].as_array().into_iter().flatten() {
-        let detail = j["error"]["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| progress_text(j));
+        let detail = match (j["error"]["message"].as_str(), j["paused_at"].as_str()) {
+            (Some(e), _) => e.to_string(),
+            (None, Some(at)) => format!("paused since {}", at.get(..19).unwrap_or(at)),
+            (None, None) => progress_text(j),
+        };
         println!(
             "{:<36}  {:<10}  {:<16}  {:<10}  {:<20}  {}",
             j["job_id"].as_str().unwrap_or(""),
@@ -409,16 +427,42 @@ pub async fn set_priority(remote: &Remote, ids: &[String], priority: i64) -> any
                 json!({ "priority": priority }),
             )
             .await?;
-        if remote.json {
-            return Ok(job.to_string());
-        }
-        let status = job["status"].as_str().unwrap_or("");
-        Ok(match job["waiting_for"].as_str() {
-            Some(why) => format!("{status}, priority {priority}: {why}"),
-            None => format!("{status}, priority {priority}"),
-        })
+        Ok(where_it_stands(
+            remote,
+            &job,
+            &format!(", priority {priority}"),
+        ))
     })
     .await
+}
+
+/// Pauses jobs (`action` "pause") or resumes them ("resume") and says
+/// where that leaves each.
+pub async fn set_paused(remote: &Remote, ids: &[String], action: &str) -> anyhow::Result<()> {
+    each_job(ids, |id| async move {
+        let job = remote
+            .post(&format!("/api/job/{id}/{action}"), json!({}))
+            .await?;
+        let paused = if job["paused_at"].is_string() {
+            ", paused"
+        } else {
+            ""
+        };
+        Ok(where_it_stands(remote, &job, paused))
+    })
+    .await
+}
+
+/// A job's line after a change: its status, `detail`, and why it waits.
+fn where_it_stands(remote: &Remote, job: &Value, detail: &str) -> String {
+    if remote.json {
+        return job.to_string();
+    }
+    let status = job["status"].as_str().unwrap_or("");
+    match job["waiting_for"].as_str() {
+        Some(why) => format!("{status}{detail}: {why}"),
+        None => format!("{status}{detail}"),
+    }
 }
 
 /// Prints the farm.

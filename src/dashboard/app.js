@@ -41,6 +41,9 @@ function bar(id, job) {
 
 function actions(j, after) {
   const b = [];
+  if (["waiting", "queued"].includes(j.status)) b.push(j.paused_at
+    ? `<button data-act="/api/job/${esc(j.job_id)}/resume" title="it runs in its turn">Resume</button>`
+    : `<button data-act="/api/job/${esc(j.job_id)}/pause" title="it keeps its place in the queue; no backend takes it until resumed">Pause</button>`);
   if (["waiting", "queued", "assigned", "running"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/cancel">Cancel</button>`);
   if (["failed", "cancelled"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/retry">Retry</button>`);
   return b.join(" ");
@@ -71,13 +74,14 @@ async function renderJobs() {
       <td>${badge(j.status)}</td>
       <td>${esc(j.workflow_id || "(inline)")}</td>
       <td>${esc(j.backend_id || "–")}</td>
-      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : j.status === "waiting" ? waitsFor(j) : ""}</td>
+      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : (j.paused_at ? `<span class="paused" title="since ${esc(j.paused_at)}">paused</span> ` : "") + (j.status === "waiting" ? waitsFor(j) : "")}</td>
       <td>${time(j.submitted_at)}</td>
       <td>${actions(j)}</td></tr>`).join("");
   // A night's batch is acted on at once: its failures retried, its queue cancelled.
-  const bulk = !page.jobs.length ? null
-    : ["failed", "cancelled"].includes(filters.status) ? {label: "Retry", act: "retry"}
-    : ["waiting", "queued"].includes(filters.status) ? {label: "Cancel", act: "cancel"} : null;
+  // Those not yet started are paused (checked shots first) or resumed together too.
+  const bulk = !page.jobs.length ? []
+    : ["failed", "cancelled"].includes(filters.status) ? [{label: "Retry", act: "retry"}]
+    : ["waiting", "queued"].includes(filters.status) ? [{label: "Cancel", act: "cancel"}, {label: "Pause", act: "pause"}, {label: "Resume", act: "resume"}] : [];
   main.innerHTML = `<h2>Jobs</h2>
     <form class="filters" id="filters">
       <select name="status"><option value="">any status</option>${STATUSES.map(s => `<option ${s === filters.status ? "selected" : ""}>${s}</option>`).join("")}</select>
@@ -87,7 +91,7 @@ async function renderJobs() {
       <button>Filter</button>
     </form>
     ${error ? `<div class="error">${esc(error)}</div>` : ""}
-    ${bulk ? `<p><button id="bulk">${bulk.label} ${page.jobs.length === 1 ? "this job" : `these ${page.jobs.length} jobs`}</button>${page.next_cursor ? ' <span class="muted">(the first page: filter more for the rest)</span>' : ""}</p>` : ""}
+    ${bulk.length ? `<p>${bulk.map((x, i) => `<button id="${i ? `bulk-${x.act}` : "bulk"}" data-bulk="${i}">${x.label} ${page.jobs.length === 1 ? "this job" : `these ${page.jobs.length} jobs`}</button>`).join(" ")}${page.next_cursor ? ' <span class="muted">(the first page: filter more for the rest)</span>' : ""}</p>` : ""}
     <table><thead><tr><th></th><th>Job</th><th>Status</th><th>Workflow</th><th>Backend</th><th>Progress / error</th><th>Submitted</th><th></th></tr></thead>
     <tbody>${rows || `<tr><td colspan="8" class="muted">No jobs.</td></tr>`}</tbody></table>`;
   document.getElementById("filters").onsubmit = ev => {
@@ -97,7 +101,7 @@ async function renderJobs() {
     renderJobs();
   };
   wireButtons(renderJobs);
-  if (bulk) document.getElementById("bulk").onclick = () => each(page.jobs, bulk, renderJobs);
+  main.querySelectorAll("button[data-bulk]").forEach(btn => btn.onclick = () => each(page.jobs, bulk[btn.dataset.bulk], renderJobs));
 }
 
 // A waiting job's row names the jobs it starts from: what the batch waits on.
@@ -273,7 +277,7 @@ function connect() {
     }, farm ? 1000 : 250);
   };
   ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
-   "requeued", "parents_completed", "cancel_requested", "cancelled", "retried", "priority_changed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_over", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
+   "requeued", "parents_completed", "cancel_requested", "cancelled", "retried", "priority_changed", "paused", "resumed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_over", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
 }
 
 // A move to another page draws it now; a refresh asked for by the page left

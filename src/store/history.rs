@@ -69,6 +69,11 @@ fn list_query<'a>(
     if let Some(b) = &filter.backend_id {
         q.push(" AND j.backend_id = ").push_bind(b);
     }
+    match filter.paused {
+        Some(true) => q.push(" AND j.paused_at IS NOT NULL"),
+        Some(false) => q.push(" AND j.paused_at IS NULL"),
+        None => &mut q,
+    };
     q.push(format!(" ORDER BY {order_col} DESC LIMIT "));
     q.push_bind(filter.limit as i64 + 1);
     q
@@ -160,6 +165,15 @@ impl Store {
             .fetch_all(self.reader())
             .await?;
         Ok(rows)
+    }
+
+    /// How many jobs a user paused (queued or waiting: counted there too).
+    pub async fn paused_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM jobs INDEXED BY jobs_paused WHERE paused_at IS NOT NULL",
+        )
+        .fetch_one(self.reader())
+        .await?)
     }
 
     /// SQLite's plan for the history query of `filter` (with both seq

@@ -74,7 +74,7 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
 /// id): due, not avoided here, not barred here.
 fn eligible() -> String {
     format!(
-        "j.status = 'queued' \
+        "j.status = 'queued' AND j.paused_at IS NULL \
          AND (j.not_before IS NULL OR j.not_before <= ?1) \
          AND NOT (j.last_backend_id IS ?2 AND j.avoid_until IS NOT NULL AND j.avoid_until > ?1) \
          AND ({}) IS NULL",
@@ -454,7 +454,7 @@ pub(super) const HELD: &str = "j.status IN ('assigned', 'running')";
 
 /// Whether any queued job is due at `?1` (for any backend).
 const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue \
-     WHERE status = 'queued' AND (not_before IS NULL OR not_before <= ?1))";
+     WHERE status = 'queued' AND paused_at IS NULL AND (not_before IS NULL OR not_before <= ?1))";
 
 const ACTIVE_SELECT: &str =
     "SELECT j.id, j.prompt_id, j.lease_token, j.status, j.attempts, j.cancel_requested, \

@@ -155,6 +155,9 @@ pub struct NewJob {
     /// What it needs loaded (its checkpoint, or its workflow): a backend
     /// that ran the same last prefers it.
     pub affinity: Option<String>,
+    /// Stored paused: it keeps its place, but no backend takes it until
+    /// it is resumed.
+    pub paused: bool,
 }
 
 /// What a submission led to.
@@ -242,6 +245,8 @@ pub struct JobRecord {
     /// The jobs whose outputs it starts from (`job:<id>` inputs).
     #[sqlx(json)]
     pub parents: Vec<String>,
+    /// When it was paused: no backend takes it until it is resumed.
+    pub paused_at: Option<DateTime<Utc>>,
 }
 
 /// A job's workflow and times.
@@ -319,6 +324,8 @@ pub struct JobFilter {
     pub submitted_before: Option<DateTime<Utc>>,
     /// `metadata.KEY=VALUE` pairs, all of which must match.
     pub metadata: Vec<(String, String)>,
+    /// Only paused jobs (`true`) or only jobs not paused (`false`).
+    pub paused: Option<bool>,
     /// Page size.
     pub limit: u32,
     /// Keyset: only jobs older than this position (from a cursor).

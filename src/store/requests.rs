@@ -1,5 +1,5 @@
 //! What a user asks of a job by hand: cancel it, queue it again, give it
-//! another priority.
+//! another priority, pause it and resume it.
 //!
 //! Why apart from `transitions.rs`: those are the steps of a job's run,
 //! each fenced by the lease of the worker that takes it. These come from a
@@ -27,7 +27,71 @@ pub struct PriorityChange {
     pub status: JobStatus,
 }
 
+/// What a pause or a resume did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PauseChange {
+    /// Whether it was paused before.
+    pub was_paused: bool,
+    /// Its status.
+    pub status: JobStatus,
+}
+
 impl Store {
+    /// Pauses a job that has not started (`paused` true): it keeps its
+    /// place in the queue and moves from `waiting` to `queued` as its
+    /// parents complete, but no backend takes it; or resumes it. Both are
+    /// idempotent (a batch's resume may name jobs never paused). A job a
+    /// backend holds cannot be paused: it has started, and stopping it is a
+    /// cancel; an ended one neither. The change is one of the job's events.
+    pub async fn set_paused(&self, job_id: &str, paused: bool) -> Result<PauseChange, StoreError> {
+        let job_id = job_id.to_string();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let row = job_row(conn, &job_id, "status, backend_id, paused_at").await?;
+                    let status: JobStatus = row.try_get("status")?;
+                    let was_paused = row.try_get::<Option<String>, _>("paused_at")?.is_some();
+                    if was_paused == paused {
+                        return Ok(PauseChange { was_paused, status });
+                    }
+                    if paused && !matches!(status, JobStatus::Queued | JobStatus::Waiting) {
+                        let why = match row.try_get::<Option<String>, _>("backend_id")? {
+                            Some(b) if status.is_held() => format!(
+                                "it is {status} on backend {b}: a pause keeps a job from starting; cancel it to stop it"
+                            ),
+                            _ => format!("it is already {status}"),
+                        };
+                        return Err(StoreError::InvalidState(format!(
+                            "job `{job_id}` cannot be paused: {why}"
+                        )));
+                    }
+                    let now = fmt_time(Utc::now());
+                    let mut b = Batch::default();
+                    b.push("UPDATE jobs SET paused_at = ?, updated_at = ? WHERE id = ?")
+                        .bind(paused.then(|| now.clone()))
+                        .bind(now.clone())
+                        .bind(job_id.clone());
+                    let ev = EventInput {
+                        kind: if paused { "paused" } else { "resumed" },
+                        status: Some(status),
+                        message: Some(
+                            if paused {
+                                "paused by a user: it keeps its place in the queue, and no backend takes it until it is resumed"
+                            } else {
+                                "resumed by a user: it runs in its turn"
+                            }
+                            .into(),
+                        ),
+                        ..Default::default()
+                    };
+                    push_event(&mut b, &job_id, ev, &now);
+                    b.run(conn).await?;
+                    Ok(PauseChange { was_paused, status })
+                })
+            })
+            .await
+    }
+
     /// Cancels a queued job now, or flags a held one for its backend to stop.
     pub async fn request_cancel(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
         let job_id = job_id.to_string();
@@ -106,7 +170,8 @@ impl Store {
                     let now = fmt_time(Utc::now());
                     let mut b = Batch::default();
                     b.push(
-                        "UPDATE jobs SET max_attempts = ?, finished_at = NULL, cancel_requested = 0 WHERE id = ?",
+                        "UPDATE jobs SET max_attempts = ?, finished_at = NULL, cancel_requested = 0, \
+                         paused_at = NULL WHERE id = ?",
                     )
                     .bind(max_attempts.max(attempts + 1))
                     .bind(job_id.clone());

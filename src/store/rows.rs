@@ -48,6 +48,7 @@ pub(super) const JOB_COLUMNS: &[&str] = &[
     "finished_at",
     "not_before",
     "parents",
+    "paused_at",
 ];
 
 /// `JOB_COLUMNS` of table alias `alias`, then the manifest and graph, or

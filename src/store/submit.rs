@@ -47,6 +47,7 @@ pub(super) struct EncodedJob {
     inputs: String,
     affinity: Option<String>,
     parents: Vec<String>,
+    paused: bool,
 }
 
 impl From<NewJob> for EncodedJob {
@@ -68,6 +69,7 @@ impl From<NewJob> for EncodedJob {
             inputs: Value::from(job.inputs).to_string(),
             affinity: job.affinity,
             parents: job.parents,
+            paused: job.paused,
         }
     }
 }
@@ -298,7 +300,7 @@ async fn insert_jobs(
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
         "INSERT INTO jobs (id, workflow_id, status, priority, requires, max_attempts, \
          idempotency_key, manifest_hash, manifest, parameters, metadata, graph, callback_url, \
-         timeout_s, inputs, affinity, parents, submitted_at, updated_at) ",
+         timeout_s, inputs, affinity, parents, paused_at, submitted_at, updated_at) ",
     );
     q.push_values(rows, |mut b, (job, now, status)| {
         let now_s = fmt_time(now);
@@ -319,6 +321,7 @@ async fn insert_jobs(
             .push_bind(job.inputs)
             .push_bind(job.affinity)
             .push_bind(Value::from(job.parents).to_string())
+            .push_bind(job.paused.then(|| now_s.clone()))
             .push_bind(now_s.clone())
             .push_bind(now_s);
     });

@@ -92,22 +92,35 @@ async fn waiting_on_parents(
 
 /// Why a queued job is not running yet, in a sentence: its retry back-off,
 /// or what keeps each backend from taking it now (the same rules leasing
-/// applies), or for a waiting one the jobs it starts from. `None` for a
-/// job that is neither. On the caller's
+/// applies), or for a waiting one the jobs it starts from, or that a user
+/// paused it. `None` for a job that is neither queued nor waiting. On the caller's
 /// connection: the job's page reads it in the same snapshot as the job.
 pub(super) async fn why_waiting_in(
     conn: &mut SqliteConnection,
     job_id: &str,
     live: &LiveBackends,
 ) -> Result<Option<String>, StoreError> {
-    let job: Option<(JobStatus, Option<String>)> =
-        sqlx::query_as("SELECT status, not_before FROM jobs WHERE id = ?")
+    let job: Option<(JobStatus, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT status, not_before, paused_at FROM jobs WHERE id = ?")
             .bind(job_id)
             .fetch_optional(&mut *conn)
             .await?;
     let not_before = match job {
-        Some((JobStatus::Queued, not_before)) => not_before,
-        Some((JobStatus::Waiting, _)) => return waiting_on_parents(conn, job_id).await.map(Some),
+        Some((status @ (JobStatus::Queued | JobStatus::Waiting), _, Some(at))) => {
+            let parents = if status == JobStatus::Waiting {
+                format!("; then {}", waiting_on_parents(conn, job_id).await?)
+            } else {
+                String::new()
+            };
+            return Ok(Some(format!(
+                "paused by a user at {at}: no backend takes it until it is resumed \
+                 (POST /api/job/{job_id}/resume){parents}"
+            )));
+        }
+        Some((JobStatus::Queued, not_before, None)) => not_before,
+        Some((JobStatus::Waiting, _, None)) => {
+            return waiting_on_parents(conn, job_id).await.map(Some)
+        }
         _ => return Ok(None),
     };
     let now = fmt_time(Utc::now());

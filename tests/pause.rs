@@ -1,0 +1,213 @@
+//! Pausing jobs that have not started: the rest of a batch held back while
+//! its first shots are checked, a batch submitted by day and let go at
+//! night. Over real HTTP to a farm of simulated ComfyUI backends.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn blur(color: u32, extra: Value) -> Value {
+    let mut m = json!({"workflow_id": "image_blur", "parameters": {"width": 64, "height": 48, "color": color}});
+    for (k, v) in extra.as_object().unwrap() {
+        m[k] = v.clone();
+    }
+    m
+}
+
+async fn submit(app: &TestApp, manifest: Value) -> String {
+    let (status, body) = app.post_json("/api/job", &manifest).await;
+    assert_eq!(status, 201, "{body}");
+    body["job_id"].as_str().unwrap().to_string()
+}
+
+fn leased_at(job: &Value) -> String {
+    job["leases"][0]["leased_at"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_paused_job_keeps_its_place_through_a_restart_and_runs_once_resumed() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
+    app.wait_backend("node1", "online").await;
+    app.post_json("/api/backends/node1/disable", &json!({}))
+        .await;
+
+    let (status, body) = app
+        .post_json("/api/job", &blur(1, json!({"paused": "yes"})))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "paused", "{body}");
+
+    // The urgent shot, submitted paused; then the batch, one paused by hand.
+    let urgent = submit(&app, blur(1, json!({"paused": true, "priority": 10}))).await;
+    let held = submit(&app, blur(2, json!({}))).await;
+    let free = submit(&app, blur(3, json!({}))).await;
+    let (status, job) = app
+        .post_json(&format!("/api/job/{held}/pause"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["status"], "queued");
+    assert!(job["paused_at"].is_string(), "{job}");
+    let why = job["waiting_for"].as_str().unwrap();
+    assert!(
+        why.starts_with("paused by a user at ") && why.contains(&format!("/api/job/{held}/resume")),
+        "{why}"
+    );
+    // Twice is once.
+    let (status, again) = app
+        .post_json(&format!("/api/job/{held}/pause"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["paused_at"], job["paused_at"]);
+    let list = app.get("/api/jobs?status=queued").await.1;
+    let paused: Vec<&str> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["paused_at"].is_string())
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(paused, [held.as_str(), urgent.as_str()], "lists say so too");
+    let health = app.get("/api/health").await.1;
+    assert_eq!(health["paused"], 2, "{health}");
+    assert_eq!(health["jobs"]["queued"], 3, "{health}");
+
+    // The box takes the one job not paused, though both paused ones are
+    // ahead of it (a priority, an age).
+    app.post_json("/api/backends/node1/enable", &json!({}))
+        .await;
+    app.wait_status(&free, "completed").await;
+    for id in [&urgent, &held] {
+        let job = app.job(id).await;
+        assert_eq!(job["status"], "queued", "{job}");
+        assert_eq!(job["leases"], json!([]), "{job}");
+    }
+    // An ended job has nothing to pause.
+    let (status, body) = app
+        .post_json(&format!("/api/job/{free}/pause"), &json!({}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("it is already completed"),
+        "{body}"
+    );
+
+    // A pause is stored: it outlives a restart of the orchestrator.
+    let app = app.restart().await;
+    app.wait_backend("node1", "online").await;
+    let free2 = submit(&app, blur(4, json!({}))).await;
+    app.wait_status(&free2, "completed").await;
+    for id in [&urgent, &held] {
+        let job = app.job(id).await;
+        assert_eq!(job["status"], "queued", "{job}");
+        assert!(job["paused_at"].is_string(), "{job}");
+    }
+
+    // Resumed, they run in their turn: the urgent one first.
+    app.post_json("/api/backends/node1/disable", &json!({}))
+        .await;
+    for id in [&held, &urgent] {
+        let (status, job) = app
+            .post_json(&format!("/api/job/{id}/resume"), &json!({}))
+            .await;
+        assert_eq!(status, 200, "{job}");
+        assert_eq!(job["paused_at"], Value::Null, "{job}");
+    }
+    app.post_json("/api/backends/node1/enable", &json!({}))
+        .await;
+    let urgent_job = app.wait_status(&urgent, "completed").await;
+    let held_job = app.wait_status(&held, "completed").await;
+    assert!(
+        leased_at(&urgent_job) <= leased_at(&held_job),
+        "priority 10 first: {} then {}",
+        leased_at(&urgent_job),
+        leased_at(&held_job)
+    );
+    assert_eq!(app.get("/api/health").await.1["paused"], 0);
+    let kinds = app.event_kinds(&urgent).await;
+    assert_eq!(&kinds[..3], ["submitted", "paused", "resumed"], "{kinds:?}");
+    let events = app.events(&held).await;
+    let paused = events.iter().find(|e| e["kind"] == "paused").unwrap();
+    assert_eq!(
+        paused["message"],
+        "paused by a user: it keeps its place in the queue, and no backend takes it until it is resumed"
+    );
+    assert_eq!(
+        events.iter().filter(|e| e["kind"] == "paused").count(),
+        1,
+        "the second pause changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_paused_second_pass_waits_for_its_first_and_then_to_be_resumed() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
+    app.wait_backend("node1", "online").await;
+    app.post_json("/api/backends/node1/disable", &json!({}))
+        .await;
+    // A first pass, and its second submitted paused: it waits for the
+    // first, then for a person.
+    let first = submit(&app, blur(5, json!({}))).await;
+    let second = submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": format!("job:{first}")}, "paused": true}),
+    )
+    .await;
+    let job = app.job(&second).await;
+    assert_eq!(job["status"], "waiting", "{job}");
+    let why = job["waiting_for"].as_str().unwrap();
+    assert!(
+        why.starts_with("paused by a user")
+            && why.contains(&format!(
+                "waiting for the job it starts from to complete: {first}"
+            )),
+        "{why}"
+    );
+    app.post_json("/api/backends/node1/enable", &json!({}))
+        .await;
+    app.wait_status(&first, "completed").await;
+    // Its first pass completed: queued, still paused. A later job runs
+    // past it.
+    app.wait_status(&second, "queued").await;
+    let later = submit(&app, blur(6, json!({}))).await;
+    app.wait_status(&later, "completed").await;
+    let job = app.job(&second).await;
+    assert_eq!(job["status"], "queued", "{job}");
+    assert!(job["paused_at"].is_string(), "{job}");
+
+    let (status, job) = app
+        .post_json(&format!("/api/job/{second}/resume"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{job}");
+    app.wait_status(&second, "completed").await;
+    // An unknown job is a 404 for both.
+    for action in ["pause", "resume"] {
+        let (status, body) = app
+            .post_json(&format!("/api/job/nope/{action}"), &json!({}))
+            .await;
+        assert_eq!(status, 404, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_job_a_backend_runs_cannot_be_paused_and_the_refusal_says_what_stops_it() {
+    let sim = start_sim(60_000).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
+    let long = submit(&app, blur(7, json!({}))).await;
+    app.wait_status(&long, "running").await;
+    let (status, body) = app
+        .post_json(&format!("/api/job/{long}/pause"), &json!({}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("it is running on backend node1") && message.contains("cancel it"),
+        "{message}"
+    );
+    assert_eq!(app.job(&long).await["paused_at"], Value::Null);
+}
