@@ -232,6 +232,8 @@ pub struct Submitted {
     pub submitted_at: DateTime<Utc>,
     /// Things accepted but worth telling (ignored fields).
     pub warnings: Vec<String>,
+    /// A new job stored paused.
+    pub paused: bool,
 }
 
 /// What submitting needs. Cheap to clone.
@@ -268,10 +270,12 @@ impl Submitter {
         self.check_runs_somewhere(&parsed).await?;
         let workflow_id = parsed.job.workflow_id.clone();
         let requires = parsed.job.requires.clone();
+        let paused = parsed.job.paused;
         let (created, summary) = match self.store.submit(parsed.job).await? {
             SubmitOutcome::Created(s) => {
-                // A waiting one is rung for when its last parent completes.
-                if s.status == JobStatus::Queued {
+                // A waiting one is rung for when its last parent completes,
+                // a paused one when it is resumed.
+                if s.status == JobStatus::Queued && !paused {
                     self.farm.job_queued(&requires);
                 }
                 crate::metrics::submitted(workflow_id.as_deref());
@@ -286,6 +290,7 @@ impl Submitter {
             status: summary.status,
             submitted_at: summary.submitted_at,
             warnings: parsed.warnings,
+            paused: created && paused,
         })
     }
 

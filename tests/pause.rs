@@ -40,7 +40,18 @@ async fn a_paused_job_keeps_its_place_through_a_restart_and_runs_once_resumed() 
     assert_eq!(body["error"]["field"], "paused", "{body}");
 
     // The urgent shot, submitted paused; then the batch, one paused by hand.
-    let urgent = submit(&app, blur(1, json!({"paused": true, "priority": 10}))).await;
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &blur(1, json!({"paused": true, "priority": 10})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let urgent = body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        body["message"],
+        format!("Job stored paused: no backend takes it until it is resumed (POST /api/job/{urgent}/resume)")
+    );
     let held = submit(&app, blur(2, json!({}))).await;
     let free = submit(&app, blur(3, json!({}))).await;
     let (status, job) = app

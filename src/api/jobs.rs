@@ -163,7 +163,12 @@ pub(super) async fn submit_job(
 impl From<Submitted> for SubmitResponse {
     fn from(s: Submitted) -> SubmitResponse {
         SubmitResponse {
-            message: if s.created && s.status == JobStatus::Waiting {
+            message: if s.paused {
+                format!(
+                    "Job stored paused: no backend takes it until it is resumed (POST /api/job/{}/resume)",
+                    s.job_id
+                )
+            } else if s.created && s.status == JobStatus::Waiting {
                 "Job stored; it waits for the jobs it starts from to complete".to_string()
             } else if s.created {
                 "Job stored and queued".to_string()
