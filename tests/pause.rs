@@ -21,17 +21,23 @@ async fn submit(app: &TestApp, manifest: Value) -> String {
     body["job_id"].as_str().unwrap().to_string()
 }
 
+/// A farm of one quick box, disabled while the test sets its queue up.
+async fn one_box_disabled() -> (orchestrator::simulator::SimHandle, TestApp) {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
+    app.wait_backend("node1", "online").await;
+    app.post_json("/api/backends/node1/disable", &json!({}))
+        .await;
+    (sim, app)
+}
+
 fn leased_at(job: &Value) -> String {
     job["leases"][0]["leased_at"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]
 async fn a_paused_job_keeps_its_place_through_a_restart_and_runs_once_resumed() {
-    let sim = start_sim(0).await;
-    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
-    app.wait_backend("node1", "online").await;
-    app.post_json("/api/backends/node1/disable", &json!({}))
-        .await;
+    let (_sim, app) = one_box_disabled().await;
 
     let (status, body) = app
         .post_json("/api/job", &blur(1, json!({"paused": "yes"})))
@@ -156,11 +162,7 @@ async fn a_paused_job_keeps_its_place_through_a_restart_and_runs_once_resumed() 
 
 #[tokio::test]
 async fn a_paused_second_pass_waits_for_its_first_and_then_to_be_resumed() {
-    let sim = start_sim(0).await;
-    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
-    app.wait_backend("node1", "online").await;
-    app.post_json("/api/backends/node1/disable", &json!({}))
-        .await;
+    let (_sim, app) = one_box_disabled().await;
     // A first pass, and its second submitted paused: it waits for the
     // first, then for a person.
     let first = submit(&app, blur(5, json!({}))).await;

@@ -437,11 +437,7 @@ pub(super) async fn pause_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobDetail>, ApiError> {
-    let change = state.store.set_paused(&id, true).await?;
-    if !change.was_paused {
-        tracing::info!(job_id = %id, status = %change.status, "job paused by a user");
-    }
-    detail(&state, &id).await.map(Json)
+    set_paused(&state, &id, true).await
 }
 
 /// Resume a paused job: it runs in its turn (its priority and age, as if
@@ -461,12 +457,19 @@ pub(super) async fn resume_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobDetail>, ApiError> {
-    let change = state.store.set_paused(&id, false).await?;
-    if change.was_paused {
-        tracing::info!(job_id = %id, status = %change.status, "job resumed by a user");
-        state.farm.wake();
+    set_paused(&state, &id, false).await
+}
+
+/// Pauses or resumes a job and answers with where that leaves it.
+async fn set_paused(state: &AppState, id: &str, paused: bool) -> Result<Json<JobDetail>, ApiError> {
+    let change = state.store.set_paused(id, paused).await?;
+    if change.was_paused != paused {
+        tracing::info!(job_id = %id, status = %change.status, paused, "job paused or resumed by a user");
+        if !paused {
+            state.farm.wake();
+        }
     }
-    detail(&state, &id).await.map(Json)
+    detail(state, id).await.map(Json)
 }
 
 fn with_progress(state: &AppState, mut job: Job) -> Job {
