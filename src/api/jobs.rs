@@ -465,8 +465,9 @@ async fn set_paused(state: &AppState, id: &str, paused: bool) -> Result<Json<Job
     let change = state.store.set_paused(id, paused).await?;
     if change.was_paused != paused {
         tracing::info!(job_id = %id, status = %change.status, paused, "job paused or resumed by a user");
-        if !paused {
-            state.farm.wake();
+        // One waiting worker that may run it, as for a submission.
+        if !paused && change.status == JobStatus::Queued {
+            state.farm.job_queued(&change.requires);
         }
     }
     detail(state, id).await.map(Json)

@@ -34,6 +34,9 @@ pub struct PauseChange {
     pub was_paused: bool,
     /// Its status.
     pub status: JobStatus,
+    /// The backend tags it needs: a job resumed into the queue rings a
+    /// worker that may take it, not the whole farm.
+    pub requires: Vec<String>,
 }
 
 impl Store {
@@ -48,11 +51,18 @@ impl Store {
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    let row = job_row(conn, &job_id, "status, backend_id, paused_at").await?;
+                    let row =
+                        job_row(conn, &job_id, "status, backend_id, paused_at, requires").await?;
                     let status: JobStatus = row.try_get("status")?;
                     let was_paused = row.try_get::<Option<String>, _>("paused_at")?.is_some();
+                    let requires: Vec<String> =
+                        serde_json::from_str(&row.try_get::<String, _>("requires")?)?;
                     if was_paused == paused {
-                        return Ok(PauseChange { was_paused, status });
+                        return Ok(PauseChange {
+                            was_paused,
+                            status,
+                            requires,
+                        });
                     }
                     if paused && !matches!(status, JobStatus::Queued | JobStatus::Waiting) {
                         let why = match row.try_get::<Option<String>, _>("backend_id")? {
@@ -86,7 +96,11 @@ impl Store {
                     };
                     push_event(&mut b, &job_id, ev, &now);
                     b.run(conn).await?;
-                    Ok(PauseChange { was_paused, status })
+                    Ok(PauseChange {
+                        was_paused,
+                        status,
+                        requires,
+                    })
                 })
             })
             .await
