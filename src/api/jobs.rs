@@ -341,13 +341,18 @@ pub(super) async fn retry_job(
     Path(id): Path<String>,
 ) -> Result<Json<SubmitResponse>, ApiError> {
     state.store.retry(&id).await?;
-    state.farm.wake();
     tracing::info!(job_id = %id, "job queued again by a user");
     let job = state
         .store
         .job(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job `{id}`")))?;
+    // One waiting worker that may run it, as for a submission: a night's
+    // failures retried by their ids on a large farm woke every worker
+    // for each of them.
+    if job.status == JobStatus::Queued {
+        state.farm.job_queued(&job.requires);
+    }
     Ok(Json(SubmitResponse {
         job_id: id,
         status: job.status,
