@@ -46,6 +46,10 @@ enum Command {
         /// resumed (`orchestrator resume ID`).
         #[arg(long)]
         paused: bool,
+        /// No backend takes it before this time (RFC 3339, e.g.
+        /// 2026-12-07T20:00:00Z): a batch submitted by day starts at night.
+        #[arg(long, value_name = "TIME")]
+        start_after: Option<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -441,6 +445,7 @@ fn main() -> ExitCode {
                 meta,
                 priority,
                 paused,
+                start_after,
                 remote,
             } => {
                 let args = orchestrator::cli::SubmitArgs {
@@ -450,6 +455,7 @@ fn main() -> ExitCode {
                     meta,
                     priority,
                     paused,
+                    start_after,
                 };
                 orchestrator::cli::submit(&remote.remote(), args).await
             }

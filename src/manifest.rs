@@ -57,9 +57,12 @@ pub struct JobManifest {
     /// takes it until `POST /api/job/{id}/resume` (a batch submitted by day
     /// and let go at night).
     pub paused: Option<bool>,
+    /// No backend takes it before this time (RFC 3339): a batch submitted
+    /// by day starts by itself at night.
+    pub start_after: Option<String>,
 }
 
-const KNOWN: [&str; 11] = [
+const KNOWN: [&str; 12] = [
     "workflow_id",
     "parameters",
     "metadata",
@@ -71,6 +74,7 @@ const KNOWN: [&str; 11] = [
     "callback_url",
     "timeout_s",
     "paused",
+    "start_after",
 ];
 
 /// A manifest turned into a job, with warnings for the client.
@@ -244,6 +248,25 @@ pub fn parse(
         .map(|n| n as u32)
         .unwrap_or(default_max_attempts);
     let idempotency_key = opt_string(m, "idempotency_key", 256)?;
+    let start_after = match m.get("start_after") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|e| {
+                    err(
+                        "start_after",
+                        format!("must be an RFC 3339 time such as 2026-12-07T20:00:00Z: {e}"),
+                    )
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+        Some(_) => {
+            return Err(err(
+                "start_after",
+                "must be an RFC 3339 time such as 2026-12-07T20:00:00Z",
+            ))
+        }
+    };
     let paused = match m.get("paused") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -304,6 +327,7 @@ pub fn parse(
             inputs: distinct(&inputs),
             parents: parent_ids(&parents),
             paused,
+            start_after,
         },
         warnings,
         inputs,

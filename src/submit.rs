@@ -271,11 +271,14 @@ impl Submitter {
         let workflow_id = parsed.job.workflow_id.clone();
         let requires = parsed.job.requires.clone();
         let paused = parsed.job.paused;
+        let later = parsed.job.start_after.filter(|t| *t > Utc::now());
         let (created, summary) = match self.store.submit(parsed.job).await? {
             SubmitOutcome::Created(s) => {
                 // A waiting one is rung for when its last parent completes,
-                // a paused one when it is resumed.
-                if s.status == JobStatus::Queued && !paused {
+                // a paused one when it is resumed, a later one at its time.
+                if let Some(at) = later {
+                    self.farm.job_due_at(at);
+                } else if s.status == JobStatus::Queued && !paused {
                     self.farm.job_queued(&requires);
                 }
                 crate::metrics::submitted(workflow_id.as_deref());

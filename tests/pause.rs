@@ -1,6 +1,7 @@
-//! Pausing jobs that have not started: the rest of a batch held back while
-//! its first shots are checked, a batch submitted by day and let go at
-//! night. Over real HTTP to a farm of simulated ComfyUI backends.
+//! Holding jobs back: paused (the rest of a batch held back while its first
+//! shots are checked) or submitted to start later (a batch submitted by day
+//! starts by itself at night). Over real HTTP to a farm of simulated
+//! ComfyUI backends.
 
 mod common;
 
@@ -223,4 +224,58 @@ async fn a_job_a_backend_runs_cannot_be_paused_and_the_refusal_says_what_stops_i
         "{message}"
     );
     assert_eq!(app.job(&long).await["paused_at"], Value::Null);
+}
+
+#[tokio::test]
+async fn a_job_submitted_to_start_later_waits_for_its_time_and_then_runs() {
+    let sim = start_sim(0).await;
+    // No safety net to fall back on: the job starts because its time came.
+    let app = spawn_farm_with(vec![backend("node1", sim.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 600_000
+    })
+    .await;
+    app.wait_backend("node1", "online").await;
+    let (status, body) = app
+        .post_json("/api/job", &blur(8, json!({"start_after": "tonight"})))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "start_after", "{body}");
+
+    let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let later = submit(&app, blur(8, json!({"start_after": stamp, "priority": 10}))).await;
+    let job = app.job(&later).await;
+    let why = job["waiting_for"].as_str().unwrap();
+    assert!(
+        why.starts_with("scheduled: no backend takes it before ")
+            && why.ends_with("(its start_after)"),
+        "{why}"
+    );
+    // The free box runs a job submitted after it, of a lower priority.
+    let now = submit(&app, blur(9, json!({}))).await;
+    app.wait_status(&now, "completed").await;
+    if chrono::Utc::now() < at {
+        assert_eq!(app.job(&later).await["leases"], json!([]));
+    }
+    // Then it starts by itself at its time.
+    let job = app.wait_status(&later, "completed").await;
+    let leased = chrono::DateTime::parse_from_rfc3339(&leased_at(&job)).unwrap();
+    assert!(
+        leased >= at,
+        "leased at {leased}, before its start_after {stamp}"
+    );
+    let kinds = app.event_kinds(&later).await;
+    assert_eq!(
+        &kinds[..3],
+        ["submitted", "scheduled", "assigned"],
+        "{kinds:?}"
+    );
+    // A time already past holds nothing back.
+    let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let now = submit(&app, blur(10, json!({"start_after": past}))).await;
+    app.wait_status(&now, "completed").await;
+    assert!(!app
+        .event_kinds(&now)
+        .await
+        .contains(&"scheduled".to_string()));
 }

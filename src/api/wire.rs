@@ -62,7 +62,8 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a final state.
     pub finished_at: Option<DateTime<Utc>>,
-    /// Earliest time of the next attempt (retry back-off).
+    /// Earliest time of the next attempt: a retry's back-off, or for the
+    /// first its manifest's `start_after`.
     pub not_before: Option<DateTime<Utc>>,
     /// The manifest as submitted (one job's view only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -251,7 +252,7 @@ pub struct Event {
     /// Job events: `submitted`, `assigned`, `submitted_to_backend`, `running`,
     /// `progress`, `completed`, `failed`, `retry_scheduled`, `requeued`,
     /// `cancel_requested`, `cancelled`, `cancel_too_late`, `retried`,
-    /// `priority_changed`, `paused`, `resumed`, `backend_socket_deaf`. Backend events: `backend_online`,
+    /// `priority_changed`, `scheduled`, `paused`, `resumed`, `backend_socket_deaf`. Backend events: `backend_online`,
     /// `backend_offline`, `backend_incompatible`, `backend_quarantined`,
     /// `backend_quarantine_over`, `backend_quarantine_lifted`.
     pub kind: String,

@@ -115,6 +115,8 @@ pub struct SubmitArgs {
     pub priority: Option<i64>,
     /// Store it paused.
     pub paused: bool,
+    /// No backend takes it before this time (RFC 3339).
+    pub start_after: Option<String>,
 }
 
 /// Submits a manifest; prints the job id (or the answer as JSON).
@@ -155,6 +157,9 @@ pub async fn submit(remote: &Remote, args: SubmitArgs) -> anyhow::Result<()> {
     }
     if args.paused {
         m.insert("paused".into(), json!(true));
+    }
+    if let Some(t) = args.start_after {
+        m.insert("start_after".into(), json!(t));
     }
     // `-p image=@frame.png`: the file is uploaded first, and its input id used.
     let base = args

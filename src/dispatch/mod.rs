@@ -437,6 +437,12 @@ impl Farm {
         self.shared.idle.ring_for(requires);
     }
 
+    /// A job was queued to start at `at` (its `start_after`): the workers
+    /// look then, as at a retry's back-off's end.
+    pub fn job_due_at(&self, at: chrono::DateTime<chrono::Utc>) {
+        self.shared.wake_at(at, None);
+    }
+
     /// Cancels a job: at once if queued, through its backend if held.
     pub async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
         let outcome = self.shared.store.request_cancel(job_id).await?;

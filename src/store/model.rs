@@ -158,6 +158,8 @@ pub struct NewJob {
     /// Stored paused: it keeps its place, but no backend takes it until
     /// it is resumed.
     pub paused: bool,
+    /// No backend takes it before then (its first attempt's `not_before`).
+    pub start_after: Option<DateTime<Utc>>,
 }
 
 /// What a submission led to.

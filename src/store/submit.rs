@@ -48,6 +48,7 @@ pub(super) struct EncodedJob {
     affinity: Option<String>,
     parents: Vec<String>,
     paused: bool,
+    not_before: Option<String>,
 }
 
 impl From<NewJob> for EncodedJob {
@@ -70,6 +71,7 @@ impl From<NewJob> for EncodedJob {
             affinity: job.affinity,
             parents: job.parents,
             paused: job.paused,
+            not_before: job.start_after.map(fmt_time),
         }
     }
 }
@@ -300,7 +302,7 @@ async fn insert_jobs(
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
         "INSERT INTO jobs (id, workflow_id, status, priority, requires, max_attempts, \
          idempotency_key, manifest_hash, manifest, parameters, metadata, graph, callback_url, \
-         timeout_s, inputs, affinity, parents, paused_at, submitted_at, updated_at) ",
+         timeout_s, inputs, affinity, parents, paused_at, not_before, submitted_at, updated_at) ",
     );
     q.push_values(rows, |mut b, (job, now, status)| {
         let now_s = fmt_time(now);
@@ -322,6 +324,7 @@ async fn insert_jobs(
             .push_bind(job.affinity)
             .push_bind(Value::from(job.parents).to_string())
             .push_bind(job.paused.then(|| now_s.clone()))
+            .push_bind(job.not_before)
             .push_bind(now_s.clone())
             .push_bind(now_s);
     });

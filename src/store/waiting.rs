@@ -100,13 +100,13 @@ pub(super) async fn why_waiting_in(
     job_id: &str,
     live: &LiveBackends,
 ) -> Result<Option<String>, StoreError> {
-    let job: Option<(JobStatus, Option<String>, Option<String>)> =
-        sqlx::query_as("SELECT status, not_before, paused_at FROM jobs WHERE id = ?")
+    let job: Option<(JobStatus, Option<String>, Option<String>, i64)> =
+        sqlx::query_as("SELECT status, not_before, paused_at, attempts FROM jobs WHERE id = ?")
             .bind(job_id)
             .fetch_optional(&mut *conn)
             .await?;
-    let not_before = match job {
-        Some((status @ (JobStatus::Queued | JobStatus::Waiting), _, Some(at))) => {
+    let (not_before, attempts) = match job {
+        Some((status @ (JobStatus::Queued | JobStatus::Waiting), _, Some(at), _)) => {
             let parents = if status == JobStatus::Waiting {
                 format!("; then {}", waiting_on_parents(conn, job_id).await?)
             } else {
@@ -117,17 +117,19 @@ pub(super) async fn why_waiting_in(
                  (POST /api/job/{job_id}/resume){parents}"
             )));
         }
-        Some((JobStatus::Queued, not_before, None)) => not_before,
-        Some((JobStatus::Waiting, _, None)) => {
+        Some((JobStatus::Queued, not_before, None, attempts)) => (not_before, attempts),
+        Some((JobStatus::Waiting, _, None, _)) => {
             return waiting_on_parents(conn, job_id).await.map(Some)
         }
         _ => return Ok(None),
     };
     let now = fmt_time(Utc::now());
     if let Some(t) = not_before.filter(|t| *t > now) {
-        return Ok(Some(format!(
-            "waiting for its retry back-off to end at {t}"
-        )));
+        return Ok(Some(if attempts == 0 {
+            format!("scheduled: no backend takes it before {t} (its start_after)")
+        } else {
+            format!("waiting for its retry back-off to end at {t}")
+        }));
     }
     let rows = sqlx::query(&format!(
         "SELECT b.id, b.config_enabled, b.admin_state, b.state, b.max_inflight, {} AS bar, \

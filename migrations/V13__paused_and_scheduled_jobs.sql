@@ -14,9 +14,13 @@ ALTER TABLE jobs ADD COLUMN paused_at TEXT;
 -- The paused jobs, for their count (few, and read by health).
 CREATE INDEX jobs_paused ON jobs(seq) WHERE paused_at IS NOT NULL;
 
--- Submitted paused: said in the job's history right after its `submitted`
--- event (the insert's trigger is made again with it: SQLite runs a newer
--- trigger first, which put the pause before the submission).
+-- A job may also be submitted to start after a time (`start_after`, its
+-- first attempt's `not_before`, which leasing already honours): a batch
+-- submitted by day starts by itself at night.
+--
+-- Submitted paused, or to start later: said in the job's history right
+-- after its `submitted` event (the insert's trigger is made again with
+-- it: SQLite runs a newer trigger first, which put these before it).
 DROP TRIGGER jobs_submitted;
 CREATE TRIGGER jobs_submitted AFTER INSERT ON jobs BEGIN
     INSERT OR IGNORE INTO job_metadata (key, value, job_seq)
@@ -31,4 +35,8 @@ CREATE TRIGGER jobs_submitted AFTER INSERT ON jobs BEGIN
         SELECT NEW.id, NEW.workflow_id, NEW.submitted_at, 'paused', NEW.status,
                'submitted paused: no backend takes it until it is resumed'
         WHERE NEW.paused_at IS NOT NULL;
+    INSERT INTO job_events (job_id, workflow_id, at, kind, status, message)
+        SELECT NEW.id, NEW.workflow_id, NEW.submitted_at, 'scheduled', NEW.status,
+               'scheduled: no backend takes it before ' || NEW.not_before
+        WHERE NEW.not_before > NEW.submitted_at;
 END;
