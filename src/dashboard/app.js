@@ -74,7 +74,7 @@ async function renderJobs() {
       <td>${badge(j.status)}</td>
       <td>${esc(j.workflow_id || "(inline)")}</td>
       <td>${esc(j.backend_id || "–")}</td>
-      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : (j.paused_at ? `<span class="paused" title="since ${esc(j.paused_at)}">paused</span> ` : "") + (j.status === "waiting" ? waitsFor(j) : "")}</td>
+      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : (j.paused_at ? `<span class="paused" title="since ${esc(j.paused_at)}">paused</span> ` : "") + (j.status === "queued" && !j.attempts && j.not_before && new Date(j.not_before) > new Date() ? `<span class="muted scheduled">starts ${time(j.not_before)}</span>` : "") + (j.status === "waiting" ? waitsFor(j) : "")}</td>
       <td>${time(j.submitted_at)}</td>
       <td>${actions(j)}</td></tr>`).join("");
   // A night's batch is acted on at once: its failures retried, its queue cancelled.
