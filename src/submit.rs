@@ -234,6 +234,8 @@ pub struct Submitted {
     pub warnings: Vec<String>,
     /// A new job stored paused.
     pub paused: bool,
+    /// A new job stored to start at this time, still to come.
+    pub starts_at: Option<DateTime<Utc>>,
 }
 
 /// What submitting needs. Cheap to clone.
@@ -294,6 +296,7 @@ impl Submitter {
             submitted_at: summary.submitted_at,
             warnings: parsed.warnings,
             paused: created && paused,
+            starts_at: later.filter(|_| created),
         })
     }
 

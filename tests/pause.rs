@@ -243,7 +243,20 @@ async fn a_job_submitted_to_start_later_waits_for_its_time_and_then_runs() {
 
     let at = chrono::Utc::now() + chrono::Duration::seconds(3);
     let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let later = submit(&app, blur(8, json!({"start_after": stamp, "priority": 10}))).await;
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &blur(8, json!({"start_after": stamp, "priority": 10})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let later = body["job_id"].as_str().unwrap().to_string();
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Job stored; no backend takes it before ")
+            && message.ends_with("(its start_after)"),
+        "{message}"
+    );
     let job = app.job(&later).await;
     let why = job["waiting_for"].as_str().unwrap();
     assert!(

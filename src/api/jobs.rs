@@ -168,6 +168,11 @@ impl From<Submitted> for SubmitResponse {
                     "Job stored paused: no backend takes it until it is resumed (POST /api/job/{}/resume)",
                     s.job_id
                 )
+            } else if let Some(at) = s.starts_at {
+                format!(
+                    "Job stored; no backend takes it before {} (its start_after)",
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
             } else if s.created && s.status == JobStatus::Waiting {
                 "Job stored; it waits for the jobs it starts from to complete".to_string()
             } else if s.created {
