@@ -426,13 +426,8 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     )
     .await;
 
-    // The farm view: a row per backend, a bar per finished attempt.
-    b.goto(&format!("{}/#/farm", app.url)).await;
-    b.wait_for(
-        "the timeline",
-        "document.querySelectorAll('#farm-timeline .farm-row').length === 1",
-    )
-    .await;
+    // The farm view: a row per backend, a bar per finished attempt (those
+    // finished before the page is drawn, at least: counted first).
     let (_, farm) = app.get("/api/farm").await;
     let finished = farm["attempts"]
         .as_array()
@@ -441,6 +436,12 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
         .filter(|a| a["finished_at"].is_string())
         .count();
     assert!(finished >= 1, "{farm}");
+    b.goto(&format!("{}/#/farm", app.url)).await;
+    b.wait_for(
+        "the timeline",
+        "document.querySelectorAll('#farm-timeline .farm-row').length === 1",
+    )
+    .await;
     let bars = b
         .eval("document.querySelectorAll('#farm-timeline rect.attempt[data-outcome=completed]').length")
         .await;
