@@ -250,22 +250,16 @@ pub fn parse(
     let idempotency_key = opt_string(m, "idempotency_key", 256)?;
     let start_after = match m.get("start_after") {
         None | Some(Value::Null) => None,
-        Some(Value::String(t)) => Some(
-            chrono::DateTime::parse_from_rfc3339(t)
-                .map_err(|e| {
+        Some(v) => Some(
+            v.as_str()
+                .and_then(crate::store::parse_time)
+                .ok_or_else(|| {
                     err(
                         "start_after",
-                        format!("must be an RFC 3339 time such as 2026-12-07T20:00:00Z: {e}"),
+                        format!("must be an RFC 3339 time such as 2026-12-07T20:00:00Z, got {v}"),
                     )
-                })?
-                .with_timezone(&chrono::Utc),
+                })?,
         ),
-        Some(_) => {
-            return Err(err(
-                "start_after",
-                "must be an RFC 3339 time such as 2026-12-07T20:00:00Z",
-            ))
-        }
     };
     let paused = match m.get("paused") {
         None | Some(Value::Null) => false,
