@@ -73,6 +73,11 @@ pub async fn render(store: &Store) -> String {
             metrics::gauge!("orchestrator_jobs", "status" => s.as_str()).set(n as f64);
         }
     }
+    // Paused jobs are counted in their status too (queued, waiting): this
+    // is what a batch nobody resumed looks like to an alert.
+    if let Ok(n) = store.paused_count().await {
+        metrics::gauge!("orchestrator_jobs_paused").set(n as f64);
+    }
     handle.run_upkeep();
     handle.render()
 }

@@ -90,6 +90,21 @@ async fn a_paused_job_keeps_its_place_through_a_restart_and_runs_once_resumed() 
     let health = app.get("/api/health").await.1;
     assert_eq!(health["paused"], 2, "{health}");
     assert_eq!(health["jobs"]["queued"], 3, "{health}");
+    // And to an alert: the only test of this binary that reads /metrics
+    // (one recorder serves the process; the gauge is set at each scrape).
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "orchestrator_jobs_paused 2"),
+        "{metrics}"
+    );
 
     // The box takes the one job not paused, though both paused ones are
     // ahead of it (a priority, an age).
@@ -282,6 +297,32 @@ async fn a_job_submitted_to_start_later_waits_for_its_time_and_then_runs() {
         &kinds[..3],
         ["submitted", "scheduled", "assigned"],
         "{kinds:?}"
+    );
+    // Paused as well, it says both: resumed, it still waits for its time.
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let both = submit(
+        &app,
+        blur(11, json!({"start_after": tomorrow, "paused": true})),
+    )
+    .await;
+    let why = app.job(&both).await["waiting_for"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.starts_with("paused by a user at ")
+            && why.contains("; and scheduled: no backend takes it before ")
+            && why.ends_with("(its start_after)"),
+        "{why}"
+    );
+    let (status, job) = app
+        .post_json(&format!("/api/job/{both}/resume"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{job}");
+    let why = job["waiting_for"].as_str().unwrap();
+    assert!(
+        why.starts_with("scheduled: no backend takes it before "),
+        "{why}"
     );
     // A time already past holds nothing back.
     let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();

@@ -105,8 +105,21 @@ pub(super) async fn why_waiting_in(
             .bind(job_id)
             .fetch_optional(&mut *conn)
             .await?;
+    let now = fmt_time(Utc::now());
     let (not_before, attempts) = match job {
-        Some((status @ (JobStatus::Queued | JobStatus::Waiting), _, Some(at), _)) => {
+        Some((
+            status @ (JobStatus::Queued | JobStatus::Waiting),
+            not_before,
+            Some(at),
+            attempts,
+        )) => {
+            // What else holds it back once resumed: its start time, its parents.
+            let scheduled = match not_before.filter(|t| *t > now) {
+                Some(t) if attempts == 0 => {
+                    format!("; and scheduled: no backend takes it before {t} (its start_after)")
+                }
+                _ => String::new(),
+            };
             let parents = if status == JobStatus::Waiting {
                 format!("; then {}", waiting_on_parents(conn, job_id).await?)
             } else {
@@ -114,7 +127,7 @@ pub(super) async fn why_waiting_in(
             };
             return Ok(Some(format!(
                 "paused by a user at {at}: no backend takes it until it is resumed \
-                 (POST /api/job/{job_id}/resume){parents}"
+                 (POST /api/job/{job_id}/resume){scheduled}{parents}"
             )));
         }
         Some((JobStatus::Queued, not_before, None, attempts)) => (not_before, attempts),
@@ -123,7 +136,6 @@ pub(super) async fn why_waiting_in(
         }
         _ => return Ok(None),
     };
-    let now = fmt_time(Utc::now());
     if let Some(t) = not_before.filter(|t| *t > now) {
         return Ok(Some(if attempts == 0 {
             format!("scheduled: no backend takes it before {t} (its start_after)")
