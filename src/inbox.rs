@@ -22,8 +22,12 @@
 //! - File events (the `notify` crate) start a scan at once; a periodic
 //!   rescan is the safety net for shares that send no events; a scan at
 //!   start-up takes what arrived while the service was down.
+//! - A file that starts from a job named by key (`job:key:`) no job has yet
+//!   stays, tried again at each scan, for `inbox.key_wait_s`; meanwhile
+//!   `GET /api/health` lists it (`inbox_waiting`), so a tool or a person
+//!   sees why it is still there.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -45,10 +49,55 @@ pub const REJECTED: &str = "rejected";
 /// Most files submitted at once.
 const CONCURRENCY: usize = 32;
 
-/// How long a manifest that starts from a job named by its idempotency key
-/// (`job:key:`) waits in the inbox for that job, when no job has the key
-/// yet: the files of one drop come in any order.
-const KEY_WAIT: Duration = Duration::from_secs(600);
+/// A file left in the inbox until the job it starts from is submitted.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct WaitingFile {
+    /// Its name in the inbox.
+    pub file: String,
+    /// Why it waits: the error it is rejected with if the job never comes.
+    pub message: String,
+    /// Its modification time, which the wait counts from.
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// When it is rejected if no job has the key by then
+    /// (`inbox.key_wait_s` after `since`).
+    pub rejected_after: chrono::DateTime<chrono::Utc>,
+}
+
+/// The files waiting now, by name: written by the inbox, read by the
+/// health route.
+#[derive(Clone, Default)]
+pub struct Waiting(Arc<Mutex<BTreeMap<String, WaitingFile>>>);
+
+impl Waiting {
+    /// The files waiting now, by name.
+    pub fn list(&self) -> Vec<WaitingFile> {
+        self.0
+            .lock()
+            .expect("inbox waiting")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn set(&self, file: WaitingFile) {
+        self.0
+            .lock()
+            .expect("inbox waiting")
+            .insert(file.file.clone(), file);
+    }
+
+    fn clear(&self, name: &str) {
+        self.0.lock().expect("inbox waiting").remove(name);
+    }
+
+    /// Forgets the files no longer in the folder (taken away by hand).
+    fn keep_only(&self, present: &HashSet<String>) {
+        self.0
+            .lock()
+            .expect("inbox waiting")
+            .retain(|name, _| present.contains(name));
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 struct Seen {
@@ -72,6 +121,8 @@ pub struct Inbox {
     pub submitter: Submitter,
     /// Stores the files a manifest names beside it.
     pub inputs: Inputs,
+    /// The files waiting for the job they start from.
+    pub waiting: Waiting,
 }
 
 /// Watches and drains the inbox until `stop`.
@@ -208,6 +259,7 @@ async fn scan(
         });
     }
     seen.retain(|name, _| present.contains(name));
+    inbox.waiting.keep_only(&present);
     settling
 }
 
@@ -355,13 +407,14 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
                             if submitted.is_err() {
                                 inbox.inputs.forget_new(&created).await;
                             }
+                            let key_wait = Duration::from_secs(submitter.config.inbox.key_wait_s);
                             match submitted {
                                 Err(e @ SubmitError::UnknownKey { .. })
-                                    if seen.modified.elapsed().is_ok_and(|age| age < KEY_WAIT) =>
+                                    if seen.modified.elapsed().is_ok_and(|age| age < key_wait) =>
                                 {
                                     // The job it names may be in this very drop: a later scan
                                     // (the next file moved, or the periodic one) tries again.
-                                    tracing::debug!(file = %name, error = %e, "inbox file waits for the job it starts from");
+                                    wait_for_key(&inbox.waiting, name, seen, key_wait, &e);
                                     return;
                                 }
                                 other => other.map_err(Refusal::from),
@@ -372,6 +425,7 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
             },
         }
     };
+    inbox.waiting.clear(name);
     match outcome {
         Ok(response) => {
             let stem = name.trim_end_matches(".json");
@@ -438,6 +492,28 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
             }
         }
     }
+}
+
+/// Records that `name` waits for the job its manifest names by key: said
+/// once in the log, and listed by `GET /api/health` until it goes.
+fn wait_for_key(waiting: &Waiting, name: &str, seen: Seen, wait: Duration, error: &SubmitError) {
+    let since = chrono::DateTime::<chrono::Utc>::from(seen.modified);
+    let rejected_after = chrono::Duration::from_std(wait)
+        .ok()
+        .and_then(|w| since.checked_add_signed(w))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+    let first = !waiting.0.lock().expect("inbox waiting").contains_key(name);
+    if first {
+        tracing::info!(file = %name, error = %error, %rejected_after, "inbox file waits for the job it starts from");
+    } else {
+        tracing::debug!(file = %name, error = %error, "inbox file still waits for the job it starts from");
+    }
+    waiting.set(WaitingFile {
+        file: name.to_string(),
+        message: error.to_string(),
+        since,
+        rejected_after,
+    });
 }
 
 /// Whether the file is still as it was when it settled, `read` bytes long.

@@ -130,6 +130,7 @@ impl Service {
             stop.clone(),
         ));
         let state = AppState::new(api::Services {
+            inbox_waiting: crate::inbox::Waiting::default(),
             usage,
             inputs,
             store,
@@ -180,6 +181,7 @@ impl Service {
             let inbox = crate::inbox::Inbox {
                 submitter: state.submitter.clone(),
                 inputs: state.inputs.clone(),
+                waiting: state.inbox_waiting.clone(),
             };
             tasks.spawn(crate::inbox::run(inbox, dir, stop.clone()));
         }

@@ -10,7 +10,14 @@ use common::*;
 use serde_json::{json, Value};
 
 async fn spawn_inbox_app() -> (TestApp, PathBuf) {
+    spawn_inbox_app_with(|_| {}).await
+}
+
+async fn spawn_inbox_app_with(
+    change: impl FnOnce(&mut orchestrator::config::Config),
+) -> (TestApp, PathBuf) {
     let (mut config, dir) = test_config();
+    change(&mut config);
     config.inbox.settle_ms = 200;
     config.inbox.rescan_interval_ms = 200;
     config.limits.max_body_bytes = 4096;
@@ -321,6 +328,24 @@ async fn a_second_pass_dropped_before_its_first_waits_for_it_and_chains_by_key()
     }
     assert!(inbox.join("sh010_pass2.json").exists());
     assert!(names(&inbox.join("rejected")).is_empty());
+    // The service says why it is still there, and until when.
+    let health = app.get("/api/health").await.1;
+    let waiting = &health["inbox_waiting"];
+    assert_eq!(waiting.as_array().map(Vec::len), Some(1), "{health}");
+    assert_eq!(waiting[0]["file"], "sh010_pass2.json", "{health}");
+    assert!(
+        waiting[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no job here has the idempotency key `sc01/sh010/pass1`"),
+        "{health}"
+    );
+    let since =
+        chrono::DateTime::parse_from_rfc3339(waiting[0]["since"].as_str().unwrap()).unwrap();
+    let until =
+        chrono::DateTime::parse_from_rfc3339(waiting[0]["rejected_after"].as_str().unwrap())
+            .unwrap();
+    assert_eq!(until - since, chrono::Duration::seconds(600), "{health}");
     // The first pass comes: both are taken, the second starting from it.
     let first = json!({"workflow_id": "image_blur", "idempotency_key": "sc01/sh010/pass1",
         "metadata": {"pass": 1}});
@@ -342,26 +367,41 @@ async fn a_second_pass_dropped_before_its_first_waits_for_it_and_chains_by_key()
         job["graph"]["1"]["inputs"]["image"],
         format!("job:{first_id}")
     );
+    let health = app.get("/api/health").await.1;
+    assert!(health.get("inbox_waiting").is_none(), "{health}");
 }
 
 #[tokio::test]
 async fn a_pass_whose_first_never_comes_is_rejected_once_it_waited_long_enough() {
-    let (app, inbox) = spawn_inbox_app().await;
-    let path = inbox.join("orphan.json");
-    std::fs::write(
-        &path,
+    let (app, inbox) = spawn_inbox_app_with(|c| c.inbox.key_wait_s = 30).await;
+    let orphan =
         json!({"workflow_id": "image_invert", "parameters": {"image": "job:key:never-submitted"}})
-            .to_string(),
-    )
-    .unwrap();
-    // Dropped eleven minutes ago: it has waited the ten it may.
-    let old = std::time::SystemTime::now() - Duration::from_secs(660);
+            .to_string();
+    // Dropped a minute ago: it has waited the 30 s it may.
+    let path = inbox.join("orphan.json");
+    std::fs::write(&path, &orphan).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
     std::fs::File::options()
         .write(true)
         .open(&path)
         .unwrap()
         .set_modified(old)
         .unwrap();
+    // Dropped now: it waits, and is listed while it does.
+    std::fs::write(inbox.join("fresh.json"), &orphan).unwrap();
+    poll("the fresh one listed as waiting", || async {
+        let health = app.get("/api/health").await.1;
+        (health["inbox_waiting"][0]["file"] == "fresh.json").then_some(())
+    })
+    .await;
+    assert!(inbox.join("fresh.json").exists());
+    // Taken away by hand, it is no longer listed.
+    std::fs::remove_file(inbox.join("fresh.json")).unwrap();
+    poll("the fresh one no longer listed", || async {
+        let health = app.get("/api/health").await.1;
+        health.get("inbox_waiting").is_none().then_some(())
+    })
+    .await;
     poll("the orphan rejected", || async {
         inbox
             .join("rejected/orphan.json.error.json")

@@ -77,6 +77,8 @@ pub struct Services {
     pub inputs: crate::inputs::Inputs,
     /// The data folder's last measurement (by the retention sweeper).
     pub usage: crate::retention::Usage,
+    /// The inbox's files waiting for the job they start from.
+    pub inbox_waiting: crate::inbox::Waiting,
 }
 
 /// CORS for browser tools on other origins: only the configured ones (none by default).

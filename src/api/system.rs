@@ -44,6 +44,11 @@ pub struct Health {
     /// Things an operator should look at (low disk space).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Inbox files left there until the job they start from (named by its
+    /// idempotency key, `job:key:`) is submitted; each is rejected with its
+    /// `message` at `rejected_after` if none comes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inbox_waiting: Vec<crate::inbox::WaitingFile>,
 }
 
 /// Health: `200` when the database answers, `503` with the reason when not.
@@ -83,6 +88,7 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
         ));
     }
     let body = Health {
+        inbox_waiting: state.inbox_waiting.list(),
         disk,
         warnings,
         status: if ok { "ok" } else { "error" }.into(),

@@ -165,6 +165,11 @@ pub struct InboxConfig {
     pub settle_ms: u64,
     /// Safety-net rescan for shares that send no file events.
     pub rescan_interval_ms: u64,
+    /// How long a file that starts from a job named by its idempotency key
+    /// (`job:key:`) waits in the inbox for that job when none has the key
+    /// yet (the files of one drop come in any order), counted from the
+    /// file's modification time; then it is rejected with the error.
+    pub key_wait_s: u64,
 }
 
 impl Default for InboxConfig {
@@ -173,6 +178,7 @@ impl Default for InboxConfig {
             enabled: true,
             settle_ms: 500,
             rescan_interval_ms: 2_000,
+            key_wait_s: 600,
         }
     }
 }
