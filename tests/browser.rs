@@ -607,6 +607,52 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
         "{job}"
     );
 
+    // A job submitted to start tomorrow says so on the list.
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let scheduled = app.submit_blur(json!({"start_after": tomorrow})).await;
+    b.goto(&format!("{}/#/", app.url)).await;
+    let starts = b
+        .wait_for(
+            "the scheduled job's start on its row",
+            &format!("(document.querySelector('#job-{scheduled} .scheduled') || {{}}).innerText"),
+        )
+        .await;
+    assert!(
+        starts
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("starts {}", &tomorrow[..10])),
+        "{starts}"
+    );
+
+    // What the service wants an operator to see is shown above every page:
+    // here an inbox file that waits for the job it starts from.
+    let inbox = app.config.data_dir.join("inbox");
+    std::fs::write(
+        inbox.join("sh020_pass2.json"),
+        json!({"workflow_id": "image_invert", "parameters": {"image": "job:key:sh020/pass1"}})
+            .to_string(),
+    )
+    .unwrap();
+    poll("the inbox file listed as waiting", || async {
+        let health = app.get("/api/health").await.1;
+        (health["inbox_waiting"][0]["file"] == "sh020_pass2.json").then_some(())
+    })
+    .await;
+    b.goto(&format!("{}/#/backends", app.url)).await;
+    let notice = b
+        .wait_for(
+            "the inbox notice",
+            "document.getElementById('notices').innerText",
+        )
+        .await;
+    let notice = notice.as_str().unwrap();
+    assert!(
+        notice.contains("sh020_pass2.json")
+            && notice.contains("no job here has the idempotency key `sh020/pass1`"),
+        "{notice}"
+    );
+
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }

@@ -250,7 +250,27 @@ function route() {
   if (h.startsWith("#/backends")) return renderBackends;
   return renderJobs;
 }
-function render() { return route()(); }
+function render() { notices(false); return route()(); }
+
+// What the service wants an operator to see, above every page: a database it
+// cannot use, low disk space, inbox files waiting for the job they start
+// from. Read from /api/health when a page is drawn (at most once a second),
+// when the user moves to another page, and every 15 s.
+let noticesAt = 0;
+async function notices(now) {
+  if (!now && Date.now() - noticesAt < 1000) return;
+  noticesAt = Date.now();
+  let h;
+  try { h = await (await fetch("/api/health")).json(); } catch (e) { return; }
+  if (!h) return;
+  const items = [];
+  if (h.database && h.database !== "ok") items.push(`The database cannot be used: ${esc(h.database)}`);
+  for (const w of h.warnings || []) items.push(esc(w));
+  for (const f of h.inbox_waiting || []) {
+    items.push(`Inbox: <span class="mono">${esc(f.file)}</span> waits for the job it starts from: ${esc(f.message)}. It is rejected after ${time(f.rejected_after)} if none comes.`);
+  }
+  document.getElementById("notices").innerHTML = items.map(i => `<div class="notice">${i}</div>`).join("");
+}
 
 // Live updates: progress bars move in place; state changes re-render (at most a few times a second).
 function connect() {
@@ -282,7 +302,8 @@ function connect() {
 
 // A move to another page draws it now; a refresh asked for by the page left
 // behind is not due any more.
-window.addEventListener("hashchange", () => { clearTimeout(refreshTimer); refreshTimer = null; render(); });
+window.addEventListener("hashchange", () => { clearTimeout(refreshTimer); refreshTimer = null; notices(true); render(); });
+setInterval(() => notices(true), 15000);
 // Running bars on the farm view grow with time.
 setInterval(() => { if (location.hash.startsWith("#/farm") && !refreshTimer) render(); }, 15000);
 render();
