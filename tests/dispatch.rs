@@ -1424,8 +1424,8 @@ async fn a_job_only_a_busy_backend_may_run_starts_when_that_backend_frees_a_slot
 async fn a_retry_that_only_the_failing_backend_can_run_goes_back_to_it_when_its_avoidance_ends() {
     // A failed attempt's job keeps away from its backend for a while so
     // that another gets the first chance; with no other, that backend must
-    // take it again then, not at its idle safety net (set past the wait's
-    // deadline here).
+    // take it again (as soon as the back-off ends), not at its idle safety
+    // net (set past the wait's deadline here).
     let (_sim, app) = one_failing_backend(500).await;
     let id = app.submit_blur(json!({ "max_attempts": 2 })).await;
     let job = app.wait_status(&id, "failed").await;

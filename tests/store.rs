@@ -709,6 +709,68 @@ async fn a_run_lost_after_it_started_keeps_away_from_its_backend_for_a_while() {
     assert_eq!(l.map(|l| l.job_id), Some(id));
 }
 
+/// Leases job `id` to `backend`, starts it, and loses it there mid-run.
+async fn lose_mid_run(app: &TestApp, backend: &str, id: &str) {
+    let l = app.store.lease_next(backend).await.unwrap().unwrap();
+    assert_eq!(l.job_id, id);
+    app.store.mark_running(id, l.token).await.unwrap();
+    give_back_lost(app, id, l.token).await;
+}
+
+/// Gives a started job back as lost, avoiding its backend for a minute.
+async fn give_back_lost(app: &TestApp, id: &str, token: i64) {
+    let lost = LostRun {
+        reason: "its backend no longer has it".into(),
+        cleanup: None,
+        max_lost_runs: Some(9),
+        avoid: Some(chrono::Duration::seconds(60)),
+    };
+    let o = app.store.give_back(id, token, lost).await.unwrap();
+    assert_eq!(o, LostOutcome::Requeued);
+}
+
+#[tokio::test]
+async fn a_lost_run_goes_back_at_once_to_its_backend_when_no_other_may_run_it() {
+    // The avoidance gives another backend the first chance; where there is
+    // none (a farm of one box, the others off or lacking the job's tags),
+    // waiting it out would only hold the job back.
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &["sdxl"]), ("n2", &[])]).await;
+    // Only n1 has the tag it needs: n1 takes it back at once.
+    let tagged = app.submit_blur(json!({"requires": ["sdxl"]})).await;
+    lose_mid_run(&app, "n1", &tagged).await;
+    let l = app.store.lease_next("n1").await.unwrap();
+    assert_eq!(l.map(|l| l.job_id), Some(tagged.clone()));
+    // n2 may run this one: n1 keeps off it while n2 is there to take it.
+    let plain = app.submit_blur(json!({})).await;
+    lose_mid_run(&app, "n1", &plain).await;
+    assert!(app.store.lease_next("n1").await.unwrap().is_none());
+    for gone in [true, false] {
+        if gone {
+            app.store
+                .set_backend_admin_state("n2", AdminState::Disabled)
+                .await
+                .unwrap();
+        } else {
+            app.store
+                .set_backend_admin_state("n2", AdminState::Enabled)
+                .await
+                .unwrap();
+            app.store
+                .backend_offline("n2", "connection refused".into())
+                .await
+                .unwrap();
+        }
+        // n2 disabled, then offline: n1 takes it back at once.
+        let l = app.store.lease_next("n1").await.unwrap().unwrap();
+        assert_eq!(l.job_id, plain, "n2 disabled: {gone}");
+        if gone {
+            app.store.mark_running(&plain, l.token).await.unwrap();
+            give_back_lost(&app, &plain, l.token).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_backend_that_may_not_run_the_queued_jobs_learns_that_another_may() {
     // A worker rung for a job passes the ring on only while a due job

@@ -72,12 +72,21 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
 
 /// The best eligible queued job for backend `b` (`?1` now, `?2` the backend
 /// id): due, not avoided here, not barred here.
+///
+/// An avoidance (a retry's, a run lost mid-run) gives another backend the
+/// first chance; it holds only while one that may run the job is online, so
+/// a farm of one box (or one whose other boxes are off, or lack the job's
+/// tags) takes its retry back at once rather than at the avoidance's end.
 fn eligible() -> String {
     format!(
         "j.status = 'queued' AND j.paused_at IS NULL \
          AND (j.not_before IS NULL OR j.not_before <= ?1) \
-         AND NOT (j.last_backend_id IS ?2 AND j.avoid_until IS NOT NULL AND j.avoid_until > ?1) \
+         AND NOT (j.last_backend_id IS ?2 AND j.avoid_until IS NOT NULL AND j.avoid_until > ?1 \
+         AND EXISTS (SELECT 1 FROM backends o WHERE o.id IS NOT ?2 AND o.configured = 1 \
+         AND o.state = 'online' AND {} AND ({}) IS NULL)) \
          AND ({}) IS NULL",
+        super::backend_records::enabled_sql("o"),
+        bar_reason("j", "o"),
         bar_reason("j", "b")
     )
 }

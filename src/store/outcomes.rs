@@ -19,7 +19,9 @@ use super::{Store, StoreError};
 
 /// How long a retried job keeps away from the backend that failed it:
 /// another backend gets the first chance, then this one may take it again
-/// (and its worker is woken then: it may be the only one that can).
+/// (and its worker is woken then: it may be the only one that can). Only
+/// while another that may run the job is online (`lease::eligible`): with
+/// none, waiting would only hold the job back.
 pub fn avoid_span(backoff: chrono::Duration) -> chrono::Duration {
     backoff * 2
 }
@@ -179,7 +181,7 @@ async fn lose_in(
         .map(|span| Utc::now() + span);
     let avoiding = avoid_until.map_or(String::new(), |t| {
         format!(
-            "; another backend gets it first, {backend} from {}",
+            "; another backend gets it first, {backend} from {} (at once while no other may run it)",
             t.format("%H:%M:%S UTC")
         )
     });
