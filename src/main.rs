@@ -85,6 +85,10 @@ enum Command {
         /// batch=night1 | orchestrator retry -`.
         #[arg(long)]
         ids: bool,
+        /// Print how many jobs match, by status (all of them, not a page):
+        /// how far a batch got, `orchestrator jobs --count -m batch=night1`.
+        #[arg(long, conflicts_with = "ids")]
+        count: bool,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -470,6 +474,7 @@ fn main() -> ExitCode {
                 paused,
                 limit,
                 ids,
+                count,
                 remote,
             } => {
                 let args = orchestrator::cli::JobsArgs {
@@ -480,6 +485,7 @@ fn main() -> ExitCode {
                     paused,
                     limit,
                     ids_only: ids,
+                    count,
                 };
                 orchestrator::cli::jobs(&remote.remote(), args).await
             }

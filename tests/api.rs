@@ -322,6 +322,73 @@ async fn the_history_filters_by_status_workflow_metadata_and_time() {
 }
 
 #[tokio::test]
+async fn how_far_a_batch_got_is_counted_with_the_historys_filters() {
+    let app = spawn_app().await;
+    let night = |n: u32| json!({"metadata": {"batch": "night1", "n": n}});
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(app.submit_blur(night(n)).await);
+    }
+    let other = app
+        .submit_blur(json!({"metadata": {"batch": "day1"}}))
+        .await;
+    app.post_json(&format!("/api/job/{}/cancel", ids[0]), &json!({}))
+        .await;
+    app.post_json(&format!("/api/job/{}/pause", ids[1]), &json!({}))
+        .await;
+    app.post_json(&format!("/api/job/{other}/cancel"), &json!({}))
+        .await;
+
+    let (status, c) = app.get("/api/jobs/counts?metadata.batch=night1").await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["total"], 5, "{c}");
+    assert_eq!(c["jobs"]["queued"], 4, "{c}");
+    assert_eq!(c["jobs"]["cancelled"], 1, "{c}");
+    assert_eq!(c["jobs"]["completed"], 0, "every status is named: {c}");
+    assert_eq!(c["paused"], 1, "{c}");
+    let first = app.job(&ids[0]).await;
+    assert_eq!(c["first_submitted_at"], first["submitted_at"], "{c}");
+    assert_eq!(c["last_finished_at"], first["finished_at"], "{c}");
+    // Every filter of the history applies, the status too.
+    let (_, c) = app
+        .get("/api/jobs/counts?metadata.batch=night1&status=cancelled")
+        .await;
+    assert_eq!(
+        (c["total"].clone(), c["paused"].clone()),
+        (json!(1), json!(0)),
+        "{c}"
+    );
+    let (_, c) = app.get("/api/jobs/counts?paused=true").await;
+    assert_eq!(c["total"], 1, "{c}");
+    let (_, c) = app.get("/api/jobs/counts?metadata.batch=none").await;
+    assert_eq!(c["total"], 0, "{c}");
+    assert_eq!(c["first_submitted_at"], Value::Null, "{c}");
+    // With no filter: every job (from the counts the triggers keep).
+    let (_, c) = app.get("/api/jobs/counts").await;
+    assert_eq!(c["total"], 6, "{c}");
+    assert_eq!(c["jobs"]["cancelled"], 2, "{c}");
+    assert_eq!(c["paused"], 1, "{c}");
+    assert_eq!(c["last_finished_at"], app.job(&other).await["finished_at"]);
+    // A count is of every job: a page's parameters are refused, by name.
+    let (status, body) = app
+        .get("/api/jobs/counts?metadata.batch=night1&limit=10")
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "limit", "{body}");
+    // The counts of a batch are read through its metadata's index.
+    let plan = app
+        .store
+        .explain_count(&orchestrator::store::JobFilter {
+            metadata: vec![("batch".into(), "night1".into())],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .join(" | ");
+    assert!(!plan.contains("SCAN"), "{plan}");
+}
+
+#[tokio::test]
 async fn pagination_returns_each_job_exactly_once_while_new_jobs_arrive() {
     let app = spawn_app().await;
     let mut expected = Vec::new();
@@ -577,6 +644,7 @@ async fn the_openapi_document_describes_every_route_and_the_docs_page_is_served(
         "/api/job/{id}/cancel",
         "/api/job/{id}/priority",
         "/api/jobs",
+        "/api/jobs/counts",
         "/api/health",
         "/api/backends",
         "/api/workflows",

@@ -262,7 +262,7 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     // What the backend runs now is listed on its row.
     let on_row = format!(
         "document.getElementById('backend-gpu-box-1').innerHTML.includes('{}')",
-        &running[..8]
+        short(&running)
     );
     b.wait_for("the running job on the backend's row", &on_row)
         .await;
@@ -357,7 +357,7 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     b.eval(&filter("waiting")).await;
     b.wait_for(
         "the waiting job's row, linking the job it waits for",
-        &format!("(document.querySelector('#job-{child} .waits-for a[href=\"#/job/{waiting}\"]') || {{}}).innerText === '{}'", &waiting[..8]),
+        &format!("(document.querySelector('#job-{child} .waits-for a[href=\"#/job/{waiting}\"]') || {{}}).innerText === '{}'", short(&waiting)),
     )
     .await;
     b.eval(&filter("queued")).await;
@@ -383,6 +383,26 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     b.wait_for(
         "no queued job left",
         "document.getElementById('bulk') === null && document.body.innerText.includes('No jobs.')",
+    )
+    .await;
+    b.eval(&filter("")).await;
+    b.wait_for(
+        "every job listed again",
+        &format!("document.getElementById('job-{id}') !== null"),
+    )
+    .await;
+    // How far the jobs got, by status, above the list: a count filters
+    // the list to its status.
+    b.wait_for(
+        "the count of the cancelled job",
+        "(document.querySelector('#counts a[data-count=cancelled]') || {}).innerText === '1 cancelled'",
+    )
+    .await;
+    b.eval("document.querySelector('#counts a[data-count=cancelled]').click()")
+        .await;
+    b.wait_for(
+        "the list filtered to the cancelled job",
+        &format!("document.querySelector('#filters select[name=status]').value === 'cancelled' && document.getElementById('job-{waiting}') !== null && document.getElementById('job-{id}') === null"),
     )
     .await;
     b.eval(&filter("")).await;

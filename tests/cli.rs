@@ -200,6 +200,24 @@ async fn a_batch_is_moved_cancelled_and_retried_by_its_ids() {
     for id in &night[..2] {
         assert_eq!(app.job(id).await["status"], "cancelled");
     }
+    // How far the batch got, in a line.
+    let (ok, out, err) = cli(&app.url, &["jobs", "--count", "-m", "batch=night1"]).await;
+    assert!(ok, "{err}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("3 jobs: 1 queued, 2 cancelled"), "{out}");
+    let first = app.job(&night[0]).await["submitted_at"]
+        .as_str()
+        .unwrap()
+        .replace('T', " ");
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with(&format!("the first submitted at {}", &first[..19])),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&app.url, &["jobs", "--count", "--ids"]).await;
+    assert!(!ok && err.contains("--ids"), "{err}");
 
     let (_, cancelled, _) = cli(
         &app.url,
@@ -230,7 +248,7 @@ async fn a_batch_is_moved_cancelled_and_retried_by_its_ids() {
     let (ok, out, err) = cli_fed(&app.url, &["watch", "-"], &cancelled).await;
     assert!(ok, "{out} {err}");
     for id in &night[..2] {
-        assert!(out.contains(&format!("{}  completed", &id[..8])), "{out}");
+        assert!(out.contains(&format!("{}  completed", short(id))), "{out}");
     }
 }
 
@@ -269,6 +287,12 @@ async fn a_batch_submitted_paused_is_listed_and_resumed_by_its_ids() {
     let mut want = night.clone();
     want.sort();
     assert_eq!(got, want, "{listed}");
+    let (ok, out, err) = cli(&app.url, &["jobs", "--count", "--paused"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("2 jobs: 2 queued (2 of them paused)\nthe first submitted at "),
+        "{out}"
+    );
     let (ok, table, err) = cli(&app.url, &["jobs"]).await;
     assert!(ok, "{err}");
     for id in &night {
@@ -310,12 +334,15 @@ async fn watch_without_a_terminal_prints_lines_and_fails_when_a_job_does() {
     let good = app.submit_blur(serde_json::json!({})).await;
     let (ok, out, err) = cli(&app.url, &["watch", &good]).await;
     assert!(ok, "{err}");
-    let short = &good[..8];
     let last = out.lines().last().unwrap_or_default();
-    assert_eq!(last, format!("{short}  completed (1 outputs)"), "{out}");
+    assert_eq!(
+        last,
+        format!("{}  completed (1 outputs)", short(&good)),
+        "{out}"
+    );
     assert!(
         out.lines()
-            .any(|l| l.starts_with(short) && l.contains("running")),
+            .any(|l| l.starts_with(short(&good)) && l.contains("running")),
         "the start is a line too: {out}"
     );
 
@@ -337,11 +364,18 @@ async fn watch_without_a_terminal_prints_lines_and_fails_when_a_job_does() {
     assert!(!ok, "a failed job makes watch fail: {out}");
     assert!(
         out.lines()
-            .any(|l| l.starts_with(&bad[..8]) && l.contains("failed")),
+            .any(|l| l.starts_with(short(&bad)) && l.contains("failed")),
+        "{out}"
+    );
+    // Each job's lines are told apart, though both were submitted within
+    // the same second (their ids' first characters are that time).
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with(short(&good)) && l.contains("failed")),
         "{out}"
     );
     assert!(
-        err.contains("1 of 2 job(s) did not complete") && err.contains(&bad[..8]),
+        err.contains("1 of 2 job(s) did not complete") && err.contains(short(&bad)),
         "{err}"
     );
 }

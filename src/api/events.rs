@@ -60,7 +60,7 @@ fn parse(query: Option<&str>, headers: &HeaderMap) -> Result<(EventFilter, Optio
                     .filter(|s| !s.is_empty())
                     .map(str::to_string),
             ),
-            "status" => super::jobs::parse_statuses(&value, &mut f.statuses)?,
+            "status" => super::history::parse_statuses(&value, &mut f.statuses)?,
             "workflow_id" => f.workflow_id = Some(value.to_string()),
             "after" => {
                 after =

@@ -74,19 +74,6 @@ pub struct FarmView {
     pub queue: Vec<QueueSample>,
 }
 
-fn time_param(field: &str, v: &str) -> Result<DateTime<Utc>, ApiError> {
-    DateTime::parse_from_rfc3339(v)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| {
-            ApiError::invalid(
-                field,
-                format!(
-                    "{field}: must be an RFC 3339 time such as 2026-11-25T22:00:00Z, got `{v}`"
-                ),
-            )
-        })
-}
-
 /// Attempts per backend, busy shares, completions and the queue over a
 /// window of at most a day (the last hour by default).
 #[utoipa::path(
@@ -103,11 +90,11 @@ pub(super) async fn farm(
     let now = Utc::now();
     let to =
         q.to.as_deref()
-            .map(|v| time_param("to", v))
+            .map(|v| super::history::time_param("to", v))
             .transpose()?
             .unwrap_or(now);
     let from = match q.from.as_deref() {
-        Some(v) => time_param("from", v)?,
+        Some(v) => super::history::time_param("from", v)?,
         None => to - Duration::hours(1),
     };
     if from >= to {

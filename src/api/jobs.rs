@@ -1,8 +1,8 @@
-//! Job routes: submit, look up, history, events, cancel, retry, priority,
-//! pause and resume.
+//! Job routes: submit, look up, events, cancel, retry, priority, pause and
+//! resume (lists and counts of jobs: `history.rs`).
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use super::wire::{Event, Job, Lease, Output, WebhookDelivery};
 use super::{ApiError, AppState};
-use crate::store::{CancelOutcome, JobFilter, JobStatus};
+use crate::store::{CancelOutcome, JobStatus};
 use crate::submit::Submitted;
 
 pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
@@ -32,7 +32,6 @@ pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
         .route("/api/job/{id}/priority", post(set_priority))
         .route("/api/job/{id}/pause", post(pause_job))
         .route("/api/job/{id}/resume", post(resume_job))
-        .route("/api/jobs", get(list_jobs))
 }
 
 /// Answer to a submission.
@@ -483,167 +482,12 @@ async fn set_paused(state: &AppState, id: &str, paused: bool) -> Result<Json<Job
     detail(state, id).await.map(Json)
 }
 
-fn with_progress(state: &AppState, mut job: Job) -> Job {
+/// The job with its live progress, while a backend holds it.
+pub(super) fn with_progress(state: &AppState, mut job: Job) -> Job {
     if job.status.is_held() {
         if let Some(p) = state.farm.progress(&job.job_id) {
             job.progress = Some(p);
         }
     }
     job
-}
-
-/// A page of history.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JobList {
-    /// Newest first.
-    pub jobs: Vec<Job>,
-    /// Pass as `cursor` for the next page; `null` on the last page.
-    pub next_cursor: Option<String>,
-}
-
-fn encode_cursor(seq: i64) -> String {
-    format!("j{seq:x}")
-}
-
-fn decode_cursor(s: &str) -> Option<i64> {
-    s.strip_prefix('j')
-        .and_then(|h| i64::from_str_radix(h, 16).ok())
-}
-
-fn parse_time_param(field: &str, v: &str) -> Result<DateTime<Utc>, ApiError> {
-    DateTime::parse_from_rfc3339(v)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| {
-            ApiError::invalid(
-                field,
-                format!("`{v}` is not an RFC 3339 time (like 2026-01-28T12:00:00Z)"),
-            )
-        })
-}
-
-/// Adds the statuses of one `status` parameter (comma-separated), refusing
-/// unknown ones. Shared by the history and the event stream.
-pub(super) fn parse_statuses(value: &str, into: &mut Vec<JobStatus>) -> Result<(), ApiError> {
-    for s in value.split(',').filter(|s| !s.is_empty()) {
-        let status = JobStatus::parse(s).ok_or_else(|| {
-            let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
-            ApiError::invalid(
-                "status",
-                format!("unknown status `{s}` (one of {})", all.join(", ")),
-            )
-        })?;
-        into.push(status);
-    }
-    Ok(())
-}
-
-/// Parses the history query string into a filter.
-fn parse_filter(query: Option<&str>) -> Result<JobFilter, ApiError> {
-    let mut f = JobFilter {
-        limit: 50,
-        ..Default::default()
-    };
-    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        let (key, value) = (key.as_ref(), value.as_ref());
-        match key {
-            "status" => parse_statuses(value, &mut f.statuses)?,
-            "workflow_id" => f.workflow_id = Some(value.to_string()),
-            "backend" | "backend_id" => f.backend_id = Some(value.to_string()),
-            "submitted_after" => f.submitted_after = Some(parse_time_param(key, value)?),
-            "submitted_before" => f.submitted_before = Some(parse_time_param(key, value)?),
-            "paused" => {
-                f.paused = Some(value.parse::<bool>().map_err(|_| {
-                    ApiError::invalid("paused", "must be true (only paused jobs) or false")
-                })?)
-            }
-            "limit" => {
-                f.limit = value
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::invalid("limit", "must be an integer from 1 to 1000")
-                    })?
-            }
-            "cursor" => {
-                f.before_seq = Some(decode_cursor(value).ok_or_else(|| {
-                    ApiError::invalid("cursor", "is not a cursor this server gave out")
-                })?)
-            }
-            k if k.starts_with("metadata.") && k.len() > "metadata.".len() => {
-                f.metadata
-                    .push((k["metadata.".len()..].to_string(), value.to_string()));
-            }
-            other => {
-                return Err(ApiError::invalid(
-                    other,
-                    format!(
-                        "unknown query parameter `{other}` (filters: status, workflow_id, backend, \
-                         submitted_after, submitted_before, paused, metadata.KEY, limit, cursor)"
-                    ),
-                ))
-            }
-        }
-    }
-    Ok(f)
-}
-
-/// The history, newest first, filtered and paginated.
-#[utoipa::path(
-    get,
-    path = "/api/jobs",
-    tag = "jobs",
-    params(
-        ("status" = Option<String>, Query, description = "One or several statuses, repeated or comma-separated"),
-        ("workflow_id" = Option<String>, Query, description = "Template id"),
-        ("backend" = Option<String>, Query, description = "Backend id"),
-        ("submitted_after" = Option<String>, Query, description = "RFC 3339, inclusive"),
-        ("submitted_before" = Option<String>, Query, description = "RFC 3339, exclusive"),
-        ("paused" = Option<bool>, Query, description = "true: only paused jobs; false: only jobs not paused"),
-        ("metadata.KEY" = Option<String>, Query, description = "Metadata field equals value, e.g. metadata.shot=sc01_sh010"),
-        ("limit" = Option<u32>, Query, description = "Page size, default 50, at most 1000"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
-    ),
-    responses((status = 200, body = JobList), (status = 422, body = super::ErrorBody))
-)]
-pub(super) async fn list_jobs(
-    State(state): State<AppState>,
-    RawQuery(query): RawQuery,
-) -> Result<Json<JobList>, ApiError> {
-    let filter = parse_filter(query.as_deref())?;
-    let page = state.store.list_jobs(&filter).await?;
-    Ok(Json(JobList {
-        jobs: page
-            .jobs
-            .into_iter()
-            .map(|j| with_progress(&state, j.into()))
-            .collect(),
-        next_cursor: page.next_before_seq.map(encode_cursor),
-    }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filters_parse_and_unknown_ones_are_named() {
-        let f = parse_filter(Some(
-            "status=queued,running&status=failed&metadata.shot=sc01&limit=10",
-        ))
-        .unwrap();
-        assert_eq!(
-            f.statuses,
-            [JobStatus::Queued, JobStatus::Running, JobStatus::Failed]
-        );
-        assert_eq!(f.metadata, [("shot".to_string(), "sc01".to_string())]);
-        assert_eq!(f.limit, 10);
-        let e = parse_filter(Some("colour=red")).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("colour"));
-        let e = parse_filter(Some("status=done")).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("status"));
-        let e = parse_filter(Some("limit=5000")).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("limit"));
-        assert_eq!(decode_cursor(&encode_cursor(12345)), Some(12345));
-    }
 }

@@ -11,6 +11,7 @@ mod dashboard;
 mod error;
 mod events;
 mod farm;
+mod history;
 mod inputs;
 mod jobs;
 mod openapi;
@@ -104,6 +105,7 @@ pub fn app(state: AppState) -> Router {
     let limit = state.config.limits.max_body_bytes;
     Router::new()
         .merge(jobs::router(state.config.limits.max_input_bytes))
+        .merge(history::router())
         .merge(outputs::router())
         .merge(farm::router())
         .merge(inputs::router(state.config.limits.max_input_bytes))

@@ -8,7 +8,7 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{backends, events, farm, inputs, jobs, outputs, system, AppState};
+use super::{backends, events, farm, history, inputs, jobs, outputs, system, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,7 +28,8 @@ use super::{backends, events, farm, inputs, jobs, outputs, system, AppState};
         jobs::resume_job,
         outputs::get_output,
         farm::farm,
-        jobs::list_jobs,
+        history::list_jobs,
+        history::count_jobs,
         inputs::upload,
         inputs::list,
         inputs::download,

@@ -277,11 +277,16 @@ pub struct JobsArgs {
     /// for `cancel`, `retry`, `priority`, `pause` and `resume` to act on a
     /// batch.
     pub ids_only: bool,
+    /// Print how many jobs match, by status (every one, not a page).
+    pub count: bool,
 }
 
 /// Prints the history as a table.
 pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
-    let mut q: Vec<(String, String)> = vec![("limit".into(), args.limit.to_string())];
+    let mut q: Vec<(String, String)> = Vec::new();
+    if !args.count {
+        q.push(("limit".into(), args.limit.to_string()));
+    }
     for s in args.status {
         q.push(("status".into(), s));
     }
@@ -302,6 +307,9 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
     }
     if args.ids_only {
         return print_ids(remote, q).await;
+    }
+    if args.count {
+        return print_counts(remote, q).await;
     }
     let query: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(q)
@@ -337,6 +345,52 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
     }
     if page["next_cursor"].is_string() {
         eprintln!("(more: raise --limit or filter)");
+    }
+    Ok(())
+}
+
+/// How many jobs the query matches, by status, in a line; then when the
+/// first was submitted and the last finished.
+async fn print_counts(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Result<()> {
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(q)
+        .finish();
+    let c = remote.get(&format!("/api/jobs/counts?{query}")).await?;
+    if remote.json {
+        println!("{c}");
+        return Ok(());
+    }
+    let total = c["total"].as_i64().unwrap_or(0);
+    let mut parts = Vec::new();
+    for status in crate::store::JobStatus::ALL {
+        let n = c["jobs"][status.as_str()].as_i64().unwrap_or(0);
+        if n == 0 {
+            continue;
+        }
+        parts.push(format!("{n} {}", status.as_str()));
+    }
+    let s = if total == 1 { "" } else { "s" };
+    let paused = match c["paused"].as_i64().unwrap_or(0) {
+        0 => String::new(),
+        n => format!(" ({n} of them paused)"),
+    };
+    match parts.is_empty() {
+        true => println!("{total} job{s}"),
+        false => println!("{total} job{s}: {}{paused}", parts.join(", ")),
+    }
+    let time = |f: &str| {
+        let t = c[f].as_str().unwrap_or("");
+        t.get(..19).unwrap_or(t).replace('T', " ")
+    };
+    if total > 0 {
+        let last = match c["last_finished_at"].is_string() {
+            true => format!(", the last finished at {}", time("last_finished_at")),
+            false => String::new(),
+        };
+        println!(
+            "the first submitted at {}{last}",
+            time("first_submitted_at")
+        );
     }
     Ok(())
 }

@@ -153,9 +153,12 @@ pub async fn watch(remote: &Remote, ids: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A job id as the bars and lines show it (its first 8 characters).
+/// A job id as the bars and lines show it: its last 8 characters. A job
+/// id is a UUIDv7, whose first characters are its submission time (one for
+/// a whole batch submitted within a minute) and whose last ones are random.
 fn short(id: &str) -> String {
-    id.chars().take(8).collect()
+    let skip = id.chars().count().saturating_sub(8);
+    id.chars().skip(skip).collect()
 }
 
 /// Where a job stands, in a line: its status, and its backend if it has one.

@@ -16,6 +16,10 @@ function turn() { const mine = ++turns; return () => mine === turns; }
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 }
+// A job id as lists show it: its last 8 characters. A job id is a UUIDv7,
+// whose first characters are its submission time (one for a whole batch
+// submitted within a minute) and whose last ones are random.
+function short(id) { return String(id ?? "").slice(-8); }
 function badge(s) { return `<span class="badge s-${esc(s)}">${esc(s)}</span>`; }
 function time(t) { return t ? esc(t.replace("T", " ").slice(0, 19)) : "–"; }
 
@@ -62,15 +66,27 @@ async function renderJobs() {
   if (filters.workflow_id) q.set("workflow_id", filters.workflow_id);
   if (filters.backend) q.set("backend", filters.backend);
   if (filters.meta.includes("=")) { const [k, ...v] = filters.meta.split("="); q.set("metadata." + k.trim(), v.join("=").trim()); }
-  let page, error = "";
-  try { page = await api("/api/jobs?" + q); } catch (e) { error = e.message; page = {jobs: []}; }
+  // How far the filtered jobs got (a night's batch: its metadata), every
+  // status counted, not a page; a count filters the list to its status.
+  const cq = new URLSearchParams(q);
+  cq.delete("limit");
+  cq.delete("status");
+  let page, counts = null, error = "";
+  try {
+    [page, counts] = await Promise.all([api("/api/jobs?" + q), api("/api/jobs/counts?" + cq).catch(() => null)]);
+  } catch (e) { error = e.message; page = {jobs: []}; }
   if (!current()) return;
+  const tally = !counts || !counts.total ? "" : `<p id="counts" class="counts">${counts.total} job${counts.total === 1 ? "" : "s"}${cq.toString() ? " matching" : ""}: `
+    + STATUSES.filter(s => counts.jobs[s]).map(s => `<a href="#/" data-count="${s}" class="${s === filters.status ? "on" : ""}">${counts.jobs[s]} ${s}</a>`).join(" · ")
+    + (counts.paused ? ` <span class="paused">(${counts.paused} paused)</span>` : "")
+    + (filters.status ? ` · <a href="#/" data-count="">every status</a>` : "")
+    + ` <span class="muted">· the first submitted ${time(counts.first_submitted_at)}${counts.last_finished_at ? `, the last finished ${time(counts.last_finished_at)}` : ""}</span></p>`;
   const thumb = j => j.preview
     ? `<a href="#/job/${esc(j.job_id)}"><img class="thumb" loading="lazy" alt="" src="/api/job/${esc(j.job_id)}/outputs/${encodeURIComponent(j.preview)}?thumb=64"></a>`
     : "";
   const rows = page.jobs.map(j => `<tr id="job-${esc(j.job_id)}" data-status="${esc(j.status)}">
       <td class="pic">${thumb(j)}</td>
-      <td class="mono"><a href="#/job/${esc(j.job_id)}">${esc(j.job_id.slice(0, 8))}</a></td>
+      <td class="mono"><a href="#/job/${esc(j.job_id)}" title="${esc(j.job_id)}">${esc(short(j.job_id))}</a></td>
       <td>${badge(j.status)}</td>
       <td>${esc(j.workflow_id || "(inline)")}</td>
       <td>${esc(j.backend_id || "–")}</td>
@@ -91,6 +107,7 @@ async function renderJobs() {
       <button>Filter</button>
     </form>
     ${error ? `<div class="error">${esc(error)}</div>` : ""}
+    ${tally}
     ${bulk.length ? `<p>${bulk.map((x, i) => `<button id="${i ? `bulk-${x.act}` : "bulk"}" data-bulk="${i}">${x.label} ${page.jobs.length === 1 ? "this job" : `these ${page.jobs.length} jobs`}</button>`).join(" ")}${page.next_cursor ? ' <span class="muted">(the first page: filter more for the rest)</span>' : ""}</p>` : ""}
     <table><thead><tr><th></th><th>Job</th><th>Status</th><th>Workflow</th><th>Backend</th><th>Progress / error</th><th>Submitted</th><th></th></tr></thead>
     <tbody>${rows || `<tr><td colspan="8" class="muted">No jobs.</td></tr>`}</tbody></table>`;
@@ -101,12 +118,17 @@ async function renderJobs() {
     renderJobs();
   };
   wireButtons(renderJobs);
+  main.querySelectorAll("a[data-count]").forEach(a => a.onclick = ev => {
+    ev.preventDefault();
+    filters.status = a.dataset.count;
+    renderJobs();
+  });
   main.querySelectorAll("button[data-bulk]").forEach(btn => btn.onclick = () => each(page.jobs, bulk[btn.dataset.bulk], renderJobs));
 }
 
 // A waiting job's row names the jobs it starts from: what the batch waits on.
 function waitsFor(j) {
-  const links = (j.starts_from || []).map(p => `<a class="mono" href="#/job/${esc(p)}">${esc(p.slice(0, 8))}</a>`);
+  const links = (j.starts_from || []).map(p => `<a class="mono" href="#/job/${esc(p)}">${esc(short(p))}</a>`);
   return links.length ? `<span class="muted waits-for">waits for ${links.join(", ")}</span>` : "";
 }
 
@@ -117,7 +139,7 @@ async function each(jobs, bulk, after) {
   const failed = [];
   for (const j of jobs) {
     try { await api(`/api/job/${encodeURIComponent(j.job_id)}/${bulk.act}`, {method: "POST", body: "{}"}); }
-    catch (e) { failed.push(`${j.job_id.slice(0, 8)}: ${e.message}`); }
+    catch (e) { failed.push(`${short(j.job_id)}: ${e.message}`); }
   }
   if (failed.length) alert(`${failed.length} of ${jobs.length} could not be done:\n${failed.join("\n")}`);
   after();
@@ -169,7 +191,7 @@ async function renderJob(id) {
 
 // Links to jobs by their short ids (a chain of passes over one shot).
 function jobLinks(ids) {
-  return ids.map(id => `<a class="mono" href="#/job/${esc(id)}" title="${esc(id)}">${esc(id.slice(0, 8))}</a>`).join(", ");
+  return ids.map(id => `<a class="mono" href="#/job/${esc(id)}" title="${esc(id)}">${esc(short(id))}</a>`).join(", ");
 }
 
 // Asks for a job's new priority; what is not a whole number goes to the
@@ -193,7 +215,7 @@ async function renderBackends() {
   } catch (e) { if (current()) main.innerHTML = `<div class="error">${esc(e.message)}</div>`; return; }
   if (!current()) return;
   const runs = id => active.filter(j => j.backend_id === id)
-    .map(j => `<div><a class="mono" href="#/job/${esc(j.job_id)}">${esc(j.job_id.slice(0, 8))}</a> ${badge(j.status)} ${j.status === "running" ? bar(j.job_id, j) : ""}</div>`).join("");
+    .map(j => `<div><a class="mono" href="#/job/${esc(j.job_id)}">${esc(short(j.job_id))}</a> ${badge(j.status)} ${j.status === "running" ? bar(j.job_id, j) : ""}</div>`).join("");
   const gib = v => v == null ? "–" : (v / 1073741824).toFixed(1) + " GiB";
   const rows = list.backends.map(b => `<tr id="backend-${esc(b.id)}">
       <td><a href="#/backend/${esc(b.id)}"><strong>${esc(b.name)}</strong></a><div class="muted mono">${esc(b.id)} · <a class="muted" href="${esc(b.url)}" target="_blank" rel="noopener" title="its ComfyUI's own page">${esc(b.url)}</a></div>${b.loaded_model ? `<div class="muted">loaded: ${esc(b.loaded_model)}</div>` : ""}</td>

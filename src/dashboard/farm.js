@@ -44,7 +44,7 @@ function timelineSvg(view, width) {
     const outcome = a.outcome || "running";
     const start = Date.parse(a.leased_at), end = a.finished_at ? Date.parse(a.finished_at) : now;
     const x1 = x(start), w = Math.max(2, x(end) - x1);
-    const tip = `job ${a.job_id.slice(0, 8)} · attempt ${a.attempt} · ${a.workflow_id || "inline"} · ${outcome} · ${clock(start)}–${a.finished_at ? clock(end) : "now"}`;
+    const tip = `job ${short(a.job_id)} · attempt ${a.attempt} · ${a.workflow_id || "inline"} · ${outcome} · ${clock(start)}–${a.finished_at ? clock(end) : "now"}`;
     return `<a href="#/job/${esc(a.job_id)}"><rect class="attempt" data-job="${esc(a.job_id)}" data-outcome="${esc(outcome)}"
       x="${x1}" y="${y}" width="${w}" height="${row - 12}" rx="2" fill="${OUTCOME_COLOURS[outcome] || "#58a6ff"}"><title>${esc(tip)}</title></rect></a>`;
   }).join("");

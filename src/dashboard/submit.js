@@ -57,8 +57,8 @@ async function renderSubmit(fromJob, after) {
       ? Object.fromEntries(wf.parameters.filter(p => p.type === "image" || p.type === "mask").map(p => [p.name, `job:${job.job_id}`]))
       : job && job.workflow_id === chosen ? job.parameters : {};
     const meta = job ? Object.entries(job.metadata || {}) : [];
-    const title = after ? ` <span class="muted">from the output of ${esc(job.job_id.slice(0, 8))}</span>`
-      : job ? ` <span class="muted">again, from ${esc(job.job_id.slice(0, 8))}</span>` : "";
+    const title = after ? ` <span class="muted">from the output of ${esc(short(job.job_id))}</span>`
+      : job ? ` <span class="muted">again, from ${esc(short(job.job_id))}</span>` : "";
     main.innerHTML = `<h2>Submit a job${title}</h2>
       <form id="submit-form" class="form" novalidate>
         <label for="submit-workflow">workflow</label>

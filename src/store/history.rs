@@ -27,16 +27,16 @@ fn one_job() -> String {
     )
 }
 
-/// Builds the history query; `prefix` lets tests ask for its plan.
-fn list_query<'a>(
-    prefix: &str,
+/// The `FROM` and `WHERE` of the history's queries: the jobs `filter`
+/// matches within the positions `lower..=upper`. Returns the column that
+/// orders them by position (the first metadata filter drives the scan
+/// through its index).
+fn push_filtered<'a>(
+    q: &mut QueryBuilder<'a, Sqlite>,
     filter: &'a JobFilter,
     lower: Option<i64>,
     upper: Option<i64>,
-) -> QueryBuilder<'a, Sqlite> {
-    let cols = job_columns("j", false);
-    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{prefix}SELECT {cols} FROM "));
-    // The first metadata filter drives the scan through its index.
+) -> &'static str {
     let mut metadata = filter.metadata.iter();
     let order_col;
     if let Some((key, value)) = metadata.next() {
@@ -62,7 +62,7 @@ fn list_query<'a>(
     if let Some(u) = upper {
         q.push(format!(" AND {order_col} <= ")).push_bind(u);
     }
-    push_in(&mut q, "j.status", &filter.statuses);
+    push_in(q, "j.status", &filter.statuses);
     if let Some(w) = &filter.workflow_id {
         q.push(" AND j.workflow_id = ").push_bind(w);
     }
@@ -72,10 +72,43 @@ fn list_query<'a>(
     match filter.paused {
         Some(true) => q.push(" AND j.paused_at IS NOT NULL"),
         Some(false) => q.push(" AND j.paused_at IS NULL"),
-        None => &mut q,
+        None => &mut *q,
     };
+    order_col
+}
+
+/// Builds the history query; `prefix` lets tests ask for its plan.
+fn list_query<'a>(
+    prefix: &str,
+    filter: &'a JobFilter,
+    lower: Option<i64>,
+    upper: Option<i64>,
+) -> QueryBuilder<'a, Sqlite> {
+    let cols = job_columns("j", false);
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{prefix}SELECT {cols} FROM "));
+    let order_col = push_filtered(&mut q, filter, lower, upper);
     q.push(format!(" ORDER BY {order_col} DESC LIMIT "));
     q.push_bind(filter.limit as i64 + 1);
+    q
+}
+
+/// One status's row of a count: the status, its jobs, how many of them
+/// are paused, the first submission and the last finish.
+type CountRow = (JobStatus, i64, i64, Option<String>, Option<String>);
+
+/// Builds the count of the jobs a filter matches, by status.
+fn count_query<'a>(
+    prefix: &str,
+    filter: &'a JobFilter,
+    lower: Option<i64>,
+    upper: Option<i64>,
+) -> QueryBuilder<'a, Sqlite> {
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+        "{prefix}SELECT j.status, count(*), count(j.paused_at), min(j.submitted_at), \
+         max(j.finished_at) FROM "
+    ));
+    push_filtered(&mut q, filter, lower, upper);
+    q.push(" GROUP BY j.status");
     q
 }
 
@@ -124,27 +157,38 @@ impl Store {
             .await?)
     }
 
-    /// A page of history, newest first, with keyset pagination on `seq`.
-    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
-        let empty = JobPage {
-            jobs: vec![],
-            next_before_seq: None,
-        };
-        // Submission times only grow with `seq`: a time range is a seq range.
+    /// The positions the filter's time range and cursor span (submission
+    /// times only grow with `seq`: a time range is a seq range), or `None`
+    /// when no job can be in it.
+    async fn seq_bounds(
+        &self,
+        filter: &JobFilter,
+    ) -> Result<Option<(Option<i64>, Option<i64>)>, StoreError> {
         let mut lower: Option<i64> = None;
         let mut upper: Option<i64> = filter.before_seq.map(|s| s - 1);
         if let Some(after) = filter.submitted_after {
             match self.seq_at(after, true).await? {
                 Some(s) => lower = Some(s),
-                None => return Ok(empty),
+                None => return Ok(None),
             }
         }
         if let Some(before) = filter.submitted_before {
             match self.seq_at(before, false).await? {
                 Some(s) => upper = Some(upper.map_or(s, |u| u.min(s))),
-                None => return Ok(empty),
+                None => return Ok(None),
             }
         }
+        Ok(Some((lower, upper)))
+    }
+
+    /// A page of history, newest first, with keyset pagination on `seq`.
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<JobPage, StoreError> {
+        let Some((lower, upper)) = self.seq_bounds(filter).await? else {
+            return Ok(JobPage {
+                jobs: vec![],
+                next_before_seq: None,
+            });
+        };
         let mut q = list_query("", filter, lower, upper);
         let mut jobs: Vec<JobRecord> = q.build_query_as().fetch_all(self.reader()).await?;
         let next = if jobs.len() > filter.limit as usize {
@@ -157,6 +201,63 @@ impl Store {
             jobs,
             next_before_seq: next,
         })
+    }
+
+    /// How many jobs the filter matches, by status, and when the first of
+    /// them was submitted and the last finished: how far a batch got (its
+    /// `metadata`), in one read. Every job matching, not a page: the
+    /// filter's `limit` and cursor do not apply. With no filter at all it
+    /// reads the counts the triggers keep.
+    pub async fn count_jobs(&self, filter: &JobFilter) -> Result<JobCounts, StoreError> {
+        let mut counts = JobCounts::default();
+        let unfiltered = JobFilter {
+            limit: filter.limit,
+            ..Default::default()
+        };
+        if *filter == unfiltered {
+            counts.by_status = self.job_counts().await?;
+            counts.paused = self.paused_count().await?;
+            let (first, last): (Option<String>, Option<String>) = sqlx::query_as(
+                "SELECT (SELECT min(submitted_at) FROM jobs), \
+                 (SELECT max(finished_at) FROM jobs INDEXED BY jobs_by_finished WHERE finished_at IS NOT NULL)",
+            )
+            .fetch_one(self.reader())
+            .await?;
+            counts.first_submitted_at = first.as_deref().and_then(super::parse_time);
+            counts.last_finished_at = last.as_deref().and_then(super::parse_time);
+            return Ok(counts);
+        }
+        let Some((lower, upper)) = self.seq_bounds(filter).await? else {
+            return Ok(counts);
+        };
+        let rows: Vec<CountRow> = count_query("", filter, lower, upper)
+            .build_query_as()
+            .fetch_all(self.reader())
+            .await?;
+        let (mut first, mut last): (Option<String>, Option<String>) = (None, None);
+        for (status, n, paused, f, l) in rows {
+            counts.by_status.push((status, n));
+            counts.paused += paused;
+            // Stored times are of one width: their order as text is theirs.
+            first = match (first, f) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            last = last.max(l);
+        }
+        counts.first_submitted_at = first.as_deref().and_then(super::parse_time);
+        counts.last_finished_at = last.as_deref().and_then(super::parse_time);
+        Ok(counts)
+    }
+
+    /// SQLite's plan for the count of `filter` (with both seq bounds
+    /// present), so tests can check that an index serves it.
+    pub async fn explain_count(&self, filter: &JobFilter) -> Result<Vec<String>, StoreError> {
+        let mut q = count_query("EXPLAIN QUERY PLAN ", filter, Some(1), Some(i64::MAX));
+        let rows = q.build().fetch_all(self.reader()).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("detail").map_err(StoreError::from))
+            .collect()
     }
 
     /// Counts of jobs by status (kept by triggers: one small read).

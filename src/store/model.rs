@@ -312,7 +312,7 @@ pub struct JobEvent {
 }
 
 /// Filters of the history query; every one is served by an index.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobFilter {
     /// Any of these statuses.
     pub statuses: Vec<JobStatus>,
@@ -332,6 +332,19 @@ pub struct JobFilter {
     pub limit: u32,
     /// Keyset: only jobs older than this position (from a cursor).
     pub before_seq: Option<i64>,
+}
+
+/// How many jobs a filter matches: how far a batch got.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobCounts {
+    /// By status; a status no job has is left out.
+    pub by_status: Vec<(JobStatus, i64)>,
+    /// Of those, how many a user paused (queued or waiting).
+    pub paused: i64,
+    /// When the first of them was submitted.
+    pub first_submitted_at: Option<DateTime<Utc>>,
+    /// When the last of them to finish finished.
+    pub last_finished_at: Option<DateTime<Utc>>,
 }
 
 /// One page of history, newest first.

@@ -566,3 +566,9 @@ pub async fn tls_proxy(
     });
     (port, seen)
 }
+
+/// A job id as the dashboard and `watch` show it: its last 8 characters
+/// (a UUIDv7's first ones are its time, the same for a whole batch).
+pub fn short(id: &str) -> &str {
+    &id[id.len() - 8..]
+}

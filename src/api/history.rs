@@ -1,0 +1,259 @@
+//! The history: filtered pages of jobs, newest first, and how many jobs
+//! a filter matches (how far a batch got).
+//!
+//! Why apart from the job routes: these read many jobs through one filter
+//! language (`status`, `workflow_id`, `backend`, times, `paused`,
+//! `metadata.KEY`), which the page and the count share, and which the
+//! command line and the dashboard speak.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{RawQuery, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::jobs::with_progress;
+use super::wire::Job;
+use super::{ApiError, AppState};
+use crate::store::{JobFilter, JobStatus};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/jobs", get(list_jobs))
+        .route("/api/jobs/counts", get(count_jobs))
+}
+
+/// A page of history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    /// Newest first.
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn encode_cursor(seq: i64) -> String {
+    format!("j{seq:x}")
+}
+
+fn decode_cursor(s: &str) -> Option<i64> {
+    s.strip_prefix('j')
+        .and_then(|h| i64::from_str_radix(h, 16).ok())
+}
+
+/// An RFC 3339 time in a query parameter, or a `422` naming the parameter.
+/// Shared by the history and the farm view.
+pub(super) fn time_param(field: &str, v: &str) -> Result<DateTime<Utc>, ApiError> {
+    crate::store::parse_time(v).ok_or_else(|| {
+        ApiError::invalid(
+            field,
+            format!("{field}: must be an RFC 3339 time such as 2026-12-07T20:00:00Z, got `{v}`"),
+        )
+    })
+}
+
+/// Adds the statuses of one `status` parameter (comma-separated), refusing
+/// unknown ones. Shared by the history and the event stream.
+pub(super) fn parse_statuses(value: &str, into: &mut Vec<JobStatus>) -> Result<(), ApiError> {
+    for s in value.split(',').filter(|s| !s.is_empty()) {
+        let status = JobStatus::parse(s).ok_or_else(|| {
+            let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::invalid(
+                "status",
+                format!("unknown status `{s}` (one of {})", all.join(", ")),
+            )
+        })?;
+        into.push(status);
+    }
+    Ok(())
+}
+
+/// What a query string asks for: a page of jobs, or the count of them all.
+#[derive(Clone, Copy, PartialEq)]
+enum Ask {
+    Page,
+    Count,
+}
+
+/// Parses the history query string into a filter.
+fn parse_filter(query: Option<&str>, ask: Ask) -> Result<JobFilter, ApiError> {
+    let mut f = JobFilter {
+        limit: 50,
+        ..Default::default()
+    };
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        if ask == Ask::Count && matches!(key, "limit" | "cursor") {
+            return Err(ApiError::invalid(
+                key,
+                format!("`{key}` is for pages of jobs: a count counts every job the filters match"),
+            ));
+        }
+        match key {
+            "status" => parse_statuses(value, &mut f.statuses)?,
+            "workflow_id" => f.workflow_id = Some(value.to_string()),
+            "backend" | "backend_id" => f.backend_id = Some(value.to_string()),
+            "submitted_after" => f.submitted_after = Some(time_param(key, value)?),
+            "submitted_before" => f.submitted_before = Some(time_param(key, value)?),
+            "paused" => {
+                f.paused = Some(value.parse::<bool>().map_err(|_| {
+                    ApiError::invalid("paused", "must be true (only paused jobs) or false")
+                })?)
+            }
+            "limit" => {
+                f.limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid("limit", "must be an integer from 1 to 1000")
+                    })?
+            }
+            "cursor" => {
+                f.before_seq = Some(decode_cursor(value).ok_or_else(|| {
+                    ApiError::invalid("cursor", "is not a cursor this server gave out")
+                })?)
+            }
+            k if k.starts_with("metadata.") && k.len() > "metadata.".len() => {
+                f.metadata
+                    .push((k["metadata.".len()..].to_string(), value.to_string()));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!(
+                        "unknown query parameter `{other}` (filters: status, workflow_id, backend, \
+                         submitted_after, submitted_before, paused, metadata.KEY, limit, cursor)"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(f)
+}
+
+/// The history, newest first, filtered and paginated.
+#[utoipa::path(
+    get,
+    path = "/api/jobs",
+    tag = "jobs",
+    params(
+        ("status" = Option<String>, Query, description = "One or several statuses, repeated or comma-separated"),
+        ("workflow_id" = Option<String>, Query, description = "Template id"),
+        ("backend" = Option<String>, Query, description = "Backend id"),
+        ("submitted_after" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("submitted_before" = Option<String>, Query, description = "RFC 3339, exclusive"),
+        ("paused" = Option<bool>, Query, description = "true: only paused jobs; false: only jobs not paused"),
+        ("metadata.KEY" = Option<String>, Query, description = "Metadata field equals value, e.g. metadata.shot=sc01_sh010"),
+        ("limit" = Option<u32>, Query, description = "Page size, default 50, at most 1000"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+    ),
+    responses((status = 200, body = JobList), (status = 422, body = super::ErrorBody))
+)]
+pub(super) async fn list_jobs(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JobList>, ApiError> {
+    let filter = parse_filter(query.as_deref(), Ask::Page)?;
+    let page = state.store.list_jobs(&filter).await?;
+    Ok(Json(JobList {
+        jobs: page
+            .jobs
+            .into_iter()
+            .map(|j| with_progress(&state, j.into()))
+            .collect(),
+        next_cursor: page.next_before_seq.map(encode_cursor),
+    }))
+}
+
+/// How many jobs the filters match.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobCounts {
+    /// Every job the filters match.
+    pub total: i64,
+    /// By status (every status, 0 where none).
+    pub jobs: BTreeMap<String, i64>,
+    /// Of those, how many a user paused (counted in `queued` or `waiting`
+    /// too).
+    pub paused: i64,
+    /// When the first of them was submitted.
+    pub first_submitted_at: Option<DateTime<Utc>>,
+    /// When the last of them to finish finished (completed, failed or
+    /// cancelled).
+    pub last_finished_at: Option<DateTime<Utc>>,
+}
+
+/// How far a batch got: how many jobs the filters match (those of
+/// `GET /api/jobs`, without `limit` and `cursor`: every job, not a page),
+/// by status, and when the first was submitted and the last finished.
+/// `GET /api/jobs/counts?metadata.batch=night1` in the morning.
+#[utoipa::path(
+    get,
+    path = "/api/jobs/counts",
+    tag = "jobs",
+    params(
+        ("status" = Option<String>, Query, description = "One or several statuses, repeated or comma-separated"),
+        ("workflow_id" = Option<String>, Query, description = "Template id"),
+        ("backend" = Option<String>, Query, description = "Backend id"),
+        ("submitted_after" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("submitted_before" = Option<String>, Query, description = "RFC 3339, exclusive"),
+        ("paused" = Option<bool>, Query, description = "true: only paused jobs; false: only jobs not paused"),
+        ("metadata.KEY" = Option<String>, Query, description = "Metadata field equals value, e.g. metadata.batch=night1"),
+    ),
+    responses((status = 200, body = JobCounts), (status = 422, body = super::ErrorBody))
+)]
+pub(super) async fn count_jobs(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JobCounts>, ApiError> {
+    let filter = parse_filter(query.as_deref(), Ask::Count)?;
+    let counts = state.store.count_jobs(&filter).await?;
+    let mut jobs: BTreeMap<String, i64> = JobStatus::ALL
+        .iter()
+        .map(|s| (s.as_str().to_string(), 0))
+        .collect();
+    for (status, n) in &counts.by_status {
+        jobs.insert(status.as_str().to_string(), *n);
+    }
+    Ok(Json(JobCounts {
+        total: jobs.values().sum(),
+        jobs,
+        paused: counts.paused,
+        first_submitted_at: counts.first_submitted_at,
+        last_finished_at: counts.last_finished_at,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_and_unknown_ones_are_named() {
+        let f = parse_filter(
+            Some("status=queued,running&status=failed&metadata.shot=sc01&limit=10"),
+            Ask::Page,
+        )
+        .unwrap();
+        assert_eq!(
+            f.statuses,
+            [JobStatus::Queued, JobStatus::Running, JobStatus::Failed]
+        );
+        assert_eq!(f.metadata, [("shot".to_string(), "sc01".to_string())]);
+        assert_eq!(f.limit, 10);
+        let e = parse_filter(Some("colour=red"), Ask::Page).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("colour"));
+        let e = parse_filter(Some("status=done"), Ask::Page).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("status"));
+        let e = parse_filter(Some("limit=5000"), Ask::Page).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("limit"));
+        assert_eq!(decode_cursor(&encode_cursor(12345)), Some(12345));
+        let e = parse_filter(Some("metadata.batch=n1&limit=10"), Ask::Count).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("limit"));
+        let e = parse_filter(Some("submitted_after=yesterday"), Ask::Count).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("submitted_after"));
+    }
+}
