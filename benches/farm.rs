@@ -449,27 +449,69 @@ impl BigFarm {
     /// Memory while `queued` more jobs wait (submitted from 64 clients
     /// with every backend disabled, sampled for 20 s) and while the farm
     /// starts on them (20 s more).
+    /// Waits until the orchestrator uses under a tenth of a core over a
+    /// quarter of a second (at most 10 s).
+    async fn quiet(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let before = common::cpu_time(self.child.pid());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let used = common::cpu_time(self.child.pid()) - before;
+            if used < Duration::from_millis(25) || Instant::now() > deadline {
+                return;
+            }
+        }
+    }
+
+    /// `disable` or `enable` every backend of the farm.
+    async fn admin(&self, action: &'static str) {
+        use futures::StreamExt;
+        let client = reqwest::Client::new();
+        futures::stream::iter(self.configs.iter().map(|b| {
+            let (client, url) = (client.clone(), self.url.clone());
+            async move {
+                let r = client
+                    .post(format!("{url}/api/backends/{}/{action}", b.id))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{action} {}: {}", b.id, r.status());
+            }
+        }))
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    }
+
+    /// A round whose submissions no backend takes while they are made
+    /// (every backend disabled, enabled again after the last answer): what
+    /// a submission costs beside the farm's size alone, without the work
+    /// of running the jobs it is given at the same time.
+    async fn held_round(&mut self, jobs: usize) -> Vec<f64> {
+        self.admin("disable").await;
+        // Each worker hears of its backend's change and looks once more:
+        // the submissions start after that has passed, as they would on a
+        // farm disabled a while ago.
+        self.quiet().await;
+        let lat = submit_timed(&self.url, jobs, 16).await;
+        self.admin("enable").await;
+        let client = reqwest::Client::new();
+        self.done += jobs as u64;
+        while counts(&client, &self.url).await["completed"]
+            .as_u64()
+            .unwrap_or(0)
+            < self.done
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        lat
+    }
+
     async fn queued(&mut self, queued: usize) {
         let (client, url, pid) = (reqwest::Client::new(), self.url.clone(), self.child.pid());
         // Queued means waiting: every backend is disabled while they are
         // submitted, so that they are all in the queue at once.
-        let admin = |action: &'static str| {
-            use futures::StreamExt;
-            let (client, url) = (client.clone(), url.clone());
-            futures::stream::iter(self.configs.iter().map(move |b| {
-                let (client, url) = (client.clone(), url.clone());
-                async move {
-                    let r = client
-                        .post(format!("{url}/api/backends/{}/{action}", b.id))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert!(r.status().is_success(), "{action} {}: {}", b.id, r.status());
-                }
-            }))
-            .buffer_unordered(32)
-            .collect::<Vec<()>>()
-        };
+        let admin = |action: &'static str| self.admin(action);
         admin("disable").await;
         let t = Instant::now();
         submit_timed(&url, queued, 64).await;
@@ -498,8 +540,10 @@ impl BigFarm {
 /// up at once: what each idle farm costs (CPU over 20 s, `--settle` seconds
 /// after all are online; resident memory), then `rounds` rounds of `jobs`
 /// submissions from 16 clients to each in turn (which goes first
-/// alternates), each waited for to the last job, then the large farm's
-/// memory with `queued` jobs waiting.
+/// alternates), each waited for to the last job, then as many rounds with
+/// every backend disabled during the submissions (a submission's cost
+/// without the farm's work beside it), then the large farm's memory with
+/// `queued` jobs waiting.
 ///
 /// Why rounds in turn: this machine's speed drifts over minutes, and one
 /// farm measured a minute after the other compared the two phases more
@@ -544,7 +588,12 @@ async fn big_farms(
         );
     }
     let mut all: Vec<Vec<Round>> = farms.iter().map(|_| Vec::new()).collect();
-    for r in 0..rounds {
+    let plain = if std::env::args().any(|a| a == "--held-only") {
+        0
+    } else {
+        rounds
+    };
+    for r in 0..plain {
         let mut order: Vec<usize> = (0..farms.len()).collect();
         if r % 2 == 1 {
             order.reverse();
@@ -567,13 +616,15 @@ async fn big_farms(
             all[i].push(round);
         }
     }
-    let mut p99s = Vec::new();
-    for (f, rounds) in farms.iter().zip(&all) {
-        let mut lat: Vec<f64> = rounds.iter().flat_map(|r| r.lat.iter().copied()).collect();
-        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let mean = |x: fn(&Round) -> f64| rounds.iter().map(x).sum::<f64>() / rounds.len() as f64;
-        p99s.push(quantile(&lat, 0.99));
-        println!(
+    if plain > 0 {
+        let mut p99s = Vec::new();
+        for (f, rounds) in farms.iter().zip(&all) {
+            let mut lat: Vec<f64> = rounds.iter().flat_map(|r| r.lat.iter().copied()).collect();
+            lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let mean =
+                |x: fn(&Round) -> f64| rounds.iter().map(x).sum::<f64>() / rounds.len() as f64;
+            p99s.push(quantile(&lat, 0.99));
+            println!(
             "{} backends, all {} submissions of {} rounds: submit p50 {:.1} ms, p99 {:.1} ms; {:.0} jobs/s, {:.2} ms of CPU a job ({:.2} ms of the simulators' and clients'; means of the rounds); while submitting, {:.2} cores in the orchestrator and {:.0} jobs out of the queue (means)",
             f.backends,
             lat.len(),
@@ -586,48 +637,85 @@ async fn big_farms(
             mean(|r| r.window_cores),
             mean(|r| r.leased_in_window as f64)
         );
-    }
-    // The same submissions as the server saw them (its own histogram of
-    // request durations): what of the latency is the orchestrator's, and
-    // what the clients' wait for the cores.
-    for (f, rounds) in farms.iter().zip(&all) {
-        let text = reqwest::get(format!("{}/metrics", f.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let value = |name: &str| {
-            text.lines()
-                .find(|l| {
-                    l.starts_with(name)
-                        && l.contains("route=\"/api/job\"")
-                        && l.contains("method=\"POST\"")
-                        && l.contains("status=\"201\"")
-                })
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(f64::NAN)
-        };
-        let sum = value("orchestrator_http_request_duration_seconds_sum");
-        let count = value("orchestrator_http_request_duration_seconds_count");
-        let client: f64 = rounds.iter().flat_map(|r| r.lat.iter()).sum::<f64>()
-            / rounds.iter().map(|r| r.lat.len()).sum::<usize>() as f64;
-        println!(
+        }
+        // The same submissions as the server saw them (its own histogram of
+        // request durations): what of the latency is the orchestrator's, and
+        // what the clients' wait for the cores.
+        for (f, rounds) in farms.iter().zip(&all) {
+            let text = reqwest::get(format!("{}/metrics", f.url))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let value = |name: &str| {
+                text.lines()
+                    .find(|l| {
+                        l.starts_with(name)
+                            && l.contains("route=\"/api/job\"")
+                            && l.contains("method=\"POST\"")
+                            && l.contains("status=\"201\"")
+                    })
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .unwrap_or(f64::NAN)
+            };
+            let sum = value("orchestrator_http_request_duration_seconds_sum");
+            let count = value("orchestrator_http_request_duration_seconds_count");
+            let client: f64 = rounds.iter().flat_map(|r| r.lat.iter()).sum::<f64>()
+                / rounds.iter().map(|r| r.lat.len()).sum::<usize>() as f64;
+            println!(
             "{} backends: a submission took {:.2} ms on average in the server's own measure, {client:.2} ms at the clients",
             f.backends,
             sum * 1000.0 / count
         );
-    }
-    if let [base, big] = p99s[..] {
-        let mut ratios: Vec<f64> = all[0]
-            .iter()
-            .zip(&all[1])
-            .map(|(a, b)| quantile(&b.lat, 0.99) / quantile(&a.lat, 0.99))
-            .collect();
-        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!(
+        }
+        if let [base, big] = p99s[..] {
+            let mut ratios: Vec<f64> = all[0]
+                .iter()
+                .zip(&all[1])
+                .map(|(a, b)| quantile(&b.lat, 0.99) / quantile(&a.lat, 0.99))
+                .collect();
+            ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!(
             "submit p99, {backends} against 8 backends: {:.2}x over all rounds; round by round {}",
             big / base,
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}x"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        }
+    }
+    // The same with the farms' work set aside: no backend takes a job
+    // while the submissions are made (all disabled), in turn as above.
+    if farms.len() == 2 {
+        let mut held: Vec<Vec<f64>> = vec![Vec::new(), Vec::new()];
+        let mut ratios = Vec::new();
+        for r in 0..rounds {
+            let mut order = [0, 1];
+            if r % 2 == 1 {
+                order.reverse();
+            }
+            let mut p99 = [0.0; 2];
+            for i in order {
+                let lat = farms[i].held_round(jobs).await;
+                p99[i] = quantile(&lat, 0.99);
+                held[i].extend(lat);
+            }
+            ratios.push(p99[1] / p99[0]);
+        }
+        for lat in &mut held {
+            lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        }
+        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "held rounds (every backend disabled while the {jobs} jobs are submitted, then enabled): submit p50 {:.1} / p99 {:.1} ms with 8 backends, {:.1} / {:.1} ms with {backends}: {:.2}x over all rounds; round by round {}",
+            quantile(&held[0], 0.5),
+            quantile(&held[0], 0.99),
+            quantile(&held[1], 0.5),
+            quantile(&held[1], 0.99),
+            quantile(&held[1], 0.99) / quantile(&held[0], 0.99),
             ratios
                 .iter()
                 .map(|r| format!("{r:.2}x"))
