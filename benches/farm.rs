@@ -421,14 +421,7 @@ impl BigFarm {
         let queued = counts(&client, &self.url).await["queued"]
             .as_u64()
             .unwrap_or(0);
-        self.done += jobs as u64;
-        while counts(&client, &self.url).await["completed"]
-            .as_u64()
-            .unwrap_or(0)
-            < self.done
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_done(jobs).await;
         let total = start.elapsed().as_secs_f64();
         Round {
             lat,
@@ -495,6 +488,12 @@ impl BigFarm {
         self.quiet().await;
         let lat = submit_timed(&self.url, jobs, 16).await;
         self.admin("enable").await;
+        self.wait_done(jobs).await;
+        lat
+    }
+
+    /// Waits for the `jobs` just submitted to complete, after those before.
+    async fn wait_done(&mut self, jobs: usize) {
         let client = reqwest::Client::new();
         self.done += jobs as u64;
         while counts(&client, &self.url).await["completed"]
@@ -504,7 +503,6 @@ impl BigFarm {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        lat
     }
 
     async fn queued(&mut self, queued: usize) {

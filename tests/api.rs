@@ -652,6 +652,23 @@ async fn the_openapi_document_describes_every_route_and_the_docs_page_is_served(
         assert!(paths.contains_key(p), "missing {p}");
     }
     assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    // The page and the count take the history's filters; only the page a
+    // limit and a cursor.
+    let names = |path: &str| -> Vec<String> {
+        paths[path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for path in ["/api/jobs", "/api/jobs/counts"] {
+        for name in ["status", "workflow_id", "backend", "paused", "metadata.KEY"] {
+            assert!(names(path).contains(&name.to_string()), "{path}: {name}");
+        }
+    }
+    assert!(names("/api/jobs").contains(&"limit".to_string()));
+    assert!(!names("/api/jobs/counts").contains(&"limit".to_string()));
     let r = app
         .client
         .get(format!("{}/docs/", app.url))

@@ -13,7 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::jobs::with_progress;
 use super::wire::Job;
@@ -135,19 +135,37 @@ fn parse_filter(query: Option<&str>, ask: Ask) -> Result<JobFilter, ApiError> {
     Ok(f)
 }
 
+/// The history's filters, as the OpenAPI document shows them (the page and
+/// the count take the same ones; [`parse_filter`] reads them).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct Filters {
+    /// One or several statuses, repeated or comma-separated.
+    status: Option<String>,
+    /// Template id.
+    workflow_id: Option<String>,
+    /// Backend id.
+    backend: Option<String>,
+    /// RFC 3339, inclusive.
+    submitted_after: Option<String>,
+    /// RFC 3339, exclusive.
+    submitted_before: Option<String>,
+    /// `true`: only paused jobs; `false`: only jobs not paused.
+    paused: Option<bool>,
+    /// A metadata field equals the value, e.g. `metadata.batch=night1`
+    /// (repeat for several fields).
+    #[param(rename = "metadata.KEY")]
+    metadata: Option<String>,
+}
+
 /// The history, newest first, filtered and paginated.
 #[utoipa::path(
     get,
     path = "/api/jobs",
     tag = "jobs",
     params(
-        ("status" = Option<String>, Query, description = "One or several statuses, repeated or comma-separated"),
-        ("workflow_id" = Option<String>, Query, description = "Template id"),
-        ("backend" = Option<String>, Query, description = "Backend id"),
-        ("submitted_after" = Option<String>, Query, description = "RFC 3339, inclusive"),
-        ("submitted_before" = Option<String>, Query, description = "RFC 3339, exclusive"),
-        ("paused" = Option<bool>, Query, description = "true: only paused jobs; false: only jobs not paused"),
-        ("metadata.KEY" = Option<String>, Query, description = "Metadata field equals value, e.g. metadata.shot=sc01_sh010"),
+        Filters,
         ("limit" = Option<u32>, Query, description = "Page size, default 50, at most 1000"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
     ),
@@ -194,15 +212,7 @@ pub struct JobCounts {
     get,
     path = "/api/jobs/counts",
     tag = "jobs",
-    params(
-        ("status" = Option<String>, Query, description = "One or several statuses, repeated or comma-separated"),
-        ("workflow_id" = Option<String>, Query, description = "Template id"),
-        ("backend" = Option<String>, Query, description = "Backend id"),
-        ("submitted_after" = Option<String>, Query, description = "RFC 3339, inclusive"),
-        ("submitted_before" = Option<String>, Query, description = "RFC 3339, exclusive"),
-        ("paused" = Option<bool>, Query, description = "true: only paused jobs; false: only jobs not paused"),
-        ("metadata.KEY" = Option<String>, Query, description = "Metadata field equals value, e.g. metadata.batch=night1"),
-    ),
+    params(Filters),
     responses((status = 200, body = JobCounts), (status = 422, body = super::ErrorBody))
 )]
 pub(super) async fn count_jobs(
