@@ -128,6 +128,17 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Give jobs that have not started a new start time (RFC 3339, as
+    /// `submit --start-after`), or `now` to let them start in their turn.
+    Schedule {
+        /// When they may start: `2026-12-07T22:00:00Z`, or `now`.
+        start_after: String,
+        /// Job ids; `-` reads them from standard input (`jobs --ids`).
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Pause jobs that have not started: they keep their place in the
     /// queue, and no backend takes them until they are resumed.
     Pause {
@@ -515,6 +526,14 @@ fn main() -> ExitCode {
             } => {
                 let ids = orchestrator::cli::job_ids(ids)?;
                 orchestrator::cli::set_priority(&remote.remote(), &ids, priority).await
+            }
+            Command::Schedule {
+                start_after,
+                ids,
+                remote,
+            } => {
+                let ids = orchestrator::cli::job_ids(ids)?;
+                orchestrator::cli::schedule(&remote.remote(), &ids, &start_after).await
             }
             Command::Pause { ids, remote } => {
                 let ids = orchestrator::cli::job_ids(ids)?;

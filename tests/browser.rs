@@ -644,6 +644,12 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
             .starts_with(&format!("starts {}", &tomorrow[..10])),
         "{starts}"
     );
+    // Started now from its row.
+    b.eval(&format!(
+        "document.querySelector('#job-{scheduled} button[data-act$=\"/schedule\"]').click()"
+    ))
+    .await;
+    app.wait_status(&scheduled, "completed").await;
 
     // What the service wants an operator to see is shown above every page:
     // here an inbox file that waits for the job it starts from.

@@ -321,6 +321,32 @@ async fn a_batch_submitted_paused_is_listed_and_resumed_by_its_ids() {
     assert!(ok, "{out} {err}");
     let (ok, listed, _) = cli(&app.url, &["jobs", "--ids", "--paused"]).await;
     assert!(ok && listed.is_empty(), "{listed}");
+
+    // Set for tomorrow, started now by someone leaving early.
+    let (ok, out, err) = cli(
+        &app.url,
+        &[
+            "submit",
+            "--workflow",
+            "image_blur",
+            "--start-after",
+            "2099-01-01T20:00:00Z",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let late = out.trim().to_string();
+    let (ok, out, err) = cli(&app.url, &["schedule", "2099-01-02T22:00:00Z", &late]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("scheduled: no backend takes it before 2099-01-02T22:00:00"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&app.url, &["schedule", "tonight", &late]).await;
+    assert!(!ok && err.contains("start_after"), "{err}");
+    let (ok, _, err) = cli_fed(&app.url, &["schedule", "now", "-"], &late).await;
+    assert!(ok, "{err}");
+    app.wait_status(&late, "completed").await;
 }
 
 /// `watch` in a log or a script (no terminal: no bars): a line for each

@@ -333,3 +333,80 @@ async fn a_job_submitted_to_start_later_waits_for_its_time_and_then_runs() {
         .await
         .contains(&"scheduled".to_string()));
 }
+
+#[tokio::test]
+async fn a_start_time_is_moved_or_dropped_after_submission() {
+    let sim = start_sim(0).await;
+    // No safety net to fall back on: the job starts because its new time came.
+    let app = spawn_farm_with(vec![backend("node1", sim.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 600_000
+    })
+    .await;
+    app.wait_backend("node1", "online").await;
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let later = submit(&app, blur(12, json!({"start_after": tomorrow}))).await;
+    let path = format!("/api/job/{later}/schedule");
+    for bad in [
+        json!({}),
+        json!({"start_after": "tonight"}),
+        json!({"start_after": 5}),
+    ] {
+        let (status, body) = app.post_json(&path, &bad).await;
+        assert_eq!(status, 422, "{bad}: {body}");
+        assert_eq!(body["error"]["field"], "start_after", "{body}");
+    }
+    let (status, _) = app
+        .post_json(
+            "/api/job/no-such-job/schedule",
+            &json!({"start_after": null}),
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // Moved from tomorrow to two seconds from now: it starts by itself then.
+    let at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let (status, job) = app.post_json(&path, &json!({"start_after": stamp})).await;
+    assert_eq!(status, 200, "{job}");
+    let why = job["waiting_for"].as_str().unwrap();
+    assert!(
+        why.starts_with("scheduled: no backend takes it before "),
+        "{why}"
+    );
+    let job = app.wait_status(&later, "completed").await;
+    let leased = chrono::DateTime::parse_from_rfc3339(&leased_at(&job)).unwrap();
+    assert!(leased >= at, "leased at {leased}, before {stamp}");
+    let kinds = app.event_kinds(&later).await;
+    assert_eq!(
+        &kinds[..4],
+        ["submitted", "scheduled", "scheduled", "assigned"],
+        "{kinds:?}"
+    );
+
+    // Dropped (null): it runs now, in its turn.
+    let other = submit(&app, blur(13, json!({"start_after": tomorrow}))).await;
+    let (status, job) = app
+        .post_json(
+            &format!("/api/job/{other}/schedule"),
+            &json!({"start_after": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{job}");
+    app.wait_status(&other, "completed").await;
+
+    // A job that ran has no start time to change.
+    let (status, body) = app
+        .post_json(
+            &format!("/api/job/{other}/schedule"),
+            &json!({"start_after": null}),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("it is already completed"),
+        "{body}"
+    );
+}

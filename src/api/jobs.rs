@@ -1,5 +1,5 @@
-//! Job routes: submit, look up, events, cancel, retry, priority, pause and
-//! resume (lists and counts of jobs: `history.rs`).
+//! Job routes: submit, look up, events, cancel, retry, priority, start
+//! time, pause and resume (lists and counts of jobs: `history.rs`).
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -32,6 +32,7 @@ pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
         .route("/api/job/{id}/priority", post(set_priority))
         .route("/api/job/{id}/pause", post(pause_job))
         .route("/api/job/{id}/resume", post(resume_job))
+        .route("/api/job/{id}/schedule", post(schedule_job))
 }
 
 /// Answer to a submission.
@@ -422,6 +423,62 @@ pub(super) async fn set_priority(
     let change = state.store.set_priority(&id, priority).await?;
     if change.from != priority {
         tracing::info!(job_id = %id, from = change.from, to = priority, status = %change.status, "priority changed");
+    }
+    detail(&state, &id).await.map(Json)
+}
+
+/// The body of `POST /api/job/{id}/schedule`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleRequest {
+    /// RFC 3339: no backend takes the job before then; `null`: now.
+    pub start_after: Option<DateTime<Utc>>,
+}
+
+/// Give a job that has not started a new start time, as `start_after` in
+/// its manifest would have (a batch set for 20:00 moved to 22:00), or
+/// `null` to let it start now in its turn. A waiting job still waits for
+/// its parents. The change is a `scheduled` event.
+#[utoipa::path(
+    post,
+    path = "/api/job/{id}/schedule",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    request_body = ScheduleRequest,
+    responses(
+        (status = 200, description = "The job, with its `not_before` and `waiting_for`", body = JobDetail),
+        (status = 404, body = super::ErrorBody),
+        (status = 409, description = "The job has started (an attempt ran, or a backend holds it) or ended", body = super::ErrorBody),
+        (status = 422, description = "`start_after` missing or not an RFC 3339 time", body = super::ErrorBody),
+    )
+)]
+pub(super) async fn schedule_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    req: axum::extract::Request,
+) -> Result<Json<JobDetail>, ApiError> {
+    let value = json_request(&state, req).await?;
+    let at = match value.get("start_after") {
+        None => {
+            return Err(ApiError::invalid(
+                "start_after",
+                "is required: an RFC 3339 time (no backend takes the job before it), or null (now)",
+            ))
+        }
+        Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(super::history::time_param("start_after", t)?),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "start_after",
+                format!("start_after: must be an RFC 3339 time such as 2026-12-07T20:00:00Z or null, got {other}"),
+            ))
+        }
+    };
+    let change = state.store.set_start_after(&id, at).await?;
+    tracing::info!(job_id = %id, start_after = ?at, status = %change.status, "start time set by a user");
+    match at {
+        Some(t) if t > Utc::now() => state.farm.job_due_at(t),
+        _ if change.status == JobStatus::Queued => state.farm.job_queued(&change.requires),
+        _ => {}
     }
     detail(&state, &id).await.map(Json)
 }

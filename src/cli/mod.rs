@@ -513,6 +513,27 @@ pub async fn set_paused(remote: &Remote, ids: &[String], action: &str) -> anyhow
 }
 
 /// A job's line after a change: its status, `detail`, and why it waits.
+/// Gives each job a new start time (`now`: none).
+pub async fn schedule(remote: &Remote, ids: &[String], start_after: &str) -> anyhow::Result<()> {
+    let at = match start_after {
+        "now" => Value::Null,
+        t => json!(t),
+    };
+    each_job(ids, |id| {
+        let at = at.clone();
+        async move {
+            let job = remote
+                .post(
+                    &format!("/api/job/{id}/schedule"),
+                    json!({ "start_after": at }),
+                )
+                .await?;
+            Ok(where_it_stands(remote, &job, ""))
+        }
+    })
+    .await
+}
+
 fn where_it_stands(remote: &Remote, job: &Value, detail: &str) -> String {
     if remote.json {
         return job.to_string();

@@ -30,8 +30,8 @@ async function api(path, options) {
   return body;
 }
 
-async function act(path, after) {
-  try { await api(path, {method: "POST", body: "{}"}); } catch (e) { alert(e.message); }
+async function act(path, after, body) {
+  try { await api(path, {method: "POST", body: body || "{}"}); } catch (e) { alert(e.message); }
   (after || render)();
 }
 
@@ -48,13 +48,19 @@ function actions(j, after) {
   if (["waiting", "queued"].includes(j.status)) b.push(j.paused_at
     ? `<button data-act="/api/job/${esc(j.job_id)}/resume" title="it runs in its turn">Resume</button>`
     : `<button data-act="/api/job/${esc(j.job_id)}/pause" title="it keeps its place in the queue; no backend takes it until resumed">Pause</button>`);
+  if (scheduled(j)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/schedule" data-body='{"start_after":null}' title="its start_after is dropped: it runs in its turn">Start now</button>`);
   if (["waiting", "queued", "assigned", "running"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/cancel">Cancel</button>`);
   if (["failed", "cancelled"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/retry">Retry</button>`);
   return b.join(" ");
 }
 
+// Submitted to start later, and its time has not come: it has run no attempt.
+function scheduled(j) {
+  return ["waiting", "queued"].includes(j.status) && !j.attempts && j.not_before && new Date(j.not_before) > new Date();
+}
+
 function wireButtons(after) {
-  main.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = () => act(btn.dataset.act, after));
+  main.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = () => act(btn.dataset.act, after, btn.dataset.body));
 }
 
 const filters = {status: "", workflow_id: "", backend: "", meta: ""};
@@ -90,7 +96,7 @@ async function renderJobs() {
       <td>${badge(j.status)}</td>
       <td>${esc(j.workflow_id || "(inline)")}</td>
       <td>${esc(j.backend_id || "–")}</td>
-      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : (j.paused_at ? `<span class="paused" title="since ${esc(j.paused_at)}">paused</span> ` : "") + (j.status === "queued" && !j.attempts && j.not_before && new Date(j.not_before) > new Date() ? `<span class="muted scheduled">starts ${time(j.not_before)}</span>` : "") + (j.status === "waiting" ? waitsFor(j) : "")}</td>
+      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : (j.paused_at ? `<span class="paused" title="since ${esc(j.paused_at)}">paused</span> ` : "") + (scheduled(j) ? `<span class="muted scheduled">starts ${time(j.not_before)}</span>` : "") + (j.status === "waiting" ? waitsFor(j) : "")}</td>
       <td>${time(j.submitted_at)}</td>
       <td>${actions(j)}</td></tr>`).join("");
   // A night's batch is acted on at once: its failures retried, its queue cancelled.

@@ -60,7 +60,7 @@ pub use lease::MAX_FAILURES_PER_BACKEND;
 pub use lease::{FarmGlance, Fit, LeaseTry, Preference};
 pub use model::*;
 pub use outcomes::avoid_span;
-pub use requests::{PauseChange, PriorityChange};
+pub use requests::{PauseChange, PriorityChange, ScheduleChange};
 pub use retention::StaleOutput;
 pub use transitions::{LostOutcome, LostRun};
 pub use waiting::LiveBackends;

@@ -1,5 +1,5 @@
 //! What a user asks of a job by hand: cancel it, queue it again, give it
-//! another priority, pause it and resume it.
+//! another priority or start time, pause it and resume it.
 //!
 //! Why apart from `transitions.rs`: those are the steps of a job's run,
 //! each fenced by the lease of the worker that takes it. These come from a
@@ -39,7 +39,81 @@ pub struct PauseChange {
     pub requires: Vec<String>,
 }
 
+/// What a change of a job's start time did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleChange {
+    /// Its status.
+    pub status: JobStatus,
+    /// The backend tags it needs: a job that may start now rings a worker
+    /// that may take it.
+    pub requires: Vec<String>,
+}
+
 impl Store {
+    /// Sets when a job that has not started may start (its `start_after`;
+    /// `None`: now), after it was submitted: a batch set for 20:00 moved
+    /// to 22:00, or started now by someone leaving early. A waiting job
+    /// keeps waiting for its parents too. A job that has run an attempt
+    /// (its next one waits for its retry back-off), one a backend holds
+    /// and one that ended are refused. The change is a `scheduled` event.
+    pub async fn set_start_after(
+        &self,
+        job_id: &str,
+        at: Option<chrono::DateTime<Utc>>,
+    ) -> Result<ScheduleChange, StoreError> {
+        let job_id = job_id.to_string();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let row = job_row(conn, &job_id, "status, backend_id, attempts, requires").await?;
+                    let status: JobStatus = row.try_get("status")?;
+                    let attempts: i64 = row.try_get("attempts")?;
+                    let why = match row.try_get::<Option<String>, _>("backend_id")? {
+                        Some(b) if status.is_held() => Some(format!("it is {status} on backend {b}")),
+                        _ if !matches!(status, JobStatus::Queued | JobStatus::Waiting) => {
+                            Some(format!("it is already {status}"))
+                        }
+                        _ if attempts > 0 => Some(format!(
+                            "it has run {attempts} attempt{} already; its next waits for its retry back-off only",
+                            if attempts == 1 { "" } else { "s" }
+                        )),
+                        _ => None,
+                    };
+                    if let Some(why) = why {
+                        return Err(StoreError::InvalidState(format!(
+                            "job `{job_id}` cannot be given a start time: {why}"
+                        )));
+                    }
+                    let requires: Vec<String> =
+                        serde_json::from_str(&row.try_get::<String, _>("requires")?)?;
+                    let now = fmt_time(Utc::now());
+                    let mut b = Batch::default();
+                    b.push("UPDATE jobs SET not_before = ?, updated_at = ? WHERE id = ?")
+                        .bind(at.map(fmt_time))
+                        .bind(now.clone())
+                        .bind(job_id.clone());
+                    let message = match at {
+                        Some(t) => format!(
+                            "start time set by a user: no backend takes it before {}",
+                            fmt_time(t)
+                        ),
+                        None => "start time cleared by a user: it runs in its turn".into(),
+                    };
+                    let ev = EventInput {
+                        kind: "scheduled",
+                        status: Some(status),
+                        message: Some(message),
+                        data: Some(json!({ "start_after": at.map(fmt_time) })),
+                        ..Default::default()
+                    };
+                    push_event(&mut b, &job_id, ev, &now);
+                    b.run(conn).await?;
+                    Ok(ScheduleChange { status, requires })
+                })
+            })
+            .await
+    }
+
     /// Pauses a job that has not started (`paused` true): it keeps its
     /// place in the queue and moves from `waiting` to `queued` as its
     /// parents complete, but no backend takes it; or resumes it. Both are
