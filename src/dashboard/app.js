@@ -32,6 +32,7 @@ async function api(path, options) {
 
 async function act(path, after, body) {
   try { await api(path, {method: "POST", body: body || "{}"}); } catch (e) { alert(e.message); }
+  countsChanged();
   (after || render)();
 }
 
@@ -79,7 +80,7 @@ async function renderJobs() {
   cq.delete("status");
   let page, counts = null, error = "";
   try {
-    [page, counts] = await Promise.all([api("/api/jobs?" + q), api("/api/jobs/counts?" + cq).catch(() => null)]);
+    [page, counts] = await Promise.all([api("/api/jobs?" + q), countsOf(cq.toString())]);
   } catch (e) { error = e.message; page = {jobs: []}; }
   if (!current()) return;
   const tally = !counts || !counts.total ? "" : `<p id="counts" class="counts">${counts.total} job${counts.total === 1 ? "" : "s"}${cq.toString() ? " matching" : ""}: `
@@ -132,6 +133,25 @@ async function renderJobs() {
   main.querySelectorAll("button[data-bulk]").forEach(btn => btn.onclick = () => each(page.jobs, bulk[btn.dataset.bulk], renderJobs));
 }
 
+// The counts of one filter, read again at most every 5 s: the list is drawn
+// again at every change of the farm, and a count goes over every job of a
+// batch (a page reads 100).
+let lastCounts = {key: null, at: 0, counts: null};
+let countsTimer = null;
+async function countsOf(key) {
+  const age = Date.now() - lastCounts.at;
+  if (lastCounts.key === key && age < 5000) {
+    // Drawn again once they may be read again, if nothing else draws it.
+    if (!countsTimer) countsTimer = setTimeout(() => { countsTimer = null; if (route() === renderJobs) renderJobs(); }, 5000 - age);
+    return lastCounts.counts;
+  }
+  const counts = await api("/api/jobs/counts?" + key).catch(() => null);
+  lastCounts = {key, at: Date.now(), counts};
+  return counts;
+}
+// What a user does changes them: read at the next drawing.
+function countsChanged() { lastCounts.at = 0; }
+
 // A waiting job's row names the jobs it starts from: what the batch waits on.
 function waitsFor(j) {
   const links = (j.starts_from || []).map(p => `<a class="mono" href="#/job/${esc(p)}">${esc(short(p))}</a>`);
@@ -148,6 +168,7 @@ async function each(jobs, bulk, after) {
     catch (e) { failed.push(`${short(j.job_id)}: ${e.message}`); }
   }
   if (failed.length) alert(`${failed.length} of ${jobs.length} could not be done:\n${failed.join("\n")}`);
+  countsChanged();
   after();
 }
 
