@@ -336,6 +336,13 @@ async fn a_batch_submitted_paused_is_listed_and_resumed_by_its_ids() {
     .await;
     assert!(ok, "{err}");
     let late = out.trim().to_string();
+    let (ok, table, err) = cli(&app.url, &["jobs"]).await;
+    assert!(ok, "{err}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(late.as_str()))
+        .unwrap();
+    assert!(row.ends_with("starts 2099-01-01T20:00:00"), "{row}");
     let (ok, out, err) = cli(&app.url, &["schedule", "2099-01-02T22:00:00Z", &late]).await;
     assert!(ok, "{err}");
     assert!(

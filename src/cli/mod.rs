@@ -327,7 +327,10 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
         let detail = match (j["error"]["message"].as_str(), j["paused_at"].as_str()) {
             (Some(e), _) => e.to_string(),
             (None, Some(at)) => format!("paused since {}", at.get(..19).unwrap_or(at)),
-            (None, None) => progress_text(j),
+            (None, None) => match starts_at(j) {
+                Some(t) => format!("starts {}", t.get(..19).unwrap_or(t)),
+                None => progress_text(j),
+            },
         };
         println!(
             "{:<36}  {:<10}  {:<16}  {:<10}  {:<20}  {}",
@@ -347,6 +350,16 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
         eprintln!("(more: raise --limit or filter)");
     }
     Ok(())
+}
+
+/// When a job submitted to start later starts, while that is to come (it
+/// has run no attempt: a later `not_before` is a retry's back-off).
+fn starts_at(job: &Value) -> Option<&str> {
+    let at = job["not_before"].as_str()?;
+    let later = crate::store::parse_time(at).is_some_and(|t| t > chrono::Utc::now());
+    let untried = job["attempts"].as_i64() == Some(0);
+    let waits = matches!(job["status"].as_str(), Some("queued" | "waiting"));
+    (later && untried && waits).then_some(at)
 }
 
 /// How many jobs the query matches, by status, in a line; then when the
