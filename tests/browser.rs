@@ -311,6 +311,27 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
         "document.body.innerText.includes('priority_changed')",
     )
     .await;
+    // Its start time set from there, then dropped.
+    b.eval("window.prompt = () => '2099-01-01T20:00:00Z'; document.getElementById('set-start').click()")
+        .await;
+    poll("the start time set from the page", || async {
+        let job = app.job(&waiting).await;
+        (job["not_before"] == "2099-01-01T20:00:00Z").then_some(())
+    })
+    .await;
+    b.wait_for(
+        "the start time on the page",
+        "document.body.innerText.includes('2099-01-01 20:00:00')",
+    )
+    .await;
+    b.eval("window.prompt = () => ''; document.getElementById('set-start').click()")
+        .await;
+    poll("the start time dropped from the page", || async {
+        app.job(&waiting).await["not_before"]
+            .is_null()
+            .then_some(())
+    })
+    .await;
 
     // A second pass of that shot, submitted from its page before it ran:
     // the form starts from its output; the new job's page says what it

@@ -198,6 +198,7 @@ async function renderJob(id) {
       <span class="muted">Backend</span><span>${esc(j.backend_id || "–")}</span>
       <span class="muted">Attempts</span><span>${j.attempts} of ${j.max_attempts}</span>
       <span class="muted">Priority</span><span>${j.priority}${ended ? "" : ` <button id="set-priority" title="higher runs first; a queued job moves in the queue at once">Change</button>`}</span>
+      ${["waiting", "queued"].includes(j.status) && !j.attempts ? `<span class="muted">Starts</span><span>${scheduled(j) ? time(j.not_before) : "in its turn"} <button id="set-start" title="no backend takes it before this time (its start_after)">Change</button></span>` : ""}
       ${j.waiting_for ? `<span class="muted">Waiting for</span><span>${esc(j.waiting_for)}</span>` : ""}
       ${j.starts_from.length ? `<span class="muted">Starts from</span><span>${jobLinks(j.starts_from)}</span>` : ""}
       ${j.followed_by.length ? `<span class="muted">Followed by</span><span>${jobLinks(j.followed_by)}</span>` : ""}
@@ -214,6 +215,21 @@ async function renderJob(id) {
   wireButtons(() => renderJob(id));
   const change = document.getElementById("set-priority");
   if (change) change.onclick = () => setPriority(j, () => renderJob(id));
+  const start = document.getElementById("set-start");
+  if (start) start.onclick = () => setStart(j, () => renderJob(id));
+}
+
+// Asks for a job's new start time (RFC 3339; empty: now); the server's
+// answer names what is wrong with a time it cannot read.
+async function setStart(j, after) {
+  const typed = prompt("Start after (an RFC 3339 time such as 2026-12-07T22:00:00Z; empty: now)", scheduled(j) ? j.not_before : "");
+  if (typed === null) return;
+  const value = typed.trim() === "" ? null : typed.trim();
+  try {
+    await api(`/api/job/${encodeURIComponent(j.job_id)}/schedule`, {method: "POST", body: JSON.stringify({start_after: value})});
+  } catch (e) { alert(e.message); }
+  countsChanged();
+  after();
 }
 
 // Links to jobs by their short ids (a chain of passes over one shot).
