@@ -12,7 +12,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
+mod actions;
 mod watch;
+
+pub use actions::{job_action, job_ids, schedule, set_paused, set_priority};
 
 pub use watch::watch;
 
@@ -428,133 +431,6 @@ async fn print_ids(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Result<
             Some(c) => cursor = Some(c.to_string()),
             None => return Ok(()),
         }
-    }
-}
-
-/// The job ids a command was given; a lone `-` reads them from standard
-/// input (whitespace-separated, none at all is fine), so `orchestrator jobs
-/// --ids --status failed | orchestrator retry -` retries a whole batch.
-pub fn job_ids(args: Vec<String>) -> anyhow::Result<Vec<String>> {
-    if args.len() == 1 && args[0] == "-" {
-        let text = std::io::read_to_string(std::io::stdin()).context("reading job ids")?;
-        return Ok(text.split_whitespace().map(str::to_string).collect());
-    }
-    Ok(args)
-}
-
-/// Does `one` for each job, which returns the line to print. With one job,
-/// its line or its error. With several, each line begins with its job's
-/// id, a job that fails does not stop the rest, and the command fails at
-/// the end naming how many did.
-async fn each_job<F, Fut>(ids: &[String], mut one: F) -> anyhow::Result<()>
-where
-    F: FnMut(String) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<String>>,
-{
-    if let [id] = ids {
-        println!("{}", one(id.clone()).await?);
-        return Ok(());
-    }
-    let mut failed = 0;
-    for id in ids {
-        match one(id.clone()).await {
-            Ok(line) => println!("{id}  {line}"),
-            Err(e) => {
-                failed += 1;
-                eprintln!("{id}  error: {e}");
-            }
-        }
-    }
-    if failed > 0 {
-        bail!("{failed} of {} jobs failed", ids.len());
-    }
-    Ok(())
-}
-
-/// Cancels jobs (`action` "cancel") or queues them again ("retry").
-pub async fn job_action(remote: &Remote, ids: &[String], action: &str) -> anyhow::Result<()> {
-    each_job(ids, |id| async move {
-        let answer = remote
-            .post(&format!("/api/job/{id}/{action}"), json!({}))
-            .await?;
-        Ok(if remote.json {
-            answer.to_string()
-        } else {
-            format!(
-                "{}: {}",
-                answer["status"].as_str().unwrap_or(""),
-                answer["message"].as_str().unwrap_or("")
-            )
-        })
-    })
-    .await
-}
-
-/// Gives jobs a new priority and says where that leaves each.
-pub async fn set_priority(remote: &Remote, ids: &[String], priority: i64) -> anyhow::Result<()> {
-    each_job(ids, |id| async move {
-        let job = remote
-            .post(
-                &format!("/api/job/{id}/priority"),
-                json!({ "priority": priority }),
-            )
-            .await?;
-        Ok(where_it_stands(
-            remote,
-            &job,
-            &format!(", priority {priority}"),
-        ))
-    })
-    .await
-}
-
-/// Pauses jobs (`action` "pause") or resumes them ("resume") and says
-/// where that leaves each.
-pub async fn set_paused(remote: &Remote, ids: &[String], action: &str) -> anyhow::Result<()> {
-    each_job(ids, |id| async move {
-        let job = remote
-            .post(&format!("/api/job/{id}/{action}"), json!({}))
-            .await?;
-        let paused = if job["paused_at"].is_string() {
-            ", paused"
-        } else {
-            ""
-        };
-        Ok(where_it_stands(remote, &job, paused))
-    })
-    .await
-}
-
-/// A job's line after a change: its status, `detail`, and why it waits.
-/// Gives each job a new start time (`now`: none).
-pub async fn schedule(remote: &Remote, ids: &[String], start_after: &str) -> anyhow::Result<()> {
-    let at = match start_after {
-        "now" => Value::Null,
-        t => json!(t),
-    };
-    each_job(ids, |id| {
-        let at = at.clone();
-        async move {
-            let job = remote
-                .post(
-                    &format!("/api/job/{id}/schedule"),
-                    json!({ "start_after": at }),
-                )
-                .await?;
-            Ok(where_it_stands(remote, &job, ""))
-        }
-    })
-    .await
-}
-
-fn where_it_stands(remote: &Remote, job: &Value, detail: &str) -> String {
-    if remote.json {
-        return job.to_string();
-    }
-    let status = job["status"].as_str().unwrap_or("");
-    match job["waiting_for"].as_str() {
-        Some(why) => format!("{status}{detail}: {why}"),
-        None => format!("{status}{detail}"),
     }
 }
 
