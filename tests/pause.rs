@@ -32,6 +32,18 @@ async fn one_box_disabled() -> (orchestrator::simulator::SimHandle, TestApp) {
     (sim, app)
 }
 
+/// A farm of one quick box whose worker looks at the queue by itself only
+/// every ten minutes: a job with a start time starts because its time came.
+async fn one_box_without_safety_net() -> (orchestrator::simulator::SimHandle, TestApp) {
+    let sim = start_sim(0).await;
+    let app = spawn_farm_with(vec![backend("node1", sim.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 600_000
+    })
+    .await;
+    app.wait_backend("node1", "online").await;
+    (sim, app)
+}
+
 fn leased_at(job: &Value) -> String {
     job["leases"][0]["leased_at"].as_str().unwrap().to_string()
 }
@@ -243,13 +255,7 @@ async fn a_job_a_backend_runs_cannot_be_paused_and_the_refusal_says_what_stops_i
 
 #[tokio::test]
 async fn a_job_submitted_to_start_later_waits_for_its_time_and_then_runs() {
-    let sim = start_sim(0).await;
-    // No safety net to fall back on: the job starts because its time came.
-    let app = spawn_farm_with(vec![backend("node1", sim.port, &[], 1)], |c| {
-        c.dispatch.poll_interval_ms = 600_000
-    })
-    .await;
-    app.wait_backend("node1", "online").await;
+    let (_sim, app) = one_box_without_safety_net().await;
     let (status, body) = app
         .post_json("/api/job", &blur(8, json!({"start_after": "tonight"})))
         .await;
@@ -336,13 +342,7 @@ async fn a_job_submitted_to_start_later_waits_for_its_time_and_then_runs() {
 
 #[tokio::test]
 async fn a_start_time_is_moved_or_dropped_after_submission() {
-    let sim = start_sim(0).await;
-    // No safety net to fall back on: the job starts because its new time came.
-    let app = spawn_farm_with(vec![backend("node1", sim.port, &[], 1)], |c| {
-        c.dispatch.poll_interval_ms = 600_000
-    })
-    .await;
-    app.wait_backend("node1", "online").await;
+    let (_sim, app) = one_box_without_safety_net().await;
     let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
     let later = submit(&app, blur(12, json!({"start_after": tomorrow}))).await;
     let path = format!("/api/job/{later}/schedule");
