@@ -131,6 +131,10 @@ impl Browser {
                 Some("Log.entryAdded") if v["params"]["entry"]["level"] == "error" => {
                     self.errors.push(v["params"]["entry"]["text"].to_string())
                 }
+                // An alert the test did not ask for blocks the page: an error.
+                Some("Page.javascriptDialogOpening") => self
+                    .errors
+                    .push(format!("dialog: {}", v["params"]["message"])),
                 Some("Fetch.requestPaused") => self
                     .held
                     .push(v["params"]["requestId"].as_str().unwrap().to_string()),
@@ -160,7 +164,27 @@ impl Browser {
             if !v.is_null() && v != json!(false) && v != json!("") {
                 return v;
             }
-            assert!(Instant::now() < deadline, "the page never showed {what}");
+            if Instant::now() > deadline {
+                // What it showed instead, and what it said: the story of a rare failure.
+                let page = self
+                    .call(
+                        "Runtime.evaluate",
+                        json!({"expression": "location.hash + '\\n' + document.body.innerText", "returnByValue": true}),
+                    )
+                    .await;
+                let now = self
+                    .call(
+                        "Runtime.evaluate",
+                        json!({"expression": "fetch('/api/jobs?limit=100&status=queued').then(r => r.text())", "awaitPromise": true, "returnByValue": true}),
+                    )
+                    .await;
+                panic!(
+                    "the page never showed {what}\n--- it showed:\n{}\n--- console errors: {:?}\n--- queued now: {}",
+                    page["result"]["value"].as_str().unwrap_or(&page.to_string()),
+                    self.errors,
+                    now["result"]["value"]
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -384,7 +408,9 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     b.eval(&filter("queued")).await;
     b.wait_for(
         "the button for the queued jobs",
-        "(document.getElementById('bulk') || {}).innerText === 'Cancel this job'",
+        // The queued list drawn, not the waiting one before it (its one
+        // job has the same button).
+        &format!("document.getElementById('job-{waiting}') !== null && (document.getElementById('bulk') || {{}}).innerText === 'Cancel this job'"),
     )
     .await;
     // Paused from the list: its row says so, and offers to resume it.

@@ -30,10 +30,12 @@ async function api(path, options) {
   return body;
 }
 
-async function act(path, after, body) {
+// An action's answer redraws the page the address shows then, not the one
+// it was asked from: the user may have moved on while it was on its way.
+async function act(path, body) {
   try { await api(path, {method: "POST", body: body || "{}"}); } catch (e) { alert(e.message); }
   countsChanged();
-  (after || render)();
+  render();
 }
 
 function bar(id, job) {
@@ -44,7 +46,7 @@ function bar(id, job) {
   return `<span class="bar" title="${node} ${p.value}/${p.max}"><span style="width:${pct}%"></span></span> <span class="muted">${pct}% ${node}</span>`;
 }
 
-function actions(j, after) {
+function actions(j) {
   const b = [];
   if (["waiting", "queued"].includes(j.status)) b.push(j.paused_at
     ? `<button data-act="/api/job/${esc(j.job_id)}/resume" title="it runs in its turn">Resume</button>`
@@ -60,8 +62,8 @@ function scheduled(j) {
   return ["waiting", "queued"].includes(j.status) && !j.attempts && j.not_before && new Date(j.not_before) > new Date();
 }
 
-function wireButtons(after) {
-  main.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = () => act(btn.dataset.act, after, btn.dataset.body));
+function wireButtons() {
+  main.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = () => act(btn.dataset.act, btn.dataset.body));
 }
 
 const filters = {status: "", workflow_id: "", backend: "", meta: ""};
@@ -124,13 +126,13 @@ async function renderJobs() {
     for (const k of Object.keys(filters)) filters[k] = f.get(k) || "";
     renderJobs();
   };
-  wireButtons(renderJobs);
+  wireButtons();
   main.querySelectorAll("a[data-count]").forEach(a => a.onclick = ev => {
     ev.preventDefault();
     filters.status = a.dataset.count;
     renderJobs();
   });
-  main.querySelectorAll("button[data-bulk]").forEach(btn => btn.onclick = () => each(page.jobs, bulk[btn.dataset.bulk], renderJobs));
+  main.querySelectorAll("button[data-bulk]").forEach(btn => btn.onclick = () => each(page.jobs, bulk[btn.dataset.bulk]));
 }
 
 // The counts of one filter, read again at most every 5 s: the list is drawn
@@ -160,7 +162,7 @@ function waitsFor(j) {
 
 // Retries or cancels each job of a page, one after the other; those that
 // cannot be (one that ended meanwhile) are named at the end.
-async function each(jobs, bulk, after) {
+async function each(jobs, bulk) {
   if (!confirm(`${bulk.label} ${jobs.length} job${jobs.length === 1 ? "" : "s"}?`)) return;
   const failed = [];
   for (const j of jobs) {
@@ -169,7 +171,7 @@ async function each(jobs, bulk, after) {
   }
   if (failed.length) alert(`${failed.length} of ${jobs.length} could not be done:\n${failed.join("\n")}`);
   countsChanged();
-  after();
+  render();
 }
 
 async function renderJob(id) {
@@ -212,16 +214,16 @@ async function renderJob(id) {
       <h2>Metadata</h2><pre>${esc(JSON.stringify(j.metadata, null, 2))}</pre></section>
     <section><h2>Attempts</h2><table><thead><tr><th>Attempt</th><th>Backend</th><th>Prompt id</th><th>Leased</th><th>Outcome</th><th>Error</th></tr></thead><tbody>${leases || `<tr><td colspan="6" class="muted">Not leased yet.</td></tr>`}</tbody></table></section>
     <section><h2>Events</h2><table><thead><tr><th>At</th><th>Event</th><th>Status</th><th>Message</th></tr></thead><tbody>${evs}</tbody></table></section>`;
-  wireButtons(() => renderJob(id));
+  wireButtons();
   const change = document.getElementById("set-priority");
-  if (change) change.onclick = () => setPriority(j, () => renderJob(id));
+  if (change) change.onclick = () => setPriority(j);
   const start = document.getElementById("set-start");
-  if (start) start.onclick = () => setStart(j, () => renderJob(id));
+  if (start) start.onclick = () => setStart(j);
 }
 
 // Asks for a job's new start time (RFC 3339; empty: now); the server's
 // answer names what is wrong with a time it cannot read.
-async function setStart(j, after) {
+async function setStart(j) {
   const typed = prompt("Start after (an RFC 3339 time such as 2026-12-07T22:00:00Z; empty: now)", scheduled(j) ? j.not_before : "");
   if (typed === null) return;
   const value = typed.trim() === "" ? null : typed.trim();
@@ -229,7 +231,7 @@ async function setStart(j, after) {
     await api(`/api/job/${encodeURIComponent(j.job_id)}/schedule`, {method: "POST", body: JSON.stringify({start_after: value})});
   } catch (e) { alert(e.message); }
   countsChanged();
-  after();
+  render();
 }
 
 // Links to jobs by their short ids (a chain of passes over one shot).
@@ -239,14 +241,14 @@ function jobLinks(ids) {
 
 // Asks for a job's new priority; what is not a whole number goes to the
 // server as typed, so its answer names the problem.
-async function setPriority(j, after) {
+async function setPriority(j) {
   const typed = prompt("New priority, -1000 to 1000 (higher runs first)", j.priority);
   if (typed === null) return;
   const value = /^\s*-?\d+\s*$/.test(typed) ? Number(typed) : typed;
   try {
     await api(`/api/job/${encodeURIComponent(j.job_id)}/priority`, {method: "POST", body: JSON.stringify({priority: value})});
   } catch (e) { alert(e.message); }
-  after();
+  render();
 }
 
 async function renderBackends() {
@@ -273,7 +275,7 @@ async function renderBackends() {
   main.innerHTML = `<h2>Backends</h2>${list.message ? `<p class="muted">${esc(list.message)}</p>` : ""}
     <table><thead><tr><th>Backend</th><th>State</th><th>Admin</th><th>ComfyUI</th><th>VRAM free</th><th>Jobs</th><th>Tags</th><th>Last error</th><th></th></tr></thead>
     <tbody>${rows}</tbody></table>`;
-  wireButtons(renderBackends);
+  wireButtons();
 }
 
 // One backend: its state and what it can run (node classes, model files).
@@ -300,7 +302,7 @@ async function renderBackend(id) {
     ${inv ? `<p id="inventory-summary">${inv.node_count} node classes, read ${time(inv.read_at)} from ComfyUI ${esc(inv.comfyui_version || "?")}</p>
       <table id="inventory-models"><thead><tr><th>Folder</th><th>Files</th><th>Names</th></tr></thead><tbody>${models || '<tr><td colspan="3" class="muted">no model files</td></tr>'}</tbody></table>`
       : '<p class="muted">Not read yet: it has not answered since it was configured.</p>'}`;
-  wireButtons(() => renderBackend(id));
+  wireButtons();
 }
 
 function route() {
