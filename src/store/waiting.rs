@@ -90,6 +90,11 @@ async fn waiting_on_parents(
     })
 }
 
+/// Why a job submitted to start later (`start_after`, never tried) waits.
+fn scheduled_until(t: &str) -> String {
+    format!("scheduled: no backend takes it before {t} (its start_after)")
+}
+
 /// Why a queued job is not running yet, in a sentence: its retry back-off,
 /// or what keeps each backend from taking it now (the same rules leasing
 /// applies), or for a waiting one the jobs it starts from, or that a user
@@ -115,9 +120,7 @@ pub(super) async fn why_waiting_in(
         )) => {
             // What else holds it back once resumed: its start time, its parents.
             let scheduled = match not_before.filter(|t| *t > now) {
-                Some(t) if attempts == 0 => {
-                    format!("; and scheduled: no backend takes it before {t} (its start_after)")
-                }
+                Some(t) if attempts == 0 => format!("; and {}", scheduled_until(&t)),
                 _ => String::new(),
             };
             let parents = if status == JobStatus::Waiting {
@@ -138,7 +141,7 @@ pub(super) async fn why_waiting_in(
     };
     if let Some(t) = not_before.filter(|t| *t > now) {
         return Ok(Some(if attempts == 0 {
-            format!("scheduled: no backend takes it before {t} (its start_after)")
+            scheduled_until(&t)
         } else {
             format!("waiting for its retry back-off to end at {t}")
         }));
