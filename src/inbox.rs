@@ -79,11 +79,13 @@ impl Waiting {
             .collect()
     }
 
-    fn set(&self, file: WaitingFile) {
+    /// Records a waiting file; whether it was not waiting before.
+    fn set(&self, file: WaitingFile) -> bool {
         self.0
             .lock()
             .expect("inbox waiting")
-            .insert(file.file.clone(), file);
+            .insert(file.file.clone(), file)
+            .is_none()
     }
 
     fn clear(&self, name: &str) {
@@ -502,18 +504,17 @@ fn wait_for_key(waiting: &Waiting, name: &str, seen: Seen, wait: Duration, error
         .ok()
         .and_then(|w| since.checked_add_signed(w))
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
-    let first = !waiting.0.lock().expect("inbox waiting").contains_key(name);
-    if first {
-        tracing::info!(file = %name, error = %error, %rejected_after, "inbox file waits for the job it starts from");
-    } else {
-        tracing::debug!(file = %name, error = %error, "inbox file still waits for the job it starts from");
-    }
-    waiting.set(WaitingFile {
+    let first = waiting.set(WaitingFile {
         file: name.to_string(),
         message: error.to_string(),
         since,
         rejected_after,
     });
+    if first {
+        tracing::info!(file = %name, error = %error, %rejected_after, "inbox file waits for the job it starts from");
+    } else {
+        tracing::debug!(file = %name, error = %error, "inbox file still waits for the job it starts from");
+    }
 }
 
 /// Whether the file is still as it was when it settled, `read` bytes long.
