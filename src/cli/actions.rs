@@ -105,7 +105,6 @@ pub async fn set_paused(remote: &Remote, ids: &[String], action: &str) -> anyhow
     .await
 }
 
-/// A job's line after a change: its status, `detail`, and why it waits.
 /// Gives each job a new start time (`now`: none).
 pub async fn schedule(remote: &Remote, ids: &[String], start_after: &str) -> anyhow::Result<()> {
     let at = match start_after {
@@ -127,6 +126,7 @@ pub async fn schedule(remote: &Remote, ids: &[String], start_after: &str) -> any
     .await
 }
 
+/// A job's line after a change: its status, `detail`, and why it waits.
 fn where_it_stands(remote: &Remote, job: &Value, detail: &str) -> String {
     if remote.json {
         return job.to_string();

@@ -314,10 +314,7 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
     if args.count {
         return print_counts(remote, q).await;
     }
-    let query: String = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(q)
-        .finish();
-    let page = remote.get(&format!("/api/jobs?{query}")).await?;
+    let page = remote.get(&format!("/api/jobs?{}", encode(q))).await?;
     if remote.json {
         println!("{page}");
         return Ok(());
@@ -355,6 +352,13 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The history's filters as a query string.
+fn encode(pairs: Vec<(String, String)>) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
 /// When a job submitted to start later starts, while that is to come (it
 /// has run no attempt: a later `not_before` is a retry's back-off).
 fn starts_at(job: &Value) -> Option<&str> {
@@ -368,10 +372,9 @@ fn starts_at(job: &Value) -> Option<&str> {
 /// How many jobs the query matches, by status, in a line; then when the
 /// first was submitted and the last finished.
 async fn print_counts(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Result<()> {
-    let query: String = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(q)
-        .finish();
-    let c = remote.get(&format!("/api/jobs/counts?{query}")).await?;
+    let c = remote
+        .get(&format!("/api/jobs/counts?{}", encode(q)))
+        .await?;
     if remote.json {
         println!("{c}");
         return Ok(());
@@ -420,10 +423,7 @@ async fn print_ids(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Result<
         if let Some(c) = cursor.take() {
             pairs.push(("cursor".into(), c));
         }
-        let query: String = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish();
-        let page = remote.get(&format!("/api/jobs?{query}")).await?;
+        let page = remote.get(&format!("/api/jobs?{}", encode(pairs))).await?;
         for j in page["jobs"].as_array().into_iter().flatten() {
             println!("{}", j["job_id"].as_str().unwrap_or(""));
         }
