@@ -509,8 +509,7 @@ impl BigFarm {
         let (client, url, pid) = (reqwest::Client::new(), self.url.clone(), self.child.pid());
         // Queued means waiting: every backend is disabled while they are
         // submitted, so that they are all in the queue at once.
-        let admin = |action: &'static str| self.admin(action);
-        admin("disable").await;
+        self.admin("disable").await;
         let t = Instant::now();
         submit_timed(&url, queued, 64).await;
         let rate = queued as f64 / t.elapsed().as_secs_f64();
@@ -526,7 +525,7 @@ impl BigFarm {
             (peak as f64 / 1024.0, last, queued)
         };
         let (peak, last, waiting) = sample(client.clone(), url.clone()).await;
-        admin("enable").await;
+        self.admin("enable").await;
         let (running_peak, running_last, left) = sample(client.clone(), url.clone()).await;
         println!(
             "  then {queued} more jobs submitted ({rate:.0}/s) with every backend disabled: RSS at most {peak:.0} MB over the next 20 s ({last:.0} MB at their end) with {waiting} queued; backends enabled again: at most {running_peak:.0} MB over 20 s while they run ({running_last:.0} MB at the end, {left} still queued)"
