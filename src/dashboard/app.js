@@ -227,11 +227,7 @@ async function setStart(j) {
   const typed = prompt("Start after (an RFC 3339 time such as 2026-12-07T22:00:00Z; empty: now)", scheduled(j) ? j.not_before : "");
   if (typed === null) return;
   const value = typed.trim() === "" ? null : typed.trim();
-  try {
-    await api(`/api/job/${encodeURIComponent(j.job_id)}/schedule`, {method: "POST", body: JSON.stringify({start_after: value})});
-  } catch (e) { alert(e.message); }
-  countsChanged();
-  render();
+  await act(`/api/job/${encodeURIComponent(j.job_id)}/schedule`, JSON.stringify({start_after: value}));
 }
 
 // Links to jobs by their short ids (a chain of passes over one shot).
@@ -245,10 +241,7 @@ async function setPriority(j) {
   const typed = prompt("New priority, -1000 to 1000 (higher runs first)", j.priority);
   if (typed === null) return;
   const value = /^\s*-?\d+\s*$/.test(typed) ? Number(typed) : typed;
-  try {
-    await api(`/api/job/${encodeURIComponent(j.job_id)}/priority`, {method: "POST", body: JSON.stringify({priority: value})});
-  } catch (e) { alert(e.message); }
-  render();
+  await act(`/api/job/${encodeURIComponent(j.job_id)}/priority`, JSON.stringify({priority: value}));
 }
 
 async function renderBackends() {
