@@ -142,6 +142,10 @@ enum Command {
     /// Pause jobs that have not started: they keep their place in the
     /// queue, and no backend takes them until they are resumed.
     Pause {
+        /// Also pause jobs a backend runs: each is stopped there (its run is
+        /// lost) and waits in the queue in its place, paused.
+        #[arg(long)]
+        interrupt: bool,
         /// Job ids; `-` reads them from standard input (`jobs --ids`).
         #[arg(required = true)]
         ids: Vec<String>,
@@ -535,13 +539,17 @@ fn main() -> ExitCode {
                 let ids = orchestrator::cli::job_ids(ids)?;
                 orchestrator::cli::schedule(&remote.remote(), &ids, &start_after).await
             }
-            Command::Pause { ids, remote } => {
+            Command::Pause {
+                interrupt,
+                ids,
+                remote,
+            } => {
                 let ids = orchestrator::cli::job_ids(ids)?;
-                orchestrator::cli::set_paused(&remote.remote(), &ids, "pause").await
+                orchestrator::cli::set_paused(&remote.remote(), &ids, "pause", interrupt).await
             }
             Command::Resume { ids, remote } => {
                 let ids = orchestrator::cli::job_ids(ids)?;
-                orchestrator::cli::set_paused(&remote.remote(), &ids, "resume").await
+                orchestrator::cli::set_paused(&remote.remote(), &ids, "resume", false).await
             }
             Command::Backends { refresh, remote } => match refresh {
                 Some(id) => orchestrator::cli::refresh_backend(&remote.remote(), &id).await,

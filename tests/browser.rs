@@ -729,3 +729,62 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }
+
+/// A running shot paused from its page to make way on its box: the button
+/// asks first (its run is lost), the job goes back to the queue paused, and
+/// its row on the list says so and offers to resume it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_is_paused_from_its_page_by_stopping_it_on_its_box() {
+    let Some(exe) = chromium() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must have chromium (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: no chromium on this machine (apt-get install chromium)");
+        return;
+    };
+    let sim = start_sim(60_000).await;
+    let app = spawn_farm(vec![backend("gpu-box-1", sim.port, &[], 1)]).await;
+    let long = app.submit_blur(json!({})).await;
+    app.wait_status(&long, "running").await;
+    let mut b = Browser::launch(exe).await;
+    b.goto(&format!("{}/#/job/{long}", app.url)).await;
+    let pause = "document.querySelector('h2 button[data-act$=\"/pause\"]')";
+    let asks = b
+        .wait_for(
+            "the pause button",
+            &format!("{pause} && {pause}.dataset.confirm"),
+        )
+        .await;
+    assert!(
+        asks.as_str()
+            .unwrap()
+            .contains("backend gpu-box-1? Its run is lost"),
+        "{asks}"
+    );
+    // Declined: nothing is asked (the request would start in the click).
+    let asked = b
+        .eval(&format!("window.pauses = 0; const f = window.fetch; window.fetch = (...a) => {{ if (String(a[0]).endsWith('/pause')) window.pauses++; return f(...a); }}; window.confirm = () => false; {pause}.click(); window.pauses"))
+        .await;
+    assert_eq!(asked, json!(0));
+    let asked = b
+        .eval(&format!(
+            "window.confirm = () => true; {pause}.click(); window.pauses"
+        ))
+        .await;
+    assert_eq!(asked, json!(1));
+    let job = app
+        .wait_job(&long, "queued again, paused", |j| {
+            j["status"] == "queued" && j["paused_at"].is_string()
+        })
+        .await;
+    assert_eq!(job["leases"][0]["outcome"], "paused", "{job}");
+    b.goto(&format!("{}/#/", app.url)).await;
+    b.wait_for(
+        "the paused row, offering to resume it",
+        &format!("(document.querySelector('#job-{long} .paused') || {{}}).innerText === 'paused' && document.querySelector('#job-{long} button[data-act$=\"/resume\"]') !== null"),
+    )
+    .await;
+    assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
+    let _ = b.child.kill().await;
+}

@@ -356,6 +356,38 @@ async fn a_batch_submitted_paused_is_listed_and_resumed_by_its_ids() {
     app.wait_status(&late, "completed").await;
 }
 
+/// A shot a box runs, paused from the command line to make way: refused
+/// without `--interrupt` (which says so), stopped there with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_shot_is_paused_with_interrupt_and_waits_in_the_queue() {
+    let sim = start_sim(60_000).await;
+    let app = spawn_farm(vec![backend("cli2", sim.port, &[], 1)]).await;
+    let long = app.submit_blur(json!({})).await;
+    app.wait_status(&long, "running").await;
+    let (ok, _, err) = cli(&app.url, &["pause", &long]).await;
+    assert!(!ok && err.contains("\"interrupt\": true"), "{err}");
+    let (ok, out, err) = cli(&app.url, &["pause", "--interrupt", &long]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("paused: backend cli2 is being asked to stop it"),
+        "{out}"
+    );
+    app.wait_job(&long, "queued again, paused", |j| {
+        j["status"] == "queued" && j["paused_at"].is_string()
+    })
+    .await;
+    let (ok, table, err) = cli(&app.url, &["jobs"]).await;
+    assert!(ok, "{err}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(long.as_str()))
+        .unwrap();
+    assert!(
+        row.contains("queued") && row.contains("paused since"),
+        "{row}"
+    );
+}
+
 /// `watch` in a log or a script (no terminal: no bars): a line for each
 /// change of each job, and a non-zero exit when one does not complete, so
 /// `orchestrator watch ID && deliver` stops at a failure.

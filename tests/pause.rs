@@ -254,6 +254,71 @@ async fn a_job_a_backend_runs_cannot_be_paused_and_the_refusal_says_what_stops_i
 }
 
 #[tokio::test]
+async fn a_running_job_paused_with_interrupt_is_stopped_on_its_box_and_runs_again_once_resumed() {
+    // The box runs a long shot that must make way: paused with
+    // `interrupt`, it is stopped there and waits in the queue, paused.
+    let slow = start_sim(60_000).await;
+    let quick = start_sim(0).await;
+    let app = spawn_farm(vec![
+        backend("slow", slow.port, &[], 1),
+        backend("quick", quick.port, &[], 1),
+    ])
+    .await;
+    app.wait_backend("quick", "online").await;
+    app.post_json("/api/backends/quick/disable", &json!({}))
+        .await;
+    let long = submit(&app, blur(8, json!({}))).await;
+    app.wait_status(&long, "running").await;
+
+    let pause = format!("/api/job/{long}/pause");
+    let (status, body) = app.post_json(&pause, &json!({"interrupt": "yes"})).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "interrupt", "{body}");
+    let (status, job) = app.post_json(&pause, &json!({"interrupt": true})).await;
+    assert_eq!(status, 202, "{job}");
+    assert!(job["paused_at"].is_string(), "{job}");
+
+    let job = app
+        .wait_job(&long, "queued again, paused", |j| {
+            j["status"] == "queued" && j["paused_at"].is_string()
+        })
+        .await;
+    poll("stopped on the box, which is free", || async {
+        (slow.queue_len() == 0).then_some(())
+    })
+    .await;
+    assert_eq!(job["attempts"], 0, "the stopped run does not count: {job}");
+    assert_eq!(job["leases"][0]["outcome"], "paused", "{job}");
+    let events = app.events(&long).await;
+    let last = &events[events.len() - 1];
+    assert_eq!(last["kind"], "paused", "{events:#?}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted on backend slow"),
+        "{last}"
+    );
+    assert!(
+        events.iter().any(|e| e["kind"] == "pause_requested"),
+        "{events:#?}"
+    );
+
+    // Resumed, it runs again in its turn: here on the other box.
+    app.post_json("/api/backends/slow/disable", &json!({}))
+        .await;
+    app.post_json("/api/backends/quick/enable", &json!({}))
+        .await;
+    let (status, _) = app
+        .post_json(&format!("/api/job/{long}/resume"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let job = app.wait_status(&long, "completed").await;
+    assert_eq!(job["backend_id"], "quick", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+}
+
+#[tokio::test]
 async fn a_job_submitted_to_start_later_waits_for_its_time_and_then_runs() {
     let (_sim, app) = one_box_without_safety_net().await;
     let (status, body) = app

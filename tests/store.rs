@@ -6,8 +6,8 @@ use chrono::Duration;
 use common::*;
 use orchestrator::store::{
     AdminState, AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, CleanupEntry,
-    JobStatus, LeaseTry, LostOutcome, LostRun, OutputRecord, Preference, PriorityChange,
-    StoreError,
+    JobStatus, LeaseTry, LostOutcome, LostRun, OutputRecord, PauseChange, Preference,
+    PriorityChange, StoreError,
 };
 use serde_json::json;
 
@@ -134,7 +134,7 @@ async fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_one() {
         .unwrap());
     assert!(!app
         .store
-        .confirm_cancel(&id, old.token, "stale".into())
+        .confirm_stop(&id, old.token, "stale".into())
         .await
         .unwrap());
     let job = app.job(&id).await;
@@ -550,7 +550,7 @@ async fn cancel_and_retry_answer_for_each_state() {
     app.store.mark_running(&l.job_id, l.token).await.unwrap();
     assert!(app
         .store
-        .confirm_cancel(&l.job_id, l.token, "interrupted".into())
+        .confirm_stop(&l.job_id, l.token, "interrupted".into())
         .await
         .unwrap());
     assert_eq!(app.job(&l.job_id).await["status"], "cancelled");
@@ -583,6 +583,139 @@ async fn cancel_and_retry_answer_for_each_state() {
         app.store.request_cancel("no-such-job").await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+/// Leases the next job on `backend` and pauses it there with `interrupt`:
+/// its worker is to stop it.
+async fn lease_and_pause(app: &TestApp, backend: &str, id: &str) -> i64 {
+    let l = app.store.lease_next(backend).await.unwrap().unwrap();
+    assert_eq!(l.job_id, id);
+    let change = app.store.set_paused(id, true, true).await.unwrap();
+    assert_eq!(change.stopping.as_deref(), Some(backend));
+    l.token
+}
+
+#[tokio::test]
+async fn a_held_job_paused_with_interrupt_is_stopped_and_queued_again_paused_in_its_place() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    let id = app.submit_blur(json!({})).await;
+    let later = app.submit_blur(json!({})).await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    assert_eq!(l.job_id, id);
+    // Without `interrupt`: refused, and the refusal says how.
+    match app.store.set_paused(&id, true, false).await {
+        Err(StoreError::InvalidState(m)) => assert!(
+            m.contains("assigned on backend n1") && m.contains("\"interrupt\": true"),
+            "{m}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(app.job(&id).await["paused_at"], serde_json::Value::Null);
+    // With it: flagged for the worker, which the submit's answer tells.
+    let change = app.store.set_paused(&id, true, true).await.unwrap();
+    assert_eq!(change.stopping.as_deref(), Some("n1"));
+    assert_eq!(change.status, JobStatus::Assigned);
+    assert!(
+        app.store.mark_submitted(&id, l.token).await.unwrap(),
+        "the stop is pending"
+    );
+    let again = app.store.set_paused(&id, true, true).await.unwrap();
+    assert!(again.was_paused && again.stopping.as_deref() == Some("n1"));
+    app.store.mark_running(&id, l.token).await.unwrap();
+    // Stopped: back in the queue, paused, the attempt not counted.
+    assert!(app
+        .store
+        .confirm_stop(&id, l.token, "interrupted on backend n1".into())
+        .await
+        .unwrap());
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "queued");
+    assert!(job["paused_at"].is_string(), "{job}");
+    assert_eq!(job["attempts"], 0, "{job}");
+    assert_eq!(job["leases"][0]["outcome"], "paused", "{job}");
+    let kinds = app.event_kinds(&id).await;
+    assert_eq!(
+        kinds[2..],
+        [
+            "pause_requested",
+            "submitted_to_backend",
+            "running",
+            "paused"
+        ],
+        "{kinds:?}"
+    );
+    // The box takes the next job, not the paused one; resumed, it comes
+    // before the job submitted after it.
+    let next = app.store.lease_next("n1").await.unwrap().unwrap();
+    assert_eq!(next.job_id, later);
+    app.store
+        .complete(&later, next.token, vec![])
+        .await
+        .unwrap();
+    app.store.set_paused(&id, false, false).await.unwrap();
+    let token = lease_and_pause(&app, "n1", &id).await;
+    assert_eq!(app.job(&id).await["attempts"], 1);
+
+    // A cancel as well: the cancel wins.
+    app.store.request_cancel(&id).await.unwrap();
+    assert!(matches!(
+        app.store.set_paused(&id, true, true).await,
+        Ok(PauseChange {
+            was_paused: true,
+            ..
+        })
+    ));
+    app.store
+        .confirm_stop(&id, token, "interrupted".into())
+        .await
+        .unwrap();
+    assert_eq!(app.job(&id).await["status"], "cancelled");
+
+    // Resumed before the worker stopped it: the flag is gone (a worker
+    // that had begun stops it, and it is queued again, not paused).
+    let resumed = app.submit_blur(json!({})).await;
+    let token = lease_and_pause(&app, "n1", &resumed).await;
+    let change = app.store.set_paused(&resumed, false, false).await.unwrap();
+    assert!(change.was_paused && change.stopping.is_none());
+    assert!(!app.store.mark_submitted(&resumed, token).await.unwrap());
+    app.store
+        .confirm_stop(&resumed, token, "interrupted".into())
+        .await
+        .unwrap();
+    let job = app.job(&resumed).await;
+    assert_eq!(
+        (job["status"].as_str(), job["paused_at"].as_str()),
+        (Some("queued"), None)
+    );
+    assert_eq!(app.event_kinds(&resumed).await.last().unwrap(), "requeued");
+
+    // Finished before the stop: completed, and not paused any more.
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    app.store.complete(&resumed, l.token, vec![]).await.unwrap();
+    let done = app.submit_blur(json!({})).await;
+    let token = lease_and_pause(&app, "n1", &done).await;
+    app.store.complete(&done, token, vec![]).await.unwrap();
+    let job = app.job(&done).await;
+    assert_eq!(
+        (job["status"].as_str(), job["paused_at"].as_str()),
+        (Some("completed"), None)
+    );
+    assert_eq!(
+        app.event_kinds(&done).await.last().unwrap(),
+        "pause_too_late"
+    );
+
+    // Lost while being stopped (the box died): paused, not a lost run.
+    let lost = app.submit_blur(json!({})).await;
+    let token = lease_and_pause(&app, "n1", &lost).await;
+    app.store.mark_running(&lost, token).await.unwrap();
+    give_back_lost(&app, &lost, token).await;
+    let job = app.job(&lost).await;
+    assert_eq!(job["status"], "queued");
+    assert!(job["paused_at"].is_string(), "{job}");
+    assert_eq!(job["leases"][0]["outcome"], "paused", "{job}");
+    assert!(app.store.lease_next("n1").await.unwrap().is_none());
 }
 
 #[tokio::test]

@@ -483,27 +483,68 @@ pub(super) async fn schedule_job(
     detail(&state, &id).await.map(Json)
 }
 
+/// The body of `POST /api/job/{id}/pause` (none: `interrupt` false).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PauseRequest {
+    /// Also pause a job a backend runs: it is stopped there and goes back
+    /// to the queue in its place, paused; its run is lost (the attempt does
+    /// not count). Without it such a job is refused (`409`).
+    #[serde(default)]
+    pub interrupt: bool,
+}
+
 /// Pause a job that has not started: it keeps its place in the queue (and
 /// a waiting one goes on waiting for its parents), but no backend takes it
 /// until it is resumed; the rest of a batch held back while its first
 /// shots are checked. A `paused` event; pausing a paused job changes
-/// nothing.
+/// nothing. With `{"interrupt": true}` a job a backend runs is paused too:
+/// `202`, a `pause_requested` event, then, once the backend stopped it, a
+/// `paused` one (or `pause_too_late` if it finished first).
 #[utoipa::path(
     post,
     path = "/api/job/{id}/pause",
     tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
+    request_body(content = Option<PauseRequest>, description = "Optional"),
     responses(
         (status = 200, description = "The job, with `paused_at` and `waiting_for`", body = JobDetail),
+        (status = 202, description = "A backend runs it: being stopped there (`interrupt`)", body = JobDetail),
         (status = 404, body = super::ErrorBody),
-        (status = 409, description = "A backend runs it (cancel it to stop it), or it has ended", body = super::ErrorBody),
+        (status = 409, description = "A backend runs it (send `interrupt` to stop it), a cancel is under way, or it has ended", body = super::ErrorBody),
+        (status = 422, description = "`interrupt` not a boolean", body = super::ErrorBody),
     )
 )]
 pub(super) async fn pause_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<JobDetail>, ApiError> {
-    set_paused(&state, &id, true).await
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let has_body = req.headers().contains_key(header::CONTENT_TYPE)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let interrupt = if has_body {
+        match json_request(&state, req).await?.get("interrupt") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "interrupt",
+                    format!("interrupt: must be true or false, got {other}"),
+                ))
+            }
+        }
+    } else {
+        false
+    };
+    let stopping = set_paused(&state, &id, true, interrupt).await?;
+    let code = if stopping {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(detail(&state, &id).await?)).into_response())
 }
 
 /// Resume a paused job: it runs in its turn (its priority and age, as if
@@ -523,20 +564,29 @@ pub(super) async fn resume_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobDetail>, ApiError> {
-    set_paused(&state, &id, false).await
+    set_paused(&state, &id, false, false).await?;
+    detail(&state, &id).await.map(Json)
 }
 
-/// Pauses or resumes a job and answers with where that leaves it.
-async fn set_paused(state: &AppState, id: &str, paused: bool) -> Result<Json<JobDetail>, ApiError> {
-    let change = state.store.set_paused(id, paused).await?;
+/// Pauses or resumes a job; whether a backend is being asked to stop it.
+async fn set_paused(
+    state: &AppState,
+    id: &str,
+    paused: bool,
+    interrupt: bool,
+) -> Result<bool, ApiError> {
+    let change = state.farm.set_paused(id, paused, interrupt).await?;
     if change.was_paused != paused {
-        tracing::info!(job_id = %id, status = %change.status, paused, "job paused or resumed by a user");
-        // One waiting worker that may run it, as for a submission.
-        if !paused && change.status == JobStatus::Queued {
-            state.farm.job_queued(&change.requires);
+        match &change.stopping {
+            Some(backend_id) => {
+                tracing::info!(job_id = %id, backend_id = %backend_id, "pause requested: the backend is asked to stop the job")
+            }
+            None => {
+                tracing::info!(job_id = %id, status = %change.status, paused, "job paused or resumed by a user")
+            }
         }
     }
-    detail(state, id).await.map(Json)
+    Ok(change.stopping.is_some())
 }
 
 /// The job with its live progress, while a backend holds it.

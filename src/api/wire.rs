@@ -252,7 +252,8 @@ pub struct Event {
     /// Job events: `submitted`, `assigned`, `submitted_to_backend`, `running`,
     /// `progress`, `completed`, `failed`, `retry_scheduled`, `requeued`,
     /// `cancel_requested`, `cancelled`, `cancel_too_late`, `retried`,
-    /// `priority_changed`, `scheduled`, `paused`, `resumed`, `backend_socket_deaf`. Backend events: `backend_online`,
+    /// `priority_changed`, `scheduled`, `paused`, `resumed`,
+    /// `pause_requested`, `pause_too_late`, `backend_socket_deaf`. Backend events: `backend_online`,
     /// `backend_offline`, `backend_incompatible`, `backend_quarantined`,
     /// `backend_quarantine_over`, `backend_quarantine_lifted`.
     pub kind: String,

@@ -88,19 +88,37 @@ pub async fn set_priority(remote: &Remote, ids: &[String], priority: i64) -> any
     .await
 }
 
-/// Pauses jobs (`action` "pause") or resumes them ("resume") and says
-/// where that leaves each.
-pub async fn set_paused(remote: &Remote, ids: &[String], action: &str) -> anyhow::Result<()> {
-    each_job(ids, |id| async move {
-        let job = remote
-            .post(&format!("/api/job/{id}/{action}"), json!({}))
-            .await?;
-        let paused = if job["paused_at"].is_string() {
-            ", paused"
-        } else {
-            ""
-        };
-        Ok(where_it_stands(remote, &job, paused))
+/// Pauses jobs (`action` "pause"; with `interrupt`, those a backend runs
+/// too, stopped there) or resumes them ("resume") and says where that
+/// leaves each.
+pub async fn set_paused(
+    remote: &Remote,
+    ids: &[String],
+    action: &str,
+    interrupt: bool,
+) -> anyhow::Result<()> {
+    let body = if interrupt {
+        json!({ "interrupt": true })
+    } else {
+        json!({})
+    };
+    each_job(ids, |id| {
+        let body = body.clone();
+        async move {
+            let job = remote
+                .post(&format!("/api/job/{id}/{action}"), body)
+                .await?;
+            let paused = match (job["paused_at"].is_string(), job["backend_id"].as_str()) {
+                (true, Some(b))
+                    if matches!(job["status"].as_str(), Some("assigned" | "running")) =>
+                {
+                    format!(", paused: backend {b} is being asked to stop it")
+                }
+                (true, _) => ", paused".to_string(),
+                (false, _) => String::new(),
+            };
+            Ok(where_it_stands(remote, &job, &paused))
+        }
     })
     .await
 }

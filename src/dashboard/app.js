@@ -51,10 +51,25 @@ function actions(j) {
   if (["waiting", "queued"].includes(j.status)) b.push(j.paused_at
     ? `<button data-act="/api/job/${esc(j.job_id)}/resume" title="it runs in its turn">Resume</button>`
     : `<button data-act="/api/job/${esc(j.job_id)}/pause" title="it keeps its place in the queue; no backend takes it until resumed">Pause</button>`);
+  // One a backend runs is stopped there to be paused: its run is lost.
+  if (["assigned", "running"].includes(j.status)) b.push(j.paused_at
+    ? `<button data-act="/api/job/${esc(j.job_id)}/resume" title="it is not stopped, if its backend has not stopped it yet">Resume</button>`
+    : `<button data-act="/api/job/${esc(j.job_id)}/pause" data-body='{"interrupt":true}' data-confirm="Stop this job on backend ${esc(j.backend_id || "")}? Its run is lost; it waits in the queue in its place, paused, until resumed." title="stopped on its backend, it waits in the queue, paused">Pause</button>`);
   if (scheduled(j)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/schedule" data-body='{"start_after":null}' title="its start_after is dropped: it runs in its turn">Start now</button>`);
   if (["waiting", "queued", "assigned", "running"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/cancel">Cancel</button>`);
   if (["failed", "cancelled"].includes(j.status)) b.push(`<button data-act="/api/job/${esc(j.job_id)}/retry">Retry</button>`);
   return b.join(" ");
+}
+
+// A row's progress, or its error, or why it does not run.
+function progressCell(j) {
+  const held = ["assigned", "running"].includes(j.status);
+  const paused = !j.paused_at ? ""
+    : held ? `<span class="paused" title="asked at ${esc(j.paused_at)}">pausing: being stopped</span> `
+    : `<span class="paused" title="since ${esc(j.paused_at)}">paused</span> `;
+  if (j.status === "running") return paused + bar(j.job_id, j);
+  if (j.error) return `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>`;
+  return paused + (scheduled(j) ? `<span class="muted scheduled">starts ${time(j.not_before)}</span>` : "") + (j.status === "waiting" ? waitsFor(j) : "");
 }
 
 // Submitted to start later, and its time has not come: it has run no attempt.
@@ -63,7 +78,9 @@ function scheduled(j) {
 }
 
 function wireButtons() {
-  main.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = () => act(btn.dataset.act, btn.dataset.body));
+  main.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = () => {
+    if (!btn.dataset.confirm || confirm(btn.dataset.confirm)) act(btn.dataset.act, btn.dataset.body);
+  });
 }
 
 const filters = {status: "", workflow_id: "", backend: "", meta: ""};
@@ -99,14 +116,16 @@ async function renderJobs() {
       <td>${badge(j.status)}</td>
       <td>${esc(j.workflow_id || "(inline)")}</td>
       <td>${esc(j.backend_id || "–")}</td>
-      <td class="progress">${j.status === "running" ? bar(j.job_id, j) : j.error ? `<span class="s-failed">${esc(j.error.message).slice(0, 120)}</span>` : (j.paused_at ? `<span class="paused" title="since ${esc(j.paused_at)}">paused</span> ` : "") + (scheduled(j) ? `<span class="muted scheduled">starts ${time(j.not_before)}</span>` : "") + (j.status === "waiting" ? waitsFor(j) : "")}</td>
+      <td class="progress">${progressCell(j)}</td>
       <td>${time(j.submitted_at)}</td>
       <td>${actions(j)}</td></tr>`).join("");
   // A night's batch is acted on at once: its failures retried, its queue cancelled.
   // Those not yet started are paused (checked shots first) or resumed together too.
   const bulk = !page.jobs.length ? []
     : ["failed", "cancelled"].includes(filters.status) ? [{label: "Retry", act: "retry"}]
-    : ["waiting", "queued"].includes(filters.status) ? [{label: "Cancel", act: "cancel"}, {label: "Pause", act: "pause"}, {label: "Resume", act: "resume"}] : [];
+    : ["waiting", "queued"].includes(filters.status) ? [{label: "Cancel", act: "cancel"}, {label: "Pause", act: "pause"}, {label: "Resume", act: "resume"}]
+    // Those running are stopped to be paused (the farm made free for another batch).
+    : ["assigned", "running"].includes(filters.status) ? [{label: "Cancel", act: "cancel"}, {label: "Stop and pause", act: "pause", body: '{"interrupt":true}'}] : [];
   main.innerHTML = `<h2>Jobs</h2>
     <form class="filters" id="filters">
       <select name="status"><option value="">any status</option>${STATUSES.map(s => `<option ${s === filters.status ? "selected" : ""}>${s}</option>`).join("")}</select>
@@ -163,10 +182,10 @@ function waitsFor(j) {
 // Retries or cancels each job of a page, one after the other; those that
 // cannot be (one that ended meanwhile) are named at the end.
 async function each(jobs, bulk) {
-  if (!confirm(`${bulk.label} ${jobs.length} job${jobs.length === 1 ? "" : "s"}?`)) return;
+  if (!confirm(`${bulk.label} ${jobs.length} job${jobs.length === 1 ? "" : "s"}?${bulk.body ? " Their runs are lost." : ""}`)) return;
   const failed = [];
   for (const j of jobs) {
-    try { await api(`/api/job/${encodeURIComponent(j.job_id)}/${bulk.act}`, {method: "POST", body: "{}"}); }
+    try { await api(`/api/job/${encodeURIComponent(j.job_id)}/${bulk.act}`, {method: "POST", body: bulk.body || "{}"}); }
     catch (e) { failed.push(`${short(j.job_id)}: ${e.message}`); }
   }
   if (failed.length) alert(`${failed.length} of ${jobs.length} could not be done:\n${failed.join("\n")}`);
@@ -357,7 +376,7 @@ function connect() {
     }, farm ? 1000 : 250);
   };
   ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
-   "requeued", "parents_completed", "cancel_requested", "cancelled", "retried", "priority_changed", "scheduled", "paused", "resumed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_over", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
+   "requeued", "parents_completed", "cancel_requested", "cancelled", "pause_requested", "pause_too_late", "retried", "priority_changed", "scheduled", "paused", "resumed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_over", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
 }
 
 // A move to another page draws it now; a refresh asked for by the page left

@@ -392,16 +392,17 @@ impl Ctx {
             .ok_or_else(|| DispatchError::NoHistory(held.prompt_id.clone()))?;
         let ran = ran_before(&entry, chrono::Utc::now());
         let end = entry.end();
-        // An interrupted prompt is a cancel when one was asked for (read
-        // now: it may have come after this attempt began); no other end
-        // needs to know, and most prompts succeed.
-        let cancel_requested = matches!(end, PromptEnd::Interrupted { .. })
+        // An interrupted prompt is the stop a user asked for (a cancel, a
+        // pause), when one was (read now: it may have come after this
+        // attempt began); no other end needs to know, and most prompts
+        // succeed.
+        let stop_requested = matches!(end, PromptEnd::Interrupted { .. })
             && self
                 .shared
                 .store
                 .lease_of(job_id)
                 .await?
-                .is_some_and(|a| a.cancel_requested);
+                .is_some_and(|a| a.stop_requested);
         match &end {
             PromptEnd::Success => {
                 let dir = self.shared.outputs_dir.join(job_id);
@@ -429,11 +430,11 @@ impl Ctx {
                     Err(e) => return Err(e.into()),
                 }
             }
-            PromptEnd::Interrupted { .. } if cancel_requested => {
-                let how = format!("cancelled: interrupted on backend {backend_id}");
+            PromptEnd::Interrupted { .. } if stop_requested => {
+                let how = format!("interrupted on backend {backend_id}");
                 self.shared
                     .store
-                    .confirm_cancel(job_id, held.token, how)
+                    .confirm_stop(job_id, held.token, how)
                     .await?;
             }
             _ => {
@@ -472,10 +473,12 @@ impl Ctx {
         }
     }
 
-    /// Removes the prompt from the backend's queue or interrupts it (again
-    /// at each check while it still runs: ComfyUI ignores an interrupt that
-    /// lands before the prompt really starts), then waits for the backend to
-    /// confirm, or for the cancel timeout.
+    /// Stops the prompt for a user (a cancel, or a pause that interrupts):
+    /// removes it from the backend's queue or interrupts it (again at each
+    /// check while it still runs: ComfyUI ignores an interrupt that lands
+    /// before the prompt really starts), then waits for the backend to
+    /// confirm, or for the cancel timeout. The store decides what becomes
+    /// of the job.
     pub(super) async fn cancel(self, held: Held) -> Report {
         let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
         let pid = held.prompt_id.clone();
@@ -491,12 +494,11 @@ impl Ctx {
                 } else if !q.contains(&pid) {
                     match self.client.history(&pid).await {
                         Ok(None) => {
-                            let how =
-                                format!("cancelled: removed from backend {backend_id}'s queue");
+                            let how = format!("removed from backend {backend_id}'s queue");
                             if let Err(e) = self
                                 .shared
                                 .store
-                                .confirm_cancel(job_id, held.token, how)
+                                .confirm_stop(job_id, held.token, how)
                                 .await
                             {
                                 return Report::Deferred(pid, e.into());
@@ -510,14 +512,13 @@ impl Ctx {
                 }
             }
             if Instant::now() >= deadline {
-                let reason =
-                    format!("cancelled; backend {backend_id} did not confirm within {limit} s");
+                let reason = format!("backend {backend_id} did not confirm within {limit} s");
                 let store = &self.shared.store;
                 let cleanup = store
-                    .add_cleanup(self.cleanup_entry(&held, reason.clone()))
+                    .add_cleanup(self.cleanup_entry(&held, format!("stopped by a user; {reason}")))
                     .await;
                 let confirmed = store
-                    .confirm_cancel(
+                    .confirm_stop(
                         job_id,
                         held.token,
                         format!("{reason}; the prompt is on the cleanup list"),

@@ -51,7 +51,7 @@ use tokio_util::task::TaskTracker;
 use crate::comfy::{ComfyClient, ComfyError, Limits};
 use crate::config::Config;
 use crate::inventory::{Inventory, Rules};
-use crate::store::{CancelOutcome, Store, StoreError};
+use crate::store::{CancelOutcome, JobStatus, PauseChange, Store, StoreError};
 
 pub use health::Quarantine;
 pub use outputs::safe_name;
@@ -82,8 +82,9 @@ pub enum DispatchError {
 /// Messages to a backend's worker.
 #[derive(Debug)]
 enum Command {
-    /// A user asked to cancel this job, which the backend holds.
-    Cancel(String),
+    /// A user asked to stop this job, which the backend holds: to cancel
+    /// it, or to pause it (the store knows which).
+    Stop(String),
 }
 
 /// What the workers share: the database, settings, and the ways to reach
@@ -447,14 +448,43 @@ impl Farm {
     pub async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
         let outcome = self.shared.store.request_cancel(job_id).await?;
         if let CancelOutcome::Requested { backend_id } = &outcome {
-            if let Some(tx) = self.shared.commands.get(backend_id) {
-                // A full mailbox is fine: the worker's next reconcile sees the flag.
-                if let Err(e) = tx.try_send(Command::Cancel(job_id.to_string())) {
-                    tracing::debug!(job_id, backend_id = %backend_id, error = %e, "cancel left to the next reconcile");
-                }
-            }
+            self.ask_to_stop(job_id, backend_id);
         }
         Ok(outcome)
+    }
+
+    /// Pauses or resumes a job (see [`Store::set_paused`]): one a backend
+    /// holds, paused with `interrupt`, is stopped through it; one resumed
+    /// into the queue rings a worker that may run it.
+    pub async fn set_paused(
+        &self,
+        job_id: &str,
+        paused: bool,
+        interrupt: bool,
+    ) -> Result<PauseChange, StoreError> {
+        let change = self
+            .shared
+            .store
+            .set_paused(job_id, paused, interrupt)
+            .await?;
+        if change.was_paused != paused {
+            if let Some(backend_id) = &change.stopping {
+                self.ask_to_stop(job_id, backend_id);
+            } else if !paused && change.status == JobStatus::Queued {
+                self.job_queued(&change.requires);
+            }
+        }
+        Ok(change)
+    }
+
+    /// Tells `backend_id`'s worker that a user asked it to stop `job_id`.
+    fn ask_to_stop(&self, job_id: &str, backend_id: &str) {
+        if let Some(tx) = self.shared.commands.get(backend_id) {
+            // A full mailbox is fine: the worker's next reconcile sees the flag.
+            if let Err(e) = tx.try_send(Command::Stop(job_id.to_string())) {
+                tracing::debug!(job_id, backend_id, error = %e, "stop left to the next reconcile");
+            }
+        }
     }
 
     /// The inventories of these backends, where known.

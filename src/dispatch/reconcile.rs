@@ -99,7 +99,7 @@ impl Worker {
                     nodes,
                 },
             );
-            if a.cancel_requested {
+            if a.stop_requested {
                 if self.signal(&pid, Signal::CancelRequested).is_some() {
                     self.spawn_cancel(&pid);
                 }

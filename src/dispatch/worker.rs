@@ -551,7 +551,7 @@ impl Worker {
 
     async fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Cancel(job_id) => {
+            Command::Stop(job_id) => {
                 let pid = self
                     .tracked
                     .iter()

@@ -85,6 +85,20 @@ fn still_running(sim: &Sim, pid: &str) -> bool {
         .is_some_and(|r| r.prompt.prompt_id == pid)
 }
 
+/// A sampler step's time, cut short by an interrupt or the prompt's end,
+/// as ComfyUI's samplers look for an interrupt at every step and a long
+/// step here stands for many of them.
+async fn step_time(sim: &Sim, pid: &str, length: Duration) {
+    let end = tokio::time::Instant::now() + length;
+    while !interrupted(sim) && still_running(sim, pid) {
+        let now = tokio::time::Instant::now();
+        if now >= end {
+            return;
+        }
+        tokio::time::sleep((end - now).min(Duration::from_millis(50))).await;
+    }
+}
+
 fn interrupted(sim: &Sim) -> bool {
     sim.lock().running.as_ref().is_some_and(|r| r.interrupt)
 }
@@ -301,7 +315,7 @@ async fn run_nodes(
                 .clamp(1, 20);
             for step in 1..=steps {
                 if sim.config.job_ms > 0 {
-                    tokio::time::sleep(Duration::from_millis(sim.config.job_ms / steps)).await;
+                    step_time(sim, pid, Duration::from_millis(sim.config.job_ms / steps)).await;
                 }
                 if crash_here && step == steps.div_ceil(2) {
                     tracing::warn!(node = %id, "simulated ComfyUI crashes (crash_rate)");

@@ -465,10 +465,13 @@ pub(super) const HELD: &str = "j.status IN ('assigned', 'running')";
 const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue \
      WHERE status = 'queued' AND paused_at IS NULL AND (not_before IS NULL OR not_before <= ?1))";
 
-const ACTIVE_SELECT: &str =
-    "SELECT j.id, j.prompt_id, j.lease_token, j.status, j.attempts, j.cancel_requested, \
+const ACTIVE_SELECT: &str = concat!(
+    "SELECT j.id, j.prompt_id, j.lease_token, j.status, j.attempts, ",
+    super::transitions::stop_requested!(),
+    " AS stop_requested, \
      j.timeout_s, l.submitted_at IS NOT NULL AS submitted, l.leased_at, \
-     l.started_at AS lease_started_at FROM jobs j JOIN leases l ON l.prompt_id = j.prompt_id";
+     l.started_at AS lease_started_at FROM jobs j JOIN leases l ON l.prompt_id = j.prompt_id"
+);
 
 impl Store {
     /// Leases the best queued job to `backend_id` if it has a free slot and

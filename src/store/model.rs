@@ -103,6 +103,9 @@ pub enum LeaseOutcome {
     Lost,
     /// Cancelled by a user.
     Cancelled,
+    /// Stopped for a user's pause (the job went back to the queue,
+    /// paused); the attempt did not count.
+    Paused,
 }
 
 impl LeaseOutcome {
@@ -114,6 +117,7 @@ impl LeaseOutcome {
             LeaseOutcome::Rejected => "rejected",
             LeaseOutcome::Lost => "lost",
             LeaseOutcome::Cancelled => "cancelled",
+            LeaseOutcome::Paused => "paused",
         }
     }
 }
@@ -460,8 +464,8 @@ pub struct ActiveJob {
     pub attempt: i64,
     /// Did ComfyUI acknowledge the prompt?
     pub submitted: bool,
-    /// Has a user asked to cancel it?
-    pub cancel_requested: bool,
+    /// Has a user asked to stop it (to cancel it, or to pause it)?
+    pub stop_requested: bool,
     /// When it was leased.
     pub leased_at: Option<DateTime<Utc>>,
     /// When the backend started running it (this lease).

@@ -132,6 +132,15 @@ async fn lose_in(
         apply(conn, &held, Step::Cancelled { message }).await?;
         return Ok(LostOutcome::Cancelled);
     }
+    if held.paused {
+        // Stopped for the pause, if not the way it was asked: not a lost run.
+        let message = format!(
+            "paused: backend {backend} no longer has it ({}); back in the queue in its place, no backend takes it until it is resumed",
+            run.reason
+        );
+        apply(conn, &held, Step::Stopped { message }).await?;
+        return Ok(LostOutcome::Requeued);
+    }
     let lost_runs: i64 = if held.started {
         1 + sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM leases WHERE job_id = ? AND outcome = 'lost' \

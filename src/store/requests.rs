@@ -5,8 +5,8 @@
 //! each fenced by the lease of the worker that takes it. These come from a
 //! person (the API, the command line, the dashboard) at any moment of the
 //! job's life, so they are checked against the job's state instead: a job
-//! a backend holds is only flagged for its worker (a cancel), and a job
-//! that ended takes no new priority.
+//! a backend holds is only flagged for its worker (a cancel, a pause that
+//! interrupts), and a job that ended takes no new priority.
 
 use chrono::Utc;
 use serde_json::json;
@@ -37,6 +37,8 @@ pub struct PauseChange {
     /// The backend tags it needs: a job resumed into the queue rings a
     /// worker that may take it, not the whole farm.
     pub requires: Vec<String>,
+    /// Paused while this backend holds it: its worker is to stop it there.
+    pub stopping: Option<String>,
 }
 
 /// What a change of a job's start time did.
@@ -118,36 +120,61 @@ impl Store {
     /// place in the queue and moves from `waiting` to `queued` as its
     /// parents complete, but no backend takes it; or resumes it. Both are
     /// idempotent (a batch's resume may name jobs never paused). A job a
-    /// backend holds cannot be paused: it has started, and stopping it is a
-    /// cancel; an ended one neither. The change is one of the job's events.
-    pub async fn set_paused(&self, job_id: &str, paused: bool) -> Result<PauseChange, StoreError> {
+    /// backend holds is paused only with `interrupt`: it is flagged for its
+    /// worker to stop it there, and goes back to the queue in its place,
+    /// paused, its run lost (the attempt does not count); without, it is
+    /// refused, as an ended one is: a pause alone never throws away work.
+    /// Resuming a job whose stop is pending withdraws it, if the worker has
+    /// not begun it. The change is one of the job's events.
+    pub async fn set_paused(
+        &self,
+        job_id: &str,
+        paused: bool,
+        interrupt: bool,
+    ) -> Result<PauseChange, StoreError> {
         let job_id = job_id.to_string();
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    let row =
-                        job_row(conn, &job_id, "status, backend_id, paused_at, requires").await?;
+                    let row = job_row(
+                        conn,
+                        &job_id,
+                        "status, backend_id, paused_at, requires, attempts, cancel_requested",
+                    )
+                    .await?;
                     let status: JobStatus = row.try_get("status")?;
                     let was_paused = row.try_get::<Option<String>, _>("paused_at")?.is_some();
                     let requires: Vec<String> =
                         serde_json::from_str(&row.try_get::<String, _>("requires")?)?;
+                    let backend: Option<String> = row.try_get("backend_id")?;
+                    let held_by = backend.filter(|_| status.is_held());
+                    let mut change = PauseChange {
+                        was_paused,
+                        status,
+                        requires,
+                        stopping: None,
+                    };
                     if was_paused == paused {
-                        return Ok(PauseChange {
-                            was_paused,
-                            status,
-                            requires,
-                        });
+                        change.stopping = held_by.filter(|_| paused);
+                        return Ok(change);
                     }
                     if paused && !matches!(status, JobStatus::Queued | JobStatus::Waiting) {
-                        let why = match row.try_get::<Option<String>, _>("backend_id")? {
-                            Some(b) if status.is_held() => format!(
-                                "it is {status} on backend {b}: a pause keeps a job from starting; cancel it to stop it"
+                        let why = match &held_by {
+                            Some(b) if row.try_get::<i64, _>("cancel_requested")? != 0 => {
+                                format!("it is {status} on backend {b}, and being cancelled")
+                            }
+                            Some(_) if interrupt => String::new(),
+                            Some(b) => format!(
+                                "it is {status} on backend {b}: a pause keeps a job from starting; cancel it, \
+                                 or pause it with {{\"interrupt\": true}} to stop it there and queue it again paused (its run is lost)"
                             ),
-                            _ => format!("it is already {status}"),
+                            None => format!("it is already {status}"),
                         };
-                        return Err(StoreError::InvalidState(format!(
-                            "job `{job_id}` cannot be paused: {why}"
-                        )));
+                        if !why.is_empty() {
+                            return Err(StoreError::InvalidState(format!(
+                                "job `{job_id}` cannot be paused: {why}"
+                            )));
+                        }
                     }
                     let now = fmt_time(Utc::now());
                     let mut b = Batch::default();
@@ -155,26 +182,44 @@ impl Store {
                         .bind(paused.then(|| now.clone()))
                         .bind(now.clone())
                         .bind(job_id.clone());
-                    let ev = EventInput {
-                        kind: if paused { "paused" } else { "resumed" },
-                        status: Some(status),
-                        message: Some(
-                            if paused {
-                                "paused by a user: it keeps its place in the queue, and no backend takes it until it is resumed"
-                            } else {
-                                "resumed by a user: it runs in its turn"
-                            }
-                            .into(),
-                        ),
-                        ..Default::default()
+                    let ev = match (&held_by, paused) {
+                        (Some(backend), true) => EventInput {
+                            kind: "pause_requested",
+                            status: Some(status),
+                            backend_id: Some(backend),
+                            attempt: Some(row.try_get("attempts")?),
+                            message: Some(format!(
+                                "pause requested; asking backend {backend} to stop it: it goes back to the queue in its place, paused"
+                            )),
+                            data: None,
+                        },
+                        (Some(backend), false) => EventInput {
+                            kind: "resumed",
+                            status: Some(status),
+                            backend_id: Some(backend),
+                            message: Some(format!(
+                                "resumed by a user before backend {backend} stopped it: it runs on there, or, stopped already, in its turn"
+                            )),
+                            ..Default::default()
+                        },
+                        (None, _) => EventInput {
+                            kind: if paused { "paused" } else { "resumed" },
+                            status: Some(status),
+                            message: Some(
+                                if paused {
+                                    "paused by a user: it keeps its place in the queue, and no backend takes it until it is resumed"
+                                } else {
+                                    "resumed by a user: it runs in its turn"
+                                }
+                                .into(),
+                            ),
+                            ..Default::default()
+                        },
                     };
                     push_event(&mut b, &job_id, ev, &now);
                     b.run(conn).await?;
-                    Ok(PauseChange {
-                        was_paused,
-                        status,
-                        requires,
-                    })
+                    change.stopping = held_by.filter(|_| paused);
+                    Ok(change)
                 })
             })
             .await

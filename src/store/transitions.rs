@@ -38,6 +38,9 @@ pub(super) struct Held {
     pub(super) backend: String,
     pub(super) prompt_id: String,
     pub(super) cancel_requested: bool,
+    /// A user paused it while a backend held it: stopped there, it goes
+    /// back to the queue paused (a cancel, when both are asked, wins).
+    pub(super) paused: bool,
     /// The backend had started running this lease's prompt.
     pub(super) started: bool,
     /// Its workflow and times, for the metrics of the caller (read with
@@ -65,7 +68,7 @@ async fn fence(
     static SQL: LazyLock<String> = LazyLock::new(|| {
         with_fence(
             "SELECT j.attempts, j.max_attempts, j.backend_id, j.prompt_id, j.cancel_requested, \
-             l.started_at, j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
+             j.paused_at IS NOT NULL AS paused, l.started_at, j.workflow_id, j.submitted_at, j.started_at AS job_started_at \
              FROM jobs j LEFT JOIN leases l ON l.prompt_id = j.prompt_id WHERE {held}",
         )
     });
@@ -87,6 +90,7 @@ async fn fence(
             .try_get::<Option<String>, _>("prompt_id")?
             .unwrap_or_default(),
         cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+        paused: r.try_get::<i64, _>("paused")? != 0,
         started: r.try_get::<Option<String>, _>("started_at")?.is_some(),
         times: JobTimes {
             workflow_id: r.try_get("workflow_id")?,
@@ -101,24 +105,40 @@ enum Stepped {
     /// It changed the job: the row its statement returned.
     Changed(sqlx::sqlite::SqliteRow),
     /// It had nothing to change (the step was recorded already).
-    Unchanged { cancel_requested: bool },
+    Unchanged { stop_requested: bool },
 }
 
-/// Whether the job still carries this lease and a backend holds it: the
-/// fence alone, for a step whose own statement found nothing to change.
+/// Whether a user asked that the held job `j` be stopped on its backend:
+/// to cancel it, or to pause it (see [`Store::set_paused`]). A macro, so
+/// that `concat!` can put it into the constant statements.
+macro_rules! stop_requested {
+    () => {
+        "(j.cancel_requested OR j.paused_at IS NOT NULL)"
+    };
+}
+pub(super) use stop_requested;
+
+/// Whether the job still carries this lease and a backend holds it (and
+/// then whether a stop was asked for): the fence alone, for a step whose
+/// own statement found nothing to change.
 async fn still_held(
     conn: &mut SqliteConnection,
     job_id: &str,
     token: i64,
 ) -> Result<Option<bool>, StoreError> {
-    static SQL: LazyLock<String> =
-        LazyLock::new(|| with_fence("SELECT j.cancel_requested FROM jobs j WHERE {held}"));
-    let cancel: Option<i64> = sqlx::query_scalar(&SQL)
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        with_fence(concat!(
+            "SELECT ",
+            stop_requested!(),
+            " FROM jobs j WHERE {held}"
+        ))
+    });
+    let stop: Option<i64> = sqlx::query_scalar(&SQL)
         .bind(job_id)
         .bind(token)
         .fetch_optional(&mut *conn)
         .await?;
-    Ok(cancel.map(|c| c != 0))
+    Ok(stop.map(|c| c != 0))
 }
 
 /// One way a held job ends or goes back to the queue, with the event that
@@ -150,6 +170,9 @@ pub(super) enum Step {
     },
     /// Cancelled.
     Cancelled { message: String },
+    /// Stopped for a user's pause: queued again (paused, unless resumed
+    /// meanwhile), the attempt does not count.
+    Stopped { message: String },
 }
 
 /// Applies one step to a held job: the job row, its lease, its event (and
@@ -192,6 +215,16 @@ pub(super) async fn apply(
                     held.backend
                 );
                 let ev = event("cancel_too_late", JobStatus::Completed, message, None);
+                push_event(&mut b, id, ev, &now);
+            } else if held.paused {
+                // Nothing is left to hold back: it is not paused any more.
+                b.push("UPDATE jobs SET paused_at = NULL WHERE id = ?")
+                    .bind(id.to_string());
+                let message = format!(
+                    "the pause came too late: the prompt had already finished on backend {}, so the job is completed",
+                    held.backend
+                );
+                let ev = event("pause_too_late", JobStatus::Completed, message, None);
                 push_event(&mut b, id, ev, &now);
             }
         }
@@ -246,6 +279,21 @@ pub(super) async fn apply(
             push_final(&mut b, id, JobStatus::Cancelled, None, &now);
             let ev = event("cancelled", JobStatus::Cancelled, message, None);
             push_event(&mut b, id, ev, &now);
+        }
+        Step::Stopped { message } => {
+            push_finish_lease(&mut b, held, LeaseOutcome::Paused, None, &now);
+            let requeue = Requeue {
+                attempts_delta: -1,
+                ..Requeue::default()
+            };
+            push_back_to_queue(&mut b, id, requeue, &now);
+            let kind = if held.paused { "paused" } else { "requeued" };
+            push_event(
+                &mut b,
+                id,
+                event(kind, JobStatus::Queued, message, None),
+                &now,
+            );
         }
     }
     b.run(conn).await
@@ -528,7 +576,7 @@ impl Store {
                         return Ok(Stepped::Changed(row));
                     }
                     match still_held(conn, &job_id, token).await? {
-                        Some(cancel_requested) => Ok(Stepped::Unchanged { cancel_requested }),
+                        Some(stop_requested) => Ok(Stepped::Unchanged { stop_requested }),
                         None => Err(StoreError::LeaseLost),
                     }
                 })
@@ -536,7 +584,8 @@ impl Store {
             .await
     }
 
-    /// Records that ComfyUI accepted the prompt. Returns whether a cancel is pending.
+    /// Records that ComfyUI accepted the prompt. Returns whether a stop (a
+    /// cancel, a pause) is pending.
     ///
     /// One statement, fenced in itself: the lease's `submitted_at`, set
     /// once (the `leases_submitted` trigger appends `submitted_to_backend`,
@@ -544,15 +593,17 @@ impl Store {
     /// first, or the lease is lost) does the fence read again.
     pub async fn mark_submitted(&self, job_id: &str, token: i64) -> Result<bool, StoreError> {
         static SQL: LazyLock<String> = LazyLock::new(|| {
-            with_fence(
+            with_fence(concat!(
                 "UPDATE leases SET submitted_at = ?3 WHERE submitted_at IS NULL \
                  AND prompt_id = (SELECT j.prompt_id FROM jobs j WHERE {held}) \
-                 RETURNING (SELECT cancel_requested FROM jobs WHERE id = ?1)",
-            )
+                 RETURNING (SELECT ",
+                stop_requested!(),
+                " FROM jobs j WHERE j.id = ?1)"
+            ))
         });
         match self.fenced_statement(job_id, token, &SQL).await? {
             Stepped::Changed(row) => Ok(row.try_get::<i64, _>(0)? != 0),
-            Stepped::Unchanged { cancel_requested } => Ok(cancel_requested),
+            Stepped::Unchanged { stop_requested } => Ok(stop_requested),
         }
     }
 
@@ -643,8 +694,10 @@ impl Store {
         .await
     }
 
-    /// The backend confirmed (or did not answer in time): the job is cancelled.
-    pub async fn confirm_cancel(
+    /// The backend confirmed the stop a user asked for (or did not answer
+    /// in time; `how` says which): the job is cancelled, or, stopped for a
+    /// pause, queued again paused (a resume that came meanwhile: queued).
+    pub async fn confirm_stop(
         &self,
         job_id: &str,
         token: i64,
@@ -652,7 +705,26 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let done = self
             .transition(job_id, token, |conn, held| {
-                Box::pin(async move { apply(conn, &held, Step::Cancelled { message: how }).await })
+                Box::pin(async move {
+                    let step = if held.cancel_requested {
+                        Step::Cancelled {
+                            message: format!("cancelled: {how}"),
+                        }
+                    } else if held.paused {
+                        Step::Stopped {
+                            message: format!(
+                                "paused: {how}; back in the queue in its place, no backend takes it until it is resumed"
+                            ),
+                        }
+                    } else {
+                        Step::Stopped {
+                            message: format!(
+                                "{how} for a pause, resumed since: queued again in its place"
+                            ),
+                        }
+                    };
+                    apply(conn, &held, step).await
+                })
             })
             .await?;
         Ok(done.is_some())
