@@ -319,6 +319,36 @@ async fn a_running_job_paused_with_interrupt_is_stopped_on_its_box_and_runs_agai
 }
 
 #[tokio::test]
+async fn a_pause_stored_but_not_carried_out_before_a_restart_is_carried_out_after_it() {
+    let sim = start_sim(60_000).await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
+    let long = submit(&app, blur(9, json!({}))).await;
+    app.wait_status(&long, "running").await;
+    // The request stored, its worker never told: the service stopped first.
+    let id = long.clone();
+    let app = app
+        .restart_after(|config| async move {
+            let store = orchestrator::store::Store::open(&config.database_path(), &config.database)
+                .await
+                .unwrap();
+            let change = store.set_paused(&id, true, true).await.unwrap();
+            assert_eq!(change.stopping.as_deref(), Some("node1"));
+            store.close().await;
+        })
+        .await;
+    let job = app
+        .wait_job(&long, "stopped after the restart, paused", |j| {
+            j["status"] == "queued" && j["paused_at"].is_string()
+        })
+        .await;
+    assert_eq!(job["leases"][0]["outcome"], "paused", "{job}");
+    poll("stopped on the box", || async {
+        (sim.queue_len() == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_job_submitted_to_start_later_waits_for_its_time_and_then_runs() {
     let (_sim, app) = one_box_without_safety_net().await;
     let (status, body) = app

@@ -97,7 +97,19 @@ impl TestApp {
 
     /// Stops and starts again on the same data folder.
     pub async fn restart(self) -> TestApp {
+        self.restart_after(|_| async {}).await
+    }
+
+    /// Stops, does `meanwhile` (with the service's config: its database
+    /// is closed), and starts again on the same data folder.
+    #[allow(dead_code)]
+    pub async fn restart_after<F, Fut>(self, meanwhile: F) -> TestApp
+    where
+        F: FnOnce(Config) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let (config, dir) = self.stop().await;
+        meanwhile(config.clone()).await;
         let mut app = spawn_with(config).await;
         app._dir = dir;
         app
