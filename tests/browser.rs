@@ -785,6 +785,31 @@ async fn a_running_job_is_paused_from_its_page_by_stopping_it_on_its_box() {
         &format!("(document.querySelector('#job-{long} .paused') || {{}}).innerText === 'paused' && document.querySelector('#job-{long} button[data-act$=\"/resume\"]') !== null"),
     )
     .await;
+    // Resumed from its row, it runs again; the list of running jobs
+    // stops and pauses them all at once.
+    b.eval(&format!(
+        "document.querySelector('#job-{long} button[data-act$=\"/resume\"]').click()"
+    ))
+    .await;
+    app.wait_job(&long, "running again", |j| {
+        j["status"] == "running" && j["leases"].as_array().unwrap().len() == 2
+    })
+    .await;
+    b.eval("document.querySelector('#filters select[name=status]').value = 'running'; document.getElementById('filters').requestSubmit()")
+        .await;
+    b.wait_for(
+        "the list's stop and pause",
+        &format!("document.getElementById('job-{long}') !== null && (document.getElementById('bulk-pause') || {{}}).innerText === 'Stop and pause this job'"),
+    )
+    .await;
+    b.eval("window.confirm = () => true; document.getElementById('bulk-pause').click()")
+        .await;
+    let job = app
+        .wait_job(&long, "queued again, paused, from the list", |j| {
+            j["status"] == "queued" && j["paused_at"].is_string()
+        })
+        .await;
+    assert_eq!(job["leases"][1]["outcome"], "paused", "{job}");
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }
