@@ -202,6 +202,38 @@ pub struct JobCounts {
     /// When the last of them to finish finished (completed, failed or
     /// cancelled).
     pub last_finished_at: Option<DateTime<Utc>>,
+    /// Where the batch's present pace is measured from: 15 minutes ago, or
+    /// its first submission if later.
+    pub pace_since: DateTime<Utc>,
+    /// How many of them ended (completed, failed or cancelled) since
+    /// `pace_since`.
+    pub ended_recently: i64,
+    /// When those not ended would all have ended at that pace (paused ones
+    /// left out: they wait for a user); `null` when none is left, none
+    /// ended since `pace_since`, or that was under a minute ago. A guess
+    /// for the morning: it follows the farm (a box lost, one added) within
+    /// 15 minutes.
+    pub estimated_end: Option<DateTime<Utc>>,
+}
+
+/// Shortest span a pace is measured over: one job that ended in the first
+/// seconds of a batch says nothing of its end.
+const PACE_MIN: chrono::Duration = chrono::Duration::minutes(1);
+
+/// When `left` more jobs will have ended if they end as `ended` did over
+/// `since`..`now`.
+fn estimate_end(
+    left: i64,
+    ended: i64,
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let span = now - since;
+    if left <= 0 || ended <= 0 || span < PACE_MIN {
+        return None;
+    }
+    let ms = span.num_milliseconds() as f64 * left as f64 / ended as f64;
+    Some(now + chrono::Duration::milliseconds(ms.min(1e15) as i64))
 }
 
 /// How far a batch got: how many jobs the filters match (those of
@@ -228,18 +260,54 @@ pub(super) async fn count_jobs(
     for (status, n) in &counts.by_status {
         jobs.insert(status.as_str().to_string(), *n);
     }
+    let now = Utc::now();
+    let pace_since = counts
+        .first_submitted_at
+        .map_or(counts.recent_since, |f| f.max(counts.recent_since));
+    let total: i64 = jobs.values().sum();
+    let ended: i64 = JobStatus::ALL
+        .iter()
+        .filter(|s| s.is_terminal())
+        .map(|s| jobs[s.as_str()])
+        .sum();
     Ok(Json(JobCounts {
-        total: jobs.values().sum(),
+        total,
+        estimated_end: estimate_end(
+            total - ended - counts.paused,
+            counts.ended_recently,
+            pace_since,
+            now,
+        ),
         jobs,
         paused: counts.paused,
         first_submitted_at: counts.first_submitted_at,
         last_finished_at: counts.last_finished_at,
+        pace_since,
+        ended_recently: counts.ended_recently,
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_ends_at_its_present_pace_once_it_has_one() {
+        let now = Utc::now();
+        let ago = |m| now - chrono::Duration::minutes(m);
+        // 30 ended in 15 minutes: 60 more take 30.
+        assert_eq!(
+            estimate_end(60, 30, ago(15), now),
+            Some(now + chrono::Duration::minutes(30))
+        );
+        assert_eq!(estimate_end(0, 30, ago(15), now), None, "none left");
+        assert_eq!(estimate_end(60, 0, ago(15), now), None, "no pace yet");
+        assert_eq!(
+            estimate_end(60, 2, now - chrono::Duration::seconds(20), now),
+            None,
+            "too soon to tell"
+        );
+    }
 
     #[test]
     fn filters_parse_and_unknown_ones_are_named() {

@@ -370,7 +370,8 @@ fn starts_at(job: &Value) -> Option<&str> {
 }
 
 /// How many jobs the query matches, by status, in a line; then when the
-/// first was submitted and the last finished.
+/// first was submitted and the last finished, and when the rest would end
+/// at the present pace.
 async fn print_counts(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Result<()> {
     let c = remote
         .get(&format!("/api/jobs/counts?{}", encode(q)))
@@ -409,6 +410,14 @@ async fn print_counts(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Resu
         println!(
             "the first submitted at {}{last}",
             time("first_submitted_at")
+        );
+    }
+    if c["estimated_end"].is_string() {
+        println!(
+            "the rest end about {}, at the pace since {} ({} ended)",
+            time("estimated_end"),
+            time("pace_since"),
+            c["ended_recently"]
         );
     }
     Ok(())

@@ -106,7 +106,9 @@ async function renderJobs() {
     + STATUSES.filter(s => counts.jobs[s]).map(s => `<a href="#/" data-count="${s}" class="${s === filters.status ? "on" : ""}">${counts.jobs[s]} ${s}</a>`).join(" · ")
     + (counts.paused ? ` <span class="paused">(${counts.paused} paused)</span>` : "")
     + (filters.status ? ` · <a href="#/" data-count="">every status</a>` : "")
-    + ` <span class="muted">· the first submitted ${time(counts.first_submitted_at)}${counts.last_finished_at ? `, the last finished ${time(counts.last_finished_at)}` : ""}</span></p>`;
+    + ` <span class="muted">· the first submitted ${time(counts.first_submitted_at)}${counts.last_finished_at ? `, the last finished ${time(counts.last_finished_at)}` : ""}</span>`
+    + (counts.estimated_end ? ` <span class="muted" id="estimated-end" title="at the pace since ${esc(counts.pace_since)}: ${counts.ended_recently} ended; paused jobs left out">· the rest end about ${time(counts.estimated_end)}</span>` : "")
+    + `</p>`;
   const thumb = j => j.preview
     ? `<a href="#/job/${esc(j.job_id)}"><img class="thumb" loading="lazy" alt="" src="/api/job/${esc(j.job_id)}/outputs/${encodeURIComponent(j.preview)}?thumb=64"></a>`
     : "";

@@ -93,20 +93,25 @@ fn list_query<'a>(
 }
 
 /// One status's row of a count: the status, its jobs, how many of them
-/// are paused, the first submission and the last finish.
-type CountRow = (JobStatus, i64, i64, Option<String>, Option<String>);
+/// are paused, the first submission, the last finish, and how many ended
+/// recently.
+type CountRow = (JobStatus, i64, i64, Option<String>, Option<String>, i64);
 
-/// Builds the count of the jobs a filter matches, by status.
+/// Builds the count of the jobs a filter matches, by status (those that
+/// ended at or after `recent` counted apart).
 fn count_query<'a>(
     prefix: &str,
     filter: &'a JobFilter,
     lower: Option<i64>,
     upper: Option<i64>,
+    recent: String,
 ) -> QueryBuilder<'a, Sqlite> {
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
         "{prefix}SELECT j.status, count(*), count(j.paused_at), min(j.submitted_at), \
-         max(j.finished_at) FROM "
+         max(j.finished_at), count(CASE WHEN j.finished_at >= "
     ));
+    q.push_bind(recent);
+    q.push(" THEN 1 END) FROM ");
     push_filtered(&mut q, filter, lower, upper);
     q.push(" GROUP BY j.status");
     q
@@ -209,7 +214,11 @@ impl Store {
     /// filter's `limit` and cursor do not apply. With no filter at all it
     /// reads the counts the triggers keep.
     pub async fn count_jobs(&self, filter: &JobFilter) -> Result<JobCounts, StoreError> {
-        let mut counts = JobCounts::default();
+        let mut counts = JobCounts {
+            recent_since: chrono::Utc::now() - PACE_WINDOW,
+            ..Default::default()
+        };
+        let recent = fmt_time(counts.recent_since);
         let unfiltered = JobFilter {
             limit: filter.limit,
             ..Default::default()
@@ -217,27 +226,31 @@ impl Store {
         if *filter == unfiltered {
             counts.by_status = self.job_counts().await?;
             counts.paused = self.paused_count().await?;
-            let (first, last): (Option<String>, Option<String>) = sqlx::query_as(
+            let (first, last, ended): (Option<String>, Option<String>, i64) = sqlx::query_as(
                 "SELECT (SELECT min(submitted_at) FROM jobs), \
-                 (SELECT max(finished_at) FROM jobs INDEXED BY jobs_by_finished WHERE finished_at IS NOT NULL)",
+                 (SELECT max(finished_at) FROM jobs INDEXED BY jobs_by_finished WHERE finished_at IS NOT NULL), \
+                 (SELECT count(*) FROM jobs INDEXED BY jobs_by_finished WHERE finished_at >= ?)",
             )
+            .bind(recent)
             .fetch_one(self.reader())
             .await?;
             counts.first_submitted_at = first.as_deref().and_then(super::parse_time);
             counts.last_finished_at = last.as_deref().and_then(super::parse_time);
+            counts.ended_recently = ended;
             return Ok(counts);
         }
         let Some((lower, upper)) = self.seq_bounds(filter).await? else {
             return Ok(counts);
         };
-        let rows: Vec<CountRow> = count_query("", filter, lower, upper)
+        let rows: Vec<CountRow> = count_query("", filter, lower, upper, recent)
             .build_query_as()
             .fetch_all(self.reader())
             .await?;
         let (mut first, mut last): (Option<String>, Option<String>) = (None, None);
-        for (status, n, paused, f, l) in rows {
+        for (status, n, paused, f, l, ended) in rows {
             counts.by_status.push((status, n));
             counts.paused += paused;
+            counts.ended_recently += ended;
             // Stored times are of one width: their order as text is theirs.
             first = match (first, f) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -253,7 +266,13 @@ impl Store {
     /// SQLite's plan for the count of `filter` (with both seq bounds
     /// present), so tests can check that an index serves it.
     pub async fn explain_count(&self, filter: &JobFilter) -> Result<Vec<String>, StoreError> {
-        let mut q = count_query("EXPLAIN QUERY PLAN ", filter, Some(1), Some(i64::MAX));
+        let mut q = count_query(
+            "EXPLAIN QUERY PLAN ",
+            filter,
+            Some(1),
+            Some(i64::MAX),
+            String::new(),
+        );
         let rows = q.build().fetch_all(self.reader()).await?;
         rows.iter()
             .map(|r| r.try_get::<String, _>("detail").map_err(StoreError::from))

@@ -349,7 +349,17 @@ pub struct JobCounts {
     pub first_submitted_at: Option<DateTime<Utc>>,
     /// When the last of them to finish finished.
     pub last_finished_at: Option<DateTime<Utc>>,
+    /// How many of them ended (completed, failed or cancelled) at or
+    /// after [`JobCounts::recent_since`]: the pace of the batch now.
+    pub ended_recently: i64,
+    /// Where "recently" starts ([`PACE_WINDOW`] before the count).
+    pub recent_since: DateTime<Utc>,
 }
+
+/// How far back a count looks for the pace at which jobs end: long enough
+/// to span several jobs of minutes each, short enough to follow a farm
+/// that lost or gained a box.
+pub const PACE_WINDOW: chrono::Duration = chrono::Duration::minutes(15);
 
 /// One page of history, newest first.
 #[derive(Debug, Clone)]
