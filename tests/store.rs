@@ -596,6 +596,51 @@ async fn lease_and_pause(app: &TestApp, backend: &str, id: &str) -> i64 {
 }
 
 #[tokio::test]
+async fn a_batchs_pace_counts_the_jobs_that_ended_after_they_ran() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    let batch = json!({"metadata": {"batch": "b"}});
+    let ran = app.submit_blur(batch.clone()).await;
+    let failed = app
+        .submit_blur(json!({"metadata": {"batch": "b"}, "max_attempts": 1}))
+        .await;
+    let never_ran = app.submit_blur(batch.clone()).await;
+    let left = app.submit_blur(batch).await;
+    let other = app.submit_blur(json!({})).await;
+    for id in [&ran, &failed] {
+        let l = app.store.lease_next("n1").await.unwrap().unwrap();
+        assert_eq!(&l.job_id, id);
+        app.store.mark_running(id, l.token).await.unwrap();
+        if id == &ran {
+            app.store.complete(id, l.token, vec![]).await.unwrap();
+        } else {
+            app.store
+                .fail_attempt(id, l.token, false, failure(), Duration::zero())
+                .await
+                .unwrap();
+        }
+    }
+    // Cancelled while queued: ended, but took no farm time.
+    app.store.request_cancel(&never_ran).await.unwrap();
+    app.store.request_cancel(&other).await.unwrap();
+    let filter = orchestrator::store::JobFilter {
+        metadata: vec![("batch".into(), "b".into())],
+        ..Default::default()
+    };
+    let counts = app.store.count_jobs(&filter).await.unwrap();
+    let ended: i64 = counts
+        .by_status
+        .iter()
+        .filter(|(s, _)| s.is_terminal())
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!((ended, counts.ended_recently), (3, 2), "{counts:?}");
+    let all = app.store.count_jobs(&Default::default()).await.unwrap();
+    assert_eq!(all.ended_recently, 2, "{all:?}");
+    assert_eq!(app.job(&left).await["status"], "queued");
+}
+
+#[tokio::test]
 async fn a_held_job_paused_with_interrupt_is_stopped_and_queued_again_paused_in_its_place() {
     let app = spawn_app().await;
     farm(&app, &[("n1", &[])]).await;

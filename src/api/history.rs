@@ -206,7 +206,8 @@ pub struct JobCounts {
     /// its first submission if later.
     pub pace_since: DateTime<Utc>,
     /// How many of them ended (completed, failed or cancelled) since
-    /// `pace_since`.
+    /// `pace_since`, having run (a backend had started them): those
+    /// cancelled or failed before they ran took no farm time.
     pub ended_recently: i64,
     /// When those not ended would all have ended at that pace (paused ones
     /// left out: they wait for a user); `null` when none is left, none

@@ -94,11 +94,11 @@ fn list_query<'a>(
 
 /// One status's row of a count: the status, its jobs, how many of them
 /// are paused, the first submission, the last finish, and how many ended
-/// recently.
+/// recently after they ran.
 type CountRow = (JobStatus, i64, i64, Option<String>, Option<String>, i64);
 
 /// Builds the count of the jobs a filter matches, by status (those that
-/// ended at or after `recent` counted apart).
+/// ended at or after `recent`, having run, counted apart).
 fn count_query<'a>(
     prefix: &str,
     filter: &'a JobFilter,
@@ -108,7 +108,7 @@ fn count_query<'a>(
 ) -> QueryBuilder<'a, Sqlite> {
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
         "{prefix}SELECT j.status, count(*), count(j.paused_at), min(j.submitted_at), \
-         max(j.finished_at), count(CASE WHEN j.finished_at >= "
+         max(j.finished_at), count(CASE WHEN j.started_at IS NOT NULL AND j.finished_at >= "
     ));
     q.push_bind(recent);
     q.push(" THEN 1 END) FROM ");
@@ -229,7 +229,8 @@ impl Store {
             let (first, last, ended): (Option<String>, Option<String>, i64) = sqlx::query_as(
                 "SELECT (SELECT min(submitted_at) FROM jobs), \
                  (SELECT max(finished_at) FROM jobs INDEXED BY jobs_by_finished WHERE finished_at IS NOT NULL), \
-                 (SELECT count(*) FROM jobs INDEXED BY jobs_by_finished WHERE finished_at >= ?)",
+                 (SELECT count(*) FROM jobs INDEXED BY jobs_by_finished \
+                  WHERE finished_at >= ? AND started_at IS NOT NULL)",
             )
             .bind(recent)
             .fetch_one(self.reader())

@@ -350,7 +350,9 @@ pub struct JobCounts {
     /// When the last of them to finish finished.
     pub last_finished_at: Option<DateTime<Utc>>,
     /// How many of them ended (completed, failed or cancelled) at or
-    /// after [`JobCounts::recent_since`]: the pace of the batch now.
+    /// after [`JobCounts::recent_since`], having run: the pace of the
+    /// batch now (a queue cancelled at once, or jobs failed with the one
+    /// they start from, took no farm time and say nothing of it).
     pub ended_recently: i64,
     /// Where "recently" starts ([`PACE_WINDOW`] before the count).
     pub recent_since: DateTime<Utc>,
