@@ -325,7 +325,7 @@ async fn unfit(
     };
     append_event(conn, job_id, ev).await?;
     if let Some(reason) = unrunnable_reason(conn, job_id).await? {
-        super::transitions::fail_queued(conn, job_id, reason).await?;
+        super::writes::fail_queued(conn, job_id, reason).await?;
     }
     Ok(())
 }

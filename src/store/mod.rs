@@ -42,6 +42,7 @@ mod transitions;
 mod waiting;
 mod webhooks;
 pub mod writer;
+mod writes;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -13,8 +13,9 @@ use sqlx::SqliteConnection;
 use super::batch::Batch;
 use super::cleanup::{add_cleanup, CleanupEntry};
 use super::model::*;
-use super::transitions::{apply, finish_lease, push_ran_at, Held, LostOutcome, LostRun, Step};
+use super::transitions::{apply, Held, LostOutcome, LostRun, Step};
 use super::waiting::unrunnable_reason;
+use super::writes::{finish_lease, push_ran_at};
 use super::{Store, StoreError};
 
 /// How long a retried job keeps away from the backend that failed it:

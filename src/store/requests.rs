@@ -15,7 +15,7 @@ use sqlx::Row;
 use super::batch::Batch;
 use super::events::{push_event, EventInput};
 use super::model::*;
-use super::transitions::{job_row, push_back_to_queue, push_final, Requeue};
+use super::writes::{job_row, push_back_to_queue, push_final, Requeue};
 use super::{fmt_time, Store, StoreError};
 
 /// What a change of priority did.
