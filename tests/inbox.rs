@@ -422,3 +422,52 @@ async fn a_pass_whose_first_never_comes_is_rejected_once_it_waited_long_enough()
     let (_, list) = app.get("/api/jobs").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 0);
 }
+
+/// A batch dropped by day for the night: a file may say `paused` or
+/// `start_after`, as a manifest sent over HTTP does; a wrong one is
+/// rejected with the field named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_may_hold_its_job_back_paused_or_until_a_time() {
+    let (app, inbox) = spawn_inbox_app().await;
+    let held = |extra: Value, n: usize| {
+        let mut m: Value = serde_json::from_str(&manifest("night", n)).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            m[k] = v.clone();
+        }
+        m.to_string()
+    };
+    std::fs::write(inbox.join("a.json"), held(json!({"paused": true}), 1)).unwrap();
+    std::fs::write(
+        inbox.join("b.json"),
+        held(json!({"start_after": "2099-01-01T20:00:00Z"}), 2),
+    )
+    .unwrap();
+    std::fs::write(
+        inbox.join("c.json"),
+        held(json!({"start_after": "tonight"}), 3),
+    )
+    .unwrap();
+    poll("two accepted, one rejected", || async {
+        (names(&inbox.join("accepted")).len() == 2 && names(&inbox.join("rejected")).len() == 2)
+            .then_some(())
+    })
+    .await;
+    let jobs = jobs_of_batch(&app.url, "night").await;
+    assert_eq!(jobs.len(), 2);
+    for j in &jobs {
+        let detail = app.job(j["job_id"].as_str().unwrap()).await;
+        match j["metadata"]["n"].as_u64() {
+            Some(1) => assert!(detail["paused_at"].is_string(), "{detail}"),
+            Some(2) => assert!(
+                detail["not_before"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("2099-01-01T20:00:00"),
+                "{detail}"
+            ),
+            _ => panic!("{j}"),
+        }
+    }
+    let why = std::fs::read_to_string(inbox.join("rejected").join("c.json.error.json")).unwrap();
+    assert!(why.contains("start_after"), "{why}");
+}
