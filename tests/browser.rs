@@ -438,6 +438,12 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
         &format!("document.getElementById('job-{id}') !== null"),
     )
     .await;
+    // Why the failed one failed, above the list, linking it.
+    b.wait_for(
+        "the failures' cause",
+        &format!("(document.getElementById('failure-causes') || {{}}).innerText === 'why they failed: 1 × parent_failed ({})' && document.querySelector('#failure-causes a[href=\"#/job/{child}\"]') !== null", short(&child)),
+    )
+    .await;
     // How far the jobs got, by status, above the list: a count filters
     // the list to its status.
     b.wait_for(

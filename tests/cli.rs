@@ -444,3 +444,38 @@ async fn watch_without_a_terminal_prints_lines_and_fails_when_a_job_does() {
         "{err}"
     );
 }
+
+/// The morning after: how many of a batch failed, and why, grouped by
+/// cause, each with a job to look at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_count_says_why_its_failed_jobs_failed() {
+    let (_sim, app) = one_failing_backend(50).await;
+    let mut failed = Vec::new();
+    for n in 0..2 {
+        let id = app
+            .submit_blur(json!({"max_attempts": 1, "metadata": {"batch": "night2", "n": n}}))
+            .await;
+        app.wait_status(&id, "failed").await;
+        failed.push(id);
+    }
+    let (_, c) = app.get("/api/jobs/counts?metadata.batch=night2").await;
+    assert_eq!(
+        c["failures"],
+        json!([{"cause": "RuntimeError in ImageBlur", "jobs": 2, "example": failed[1]}]),
+        "{c}"
+    );
+    let (ok, out, err) = cli(&app.url, &["jobs", "--count", "-m", "batch=night2"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!(
+            "why they failed:\n     2  RuntimeError in ImageBlur  (e.g. {})\n",
+            failed[1]
+        )),
+        "{out}"
+    );
+    // None failed, none named.
+    let (_, c) = app
+        .get("/api/jobs/counts?metadata.batch=night2&status=queued")
+        .await;
+    assert_eq!(c["failures"], json!([]), "{c}");
+}

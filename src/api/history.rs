@@ -215,6 +215,100 @@ pub struct JobCounts {
     /// for the morning: it follows the farm (a box lost, one added) within
     /// 15 minutes.
     pub estimated_end: Option<DateTime<Utc>>,
+    /// Why they failed: the failed ones (the newest 10,000) grouped by
+    /// cause, the commonest first, at most 10 causes; empty when none
+    /// failed.
+    pub failures: Vec<FailureCause>,
+}
+
+/// Failed jobs with one cause.
+#[derive(Debug, Serialize, ToSchema, PartialEq)]
+pub struct FailureCause {
+    /// The cause in a few words: ComfyUI's exception and the node type
+    /// that raised it (`torch.OutOfMemoryError in KSampler`), `timed out`,
+    /// `rejected by the backend (…)`, `parent_failed`, `input_missing`,
+    /// or the start of the error's message.
+    pub cause: String,
+    /// How many failed so.
+    pub jobs: i64,
+    /// The newest of them, to look at.
+    pub example: String,
+}
+
+/// Failed jobs a count reads to say why they failed (the newest).
+const FAILURES_READ: i64 = 10_000;
+
+/// Causes a count names at most.
+const CAUSES_SHOWN: usize = 10;
+
+/// What a failed job's error says of its cause, in a few words that the
+/// same cause on another backend, or at another attempt, says alike.
+fn failure_cause(error: &serde_json::Value) -> String {
+    if let Some(code) = error["code"].as_str() {
+        return code.to_string();
+    }
+    if let Some(t) = error["exception_type"].as_str() {
+        return match error["node_type"].as_str() {
+            Some(node) => format!("{t} in {node}"),
+            None => t.to_string(),
+        };
+    }
+    if error.get("timeout_s").is_some() {
+        return "timed out".into();
+    }
+    if error.get("lost_runs").is_some() {
+        return "its backends died under it too many times".into();
+    }
+    if error.get("node_errors").is_some() || error.get("http_status").is_some() {
+        return match error["comfyui_error"]["type"].as_str() {
+            Some(t) => format!("rejected by the backend ({t})"),
+            None => "rejected by the backend".into(),
+        };
+    }
+    if error["interrupted"] == true {
+        return "interrupted at the backend, not by this orchestrator".into();
+    }
+    // The message, without the backend it happened on and the details
+    // after its first clause.
+    let message = error["message"].as_str().unwrap_or("no error recorded");
+    let message = match message.strip_prefix("backend ") {
+        Some(rest) => rest.split_once(": ").map_or(message, |(_, m)| m),
+        None => message,
+    };
+    let end = message.find([':', ';', '(']).unwrap_or(message.len()).min(
+        message
+            .char_indices()
+            .nth(80)
+            .map_or(message.len(), |(i, _)| i),
+    );
+    message[..end].trim().to_string()
+}
+
+/// The failed jobs' `(id, error)`, newest first, grouped by cause.
+fn failure_causes(failed: Vec<(String, Option<String>)>) -> Vec<FailureCause> {
+    let mut causes: Vec<FailureCause> = Vec::new();
+    let mut at: std::collections::HashMap<String, usize> = Default::default();
+    for (id, error) in failed {
+        let error = error
+            .and_then(|e| serde_json::from_str(&e).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let cause = failure_cause(&error);
+        match at.get(&cause) {
+            Some(&i) => causes[i].jobs += 1,
+            None => {
+                at.insert(cause.clone(), causes.len());
+                causes.push(FailureCause {
+                    cause,
+                    jobs: 1,
+                    example: id,
+                });
+            }
+        }
+    }
+    // Stable: of causes as common, the one seen most recently first.
+    causes.sort_by_key(|c| std::cmp::Reverse(c.jobs));
+    causes.truncate(CAUSES_SHOWN);
+    causes
 }
 
 /// Shortest span a pace is measured over: one job that ended in the first
@@ -254,6 +348,14 @@ pub(super) async fn count_jobs(
 ) -> Result<Json<JobCounts>, ApiError> {
     let filter = parse_filter(query.as_deref(), Ask::Count)?;
     let counts = state.store.count_jobs(&filter).await?;
+    let failures = match counts
+        .by_status
+        .iter()
+        .any(|(s, _)| *s == JobStatus::Failed)
+    {
+        true => failure_causes(state.store.failed_errors(&filter, FAILURES_READ).await?),
+        false => Vec::new(),
+    };
     let mut jobs: BTreeMap<String, i64> = JobStatus::ALL
         .iter()
         .map(|s| (s.as_str().to_string(), 0))
@@ -285,12 +387,58 @@ pub(super) async fn count_jobs(
         last_finished_at: counts.last_finished_at,
         pace_since,
         ended_recently: counts.ended_recently,
+        failures,
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn failures_are_grouped_by_what_caused_them_whatever_the_backend() {
+        let oom = |backend: &str| {
+            json!({"message": format!("backend {backend}: node 3 (KSampler) raised torch.OutOfMemoryError: Allocation on device (attempt 3 of 3; no attempts left)"),
+                   "exception_type": "torch.OutOfMemoryError", "node_type": "KSampler", "backend_id": backend})
+        };
+        let failed: Vec<(String, Option<String>)> = [
+            ("j6", oom("small1")),
+            ("j5", json!({"message": "timed out after 60 s on backend b", "timeout_s": 60})),
+            ("j4", json!({"message": "backend b: the prompt finished but its outputs could not be collected after 3 tries: HTTP 500", "backend_id": "b"})),
+            ("j3", oom("small2")),
+            ("j2", json!({"code": "parent_failed", "message": "job x failed"})),
+            ("j1", json!({"message": "backend b rejected the workflow: ...", "http_status": 400, "node_errors": {}, "comfyui_error": {"type": "prompt_outputs_failed_validation"}})),
+            ("j0", json!({"message": "backend c: the prompt finished but its outputs could not be collected after 3 tries: timed out", "backend_id": "c"})),
+        ]
+        .into_iter()
+        .map(|(id, e)| (id.to_string(), Some(e.to_string())))
+        .collect();
+        let causes: Vec<(String, i64, String)> = failure_causes(failed)
+            .into_iter()
+            .map(|c| (c.cause, c.jobs, c.example))
+            .collect();
+        let c = |cause: &str, jobs, example: &str| (cause.to_string(), jobs, example.to_string());
+        assert_eq!(
+            causes,
+            [
+                c("torch.OutOfMemoryError in KSampler", 2, "j6"),
+                c(
+                    "the prompt finished but its outputs could not be collected after 3 tries",
+                    2,
+                    "j4"
+                ),
+                c("timed out", 1, "j5"),
+                c("parent_failed", 1, "j2"),
+                c(
+                    "rejected by the backend (prompt_outputs_failed_validation)",
+                    1,
+                    "j1"
+                ),
+            ]
+        );
+        assert_eq!(failure_cause(&serde_json::Value::Null), "no error recorded");
+    }
 
     #[test]
     fn a_batch_ends_at_its_present_pace_once_it_has_one() {

@@ -370,8 +370,8 @@ fn starts_at(job: &Value) -> Option<&str> {
 }
 
 /// How many jobs the query matches, by status, in a line; then when the
-/// first was submitted and the last finished, and when the rest would end
-/// at the present pace.
+/// first was submitted and the last finished, when the rest would end at
+/// the present pace, and why those that failed failed.
 async fn print_counts(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Result<()> {
     let c = remote
         .get(&format!("/api/jobs/counts?{}", encode(q)))
@@ -419,6 +419,18 @@ async fn print_counts(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Resu
             time("pace_since"),
             c["ended_recently"]
         );
+    }
+    let failures = c["failures"].as_array().cloned().unwrap_or_default();
+    if !failures.is_empty() {
+        println!("why they failed:");
+        for f in failures {
+            println!(
+                "{:>6}  {}  (e.g. {})",
+                f["jobs"].as_i64().unwrap_or(0),
+                f["cause"].as_str().unwrap_or(""),
+                f["example"].as_str().unwrap_or("")
+            );
+        }
     }
     Ok(())
 }

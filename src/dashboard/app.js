@@ -108,7 +108,9 @@ async function renderJobs() {
     + (filters.status ? ` · <a href="#/" data-count="">every status</a>` : "")
     + ` <span class="muted">· the first submitted ${time(counts.first_submitted_at)}${counts.last_finished_at ? `, the last finished ${time(counts.last_finished_at)}` : ""}</span>`
     + (counts.estimated_end ? ` <span class="muted" id="estimated-end" title="at the pace since ${esc(counts.pace_since)}: ${counts.ended_recently} ended; paused jobs left out">· the rest end about ${time(counts.estimated_end)}</span>` : "")
-    + `</p>`;
+    + `</p>`
+    // Why the failed ones failed, by cause, each with one to look at.
+    + (counts.failures && counts.failures.length ? `<p id="failure-causes" class="muted">why they failed: ${counts.failures.map(f => `${f.jobs} × <span class="s-failed">${esc(f.cause)}</span> (<a class="mono" href="#/job/${esc(f.example)}">${esc(short(f.example))}</a>)`).join(" · ")}</p>` : "");
   const thumb = j => j.preview
     ? `<a href="#/job/${esc(j.job_id)}"><img class="thumb" loading="lazy" alt="" src="/api/job/${esc(j.job_id)}/outputs/${encodeURIComponent(j.preview)}?thumb=64"></a>`
     : "";

@@ -264,6 +264,30 @@ impl Store {
         Ok(counts)
     }
 
+    /// The errors of the failed jobs `filter` matches, newest first, at
+    /// most `max` of them: what a batch's failures have in common.
+    pub async fn failed_errors(
+        &self,
+        filter: &JobFilter,
+        max: i64,
+    ) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        if !filter.statuses.is_empty() && !filter.statuses.contains(&JobStatus::Failed) {
+            return Ok(Vec::new());
+        }
+        let failed = JobFilter {
+            statuses: vec![JobStatus::Failed],
+            ..filter.clone()
+        };
+        let Some((lower, upper)) = self.seq_bounds(&failed).await? else {
+            return Ok(Vec::new());
+        };
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT j.id, j.error FROM ");
+        let order_col = push_filtered(&mut q, &failed, lower, upper);
+        q.push(format!(" ORDER BY {order_col} DESC LIMIT "));
+        q.push_bind(max);
+        Ok(q.build_query_as().fetch_all(self.reader()).await?)
+    }
+
     /// SQLite's plan for the count of `filter` (with both seq bounds
     /// present), so tests can check that an index serves it.
     pub async fn explain_count(&self, filter: &JobFilter) -> Result<Vec<String>, StoreError> {
