@@ -506,3 +506,36 @@ async fn a_download_that_stalls_is_an_error_for_that_backend_not_an_hours_wait()
         .unwrap_or_default();
     assert!(names.is_empty(), "{names:?}");
 }
+
+/// A run past its time limit that its node ends later by itself (it never
+/// looked for the interrupt): the box is free the moment ComfyUI says its
+/// queue changed, not at the next safety-net round (here ten minutes).
+#[tokio::test]
+async fn a_box_whose_timed_out_prompt_ends_by_itself_takes_the_next_job_at_once() {
+    let sim = start_sim_with(SimConfig {
+        job_ms: 2_000,
+        ignore_interrupts: 1_000,
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm_with(vec![backend("a", sim.port, &[], 1)], |c| {
+        c.dispatch.poll_interval_ms = 600_000
+    })
+    .await;
+    app.wait_backend("a", "online").await;
+    let slow = app
+        .submit_blur(json!({"timeout_s": 1, "max_attempts": 1}))
+        .await;
+    app.wait_status(&slow, "running").await;
+    let next = app.submit_blur(json!({"parameters": {"width": 40}})).await;
+    let job = app.wait_status(&slow, "failed").await;
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 1 s"),
+        "{job}"
+    );
+    let job = app.wait_status(&next, "completed").await;
+    assert_eq!(job["backend_id"], "a");
+}

@@ -127,7 +127,8 @@ impl Worker {
     /// ComfyUI's queue holds `remaining` prompts, running or waiting (a
     /// `status` message, sent at each change of its queue): what is not
     /// ours takes the box's slots too, so that work queued behind an
-    /// artist's prompts goes to a free box instead.
+    /// artist's prompts goes to a free box instead; and a box kept from new
+    /// jobs by a prompt given up on is asked again.
     ///
     /// Ours are the prompts followed in a phase where the backend may hold
     /// them. The count errs towards "ours" (a prompt whose end is being
@@ -135,6 +136,12 @@ impl Worker {
     /// before; a prompt given up on that still runs there counts as not
     /// ours, which it is as far as free slots go.
     fn saw_queue(&mut self, remaining: i64) {
+        // A prompt given up on that still ran there may have ended (a node
+        // that never looked for the interrupt, done at last): the box is
+        // asked now, not at the next safety-net round.
+        if self.stuck {
+            self.reconcile_soon = true;
+        }
         let ours = self
             .tracked
             .values()
