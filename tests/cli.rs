@@ -360,7 +360,14 @@ async fn a_batch_submitted_paused_is_listed_and_resumed_by_its_ids() {
 /// without `--interrupt` (which says so), stopped there with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_shot_is_paused_with_interrupt_and_waits_in_the_queue() {
-    let sim = start_sim(60_000).await;
+    // Its node never looks for the interrupt: the stop is given up on
+    // after the cancel timeout (5 s here), as for a cancel.
+    let sim = start_sim_with(orchestrator::simulator::SimConfig {
+        job_ms: 60_000,
+        ignore_interrupts: 1_000,
+        ..Default::default()
+    })
+    .await;
     let app = spawn_farm(vec![backend("cli2", sim.port, &[], 1)]).await;
     let long = app.submit_blur(json!({})).await;
     app.wait_status(&long, "running").await;
@@ -372,10 +379,24 @@ async fn a_running_shot_is_paused_with_interrupt_and_waits_in_the_queue() {
         out.contains("paused: backend cli2 is being asked to stop it"),
         "{out}"
     );
-    app.wait_job(&long, "queued again, paused", |j| {
-        j["status"] == "queued" && j["paused_at"].is_string()
-    })
-    .await;
+    let (ok, out, err) = cli(&app.url, &["status", &long]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("(backend cli2 is being asked to stop it; it then waits in the queue until `orchestrator resume"),
+        "{out}"
+    );
+    let job = app
+        .wait_job(&long, "queued again, paused", |j| {
+            j["status"] == "queued" && j["paused_at"].is_string()
+        })
+        .await;
+    let last = app.events(&long).await.pop().unwrap();
+    assert!(
+        last["message"].as_str().unwrap().starts_with(
+            "paused: backend cli2 did not confirm within 5 s; the prompt is on the cleanup list"
+        ),
+        "{last} {job}"
+    );
     let (ok, table, err) = cli(&app.url, &["jobs"]).await;
     assert!(ok, "{err}");
     let row = table

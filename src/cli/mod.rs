@@ -234,7 +234,14 @@ pub async fn status(remote: &Remote, id: &str) -> anyhow::Result<()> {
     println!("backend    {}", field("backend_id"));
     println!("attempts   {} of {}", job["attempts"], job["max_attempts"]);
     println!("submitted  {}", field("submitted_at"));
-    if job["paused_at"].is_string() {
+    let held = matches!(job["status"].as_str(), Some("assigned" | "running"));
+    if job["paused_at"].is_string() && held {
+        println!(
+            "paused     {} (backend {} is being asked to stop it; it then waits in the queue until `orchestrator resume {id}`)",
+            field("paused_at"),
+            field("backend_id")
+        );
+    } else if job["paused_at"].is_string() {
         println!(
             "paused     {} (`orchestrator resume {id}` lets it run)",
             field("paused_at")
