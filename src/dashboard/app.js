@@ -225,6 +225,7 @@ async function renderJob(id) {
       <span class="muted">Priority</span><span>${j.priority}${ended ? "" : ` <button id="set-priority" title="higher runs first; a queued job moves in the queue at once">Change</button>`}</span>
       ${["waiting", "queued"].includes(j.status) && !j.attempts ? `<span class="muted">Starts</span><span>${scheduled(j) ? time(j.not_before) : "in its turn"} <button id="set-start" title="no backend takes it before this time (its start_after)">Change</button></span>` : ""}
       ${j.waiting_for ? `<span class="muted">Waiting for</span><span>${esc(j.waiting_for)}</span>` : ""}
+      ${j.paused_at && ["assigned", "running"].includes(j.status) ? `<span class="muted">Pausing</span><span class="paused" id="pausing">asked at ${time(j.paused_at)}: backend ${esc(j.backend_id)} is being asked to stop it; it then waits in the queue, paused</span>` : ""}
       ${j.starts_from.length ? `<span class="muted">Starts from</span><span>${jobLinks(j.starts_from)}</span>` : ""}
       ${j.followed_by.length ? `<span class="muted">Followed by</span><span>${jobLinks(j.followed_by)}</span>` : ""}
       <span class="muted">Submitted</span><span>${time(j.submitted_at)}</span>
