@@ -271,6 +271,15 @@ async fn a_running_job_paused_with_interrupt_is_stopped_on_its_box_and_runs_agai
     app.wait_status(&long, "running").await;
 
     let pause = format!("/api/job/{long}/pause");
+    // An empty body (whatever its type says) asks no interrupt: refused.
+    let r = app
+        .client
+        .post(format!("{}{pause}", app.url))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
     let (status, body) = app.post_json(&pause, &json!({"interrupt": "yes"})).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["field"], "interrupt", "{body}");

@@ -519,13 +519,12 @@ pub(super) async fn pause_job(
     Path(id): Path<String>,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let has_body = req.headers().contains_key(header::CONTENT_TYPE)
-        || req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    let interrupt = if has_body {
-        match json_request(&state, req).await?.get("interrupt") {
+    // No body (or an empty one, whatever its type says): no interrupt, as
+    // before the body existed.
+    let headers = req.headers().clone();
+    let body = limited_body(req, state.config.limits.max_body_bytes).await?;
+    let interrupt = if !body.iter().all(u8::is_ascii_whitespace) {
+        match json_body(&headers, Ok(body))?.get("interrupt") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(other) => {

@@ -198,7 +198,7 @@ impl Store {
                             status: Some(status),
                             backend_id: Some(backend),
                             message: Some(format!(
-                                "resumed by a user before backend {backend} stopped it: it runs on there, or, stopped already, in its turn"
+                                "resumed by a user while backend {backend} was being asked to stop it: stopped, it is queued again in its place, not paused"
                             )),
                             ..Default::default()
                         },
