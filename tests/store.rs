@@ -641,6 +641,38 @@ async fn a_batchs_pace_counts_the_jobs_that_ended_after_they_ran() {
 }
 
 #[tokio::test]
+async fn an_ended_job_is_not_paused_however_it_ended() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    // Paused, then cancelled.
+    let cancelled = app.submit_blur(json!({"paused": true})).await;
+    app.store.request_cancel(&cancelled).await.unwrap();
+    // Paused, then failed with the job it starts from (SQLite's triggers).
+    let parent = app.submit_blur(json!({"max_attempts": 1})).await;
+    let child = app
+        .submit_blur(json!({"paused": true, "parameters": {"image": format!("job:{parent}")}, "workflow_id": "image_invert"}))
+        .await;
+    let l = app.store.lease_next("n1").await.unwrap().unwrap();
+    assert_eq!(l.job_id, parent);
+    app.store
+        .fail_attempt(&parent, l.token, false, failure(), Duration::zero())
+        .await
+        .unwrap();
+    let still = app.submit_blur(json!({"paused": true})).await;
+    for (id, status) in [(&cancelled, "cancelled"), (&child, "failed")] {
+        let job = app.job(id).await;
+        assert_eq!(job["status"], status, "{job}");
+        assert_eq!(job["paused_at"], serde_json::Value::Null, "{job}");
+    }
+    assert!(app.job(&still).await["paused_at"].is_string());
+    let counts = app.store.count_jobs(&Default::default()).await.unwrap();
+    assert_eq!(
+        counts.paused, 1,
+        "only the one that may still run: {counts:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_held_job_paused_with_interrupt_is_stopped_and_queued_again_paused_in_its_place() {
     let app = spawn_app().await;
     farm(&app, &[("n1", &[])]).await;

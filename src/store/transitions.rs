@@ -220,9 +220,7 @@ pub(super) async fn apply(
                 let ev = event("cancel_too_late", JobStatus::Completed, message, None);
                 push_event(&mut b, id, ev, &now);
             } else if held.paused {
-                // Nothing is left to hold back: it is not paused any more.
-                b.push("UPDATE jobs SET paused_at = NULL WHERE id = ?")
-                    .bind(id.to_string());
+                // No longer paused: an ended job is not (migration V14).
                 let message = format!(
                     "the pause came too late: the prompt had already finished on backend {}, so the job is completed",
                     held.backend
