@@ -37,6 +37,20 @@ fn chromium() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Chromium, or `None` after saying the test is skipped (never on CI,
+/// whose `.ci/run` installs it).
+fn chromium_or_skip() -> Option<PathBuf> {
+    let exe = chromium();
+    if exe.is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must have chromium (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: no chromium on this machine (apt-get install chromium)");
+    }
+    exe
+}
+
 impl Browser {
     async fn launch(exe: PathBuf) -> Browser {
         let profile = tempfile::tempdir().unwrap();
@@ -208,12 +222,7 @@ impl Browser {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors() {
-    let Some(exe) = chromium() else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must have chromium (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: no chromium on this machine (apt-get install chromium)");
+    let Some(exe) = chromium_or_skip() else {
         return;
     };
     let sim = start_sim(2_500).await;
@@ -741,12 +750,7 @@ async fn the_dashboard_shows_a_job_reach_completed_live_with_no_console_errors()
 /// its row on the list says so and offers to resume it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_is_paused_from_its_page_by_stopping_it_on_its_box() {
-    let Some(exe) = chromium() else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must have chromium (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: no chromium on this machine (apt-get install chromium)");
+    let Some(exe) = chromium_or_skip() else {
         return;
     };
     let sim = start_sim(60_000).await;
