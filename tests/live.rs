@@ -478,6 +478,28 @@ async fn a_cancel_of_a_running_job_interrupts_it_on_comfyui() {
 
 #[tokio::test]
 #[ignore = "needs a real ComfyUI: ORCH_LIVE_COMFYUI=host:port"]
+async fn a_pause_with_interrupt_stops_the_job_on_comfyui_and_queues_it_paused() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (app, comfy) = live_app().await;
+    let id = running_slow_job(&app, 1536 + nonce() % 64, 6, "live/paused").await;
+    let (status, body) = app
+        .post_json(&format!("/api/job/{id}/pause"), &json!({"interrupt": true}))
+        .await;
+    assert!(status == 202 || status == 200, "{status} {body}");
+    let job = wait_for(&app, &id, &["queued", "completed", "failed"]).await;
+    assert_eq!(job["status"], "queued", "{job:#}");
+    assert!(job["paused_at"].is_string(), "{job:#}");
+    assert_eq!(job["attempts"], 0, "{job:#}");
+    assert_eq!(job["leases"][0]["outcome"], "paused", "{job:#}");
+    let q = comfy_json(&app, format!("{comfy}/queue")).await;
+    assert_eq!(q["queue_running"], json!([]), "{q}");
+    // Not left queued and paused for the next test's farm.
+    let (job, _) = cancel(&app, &id).await;
+    assert_eq!(job["paused_at"], Value::Null, "an ended job is not paused");
+}
+
+#[tokio::test]
+#[ignore = "needs a real ComfyUI: ORCH_LIVE_COMFYUI=host:port"]
 async fn a_job_running_through_a_restart_of_the_orchestrator_completes_once() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (app, _) = live_app().await;
