@@ -777,12 +777,28 @@ async fn a_running_job_is_paused_from_its_page_by_stopping_it_on_its_box() {
         .eval(&format!("window.pauses = 0; const f = window.fetch; window.fetch = (...a) => {{ if (String(a[0]).endsWith('/pause')) window.pauses++; return f(...a); }}; window.confirm = () => false; {pause}.click(); window.pauses"))
         .await;
     assert_eq!(asked, json!(0));
+    // Its node looks for the interrupt late (the first fifteen are lost,
+    // over a second): meanwhile its page says the pause is under way.
+    sim.ignore_interrupts(15);
     let asked = b
         .eval(&format!(
             "window.confirm = () => true; {pause}.click(); window.pauses"
         ))
         .await;
     assert_eq!(asked, json!(1));
+    let pausing = b
+        .wait_for(
+            "the pause under way",
+            "(document.getElementById('pausing') || {}).innerText",
+        )
+        .await;
+    assert!(
+        pausing
+            .as_str()
+            .unwrap()
+            .contains("backend gpu-box-1 is being asked to stop it"),
+        "{pausing}"
+    );
     let job = app
         .wait_job(&long, "queued again, paused", |j| {
             j["status"] == "queued" && j["paused_at"].is_string()
