@@ -159,18 +159,18 @@ impl Store {
                         return Ok(change);
                     }
                     if paused && !matches!(status, JobStatus::Queued | JobStatus::Waiting) {
-                        let why = match &held_by {
-                            Some(b) if row.try_get::<i64, _>("cancel_requested")? != 0 => {
-                                format!("it is {status} on backend {b}, and being cancelled")
-                            }
-                            Some(_) if interrupt => String::new(),
-                            Some(b) => format!(
+                        let refusal = match &held_by {
+                            Some(b) if row.try_get::<i64, _>("cancel_requested")? != 0 => Some(
+                                format!("it is {status} on backend {b}, and being cancelled"),
+                            ),
+                            Some(_) if interrupt => None,
+                            Some(b) => Some(format!(
                                 "it is {status} on backend {b}: a pause keeps a job from starting; cancel it, \
                                  or pause it with {{\"interrupt\": true}} to stop it there and queue it again paused (its run is lost)"
-                            ),
-                            None => format!("it is already {status}"),
+                            )),
+                            None => Some(format!("it is already {status}")),
                         };
-                        if !why.is_empty() {
+                        if let Some(why) = refusal {
                             return Err(StoreError::InvalidState(format!(
                                 "job `{job_id}` cannot be paused: {why}"
                             )));
