@@ -649,6 +649,7 @@ async fn the_openapi_document_describes_every_route_and_the_docs_page_is_served(
         "/api/job/{id}/events",
         "/api/job/{id}/cancel",
         "/api/job/{id}/priority",
+        "/api/job/{id}/pause",
         "/api/jobs",
         "/api/jobs/counts",
         "/api/health",
@@ -658,6 +659,36 @@ async fn the_openapi_document_describes_every_route_and_the_docs_page_is_served(
         assert!(paths.contains_key(p), "missing {p}");
     }
     assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    // Every schema a route or a schema names is in the document (a client
+    // generated from it would fail on one that is not).
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v.as_str()) {
+                        ("$ref", Some(r)) => out.push(r.to_string()),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut named = Vec::new();
+    refs(&doc, &mut named);
+    assert!(named.len() > 20, "{named:?}");
+    for r in &named {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or(r);
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "{r} is named but not in the document"
+        );
+    }
+    let counts = &doc["components"]["schemas"]["JobCounts"]["properties"];
+    for field in ["estimated_end", "failures", "pace_since", "ended_recently"] {
+        assert!(counts[field].is_object(), "JobCounts.{field}: {counts}");
+    }
     // The page and the count take the history's filters; only the page a
     // limit and a cursor.
     let names = |path: &str| -> Vec<String> {
