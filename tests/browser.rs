@@ -836,6 +836,14 @@ async fn a_running_job_is_paused_from_its_page_by_stopping_it_on_its_box() {
         })
         .await;
     assert_eq!(job["leases"][1]["outcome"], "paused", "{job}");
+    // The farm's timeline draws the stopped runs in a colour of their own
+    // (not the running one's), named in its legend.
+    b.goto(&format!("{}/#/farm", app.url)).await;
+    b.wait_for(
+        "the stopped runs on the timeline",
+        &format!("document.querySelectorAll('#farm-timeline rect.attempt[data-job=\"{long}\"][data-outcome=paused][fill=\"#e3b341\"]').length === 2 && document.body.innerText.includes('paused')"),
+    )
+    .await;
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }

@@ -9,7 +9,7 @@ let farmHours = 1;
 
 const OUTCOME_COLOURS = {
   completed: "#3fb950", failed: "#f85149", rejected: "#bc8cff",
-  lost: "#d29922", cancelled: "#8b93a5", running: "#58a6ff",
+  lost: "#d29922", cancelled: "#8b93a5", paused: "#e3b341", running: "#58a6ff",
 };
 
 function clock(ms) {
