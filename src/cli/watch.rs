@@ -127,7 +127,12 @@ pub async fn watch(remote: &Remote, ids: Vec<String>) -> anyhow::Result<()> {
                 end(id, bar, &job);
                 open.retain(|o| o != id);
             } else if let Some(s) = ev["status"].as_str() {
-                bar.set_message(s.to_string());
+                // A pause leaves the status as it was: the bar says it.
+                bar.set_message(match kind {
+                    "paused" => format!("{s}, paused"),
+                    "pause_requested" => format!("{s}, pausing"),
+                    _ => s.to_string(),
+                });
                 if lines {
                     let what = ev["message"].as_str().unwrap_or(s);
                     println!("{}  {s}: {what}", short(id));
