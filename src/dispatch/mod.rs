@@ -17,7 +17,8 @@
 //!   on goes on a durable cleanup list and is removed there when it answers.
 //! - Every state change after the lease is fenced by the lease token.
 //!
-//! Layout: `worker` (the per-backend loop and filling), `phase` (where
+//! Layout: `worker` (the per-backend loop and filling), `heard` (what its
+//! socket's messages mean for the prompts it follows), `phase` (where
 //! each followed prompt stands: the one state machine), `attempt` (one
 //! attempt's steps: submit, finish, fail, cancel, time out), `reconcile`
 //! (asking the backend, the cleanup list, taking jobs back), `outputs`
@@ -30,6 +31,7 @@ mod files;
 mod fill;
 mod glance;
 mod health;
+mod heard;
 mod idle;
 mod inventories;
 mod link;

@@ -13,11 +13,12 @@
 //! stays silent. A backend that answers nothing is down from its first
 //! silence; past the grace period its jobs go elsewhere.
 //!
-//! Why one file of some 600 lines: the loop and the socket's watch are one
+//! Why one file of some 580 lines: the loop and the socket's watch are one
 //! concern (they share the worker's state and its one `select!`); what
-//! stands alone lives beside it: filling free slots (`fill.rs`), one
-//! attempt (`attempt.rs`), the socket (`link.rs`), the phases
-//! (`phase.rs`), progress (`progress.rs`).
+//! stands alone lives beside it: filling free slots (`fill.rs`), what each
+//! socket message means for the prompts followed (`heard.rs`), one attempt
+//! (`attempt.rs`), the socket (`link.rs`), the phases (`phase.rs`),
+//! progress (`progress.rs`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,11 +33,10 @@ use super::attempt::{Ctx, Held, Report, FINISH_TRIES};
 use super::fill::Wake;
 use super::link::{Check, Link};
 use super::phase::{Phase, Signal};
-use super::progress::{NodeTypes, ProgressBook, Step, PROGRESS_EVERY};
+use super::progress::{NodeTypes, ProgressBook, PROGRESS_EVERY};
 use super::{Command, Shared};
-use crate::comfy::{ComfyClient, Preview, WsEvent};
+use crate::comfy::{ComfyClient, WsEvent};
 use crate::config::BackendConfig;
-use crate::store::StoreError;
 
 /// A prompt the worker follows.
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ pub(super) struct Worker {
     pub(super) helpers: JoinSet<Report>,
     pub(super) progress: ProgressBook,
     /// The prompt running on the backend now: previews without a prompt id belong to it.
-    running: Option<String>,
+    pub(super) running: Option<String>,
     /// Something is in doubt: ask the backend now rather than at the next round.
     pub(super) reconcile_soon: bool,
     /// Ask the backend again at this time (a submit in doubt).
@@ -76,7 +76,7 @@ pub(super) struct Worker {
     /// never be): the next one posts after it (see [`super::attempt::Turn`]).
     pub(super) last_post: Option<tokio::sync::oneshot::Receiver<()>>,
     /// What the socket tells this backend's monitor.
-    pulse: Arc<crate::monitor::Pulse>,
+    pub(super) pulse: Arc<crate::monitor::Pulse>,
     /// Its place among the farm's timer slots (`super::SLOTS`).
     slot: u32,
     /// Prompts in the backend's queue that are not ours (an artist's,
@@ -84,7 +84,7 @@ pub(super) struct Worker {
     /// its slots as ours do.
     pub(super) foreign: usize,
     /// Fewer of them since the worker last looked: a slot may have freed.
-    foreign_freed: bool,
+    pub(super) foreign_freed: bool,
 }
 
 impl Worker {
@@ -122,47 +122,6 @@ impl Worker {
     /// Slots taken on the backend: our prompts and those not ours.
     pub(super) fn slots_taken(&self) -> usize {
         self.tracked.len() + self.foreign
-    }
-
-    /// ComfyUI's queue holds `remaining` prompts, running or waiting (a
-    /// `status` message, sent at each change of its queue): what is not
-    /// ours takes the box's slots too, so that work queued behind an
-    /// artist's prompts goes to a free box instead; and a box kept from new
-    /// jobs by a prompt given up on is asked again.
-    ///
-    /// Ours are the prompts followed in a phase where the backend may hold
-    /// them. The count errs towards "ours" (a prompt whose end is being
-    /// collected is counted though it left the queue), which leases as
-    /// before; a prompt given up on that still runs there counts as not
-    /// ours, which it is as far as free slots go.
-    fn saw_queue(&mut self, remaining: i64) {
-        // A prompt given up on that still ran there may have ended (a node
-        // that never looked for the interrupt, done at last): the box is
-        // asked now, not at the next safety-net round.
-        if self.stuck {
-            self.reconcile_soon = true;
-        }
-        let ours = self
-            .tracked
-            .values()
-            .filter(|t| t.phase.may_be_on_backend())
-            .count();
-        self.note_foreign(usize::try_from(remaining).unwrap_or(0).saturating_sub(ours));
-    }
-
-    /// `foreign` prompts not ours are on the backend now.
-    pub(super) fn note_foreign(&mut self, foreign: usize) {
-        if foreign != self.foreign {
-            tracing::debug!(backend_id = %self.id, foreign, "prompts not ours in the backend's queue");
-            let mut shown = self.shared.foreign.lock().expect("foreign");
-            if foreign == 0 {
-                shown.remove(&self.id);
-            } else {
-                shown.insert(self.id.clone(), foreign);
-            }
-        }
-        self.foreign_freed |= foreign < self.foreign;
-        self.foreign = foreign;
     }
 
     pub(super) fn ctx(&self) -> Ctx {
@@ -573,94 +532,6 @@ impl Worker {
                         }
                     }
                 }
-            }
-        }
-    }
-
-    async fn on_event(&mut self, ev: WsEvent) {
-        self.pulse.heard();
-        if ev == WsEvent::Pong {
-            // Proves the connection, not that ComfyUI still sends us our messages.
-            self.link.pong();
-            return;
-        }
-        self.link.heard();
-        let pid = match &ev {
-            WsEvent::FeatureFlags => {
-                self.link.confirmed();
-                return;
-            }
-            WsEvent::Status {
-                queue_remaining: Some(remaining),
-            } => {
-                self.saw_queue(*remaining);
-                return;
-            }
-            WsEvent::Preview(frame) => {
-                if let Some(p) = Preview::decode(frame) {
-                    let pid = p.prompt_id.clone().or_else(|| self.running.clone());
-                    if let Some(t) = pid.and_then(|pid| self.tracked.get(&pid)) {
-                        self.progress.relay(&t.held.job_id, p);
-                    }
-                }
-                return;
-            }
-            // Re-sent on reconnect for the running prompt, without its id.
-            WsEvent::Executing {
-                prompt_id: None,
-                node: Some(_),
-            } => self.running.clone(),
-            _ => ev.prompt_id().map(str::to_string),
-        };
-        // Not ours (someone else's prompt, or one already dealt with).
-        let Some((pid, t)) = pid.and_then(|p| self.tracked.get(&p).cloned().map(|t| (p, t))) else {
-            return;
-        };
-        let (job_id, token) = (t.held.job_id.as_str(), t.held.token);
-        match ev {
-            WsEvent::ExecutionStart { .. } | WsEvent::Executing { node: Some(_), .. } => {
-                self.running = Some(pid.clone());
-                if let WsEvent::Executing {
-                    node: Some(node), ..
-                } = ev
-                {
-                    self.progress
-                        .set(job_id, token, Step::Node(node), &t.nodes)
-                        .await;
-                }
-                if self.signal(&pid, Signal::Started).is_some() {
-                    self.record_running(job_id, token).await;
-                }
-            }
-            WsEvent::Progress {
-                node, value, max, ..
-            } => {
-                let step = Step::Value { node, value, max };
-                self.progress.set(job_id, token, step, &t.nodes).await;
-            }
-            WsEvent::Executing { node: None, .. } => {
-                if self.running.as_deref() == Some(pid.as_str()) {
-                    self.running = None;
-                }
-                self.progress.ended(job_id);
-                if self.signal(&pid, Signal::Ended).is_some() {
-                    self.spawn_finish(&pid);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// `assigned` → `running` in the database, and the queue-wait metric.
-    pub(super) async fn record_running(&self, job_id: &str, token: i64) {
-        match self.shared.store.mark_running(job_id, token).await {
-            Ok(Some(job)) => {
-                let wait = crate::metrics::seconds_since(job.submitted_at);
-                crate::metrics::started(job.workflow_id.as_deref(), &self.id, wait);
-            }
-            Ok(None) | Err(StoreError::LeaseLost) => {}
-            Err(e) => {
-                tracing::error!(job_id, backend_id = %self.id, error = %e, "cannot record running")
             }
         }
     }
