@@ -112,7 +112,11 @@ impl Worker {
                 // Put in quarantine while the lease was on its way (the
                 // proof against the box came meanwhile): the job is not
                 // sent to the sick box but given back, its attempt unspent.
-                self.give_back_unsent(&lease).await;
+                let reason = format!(
+                    "backend {} was put in quarantine before the job was sent there",
+                    self.id
+                );
+                self.give_back(&Held::from(&lease), reason, false).await;
                 self.shared.idle.pass_on(&self.id);
                 self.shared.idle.busy(&self.id);
                 return;
@@ -158,31 +162,5 @@ impl Worker {
             // wake the farm one worker at a time for nothing.
             self.shared.idle.end_ring(&self.id);
         }
-    }
-
-    /// Gives a job leased here, and not sent, back to the queue: the
-    /// backend was put in quarantine meanwhile. Another backend may take it.
-    async fn give_back_unsent(&self, lease: &crate::store::Lease) {
-        let reason = format!(
-            "backend {} was put in quarantine before the job was sent there",
-            self.id
-        );
-        tracing::info!(job_id = %lease.job_id, backend_id = %self.id, "{reason}; queued again");
-        let run = crate::store::LostRun {
-            reason,
-            cleanup: None,
-            max_lost_runs: None,
-            avoid: None,
-        };
-        if let Err(e) = self
-            .shared
-            .store
-            .give_back(&lease.job_id, lease.token, run)
-            .await
-        {
-            // Left to the reconcile: a lease this worker does not follow.
-            tracing::warn!(job_id = %lease.job_id, backend_id = %self.id, error = %e, "cannot give the job back now");
-        }
-        self.shared.wake();
     }
 }
