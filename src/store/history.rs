@@ -85,10 +85,28 @@ fn list_query<'a>(
     upper: Option<i64>,
 ) -> QueryBuilder<'a, Sqlite> {
     let cols = job_columns("j", false);
-    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{prefix}SELECT {cols} FROM "));
+    newest_query(
+        &format!("{prefix}SELECT {cols}"),
+        filter,
+        lower,
+        upper,
+        filter.limit as i64 + 1,
+    )
+}
+
+/// `select` (its columns of the job `j`) of the newest `limit` jobs the
+/// filter matches within the positions `lower..=upper`.
+fn newest_query<'a>(
+    select: &str,
+    filter: &'a JobFilter,
+    lower: Option<i64>,
+    upper: Option<i64>,
+    limit: i64,
+) -> QueryBuilder<'a, Sqlite> {
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{select} FROM "));
     let order_col = push_filtered(&mut q, filter, lower, upper);
     q.push(format!(" ORDER BY {order_col} DESC LIMIT "));
-    q.push_bind(filter.limit as i64 + 1);
+    q.push_bind(limit);
     q
 }
 
@@ -281,11 +299,12 @@ impl Store {
         let Some((lower, upper)) = self.seq_bounds(&failed).await? else {
             return Ok(Vec::new());
         };
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT j.id, j.error FROM ");
-        let order_col = push_filtered(&mut q, &failed, lower, upper);
-        q.push(format!(" ORDER BY {order_col} DESC LIMIT "));
-        q.push_bind(max);
-        Ok(q.build_query_as().fetch_all(self.reader()).await?)
+        Ok(
+            newest_query("SELECT j.id, j.error", &failed, lower, upper, max)
+                .build_query_as()
+                .fetch_all(self.reader())
+                .await?,
+        )
     }
 
     /// SQLite's plan for the count of `filter` (with both seq bounds
