@@ -44,6 +44,13 @@ async fn one_box_without_safety_net() -> (orchestrator::simulator::SimHandle, Te
     (sim, app)
 }
 
+/// Posts `body` to `path`, which must refuse it (`409`): its message.
+async fn refusal(app: &TestApp, path: &str, body: Value) -> String {
+    let (status, body) = app.post_json(path, &body).await;
+    assert_eq!(status, 409, "{body}");
+    body["error"]["message"].as_str().unwrap().to_string()
+}
+
 fn leased_at(job: &Value) -> String {
     job["leases"][0]["leased_at"].as_str().unwrap().to_string()
 }
@@ -129,17 +136,8 @@ async fn a_paused_job_keeps_its_place_through_a_restart_and_runs_once_resumed() 
         assert_eq!(job["leases"], json!([]), "{job}");
     }
     // An ended job has nothing to pause.
-    let (status, body) = app
-        .post_json(&format!("/api/job/{free}/pause"), &json!({}))
-        .await;
-    assert_eq!(status, 409, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("it is already completed"),
-        "{body}"
-    );
+    let message = refusal(&app, &format!("/api/job/{free}/pause"), json!({})).await;
+    assert!(message.contains("it is already completed"), "{message}");
 
     // A pause is stored: it outlives a restart of the orchestrator.
     let app = app.restart().await;
@@ -241,11 +239,7 @@ async fn a_job_a_backend_runs_cannot_be_paused_and_the_refusal_says_what_stops_i
     let app = spawn_farm(vec![backend("node1", sim.port, &[], 1)]).await;
     let long = submit(&app, blur(7, json!({}))).await;
     app.wait_status(&long, "running").await;
-    let (status, body) = app
-        .post_json(&format!("/api/job/{long}/pause"), &json!({}))
-        .await;
-    assert_eq!(status, 409, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
+    let message = refusal(&app, &format!("/api/job/{long}/pause"), json!({})).await;
     assert!(
         message.contains("it is running on backend node1") && message.contains("cancel it"),
         "{message}"
@@ -499,18 +493,7 @@ async fn a_start_time_is_moved_or_dropped_after_submission() {
     app.wait_status(&other, "completed").await;
 
     // A job that ran has no start time to change.
-    let (status, body) = app
-        .post_json(
-            &format!("/api/job/{other}/schedule"),
-            &json!({"start_after": null}),
-        )
-        .await;
-    assert_eq!(status, 409, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("it is already completed"),
-        "{body}"
-    );
+    let path = format!("/api/job/{other}/schedule");
+    let message = refusal(&app, &path, json!({"start_after": null})).await;
+    assert!(message.contains("it is already completed"), "{message}");
 }
