@@ -322,6 +322,7 @@ pub fn parse(
             parents: parent_ids(&parents),
             paused,
             start_after,
+            share: None,
         },
         warnings,
         inputs,

@@ -99,6 +99,16 @@ impl Service {
                     .collect(),
             )
             .await?;
+        let regrouped = store
+            .share_farm_by(config.dispatch.share_by.as_deref())
+            .await?;
+        if regrouped > 0 {
+            tracing::info!(
+                jobs = regrouped,
+                share_by = ?config.dispatch.share_by,
+                "the farm's sharing changed: jobs put in their groups again"
+            );
+        }
         let workflows_dir = config.workflows_dir.clone();
         let catalog =
             Arc::new(tokio::task::spawn_blocking(move || Catalog::load(&workflows_dir)).await?);

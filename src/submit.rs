@@ -264,6 +264,10 @@ impl Submitter {
             &self.catalog,
             self.config.dispatch.default_max_attempts,
         )?;
+        parsed.job.share = crate::store::share_of(
+            &parsed.job.metadata,
+            self.config.dispatch.share_by.as_deref(),
+        );
         self.look_up_keys(&mut parsed).await?;
         self.check_requires(&parsed.job.requires).await?;
         // Held until the job is stored or refused.

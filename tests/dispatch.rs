@@ -451,20 +451,63 @@ async fn jobs_run_by_priority_then_age() {
         .post_json("/api/backends/node1/enable", &json!({}))
         .await;
     assert_eq!(status, 200, "{b}");
-    for id in [&low, &mid1, &high, &mid2] {
-        app.wait_status(id, "completed").await;
-    }
+    let ids = run_order(&app, &[&low, &mid1, &high, &mid2]).await;
+    assert_eq!(ids, [high, mid1, mid2, low]);
+}
+
+/// The order in which the jobs were leased, once all have completed.
+async fn run_order(app: &TestApp, jobs: &[&String]) -> Vec<String> {
     let mut order = Vec::new();
-    for id in [&low, &mid1, &high, &mid2] {
-        let job = app.job(id).await;
+    for id in jobs {
+        let job = app.wait_status(id, "completed").await;
         order.push((
             job["leases"][0]["leased_at"].as_str().unwrap().to_string(),
-            id.clone(),
+            id.to_string(),
         ));
     }
     order.sort();
-    let ids: Vec<_> = order.into_iter().map(|(_, id)| id).collect();
-    assert_eq!(ids, [high, mid1, mid2, low]);
+    order.into_iter().map(|(_, id)| id).collect()
+}
+
+/// Two artists' batches on one box, the farm shared by `batch`: the box
+/// alternates between them, where it would run the whole of the first
+/// batch before the second.
+#[tokio::test]
+async fn a_farm_shared_by_batch_alternates_between_two_artists_batches() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm_with(vec![backend("node1", sim.port, &[], 1)], |c| {
+        c.dispatch.share_by = Some("batch".into());
+    })
+    .await;
+    app.wait_backend("node1", "online").await;
+    app.post_json("/api/backends/node1/disable", &json!({}))
+        .await;
+    let mut a = Vec::new();
+    for color in 0..4 {
+        let m = json!({"metadata": {"batch": "anna"}, "parameters": {"color": color}});
+        a.push(submit(&app, blur(m)).await);
+    }
+    let mut b = Vec::new();
+    for color in 0..2 {
+        let m = json!({"metadata": {"batch": "ben"}, "parameters": {"color": color}});
+        b.push(submit(&app, blur(m)).await);
+    }
+    let why = app.job(&b[1]).await["waiting_for"].clone();
+    assert!(
+        why.as_str().unwrap().ends_with(
+            "; the farm is shared by `batch`: its group `ben` has 0 jobs on the farm, beside 1 other group"
+        ),
+        "{why}"
+    );
+    let (status, body) = app
+        .post_json("/api/backends/node1/enable", &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let all: Vec<&String> = a.iter().chain(&b).collect();
+    assert_eq!(
+        run_order(&app, &all).await,
+        [&a[0], &b[0], &a[1], &b[1], &a[2], &a[3]].map(String::as_str)
+    );
 }
 
 #[tokio::test]

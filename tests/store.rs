@@ -298,6 +298,108 @@ async fn leases_go_by_priority_then_age() {
     assert_eq!(order, [high, mid_old, mid_new, low_old]);
 }
 
+/// A config whose farm is shared by each job's `batch`.
+fn shared_by_batch() -> (orchestrator::config::Config, tempfile::TempDir) {
+    let (mut config, dir) = test_config();
+    config.dispatch.share_by = Some("batch".into());
+    config.dispatch.model_affinity = false;
+    (config, dir)
+}
+
+/// Leases until none is left, `share` as the farm's config says.
+async fn lease_all(app: &TestApp, backend: &str, share: bool) -> Vec<String> {
+    let prefer = Preference {
+        share,
+        ..Preference::default()
+    };
+    let mut order = Vec::new();
+    while let LeaseTry::Leased(l) = app.store.lease_for(backend, None, prefer).await.unwrap() {
+        order.push(l.job_id);
+    }
+    order
+}
+
+#[tokio::test]
+async fn a_shared_farm_gives_each_batch_its_turn_and_priority_still_comes_first() {
+    let (config, dir) = shared_by_batch();
+    let mut app = spawn_with(config).await;
+    app.set_dir(dir);
+    farm(&app, &[("n1", &[])]).await;
+    let batch = |b: &str| json!({"metadata": {"batch": b}});
+    let mut a = Vec::new();
+    for _ in 0..4 {
+        a.push(app.submit_blur(batch("a")).await);
+    }
+    let b1 = app.submit_blur(batch("b")).await;
+    let b2 = app.submit_blur(batch("b")).await;
+    let loose = app.submit_blur(json!({})).await;
+    let b_high = app
+        .submit_blur(json!({"metadata": {"batch": "b"}, "priority": 5}))
+        .await;
+    // Leases held (none ends): each group's count on the farm grows.
+    let prefer = Preference {
+        share: true,
+        ..Preference::default()
+    };
+    let mut order = Vec::new();
+    for _ in 0..7 {
+        match app.store.lease_for("n1", None, prefer).await.unwrap() {
+            LeaseTry::Leased(l) => order.push(l.job_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The last of batch a waits: its page says the farm is shared and how
+    // its group stands (a has 3 on the farm; b and the jobs without a batch
+    // have theirs).
+    let why = app.job(&a[3]).await["waiting_for"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains("the farm is shared by `batch`: its group `a` has 3 jobs on the farm, beside 2 other groups"),
+        "{why}"
+    );
+    order.extend(lease_all(&app, "n1", true).await);
+    // Priority first (b's urgent one); then the group with the fewest on
+    // the farm, ties to the one served longest ago, then the oldest job:
+    // a, then the jobs without a batch (a group of their own), b, a, b, and
+    // the rest of a, alone.
+    assert_eq!(
+        order,
+        [&b_high, &a[0], &loose, &b1, &a[1], &b2, &a[2], &a[3]].map(String::as_str),
+        "a: {a:?}, b: {b1} {b2}, loose: {loose}, urgent: {b_high}"
+    );
+}
+
+#[tokio::test]
+async fn sharing_turned_on_at_a_restart_puts_the_queued_jobs_in_their_groups() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    let batch = |b: &str| json!({"metadata": {"batch": b}});
+    let a1 = app.submit_blur(batch("a")).await;
+    let a2 = app.submit_blur(batch("a")).await;
+    let a3 = app.submit_blur(batch("a")).await;
+    let b1 = app.submit_blur(batch("b")).await;
+    let (mut config, dir) = app.stop().await;
+    config.dispatch.share_by = Some("batch".into());
+    let mut app = spawn_with(config).await;
+    app.set_dir(dir.unwrap());
+    farm(&app, &[("n1", &[])]).await;
+    assert_eq!(lease_all(&app, "n1", true).await, [a1, b1, a2, a3]);
+}
+
+#[tokio::test]
+async fn a_farm_not_shared_leases_batches_in_order_of_age() {
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[])]).await;
+    let batch = |b: &str| json!({"metadata": {"batch": b}});
+    let a1 = app.submit_blur(batch("a")).await;
+    let a2 = app.submit_blur(batch("a")).await;
+    let b1 = app.submit_blur(batch("b")).await;
+    // Even when asked to share: the jobs have no group.
+    assert_eq!(lease_all(&app, "n1", true).await, [a1, a2, b1]);
+}
+
 #[tokio::test]
 async fn a_new_priority_reorders_the_queue_and_a_held_job_keeps_it_for_later() {
     let app = spawn_app().await;

@@ -264,6 +264,13 @@ pub struct DispatchConfig {
     /// ... but never holds back the best job longer than this since it was
     /// submitted, seconds: nothing starves.
     pub affinity_max_wait_s: u64,
+    /// Shares the farm between groups of jobs: the metadata field that
+    /// names a job's group (`batch`, `artist`). Among the jobs of the
+    /// highest priority, a free backend takes the next one of the group
+    /// with the fewest jobs on the farm, so a batch submitted second does
+    /// not wait behind the whole of the first (jobs without the field are
+    /// a group of their own). Unset: priority, then age.
+    pub share_by: Option<String>,
 }
 
 /// Backend health polling.
@@ -454,6 +461,7 @@ impl Default for DispatchConfig {
             deaf_after_ms: 3_000,
             model_affinity: true,
             affinity_max_wait_s: 300,
+            share_by: None,
         }
     }
 }
@@ -601,6 +609,14 @@ impl Config {
                 "dispatch.heartbeat_ms",
                 "heartbeat_ms and deaf_after_ms must be at least 10",
             );
+        }
+        if let Some(field) = &self.dispatch.share_by {
+            if field.trim().is_empty() || field.len() > 100 {
+                return invalid(
+                    "dispatch.share_by",
+                    "must be a metadata field's name (1 to 100 characters), like batch",
+                );
+            }
         }
         if self.inventory.refresh_interval_s == 0 {
             return invalid("inventory.refresh_interval_s", "must be above 0");

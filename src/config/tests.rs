@@ -44,6 +44,12 @@ fn a_bad_value_is_named_in_the_error() {
     assert!(err.contains("backends[1].id"), "{err}");
     let err = Config::from_yaml("port: 70000\n").unwrap_err().to_string();
     assert!(err.contains("port") || err.contains("70000"), "{err}");
+    let err = Config::from_yaml("dispatch:\n  share_by: ' '\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dispatch.share_by"), "{err}");
+    let shared = Config::from_yaml("dispatch:\n  share_by: artist\n").unwrap();
+    assert_eq!(shared.dispatch.share_by.as_deref(), Some("artist"));
 }
 
 #[test]

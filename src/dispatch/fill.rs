@@ -64,6 +64,7 @@ impl Worker {
             max_wait: chrono::Duration::seconds(
                 self.shared.config.dispatch.affinity_max_wait_s as i64,
             ),
+            share: self.shared.config.dispatch.share_by.is_some(),
         };
         while self.slots_taken() < self.max_inflight {
             let look = match why {

@@ -10,6 +10,7 @@
 use chrono::Utc;
 use sqlx::{Row, SqliteConnection};
 
+use super::choice::{choose, Choice, Preference};
 use super::events::{append_event, EventInput};
 use super::model::*;
 use super::waiting::unrunnable_reason;
@@ -77,7 +78,7 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
 /// first chance; it holds only while one that may run the job is online, so
 /// a farm of one box (or one whose other boxes are off, or lack the job's
 /// tags) takes its retry back at once rather than at the avoidance's end.
-fn eligible() -> String {
+pub(super) fn eligible() -> String {
     format!(
         "j.status = 'queued' AND j.paused_at IS NULL \
          AND (j.not_before IS NULL OR j.not_before <= ?1) \
@@ -132,170 +133,9 @@ pub struct FarmGlance {
     pub holders: std::collections::HashSet<String>,
 }
 
-/// How a free backend chooses among jobs of the same priority.
-#[derive(Debug, Clone, Copy)]
-pub struct Preference {
-    /// Prefer a job that needs what the backend ran last (its checkpoint).
-    pub affinity: bool,
-    /// But never hold back the best job longer than this since it was submitted.
-    pub max_wait: chrono::Duration,
-}
-
-impl Default for Preference {
-    fn default() -> Self {
-        Preference {
-            affinity: true,
-            max_wait: chrono::Duration::minutes(5),
-        }
-    }
-}
-
 /// Candidates a lease looks at before it gives up for now (each unfit one
 /// is recorded, so the next lease skips it).
 const MAX_CANDIDATES: usize = 32;
-
-/// How far down the queue a backend that must switch models looks to weigh
-/// the waiting work per model (bounds the scan on a deep queue).
-const SWITCH_WINDOW: i64 = 256;
-
-/// What [`choose`] picked: the queued job's `seq`, and its id and graph
-/// when it was asked for them and had them at hand.
-struct Choice {
-    seq: i64,
-    job: Option<(String, String)>,
-}
-
-/// The job a backend should take now: the best eligible one, unless one of
-/// the same priority keeps its model loaded (the one it ran last). Failing
-/// that, the backend switches to the model with the most waiting work per
-/// online backend already holding it (so each model settles on as few GPUs
-/// as its backlog needs, instead of every GPU switching between all of
-/// them). Never when the best has waited longer than the preference allows.
-/// A best job that loads no model (no affinity) needs no weighing: it
-/// switches nothing, so it is taken unless the loaded model's work is there.
-///
-/// With `with_graph`, the choice carries the job's id and graph when it is
-/// the best one (a lease checks it against the backend's inventory: one
-/// read less).
-///
-/// A `busy` backend (one with a prompt in flight) fills its next slot only
-/// with work for the model it has loaded, or work that loads no model:
-/// taking another model early would commit it to a switch that an idle
-/// backend, or the next submission, may make unnecessary. It chooses again
-/// when its slot frees.
-async fn choose(
-    conn: &mut SqliteConnection,
-    backend_id: &str,
-    last_affinity: Option<&str>,
-    busy: bool,
-    prefer: Preference,
-    now: &str,
-    with_graph: bool,
-) -> Result<Option<Choice>, StoreError> {
-    let best = sqlx::query(&format!(
-        "SELECT j.seq, j.affinity, j.priority, j.submitted_at, j.id, {} AS graph \
-         FROM jobs j INDEXED BY jobs_queue, backends b \
-         WHERE b.id = ?2 AND {} ORDER BY j.priority DESC, j.seq LIMIT 1",
-        if with_graph { "j.graph" } else { "NULL" },
-        eligible()
-    ))
-    .bind(now)
-    .bind(backend_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(best) = best else { return Ok(None) };
-    let seq: i64 = best.try_get("seq")?;
-    let the_best = Choice {
-        seq,
-        job: best
-            .try_get::<Option<String>, _>("graph")?
-            .map(|graph| best.try_get("id").map(|id| (id, graph)))
-            .transpose()?,
-    };
-    let affinity: Option<String> = best.try_get("affinity")?;
-    let priority: i64 = best.try_get("priority")?;
-    let waited_long = best
-        .try_get::<String, _>("submitted_at")
-        .ok()
-        .as_deref()
-        .and_then(super::parse_time)
-        .is_some_and(|t| Utc::now() - t > prefer.max_wait);
-    if !prefer.affinity
-        || waited_long
-        || (last_affinity.is_some() && affinity.as_deref() == last_affinity)
-    {
-        return Ok(Some(the_best));
-    }
-    if let Some(last) = last_affinity {
-        let same: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT j.seq FROM jobs j INDEXED BY jobs_queue_affinity, backends b \
-             WHERE b.id = ?2 AND j.affinity = ?3 AND j.priority = ?4 AND {} \
-             ORDER BY j.priority DESC, j.seq LIMIT 1",
-            eligible()
-        ))
-        .bind(now)
-        .bind(backend_id)
-        .bind(last)
-        .bind(priority)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(seq) = same {
-            return Ok(Some(Choice { seq, job: None }));
-        }
-    }
-    let Some(affinity) = affinity else {
-        // A job that loads no model commits the backend to no switch: it
-        // takes the slot, a busy backend's too (which would otherwise keep
-        // its second slot empty while such work waits).
-        return Ok(Some(the_best));
-    };
-    if busy && last_affinity.is_some() {
-        return Ok(None);
-    }
-    // With no job of another model queued there is nothing to weigh: the
-    // switch below would pick this very job. One to three index seeks,
-    // where the weighing reads up to SWITCH_WINDOW jobs with their bars
-    // (0.28 ms in the writer for every backend's first job on a large farm).
-    let other: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-             WHERE status = 'queued' AND affinity < ?1) \
-         OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-             WHERE status = 'queued' AND affinity > ?1) \
-         OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queue_affinity \
-             WHERE status = 'queued' AND affinity IS NULL)",
-    )
-    .bind(&affinity)
-    .fetch_one(&mut *conn)
-    .await?;
-    if !other {
-        return Ok(Some(the_best));
-    }
-    // Switching: to the model with the most waiting work per backend that
-    // holds it (a model no other backend holds first), oldest job first.
-    let switch_to: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT min(c.seq) FROM (SELECT j.seq, j.affinity FROM jobs j INDEXED BY jobs_queue, backends b \
-             WHERE b.id = ?2 AND j.priority = ?3 AND {} ORDER BY j.priority DESC, j.seq LIMIT ?4) c \
-         GROUP BY c.affinity \
-         ORDER BY count(*) * 1.0 / (1 + (SELECT count(*) FROM backends o WHERE o.id != ?2 \
-             AND o.configured = 1 AND o.state = 'online' AND o.last_affinity = c.affinity)) DESC, \
-             min(c.seq) \
-         LIMIT 1",
-        eligible()
-    ))
-    .bind(now)
-    .bind(backend_id)
-    .bind(priority)
-    .bind(SWITCH_WINDOW)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(Some(match switch_to {
-        Some(other) if other != seq => Choice {
-            seq: other,
-            job: None,
-        },
-        _ => the_best,
-    }))
-}
 
 /// Records that a backend's inventory cannot run a job (it is skipped there
 /// until that inventory changes); fails the job when no backend is left.

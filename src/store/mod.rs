@@ -8,9 +8,12 @@
 //! - [`model`]: the records callers hand in and get back, and the state enums.
 //! - `submit`: storing new jobs, many per statement (group commit).
 //! - `history`: reading jobs, their leases, outputs and events.
-//! - `lease`: choosing the next job for a backend, and what a backend holds.
+//! - `lease`: leasing the next job to a backend, the rules that bar a job
+//!   from one, and what a backend holds.
+//! - `choice`: the preference among the jobs a backend may run.
 //! - `transitions`: every change of a leased job, each fenced by its lease
 //!   token and logged as an event, through one helper.
+//! - `shares`: the farm shared between groups of jobs (`dispatch.share_by`).
 //! - `backends`, `events`, `webhooks`, `cleanup`: the farm's rows, the event
 //!   log, the webhook outbox, the list of prompts to remove from backends.
 //! - [`writer`]: the single writer task; reads go through a pool.
@@ -23,6 +26,7 @@ mod backends;
 mod batch;
 #[cfg(feature = "bench-support")]
 mod bench;
+mod choice;
 mod cleanup;
 mod events;
 mod farm;
@@ -36,6 +40,7 @@ mod outcomes;
 mod requests;
 mod retention;
 mod rows;
+mod shares;
 mod submit;
 mod takers;
 mod transitions;
@@ -53,16 +58,18 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, SqlitePool};
 
+pub use choice::Preference;
 pub use cleanup::CleanupEntry;
 pub use farm::{Attempt, QueueSample};
 pub use inputs::{InputDeleting, InputDeletion, InputRecord, InputUse, InputsNamed};
 pub use inventory::InventorySummary;
 pub use lease::MAX_FAILURES_PER_BACKEND;
-pub use lease::{FarmGlance, Fit, LeaseTry, Preference};
+pub use lease::{FarmGlance, Fit, LeaseTry};
 pub use model::*;
 pub use outcomes::avoid_span;
 pub use requests::{PauseChange, PriorityChange, ScheduleChange};
 pub use retention::StaleOutput;
+pub use shares::share_of;
 pub use transitions::{LostOutcome, LostRun};
 pub use waiting::LiveBackends;
 

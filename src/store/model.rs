@@ -164,6 +164,10 @@ pub struct NewJob {
     pub paused: bool,
     /// No backend takes it before then (its first attempt's `not_before`).
     pub start_after: Option<DateTime<Utc>>,
+    /// Its group, where the farm is shared between groups
+    /// (`dispatch.share_by`; see [`crate::store::share_of`]); `None` where
+    /// it is not.
+    pub share: Option<String>,
 }
 
 /// What a submission led to.

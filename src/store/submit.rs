@@ -49,6 +49,7 @@ pub(super) struct EncodedJob {
     parents: Vec<String>,
     paused: bool,
     not_before: Option<String>,
+    share: Option<String>,
 }
 
 impl From<NewJob> for EncodedJob {
@@ -72,6 +73,7 @@ impl From<NewJob> for EncodedJob {
             parents: job.parents,
             paused: job.paused,
             not_before: job.start_after.map(fmt_time),
+            share: job.share,
         }
     }
 }
@@ -302,7 +304,7 @@ async fn insert_jobs(
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
         "INSERT INTO jobs (id, workflow_id, status, priority, requires, max_attempts, \
          idempotency_key, manifest_hash, manifest, parameters, metadata, graph, callback_url, \
-         timeout_s, inputs, affinity, parents, paused_at, not_before, submitted_at, updated_at) ",
+         timeout_s, inputs, affinity, parents, paused_at, not_before, share, submitted_at, updated_at) ",
     );
     q.push_values(rows, |mut b, (job, now, status)| {
         let now_s = fmt_time(now);
@@ -325,6 +327,7 @@ async fn insert_jobs(
             .push_bind(Value::from(job.parents).to_string())
             .push_bind(job.paused.then(|| now_s.clone()))
             .push_bind(job.not_before)
+            .push_bind(job.share)
             .push_bind(now_s.clone())
             .push_bind(now_s);
     });
