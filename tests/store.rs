@@ -336,6 +336,9 @@ async fn a_shared_farm_gives_each_batch_its_turn_and_priority_still_comes_first(
     let b_high = app
         .submit_blur(json!({"metadata": {"batch": "b"}, "priority": 5}))
         .await;
+    // A paused batch takes no turn, and is no group waiting for one.
+    app.submit_blur(json!({"metadata": {"batch": "c"}, "paused": true}))
+        .await;
     // Leases held (none ends): each group's count on the farm grows.
     let prefer = Preference {
         share: true,
@@ -350,7 +353,7 @@ async fn a_shared_farm_gives_each_batch_its_turn_and_priority_still_comes_first(
     }
     // The last of batch a waits: its page says the farm is shared and how
     // its group stands (a has 3 on the farm; b and the jobs without a batch
-    // have theirs).
+    // have theirs; c is paused).
     let why = app.job(&a[3]).await["waiting_for"]
         .as_str()
         .unwrap()

@@ -80,8 +80,8 @@ pub(super) struct GroupStanding {
     pub group: String,
     /// Its jobs assigned or running.
     pub on_farm: i64,
-    /// Other groups with jobs queued or on the farm, with the fewest of
-    /// theirs on the farm.
+    /// Other groups with jobs on the farm or queued (not paused: a paused
+    /// batch takes no turn).
     pub others: i64,
 }
 
@@ -94,7 +94,8 @@ pub(super) async fn standing(
         "SELECT s.value AS field, j.share AS grp, \
          (SELECT count(*) FROM jobs a WHERE a.status IN ('assigned', 'running') \
           AND a.share = j.share) AS on_farm, \
-         (SELECT count(DISTINCT o.share) FROM jobs o WHERE o.status IN ('queued', 'assigned', 'running') \
+         (SELECT count(DISTINCT o.share) FROM jobs o \
+          WHERE (o.status IN ('assigned', 'running') OR (o.status = 'queued' AND o.paused_at IS NULL)) \
           AND o.share IS NOT NULL AND o.share <> j.share) AS others \
          FROM jobs j, settings s WHERE j.id = ? AND s.name = 'share_by' AND j.share IS NOT NULL",
     )
