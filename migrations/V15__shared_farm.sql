@@ -30,6 +30,10 @@ BEGIN
     INSERT INTO share_turns (share, last_token) VALUES (NEW.share, NEW.lease_token)
         ON CONFLICT (share) DO UPDATE SET last_token = excluded.last_token;
 END;
+-- Each group's jobs on the farm, counted at every lease on a shared farm
+-- (a seek, where the held jobs of a thousand boxes would be read a group).
+CREATE INDEX jobs_active_share ON jobs(share)
+    WHERE status IN ('assigned', 'running') AND share IS NOT NULL;
 -- Settings the database must remember across starts to tell a change of
 -- the config from a start like the last (`share_by`).
 CREATE TABLE settings (
