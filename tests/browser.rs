@@ -828,8 +828,16 @@ async fn a_running_job_is_paused_from_its_page_by_stopping_it_on_its_box() {
         &format!("document.getElementById('job-{long}') !== null && (document.getElementById('bulk-pause') || {{}}).innerText === 'Stop and pause this job'"),
     )
     .await;
+    // Its node looks for the interrupt late again: meanwhile its row says
+    // it is being stopped.
+    sim.ignore_interrupts(15);
     b.eval("window.confirm = () => true; document.getElementById('bulk-pause').click()")
         .await;
+    b.wait_for(
+        "the row of the job being stopped",
+        &format!("(document.querySelector('#job-{long} .paused') || {{}}).innerText === 'pausing: being stopped'"),
+    )
+    .await;
     let job = app
         .wait_job(&long, "queued again, paused, from the list", |j| {
             j["status"] == "queued" && j["paused_at"].is_string()
