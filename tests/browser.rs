@@ -855,3 +855,52 @@ async fn a_running_job_is_paused_from_its_page_by_stopping_it_on_its_box() {
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }
+
+/// On a farm shared by `batch`, the farm page names each batch with what
+/// it has on the farm and queued; a batch's name leads to its jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_farm_page_of_a_shared_farm_names_each_batch_and_leads_to_its_jobs() {
+    let Some(exe) = chromium_or_skip() else {
+        return;
+    };
+    let sim = start_sim(60_000).await;
+    let app = spawn_farm_with(vec![backend("gpu-box-1", sim.port, &[], 1)], |c| {
+        c.dispatch.share_by = Some("batch".into());
+    })
+    .await;
+    app.wait_backend("gpu-box-1", "online").await;
+    let first = app
+        .submit_blur(json!({"metadata": {"batch": "anna"}}))
+        .await;
+    app.wait_status(&first, "running").await;
+    let second = app
+        .submit_blur(json!({"metadata": {"batch": "anna"}}))
+        .await;
+    let ben = app.submit_blur(json!({"metadata": {"batch": "ben"}})).await;
+    let mut b = Browser::launch(exe).await;
+    b.goto(&format!("{}/#/farm", app.url)).await;
+    let line = b
+        .wait_for(
+            "the batches on the farm",
+            "(document.getElementById('farm-shares') || {}).innerText",
+        )
+        .await;
+    assert_eq!(
+        line,
+        json!("shared by batch, the group with the fewest on the farm next: anna 1 on the farm, 1 queued · ben 0 on the farm, 1 queued")
+    );
+    b.eval("document.querySelector('#farm-shares a[data-meta=\"batch=anna\"]').click()")
+        .await;
+    b.wait_for(
+        "anna's jobs, and only hers",
+        &format!("document.getElementById('job-{first}') !== null && document.getElementById('job-{second}') !== null && document.querySelectorAll('tbody tr').length === 2 && document.querySelector('#filters input[name=meta]').value === 'batch=anna'"),
+    )
+    .await;
+    assert_eq!(
+        b.eval(&format!("document.getElementById('job-{ben}')"))
+            .await,
+        Value::Null
+    );
+    assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
+    let _ = b.child.kill().await;
+}

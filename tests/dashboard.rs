@@ -106,6 +106,8 @@ async fn the_farm_view_shows_each_attempt_where_it_ran_and_the_busy_share() {
     assert_eq!(completed, 4);
     // The queue is sampled from the start.
     assert!(!farm["queue"].as_array().unwrap().is_empty(), "{farm}");
+    // Not shared between groups of jobs.
+    assert!(farm["sharing"].is_null(), "{farm}");
     // A window before all this is empty.
     let (_, old) = app
         .get("/api/farm?from=2020-01-01T00:00:00Z&to=2020-01-01T01:00:00Z")
@@ -121,6 +123,35 @@ async fn the_farm_view_shows_each_attempt_where_it_ran_and_the_busy_share() {
         assert_eq!(status, 422, "{q}: {e}");
         assert_eq!(e["error"]["field"], field, "{q}: {e}");
     }
+}
+
+/// A farm shared by `batch` says how each batch stands on it: what it
+/// has on the farm (the fewest takes the next slot) and what waits.
+#[tokio::test]
+async fn the_farm_view_of_a_shared_farm_counts_each_batch_on_the_farm_and_queued() {
+    let sim = start_sim(60_000).await;
+    let app = spawn_farm_with(vec![backend("a", sim.port, &[], 1)], |c| {
+        c.dispatch.share_by = Some("batch".into());
+    })
+    .await;
+    app.wait_backend("a", "online").await;
+    let first = app
+        .submit_blur(json!({"metadata": {"batch": "anna"}}))
+        .await;
+    app.wait_status(&first, "running").await;
+    for meta in [json!({"batch": "anna"}), json!({"batch": "ben"}), json!({})] {
+        app.submit_blur(json!({ "metadata": meta })).await;
+    }
+    let (status, farm) = app.get("/api/farm").await;
+    assert_eq!(status, 200, "{farm}");
+    assert_eq!(
+        farm["sharing"],
+        json!({"by": "batch", "groups": [
+            {"group": "", "on_farm": 0, "queued": 1},
+            {"group": "anna", "on_farm": 1, "queued": 1},
+            {"group": "ben", "on_farm": 0, "queued": 1},
+        ]})
+    );
 }
 
 #[tokio::test]

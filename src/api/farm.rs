@@ -54,6 +54,27 @@ pub struct Completions {
     pub count: u32,
 }
 
+/// How a shared farm stands now (`dispatch.share_by`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FarmSharing {
+    /// The metadata field the farm is shared by.
+    pub by: String,
+    /// The groups with jobs queued or on the farm, by name (at most 100).
+    pub groups: Vec<FarmShareGroup>,
+}
+
+/// One group of a shared farm.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FarmShareGroup {
+    /// The field's value; `""` for the jobs without the field.
+    pub group: String,
+    /// Its jobs assigned or running: the group with the fewest takes the
+    /// next free slot (at the same priority).
+    pub on_farm: i64,
+    /// Its jobs queued, paused ones included.
+    pub queued: i64,
+}
+
 /// What the farm did between `from` and `to`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FarmView {
@@ -72,6 +93,9 @@ pub struct FarmView {
     pub completions: Vec<Completions>,
     /// The queue, sampled each minute.
     pub queue: Vec<QueueSample>,
+    /// How the farm is shared between groups of jobs now; `null` when it
+    /// is not (`dispatch.share_by` unset).
+    pub sharing: Option<FarmSharing>,
 }
 
 /// Attempts per backend, busy shares, completions and the queue over a
@@ -122,6 +146,18 @@ pub(super) async fn farm(
         .collect();
     let completions = per_minute(&state.store.completions_between(from, to).await?, from, to);
     let queue = state.store.queue_samples(from, to).await?;
+    let sharing = state.store.farm_shares().await?.map(|s| FarmSharing {
+        by: s.field,
+        groups: s
+            .groups
+            .into_iter()
+            .map(|g| FarmShareGroup {
+                group: g.group,
+                on_farm: g.on_farm,
+                queued: g.queued,
+            })
+            .collect(),
+    });
     Ok(Json(FarmView {
         from,
         to,
@@ -130,6 +166,7 @@ pub(super) async fn farm(
         truncated,
         completions,
         queue,
+        sharing,
     }))
 }
 

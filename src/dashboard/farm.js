@@ -1,7 +1,7 @@
 // The farm view: one row per backend, each attempt a bar from its lease to
 // its end coloured by how it ended, so idle gaps are plain to see; each
 // backend's busy share; the queue and the completions per minute below.
-// Drawn as SVG here, from GET /api/farm. Uses esc, api, time from app.js.
+// Drawn as SVG here, from GET /api/farm. Uses esc, api, time, filters from app.js.
 "use strict";
 
 const FARM_WINDOWS = [["15m", 0.25], ["1h", 1], ["6h", 6], ["24h", 24]];
@@ -81,11 +81,19 @@ async function renderFarm() {
   if (!current()) return;
   const width = Math.max(640, main.clientWidth - 44);
   const legend = Object.entries(OUTCOME_COLOURS).map(([k, c]) => `<span class="legend"><i style="background:${c}"></i>${k}</span>`).join("");
+  // A shared farm: each group's jobs on the farm and queued, each a link to its jobs.
+  const sharing = view.sharing && view.sharing.groups.length
+    ? `<p id="farm-shares" class="muted">shared by <b>${esc(view.sharing.by)}</b>, the group with the fewest on the farm next: ${view.sharing.groups.map(g => `${g.group
+      ? `<a href="#/" data-meta="${esc(view.sharing.by + "=" + g.group)}">${esc(g.group)}</a>`
+      : `<i>without ${esc(view.sharing.by)}</i>`} ${g.on_farm} on the farm, ${g.queued} queued`).join(" · ")}</p>`
+    : "";
   const windows = FARM_WINDOWS.map(([label, h]) => `<button data-hours="${h}" class="${h === farmHours ? "on" : ""}">${label}</button>`).join(" ");
   main.innerHTML = `<h2>Farm <span class="muted">${windows}</span></h2>
     <p class="muted">${legend} · ${view.attempts.length} attempts${view.truncated ? " (more: narrow the window)" : ""}</p>
+    ${sharing}
     ${timelineSvg(view, width)}
     <h2>Queue and completions</h2>
     ${activitySvg(view, width)}`;
+  main.querySelectorAll("a[data-meta]").forEach(a => a.onclick = () => { filters.meta = a.dataset.meta; filters.status = ""; });
   main.querySelectorAll("button[data-hours]").forEach(b => b.onclick = () => { farmHours = Number(b.dataset.hours); renderFarm(); });
 }

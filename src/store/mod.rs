@@ -69,7 +69,7 @@ pub use model::*;
 pub use outcomes::avoid_span;
 pub use requests::{PauseChange, PriorityChange, ScheduleChange};
 pub use retention::StaleOutput;
-pub use shares::share_of;
+pub use shares::{share_of, FarmShares, ShareGroup};
 pub use transitions::{LostOutcome, LostRun};
 pub use waiting::LiveBackends;
 

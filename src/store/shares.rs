@@ -113,7 +113,66 @@ pub(super) async fn standing(
     .transpose()
 }
 
+/// One group of a shared farm, as it stands now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShareGroup {
+    /// The field's value (`""`: the jobs without the field).
+    pub group: String,
+    /// Its jobs assigned or running.
+    pub on_farm: i64,
+    /// Its jobs queued (paused ones included).
+    pub queued: i64,
+}
+
+/// How a shared farm stands: the field, and each group with work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FarmShares {
+    /// The metadata field the farm is shared by.
+    pub field: String,
+    /// The groups with jobs queued or on the farm, by name (at most
+    /// [`MAX_GROUPS_SHOWN`]).
+    pub groups: Vec<ShareGroup>,
+}
+
+/// The most groups [`Store::farm_shares`] lists: a farm shared by a field
+/// that names every shot would otherwise list the whole queue.
+pub const MAX_GROUPS_SHOWN: i64 = 100;
+
 impl Store {
+    /// How the farm is shared now, or `None` when it is not: each group's
+    /// jobs on the farm and queued, counted through the two indexes of
+    /// shared jobs (the queue's entries are read, not its rows).
+    pub async fn farm_shares(&self) -> Result<Option<FarmShares>, StoreError> {
+        let mut tx = self.reader().begin().await?;
+        let field: Option<Option<String>> =
+            sqlx::query_scalar("SELECT value FROM settings WHERE name = 'share_by'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(field) = field.flatten() else {
+            return Ok(None);
+        };
+        let groups = sqlx::query_as::<_, (String, i64, i64)>(
+            "SELECT share, sum(held), sum(queued) FROM ( \
+               SELECT share, 0 AS held, count(*) AS queued FROM jobs INDEXED BY jobs_queue_share \
+               WHERE status = 'queued' AND share IS NOT NULL GROUP BY share \
+               UNION ALL \
+               SELECT share, count(*), 0 FROM jobs INDEXED BY jobs_active_share \
+               WHERE status IN ('assigned', 'running') AND share IS NOT NULL GROUP BY share) \
+             GROUP BY share ORDER BY share LIMIT ?",
+        )
+        .bind(MAX_GROUPS_SHOWN)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(group, on_farm, queued)| ShareGroup {
+            group,
+            on_farm,
+            queued,
+        })
+        .collect();
+        Ok(Some(FarmShares { field, groups }))
+    }
+
     /// Shares the farm by the metadata field `field` from now on (`None`:
     /// not shared), as the config says at start. When the field differs
     /// from the last start's, every job that may still run (any not
