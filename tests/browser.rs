@@ -863,12 +863,7 @@ async fn the_farm_page_of_a_shared_farm_names_each_batch_and_leads_to_its_jobs()
     let Some(exe) = chromium_or_skip() else {
         return;
     };
-    let sim = start_sim(60_000).await;
-    let app = spawn_farm_with(vec![backend("gpu-box-1", sim.port, &[], 1)], |c| {
-        c.dispatch.share_by = Some("batch".into());
-    })
-    .await;
-    app.wait_backend("gpu-box-1", "online").await;
+    let (_sim, app) = one_box_shared_by_batch("gpu-box-1", 60_000).await;
     let first = app
         .submit_blur(json!({"metadata": {"batch": "anna"}}))
         .await;

@@ -129,12 +129,7 @@ async fn the_farm_view_shows_each_attempt_where_it_ran_and_the_busy_share() {
 /// has on the farm (the fewest takes the next slot) and what waits.
 #[tokio::test]
 async fn the_farm_view_of_a_shared_farm_counts_each_batch_on_the_farm_and_queued() {
-    let sim = start_sim(60_000).await;
-    let app = spawn_farm_with(vec![backend("a", sim.port, &[], 1)], |c| {
-        c.dispatch.share_by = Some("batch".into());
-    })
-    .await;
-    app.wait_backend("a", "online").await;
+    let (_sim, app) = one_box_shared_by_batch("a", 60_000).await;
     let first = app
         .submit_blur(json!({"metadata": {"batch": "anna"}}))
         .await;

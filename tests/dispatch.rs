@@ -474,12 +474,7 @@ async fn run_order(app: &TestApp, jobs: &[&String]) -> Vec<String> {
 /// batch before the second.
 #[tokio::test]
 async fn a_farm_shared_by_batch_alternates_between_two_artists_batches() {
-    let sim = start_sim(0).await;
-    let app = spawn_farm_with(vec![backend("node1", sim.port, &[], 1)], |c| {
-        c.dispatch.share_by = Some("batch".into());
-    })
-    .await;
-    app.wait_backend("node1", "online").await;
+    let (_sim, app) = one_box_shared_by_batch("node1", 0).await;
     app.post_json("/api/backends/node1/disable", &json!({}))
         .await;
     let mut a = Vec::new();

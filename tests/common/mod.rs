@@ -403,6 +403,18 @@ pub async fn one_failing_backend(backoff_ms: u64) -> (SimHandle, TestApp) {
     (sim, app)
 }
 
+/// A farm of one box (one slot), `id`, shared by each job's `batch`
+/// (`dispatch.share_by`), once the box is online.
+pub async fn one_box_shared_by_batch(id: &str, job_ms: u64) -> (SimHandle, TestApp) {
+    let sim = start_sim(job_ms).await;
+    let app = spawn_farm_with(vec![backend(id, sim.port, &[], 1)], |c| {
+        c.dispatch.share_by = Some("batch".into());
+    })
+    .await;
+    app.wait_backend(id, "online").await;
+    (sim, app)
+}
+
 pub async fn spawn_farm(backends: Vec<BackendConfig>) -> TestApp {
     spawn_farm_with(backends, |_| {}).await
 }
