@@ -1,5 +1,6 @@
-//! Leasing: which queued job a backend gets next, and the rules that keep a
-//! job away from a backend. Also what a backend holds now.
+//! Leasing: giving a backend the job it should take next (which one among
+//! those it may run is `choice.rs`), and the rules that keep a job away
+//! from a backend. Also what a backend holds now.
 //!
 //! Why the rules are one SQL expression ([`bar_reason`]): the lease query
 //! uses it to skip jobs, the failure path and a queued job's page use it
