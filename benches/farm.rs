@@ -2,7 +2,8 @@
 //! and the idle gap a backend sees between two jobs.
 //!
 //! Run: `cargo bench --bench farm` (add `-- --jobs 2000 --backends 8`;
-//! `-- --only mixed` runs only the mixed-model scenario; `-- --only big`
+//! `-- --only mixed` runs only the mixed-model scenario; `-- --only shared`
+//! only two batches on a farm shared by `batch` and not; `-- --only big`
 //! only the 8 against 1,000 backends scenario, in `--rounds 5` rounds of
 //! 1,000 jobs to each farm in turn; `--no-baseline` leaves out its
 //! 8-backend farm, for trying a change to the large farm quickly, and for
@@ -59,11 +60,21 @@ async fn wait_online(service: &Service, n: usize) {
 /// Submits `n` jobs through the HTTP API with `clients` concurrent
 /// clients; the latency of each, sorted.
 async fn submit_timed(url: &str, n: usize, clients: usize) -> Vec<f64> {
+    submit_each(url, n, clients, Arc::new(|_| json!({}))).await
+}
+
+/// A manifest's fields beyond the bench's blur, for its `i`th job.
+type Extra = Arc<dyn Fn(usize) -> serde_json::Value + Send + Sync>;
+
+/// Submits `n` blurs as [`submit_timed`] does, each with `extra(i)`'s
+/// fields (its metadata, say).
+async fn submit_each(url: &str, n: usize, clients: usize, extra: Extra) -> Vec<f64> {
     let client = reqwest::Client::new();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let (client, next, url) = (client.clone(), next.clone(), url.to_string());
+        let extra = extra.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -71,7 +82,10 @@ async fn submit_timed(url: &str, n: usize, clients: usize) -> Vec<f64> {
                 if i >= n {
                     return lat;
                 }
-                let body = json!({"workflow_id": "image_blur", "parameters": {"width": 16, "height": 16, "color": i % 16777215}});
+                let mut body = json!({"workflow_id": "image_blur", "parameters": {"width": 16, "height": 16, "color": i % 16777215}});
+                if let (Some(b), serde_json::Value::Object(e)) = (body.as_object_mut(), extra(i)) {
+                    b.extend(e);
+                }
                 let t = Instant::now();
                 let r = client.post(format!("{url}/api/job")).json(&body).send().await.unwrap();
                 assert_eq!(r.status(), 201);
@@ -305,6 +319,95 @@ async fn mixed_models(affinity: bool, jobs: usize, job_ms: u64, load_ms: u64) {
     );
     let _ = stop.send(());
     let _ = task.await;
+}
+
+/// A farm of 8 simulated backends (two slots each) shared by `batch` or
+/// not (`dispatch.share_by`).
+async fn farm_of_8(share: bool, job_ms: u64) -> (Service, Vec<SimHandle>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (sims, configs) = common::sims(8, job_ms, 2).await;
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        workflows_dir: dir.path().join("workflows"),
+        backends: configs,
+        ..Default::default()
+    };
+    config.monitor.poll_interval_ms = 200;
+    config.dispatch.share_by = share.then(|| "batch".to_string());
+    let service = Service::start(config).await.unwrap();
+    wait_online(&service, 8).await;
+    (service, sims, dir)
+}
+
+/// Two artists' batches on a farm of 8: 1,000 jobs of 50 ms for the first,
+/// then, once it runs, 100 for the second: how long the second waits for
+/// its last job, the farm shared by `batch` or not. Then the lease's cost
+/// on a deep queue of a shared farm: 10,000 jobs of 0 ms in 10 batches
+/// (submitted faster than the farm runs them, so thousands wait), jobs/s.
+async fn shared_farm(share: bool) {
+    let (service, _sims, _dir) = farm_of_8(share, 50).await;
+    let store = service.store().clone();
+    let (url, stop, task) = common::serve(service).await;
+    submit_each(
+        &url,
+        1_000,
+        16,
+        Arc::new(|_| json!({"metadata": {"batch": "first"}})),
+    )
+    .await;
+    while completed_store(&store).await < 16 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let start = Instant::now();
+    submit_each(
+        &url,
+        100,
+        16,
+        Arc::new(|_| json!({"metadata": {"batch": "second"}})),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let second = loop {
+        let c = get_json(
+            &client,
+            &format!("{url}/api/jobs/counts?metadata.batch=second"),
+        )
+        .await;
+        if c["jobs"]["completed"] == 100 {
+            break start.elapsed().as_secs_f64();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    while completed_store(&store).await < 1_100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let all = start.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    let _ = task.await;
+
+    let (service, _sims, _dir) = farm_of_8(share, 0).await;
+    let store = service.store().clone();
+    let (url, stop, task) = common::serve(service).await;
+    let start = Instant::now();
+    submit_each(
+        &url,
+        10_000,
+        16,
+        Arc::new(|i| json!({"metadata": {"batch": format!("night{}", i % 10)}})),
+    )
+    .await;
+    let submitted = start.elapsed().as_secs_f64();
+    while completed_store(&store).await < 10_000 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deep = start.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    let _ = task.await;
+    println!(
+        "two batches, 8 backends, --job-ms 50, 1,000 jobs then 100, {}: the second's last job {second:.2} s after it was submitted (the first's last {all:.2} s); 10,000 jobs of 0 ms in 10 batches: {:.0} jobs/s end to end (submitted in {submitted:.2} s)",
+        if share { "shared by batch" } else { "not shared     " },
+        10_000.0 / deep,
+    );
 }
 
 /// The JSON answer of `GET url`.
@@ -758,6 +861,13 @@ fn main() {
         ));
         return;
     }
+    if std::env::args().any(|a| a == "shared") {
+        rt.block_on(async {
+            shared_farm(true).await;
+            shared_farm(false).await;
+        });
+        return;
+    }
     let mixed_jobs = common::arg("--mixed-jobs", 400);
     rt.block_on(async {
         mixed_models(true, mixed_jobs, 500, 3000).await;
@@ -765,6 +875,8 @@ fn main() {
         if only_mixed {
             return;
         }
+        shared_farm(true).await;
+        shared_farm(false).await;
         simulators_alone(8, jobs).await;
         throughput(backends, jobs).await;
         if backends != 8 {
