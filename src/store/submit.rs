@@ -230,12 +230,12 @@ async fn known_keys(
     Ok(known)
 }
 
-/// Of the jobs these new ones start from, those that have not completed
-/// (most submissions name none, and cost no read).
+/// Of the jobs these new ones start from, those that have not completed,
+/// with their status (most submissions name none, and cost no read).
 async fn unfinished_parents(
     conn: &mut SqliteConnection,
     jobs: &[EncodedJob],
-) -> Result<std::collections::HashSet<String>, StoreError> {
+) -> Result<HashMap<String, JobStatus>, StoreError> {
     let mut ids: Vec<String> = jobs.iter().flat_map(|j| j.parents.clone()).collect();
     if ids.is_empty() {
         return Ok(Default::default());
@@ -243,9 +243,9 @@ async fn unfinished_parents(
     ids.sort();
     ids.dedup();
     let mut q: QueryBuilder<Sqlite> =
-        QueryBuilder::new("SELECT id FROM jobs WHERE status <> 'completed'");
+        QueryBuilder::new("SELECT id, status FROM jobs WHERE status <> 'completed'");
     super::rows::push_in(&mut q, "id", &ids);
-    let found: Vec<String> = q.build_query_scalar().fetch_all(&mut *conn).await?;
+    let found: Vec<(String, JobStatus)> = q.build_query_as().fetch_all(&mut *conn).await?;
     Ok(found.into_iter().collect())
 }
 
@@ -279,9 +279,24 @@ async fn insert_jobs(
                 continue;
             }
         }
-        let now = clock.next();
         // Read in the writer's transaction: no parent can end in between.
-        let status = if job.parents.iter().any(|p| unfinished.contains(p)) {
+        // One that ended unsuccessfully since the submission's check (which
+        // refuses the ordinary case) is refused the same way: stored, the
+        // job would wait for a parent that ended, its failure never coming.
+        let ended = job.parents.iter().find_map(|p| {
+            unfinished
+                .get(p)
+                .filter(|s| matches!(s, JobStatus::Failed | JobStatus::Cancelled))
+                .map(|s| (p, s))
+        });
+        if let Some((parent, s)) = ended {
+            outcomes.push(Err(StoreError::Conflict(format!(
+                "job {parent} is {s}; retry it first (POST /api/job/{parent}/retry), then submit this one"
+            ))));
+            continue;
+        }
+        let now = clock.next();
+        let status = if job.parents.iter().any(|p| unfinished.contains_key(p)) {
             JobStatus::Waiting
         } else {
             JobStatus::Queued
@@ -339,6 +354,57 @@ async fn insert_jobs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A blur with no backend to run it, starting from `parents`.
+    fn job(parents: &[&str]) -> NewJob {
+        NewJob {
+            id: uuid::Uuid::now_v7().to_string(),
+            workflow_id: None,
+            priority: 0,
+            requires: vec![],
+            max_attempts: 3,
+            idempotency_key: None,
+            manifest_hash: "h".into(),
+            manifest: serde_json::json!({}),
+            parameters: serde_json::json!({}),
+            metadata: Default::default(),
+            graph: serde_json::json!({}),
+            callback_url: None,
+            timeout_s: None,
+            inputs: vec![],
+            parents: parents.iter().map(|p| p.to_string()).collect(),
+            affinity: None,
+            paused: false,
+            start_after: None,
+            share: None,
+        }
+    }
+
+    /// The submission's check refuses a job whose parent failed or was
+    /// cancelled; one that ends between that check and the insert is
+    /// refused at the insert, not stored waiting for ever.
+    #[tokio::test]
+    async fn a_job_whose_parent_ended_unsuccessfully_before_its_insert_is_refused() {
+        let (_dir, store) = super::super::Store::temporary().await;
+        let created = |o: SubmitOutcome| match o {
+            SubmitOutcome::Created(s) => s,
+            other => panic!("{other:?}"),
+        };
+        let parent = created(store.submit(job(&[])).await.unwrap());
+        let waiting = created(store.submit(job(&[&parent.id])).await.unwrap());
+        assert_eq!(waiting.status, JobStatus::Waiting);
+        store.request_cancel(&parent.id).await.unwrap();
+        match store.submit(job(&[&parent.id])).await {
+            Err(StoreError::Conflict(m)) => assert!(
+                m.contains(&format!("job {} is cancelled; retry it first", parent.id)),
+                "{m}"
+            ),
+            other => panic!("stored: {other:?}"),
+        }
+        // The one stored before the cancel failed with it.
+        let statuses = store.job_statuses(std::slice::from_ref(&waiting.id)).await.unwrap();
+        assert_eq!(statuses[&waiting.id], JobStatus::Failed);
+    }
 
     #[test]
     fn submission_times_only_go_forward_and_read_back_as_stored() {
