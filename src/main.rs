@@ -355,6 +355,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 max_inflight: 2,
                 url: None,
                 headers: Default::default(),
+                hours: None,
             });
             println!("demo backend {id}: simulated ComfyUI on http://127.0.0.1:{port}");
         }

@@ -95,6 +95,8 @@ impl Service {
                         enabled: b.enabled,
                         tags: b.tags.clone(),
                         max_inflight: b.max_inflight,
+                        hours: b.hours().map(|h| h.to_string()),
+                        off_hours: b.off_hours(chrono::Local::now().time()),
                     })
                     .collect(),
             )

@@ -899,3 +899,33 @@ async fn the_farm_page_of_a_shared_farm_names_each_batch_and_leads_to_its_jobs()
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }
+
+/// A workstation outside its hours is shown as such on the backends page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backends_page_says_a_workstation_is_outside_its_hours() {
+    let Some(exe) = chromium_or_skip() else {
+        return;
+    };
+    let sim = start_sim(0).await;
+    let later = chrono::Local::now() + chrono::Duration::hours(1);
+    let hours = format!(
+        "{}-{}",
+        later.format("%H:%M"),
+        (later + chrono::Duration::hours(1)).format("%H:%M")
+    );
+    let mut workstation = backend("anna-ws", sim.port, &[], 1);
+    workstation.hours = Some(hours.clone());
+    let app = spawn_farm(vec![workstation]).await;
+    app.wait_backend("anna-ws", "online").await;
+    let mut b = Browser::launch(exe).await;
+    b.goto(&format!("{}/#/backends", app.url)).await;
+    let shown = b
+        .wait_for(
+            "the workstation's hours",
+            "(document.querySelector('.hours') || {}).innerText",
+        )
+        .await;
+    assert_eq!(shown, json!(format!("outside its hours {hours}")));
+    assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
+    let _ = b.child.kill().await;
+}

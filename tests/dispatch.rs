@@ -1562,3 +1562,48 @@ async fn a_backend_behind_an_https_proxy_with_a_token_runs_jobs_and_one_without_
     assert!(seen.lock().unwrap().refused > 0);
     bin.kill9().await;
 }
+
+/// An artist's workstation joins the farm in its hours only (local time):
+/// outside them its jobs wait, and the job's page says why; at the start
+/// of its hours it takes them by itself, with nobody to enable it.
+#[tokio::test]
+async fn a_workstation_takes_jobs_only_in_its_hours_and_at_their_start_by_itself() {
+    use chrono::{Local, Timelike};
+    let sim = start_sim(0).await;
+    let start = (Local::now() + chrono::Duration::seconds(4))
+        .with_nanosecond(0)
+        .unwrap();
+    let hours = format!(
+        "{}-{}",
+        start.format("%H:%M:%S"),
+        (start + chrono::Duration::hours(2)).format("%H:%M:%S")
+    );
+    let mut workstation = backend("workstation", sim.port, &[], 1);
+    workstation.hours = Some(hours.clone());
+    let app = spawn_farm(vec![workstation]).await;
+    app.wait_backend("workstation", "online").await;
+    let id = submit(&app, blur(json!({}))).await;
+    let asked = Local::now();
+    let (_, b) = app.get("/api/backends/workstation").await;
+    let job = app.job(&id).await;
+    if asked < start - chrono::Duration::milliseconds(500) {
+        assert_eq!(b["hours"], hours, "{b}");
+        assert_eq!(b["off_hours"], true, "{b}");
+        assert_eq!(b["accepting_jobs"], false, "{b}");
+        assert_eq!(
+            job["waiting_for"],
+            format!("no backend can take it now: workstation is outside its hours ({hours})"),
+            "{job}"
+        );
+    }
+    let job = app.wait_status(&id, "completed").await;
+    let leased =
+        chrono::DateTime::parse_from_rfc3339(job["leases"][0]["leased_at"].as_str().unwrap())
+            .unwrap();
+    assert!(
+        leased >= start,
+        "leased at {leased}, its hours began at {start}"
+    );
+    let (_, b) = app.get("/api/backends/workstation").await;
+    assert_eq!(b["off_hours"], false, "{b}");
+}

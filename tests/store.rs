@@ -22,6 +22,8 @@ async fn online_backend(app: &TestApp, id: &str) {
             enabled: true,
             tags: vec![],
             max_inflight: 2,
+            hours: None,
+            off_hours: false,
         }])
         .await
         .unwrap();
@@ -266,6 +268,8 @@ async fn farm(app: &TestApp, backends: &[(&str, &[&str])]) {
                     enabled: true,
                     tags: tags.iter().map(|t| t.to_string()).collect(),
                     max_inflight: 8,
+                    hours: None,
+                    off_hours: false,
                 })
                 .collect(),
         )

@@ -95,6 +95,7 @@ pub async fn sims_with(
             max_inflight,
             url: None,
             headers: Default::default(),
+            hours: None,
         });
         sims.push(sim);
     }

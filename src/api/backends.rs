@@ -83,7 +83,7 @@ pub(super) async fn list_backends(
         )
     } else if !backends.iter().any(|b| b.accepting_jobs) {
         Some(
-            "no backend is accepting jobs now (offline, disabled, draining or in quarantine)"
+            "no backend is accepting jobs now (offline, disabled, draining, outside its hours or in quarantine)"
                 .into(),
         )
     } else {

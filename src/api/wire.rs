@@ -306,8 +306,14 @@ pub struct Backend {
     pub config_enabled: bool,
     /// Operator override: `enabled`, `disabled`, `draining`, or `null` to follow the config.
     pub admin_state: Option<AdminState>,
-    /// Whether new jobs may be leased to it now (config, override, health).
+    /// Whether new jobs may be leased to it now (config, override, hours,
+    /// health).
     pub accepting_jobs: bool,
+    /// When it takes the farm's jobs, in the orchestrator's local time
+    /// (`20:00-08:00`: a workstation at night); `null`: at any time.
+    pub hours: Option<String>,
+    /// Outside its hours now: it takes no new jobs (those it runs finish).
+    pub off_hours: bool,
     /// Capabilities jobs may require.
     pub tags: Vec<String>,
     /// Prompts held at once.
@@ -364,6 +370,8 @@ impl From<BackendRecord> for Backend {
             port: b.port,
             config_enabled: b.config_enabled,
             admin_state: b.admin_state,
+            hours: b.hours,
+            off_hours: b.off_hours,
             tags: b.tags,
             max_inflight: b.max_inflight,
             client_id: b.client_id,

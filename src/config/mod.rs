@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod hours;
+pub use hours::Hours;
+
 /// Everything the service can be told. Unknown keys are errors.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -316,9 +319,25 @@ pub struct BackendConfig {
     /// queue so the GPU never idles between jobs.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u32,
+    /// When it takes the farm's jobs, in the orchestrator's local time
+    /// (`20:00-08:00`: a workstation at night); outside them it takes no
+    /// new jobs. Unset: at any time.
+    #[serde(default)]
+    pub hours: Option<String>,
 }
 
 impl BackendConfig {
+    /// Its hours, read (checked by [`Config::validate`]: a bad window
+    /// never gets this far; one that did would mean any time).
+    pub fn hours(&self) -> Option<Hours> {
+        self.hours.as_deref().and_then(|h| h.parse().ok())
+    }
+
+    /// Whether local time `now` is outside its hours.
+    pub fn off_hours(&self, now: chrono::NaiveTime) -> bool {
+        self.hours().is_some_and(|h| !h.contains(now))
+    }
+
     /// Where its ComfyUI answers: `url` as given (less a trailing `/`), or
     /// `http://host:port`.
     pub fn base_url(&self) -> String {
@@ -662,6 +681,9 @@ impl Config {
             }
             if b.port == 0 {
                 return invalid(&key("port"), "must be between 1 and 65535");
+            }
+            if let Some(Err(e)) = b.hours.as_deref().map(str::parse::<Hours>) {
+                return invalid(&key("hours"), &e);
             }
             if !(1..=64).contains(&b.max_inflight) {
                 return invalid(&key("max_inflight"), "must be between 1 and 64");

@@ -48,6 +48,19 @@ fn a_bad_value_is_named_in_the_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("dispatch.share_by"), "{err}");
+    let err = Config::from_yaml("backends:\n  - {id: ws, host: h, hours: 8pm-8am}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("backends[0].hours") && err.contains("like 20:00-08:00"),
+        "{err}"
+    );
+    let night =
+        Config::from_yaml("backends:\n  - {id: ws, host: h, hours: '20:00-08:00'}\n").unwrap();
+    assert_eq!(
+        night.backends[0].hours().unwrap().to_string(),
+        "20:00-08:00"
+    );
     let shared = Config::from_yaml("dispatch:\n  share_by: artist\n").unwrap();
     assert_eq!(shared.dispatch.share_by.as_deref(), Some("artist"));
 }

@@ -24,7 +24,8 @@
 //! (asking the backend, the cleanup list, taking jobs back), `outputs`
 //! (downloads), `progress` (live progress and previews), `idle` (who
 //! waits for work), `glance` (one read of the farm for the safety nets),
-//! `inventories` (what each backend can run, as the farm keeps it).
+//! `inventories` (what each backend can run, as the farm keeps it), `hours`
+//! (each backend's hours kept in the database at the edges of its window).
 
 mod attempt;
 mod files;
@@ -32,6 +33,7 @@ mod fill;
 mod glance;
 mod health;
 mod heard;
+mod hours;
 mod idle;
 mod inventories;
 mod link;
@@ -356,6 +358,7 @@ impl Farm {
             shared.wake_at(at, None);
         }
         tasks.spawn(wake_when_due(shared.clone()));
+        tasks.spawn(hours::keep(shared.clone()));
         let interval = Duration::from_millis(config.monitor.poll_interval_ms);
         for (i, (b, rx, client)) in receivers.into_iter().enumerate() {
             let slot = i as u32 % SLOTS;

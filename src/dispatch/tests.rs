@@ -61,6 +61,8 @@ async fn a_workers_task_stays_small_while_it_waits() {
             enabled: true,
             tags: vec![],
             max_inflight: 1,
+            hours: None,
+            off_hours: false,
         }])
         .await
         .unwrap();

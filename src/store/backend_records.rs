@@ -73,10 +73,11 @@ pub fn backend_enabled(config_enabled: bool, admin: Option<AdminState>) -> bool 
 
 /// [`backend_enabled`] of the `backends` row `alias`, in SQL, for the
 /// rules that look at other backends inside a query.
+/// Outside its hours (V16) a backend is not enabled, whatever enables it.
 pub(super) fn enabled_sql(alias: &str) -> String {
     format!(
         "(CASE {alias}.admin_state WHEN 'enabled' THEN 1 WHEN 'disabled' THEN 0 \
-         WHEN 'draining' THEN 0 ELSE {alias}.config_enabled END = 1)"
+         WHEN 'draining' THEN 0 ELSE {alias}.config_enabled END = 1 AND {alias}.off_hours = 0)"
     )
 }
 
@@ -156,12 +157,16 @@ pub struct BackendRecord {
     /// The model (checkpoint) of the last job leased to it: what it keeps
     /// loaded, and what the lease preference steers by.
     pub last_affinity: Option<String>,
+    /// When it takes the farm's jobs (the config's `hours`, local time).
+    pub hours: Option<String>,
+    /// Now outside its hours: it takes no new jobs, enabled or not.
+    pub off_hours: bool,
 }
 
 impl BackendRecord {
-    /// Whether an operator or the config keeps new jobs away.
+    /// Whether an operator, the config or its hours keep new jobs away.
     pub fn enabled(&self) -> bool {
-        backend_enabled(self.config_enabled, self.admin_state)
+        backend_enabled(self.config_enabled, self.admin_state) && !self.off_hours
     }
 
     /// Whether new jobs may be leased to it now (config, override, health).
@@ -189,6 +194,10 @@ pub struct BackendUpsert {
     pub tags: Vec<String>,
     /// Prompts at once.
     pub max_inflight: u32,
+    /// Its hours (`20:00-08:00`), if it has any.
+    pub hours: Option<String>,
+    /// Outside them now.
+    pub off_hours: bool,
 }
 
 /// What the monitor learnt from one poll.
@@ -209,14 +218,42 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A backend as the database knows it, enabled by its config.
+    fn record() -> BackendRecord {
+        BackendRecord {
+            id: "b".into(),
+            name: "b".into(),
+            host: "h".into(),
+            port: 1,
+            url: None,
+            config_enabled: true,
+            admin_state: None,
+            tags: vec![],
+            max_inflight: 2,
+            client_id: "c".into(),
+            state: BackendState::Online,
+            comfyui_version: None,
+            vram_total: None,
+            vram_free: None,
+            queue_remaining: None,
+            active_jobs: 0,
+            last_error: None,
+            last_seen: None,
+            offline_since: None,
+            last_affinity: None,
+            hours: None,
+            off_hours: false,
+        }
+    }
+
     #[tokio::test]
     async fn the_sql_forms_of_the_rules_say_what_the_rust_ones_do() {
         let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
         let enabled = format!(
-            "SELECT {} FROM (SELECT ? AS config_enabled, ? AS admin_state) b",
+            "SELECT {} FROM (SELECT ? AS config_enabled, ? AS admin_state, ? AS off_hours) b",
             enabled_sql("b")
         );
-        for config in [false, true] {
+        for (config, off) in [(false, false), (true, false), (false, true), (true, true)] {
             for admin in [
                 None,
                 Some(AdminState::Enabled),
@@ -226,10 +263,17 @@ mod tests {
                 let got: bool = sqlx::query_scalar(&enabled)
                     .bind(config)
                     .bind(admin.map(AdminState::as_str))
+                    .bind(off)
                     .fetch_one(&pool)
                     .await
                     .unwrap();
-                assert_eq!(got, backend_enabled(config, admin), "{config} {admin:?}");
+                let record = BackendRecord {
+                    config_enabled: config,
+                    admin_state: admin,
+                    off_hours: off,
+                    ..record()
+                };
+                assert_eq!(got, record.enabled(), "{config} {admin:?} {off}");
             }
         }
         let oom = format!(

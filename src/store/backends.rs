@@ -34,13 +34,15 @@ impl Store {
                     for b in configured {
                         sqlx::query(
                             "INSERT INTO backends (id, name, host, port, url, configured, \
-                             config_enabled, tags, max_inflight, client_id, state, updated_at) \
-                             VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, 'unknown', ?) \
+                             config_enabled, tags, max_inflight, client_id, state, updated_at, \
+                             hours, off_hours) \
+                             VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, 'unknown', ?, ?, ?) \
                              ON CONFLICT(id) DO UPDATE SET name = excluded.name, \
                              host = excluded.host, port = excluded.port, url = excluded.url, \
                              configured = 1, \
                              config_enabled = excluded.config_enabled, tags = excluded.tags, \
-                             max_inflight = excluded.max_inflight, updated_at = excluded.updated_at",
+                             max_inflight = excluded.max_inflight, updated_at = excluded.updated_at, \
+                             hours = excluded.hours, off_hours = excluded.off_hours",
                         )
                         .bind(&b.id)
                         .bind(&b.name)
@@ -52,6 +54,8 @@ impl Store {
                         .bind(b.max_inflight as i64)
                         .bind(uuid::Uuid::new_v4().to_string())
                         .bind(&now)
+                        .bind(&b.hours)
+                        .bind(b.off_hours)
                         .execute(&mut *conn)
                         .await?;
                     }
@@ -104,6 +108,52 @@ impl Store {
             .await;
         self.takers.changed();
         set
+    }
+
+    /// Records whether a backend is outside its hours now (`hours`, as
+    /// the config writes them, for the event); `true` when that changed,
+    /// which a backend event says (`backend_hours`).
+    pub async fn set_off_hours(
+        &self,
+        id: &str,
+        off: bool,
+        hours: &str,
+    ) -> Result<bool, StoreError> {
+        let key = id.to_string();
+        let changed = self
+            .writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let n = sqlx::query(
+                        "UPDATE backends SET off_hours = ?, updated_at = ? \
+                         WHERE id = ? AND configured = 1 AND off_hours <> ?",
+                    )
+                    .bind(off)
+                    .bind(fmt_time(Utc::now()))
+                    .bind(&key)
+                    .bind(off)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    Ok(n > 0)
+                })
+            })
+            .await?;
+        if changed {
+            let message = if off {
+                format!("backend {id} is outside its hours ({hours}): it takes no new jobs; those it runs finish")
+            } else {
+                format!("backend {id}'s hours ({hours}) began: it takes jobs")
+            };
+            self.backend_event(
+                id,
+                "backend_hours",
+                &message,
+                serde_json::json!({"hours": hours, "off_hours": off}),
+            )
+            .await?;
+        }
+        Ok(changed)
     }
 
     /// Records a successful poll.

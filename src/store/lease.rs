@@ -180,7 +180,7 @@ async fn lease_in(
     // The backend and what it holds in one statement: each is a round trip
     // to SQLite's thread while the whole farm's writes wait.
     let Some(b) = sqlx::query(
-        "SELECT config_enabled, admin_state, state, max_inflight, last_affinity, inventory_hash, \
+        "SELECT config_enabled, admin_state, off_hours, state, max_inflight, last_affinity, inventory_hash, \
          (SELECT count(*) FROM jobs WHERE backend_id = b.id AND status IN ('assigned', 'running')) \
          AS active FROM backends b WHERE id = ? AND configured = 1",
     )
@@ -193,7 +193,7 @@ async fn lease_in(
     let enabled = backend_enabled(
         b.try_get::<i64, _>("config_enabled")? != 0,
         b.try_get("admin_state")?,
-    );
+    ) && b.try_get::<i64, _>("off_hours")? == 0;
     let state: BackendState = b.try_get("state")?;
     if !enabled || state != BackendState::Online {
         return Ok(None);
@@ -383,9 +383,9 @@ impl Store {
     async fn may_lease(&self, backend_id: &str) -> Result<Option<LeaseTry>, StoreError> {
         // One read for both (each read is a round trip to SQLite's thread,
         // and every lease of a busy farm asks this first).
-        let backend: Option<(bool, Option<AdminState>, BackendState, bool)> =
+        let backend: Option<(bool, Option<AdminState>, bool, BackendState, bool)> =
             sqlx::query_as(&format!(
-                "SELECT b.config_enabled, b.admin_state, b.state, \
+                "SELECT b.config_enabled, b.admin_state, b.off_hours, b.state, \
                  EXISTS (SELECT 1 FROM jobs j INDEXED BY jobs_queue WHERE {}) \
                  FROM backends b WHERE b.id = ?2 AND b.configured = 1",
                 eligible()
@@ -395,7 +395,7 @@ impl Store {
             .fetch_optional(self.reader())
             .await?;
         Ok(match backend {
-            Some((config, admin, BackendState::Online, found))
+            Some((config, admin, false, BackendState::Online, found))
                 if backend_enabled(config, admin) =>
             {
                 if found {

@@ -402,7 +402,10 @@ mod tests {
             other => panic!("stored: {other:?}"),
         }
         // The one stored before the cancel failed with it.
-        let statuses = store.job_statuses(std::slice::from_ref(&waiting.id)).await.unwrap();
+        let statuses = store
+            .job_statuses(std::slice::from_ref(&waiting.id))
+            .await
+            .unwrap();
         assert_eq!(statuses[&waiting.id], JobStatus::Failed);
     }
 

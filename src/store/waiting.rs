@@ -147,7 +147,7 @@ pub(super) async fn why_waiting_in(
         }));
     }
     let rows = sqlx::query(&format!(
-        "SELECT b.id, b.config_enabled, b.admin_state, b.state, b.max_inflight, {} AS bar, \
+        "SELECT b.id, b.config_enabled, b.admin_state, b.off_hours, b.hours, b.state, b.max_inflight, {} AS bar, \
          (SELECT count(*) FROM jobs h WHERE h.backend_id = b.id AND h.status IN ('assigned', 'running')) \
          AS active FROM jobs j, backends b WHERE j.id = ? AND b.configured = 1 ORDER BY b.id",
         bar_reason("j", "b")
@@ -172,6 +172,11 @@ pub(super) async fn why_waiting_in(
             format!(
                 "is {}",
                 admin.map_or("disabled in the config", |a| a.as_str())
+            )
+        } else if r.try_get::<i64, _>("off_hours")? != 0 {
+            format!(
+                "is outside its hours ({})",
+                r.try_get::<Option<String>, _>("hours")?.unwrap_or_default()
             )
         } else if state != BackendState::Online {
             format!("is {}", state.as_str())

@@ -352,6 +352,7 @@ pub fn backend(id: &str, port: u16, tags: &[&str], max_inflight: u32) -> Backend
         max_inflight,
         url: None,
         headers: Default::default(),
+        hours: None,
     }
 }
 

@@ -1,0 +1,66 @@
+//! Keeps each backend's `off_hours` true to its hours (`backends[].hours`).
+//!
+//! Why a task of its own: the rules that ask whether a backend may take
+//! jobs are SQL (leasing, a retry's avoidance, a job's page), and cannot
+//! read the clock in the orchestrator's local time; so the farm writes, at
+//! each edge of a backend's window, whether it is outside it. The start
+//! writes it before any worker runs (`server.rs`, through the backends'
+//! sync); this task sleeps until the next edge of any window (at most a
+//! minute: a clock moved by hand, or by daylight saving, is caught up) and
+//! rings a backend's worker when its hours begin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Local;
+
+use super::Shared;
+
+/// The longest this task sleeps without looking at the clock again.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// Past an edge by this much before looking: a timer may fire a little
+/// early, and the window's `contains` would still say the old side.
+const PAST_EDGE: Duration = Duration::from_millis(20);
+
+pub(super) async fn keep(shared: Arc<Shared>) {
+    let windows: Vec<(String, crate::config::Hours)> = shared
+        .config
+        .backends
+        .iter()
+        .filter_map(|b| b.hours().map(|h| (b.id.clone(), h)))
+        .collect();
+    if windows.is_empty() {
+        return;
+    }
+    loop {
+        let now = Local::now().time();
+        let mut sleep = MAX_SLEEP;
+        for (id, hours) in &windows {
+            let off = !hours.contains(now);
+            match shared
+                .store
+                .set_off_hours(id, off, &hours.to_string())
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(backend_id = %id, %hours, off_hours = off, "backend's hours {}", if off { "ended: it takes no new jobs" } else { "began: it takes jobs" });
+                    if !off {
+                        shared.idle.bell(id).notify_one();
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(backend_id = %id, error = %e, "cannot record whether the backend is in its hours; trying again in a moment");
+                    sleep = sleep.min(Duration::from_secs(1));
+                }
+            }
+            let edge = hours.until_next_edge(now).to_std().unwrap_or_default();
+            sleep = sleep.min(edge + PAST_EDGE);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
+}
