@@ -1607,3 +1607,55 @@ async fn a_workstation_takes_jobs_only_in_its_hours_and_at_their_start_by_itself
     let (_, b) = app.get("/api/backends/workstation").await;
     assert_eq!(b["off_hours"], false, "{b}");
 }
+
+/// A shot too large for the small box waits for the big workstation's
+/// hours rather than fail on the small box again: a box outside its hours
+/// is one that will come back.
+#[tokio::test]
+async fn a_job_that_ran_out_of_gpu_memory_waits_for_the_big_workstations_hours() {
+    use chrono::{Local, Timelike};
+    let small = start_sim_with(SimConfig {
+        job_ms: 50,
+        vram_bytes: 8 << 30,
+        oom_above_pixels: 1_000_000,
+        ..Default::default()
+    })
+    .await;
+    let big = start_sim(0).await;
+    let start = (Local::now() + chrono::Duration::seconds(4))
+        .with_nanosecond(0)
+        .unwrap();
+    let mut workstation = backend("anna-ws", big.port, &[], 1);
+    workstation.hours = Some(format!(
+        "{}-{}",
+        start.format("%H:%M:%S"),
+        (start + chrono::Duration::hours(2)).format("%H:%M:%S")
+    ));
+    let app = spawn_farm_with(
+        vec![backend("small", small.port, &[], 1), workstation],
+        |c| {
+            c.dispatch.retry_backoff_ms = 50;
+            c.dispatch.retry_backoff_max_ms = 50;
+        },
+    )
+    .await;
+    app.wait_backend("small", "online").await;
+    app.wait_backend("anna-ws", "online").await;
+    let large = submit(
+        &app,
+        blur(json!({"parameters": {"width": 2048, "height": 1024}})),
+    )
+    .await;
+    let done = app.wait_status(&large, "completed").await;
+    let leased: Vec<&Value> = done["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["backend_id"])
+        .collect();
+    assert_eq!(
+        leased,
+        [&json!("small"), &json!("anna-ws")],
+        "not tried on the small box again: {done}"
+    );
+}

@@ -44,7 +44,9 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
          AND u.inventory_hash = {backend}.inventory_hash)"
     );
     // The most GPU memory a backend had where the job ran out of it: a
-    // backend with no more leaves it to a bigger one while one is online.
+    // backend with no more leaves it to a bigger one while one is online
+    // (one outside its hours too: the job waits for the night's big
+    // workstation rather than fail on the small box again).
     let ran_out = format!(
         "(SELECT max(ob.vram_total) FROM leases l JOIN backends ob ON ob.id = l.backend_id \
          WHERE l.job_id = {job}.id AND l.outcome = 'failed' AND {})",
@@ -53,7 +55,7 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
     let bigger_online = format!(
         "EXISTS (SELECT 1 FROM backends big WHERE big.configured = 1 AND big.state = 'online' \
          AND {} AND big.vram_total > {ran_out})",
-        super::backend_records::enabled_sql("big")
+        super::backend_records::admitted_sql("big")
     );
     format!(
         "CASE \
