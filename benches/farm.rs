@@ -26,6 +26,16 @@ async fn farm(
     max_inflight: u32,
     job_ms: u64,
 ) -> (Service, Vec<SimHandle>, tempfile::TempDir) {
+    farm_with(backends, max_inflight, job_ms, |_| {}).await
+}
+
+/// [`farm`] with its config changed by `tune` first.
+async fn farm_with(
+    backends: usize,
+    max_inflight: u32,
+    job_ms: u64,
+    tune: impl FnOnce(&mut Config),
+) -> (Service, Vec<SimHandle>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let (sims, configs) = common::sims(backends, job_ms, max_inflight).await;
     let mut config = Config {
@@ -35,6 +45,7 @@ async fn farm(
         ..Default::default()
     };
     config.monitor.poll_interval_ms = 200;
+    tune(&mut config);
     let service = Service::start(config).await.unwrap();
     (service, sims, dir)
 }
@@ -324,19 +335,12 @@ async fn mixed_models(affinity: bool, jobs: usize, job_ms: u64, load_ms: u64) {
 /// A farm of 8 simulated backends (two slots each) shared by `batch` or
 /// not (`dispatch.share_by`).
 async fn farm_of_8(share: bool, job_ms: u64) -> (Service, Vec<SimHandle>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let (sims, configs) = common::sims(8, job_ms, 2).await;
-    let mut config = Config {
-        data_dir: dir.path().join("data"),
-        workflows_dir: dir.path().join("workflows"),
-        backends: configs,
-        ..Default::default()
-    };
-    config.monitor.poll_interval_ms = 200;
-    config.dispatch.share_by = share.then(|| "batch".to_string());
-    let service = Service::start(config).await.unwrap();
-    wait_online(&service, 8).await;
-    (service, sims, dir)
+    let farm = farm_with(8, 2, job_ms, |c| {
+        c.dispatch.share_by = share.then(|| "batch".to_string());
+    })
+    .await;
+    wait_online(&farm.0, 8).await;
+    farm
 }
 
 /// Two artists' batches on a farm of 8: 1,000 jobs of 50 ms for the first,

@@ -907,12 +907,7 @@ async fn the_backends_page_says_a_workstation_is_outside_its_hours() {
         return;
     };
     let sim = start_sim(0).await;
-    let later = chrono::Local::now() + chrono::Duration::hours(1);
-    let hours = format!(
-        "{}-{}",
-        later.format("%H:%M"),
-        (later + chrono::Duration::hours(1)).format("%H:%M")
-    );
+    let (_, hours) = hours_beginning_in(3600);
     let mut workstation = backend("anna-ws", sim.port, &[], 1);
     workstation.hours = Some(hours.clone());
     let app = spawn_farm(vec![workstation]).await;

@@ -838,15 +838,9 @@ async fn a_job_that_ran_out_of_gpu_memory_waits_for_a_bigger_box_rather_than_fai
         "{why}"
     );
     let done = app.wait_status(&large, "completed").await;
-    let leased: Vec<&Value> = done["leases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| &l["backend_id"])
-        .collect();
     assert_eq!(
-        leased,
-        [&json!("small"), &json!("big")],
+        leased_on(&done),
+        ["small", "big"],
         "not tried on the small box again: {done}"
     );
     assert_eq!(done["attempts"], 2);
@@ -1568,22 +1562,14 @@ async fn a_backend_behind_an_https_proxy_with_a_token_runs_jobs_and_one_without_
 /// of its hours it takes them by itself, with nobody to enable it.
 #[tokio::test]
 async fn a_workstation_takes_jobs_only_in_its_hours_and_at_their_start_by_itself() {
-    use chrono::{Local, Timelike};
     let sim = start_sim(0).await;
-    let start = (Local::now() + chrono::Duration::seconds(4))
-        .with_nanosecond(0)
-        .unwrap();
-    let hours = format!(
-        "{}-{}",
-        start.format("%H:%M:%S"),
-        (start + chrono::Duration::hours(2)).format("%H:%M:%S")
-    );
+    let (start, hours) = hours_beginning_in(4);
     let mut workstation = backend("workstation", sim.port, &[], 1);
     workstation.hours = Some(hours.clone());
     let app = spawn_farm(vec![workstation]).await;
     app.wait_backend("workstation", "online").await;
     let id = submit(&app, blur(json!({}))).await;
-    let asked = Local::now();
+    let asked = chrono::Local::now();
     let (_, b) = app.get("/api/backends/workstation").await;
     let job = app.job(&id).await;
     if asked < start - chrono::Duration::milliseconds(500) {
@@ -1613,7 +1599,6 @@ async fn a_workstation_takes_jobs_only_in_its_hours_and_at_their_start_by_itself
 /// is one that will come back.
 #[tokio::test]
 async fn a_job_that_ran_out_of_gpu_memory_waits_for_the_big_workstations_hours() {
-    use chrono::{Local, Timelike};
     let small = start_sim_with(SimConfig {
         job_ms: 50,
         vram_bytes: 8 << 30,
@@ -1622,15 +1607,8 @@ async fn a_job_that_ran_out_of_gpu_memory_waits_for_the_big_workstations_hours()
     })
     .await;
     let big = start_sim(0).await;
-    let start = (Local::now() + chrono::Duration::seconds(4))
-        .with_nanosecond(0)
-        .unwrap();
     let mut workstation = backend("anna-ws", big.port, &[], 1);
-    workstation.hours = Some(format!(
-        "{}-{}",
-        start.format("%H:%M:%S"),
-        (start + chrono::Duration::hours(2)).format("%H:%M:%S")
-    ));
+    workstation.hours = Some(hours_beginning_in(4).1);
     let app = spawn_farm_with(
         vec![backend("small", small.port, &[], 1), workstation],
         |c| {
@@ -1647,15 +1625,9 @@ async fn a_job_that_ran_out_of_gpu_memory_waits_for_the_big_workstations_hours()
     )
     .await;
     let done = app.wait_status(&large, "completed").await;
-    let leased: Vec<&Value> = done["leases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| &l["backend_id"])
-        .collect();
     assert_eq!(
-        leased,
-        [&json!("small"), &json!("anna-ws")],
+        leased_on(&done),
+        ["small", "anna-ws"],
         "not tried on the small box again: {done}"
     );
 }

@@ -85,6 +85,29 @@ pub(super) struct GroupStanding {
     pub others: i64,
 }
 
+impl std::fmt::Display for GroupStanding {
+    /// The clause a queued job's `waiting_for` ends with.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the farm is shared by `{}`: its group ", self.field)?;
+        if self.group.is_empty() {
+            write!(f, "(jobs without `{}`)", self.field)?;
+        } else {
+            write!(f, "`{}`", self.group)?;
+        }
+        write!(
+            f,
+            " has {} job{} on the farm",
+            self.on_farm,
+            if self.on_farm == 1 { "" } else { "s" }
+        )?;
+        match self.others {
+            0 => write!(f, " and no other group has work"),
+            1 => write!(f, ", beside 1 other group"),
+            n => write!(f, ", beside {n} other groups"),
+        }
+    }
+}
+
 /// Where a queued job's group stands, on a shared farm.
 pub(super) async fn standing(
     conn: &mut sqlx::SqliteConnection,

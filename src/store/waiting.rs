@@ -196,25 +196,10 @@ pub(super) async fn why_waiting_in(
         };
         kept.push(format!("{id} {why}"));
     }
-    let shared = match super::shares::standing(conn, job_id).await? {
-        Some(g) => format!(
-            "; the farm is shared by `{}`: its group {} has {} job{} on the farm{}",
-            g.field,
-            if g.group.is_empty() {
-                format!("(jobs without `{}`)", g.field)
-            } else {
-                format!("`{}`", g.group)
-            },
-            g.on_farm,
-            if g.on_farm == 1 { "" } else { "s" },
-            match g.others {
-                0 => " and no other group has work".to_string(),
-                1 => ", beside 1 other group".to_string(),
-                n => format!(", beside {n} other groups"),
-            }
-        ),
-        None => String::new(),
-    };
+    let shared = super::shares::standing(conn, job_id)
+        .await?
+        .map(|g| format!("; {g}"))
+        .unwrap_or_default();
     Ok(Some(if free.is_empty() {
         format!("no backend can take it now: {}{shared}", kept.join("; "))
     } else {

@@ -404,6 +404,34 @@ pub async fn one_failing_backend(backoff_ms: u64) -> (SimHandle, TestApp) {
     (sim, app)
 }
 
+/// A backend's `hours` that begin `secs` seconds from now (a whole
+/// second) and last two hours, as the service writes them back; and their
+/// start.
+pub fn hours_beginning_in(secs: i64) -> (chrono::DateTime<chrono::Local>, String) {
+    use chrono::Timelike;
+    let start = (chrono::Local::now() + chrono::Duration::seconds(secs))
+        .with_nanosecond(0)
+        .unwrap();
+    let hours: orchestrator::config::Hours = format!(
+        "{}-{}",
+        start.format("%H:%M:%S"),
+        (start + chrono::Duration::hours(2)).format("%H:%M:%S")
+    )
+    .parse()
+    .unwrap();
+    (start, hours.to_string())
+}
+
+/// The backends a job's leases went to, in order.
+pub fn leased_on(job: &Value) -> Vec<&str> {
+    job["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["backend_id"].as_str().unwrap())
+        .collect()
+}
+
 /// A farm of one box (one slot), `id`, shared by each job's `batch`
 /// (`dispatch.share_by`), once the box is online.
 pub async fn one_box_shared_by_batch(id: &str, job_ms: u64) -> (SimHandle, TestApp) {
