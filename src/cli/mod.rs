@@ -494,12 +494,14 @@ pub async fn backends(remote: &Remote) -> anyhow::Result<()> {
             vram,
             match (
                 b["quarantined_until"].as_str(),
-                b["quarantine_reason"].as_str()
+                b["quarantine_reason"].as_str(),
+                b["hours"].as_str().filter(|_| b["off_hours"] == true),
             ) {
-                (Some(until), Some(why)) => format!(
+                (Some(until), Some(why), _) => format!(
                     "in quarantine until {} (enable ends it): {why}",
                     until.get(..19).unwrap_or(until)
                 ),
+                (_, _, Some(hours)) => format!("outside its hours ({hours}): no new jobs"),
                 _ => b["last_error"].as_str().unwrap_or("").to_string(),
             }
         );
