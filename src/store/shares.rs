@@ -153,13 +153,13 @@ pub struct FarmShares {
     /// The metadata field the farm is shared by.
     pub field: String,
     /// The groups with jobs queued or on the farm, by name (at most
-    /// [`MAX_GROUPS_SHOWN`]).
+    /// 100).
     pub groups: Vec<ShareGroup>,
 }
 
 /// The most groups [`Store::farm_shares`] lists: a farm shared by a field
 /// that names every shot would otherwise list the whole queue.
-pub const MAX_GROUPS_SHOWN: i64 = 100;
+const MAX_GROUPS_SHOWN: i64 = 100;
 
 impl Store {
     /// How the farm is shared now, or `None` when it is not: each group's
