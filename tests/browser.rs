@@ -906,12 +906,7 @@ async fn the_backends_page_says_a_workstation_is_outside_its_hours() {
     let Some(exe) = chromium_or_skip() else {
         return;
     };
-    let sim = start_sim(0).await;
-    let (_, hours) = hours_beginning_in(3600);
-    let mut workstation = backend("anna-ws", sim.port, &[], 1);
-    workstation.hours = Some(hours.clone());
-    let app = spawn_farm(vec![workstation]).await;
-    app.wait_backend("anna-ws", "online").await;
+    let (_sim, app, hours) = workstation_outside_its_hours().await;
     let mut b = Browser::launch(exe).await;
     b.goto(&format!("{}/#/backends", app.url)).await;
     let shown = b
