@@ -8,8 +8,9 @@
 //! with the fewest jobs on the farm (ties to the group served longest ago,
 //! then to the oldest job), so two batches each get half the boxes, a third
 //! arriving takes its third at the next free slots, a group alone takes
-//! all of them, and a farm of one box alternates between them. Priority still comes first; within a group, age and the model's
-//! weighing as before.
+//! all of them, and a farm of one box alternates between them. Priority
+//! still comes first; within a group, age and the model's weighing as
+//! before.
 //!
 //! A job's group is a column (`share`, V15), written at submission from
 //! its metadata and indexed among queued jobs, so a lease finds the groups
@@ -45,7 +46,8 @@ const SHARE_IN_SQL: &str = "coalesce((SELECT CASE type WHEN 'text' THEN value \
 /// queued jobs (found by skipping through the index from one to the next)
 /// offers its best job at that priority that `eligible` lets the backend
 /// take; the group with the fewest jobs assigned or running wins, then the
-/// one served longest ago (`share_turns`), then the oldest job. Its columns are those of the plain choice, and `share`.
+/// one served longest ago (`share_turns`), then the oldest job. Its
+/// columns are those of the plain choice, and `share`.
 pub(super) fn group_first(graph: &str, eligible: &str) -> String {
     format!(
         "WITH RECURSIVE g(s) AS ( \
