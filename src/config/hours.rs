@@ -12,7 +12,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{Duration, NaiveTime};
+use chrono::{Duration, NaiveTime, Timelike};
 
 /// A daily window of local time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,7 @@ impl FromStr for Hours {
 impl fmt::Display for Hours {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let show = |t: NaiveTime| {
-            if t.format("%S").to_string() == "00" {
+            if t.second() == 0 {
                 t.format("%H:%M").to_string()
             } else {
                 t.format("%H:%M:%S").to_string()

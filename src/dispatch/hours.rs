@@ -33,30 +33,39 @@ pub(super) async fn keep(shared: Arc<Shared>) {
     if windows.is_empty() {
         return;
     }
+    // The side last written for each (`None`: not yet by this task): the
+    // clock is read every minute, the database written only at a change.
+    let mut written: Vec<Option<bool>> = vec![None; windows.len()];
     loop {
         let now = Local::now().time();
         let mut sleep = MAX_SLEEP;
-        for (id, hours) in &windows {
+        for ((id, hours), last) in windows.iter().zip(written.iter_mut()) {
+            let edge = hours.until_next_edge(now).to_std().unwrap_or_default();
+            sleep = sleep.min(edge + PAST_EDGE);
             let off = !hours.contains(now);
+            if *last == Some(off) {
+                continue;
+            }
             match shared
                 .store
                 .set_off_hours(id, off, &hours.to_string())
                 .await
             {
-                Ok(true) => {
+                Ok(changed) => {
+                    *last = Some(off);
+                    if !changed {
+                        continue;
+                    }
                     tracing::info!(backend_id = %id, %hours, off_hours = off, "backend's hours {}", if off { "ended: it takes no new jobs" } else { "began: it takes jobs" });
                     if !off {
                         shared.idle.bell(id).notify_one();
                     }
                 }
-                Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(backend_id = %id, error = %e, "cannot record whether the backend is in its hours; trying again in a moment");
                     sleep = sleep.min(Duration::from_secs(1));
                 }
             }
-            let edge = hours.until_next_edge(now).to_std().unwrap_or_default();
-            sleep = sleep.min(edge + PAST_EDGE);
         }
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}

@@ -71,15 +71,16 @@ pub fn backend_enabled(config_enabled: bool, admin: Option<AdminState>) -> bool 
     }
 }
 
-/// [`backend_enabled`] of the `backends` row `alias`, in SQL, for the
-/// rules that look at other backends inside a query.
-/// Outside its hours (V16) a backend is not enabled, whatever enables it.
+/// [`BackendRecord::enabled`] of the `backends` row `alias`, in SQL, for
+/// the rules that look at other backends inside a query: outside its
+/// hours (V16) a backend is not enabled, whatever enables it.
 pub(super) fn enabled_sql(alias: &str) -> String {
     format!("({} AND {alias}.off_hours = 0)", admitted_sql(alias))
 }
 
-/// Enabled by the config or an operator, in its hours or not: a backend
-/// that will take jobs when its hours begin, which a job may wait for.
+/// [`backend_enabled`] in SQL: enabled by the config or an operator, in
+/// its hours or not (a backend that will take jobs when its hours begin,
+/// which a job may wait for).
 pub(super) fn admitted_sql(alias: &str) -> String {
     format!(
         "(CASE {alias}.admin_state WHEN 'enabled' THEN 1 WHEN 'disabled' THEN 0 \

@@ -112,16 +112,16 @@ impl Store {
 
     /// Records whether a backend is outside its hours now (`hours`, as
     /// the config writes them, for the event); `true` when that changed,
-    /// which a backend event says (`backend_hours`).
+    /// which a backend event says (`backend_hours`), in the same
+    /// transaction.
     pub async fn set_off_hours(
         &self,
         id: &str,
         off: bool,
         hours: &str,
     ) -> Result<bool, StoreError> {
-        let key = id.to_string();
-        let changed = self
-            .writer()
+        let (id, hours) = (id.to_string(), hours.to_string());
+        self.writer()
             .write(move |conn| {
                 Box::pin(async move {
                     let n = sqlx::query(
@@ -130,30 +130,25 @@ impl Store {
                     )
                     .bind(off)
                     .bind(fmt_time(Utc::now()))
-                    .bind(&key)
+                    .bind(&id)
                     .bind(off)
                     .execute(&mut *conn)
                     .await?
                     .rows_affected();
-                    Ok(n > 0)
+                    if n == 0 {
+                        return Ok(false);
+                    }
+                    let message = if off {
+                        format!("backend {id} is outside its hours ({hours}): it takes no new jobs; those it runs finish")
+                    } else {
+                        format!("backend {id}'s hours ({hours}) began: it takes jobs")
+                    };
+                    let data = json!({"hours": hours, "off_hours": off});
+                    backend_event(conn, &id, "backend_hours", message, data).await?;
+                    Ok(true)
                 })
             })
-            .await?;
-        if changed {
-            let message = if off {
-                format!("backend {id} is outside its hours ({hours}): it takes no new jobs; those it runs finish")
-            } else {
-                format!("backend {id}'s hours ({hours}) began: it takes jobs")
-            };
-            self.backend_event(
-                id,
-                "backend_hours",
-                &message,
-                serde_json::json!({"hours": hours, "off_hours": off}),
-            )
-            .await?;
-        }
-        Ok(changed)
+            .await
     }
 
     /// Records a successful poll.

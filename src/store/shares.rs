@@ -72,6 +72,15 @@ pub(super) fn group_first(graph: &str, eligible: &str) -> String {
     )
 }
 
+/// The field the farm was last shared by (`settings`), if it was.
+async fn shared_by(conn: &mut sqlx::SqliteConnection) -> Result<Option<String>, StoreError> {
+    let field: Option<Option<String>> =
+        sqlx::query_scalar("SELECT value FROM settings WHERE name = 'share_by'")
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(field.flatten())
+}
+
 /// How a shared farm stands for one job's group, for the sentence that
 /// says why the job waits.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,11 +178,7 @@ impl Store {
     /// shared jobs (the queue's entries are read, not its rows).
     pub async fn farm_shares(&self) -> Result<Option<FarmShares>, StoreError> {
         let mut tx = self.reader().begin().await?;
-        let field: Option<Option<String>> =
-            sqlx::query_scalar("SELECT value FROM settings WHERE name = 'share_by'")
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(field) = field.flatten() else {
+        let Some(field) = shared_by(&mut tx).await? else {
             return Ok(None);
         };
         let groups = sqlx::query_as::<_, (String, i64, i64)>(
@@ -209,11 +214,7 @@ impl Store {
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    let last: Option<Option<String>> =
-                        sqlx::query_scalar("SELECT value FROM settings WHERE name = 'share_by'")
-                            .fetch_optional(&mut *conn)
-                            .await?;
-                    if last.flatten() == field {
+                    if shared_by(conn).await? == field {
                         return Ok(0);
                     }
                     let regrouped = sqlx::query(&format!(
