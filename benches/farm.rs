@@ -120,12 +120,7 @@ async fn throughput(backends: usize, jobs: usize) {
     let start = Instant::now();
     submit_timed(&url, jobs, 16).await;
     let submitted = start.elapsed();
-    loop {
-        if completed_store(&store).await as usize >= jobs {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_completed(&store, jobs, 10).await;
     let total = start.elapsed();
     let outputs: usize = sims.iter().map(|s| s.timeline().len()).sum();
     println!(
@@ -144,9 +139,7 @@ async fn idle_gap(max_inflight: u32, jobs: usize, job_ms: u64) {
     let svc_store = service.store().clone();
     let (url, stop, task) = common::serve(service).await;
     submit_timed(&url, jobs, 4).await;
-    while (completed_store(&svc_store).await as usize) < jobs {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_completed(&svc_store, jobs, 10).await;
     let tl = sims[0].timeline();
     let mut gaps: Vec<f64> = tl
         .windows(2)
@@ -163,6 +156,13 @@ async fn idle_gap(max_inflight: u32, jobs: usize, job_ms: u64) {
     );
     let _ = stop.send(());
     let _ = task.await;
+}
+
+/// Waits until `n` jobs have completed, looking every `every_ms`.
+async fn until_completed(store: &orchestrator::store::Store, n: usize, every_ms: u64) {
+    while (completed_store(store).await as usize) < n {
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+    }
 }
 
 async fn completed_store(store: &orchestrator::store::Store) -> i64 {
@@ -316,9 +316,7 @@ async fn mixed_models(affinity: bool, jobs: usize, job_ms: u64, load_ms: u64) {
             .unwrap();
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     }
-    while (completed_store(&store).await as usize) < jobs {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_completed(&store, jobs, 50).await;
     let total = start.elapsed().as_secs_f64();
     let ideal = (jobs as f64 * job_ms as f64 / 1000.0) / BACKENDS as f64;
     let switches: usize = sims.iter().map(|s| s.loads()).sum();
@@ -359,9 +357,7 @@ async fn shared_farm(share: bool) {
         Arc::new(|_| json!({"metadata": {"batch": "first"}})),
     )
     .await;
-    while completed_store(&store).await < 16 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_completed(&store, 16, 5).await;
     let start = Instant::now();
     submit_each(
         &url,
@@ -382,9 +378,7 @@ async fn shared_farm(share: bool) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    while completed_store(&store).await < 1_100 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_completed(&store, 1_100, 10).await;
     let all = start.elapsed().as_secs_f64();
     let _ = stop.send(());
     let _ = task.await;
@@ -401,9 +395,7 @@ async fn shared_farm(share: bool) {
     )
     .await;
     let submitted = start.elapsed().as_secs_f64();
-    while completed_store(&store).await < 10_000 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_completed(&store, 10_000, 10).await;
     let deep = start.elapsed().as_secs_f64();
     let _ = stop.send(());
     let _ = task.await;

@@ -906,7 +906,7 @@ async fn the_backends_page_says_a_workstation_is_outside_its_hours() {
     let Some(exe) = chromium_or_skip() else {
         return;
     };
-    let (_sim, app, hours) = workstation_outside_its_hours().await;
+    let (_sim, app, _, hours) = one_workstation("anna-ws", 3600).await;
     let mut b = Browser::launch(exe).await;
     b.goto(&format!("{}/#/backends", app.url)).await;
     let shown = b

@@ -505,7 +505,7 @@ async fn a_batchs_count_says_why_its_failed_jobs_failed() {
 /// hours, and which they are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backends_command_says_a_workstation_is_outside_its_hours() {
-    let (_sim, app, hours) = workstation_outside_its_hours().await;
+    let (_sim, app, _, hours) = one_workstation("anna-ws", 3600).await;
     let (ok, out, err) = cli(&app.url, &["backends"]).await;
     assert!(ok, "{err}");
     let row = out.lines().find(|l| l.starts_with("anna-ws")).unwrap();

@@ -1562,12 +1562,7 @@ async fn a_backend_behind_an_https_proxy_with_a_token_runs_jobs_and_one_without_
 /// of its hours it takes them by itself, with nobody to enable it.
 #[tokio::test]
 async fn a_workstation_takes_jobs_only_in_its_hours_and_at_their_start_by_itself() {
-    let sim = start_sim(0).await;
-    let (start, hours) = hours_beginning_in(4);
-    let mut workstation = backend("workstation", sim.port, &[], 1);
-    workstation.hours = Some(hours.clone());
-    let app = spawn_farm(vec![workstation]).await;
-    app.wait_backend("workstation", "online").await;
+    let (_sim, app, start, hours) = one_workstation("workstation", 4).await;
     let id = submit(&app, blur(json!({}))).await;
     let asked = chrono::Local::now();
     let (_, b) = app.get("/api/backends/workstation").await;

@@ -422,17 +422,20 @@ pub fn hours_beginning_in(secs: i64) -> (chrono::DateTime<chrono::Local>, String
     (start, hours.to_string())
 }
 
-/// A farm of one workstation, `anna-ws`, whose hours begin in an hour (so
-/// it is outside them now), once it is online; and its hours as the
-/// service writes them.
-pub async fn workstation_outside_its_hours() -> (SimHandle, TestApp, String) {
+/// A farm of one workstation, `id`, whose hours begin `secs` seconds from
+/// now (outside them until then), once it is online; with its hours as
+/// the service writes them, and their start.
+pub async fn one_workstation(
+    id: &str,
+    secs: i64,
+) -> (SimHandle, TestApp, chrono::DateTime<chrono::Local>, String) {
     let sim = start_sim(0).await;
-    let (_, hours) = hours_beginning_in(3600);
-    let mut workstation = backend("anna-ws", sim.port, &[], 1);
+    let (start, hours) = hours_beginning_in(secs);
+    let mut workstation = backend(id, sim.port, &[], 1);
     workstation.hours = Some(hours.clone());
     let app = spawn_farm(vec![workstation]).await;
-    app.wait_backend("anna-ws", "online").await;
-    (sim, app, hours)
+    app.wait_backend(id, "online").await;
+    (sim, app, start, hours)
 }
 
 /// The backends a job's leases went to, in order.
