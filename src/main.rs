@@ -100,6 +100,25 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Fetch completed jobs' outputs into a folder, one folder a job (its
+    /// id, or `--by shot`): `orchestrator jobs --ids --status completed -m
+    /// batch=night1 | orchestrator outputs - --to renders`. Each file is
+    /// checked against its recorded SHA-256; run again, it fetches only what
+    /// is missing.
+    Outputs {
+        /// Job ids; `-` reads them from standard input (`jobs --ids`).
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// The folder to write into (made when missing).
+        #[arg(long, default_value = ".")]
+        to: PathBuf,
+        /// Name each job's folder by this metadata field (`shot`), not by
+        /// the job's id (a job without it: its id).
+        #[arg(long, value_name = "FIELD")]
+        by: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Cancel jobs.
     Cancel {
         /// Job ids; `-` reads them from standard input (`jobs --ids`).
@@ -515,6 +534,16 @@ fn main() -> ExitCode {
                 } else {
                     orchestrator::cli::watch(&remote.remote(), ids).await
                 }
+            }
+            Command::Outputs {
+                ids,
+                to,
+                by,
+                remote,
+            } => {
+                let ids = orchestrator::cli::job_ids(ids)?;
+                let args = orchestrator::cli::OutputsArgs { to, by };
+                orchestrator::cli::outputs(&remote.remote(), &ids, &args).await
             }
             Command::Cancel { ids, remote } => {
                 let ids = orchestrator::cli::job_ids(ids)?;

@@ -514,3 +514,102 @@ async fn the_backends_command_says_a_workstation_is_outside_its_hours() {
         "{out}"
     );
 }
+
+/// `orchestrator outputs` puts a batch's pictures in a folder a shot, each
+/// as the orchestrator serves it; two boxes' files of one name both kept;
+/// run again, it fetches nothing; a job not completed is named, and fails
+/// the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_outputs_are_fetched_into_a_folder_a_shot() {
+    let (sim1, sim2) = (start_sim(300).await, start_sim(300).await);
+    let app = spawn_farm_online(vec![
+        backend("box1", sim1.port, &[], 1),
+        backend("box2", sim2.port, &[], 1),
+    ])
+    .await;
+    let mut done = Vec::new();
+    for width in [64, 65] {
+        let job =
+            json!({"parameters": {"width": width, "height": 64}, "metadata": {"shot": "sc01"}});
+        done.push(app.submit_blur(job).await);
+    }
+    let held = app.submit_blur(json!({"paused": true})).await;
+    let mut names = Vec::new();
+    for id in &done {
+        let job = app.wait_status(id, "completed").await;
+        names.push(job["outputs"][0]["name"].as_str().unwrap().to_string());
+    }
+    // Each box numbers its own files: two pictures of one name.
+    assert_eq!(names[0], names[1]);
+    assert_ne!(
+        leased_on(&app.job(&done[0]).await),
+        leased_on(&app.job(&done[1]).await)
+    );
+
+    let to = tempfile::tempdir().unwrap();
+    let dir = to.path().to_str().unwrap();
+    let ids = format!("{}\n{}\n", done[0], done[1]);
+    let (ok, out, err) = cli_fed(
+        &app.url,
+        &["outputs", "-", "--to", dir, "--by", "shot"],
+        &ids,
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("1 output(s) in") && out.contains("(1 fetched, 0 already there)"),
+        "{out}"
+    );
+    let second = format!("{}_{}", &done[1][done[1].len() - 12..], names[1]);
+    for (id, file) in [(&done[0], &names[0]), (&done[1], &second)] {
+        let on_disk = std::fs::read(to.path().join("sc01").join(file)).unwrap();
+        assert_eq!(
+            on_disk,
+            app.output_bytes(id, &names[0]).await.to_vec(),
+            "{file}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(to.path().join("sc01")).unwrap().collect();
+    assert_eq!(left.len(), 2, "no .part left beside them: {left:?}");
+
+    // Again, with the job not completed among them.
+    let ids = format!("{ids}{held}\n");
+    let (ok, out, err) = cli_fed(
+        &app.url,
+        &["outputs", "-", "--to", dir, "--by", "shot"],
+        &ids,
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert_eq!(
+        out.matches("(0 fetched, 1 already there)").count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        err.contains(&format!("{held}  error: it is queued, not completed")),
+        "{err}"
+    );
+    assert!(err.contains("1 of 3 jobs failed"), "{err}");
+
+    // By id: a folder a job.
+    let (ok, out, err) = cli(&app.url, &["outputs", &done[0], "--to", dir]).await;
+    assert!(ok, "{out}{err}");
+    assert!(to.path().join(&done[0]).join(&names[0]).exists(), "{out}");
+
+    // A wrong name's 404 names the job's outputs.
+    let (status, body) = app
+        .get(&format!(
+            "/api/job/{}/outputs/orchestrator_00099_.png",
+            done[0]
+        ))
+        .await;
+    assert_eq!(status, 404);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("its outputs: `{}`", names[0])),
+        "{body}"
+    );
+}

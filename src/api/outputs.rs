@@ -48,11 +48,11 @@ pub(super) async fn get_output(
 ) -> Result<Response, ApiError> {
     let size = q.thumb.as_deref().map(thumb_size).transpose()?;
     // The name is only looked up, never used as a path: the stored name is.
-    let outputs = state.store.job_outputs(&id).await?;
-    let output = outputs
-        .into_iter()
-        .find(|o| o.name == name)
-        .ok_or_else(|| ApiError::not_found(format!("output `{name}` of job `{id}`")))?;
+    let mut outputs = state.store.job_outputs(&id).await?;
+    let Some(at) = outputs.iter().position(|o| o.name == name) else {
+        return Err(no_such_output(&id, &name, &outputs));
+    };
+    let output = outputs.swap_remove(at);
     if let Some(at) = output.pruned_at {
         return Err(ApiError::new(
             StatusCode::GONE,
@@ -127,4 +127,25 @@ fn not_a_picture(name: &str, why: &str) -> ApiError {
         "not_an_image",
         format!("output `{name}` has no thumbnail: {why}"),
     )
+}
+
+/// A name the job has no output of: its 404 names the ones it has
+/// (ComfyUI numbers its files, `orchestrator_00353_.png`: a name guessed
+/// from a template's prefix is rarely right).
+fn no_such_output(id: &str, name: &str, outputs: &[crate::store::OutputRecord]) -> ApiError {
+    let what = format!("output `{name}` of job `{id}`");
+    if outputs.is_empty() {
+        return ApiError::not_found(what);
+    }
+    let mut names: Vec<String> = outputs
+        .iter()
+        .take(5)
+        .map(|o| format!("`{}`", o.name))
+        .collect();
+    if outputs.len() > 5 {
+        names.push(format!("and {} more", outputs.len() - 5));
+    }
+    let mut e = ApiError::not_found(what);
+    e.message = format!("{}; its outputs: {}", e.message, names.join(", "));
+    e
 }

@@ -26,7 +26,7 @@ pub fn job_ids(args: Vec<String>) -> anyhow::Result<Vec<String>> {
 /// its line or its error. With several, each line begins with its job's
 /// id, a job that fails does not stop the rest, and the command fails at
 /// the end naming how many did.
-async fn each_job<F, Fut>(ids: &[String], mut one: F) -> anyhow::Result<()>
+pub(super) async fn each_job<F, Fut>(ids: &[String], mut one: F) -> anyhow::Result<()>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<String>>,

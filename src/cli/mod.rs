@@ -13,10 +13,12 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
 mod actions;
+mod outputs;
 mod watch;
 
 pub use actions::{job_action, job_ids, schedule, set_paused, set_priority};
 
+pub use outputs::{outputs, OutputsArgs};
 pub use watch::watch;
 
 /// How to reach the orchestrator.
