@@ -314,7 +314,10 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 }
 
 fn init_logging(config: &Config) -> Option<tracing_appender::non_blocking::WorkerGuard> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // refinery logs each migration it applies, as the store does with its
+    // name: once is enough (a first start would print 32 lines of them).
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn"));
     let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match &config.log_dir {
         Some(dir) => {

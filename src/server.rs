@@ -96,7 +96,7 @@ impl Service {
                         tags: b.tags.clone(),
                         max_inflight: b.max_inflight,
                         hours: b.hours().map(|h| h.to_string()),
-                        off_hours: b.off_hours(chrono::Local::now().time()),
+                        off_hours: b.off_hours(chrono::Local::now().naive_local()),
                     })
                     .collect(),
             )

@@ -1589,6 +1589,45 @@ async fn a_workstation_takes_jobs_only_in_its_hours_and_at_their_start_by_itself
     assert_eq!(b["off_hours"], false, "{b}");
 }
 
+/// Hours by the day: a workstation given the days around today takes the
+/// jobs; one given only days to come (its weekend) takes none, and says
+/// which days are its.
+#[tokio::test]
+async fn a_workstation_given_other_days_takes_no_jobs_today() {
+    use chrono::Datelike;
+    let today = chrono::Local::now().weekday();
+    let day = |n: u32| (0..n).fold(today, |d, _| d.succ());
+    // Days that hold now, and days that cannot, whatever midnight passes.
+    let near = format!("{}-{}", today.pred(), day(1));
+    let far = format!("{}-{}", day(2), day(4));
+    let (on_sim, off_sim) = (start_sim(0).await, start_sim(0).await);
+    let mut on = backend("near", on_sim.port, &[], 1);
+    on.hours = Some(near);
+    let mut off = backend("far", off_sim.port, &[], 1);
+    off.hours = Some(far.clone());
+    let app = spawn_farm_online(vec![on, off]).await;
+    let (_, b) = app.get("/api/backends/far").await;
+    assert_eq!(
+        (&b["hours"], &b["off_hours"]),
+        (&json!(far), &json!(true)),
+        "{b}"
+    );
+    let mut ids = Vec::new();
+    for width in [64, 65, 66] {
+        ids.push(
+            submit(
+                &app,
+                blur(json!({"parameters": {"width": width, "height": 64}})),
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        let job = app.wait_status(id, "completed").await;
+        assert_eq!(leased_on(&job), ["near"], "{job}");
+    }
+}
+
 /// A shot too large for the small box waits for the big workstation's
 /// hours rather than fail on the small box again: a box outside its hours
 /// is one that will come back.

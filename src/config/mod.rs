@@ -320,8 +320,9 @@ pub struct BackendConfig {
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u32,
     /// When it takes the farm's jobs, in the orchestrator's local time
-    /// (`20:00-08:00`: a workstation at night); outside them it takes no
-    /// new jobs. Unset: at any time.
+    /// (`20:00-08:00`: a workstation at night; `Mon-Fri 20:00-08:00,
+    /// Sat-Sun`: and at weekends); outside them it takes no new jobs.
+    /// Unset: at any time.
     #[serde(default)]
     pub hours: Option<String>,
 }
@@ -334,7 +335,7 @@ impl BackendConfig {
     }
 
     /// Whether local time `now` is outside its hours.
-    pub fn off_hours(&self, now: chrono::NaiveTime) -> bool {
+    pub fn off_hours(&self, now: chrono::NaiveDateTime) -> bool {
         self.hours().is_some_and(|h| !h.contains(now))
     }
 

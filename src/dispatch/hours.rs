@@ -37,7 +37,7 @@ pub(super) async fn keep(shared: Arc<Shared>) {
     // clock is read every minute, the database written only at a change.
     let mut written: Vec<Option<bool>> = vec![None; windows.len()];
     loop {
-        let now = Local::now().time();
+        let now = Local::now().naive_local();
         let mut sleep = MAX_SLEEP;
         for ((id, hours), last) in windows.iter().zip(written.iter_mut()) {
             let edge = hours.until_next_edge(now).to_std().unwrap_or_default();
