@@ -62,8 +62,11 @@ impl AdminState {
     }
 }
 
-/// The one "enabled" rule: the operator's override wins, else the config.
-pub fn backend_enabled(config_enabled: bool, admin: Option<AdminState>) -> bool {
+/// Whether the config or an operator lets a backend take jobs (the
+/// operator's override wins, else the config), in its hours or not: one
+/// that will take jobs when its hours begin, which a job may wait for and
+/// a submission may count on. [`admitted_sql`] in SQL.
+pub fn backend_admitted(config_enabled: bool, admin: Option<AdminState>) -> bool {
     match admin {
         Some(AdminState::Enabled) => true,
         Some(AdminState::Disabled | AdminState::Draining) => false,
@@ -71,16 +74,20 @@ pub fn backend_enabled(config_enabled: bool, admin: Option<AdminState>) -> bool 
     }
 }
 
-/// [`BackendRecord::enabled`] of the `backends` row `alias`, in SQL, for
-/// the rules that look at other backends inside a query: outside its
-/// hours (V16) a backend is not enabled, whatever enables it.
+/// The one "enabled" rule: admitted, and not outside its hours (V16),
+/// whatever admits it: whether it takes new jobs now, health aside.
+/// [`enabled_sql`] in SQL.
+pub fn backend_enabled(config_enabled: bool, admin: Option<AdminState>, off_hours: bool) -> bool {
+    backend_admitted(config_enabled, admin) && !off_hours
+}
+
+/// [`backend_enabled`] of the `backends` row `alias`, in SQL, for the
+/// rules that look at other backends inside a query.
 pub(super) fn enabled_sql(alias: &str) -> String {
     format!("({} AND {alias}.off_hours = 0)", admitted_sql(alias))
 }
 
-/// [`backend_enabled`] in SQL: enabled by the config or an operator, in
-/// its hours or not (a backend that will take jobs when its hours begin,
-/// which a job may wait for).
+/// [`backend_admitted`] of the `backends` row `alias`, in SQL.
 pub(super) fn admitted_sql(alias: &str) -> String {
     format!(
         "(CASE {alias}.admin_state WHEN 'enabled' THEN 1 WHEN 'disabled' THEN 0 \
@@ -173,7 +180,7 @@ pub struct BackendRecord {
 impl BackendRecord {
     /// Whether an operator, the config or its hours keep new jobs away.
     pub fn enabled(&self) -> bool {
-        backend_enabled(self.config_enabled, self.admin_state) && !self.off_hours
+        backend_enabled(self.config_enabled, self.admin_state, self.off_hours)
     }
 
     /// Whether new jobs may be leased to it now (config, override, health).
@@ -257,8 +264,9 @@ mod tests {
     async fn the_sql_forms_of_the_rules_say_what_the_rust_ones_do() {
         let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
         let enabled = format!(
-            "SELECT {} FROM (SELECT ? AS config_enabled, ? AS admin_state, ? AS off_hours) b",
-            enabled_sql("b")
+            "SELECT {}, {} FROM (SELECT ? AS config_enabled, ? AS admin_state, ? AS off_hours) b",
+            enabled_sql("b"),
+            admitted_sql("b")
         );
         for (config, off) in [(false, false), (true, false), (false, true), (true, true)] {
             for admin in [
@@ -267,7 +275,7 @@ mod tests {
                 Some(AdminState::Disabled),
                 Some(AdminState::Draining),
             ] {
-                let got: bool = sqlx::query_scalar(&enabled)
+                let (got, admitted): (bool, bool) = sqlx::query_as(&enabled)
                     .bind(config)
                     .bind(admin.map(AdminState::as_str))
                     .bind(off)
@@ -281,6 +289,11 @@ mod tests {
                     ..record()
                 };
                 assert_eq!(got, record.enabled(), "{config} {admin:?} {off}");
+                assert_eq!(
+                    admitted,
+                    backend_admitted(config, admin),
+                    "{config} {admin:?}"
+                );
             }
         }
         let oom = format!(

@@ -195,7 +195,8 @@ async fn lease_in(
     let enabled = backend_enabled(
         b.try_get::<i64, _>("config_enabled")? != 0,
         b.try_get("admin_state")?,
-    ) && b.try_get::<i64, _>("off_hours")? == 0;
+        b.try_get::<i64, _>("off_hours")? != 0,
+    );
     let state: BackendState = b.try_get("state")?;
     if !enabled || state != BackendState::Online {
         return Ok(None);
@@ -397,8 +398,8 @@ impl Store {
             .fetch_optional(self.reader())
             .await?;
         Ok(match backend {
-            Some((config, admin, false, BackendState::Online, found))
-                if backend_enabled(config, admin) =>
+            Some((config, admin, off_hours, BackendState::Online, found))
+                if backend_enabled(config, admin, off_hours) =>
             {
                 if found {
                     None

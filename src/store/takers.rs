@@ -91,7 +91,7 @@ impl Store {
             all: rows.iter().map(|(id, _, _)| id.clone()).collect(),
             enabled: rows
                 .into_iter()
-                .filter(|(_, config, admin)| backend_enabled(*config, *admin))
+                .filter(|(_, config, admin)| backend_admitted(*config, *admin))
                 .map(|(id, _, _)| id)
                 .collect(),
         });

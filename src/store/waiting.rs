@@ -168,7 +168,7 @@ pub(super) async fn why_waiting_in(
         let others = live.not_ours.get(&id).copied().unwrap_or(0) as i64;
         let why = if let Some(bar) = r.try_get::<Option<String>, _>("bar")? {
             bar
-        } else if !backend_enabled(r.try_get::<i64, _>("config_enabled")? != 0, admin) {
+        } else if !backend_admitted(r.try_get::<i64, _>("config_enabled")? != 0, admin) {
             format!(
                 "is {}",
                 admin.map_or("disabled in the config", |a| a.as_str())
