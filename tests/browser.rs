@@ -916,6 +916,24 @@ async fn the_backends_page_says_a_workstation_is_outside_its_hours() {
         )
         .await;
     assert_eq!(shown, json!(format!("outside its hours {hours}")));
+    // Its Enable lends it to the farm until its hours end: the page says so.
+    let (status, _) = app
+        .post_json("/api/backends/anna-ws/enable", &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let shown = b
+        .wait_for(
+            "the workstation lent",
+            "[...document.querySelectorAll('.hours')].map(e => e.innerText).find(t => t.includes('lent'))",
+        )
+        .await;
+    assert!(
+        shown
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("hours {hours}; lent by an operator until ")),
+        "{shown}"
+    );
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }

@@ -513,6 +513,18 @@ async fn the_backends_command_says_a_workstation_is_outside_its_hours() {
         row.ends_with(&format!("outside its hours ({hours}): no new jobs")),
         "{out}"
     );
+    // Enabled outside them: lent to the farm until they end.
+    let (status, _) = app
+        .post_json("/api/backends/anna-ws/enable", &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let (ok, out, err) = cli(&app.url, &["backends"]).await;
+    assert!(ok, "{err}");
+    let row = out.lines().find(|l| l.starts_with("anna-ws")).unwrap();
+    assert!(
+        row.contains(&format!("lent outside its hours ({hours}) until ")) && row.ends_with(" UTC"),
+        "{out}"
+    );
 }
 
 /// `orchestrator outputs` puts a batch's pictures in a folder a shot, each

@@ -1628,6 +1628,126 @@ async fn a_workstation_given_other_days_takes_no_jobs_today() {
     }
 }
 
+/// The `backend_hours` events' messages so far.
+async fn hours_events(app: &TestApp) -> Vec<String> {
+    let all = app
+        .store
+        .events_after(0, &Default::default(), 10_000)
+        .await
+        .unwrap();
+    all.into_iter()
+        .filter(|e| e.kind == "backend_hours")
+        .filter_map(|e| e.message)
+        .collect()
+}
+
+/// An artist gone home early enables her workstation outside its hours: it
+/// takes jobs now, through a restart of the orchestrator, until the end of
+/// its next hours; a disable or a drain takes it back.
+#[tokio::test]
+async fn an_enable_outside_its_hours_lends_the_workstation_until_they_end() {
+    let (_sim, app, start, hours) = one_workstation("anna-ws", 3600).await;
+    let end = (start + chrono::Duration::hours(2)).with_timezone(&chrono::Utc);
+    let (status, b) = app
+        .post_json("/api/backends/anna-ws/enable", &json!({}))
+        .await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["off_hours"], false, "{b}");
+    assert_eq!(b["accepting_jobs"], true, "{b}");
+    let until = |b: &Value| {
+        b["hours_override_until"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc))
+    };
+    assert_eq!(until(&b), Some(end), "lent until its hours end: {b}");
+    let said = hours_events(&app).await;
+    assert!(
+        said.last().unwrap().contains(&format!(
+            "an operator enabled it outside its hours ({hours})"
+        )),
+        "{said:?}"
+    );
+    let id = submit(&app, blur(json!({}))).await;
+    assert_eq!(
+        leased_on(&app.wait_status(&id, "completed").await),
+        ["anna-ws"]
+    );
+
+    // The loan outlives a restart (the start writes the hours' side).
+    let app = app.restart().await;
+    app.wait_backend("anna-ws", "online").await;
+    let id = submit(
+        &app,
+        blur(json!({"parameters": {"width": 65, "height": 64}})),
+    )
+    .await;
+    app.wait_status(&id, "completed").await;
+    let (_, b) = app.get("/api/backends/anna-ws").await;
+    assert_eq!(
+        (b["off_hours"].clone(), until(&b)),
+        (json!(false), Some(end)),
+        "{b}"
+    );
+
+    // A drain takes it back at once; an enable lends it again.
+    for (action, off) in [("drain", true), ("enable", false), ("disable", true)] {
+        let (_, b) = app
+            .post_json(&format!("/api/backends/anna-ws/{action}"), &json!({}))
+            .await;
+        assert_eq!(b["off_hours"], off, "{action}: {b}");
+        assert_eq!(until(&b), (!off).then_some(end), "{action}: {b}");
+    }
+    let said = hours_events(&app).await;
+    assert!(
+        said.last().unwrap().contains("is outside its hours")
+            && said.last().unwrap().contains("an operator took it back"),
+        "{said:?}"
+    );
+}
+
+/// A loan ends with the hours it ran into: past their end the workstation
+/// is outside them again, as any night.
+#[tokio::test]
+async fn a_workstation_lent_early_is_taken_back_when_its_hours_end() {
+    use chrono::Timelike;
+    let sim = start_sim(0).await;
+    let start = (chrono::Local::now() + chrono::Duration::seconds(3))
+        .with_nanosecond(0)
+        .unwrap();
+    let end = start + chrono::Duration::seconds(2);
+    let mut ws = backend("ws", sim.port, &[], 1);
+    ws.hours = Some(format!(
+        "{}-{}",
+        start.format("%H:%M:%S"),
+        end.format("%H:%M:%S")
+    ));
+    let app = spawn_farm_online(vec![ws]).await;
+    let (_, b) = app.post_json("/api/backends/ws/enable", &json!({})).await;
+    if chrono::Local::now() < start {
+        assert!(!b["hours_override_until"].is_null(), "{b}");
+    }
+    let b = poll("the loan's end", || async {
+        let (_, b) = app.get("/api/backends/ws").await;
+        (b["off_hours"] == true).then_some(b)
+    })
+    .await;
+    assert!(
+        chrono::Local::now() >= end,
+        "taken back at the end of its hours"
+    );
+    assert!(b["hours_override_until"].is_null(), "{b}");
+    let id = submit(&app, blur(json!({}))).await;
+    let job = app.job(&id).await;
+    assert!(
+        job["waiting_for"]
+            .as_str()
+            .unwrap()
+            .contains("ws is outside its hours"),
+        "{job}"
+    );
+}
+
 /// A shot too large for the small box waits for the big workstation's
 /// hours rather than fail on the small box again: a box outside its hours
 /// is one that will come back.

@@ -183,6 +183,7 @@ async fn set_admin(
     admin: AdminState,
 ) -> Result<Json<BackendDetail>, ApiError> {
     state.store.set_backend_admin_state(&id, admin).await?;
+    state.farm.admin_changed(&id, admin).await?;
     tracing::info!(backend_id = %id, admin_state = admin.as_str(), "backend admin state changed");
     if admin == AdminState::Enabled {
         // An operator who enables a box vouches for it.
@@ -194,7 +195,8 @@ async fn set_admin(
 }
 
 /// Let the backend take jobs again (kept across restarts); ends its
-/// quarantine, if it is in one.
+/// quarantine, if it is in one. Outside its hours, lends it to the farm
+/// until they end (`hours_override_until`).
 #[utoipa::path(post, path = "/api/backends/{id}/enable", tag = "backends",
     params(("id" = String, Path, description = "Backend id")),
     responses((status = 200, body = BackendDetail), (status = 404, body = super::ErrorBody)))]

@@ -314,6 +314,10 @@ pub struct Backend {
     pub hours: Option<String>,
     /// Outside its hours now: it takes no new jobs (those it runs finish).
     pub off_hours: bool,
+    /// Lent to the farm outside its hours by an operator (its Enable) until
+    /// this time, the end of its next hours, when they hold again; `null`
+    /// when not lent. A disable or a drain ends the loan.
+    pub hours_override_until: Option<DateTime<Utc>>,
     /// Capabilities jobs may require.
     pub tags: Vec<String>,
     /// Prompts held at once.
@@ -372,6 +376,7 @@ impl From<BackendRecord> for Backend {
             admin_state: b.admin_state,
             hours: b.hours,
             off_hours: b.off_hours,
+            hours_override_until: b.hours_override_until,
             tags: b.tags,
             max_inflight: b.max_inflight,
             client_id: b.client_id,

@@ -504,7 +504,14 @@ pub async fn backends(remote: &Remote) -> anyhow::Result<()> {
                     until.get(..19).unwrap_or(until)
                 ),
                 (_, _, Some(hours)) => format!("outside its hours ({hours}): no new jobs"),
-                _ => b["last_error"].as_str().unwrap_or("").to_string(),
+                _ => match b["hours_override_until"].as_str() {
+                    Some(until) => format!(
+                        "lent outside its hours ({}) until {} UTC",
+                        b["hours"].as_str().unwrap_or(""),
+                        until.get(..19).unwrap_or(until).replace('T', " ")
+                    ),
+                    None => b["last_error"].as_str().unwrap_or("").to_string(),
+                },
             }
         );
     }

@@ -100,6 +100,38 @@ impl Hours {
     }
 }
 
+impl Hours {
+    /// When the hours that hold `at`, or else the next ones, end (windows
+    /// that meet or overlap count as one: `Fri 20:00-08:00` and `Sat-Sun`
+    /// end on Monday at midnight): how long an operator's enable outside
+    /// them lends the backend to the farm.
+    pub fn next_end(&self, at: NaiveDateTime) -> NaiveDateTime {
+        let day = Duration::days(1);
+        let mut spans: Vec<(NaiveDateTime, NaiveDateTime)> = Vec::new();
+        for n in -1..=8 {
+            let date = at.date() + Duration::days(n);
+            for w in self.windows.iter().filter(|w| w.on(date.weekday())) {
+                let midnight = date.and_time(NaiveTime::MIN);
+                spans.push(match w.span {
+                    None => (midnight, midnight + day),
+                    Some((start, end)) if start < end => (date.and_time(start), date.and_time(end)),
+                    Some((start, end)) => (date.and_time(start), (date + day).and_time(end)),
+                });
+            }
+        }
+        spans.sort();
+        let mut end: Option<NaiveDateTime> = None;
+        for (s, e) in spans {
+            match end {
+                Some(cur) if s <= cur => end = Some(cur.max(e)),
+                Some(cur) if cur > at => return cur,
+                _ => end = Some(e),
+            }
+        }
+        end.unwrap_or(at + day)
+    }
+}
+
 impl FromStr for Hours {
     type Err = String;
 
@@ -262,6 +294,20 @@ mod tests {
         // Whole days change at midnight.
         let weekend: Hours = "Mon-Fri 20:00-08:00, Sat-Sun".parse().unwrap();
         assert_eq!(weekend.until_next_edge(t("21:00:00")), Duration::hours(3));
+    }
+
+    #[test]
+    fn hours_lent_early_end_with_the_next_hours() {
+        let night: Hours = "20:00-08:00".parse().unwrap();
+        assert_eq!(night.next_end(at(0, "17:00:00")), at(1, "08:00:00"));
+        assert_eq!(night.next_end(at(0, "21:00:00")), at(1, "08:00:00"));
+        assert_eq!(night.next_end(at(1, "07:00:00")), at(1, "08:00:00"));
+        // Friday's night runs into the weekend: one stretch, to Monday.
+        let weekend: Hours = "Mon-Fri 20:00-08:00, Sat-Sun".parse().unwrap();
+        assert_eq!(weekend.next_end(at(4, "17:00:00")), at(7, "00:00:00"));
+        assert_eq!(weekend.next_end(at(0, "17:00:00")), at(1, "08:00:00"));
+        let wednesday: Hours = "Wed 10:00-12:00".parse().unwrap();
+        assert_eq!(wednesday.next_end(at(3, "13:00:00")), at(9, "12:00:00"));
     }
 
     #[test]

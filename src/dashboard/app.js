@@ -282,7 +282,7 @@ async function renderBackends() {
   const rows = list.backends.map(b => `<tr id="backend-${esc(b.id)}">
       <td><a href="#/backend/${esc(b.id)}"><strong>${esc(b.name)}</strong></a><div class="muted mono">${esc(b.id)} · <a class="muted" href="${esc(b.url)}" target="_blank" rel="noopener" title="its ComfyUI's own page">${esc(b.url)}</a></div>${b.loaded_model ? `<div class="muted">loaded: ${esc(b.loaded_model)}</div>` : ""}</td>
       <td>${badge(b.state)}${b.quarantined_until ? ` ${badge("quarantined")}<div class="muted" title="${esc(b.quarantine_reason)}">until ${time(b.quarantined_until)}; Enable ends it</div>` : ""}</td>
-      <td>${esc(b.admin_state || (b.config_enabled ? "enabled" : "disabled"))}${b.accepting_jobs ? "" : ' <span class="muted">(no new jobs)</span>'}${b.hours ? `<div class="muted hours">${b.off_hours ? "outside its hours" : "hours"} ${esc(b.hours)}</div>` : ""}</td>
+      <td>${esc(b.admin_state || (b.config_enabled ? "enabled" : "disabled"))}${b.accepting_jobs ? "" : ' <span class="muted">(no new jobs)</span>'}${b.hours ? `<div class="muted hours">${b.off_hours ? "outside its hours" : "hours"} ${esc(b.hours)}${b.hours_override_until ? `; lent by an operator until ${time(b.hours_override_until)}` : ""}</div>` : ""}</td>
       <td>${esc(b.comfyui_version || "–")}</td>
       <td>${gib(b.vram_free)} / ${gib(b.vram_total)}</td>
       <td>${b.active_jobs} / ${b.max_inflight}${b.prompts_not_ours ? ` <span class="muted" title="prompts in its ComfyUI queue that the orchestrator did not send">+${b.prompts_not_ours} not ours</span>` : ""}${runs(b.id)}</td>
@@ -381,7 +381,7 @@ function connect() {
     }, farm ? 1000 : 250);
   };
   ["submitted", "assigned", "submitted_to_backend", "running", "progress", "completed", "failed", "retry_scheduled",
-   "requeued", "parents_completed", "cancel_requested", "cancelled", "pause_requested", "pause_too_late", "retried", "priority_changed", "scheduled", "paused", "resumed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_over", "backend_quarantine_lifted"].forEach(k => es.addEventListener(k, onEvent));
+   "requeued", "parents_completed", "cancel_requested", "cancelled", "pause_requested", "pause_too_late", "retried", "priority_changed", "scheduled", "paused", "resumed", "backend_online", "backend_offline", "backend_quarantined", "backend_quarantine_over", "backend_quarantine_lifted", "backend_hours"].forEach(k => es.addEventListener(k, onEvent));
 }
 
 // A move to another page draws it now; a refresh asked for by the page left

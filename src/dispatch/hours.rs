@@ -7,7 +7,9 @@
 //! writes it before any worker runs (`server.rs`, through the backends'
 //! sync); this task sleeps until the next edge of any window (at most a
 //! minute: a clock moved by hand, or by daylight saving, is caught up) and
-//! rings a backend's worker when its hours begin.
+//! rings a backend's worker when its hours begin. An operator's enable
+//! outside them lends the backend to the farm until its next hours end
+//! ([`super::Farm::admin_changed`]): the store keeps that side until then.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,7 +53,10 @@ pub(super) async fn keep(shared: Arc<Shared>) {
                 .set_off_hours(id, off, &hours.to_string())
                 .await
             {
-                Ok(changed) => {
+                // Lent by an operator until a time to come: asked again
+                // at the next look (the loan ends at an edge).
+                Ok(None) => {}
+                Ok(Some(changed)) => {
                     *last = Some(off);
                     if !changed {
                         continue;
@@ -71,5 +76,49 @@ pub(super) async fn keep(shared: Arc<Shared>) {
             _ = tokio::time::sleep(sleep) => {}
             _ = shared.stop.cancelled() => return,
         }
+    }
+}
+
+impl super::Farm {
+    /// An operator changed a backend's admin state: an enable outside its
+    /// hours lends it to the farm until its next hours end (an artist gone
+    /// home early: "render on my box now"); a disable or a drain ends such
+    /// a loan. A backend without hours: nothing to do.
+    pub async fn admin_changed(
+        &self,
+        id: &str,
+        admin: crate::store::AdminState,
+    ) -> Result<(), crate::store::StoreError> {
+        let Some(backend) = self.shared.config.backends.iter().find(|b| b.id == id) else {
+            return Ok(());
+        };
+        let Some(hours) = backend.hours() else {
+            return Ok(());
+        };
+        let now = Local::now();
+        let off = !hours.contains(now.naive_local());
+        let until = (admin == crate::store::AdminState::Enabled && off).then(|| {
+            let end = hours.next_end(now.naive_local());
+            end.and_local_timezone(Local)
+                .earliest()
+                .unwrap_or_else(|| now + (end - now.naive_local()))
+                .with_timezone(&chrono::Utc)
+        });
+        if self
+            .shared
+            .store
+            .lend_outside_hours(id, until, off, &hours.to_string())
+            .await?
+        {
+            match until {
+                Some(t) => {
+                    tracing::info!(backend_id = %id, %hours, until = %t, "backend lent to the farm outside its hours by an operator")
+                }
+                None => {
+                    tracing::info!(backend_id = %id, %hours, off_hours = off, "backend's loan outside its hours ended by an operator")
+                }
+            }
+        }
+        Ok(())
     }
 }

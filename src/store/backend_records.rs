@@ -175,6 +175,9 @@ pub struct BackendRecord {
     pub hours: Option<String>,
     /// Now outside its hours: it takes no new jobs, enabled or not.
     pub off_hours: bool,
+    /// Lent to the farm outside its hours by an operator's enable, until
+    /// then (the end of its next hours); `None` when not lent.
+    pub hours_override_until: Option<DateTime<Utc>>,
 }
 
 impl BackendRecord {
@@ -257,6 +260,7 @@ mod tests {
             last_affinity: None,
             hours: None,
             off_hours: false,
+            hours_override_until: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Backends: the configured list mirrored into the database, the operator's
 //! enable/disable/drain choices (kept across restarts), and the monitor's view.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use super::events::backend_event;
@@ -42,7 +42,12 @@ impl Store {
                              configured = 1, \
                              config_enabled = excluded.config_enabled, tags = excluded.tags, \
                              max_inflight = excluded.max_inflight, updated_at = excluded.updated_at, \
-                             hours = excluded.hours, off_hours = excluded.off_hours",
+                             hours = excluded.hours, \
+                             off_hours = CASE WHEN backends.hours IS excluded.hours \
+                             AND coalesce(backends.hours_override_until > ?13, 0) THEN 0 \
+                             ELSE excluded.off_hours END, \
+                             hours_override_until = CASE WHEN backends.hours IS excluded.hours \
+                             THEN backends.hours_override_until END",
                         )
                         .bind(&b.id)
                         .bind(&b.name)
@@ -56,6 +61,7 @@ impl Store {
                         .bind(&now)
                         .bind(&b.hours)
                         .bind(b.off_hours)
+                        .bind(&now)
                         .execute(&mut *conn)
                         .await?;
                     }
@@ -110,13 +116,67 @@ impl Store {
         set
     }
 
-    /// Records whether a backend is outside its hours now (`hours`, as
-    /// the config writes them, for the event); `true` when that changed,
-    /// which a backend event says (`backend_hours`), in the same
-    /// transaction.
+    /// Records whether a backend is now outside its hours (`off`), with a
+    /// `backend_hours` event, in one transaction. `Some(true)` if that
+    /// changed it, `Some(false)` if it already was so, `None` if an
+    /// operator lent it to the farm outside its hours until a time still to
+    /// come ([`Store::lend_outside_hours`]): then it stays as lent.
     pub async fn set_off_hours(
         &self,
         id: &str,
+        off: bool,
+        hours: &str,
+    ) -> Result<Option<bool>, StoreError> {
+        let (id, hours) = (id.to_string(), hours.to_string());
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let now = fmt_time(Utc::now());
+                    let n = sqlx::query(
+                        "UPDATE backends SET off_hours = ?1, hours_override_until = NULL, \
+                         updated_at = ?2 \
+                         WHERE id = ?3 AND configured = 1 AND off_hours <> ?1 \
+                         AND NOT (?1 = 1 AND coalesce(hours_override_until > ?2, 0))",
+                    )
+                    .bind(off)
+                    .bind(&now)
+                    .bind(&id)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    if n == 0 {
+                        let lent: Option<bool> = sqlx::query_scalar(
+                            "SELECT coalesce(hours_override_until > ?, 0) FROM backends WHERE id = ?",
+                        )
+                        .bind(&now)
+                        .bind(&id)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                        return Ok(if off && lent == Some(true) { None } else { Some(false) });
+                    }
+                    let message = if off {
+                        format!("backend {id} is outside its hours ({hours}): it takes no new jobs; those it runs finish")
+                    } else {
+                        format!("backend {id}'s hours ({hours}) began: it takes jobs")
+                    };
+                    let data = json!({"hours": hours, "off_hours": off});
+                    backend_event(conn, &id, "backend_hours", message, data).await?;
+                    Ok(Some(true))
+                })
+            })
+            .await
+    }
+
+    /// An operator's enable outside a backend's hours lends it to the farm
+    /// until `until` (the end of its next hours, when they take over
+    /// again): it takes jobs now, and neither the hours' edges nor a
+    /// restart take it back before then. `None` ends a loan (a disable or a
+    /// drain), with `off` the side its hours say now. A `backend_hours`
+    /// event says which; `false` if there was nothing to change.
+    pub async fn lend_outside_hours(
+        &self,
+        id: &str,
+        until: Option<DateTime<Utc>>,
         off: bool,
         hours: &str,
     ) -> Result<bool, StoreError> {
@@ -125,25 +185,34 @@ impl Store {
             .write(move |conn| {
                 Box::pin(async move {
                     let n = sqlx::query(
-                        "UPDATE backends SET off_hours = ?, updated_at = ? \
-                         WHERE id = ? AND configured = 1 AND off_hours <> ?",
+                        "UPDATE backends SET off_hours = ?1, hours_override_until = ?2, updated_at = ?3 \
+                         WHERE id = ?4 AND configured = 1 \
+                         AND (off_hours <> ?1 OR hours_override_until IS NOT ?2)",
                     )
-                    .bind(off)
+                    .bind(until.is_none() && off)
+                    .bind(until.map(fmt_time))
                     .bind(fmt_time(Utc::now()))
                     .bind(&id)
-                    .bind(off)
                     .execute(&mut *conn)
                     .await?
                     .rows_affected();
                     if n == 0 {
                         return Ok(false);
                     }
-                    let message = if off {
-                        format!("backend {id} is outside its hours ({hours}): it takes no new jobs; those it runs finish")
-                    } else {
-                        format!("backend {id}'s hours ({hours}) began: it takes jobs")
+                    let (message, data) = match until {
+                        Some(t) => (
+                            format!(
+                                "backend {id} takes jobs until {}: an operator enabled it outside its hours ({hours}); then its hours hold again",
+                                t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S")
+                            ),
+                            json!({"hours": hours, "off_hours": false, "lent_until": fmt_time(t)}),
+                        ),
+                        None if off => (
+                            format!("backend {id} is outside its hours ({hours}) again: an operator took it back"),
+                            json!({"hours": hours, "off_hours": true}),
+                        ),
+                        None => return Ok(true),
                     };
-                    let data = json!({"hours": hours, "off_hours": off});
                     backend_event(conn, &id, "backend_hours", message, data).await?;
                     Ok(true)
                 })
