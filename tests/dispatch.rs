@@ -1628,6 +1628,61 @@ async fn a_workstation_given_other_days_takes_no_jobs_today() {
     }
 }
 
+/// A batch broken in itself (a node that raises on every shot) is paused
+/// once three of its jobs in a row failed alike on both boxes: most of it
+/// never runs, each paused job says why, and the next batch goes on.
+#[tokio::test]
+async fn a_batch_failing_job_after_job_alike_is_paused_and_the_next_runs() {
+    let (a, b) = (start_sim(20).await, start_sim(20).await);
+    let app = spawn_farm_with(
+        vec![backend("a", a.port, &[], 1), backend("b", b.port, &[], 1)],
+        |c| {
+            c.dispatch.pause_batch_after = 3;
+            // Retries wait: they are paused with the rest.
+            c.dispatch.retry_backoff_ms = 60_000;
+            c.dispatch.retry_backoff_max_ms = 60_000;
+        },
+    )
+    .await;
+    app.wait_backend("a", "online").await;
+    app.wait_backend("b", "online").await;
+    let mut broken = Vec::new();
+    for n in 0..12 {
+        let job = json!({"workflow": failing_graph(), "max_attempts": 2, "metadata": {"batch": "broken", "n": n}});
+        broken.push(submit(&app, job).await);
+    }
+    let fine = submit(&app, blur(json!({"metadata": {"batch": "fine"}}))).await;
+    app.wait_status(&fine, "completed").await;
+    let jobs = poll("the broken batch paused", || async {
+        let mut jobs = Vec::new();
+        for id in &broken {
+            let job = app.job(id).await;
+            if job["status"] != "queued" {
+                return None;
+            }
+            jobs.push(job);
+        }
+        let paused = jobs.iter().filter(|j| !j["paused_at"].is_null()).count();
+        (paused >= 9).then_some(jobs)
+    })
+    .await;
+    let never_ran = jobs
+        .iter()
+        .filter(|j| !j["paused_at"].is_null() && j["attempts"] == 0)
+        .count();
+    assert!(never_ran >= 5, "{never_ran} of 12 never ran");
+    let paused = jobs.iter().find(|j| j["attempts"] == 0).unwrap();
+    let said = app.events(paused["job_id"].as_str().unwrap()).await;
+    let last = said.last().unwrap();
+    assert_eq!(last["kind"], "paused", "{last}");
+    let message = last["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("paused with its batch (batch broken): 3 of its jobs in a row failed with the same cause, IndexError in ImageToMask, on a, b (the last: ")
+            && message.ends_with("orchestrator jobs --ids --paused -m batch=broken | orchestrator resume -"),
+        "{message}"
+    );
+}
+
 /// The `backend_hours` events' messages so far.
 async fn hours_events(app: &TestApp) -> Vec<String> {
     let all = app

@@ -241,49 +241,6 @@ const FAILURES_READ: i64 = 10_000;
 /// Causes a count names at most.
 const CAUSES_SHOWN: usize = 10;
 
-/// What a failed job's error says of its cause, in a few words that the
-/// same cause on another backend, or at another attempt, says alike.
-fn failure_cause(error: &serde_json::Value) -> String {
-    if let Some(code) = error["code"].as_str() {
-        return code.to_string();
-    }
-    if let Some(t) = error["exception_type"].as_str() {
-        return match error["node_type"].as_str() {
-            Some(node) => format!("{t} in {node}"),
-            None => t.to_string(),
-        };
-    }
-    if error.get("timeout_s").is_some() {
-        return "timed out".into();
-    }
-    if error.get("lost_runs").is_some() {
-        return "its backends died under it too many times".into();
-    }
-    if error.get("node_errors").is_some() || error.get("http_status").is_some() {
-        return match error["comfyui_error"]["type"].as_str() {
-            Some(t) => format!("rejected by the backend ({t})"),
-            None => "rejected by the backend".into(),
-        };
-    }
-    if error["interrupted"] == true {
-        return "interrupted at the backend, not by this orchestrator".into();
-    }
-    // The message, without the backend it happened on and the details
-    // after its first clause.
-    let message = error["message"].as_str().unwrap_or("no error recorded");
-    let message = match message.strip_prefix("backend ") {
-        Some(rest) => rest.split_once(": ").map_or(message, |(_, m)| m),
-        None => message,
-    };
-    let end = message.find([':', ';', '(']).unwrap_or(message.len()).min(
-        message
-            .char_indices()
-            .nth(80)
-            .map_or(message.len(), |(i, _)| i),
-    );
-    message[..end].trim().to_string()
-}
-
 /// The failed jobs' `(id, error)`, newest first, grouped by cause.
 fn failure_causes(failed: Vec<(String, Option<String>)>) -> Vec<FailureCause> {
     let mut causes: Vec<FailureCause> = Vec::new();
@@ -292,7 +249,7 @@ fn failure_causes(failed: Vec<(String, Option<String>)>) -> Vec<FailureCause> {
         let error = error
             .and_then(|e| serde_json::from_str(&e).ok())
             .unwrap_or(serde_json::Value::Null);
-        let cause = failure_cause(&error);
+        let cause = crate::store::failure_cause(&error);
         match at.get(&cause) {
             Some(&i) => causes[i].jobs += 1,
             None => {
@@ -437,7 +394,10 @@ mod tests {
                 ),
             ]
         );
-        assert_eq!(failure_cause(&serde_json::Value::Null), "no error recorded");
+        assert_eq!(
+            crate::store::failure_cause(&serde_json::Value::Null),
+            "no error recorded"
+        );
     }
 
     #[test]

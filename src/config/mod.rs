@@ -274,6 +274,17 @@ pub struct DispatchConfig {
     /// not wait behind the whole of the first (jobs without the field are
     /// a group of their own). Unset: priority, then age.
     pub share_by: Option<String>,
+    /// The metadata field that names a job's batch (`batch`, as in
+    /// `-m batch=night1`), for [`DispatchConfig::pause_batch_after`].
+    pub batch_field: String,
+    /// A batch broken in itself (a wrong setting, a node that raises on
+    /// every shot) would spend the night failing each of its jobs, every
+    /// attempt, while the batches behind it wait. Once this many of its
+    /// jobs in a row failed an attempt with the same cause, on more than
+    /// one backend (when the farm has more), and none of the batch
+    /// completed between them, its jobs not started are paused, each with
+    /// an event saying why. 0 turns it off.
+    pub pause_batch_after: u32,
 }
 
 /// Backend health polling.
@@ -463,6 +474,8 @@ impl Default for DispatchConfig {
             model_affinity: true,
             affinity_max_wait_s: 300,
             share_by: None,
+            batch_field: "batch".into(),
+            pause_batch_after: 5,
         }
     }
 }

@@ -94,6 +94,13 @@ impl Config {
                 );
             }
         }
+        let field = &self.dispatch.batch_field;
+        if field.trim().is_empty() || field.len() > 100 {
+            return invalid(
+                "dispatch.batch_field",
+                "must be a metadata field's name (1 to 100 characters), like batch",
+            );
+        }
         if self.inventory.refresh_interval_s == 0 {
             return invalid("inventory.refresh_interval_s", "must be above 0");
         }

@@ -156,12 +156,48 @@ impl Ctx {
         ran: Option<crate::store::RanAt>,
     ) -> bool {
         let delay = super::backoff(&self.shared.config, held.attempt);
+        let against = crate::store::against_the_job(&error).then(|| error.clone());
         let outcome = self
             .shared
             .store
             .fail_attempt_at(&held.job_id, held.token, rejected, error, delay, ran)
             .await;
-        self.failure_recorded(held, outcome, delay).await
+        let recorded = matches!(
+            outcome,
+            Ok(AttemptOutcome::Failed(_) | AttemptOutcome::Retry(_))
+        );
+        let counted = self.failure_recorded(held, outcome, delay).await;
+        if let (true, Some(error)) = (recorded, against) {
+            self.judge_the_batch(&held.job_id, &error).await;
+        }
+        counted
+    }
+
+    /// A failed attempt that says something against the job may show its
+    /// batch broken (`super::batches`): its jobs not started are paused.
+    async fn judge_the_batch(&self, job_id: &str, error: &Value) {
+        let backend_id = self.backend_id.as_str();
+        let batches = &self.shared.batches;
+        let broken = match batches
+            .failed(&self.shared.store, job_id, backend_id, error)
+            .await
+        {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(job_id, backend_id, error = %e, "cannot read the job's batch; not judged");
+                return;
+            }
+        };
+        match batches.pause(&self.shared.store, &broken).await {
+            Ok(n) => tracing::warn!(
+                job_id, backend_id, batch = %broken.batch, cause = %broken.cause, jobs = broken.jobs, paused = n,
+                "a batch fails job after job alike: its jobs not started are paused"
+            ),
+            Err(e) => {
+                tracing::error!(job_id, backend_id, batch = %broken.batch, error = %e, "cannot pause the broken batch")
+            }
+        }
     }
 
     /// Fails the job now: no backend could make the attempt succeed.
@@ -422,6 +458,14 @@ impl Ctx {
                         let run = times.started_at.map_or(0.0, crate::metrics::seconds_since);
                         crate::metrics::completed(times.workflow_id.as_deref(), backend_id, run);
                         self.shared.health.completed(backend_id);
+                        if let Err(e) = self
+                            .shared
+                            .batches
+                            .completed(&self.shared.store, job_id)
+                            .await
+                        {
+                            tracing::warn!(job_id, backend_id, error = %e, "cannot read the job's batch: its failures in a row go on counting");
+                        }
                         if done.failed_before {
                             self.judge_where_it_failed(job_id).await;
                         }

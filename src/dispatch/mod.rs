@@ -25,9 +25,11 @@
 //! (downloads), `progress` (live progress and previews), `idle` (who
 //! waits for work), `glance` (one read of the farm for the safety nets),
 //! `inventories` (what each backend can run, as the farm keeps it), `hours`
-//! (each backend's hours kept in the database at the edges of its window).
+//! (each backend's hours kept in the database at the edges of its window),
+//! `health` (a sick box's quarantine) and `batches` (a broken batch paused).
 
 mod attempt;
+mod batches;
 mod files;
 mod fill;
 mod glance;
@@ -128,6 +130,8 @@ struct Shared {
     glances: glance::Glances,
     /// Which backends fail jobs that others complete (see `health`).
     health: health::Health,
+    /// Which batches fail job after job alike (see `batches`).
+    batches: batches::BadBatches,
 }
 
 /// The periodic work of workers and monitors (ticks, pings, polls) falls in
@@ -334,6 +338,11 @@ impl Farm {
             health: health::Health::new(
                 config.dispatch.quarantine_after,
                 chrono::Duration::seconds(config.dispatch.quarantine_s as i64),
+            ),
+            batches: batches::BadBatches::new(
+                config.dispatch.pause_batch_after,
+                &config.dispatch.batch_field,
+                config.backends.len(),
             ),
         });
         // Jobs queued before this start have no ring. Each worker looks once

@@ -26,6 +26,7 @@ mod backends;
 mod batch;
 #[cfg(feature = "bench-support")]
 mod bench;
+mod causes;
 mod choice;
 mod cleanup;
 mod events;
@@ -58,6 +59,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, SqlitePool};
 
+pub use causes::{against_the_job, failure_cause};
 pub use choice::Preference;
 pub use cleanup::CleanupEntry;
 pub use farm::{Attempt, QueueSample};

@@ -1,0 +1,186 @@
+//! A batch broken in itself is paused, not failed job by job all night.
+//!
+//! Why: a batch with a wrong setting (a node that raises on every shot, a
+//! step count that runs past the time limit) fails each of its jobs, every
+//! attempt, and in priority-then-age order the batches behind it wait the
+//! whole night for it. Once `dispatch.pause_batch_after` of its jobs in a
+//! row failed an attempt with the same cause (`store::failure_cause`, the
+//! one the morning's count groups by), on more than one backend when the
+//! farm has more (one sick box is the quarantine's business), with none of
+//! the batch completed between them, its jobs that have not started are
+//! paused: the rest of the farm's night goes on, and one command resumes
+//! the batch once it is mended.
+//!
+//! What counts is kept in memory, per batch: a restart forgets it (it
+//! costs at most that many failures more), and a batch with nothing in a
+//! row costs a completion nothing (no read).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+use crate::store::{Store, StoreError};
+
+/// Failures in a row of each batch that has some.
+pub(super) struct BadBatches {
+    /// Jobs in a row that trip it (0: off).
+    after: usize,
+    /// The metadata field naming a job's batch.
+    field: String,
+    /// Whether the farm has more than one backend: then the failures must
+    /// be on more than one.
+    many_backends: bool,
+    runs: Mutex<HashMap<String, Run>>,
+}
+
+/// One batch's failures in a row, all of one cause.
+struct Run {
+    cause: String,
+    jobs: HashSet<String>,
+    backends: HashSet<String>,
+    last_message: String,
+}
+
+/// A batch found broken.
+#[derive(Debug)]
+pub(super) struct Broken {
+    pub batch: String,
+    pub cause: String,
+    pub jobs: usize,
+    pub backends: Vec<String>,
+    pub last_message: String,
+}
+
+impl BadBatches {
+    pub(super) fn new(after: u32, field: &str, backends: usize) -> Self {
+        BadBatches {
+            after: after as usize,
+            field: field.to_string(),
+            many_backends: backends > 1,
+            runs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// An attempt of `job_id` failed on `backend_id` with `error`: the
+    /// batch it broke, if this was the failure too many.
+    pub(super) async fn failed(
+        &self,
+        store: &Store,
+        job_id: &str,
+        backend_id: &str,
+        error: &Value,
+    ) -> Result<Option<Broken>, StoreError> {
+        if self.after == 0 || !crate::store::against_the_job(error) {
+            return Ok(None);
+        }
+        let Some(batch) = store.job_metadata(job_id, &self.field).await? else {
+            return Ok(None);
+        };
+        let cause = crate::store::failure_cause(error);
+        let message = error["message"].as_str().unwrap_or_default().to_string();
+        Ok(self.count(batch, cause, job_id, backend_id, message))
+    }
+
+    fn count(
+        &self,
+        batch: String,
+        cause: String,
+        job_id: &str,
+        backend_id: &str,
+        message: String,
+    ) -> Option<Broken> {
+        let mut runs = self.runs.lock().expect("bad batches");
+        let run = runs.entry(batch.clone()).or_insert_with(|| Run {
+            cause: cause.clone(),
+            jobs: HashSet::new(),
+            backends: HashSet::new(),
+            last_message: String::new(),
+        });
+        if run.cause != cause {
+            // Another cause: a new run, this failure its first.
+            run.cause = cause;
+            run.jobs.clear();
+            run.backends.clear();
+        }
+        run.jobs.insert(job_id.to_string());
+        run.backends.insert(backend_id.to_string());
+        run.last_message = message;
+        if run.jobs.len() < self.after || (self.many_backends && run.backends.len() < 2) {
+            return None;
+        }
+        let run = runs.remove(&batch)?;
+        let mut backends: Vec<String> = run.backends.into_iter().collect();
+        backends.sort();
+        Some(Broken {
+            batch,
+            cause: run.cause,
+            jobs: run.jobs.len(),
+            backends,
+            last_message: run.last_message,
+        })
+    }
+
+    /// A job completed: its batch's run, if it had one, is over.
+    pub(super) async fn completed(&self, store: &Store, job_id: &str) -> Result<(), StoreError> {
+        if self.runs.lock().expect("bad batches").is_empty() {
+            return Ok(());
+        }
+        if let Some(batch) = store.job_metadata(job_id, &self.field).await? {
+            self.runs.lock().expect("bad batches").remove(&batch);
+        }
+        Ok(())
+    }
+
+    /// Pauses a broken batch's jobs that have not started; how many.
+    pub(super) async fn pause(&self, store: &Store, broken: &Broken) -> Result<usize, StoreError> {
+        let why = format!(
+            "paused with its batch ({field} {batch}): {jobs} of its jobs in a row failed with the same cause, {cause}, on {on} (the last: {last}); \
+             resume the batch once it is mended: orchestrator jobs --ids --paused -m {field}={batch} | orchestrator resume -",
+            field = self.field,
+            batch = broken.batch,
+            jobs = broken.jobs,
+            cause = broken.cause,
+            on = broken.backends.join(", "),
+            last = broken.last_message,
+        );
+        Ok(store
+            .pause_batch(&self.field, &broken.batch, why)
+            .await?
+            .len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail(b: &BadBatches, batch: &str, cause: &str, job: &str, on: &str) -> Option<Broken> {
+        b.count(batch.into(), cause.into(), job, on, format!("{job} failed"))
+    }
+
+    #[test]
+    fn a_batch_is_broken_by_jobs_in_a_row_failing_alike_on_more_than_one_box() {
+        let b = BadBatches::new(3, "batch", 2);
+        assert!(fail(&b, "n1", "IndexError in ImageToMask", "j1", "a").is_none());
+        // The same job again is not another job.
+        assert!(fail(&b, "n1", "IndexError in ImageToMask", "j1", "a").is_none());
+        assert!(fail(&b, "n1", "IndexError in ImageToMask", "j2", "a").is_none());
+        // Three jobs, but all on one box: the quarantine's business.
+        assert!(fail(&b, "n1", "IndexError in ImageToMask", "j3", "a").is_none());
+        let broken = fail(&b, "n1", "IndexError in ImageToMask", "j4", "b").unwrap();
+        assert_eq!((broken.jobs, broken.backends.len()), (4, 2), "{broken:?}");
+        // Counted afresh after it broke.
+        assert!(fail(&b, "n1", "IndexError in ImageToMask", "j5", "b").is_none());
+    }
+
+    #[test]
+    fn another_cause_or_another_batch_starts_afresh() {
+        let b = BadBatches::new(2, "batch", 1);
+        assert!(fail(&b, "n1", "x", "j1", "a").is_none());
+        assert!(fail(&b, "n2", "x", "k1", "a").is_none());
+        assert!(fail(&b, "n1", "y", "j2", "a").is_none());
+        // One box on the farm: its failures are enough.
+        assert!(fail(&b, "n1", "y", "j3", "a").is_some());
+    }
+}
