@@ -625,3 +625,30 @@ async fn a_batchs_outputs_are_fetched_into_a_folder_a_shot() {
         "{body}"
     );
 }
+
+/// A job paused while it waits for a retry is listed as paused, its last
+/// attempt's error after it (a batch the farm paused for failing reads so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_paused_after_a_failed_attempt_is_listed_as_paused() {
+    let (_sim, app) = one_failing_backend(60_000).await;
+    let id = app.submit_blur(json!({"max_attempts": 2})).await;
+    app.wait_job(&id, "its retry", |j| {
+        j["attempts"] == 1 && j["status"] == "queued"
+    })
+    .await;
+    let (status, body) = app
+        .post_json(&format!("/api/job/{id}/pause"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (ok, out, err) = cli(&app.url, &["jobs"]).await;
+    assert!(ok, "{err}");
+    let row = out.lines().find(|l| l.starts_with(&id)).unwrap();
+    let detail = row
+        .split_once("paused since ")
+        .map(|(_, d)| d)
+        .unwrap_or("");
+    assert!(
+        detail.contains("; backend a: ") && detail.contains("RuntimeError"),
+        "{row}"
+    );
+}

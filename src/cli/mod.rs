@@ -334,7 +334,10 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
     );
     for j in page["jobs"].as_array().into_iter().flatten() {
         let detail = match (j["error"]["message"].as_str(), j["paused_at"].as_str()) {
-            (Some(e), _) => e.to_string(),
+            // Paused after a failed attempt (a batch paused for failing):
+            // the pause first, the attempt's error after it.
+            (Some(e), Some(at)) => format!("paused since {}; {e}", at.get(..19).unwrap_or(at)),
+            (Some(e), None) => e.to_string(),
             (None, Some(at)) => format!("paused since {}", at.get(..19).unwrap_or(at)),
             (None, None) => match starts_at(j) {
                 Some(t) => format!("starts {}", t.get(..19).unwrap_or(t)),
