@@ -464,6 +464,17 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     orchestrator::memory::tune();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::Simulate(_)) {
+        // A client command whose output is piped into `head` ends quietly
+        // when the reader goes, as other tools do, rather than panic on a
+        // closed pipe (Rust ignores SIGPIPE). The servers keep ignoring it:
+        // a peer that went is an error of that connection only.
+        // SAFETY: setting a signal's disposition to its default, once, before
+        // any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -652,3 +652,22 @@ async fn a_job_paused_after_a_failed_attempt_is_listed_as_paused() {
         "{row}"
     );
 }
+
+/// A command piped into a reader that goes (`jobs --ids | head -1`) ends
+/// quietly, as other tools do, not with a panic's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_reader_goes_ends_quietly() {
+    let app = spawn_app().await;
+    app.submit_blur(json!({})).await;
+    let mut child = tokio::process::Command::new(binary_path())
+        .args(["jobs", "--url", &app.url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.status.success());
+}
