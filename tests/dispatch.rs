@@ -1681,6 +1681,9 @@ async fn a_batch_failing_job_after_job_alike_is_paused_and_the_next_runs() {
             && message.ends_with("orchestrator jobs --ids --paused -m batch=broken | orchestrator resume -"),
         "{message}"
     );
+    // Its page says the farm paused it, and why, not a user.
+    let job = app.job(paused["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["waiting_for"], message, "{job}");
 }
 
 /// The `backend_hours` events' messages so far.

@@ -128,10 +128,22 @@ pub(super) async fn why_waiting_in(
             } else {
                 String::new()
             };
-            return Ok(Some(format!(
-                "paused by a user at {at}: no backend takes it until it is resumed \
-                 (POST /api/job/{job_id}/resume){scheduled}{parents}"
-            )));
+            // Paused by the farm with its batch (`causes.rs`): its event says why.
+            let by_farm: Option<String> = sqlx::query_scalar(
+                "SELECT message FROM job_events WHERE job_id = ? AND kind = 'paused' \
+                 AND json_extract(data, '$.by') = 'farm' AND at = ? ORDER BY seq DESC LIMIT 1",
+            )
+            .bind(job_id)
+            .bind(&at)
+            .fetch_optional(&mut *conn)
+            .await?;
+            return Ok(Some(match by_farm {
+                Some(why) => format!("{why}{scheduled}{parents}"),
+                None => format!(
+                    "paused by a user at {at}: no backend takes it until it is resumed \
+                     (POST /api/job/{job_id}/resume){scheduled}{parents}"
+                ),
+            }));
         }
         Some((JobStatus::Queued, not_before, None, attempts)) => (not_before, attempts),
         Some((JobStatus::Waiting, _, None, _)) => {
