@@ -671,3 +671,26 @@ async fn a_command_whose_reader_goes_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.status.success());
 }
+
+/// On a shared farm, `orchestrator backends` says how each group stands,
+/// as the dashboard's farm page does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backends_command_says_how_a_shared_farm_stands() {
+    let (_sim, app) = one_box_shared_by_batch("box", 10_000).await;
+    let first = app
+        .submit_blur(json!({"metadata": {"batch": "anna"}}))
+        .await;
+    app.wait_job(&first, "on the farm", |j| j["status"] != "queued")
+        .await;
+    app.submit_blur(json!({"metadata": {"batch": "ben"}})).await;
+    app.submit_blur(json!({})).await;
+    let (ok, out, err) = cli(&app.url, &["backends"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.ends_with(
+            "shared by batch, the group with the fewest on the farm next: \
+             without batch 0 on the farm, 1 queued · anna 1 on the farm, 0 queued · ben 0 on the farm, 1 queued\n"
+        ),
+        "{out}"
+    );
+}

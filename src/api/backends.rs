@@ -31,6 +31,9 @@ pub struct BackendList {
     /// A sentence when the list is empty or nothing can take jobs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// How the farm is shared between groups of jobs now (as in
+    /// `GET /api/farm`); `null` when it is not (`dispatch.share_by` unset).
+    pub sharing: Option<super::farm::FarmSharing>,
 }
 
 /// What only the running farm knows of its backends now, read once for a
@@ -89,7 +92,12 @@ pub(super) async fn list_backends(
     } else {
         None
     };
-    Ok(Json(BackendList { backends, message }))
+    let sharing = super::farm::sharing_now(&state.store).await?;
+    Ok(Json(BackendList {
+        backends,
+        message,
+        sharing,
+    }))
 }
 
 /// What a backend can run, as last read.

@@ -146,7 +146,24 @@ pub(super) async fn farm(
         .collect();
     let completions = per_minute(&state.store.completions_between(from, to).await?, from, to);
     let queue = state.store.queue_samples(from, to).await?;
-    let sharing = state.store.farm_shares().await?.map(|s| FarmSharing {
+    let sharing = sharing_now(&state.store).await?;
+    Ok(Json(FarmView {
+        from,
+        to,
+        backends,
+        attempts,
+        truncated,
+        completions,
+        queue,
+        sharing,
+    }))
+}
+
+/// How a shared farm stands now; `None` when it is not shared.
+pub(super) async fn sharing_now(
+    store: &crate::store::Store,
+) -> Result<Option<FarmSharing>, crate::store::StoreError> {
+    Ok(store.farm_shares().await?.map(|s| FarmSharing {
         by: s.field,
         groups: s
             .groups
@@ -157,16 +174,6 @@ pub(super) async fn farm(
                 queued: g.queued,
             })
             .collect(),
-    });
-    Ok(Json(FarmView {
-        from,
-        to,
-        backends,
-        attempts,
-        truncated,
-        completions,
-        queue,
-        sharing,
     }))
 }
 

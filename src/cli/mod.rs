@@ -521,6 +521,29 @@ pub async fn backends(remote: &Remote) -> anyhow::Result<()> {
     if let Some(m) = list["message"].as_str() {
         println!("{m}");
     }
+    if let Some(by) = list["sharing"]["by"].as_str() {
+        let groups: Vec<String> = list["sharing"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|g| {
+                let name = match g["group"].as_str().filter(|n| !n.is_empty()) {
+                    Some(n) => n.to_string(),
+                    None => format!("without {by}"),
+                };
+                format!(
+                    "{name} {} on the farm, {} queued",
+                    g["on_farm"], g["queued"]
+                )
+            })
+            .collect();
+        let groups = if groups.is_empty() {
+            "no group has work".to_string()
+        } else {
+            groups.join(" · ")
+        };
+        println!("shared by {by}, the group with the fewest on the farm next: {groups}");
+    }
     Ok(())
 }
 
