@@ -5,9 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
 
 use orchestrator::config::Config;
 
@@ -313,36 +310,6 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
-fn init_logging(config: &Config) -> Option<tracing_appender::non_blocking::WorkerGuard> {
-    // refinery logs each migration it applies, as the store does with its
-    // name: once is enough (a first start would print 32 lines of them).
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn"));
-    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    match &config.log_dir {
-        Some(dir) => {
-            let appender = tracing_appender::rolling::daily(dir, "orchestrator.log");
-            let (writer, guard) = tracing_appender::non_blocking(appender);
-            let file = tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(writer);
-            tracing_subscriber::registry()
-                .with(filter)
-                .with(stderr)
-                .with(file)
-                .init();
-            Some(guard)
-        }
-        None => {
-            tracing_subscriber::registry()
-                .with(filter)
-                .with(stderr)
-                .init();
-            None
-        }
-    }
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = load_config(args.config.as_ref())?;
     if let Some(h) = args.host {
@@ -354,7 +321,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
-    let _guard = init_logging(&config);
+    let _guard = orchestrator::server::init_logging(&config);
     let mut demo_backends = Vec::new();
     if args.demo {
         for id in ["demo1", "demo2"] {
@@ -428,7 +395,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&a.crash_rate) {
         anyhow::bail!("--crash-rate must be between 0 and 1");
     }
-    let _guard = init_logging(&Config::default());
+    let _guard = orchestrator::server::init_logging(&Config::default());
     let (host, port) = (a.host.as_str(), a.port);
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
@@ -465,15 +432,7 @@ fn main() -> ExitCode {
     orchestrator::memory::tune();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve(_) | Command::Simulate(_)) {
-        // A client command whose output is piped into `head` ends quietly
-        // when the reader goes, as other tools do, rather than panic on a
-        // closed pipe (Rust ignores SIGPIPE). The servers keep ignoring it:
-        // a peer that went is an error of that connection only.
-        // SAFETY: setting a signal's disposition to its default, once, before
-        // any thread is started.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        orchestrator::cli::end_quietly_when_the_reader_goes();
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -14,6 +14,9 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
@@ -279,5 +282,38 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Logs to stderr, and to a daily file in `log_dir` when the config sets
+/// one (the guard keeps that file's writer: hold it while the service
+/// runs). `RUST_LOG` overrides the levels.
+pub fn init_logging(config: &Config) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    // refinery logs each migration it applies, as the store does with its
+    // name: once is enough (a first start would print 32 lines of them).
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn"));
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match &config.log_dir {
+        Some(dir) => {
+            let appender = tracing_appender::rolling::daily(dir, "orchestrator.log");
+            let (writer, guard) = tracing_appender::non_blocking(appender);
+            let file = tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(writer);
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(stderr)
+                .with(file)
+                .init();
+            Some(guard)
+        }
+        None => {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(stderr)
+                .init();
+            None
+        }
     }
 }

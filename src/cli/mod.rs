@@ -97,6 +97,18 @@ impl Remote {
     }
 }
 
+/// Lets a client command whose output is piped into `head` end quietly
+/// when the reader goes, as other tools do, rather than panic on a closed
+/// pipe (Rust ignores SIGPIPE). Not for the servers: to them a peer that
+/// went is an error of that connection only. Call before any thread starts.
+pub fn end_quietly_when_the_reader_goes() {
+    // SAFETY: sets one signal's disposition to its default, before the
+    // runtime's threads exist.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// `--param name=value`: the value as JSON when it parses (numbers, booleans), else text.
 pub fn parse_pair(pair: &str) -> anyhow::Result<(String, Value)> {
     let (k, v) = pair

@@ -20,7 +20,8 @@
 //! Layout: `worker` (the per-backend loop and filling), `heard` (what its
 //! socket's messages mean for the prompts it follows), `phase` (where
 //! each followed prompt stands: the one state machine), `attempt` (one
-//! attempt's steps: submit, finish, fail, cancel, time out), `reconcile`
+//! attempt's steps: submit, finish, cancel, time out), `failures` (what a
+//! failed attempt means for the job, its box and its batch), `reconcile`
 //! (asking the backend, the cleanup list, taking jobs back), `outputs`
 //! (downloads), `progress` (live progress and previews), `idle` (who
 //! waits for work), `glance` (one read of the farm for the safety nets),
@@ -30,6 +31,7 @@
 
 mod attempt;
 mod batches;
+mod failures;
 mod files;
 mod fill;
 mod glance;

@@ -1,0 +1,229 @@
+//! What a failed attempt means: the job's error in a sentence, the retry
+//! or the end, and what the failure says of the backend (`health`: a sick
+//! box) and of the job's batch (`batches`: a batch broken in itself).
+//!
+//! Why apart from the attempt's steps (`attempt.rs`): every step ends in
+//! one of these when it goes wrong, and the judging of boxes and batches
+//! is a concern of its own, which grows as the farm learns its failures.
+
+use serde_json::{json, Value};
+
+use super::attempt::{Ctx, Held};
+use crate::comfy::{ExecutionError, PromptEnd, Rejection};
+use crate::store::{AttemptOutcome, StoreError};
+
+/// A person-readable error from a failed prompt's end.
+pub(super) fn runtime_error(backend_id: &str, attempt: i64, end: &PromptEnd) -> Value {
+    match end {
+        PromptEnd::Error(ExecutionError {
+            node_id,
+            node_type,
+            exception_type,
+            exception_message,
+            traceback,
+        }) => json!({
+            "message": format!("backend {backend_id}: node {node_id} ({node_type}) raised {exception_type}: {exception_message}"),
+            "backend_id": backend_id,
+            "attempt": attempt,
+            "node_id": node_id,
+            "node_type": node_type,
+            "exception_type": exception_type,
+            "exception_message": exception_message,
+            "traceback": traceback,
+        }),
+        PromptEnd::Interrupted { node_id } => json!({
+            "message": format!("backend {backend_id}: interrupted at node {node_id}, not by this orchestrator (someone cancelled it on the backend?)"),
+            "backend_id": backend_id,
+            "attempt": attempt,
+            "node_id": node_id,
+            "interrupted": true,
+        }),
+        PromptEnd::Other(status) => json!({
+            "message": format!("backend {backend_id}: the prompt ended with status `{status}`"),
+            "backend_id": backend_id,
+            "attempt": attempt,
+        }),
+        // Not a failure; listed so that the match stays whole.
+        PromptEnd::Success => json!({
+            "message": format!("backend {backend_id}: the prompt succeeded"),
+            "backend_id": backend_id,
+            "attempt": attempt,
+        }),
+    }
+}
+
+/// The job's error for a refused prompt, with ComfyUI's own words beside it.
+pub(super) fn rejection_error(backend_id: &str, attempt: i64, r: &Rejection) -> Value {
+    json!({
+        "message": format!("backend {backend_id} rejected the workflow: {}", r.summary()),
+        "backend_id": backend_id,
+        "attempt": attempt,
+        "http_status": r.status,
+        "comfyui_error": r.error(),
+        "node_errors": r.node_errors(),
+    })
+}
+
+impl Ctx {
+    /// Records a failed attempt and schedules the retry; `false` if it could
+    /// not be recorded (the caller then leaves the prompt for a reconcile).
+    pub(super) async fn fail(&self, held: &Held, rejected: bool, error: Value) -> bool {
+        self.fail_at(held, rejected, error, None).await
+    }
+
+    /// [`Ctx::fail`], for a failure learned late (`ran`: when the box
+    /// ran it).
+    pub(super) async fn fail_at(
+        &self,
+        held: &Held,
+        rejected: bool,
+        error: Value,
+        ran: Option<crate::store::RanAt>,
+    ) -> bool {
+        let delay = super::backoff(&self.shared.config, held.attempt);
+        let against = crate::store::against_the_job(&error).then(|| error.clone());
+        let outcome = self
+            .shared
+            .store
+            .fail_attempt_at(&held.job_id, held.token, rejected, error, delay, ran)
+            .await;
+        let recorded = matches!(
+            outcome,
+            Ok(AttemptOutcome::Failed(_) | AttemptOutcome::Retry(_))
+        );
+        let counted = self.failure_recorded(held, outcome, delay).await;
+        if let (true, Some(error)) = (recorded, against) {
+            self.judge_the_batch(&held.job_id, &error).await;
+        }
+        counted
+    }
+
+    /// A failed attempt that says something against the job may show its
+    /// batch broken (`super::batches`): its jobs not started are paused.
+    async fn judge_the_batch(&self, job_id: &str, error: &Value) {
+        let backend_id = self.backend_id.as_str();
+        let batches = &self.shared.batches;
+        let broken = match batches
+            .failed(&self.shared.store, job_id, backend_id, error)
+            .await
+        {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(job_id, backend_id, error = %e, "cannot read the job's batch; not judged");
+                return;
+            }
+        };
+        match batches.pause(&self.shared.store, &broken).await {
+            Ok(n) => tracing::warn!(
+                job_id, backend_id, batch = %broken.batch, cause = %broken.cause, jobs = broken.jobs, paused = n,
+                "a batch fails job after job alike: its jobs not started are paused"
+            ),
+            Err(e) => {
+                tracing::error!(job_id, backend_id, batch = %broken.batch, error = %e, "cannot pause the broken batch")
+            }
+        }
+    }
+
+    /// Fails the job now: no backend could make the attempt succeed.
+    pub(super) async fn fail_hopeless(&self, held: &Held, error: Value) -> bool {
+        let outcome = self
+            .shared
+            .store
+            .fail_hopeless(&held.job_id, held.token, error)
+            .await;
+        self.failure_recorded(held, outcome, chrono::Duration::zero())
+            .await
+    }
+
+    /// Counts a failed attempt's outcome and wakes the workers for what it
+    /// queued; `false` if it was not recorded.
+    async fn failure_recorded(
+        &self,
+        held: &Held,
+        outcome: Result<AttemptOutcome, StoreError>,
+        delay: chrono::Duration,
+    ) -> bool {
+        let job_id = held.job_id.as_str();
+        let recorded = match outcome {
+            Ok(AttemptOutcome::Failed(reason)) => {
+                tracing::warn!(job_id, backend_id = %self.backend_id, "job failed: {reason}");
+                self.count_failure(job_id, true).await;
+                true
+            }
+            Ok(AttemptOutcome::Retry(at)) => {
+                self.count_failure(job_id, false).await;
+                tracing::info!(job_id, backend_id = %self.backend_id, retry_at = %at, "attempt failed; job queued again");
+                self.shared.wake_at(at, None);
+                // This backend may take it again then, if no other did.
+                let avoided = chrono::Utc::now() + crate::store::avoid_span(delay);
+                self.shared.wake_at(avoided, Some(&self.backend_id));
+                true
+            }
+            Ok(AttemptOutcome::LeaseLost) => true,
+            Err(e) => {
+                tracing::error!(job_id, backend_id = %self.backend_id, error = %e, "cannot record the failed attempt; the backend will be asked again");
+                false
+            }
+        };
+        self.shared.wake();
+        recorded
+    }
+
+    /// The job completed here after failing elsewhere: each backend that
+    /// failed it may be sick (`super::health`); one found so is left out
+    /// for a while, with an event, and looks for work again when that ends.
+    pub(super) async fn judge_where_it_failed(&self, job_id: &str) {
+        let leases = match self.shared.store.job_leases(job_id).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(job_id, backend_id = %self.backend_id, error = %e, "cannot read where the job failed before");
+                return;
+            }
+        };
+        let failed: Vec<_> = leases
+            .into_iter()
+            .filter(|l| match l.outcome {
+                Some(crate::store::LeaseOutcome::Failed) => {
+                    l.error.as_ref().is_none_or(super::health::blames_the_box)
+                }
+                // Its ComfyUI died under it, or the box went away, mid-run.
+                Some(crate::store::LeaseOutcome::Lost) => l.started_at.is_some(),
+                _ => false,
+            })
+            .filter_map(|l| {
+                Some(super::health::FailedThere {
+                    at: l.finished_at?,
+                    message: l
+                        .error
+                        .as_ref()
+                        .and_then(|e| e["message"].as_str())
+                        .unwrap_or("failed")
+                        .to_string(),
+                    backend_id: l.backend_id,
+                })
+            })
+            .collect();
+        for (sick, q) in self.shared.health.proven(job_id, &self.backend_id, &failed) {
+            tracing::warn!(backend_id = %sick, until = %q.until, job_id, "backend quarantined: {}", q.reason);
+            let message = format!(
+                "backend {sick} takes no jobs until {}: {}",
+                q.until.format("%H:%M:%S UTC"),
+                q.reason
+            );
+            let data = json!({"until": q.until, "reason": q.reason});
+            self.shared
+                .quarantine_event(&sick, "backend_quarantined", &message, data)
+                .await;
+            self.shared.wake_at_quarantine_end(&sick, q.until);
+        }
+    }
+
+    async fn count_failure(&self, job_id: &str, is_final: bool) {
+        let workflow = match self.shared.store.job_times(job_id).await {
+            Ok(j) => j.and_then(|j| j.workflow_id),
+            Err(_) => None,
+        };
+        crate::metrics::failed(workflow.as_deref(), &self.backend_id, is_final);
+    }
+}
