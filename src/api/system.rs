@@ -41,7 +41,8 @@ pub struct Health {
     /// The data folder: database, outputs and inputs, and the free space
     /// (measured by the retention sweeper).
     pub disk: crate::retention::DiskUsage,
-    /// Things an operator should look at (low disk space).
+    /// Things an operator should look at (low disk space, a batch the farm
+    /// paused because its jobs failed one after the other alike).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// Inbox files left there until the job they start from (named by its
@@ -86,6 +87,10 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
             free >> 20,
             state.config.retention.low_space_bytes >> 20
         ));
+    }
+    match state.farm.broken_batches().await {
+        Ok(broken) => warnings.extend(broken),
+        Err(e) => tracing::warn!(error = %e, "cannot read which broken batches stay paused"),
     }
     let body = Health {
         inbox_waiting: state.inbox_waiting.list(),

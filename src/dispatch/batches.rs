@@ -13,7 +13,9 @@
 //!
 //! What counts is kept in memory, per batch: a restart forgets it (it
 //! costs at most that many failures more), and a batch with nothing in a
-//! row costs a completion nothing (no read).
+//! row costs a completion nothing (no read). So is the list of batches it
+//! paused that `GET /api/health` warns of (the jobs' pages say why after a
+//! restart too: their `paused` event).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -32,6 +34,9 @@ pub(super) struct BadBatches {
     /// be on more than one.
     many_backends: bool,
     runs: Mutex<HashMap<String, Run>>,
+    /// The batches it paused, each with the sentence `GET /api/health`
+    /// warns with while some of its jobs stay paused.
+    paused: Mutex<Vec<(String, String)>>,
 }
 
 /// One batch's failures in a row, all of one cause.
@@ -59,6 +64,7 @@ impl BadBatches {
             field: field.to_string(),
             many_backends: backends > 1,
             runs: Mutex::new(HashMap::new()),
+            paused: Mutex::new(Vec::new()),
         }
     }
 
@@ -134,20 +140,44 @@ impl BadBatches {
 
     /// Pauses a broken batch's jobs that have not started; how many.
     pub(super) async fn pause(&self, store: &Store, broken: &Broken) -> Result<usize, StoreError> {
-        let why = format!(
-            "paused with its batch ({field} {batch}): {jobs} of its jobs in a row failed with the same cause, {cause}, on {on} (the last: {last}); \
+        let (field, batch) = (&self.field, &broken.batch);
+        let what = format!(
+            "{jobs} of its jobs in a row failed with the same cause, {cause}, on {on} (the last: {last}); \
              resume the batch once it is mended: orchestrator jobs --ids --paused -m {field}={batch} | orchestrator resume -",
-            field = self.field,
-            batch = broken.batch,
             jobs = broken.jobs,
             cause = broken.cause,
             on = broken.backends.join(", "),
             last = broken.last_message,
         );
-        Ok(store
-            .pause_batch(&self.field, &broken.batch, why)
-            .await?
-            .len())
+        let why = format!("paused with its batch ({field} {batch}): {what}");
+        let n = store.pause_batch(field, batch, why).await?.len();
+        if n > 0 {
+            let at = chrono::Local::now().format("%Y-%m-%d %H:%M:%S");
+            let banner = format!("{field} {batch} was paused by the farm at {at}: {what}");
+            let mut paused = self.paused.lock().expect("bad batches");
+            paused.retain(|(b, _)| b != batch);
+            paused.push((batch.clone(), banner));
+        }
+        Ok(n)
+    }
+
+    /// What `GET /api/health` warns of: each batch this farm paused (since
+    /// it started) that still has jobs paused; one resumed or cancelled is
+    /// forgotten.
+    pub(super) async fn still_paused(&self, store: &Store) -> Result<Vec<String>, StoreError> {
+        let paused = self.paused.lock().expect("bad batches").clone();
+        let mut warned = Vec::new();
+        for (batch, banner) in paused {
+            if store.batch_has_paused(&self.field, &batch).await? {
+                warned.push(banner);
+            } else {
+                self.paused
+                    .lock()
+                    .expect("bad batches")
+                    .retain(|(b, _)| *b != batch);
+            }
+        }
+        Ok(warned)
     }
 }
 

@@ -524,6 +524,12 @@ impl Farm {
         self.backend_changed(backend_id);
     }
 
+    /// The batches the farm paused for failing job after job alike that
+    /// still have jobs paused, each in a sentence (`GET /api/health`).
+    pub async fn broken_batches(&self) -> Result<Vec<String>, crate::store::StoreError> {
+        self.shared.batches.still_paused(&self.shared.store).await
+    }
+
     /// Live previews of running jobs (lagging receivers miss frames, nothing else).
     pub fn subscribe_previews(&self) -> tokio::sync::broadcast::Receiver<Preview> {
         self.shared.previews.subscribe()

@@ -89,6 +89,18 @@ impl Store {
         .await?)
     }
 
+    /// Whether a job of a batch (metadata `key` = `value`) is paused.
+    pub async fn batch_has_paused(&self, key: &str, value: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM job_metadata m JOIN jobs j ON j.seq = m.job_seq \
+             WHERE m.key = ? AND m.value = ? AND j.paused_at IS NOT NULL)",
+        )
+        .bind(key)
+        .bind(value)
+        .fetch_one(self.reader())
+        .await?)
+    }
+
     /// Pauses every job of a batch (metadata `key` = `value`) that has not
     /// started and is not paused yet, each with a `paused` event whose
     /// message is `why`, in one transaction; their ids.
