@@ -72,21 +72,28 @@ pub fn against_the_job(error: &serde_json::Value) -> bool {
 }
 
 impl Store {
-    /// The value of metadata field `key` of a job (text as it was given,
-    /// other values as JSON), `None` without it.
+    /// The value of metadata field `key` of a job as `job_metadata` holds
+    /// it (text as it was given, other values as JSON), `None` without it.
+    /// Read from the job's row (its id is indexed; `job_metadata` is keyed
+    /// by field and value, not by job).
     pub async fn job_metadata(
         &self,
         job_id: &str,
         key: &str,
     ) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT m.value FROM jobs j JOIN job_metadata m ON m.job_seq = j.seq \
-             WHERE j.id = ? AND m.key = ?",
-        )
-        .bind(job_id)
-        .bind(key)
-        .fetch_optional(self.reader())
-        .await?)
+        let metadata: Option<String> = sqlx::query_scalar("SELECT metadata FROM jobs WHERE id = ?")
+            .bind(job_id)
+            .fetch_optional(self.reader())
+            .await?;
+        let Some(metadata) = metadata else {
+            return Ok(None);
+        };
+        let metadata: serde_json::Value = serde_json::from_str(&metadata)?;
+        Ok(match metadata.get(key) {
+            None => None,
+            Some(serde_json::Value::String(text)) => Some(text.clone()),
+            Some(v) => Some(v.to_string()),
+        })
     }
 
     /// Whether a job of a batch (metadata `key` = `value`) is paused.
