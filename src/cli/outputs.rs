@@ -73,22 +73,27 @@ pub async fn outputs(remote: &Remote, ids: &[String], args: &OutputsArgs) -> any
     .await
 }
 
-/// The job's folder: its `by` field when it has one that is a plain name,
-/// else its id.
-fn folder_name(job: &Value, id: &str, by: Option<&str>) -> anyhow::Result<String> {
+/// The job's folder: its `by` field when it has one (`sq010/sh020` is a
+/// folder in a folder; nothing climbs out of `--to`), else its id.
+fn folder_name(job: &Value, id: &str, by: Option<&str>) -> anyhow::Result<PathBuf> {
     let Some(field) = by else {
-        return plain(id).ok_or_else(|| anyhow!("`{id}` is not a job id"));
+        return plain(id)
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow!("`{id}` is not a job id"));
     };
     match &job["metadata"][field] {
-        Value::Null => Ok(id.to_string()),
+        Value::Null => Ok(PathBuf::from(id)),
         v => {
             let text = v
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|| v.to_string());
-            plain(&text).ok_or_else(|| {
-                anyhow!("its metadata `{field}` is `{text}`, which cannot name a folder (a `/`, `\\`, or only dots)")
-            })
+            text.split('/')
+                .map(plain)
+                .collect::<Option<PathBuf>>()
+                .ok_or_else(|| {
+                    anyhow!("its metadata `{field}` is `{text}`, which cannot name a folder inside the one given (an empty part, a part of only dots, or a `\\`)")
+                })
         }
     }
 }
@@ -223,14 +228,27 @@ mod tests {
 
     #[test]
     fn a_folder_is_a_plain_name_or_refused() {
-        let job = serde_json::json!({"metadata": {"shot": "sc01_sh010", "bad": "../x", "n": 7}});
+        let job = serde_json::json!({"metadata": {
+            "shot": "sc01_sh010", "n": 7, "nested": "sq010/sh020",
+            "bad": "../x", "abs": "/etc", "dots": "a/./b", "win": "a\\b"
+        }});
         let id = "01a25007-60dc-7088-8000-067b635e12de";
-        assert_eq!(folder_name(&job, id, None).unwrap(), id);
-        assert_eq!(folder_name(&job, id, Some("shot")).unwrap(), "sc01_sh010");
-        assert_eq!(folder_name(&job, id, Some("n")).unwrap(), "7");
-        assert_eq!(folder_name(&job, id, Some("missing")).unwrap(), id);
-        let e = folder_name(&job, id, Some("bad")).unwrap_err().to_string();
-        assert!(e.contains("`../x`"), "{e}");
+        let path = |p: &str| PathBuf::from(p);
+        assert_eq!(folder_name(&job, id, None).unwrap(), path(id));
+        assert_eq!(
+            folder_name(&job, id, Some("shot")).unwrap(),
+            path("sc01_sh010")
+        );
+        assert_eq!(folder_name(&job, id, Some("n")).unwrap(), path("7"));
+        assert_eq!(folder_name(&job, id, Some("missing")).unwrap(), path(id));
+        assert_eq!(
+            folder_name(&job, id, Some("nested")).unwrap(),
+            path("sq010/sh020")
+        );
+        for bad in ["bad", "abs", "dots", "win"] {
+            let e = folder_name(&job, id, Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(&format!("metadata `{bad}`")), "{e}");
+        }
         assert!(folder_name(&job, "..", None).is_err());
         assert_eq!(encode_segment("a b/%.png"), "a%20b%2F%25.png");
     }
