@@ -914,21 +914,31 @@ async fn a_quarantine_ends_by_itself_and_the_box_takes_work_again() {
     );
 }
 
-#[tokio::test]
-async fn jobs_that_fail_everywhere_put_no_box_in_quarantine() {
-    let a = start_sim(10).await;
-    let b = start_sim(10).await;
+/// A farm of two boxes, `a` and `b` (one slot each, prompts of `job_ms`),
+/// its config changed by `tune`, once both are online.
+async fn two_boxes(
+    job_ms: u64,
+    tune: impl FnOnce(&mut orchestrator::config::Config),
+) -> (SimHandle, SimHandle, TestApp) {
+    let (a, b) = (start_sim(job_ms).await, start_sim(job_ms).await);
     let app = spawn_farm_with(
         vec![backend("a", a.port, &[], 1), backend("b", b.port, &[], 1)],
-        |c| {
-            c.dispatch.retry_backoff_ms = 20;
-            c.dispatch.retry_backoff_max_ms = 20;
-            c.dispatch.quarantine_after = 1;
-        },
+        tune,
     )
     .await;
     app.wait_backend("a", "online").await;
     app.wait_backend("b", "online").await;
+    (a, b, app)
+}
+
+#[tokio::test]
+async fn jobs_that_fail_everywhere_put_no_box_in_quarantine() {
+    let (_a, _b, app) = two_boxes(10, |c| {
+        c.dispatch.retry_backoff_ms = 20;
+        c.dispatch.retry_backoff_max_ms = 20;
+        c.dispatch.quarantine_after = 1;
+    })
+    .await;
     // A bad batch (asks for a channel the picture lacks: an IndexError on
     // any box) among good jobs.
     let bad_graph = json!({
@@ -1633,19 +1643,13 @@ async fn a_workstation_given_other_days_takes_no_jobs_today() {
 /// never runs, each paused job says why, and the next batch goes on.
 #[tokio::test]
 async fn a_batch_failing_job_after_job_alike_is_paused_and_the_next_runs() {
-    let (a, b) = (start_sim(20).await, start_sim(20).await);
-    let app = spawn_farm_with(
-        vec![backend("a", a.port, &[], 1), backend("b", b.port, &[], 1)],
-        |c| {
-            c.dispatch.pause_batch_after = 3;
-            // Retries wait: they are paused with the rest.
-            c.dispatch.retry_backoff_ms = 60_000;
-            c.dispatch.retry_backoff_max_ms = 60_000;
-        },
-    )
+    let (_a, _b, app) = two_boxes(20, |c| {
+        c.dispatch.pause_batch_after = 3;
+        // Retries wait: they are paused with the rest.
+        c.dispatch.retry_backoff_ms = 60_000;
+        c.dispatch.retry_backoff_max_ms = 60_000;
+    })
     .await;
-    app.wait_backend("a", "online").await;
-    app.wait_backend("b", "online").await;
     let mut broken = Vec::new();
     for n in 0..12 {
         let job = json!({"workflow": failing_graph(), "max_attempts": 2, "metadata": {"batch": "broken", "n": n}});
@@ -1707,15 +1711,8 @@ async fn a_batch_failing_job_after_job_alike_is_paused_and_the_next_runs() {
 
 /// The `backend_hours` events' messages so far.
 async fn hours_events(app: &TestApp) -> Vec<String> {
-    let all = app
-        .store
-        .events_after(0, &Default::default(), 10_000)
-        .await
-        .unwrap();
-    all.into_iter()
-        .filter(|e| e.kind == "backend_hours")
-        .filter_map(|e| e.message)
-        .collect()
+    let said = backend_events(app, "backend_hours").await;
+    said.into_iter().filter_map(|e| e.message).collect()
 }
 
 /// An artist gone home early enables her workstation outside its hours: it
