@@ -604,6 +604,24 @@ async fn a_batchs_outputs_are_fetched_into_a_folder_a_shot() {
     );
     assert!(err.contains("1 of 3 jobs failed"), "{err}");
 
+    // With --json, a JSON object a line, for scripts.
+    let (ok, out, err) = cli_fed(
+        &app.url,
+        &["outputs", "-", "--to", dir, "--by", "shot", "--json"],
+        &format!("{}\n{}\n", done[0], done[1]),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(
+        (&lines[1]["job_id"], &lines[1]["already_there"]),
+        (&json!(done[1]), &json!(1))
+    );
+
     // By id: a folder a job.
     let (ok, out, err) = cli(&app.url, &["outputs", &done[0], "--to", dir]).await;
     assert!(ok, "{out}{err}");

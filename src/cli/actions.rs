@@ -24,9 +24,14 @@ pub fn job_ids(args: Vec<String>) -> anyhow::Result<Vec<String>> {
 
 /// Does `one` for each job, which returns the line to print. With one job,
 /// its line or its error. With several, each line begins with its job's
-/// id, a job that fails does not stop the rest, and the command fails at
-/// the end naming how many did.
-pub(super) async fn each_job<F, Fut>(ids: &[String], mut one: F) -> anyhow::Result<()>
+/// id (not with `--json`: each line is then a JSON object of its own, for
+/// a script to read line by line), a job that fails does not stop the
+/// rest, and the command fails at the end naming how many did.
+pub(super) async fn each_job<F, Fut>(
+    remote: &Remote,
+    ids: &[String],
+    mut one: F,
+) -> anyhow::Result<()>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<String>>,
@@ -38,6 +43,7 @@ where
     let mut failed = 0;
     for id in ids {
         match one(id.clone()).await {
+            Ok(line) if remote.json => println!("{line}"),
             Ok(line) => println!("{id}  {line}"),
             Err(e) => {
                 failed += 1;
@@ -53,7 +59,7 @@ where
 
 /// Cancels jobs (`action` "cancel") or queues them again ("retry").
 pub async fn job_action(remote: &Remote, ids: &[String], action: &str) -> anyhow::Result<()> {
-    each_job(ids, |id| async move {
+    each_job(remote, ids, |id| async move {
         let answer = remote
             .post(&format!("/api/job/{id}/{action}"), json!({}))
             .await?;
@@ -72,7 +78,7 @@ pub async fn job_action(remote: &Remote, ids: &[String], action: &str) -> anyhow
 
 /// Gives jobs a new priority and says where that leaves each.
 pub async fn set_priority(remote: &Remote, ids: &[String], priority: i64) -> anyhow::Result<()> {
-    each_job(ids, |id| async move {
+    each_job(remote, ids, |id| async move {
         let job = remote
             .post(
                 &format!("/api/job/{id}/priority"),
@@ -102,7 +108,7 @@ pub async fn set_paused(
     } else {
         json!({})
     };
-    each_job(ids, |id| {
+    each_job(remote, ids, |id| {
         let body = body.clone();
         async move {
             let job = remote
@@ -129,7 +135,7 @@ pub async fn schedule(remote: &Remote, ids: &[String], start_after: &str) -> any
         "now" => Value::Null,
         t => json!(t),
     };
-    each_job(ids, |id| {
+    each_job(remote, ids, |id| {
         let at = at.clone();
         async move {
             let job = remote

@@ -33,7 +33,7 @@ pub struct OutputsArgs {
 /// A job that has not completed, or whose files cannot be had, is an error
 /// for that job (the others go on; the command fails at the end).
 pub async fn outputs(remote: &Remote, ids: &[String], args: &OutputsArgs) -> anyhow::Result<()> {
-    super::actions::each_job(ids, |id| async move {
+    super::actions::each_job(remote, ids, |id| async move {
         let job = remote.get(&format!("/api/job/{id}")).await?;
         let status = job["status"].as_str().unwrap_or("");
         if status != "completed" {
