@@ -65,7 +65,7 @@ impl AdminState {
 /// Whether the config or an operator lets a backend take jobs (the
 /// operator's override wins, else the config), in its hours or not: one
 /// that will take jobs when its hours begin, which a job may wait for and
-/// a submission may count on. [`admitted_sql`] in SQL.
+/// a submission may count on. `admitted_sql` in SQL.
 pub fn backend_admitted(config_enabled: bool, admin: Option<AdminState>) -> bool {
     match admin {
         Some(AdminState::Enabled) => true,
@@ -76,7 +76,7 @@ pub fn backend_admitted(config_enabled: bool, admin: Option<AdminState>) -> bool
 
 /// The one "enabled" rule: admitted, and not outside its hours (V16),
 /// whatever admits it: whether it takes new jobs now, health aside.
-/// [`enabled_sql`] in SQL.
+/// `enabled_sql` in SQL.
 pub fn backend_enabled(config_enabled: bool, admin: Option<AdminState>, off_hours: bool) -> bool {
     backend_admitted(config_enabled, admin) && !off_hours
 }
