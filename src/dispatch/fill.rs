@@ -53,9 +53,22 @@ impl Worker {
             self.shared.idle.busy(&self.id);
             return;
         }
+        loop {
+            if !self.fill_once(why).await {
+                return;
+            }
+            // A job was queued while it looked, with nobody waiting to be
+            // rung: it looks again.
+            why = Wake::Always;
+        }
+    }
+
+    /// One round of [`Worker::fill`]: `true` when it must look again.
+    async fn fill_once(&mut self, mut why: Wake) -> bool {
         // A ring is answered by one lease: further free slots go through the
         // gate, as after a finished job.
         let mut rung = self.shared.idle.is_rung(&self.id);
+        let mut last = None;
         let mut leased = false;
         // Whether due jobs wait that another backend may run.
         let mut elsewhere = false;
@@ -72,9 +85,10 @@ impl Worker {
                 Wake::SlotFreed => match self.shared.idle.gate(&self.id) {
                     Some(look) => look,
                     // Waiting for a ring now.
-                    None => return,
+                    None => return false,
                 },
             };
+            last = Some(look);
             let fit = self.shared.fit_for(&self.id);
             let tried = self.shared.store.lease_for(&self.id, fit, prefer).await;
             self.shared.idle.found(
@@ -100,7 +114,7 @@ impl Worker {
                     // them). Reopening wakes it.
                     self.shared.idle.pass_on(&self.id);
                     self.shared.idle.busy(&self.id);
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     tracing::error!(backend_id = %self.id, error = %e, "lease failed");
@@ -120,7 +134,7 @@ impl Worker {
                 self.give_back(&Held::from(&lease), reason, false).await;
                 self.shared.idle.pass_on(&self.id);
                 self.shared.idle.busy(&self.id);
-                return;
+                return false;
             }
             leased = true;
             self.shared.idle.end_ring(&self.id);
@@ -151,9 +165,16 @@ impl Worker {
         if self.slots_taken() >= self.max_inflight {
             // Off the waiting list, and its ring (if any) ends.
             self.shared.idle.busy(&self.id);
-            return;
+            return false;
         }
-        self.shared.idle.waiting(&self.id);
+        match last {
+            Some(look) if !elsewhere => {
+                if !self.shared.idle.wait_after(&self.id, look) {
+                    return true;
+                }
+            }
+            _ => self.shared.idle.waiting(&self.id),
+        }
         if !leased && elsewhere {
             // Rung for a job it may not run: the next waiting worker tries.
             self.shared.idle.pass_on(&self.id);
@@ -163,5 +184,6 @@ impl Worker {
             // wake the farm one worker at a time for nothing.
             self.shared.idle.end_ring(&self.id);
         }
+        false
     }
 }

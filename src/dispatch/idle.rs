@@ -138,6 +138,26 @@ impl IdleWorkers {
         }
     }
 
+    /// The worker has a free slot and its look (`after`) found nothing due:
+    /// it waits for a ring, registered under the rings' lock; unless a job
+    /// was queued since that look began with no waiting worker to ring
+    /// (this one was looking, not yet waiting): then `false`, and it looks
+    /// again, or that job would wait for the safety net.
+    pub(super) fn wait_after(&self, id: &str, after: Look) -> bool {
+        let Some(&i) = self.index.get(id) else {
+            return true;
+        };
+        let mut s = self.state.lock().expect("idle");
+        if s.counted != after.counted {
+            return false;
+        }
+        if !s.is_waiting[i] {
+            s.is_waiting[i] = true;
+            s.waiting.push_back(i);
+        }
+        true
+    }
+
     /// The worker is full, or cannot lease (its backend is down). A ring
     /// it had not answered yet goes on to the next waiting worker.
     pub(super) fn busy(&self, id: &str) {
@@ -349,6 +369,20 @@ mod tests {
         );
         idle.busy("c");
         assert!(!idle.ring_for(&[]));
+    }
+
+    #[test]
+    fn a_job_queued_while_the_worker_looked_is_not_left_to_the_safety_net() {
+        let idle = farm();
+        let look = idle.look();
+        // Queued while the look read the queue: nobody waits to be rung.
+        assert!(!idle.ring_for(&[]));
+        idle.found(look, Found::Nothing);
+        assert!(!idle.wait_after("a", look), "it must look again");
+        let again = idle.look();
+        idle.found(again, Found::Job);
+        assert!(idle.wait_after("a", again));
+        assert_eq!(idle.waiting_now(), ["a"]);
     }
 
     #[test]
