@@ -50,22 +50,29 @@ impl Remote {
         r
     }
 
-    /// Sends a request; a non-2xx answer becomes the server's sentence.
-    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    /// Sends a request; a `2xx` answer as it came (a file is streamed from
+    /// it), any other as the error of the server's sentence.
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let r = req
             .send()
             .await
             .map_err(|e| anyhow!("cannot reach the orchestrator at {}: {e}", self.url))?;
         let status = r.status();
-        let body: Value = r.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            let message = body["error"]["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("HTTP {status}"));
-            bail!("{message}");
+        if status.is_success() {
+            return Ok(r);
         }
-        Ok(body)
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let message = body["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        bail!("{message}");
+    }
+
+    /// Sends a request and reads its JSON answer; a non-2xx answer becomes
+    /// the server's sentence.
+    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        Ok(self.send(req).await?.json().await.unwrap_or(Value::Null))
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<Value> {

@@ -148,18 +148,9 @@ async fn fetch_one(
     let part = folder.join(format!("{name}.part"));
     let url = format!("/api/job/{id}/outputs/{}", encode_segment(served));
     let response = remote
-        .request(reqwest::Method::GET, &url)
-        .send()
+        .send(remote.request(reqwest::Method::GET, &url))
         .await
-        .map_err(|e| anyhow!("cannot reach the orchestrator at {}: {e}", remote.url))?;
-    if !response.status().is_success() {
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        bail!(
-            "output `{name}`: {}",
-            body["error"]["message"].as_str().unwrap_or(status.as_str())
-        );
-    }
+        .map_err(|e| anyhow!("output `{name}`: {e}"))?;
     let mut file = tokio::fs::File::create(&part)
         .await
         .with_context(|| format!("creating {}", part.display()))?;

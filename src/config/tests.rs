@@ -48,6 +48,10 @@ fn a_bad_value_is_named_in_the_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("dispatch.share_by"), "{err}");
+    let err = Config::from_yaml("dispatch:\n  batch_field: ''\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dispatch.batch_field"), "{err}");
     let err = Config::from_yaml("backends:\n  - {id: ws, host: h, hours: 8pm-8am}\n")
         .unwrap_err()
         .to_string();

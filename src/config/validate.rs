@@ -86,20 +86,21 @@ impl Config {
                 "heartbeat_ms and deaf_after_ms must be at least 10",
             );
         }
-        if let Some(field) = &self.dispatch.share_by {
-            if field.trim().is_empty() || field.len() > 100 {
+        // Metadata fields that group jobs: a farm's share, a batch.
+        let named = [
+            ("dispatch.share_by", self.dispatch.share_by.as_deref()),
+            (
+                "dispatch.batch_field",
+                Some(self.dispatch.batch_field.as_str()),
+            ),
+        ];
+        for (key, field) in named {
+            if field.is_some_and(|f| f.trim().is_empty() || f.len() > 100) {
                 return invalid(
-                    "dispatch.share_by",
+                    key,
                     "must be a metadata field's name (1 to 100 characters), like batch",
                 );
             }
-        }
-        let field = &self.dispatch.batch_field;
-        if field.trim().is_empty() || field.len() > 100 {
-            return invalid(
-                "dispatch.batch_field",
-                "must be a metadata field's name (1 to 100 characters), like batch",
-            );
         }
         if self.inventory.refresh_interval_s == 0 {
             return invalid("inventory.refresh_interval_s", "must be above 0");

@@ -68,8 +68,16 @@ impl BadBatches {
         }
     }
 
-    /// An attempt of `job_id` failed on `backend_id` with `error`: the
-    /// batch it broke, if this was the failure too many.
+    /// Whether a failed attempt's `error` is one it counts (it is on, and
+    /// the error says something against the job): only those are given to
+    /// [`BadBatches::failed`].
+    pub(super) fn counts(&self, error: &Value) -> bool {
+        self.after > 0 && crate::store::against_the_job(error)
+    }
+
+    /// An attempt of `job_id` failed on `backend_id` with `error`, one it
+    /// [`BadBatches::counts`]: the batch it broke, if this was the failure
+    /// too many.
     pub(super) async fn failed(
         &self,
         store: &Store,
@@ -77,9 +85,6 @@ impl BadBatches {
         backend_id: &str,
         error: &Value,
     ) -> Result<Option<Broken>, StoreError> {
-        if self.after == 0 || !crate::store::against_the_job(error) {
-            return Ok(None);
-        }
         let Some(batch) = store.job_metadata(job_id, &self.field).await? else {
             return Ok(None);
         };

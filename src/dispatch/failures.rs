@@ -81,7 +81,7 @@ impl Ctx {
         ran: Option<crate::store::RanAt>,
     ) -> bool {
         let delay = super::backoff(&self.shared.config, held.attempt);
-        let against = crate::store::against_the_job(&error).then(|| error.clone());
+        let against = self.shared.batches.counts(&error).then(|| error.clone());
         let outcome = self
             .shared
             .store

@@ -144,6 +144,9 @@ impl Store {
                     .execute(&mut *conn)
                     .await?
                     .rows_affected();
+                    if n == 0 && !off {
+                        return Ok(Some(false));
+                    }
                     if n == 0 {
                         let lent: Option<bool> = sqlx::query_scalar(
                             "SELECT coalesce(hours_override_until > ?, 0) FROM backends WHERE id = ?",
@@ -152,7 +155,7 @@ impl Store {
                         .bind(&id)
                         .fetch_optional(&mut *conn)
                         .await?;
-                        return Ok(if off && lent == Some(true) { None } else { Some(false) });
+                        return Ok(if lent == Some(true) { None } else { Some(false) });
                     }
                     let message = if off {
                         format!("backend {id} is outside its hours ({hours}): it takes no new jobs; those it runs finish")
