@@ -715,8 +715,11 @@ async fn a_box_whose_comfyui_dies_under_every_job_is_quarantined_and_the_night_c
             backend("good", good.port, &[], 1),
         ],
         |c| {
-            // A job lost mid-run keeps off the box that lost it for 10 s.
+            // A job lost mid-run keeps off the box that lost it for 10 s
+            // (twice the back-off) while the good box is online (and for
+            // good once that box has lost it twice).
             c.dispatch.retry_backoff_ms = 5_000;
+            c.dispatch.retry_backoff_max_ms = 5_000;
             c.dispatch.quarantine_s = 900;
         },
     )

@@ -66,6 +66,51 @@ async fn a_job_that_kills_its_backend_fails_after_max_lost_runs_instead_of_killi
 }
 
 #[tokio::test]
+async fn a_job_lost_twice_by_one_sick_box_goes_to_another_box_rather_than_fail() {
+    // A box whose ComfyUI dies under every job, and a sound one an operator
+    // has disabled for now: the sick box loses the shot twice (no other
+    // may take it meanwhile). Two deaths on one box say nothing of the
+    // shot: it waits for another box, and completes there.
+    let sick = start_sim_with(SimConfig {
+        job_ms: 100,
+        crash_rate: 1.0,
+        crash_down_ms: 100,
+        ..Default::default()
+    })
+    .await;
+    let sound = start_sim(50).await;
+    let app = spawn_farm(vec![
+        backend("sick", sick.port, &[], 1),
+        backend("sound", sound.port, &[], 1),
+    ])
+    .await;
+    app.post_json("/api/backends/sound/disable", &json!({}))
+        .await;
+    app.wait_backend("sick", "online").await;
+    let id = submit(&app, json!({"workflow": blur_graph("", "shot")})).await;
+    let job = app
+        .wait_job(&id, "the sick box kept off it", |j| {
+            j["leases"].as_array().is_some_and(|l| l.len() == 2)
+                && j["leases"][1]["finished_at"].is_string()
+        })
+        .await;
+    assert_eq!(job["status"], "queued", "{job}");
+    assert_eq!(job["leases"][0]["backend_id"], "sick", "{job}");
+    assert_eq!(job["leases"][1]["backend_id"], "sick", "{job}");
+    let waits = job["waiting_for"].to_string();
+    assert!(waits.contains("died under it 2 times"), "{job}");
+    assert_eq!(
+        sick.prompt_posts().len(),
+        2,
+        "the sick box takes it no more"
+    );
+    app.post_json("/api/backends/sound/enable", &json!({}))
+        .await;
+    let job = app.wait_status(&id, "completed").await;
+    assert_eq!(job["backend_id"], "sound", "{job}");
+}
+
+#[tokio::test]
 async fn a_half_valid_graph_is_a_rejection_and_its_valid_part_is_removed_from_the_backend() {
     let sim = start_sim(1_000).await;
     let app = spawn_farm(vec![backend("a", sim.port, &[], 1)]).await;

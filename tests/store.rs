@@ -1028,6 +1028,49 @@ async fn a_run_lost_after_it_started_keeps_away_from_its_backend_for_a_while() {
     assert_eq!(l.map(|l| l.job_id), Some(id));
 }
 
+#[tokio::test]
+async fn a_box_that_died_under_a_job_at_every_run_leaves_it_to_another_rather_than_fail_it() {
+    // A job two runs of which died with the same box may be sound and the
+    // box sick: it goes to another box; it fails once another dies too.
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[]), ("n2", &[])]).await;
+    let id = app.submit_blur(json!({})).await;
+    assert_eq!(lose_running(&app, "n1", &id).await, LostOutcome::Requeued);
+    assert_eq!(lose_running(&app, "n1", &id).await, LostOutcome::Requeued);
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "queued", "{job}");
+    assert_eq!(job["leases"][1]["error"]["died_here"], 2, "{job}");
+    let said = app.events(&id).await.last().unwrap()["message"].clone();
+    assert!(
+        said.as_str().unwrap().contains("n1 takes it no more"),
+        "{said}"
+    );
+    assert!(
+        app.store.lease_next("n1").await.unwrap().is_none(),
+        "n1 keeps off it for good"
+    );
+    // n2 dies under it too: now the job is what crashes boxes.
+    let LostOutcome::Failed(why) = lose_running(&app, "n2", &id).await else {
+        panic!("the job should fail once a second box died under it")
+    };
+    assert!(why.contains("died under it 3 times"), "{why}");
+}
+
+/// Leases job `id` to `backend`, starts it, and loses it there mid-run,
+/// with `dispatch.max_lost_runs` 2.
+async fn lose_running(app: &TestApp, backend: &str, id: &str) -> LostOutcome {
+    let l = app.store.lease_next(backend).await.unwrap().unwrap();
+    assert_eq!(l.job_id, id);
+    app.store.mark_running(id, l.token).await.unwrap();
+    let run = LostRun {
+        reason: "its backend no longer has it".into(),
+        cleanup: None,
+        max_lost_runs: Some(2),
+        avoid: None,
+    };
+    app.store.give_back(id, l.token, run).await.unwrap()
+}
+
 /// Leases job `id` to `backend`, starts it, and loses it there mid-run.
 async fn lose_mid_run(app: &TestApp, backend: &str, id: &str) {
     let l = app.store.lease_next(backend).await.unwrap().unwrap();

@@ -244,6 +244,8 @@ pub struct DispatchConfig {
     pub request_timeout_ms: u64,
     /// A job whose runs its backends lost this many times after they had
     /// started (the backend died under it) fails: it may be what kills them.
+    /// Unless they were all lost by one backend and another may run it:
+    /// that one is then barred from it, and the other has its turn.
     pub max_lost_runs: u32,
     /// A backend whose jobs failed this many times in a row, each a job that
     /// another backend then completed, is sick (a broken driver, a full

@@ -43,6 +43,13 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
         "(SELECT u.reason FROM job_unfit u WHERE u.job_id = {job}.id AND u.backend_id = {backend}.id \
          AND u.inventory_hash = {backend}.inventory_hash)"
     );
+    // A backend that died under the job at every run up to the limit of
+    // lost runs, where no other had (`outcomes::lose_in`): the job may be
+    // sound and the box sick, so it goes to another.
+    let died = format!(
+        "(SELECT max(json_extract(l.error, '$.died_here')) FROM leases l WHERE l.job_id = {job}.id \
+         AND l.backend_id = {backend}.id AND l.outcome = 'lost')"
+    );
     // The most GPU memory a backend had where the job ran out of it: a
     // backend with no more leaves it to a bigger one while one is online
     // (one outside its hours too: the job waits for the night's big
@@ -63,6 +70,7 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
          WHEN {unfit} IS NOT NULL THEN 'cannot run it: ' || {unfit} \
          WHEN {rejected} > 0 THEN 'rejected the workflow' \
          WHEN {failed} >= {MAX_FAILURES_PER_BACKEND} THEN 'failed it ' || {failed} || ' times' \
+         WHEN {died} IS NOT NULL THEN 'died under it ' || {died} || ' times (dispatch.max_lost_runs)' \
          WHEN {job}.attempts > 0 AND {backend}.vram_total <= {ran_out} AND {bigger_online} \
          THEN 'has no more GPU memory than a backend where it ran out of it (' || \
          printf('%.1f GiB', {ran_out} / 1073741824.0) || '); a bigger one is online' \
@@ -71,6 +79,7 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
         unfit = unfit,
         rejected = leases("rejected"),
         failed = leases("failed"),
+        died = died,
     )
 }
 

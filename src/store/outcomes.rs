@@ -142,52 +142,57 @@ async fn lose_in(
         apply(conn, &held, Step::Stopped { message }).await?;
         return Ok(LostOutcome::Requeued);
     }
-    let lost_runs: i64 = if held.started {
-        1 + sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM leases WHERE job_id = ? AND outcome = 'lost' \
-                 AND started_at IS NOT NULL",
-        )
-        .bind(&held.job_id)
-        .fetch_one(&mut *conn)
-        .await?
+    let lost = if held.started {
+        lost_so_far(conn, &held).await?
     } else {
-        0
+        LostSoFar::default()
     };
+    let lost_runs = lost.runs;
+    // The limit judges the job only where its runs died on more than one
+    // box, or no other may run it: a box that died under it every time
+    // may be what is wrong (a GPU that faults), so it keeps off the job
+    // and another box has its turn.
+    let mut keeps_off = false;
     if let Some(max) = run
         .max_lost_runs
         .filter(|m| held.started && lost_runs >= *m)
     {
-        let message = format!(
-            "backend {backend} lost this job while running it ({}); its backends died \
+        keeps_off = lost.elsewhere == 0 && another_may_run(conn, &held).await?;
+        if !keeps_off {
+            let message = format!(
+                "backend {backend} lost this job while running it ({}); its backends died \
                  under it {lost_runs} times (dispatch.max_lost_runs is {max}): the job may be \
                  what crashes them",
-            run.reason
-        );
-        let error = json!({
-            "message": message,
-            "backend_id": backend,
-            "attempt": held.attempt,
-            "lost_runs": lost_runs,
-        });
-        let step = Step::Failed {
-            outcome: LeaseOutcome::Lost,
-            error,
-            message: message.clone(),
-        };
-        apply(conn, &held, step).await?;
-        return Ok(LostOutcome::Failed(message));
-    }
-    let counted = if held.started {
-        match run.max_lost_runs {
-            Some(max) => format!(" (lost while running: {lost_runs} of {max})"),
-            None => " (lost while running)".to_string(),
+                run.reason
+            );
+            let error = json!({
+                "message": message,
+                "backend_id": backend,
+                "attempt": held.attempt,
+                "lost_runs": lost_runs,
+            });
+            let step = Step::Failed {
+                outcome: LeaseOutcome::Lost,
+                error,
+                message: message.clone(),
+            };
+            apply(conn, &held, step).await?;
+            return Ok(LostOutcome::Failed(message));
         }
-    } else {
-        String::new()
+    }
+    let counted = match (held.started, run.max_lost_runs) {
+        (false, _) => String::new(),
+        (true, _) if keeps_off => format!(
+            " ({backend} died under it {lost_runs} times, dispatch.max_lost_runs, and no other \
+             backend has run it: {backend} takes it no more, another will; the job fails for \
+             this only once another box dies under it too)"
+        ),
+        (true, Some(max)) => format!(" (lost while running: {lost_runs} of {max})"),
+        (true, None) => " (lost while running)".to_string(),
     };
     let avoid_until = run
         .avoid
-        .filter(|_| held.started)
+        .filter(|_| held.started && !keeps_off)
         .map(|span| Utc::now() + span);
     let avoiding = avoid_until.map_or(String::new(), |t| {
         format!(
@@ -203,9 +208,48 @@ async fn lose_in(
         reason: run.reason,
         message,
         avoid_until,
+        died_here: keeps_off.then_some(lost_runs),
     };
     apply(conn, &held, step).await?;
     Ok(LostOutcome::Requeued)
+}
+
+/// A job's runs lost after they had started, this one counted.
+#[derive(Default)]
+struct LostSoFar {
+    /// All of them.
+    runs: i64,
+    /// Those lost on another backend than the one losing it now.
+    elsewhere: i64,
+}
+
+async fn lost_so_far(conn: &mut SqliteConnection, held: &Held) -> Result<LostSoFar, StoreError> {
+    let (runs, elsewhere): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE backend_id IS NOT ?2) FROM leases \
+         WHERE job_id = ?1 AND outcome = 'lost' AND started_at IS NOT NULL",
+    )
+    .bind(&held.job_id)
+    .bind(&held.backend)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(LostSoFar {
+        runs: runs + 1,
+        elsewhere,
+    })
+}
+
+/// Whether a configured backend other than the one holding the job may run
+/// it (enabled or not, online or not: one that may come back is a turn).
+async fn another_may_run(conn: &mut SqliteConnection, held: &Held) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM jobs j, backends b WHERE j.id = ?1 AND b.configured = 1 \
+         AND b.id IS NOT ?2 AND ({}) IS NULL)",
+        super::lease::bar_reason("j", "b")
+    ))
+    .bind(&held.job_id)
+    .bind(&held.backend)
+    .fetch_one(&mut *conn)
+    .await?)
 }
 
 impl Store {

@@ -170,6 +170,9 @@ pub(super) enum Step {
         reason: String,
         message: String,
         avoid_until: Option<DateTime<Utc>>,
+        /// The backend died under the job this many times, and no other
+        /// has: it takes the job no more (`lease::bar_reason`).
+        died_here: Option<i64>,
     },
     /// Cancelled.
     Cancelled { message: String },
@@ -263,8 +266,12 @@ pub(super) async fn apply(
             reason,
             message,
             avoid_until,
+            died_here,
         } => {
-            let error = json!({ "message": reason, "while_running": held.started });
+            let mut error = json!({ "message": reason, "while_running": held.started });
+            if let Some(n) = died_here {
+                error["died_here"] = json!(n);
+            }
             push_finish_lease(&mut b, held, LeaseOutcome::Lost, Some(&error), &now);
             let requeue = Requeue {
                 attempts_delta: -1,
@@ -571,6 +578,7 @@ impl Store {
                             message: format!("{reason}; queued again"),
                             reason,
                             avoid_until: None,
+                            died_here: None,
                         };
                         apply(conn, &held, step).await?;
                     }
