@@ -1712,6 +1712,43 @@ async fn a_batch_failing_job_after_job_alike_is_paused_and_the_next_runs() {
     assert!(!warned(&health), "{health}");
 }
 
+/// A farm down to one box (the other disabled for the night) has nobody
+/// to tell a broken batch from a sick box: the batch is paused on the
+/// one box's failures rather than failed shot by shot.
+#[tokio::test]
+async fn a_batch_failing_on_the_only_box_taking_jobs_is_paused_too() {
+    let (_a, _b, app) = two_boxes(20, |c| {
+        c.dispatch.pause_batch_after = 3;
+        c.dispatch.retry_backoff_ms = 60_000;
+        c.dispatch.retry_backoff_max_ms = 60_000;
+    })
+    .await;
+    let (status, body) = app.post_json("/api/backends/b/disable", &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let mut broken = Vec::new();
+    for n in 0..8 {
+        let job = json!({"workflow": failing_graph(), "max_attempts": 2, "metadata": {"batch": "broken", "n": n}});
+        broken.push(submit(&app, job).await);
+    }
+    let jobs = poll("the broken batch paused", || async {
+        let mut paused = Vec::new();
+        for id in &broken {
+            let job = app.job(id).await;
+            if !job["paused_at"].is_null() {
+                paused.push(job);
+            }
+        }
+        (paused.len() >= 5).then_some(paused)
+    })
+    .await;
+    let events = app.events(jobs[0]["job_id"].as_str().unwrap()).await;
+    let message = events.last().unwrap()["message"].to_string();
+    assert!(
+        message.contains("3 of its jobs in a row failed with the same cause, IndexError in ImageToMask, on a (the last: "),
+        "{message}"
+    );
+}
+
 /// The `backend_hours` events' messages so far.
 async fn hours_events(app: &TestApp) -> Vec<String> {
     let said = backend_events(app, "backend_hours").await;

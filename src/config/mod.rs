@@ -283,7 +283,7 @@ pub struct DispatchConfig {
     /// every shot) would spend the night failing each of its jobs, every
     /// attempt, while the batches behind it wait. Once this many of its
     /// jobs in a row failed an attempt with the same cause, on more than
-    /// one backend (when the farm has more), and none of the batch
+    /// one backend (while more than one takes jobs), and none of the batch
     /// completed between them, its jobs not started are paused, each with
     /// an event saying why. 0 turns it off.
     pub pause_batch_after: u32,

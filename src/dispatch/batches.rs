@@ -6,7 +6,10 @@
 //! whole night for it. Once `dispatch.pause_batch_after` of its jobs in a
 //! row failed an attempt with the same cause (`store::failure_cause`, the
 //! one the morning's count groups by), on more than one backend when the
-//! farm has more (one sick box is the quarantine's business), with none of
+//! farm has more that take jobs (one sick box is the quarantine's business;
+//! but a farm down to one box, its others disabled, off, outside their
+//! hours or in quarantine, has nobody to tell the batch from the box, and
+//! failing the whole batch on it would be the worse guess), with none of
 //! the batch completed between them, its jobs that have not started are
 //! paused: the rest of the farm's night goes on, and one command resumes
 //! the batch once it is mended.
@@ -31,7 +34,7 @@ pub(super) struct BadBatches {
     /// The metadata field naming a job's batch.
     field: String,
     /// Whether the farm has more than one backend: then the failures must
-    /// be on more than one.
+    /// be on more than one, while another takes jobs.
     many_backends: bool,
     runs: Mutex<HashMap<String, Run>>,
     /// The batches it paused, each with the sentence `GET /api/health`
@@ -45,6 +48,18 @@ struct Run {
     jobs: HashSet<String>,
     backends: HashSet<String>,
     last_message: String,
+}
+
+/// What a counted failure came to.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// Not broken (yet).
+    Fine,
+    /// Broken.
+    Broken(Broken),
+    /// Enough jobs in a row, all failed on one backend of a farm that has
+    /// more: broken if no other takes jobs now ([`BadBatches::trip`]).
+    OnOneBox { batch: String, backend: String },
 }
 
 /// A batch found broken.
@@ -84,9 +99,9 @@ impl BadBatches {
         job_id: &str,
         backend_id: &str,
         error: &Value,
-    ) -> Result<Option<Broken>, StoreError> {
+    ) -> Result<Verdict, StoreError> {
         let Some(batch) = store.job_metadata(job_id, &self.field).await? else {
-            return Ok(None);
+            return Ok(Verdict::Fine);
         };
         let cause = crate::store::failure_cause(error);
         let message = error["message"].as_str().unwrap_or_default().to_string();
@@ -100,7 +115,7 @@ impl BadBatches {
         job_id: &str,
         backend_id: &str,
         message: String,
-    ) -> Option<Broken> {
+    ) -> Verdict {
         let mut runs = self.runs.lock().expect("bad batches");
         let run = runs.entry(batch.clone()).or_insert_with(|| Run {
             cause: cause.clone(),
@@ -117,9 +132,32 @@ impl BadBatches {
         run.jobs.insert(job_id.to_string());
         run.backends.insert(backend_id.to_string());
         run.last_message = message;
-        if run.jobs.len() < self.after || (self.many_backends && run.backends.len() < 2) {
+        if run.jobs.len() < self.after {
+            return Verdict::Fine;
+        }
+        if self.many_backends && run.backends.len() < 2 {
+            return Verdict::OnOneBox {
+                batch,
+                backend: backend_id.to_string(),
+            };
+        }
+        Self::broken(&mut runs, batch).map_or(Verdict::Fine, Verdict::Broken)
+    }
+
+    /// A batch whose failures in a row were all on `backend`, which is now
+    /// the only backend taking jobs: broken, unless its run has changed
+    /// meanwhile (a completion, another cause, another box).
+    pub(super) fn trip(&self, batch: String, backend: &str) -> Option<Broken> {
+        let mut runs = self.runs.lock().expect("bad batches");
+        let run = runs.get(&batch)?;
+        if run.jobs.len() < self.after || run.backends.len() != 1 || !run.backends.contains(backend)
+        {
             return None;
         }
+        Self::broken(&mut runs, batch)
+    }
+
+    fn broken(runs: &mut HashMap<String, Run>, batch: String) -> Option<Broken> {
         let run = runs.remove(&batch)?;
         let mut backends: Vec<String> = run.backends.into_iter().collect();
         backends.sort();
@@ -191,7 +229,10 @@ mod tests {
     use super::*;
 
     fn fail(b: &BadBatches, batch: &str, cause: &str, job: &str, on: &str) -> Option<Broken> {
-        b.count(batch.into(), cause.into(), job, on, format!("{job} failed"))
+        match b.count(batch.into(), cause.into(), job, on, format!("{job} failed")) {
+            Verdict::Broken(broken) => Some(broken),
+            _ => None,
+        }
     }
 
     #[test]
@@ -201,8 +242,16 @@ mod tests {
         // The same job again is not another job.
         assert!(fail(&b, "n1", "IndexError in ImageToMask", "j1", "a").is_none());
         assert!(fail(&b, "n1", "IndexError in ImageToMask", "j2", "a").is_none());
-        // Three jobs, but all on one box: the quarantine's business.
-        assert!(fail(&b, "n1", "IndexError in ImageToMask", "j3", "a").is_none());
+        // Three jobs, but all on one box: the quarantine's business, while
+        // another box takes jobs.
+        let verdict = b.count(
+            "n1".into(),
+            "IndexError in ImageToMask".into(),
+            "j3",
+            "a",
+            "".into(),
+        );
+        assert!(matches!(verdict, Verdict::OnOneBox { .. }), "{verdict:?}");
         let broken = fail(&b, "n1", "IndexError in ImageToMask", "j4", "b").unwrap();
         assert_eq!((broken.jobs, broken.backends.len()), (4, 2), "{broken:?}");
         // Counted afresh after it broke.
@@ -217,5 +266,18 @@ mod tests {
         assert!(fail(&b, "n1", "y", "j2", "a").is_none());
         // One box on the farm: its failures are enough.
         assert!(fail(&b, "n1", "y", "j3", "a").is_some());
+    }
+
+    #[test]
+    fn a_batch_failing_on_the_only_box_taking_jobs_trips_once_that_is_known() {
+        let b = BadBatches::new(2, "batch", 2);
+        assert!(fail(&b, "n1", "x", "j1", "a").is_none());
+        assert!(fail(&b, "n1", "x", "j2", "a").is_none());
+        // Another box's failure meanwhile: not this verdict's to trip.
+        assert!(b.trip("n1".into(), "b").is_none());
+        let broken = b.trip("n1".into(), "a").expect("broken on its one box");
+        assert_eq!((broken.jobs, broken.backends), (2, vec!["a".to_string()]));
+        // Tripped once: the run is over.
+        assert!(b.trip("n1".into(), "a").is_none());
     }
 }

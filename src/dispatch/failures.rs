@@ -9,6 +9,7 @@
 use serde_json::{json, Value};
 
 use super::attempt::{Ctx, Held};
+use super::batches::Verdict;
 use crate::comfy::{ExecutionError, PromptEnd, Rejection};
 use crate::store::{AttemptOutcome, StoreError};
 
@@ -103,12 +104,24 @@ impl Ctx {
     async fn judge_the_batch(&self, job_id: &str, error: &Value) {
         let backend_id = self.backend_id.as_str();
         let batches = &self.shared.batches;
-        let broken = match batches
+        let verdict = batches
             .failed(&self.shared.store, job_id, backend_id, error)
-            .await
-        {
-            Ok(Some(b)) => b,
-            Ok(None) => return,
+            .await;
+        let broken = match verdict {
+            Ok(Verdict::Broken(b)) => b,
+            Ok(Verdict::Fine) => return,
+            Ok(Verdict::OnOneBox { batch, backend }) => match self.others_take_jobs(&backend).await
+            {
+                Ok(true) => return,
+                Ok(false) => match batches.trip(batch, &backend) {
+                    Some(b) => b,
+                    None => return,
+                },
+                Err(e) => {
+                    tracing::warn!(job_id, backend_id, error = %e, "cannot read the farm; the batch is not judged");
+                    return;
+                }
+            },
             Err(e) => {
                 tracing::warn!(job_id, backend_id, error = %e, "cannot read the job's batch; not judged");
                 return;
@@ -123,6 +136,19 @@ impl Ctx {
                 tracing::error!(job_id, backend_id, batch = %broken.batch, error = %e, "cannot pause the broken batch")
             }
         }
+    }
+
+    /// Whether a backend other than `backend` takes jobs now (online,
+    /// enabled, in its hours, not in quarantine): one that could tell a
+    /// broken batch from a sick box.
+    async fn others_take_jobs(&self, backend: &str) -> Result<bool, StoreError> {
+        let backends = self.shared.store.backends().await?;
+        Ok(backends.iter().any(|b| {
+            b.id != backend
+                && b.accepting_jobs()
+                && self.shared.clients.contains_key(&b.id)
+                && self.shared.health.quarantined(&b.id).is_none()
+        }))
     }
 
     /// Fails the job now: no backend could make the attempt succeed.
