@@ -144,6 +144,12 @@ async fn submit_watch_status_jobs_cancel_and_backends_from_the_command_line() {
         "{out}"
     );
     assert_eq!(app.job(&third).await["priority"], -3);
+    let (ok, out, err) = cli(&app.url, &["status", &third]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("\nwaiting    no backend can take it now: cli1 is disabled"),
+        "{out}"
+    );
     let (ok, _, err) = cli(&app.url, &["priority", "5", &id]).await;
     assert!(!ok);
     assert!(err.contains("is already completed"), "{err}");

@@ -255,6 +255,9 @@ pub async fn status(remote: &Remote, id: &str) -> anyhow::Result<()> {
     println!("backend    {}", field("backend_id"));
     println!("attempts   {} of {}", job["attempts"], job["max_attempts"]);
     println!("submitted  {}", field("submitted_at"));
+    if let Some(why) = job["waiting_for"].as_str() {
+        println!("waiting    {why}");
+    }
     let held = matches!(job["status"].as_str(), Some("assigned" | "running"));
     if job["paused_at"].is_string() && held {
         println!(

@@ -11,8 +11,9 @@
 //! hours or in quarantine, has nobody to tell the batch from the box, and
 //! failing the whole batch on it would be the worse guess), with none of
 //! the batch completed between them, its jobs that have not started are
-//! paused: the rest of the farm's night goes on, and one command resumes
-//! the batch once it is mended.
+//! paused (and one that was on a backend then, once it fails alike): the
+//! rest of the farm's night goes on, and one command resumes the batch
+//! once it is mended.
 //!
 //! What counts is kept in memory, per batch: a restart forgets it (it
 //! costs at most that many failures more), and a batch with nothing in a
@@ -37,9 +38,8 @@ pub(super) struct BadBatches {
     /// be on more than one, while another takes jobs.
     many_backends: bool,
     runs: Mutex<HashMap<String, Run>>,
-    /// The batches it paused, each with the sentence `GET /api/health`
-    /// warns with while some of its jobs stay paused.
-    paused: Mutex<Vec<(String, String)>>,
+    /// The batches it paused.
+    paused: Mutex<Vec<Held>>,
 }
 
 /// One batch's failures in a row, all of one cause.
@@ -60,6 +60,22 @@ pub(super) enum Verdict {
     /// Enough jobs in a row, all failed on one backend of a farm that has
     /// more: broken if no other takes jobs now ([`BadBatches::trip`]).
     OnOneBox { batch: String, backend: String },
+    /// A job of a batch the farm holds paused failed alike: it was on a
+    /// backend when the batch was paused, and goes back paused as the rest
+    /// ([`BadBatches::hold`]).
+    Held { batch: String, why: String },
+}
+
+/// A batch the farm paused.
+#[derive(Clone)]
+struct Held {
+    batch: String,
+    /// The cause it failed with.
+    cause: String,
+    /// Each paused job's event.
+    why: String,
+    /// What `GET /api/health` warns with while some of its jobs stay paused.
+    banner: String,
 }
 
 /// A batch found broken.
@@ -104,6 +120,19 @@ impl BadBatches {
             return Ok(Verdict::Fine);
         };
         let cause = crate::store::failure_cause(error);
+        let held = self
+            .paused
+            .lock()
+            .expect("bad batches")
+            .iter()
+            .find(|h| h.batch == batch && h.cause == cause)
+            .map(|h| h.why.clone());
+        // Held while some of its jobs stay paused: resumed, it counts anew.
+        if let Some(why) = held {
+            if store.batch_has_paused(&self.field, &batch).await? {
+                return Ok(Verdict::Held { batch, why });
+            }
+        }
         let message = error["message"].as_str().unwrap_or_default().to_string();
         Ok(self.count(batch, cause, job_id, backend_id, message))
     }
@@ -193,15 +222,31 @@ impl BadBatches {
             last = broken.last_message,
         );
         let why = format!("paused with its batch ({field} {batch}): {what}");
-        let n = store.pause_batch(field, batch, why).await?.len();
+        let n = store.pause_batch(field, batch, why.clone()).await?.len();
         if n > 0 {
             let at = chrono::Local::now().format("%Y-%m-%d %H:%M:%S");
             let banner = format!("{field} {batch} was paused by the farm at {at}: {what}");
             let mut paused = self.paused.lock().expect("bad batches");
-            paused.retain(|(b, _)| b != batch);
-            paused.push((batch.clone(), banner));
+            paused.retain(|h| h.batch != *batch);
+            paused.push(Held {
+                batch: batch.clone(),
+                cause: broken.cause.clone(),
+                why,
+                banner,
+            });
         }
         Ok(n)
+    }
+
+    /// Pauses what of a held batch went back to the queue since it was
+    /// paused (a job that was on a backend then, its retry); how many.
+    pub(super) async fn hold(
+        &self,
+        store: &Store,
+        batch: &str,
+        why: String,
+    ) -> Result<usize, StoreError> {
+        Ok(store.pause_batch(&self.field, batch, why).await?.len())
     }
 
     /// What `GET /api/health` warns of: each batch this farm paused (since
@@ -210,14 +255,14 @@ impl BadBatches {
     pub(super) async fn still_paused(&self, store: &Store) -> Result<Vec<String>, StoreError> {
         let paused = self.paused.lock().expect("bad batches").clone();
         let mut warned = Vec::new();
-        for (batch, banner) in paused {
+        for Held { batch, banner, .. } in paused {
             if store.batch_has_paused(&self.field, &batch).await? {
                 warned.push(banner);
             } else {
                 self.paused
                     .lock()
                     .expect("bad batches")
-                    .retain(|(b, _)| *b != batch);
+                    .retain(|h| h.batch != batch);
             }
         }
         Ok(warned)

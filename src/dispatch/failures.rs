@@ -110,6 +110,17 @@ impl Ctx {
         let broken = match verdict {
             Ok(Verdict::Broken(b)) => b,
             Ok(Verdict::Fine) => return,
+            Ok(Verdict::Held { batch, why }) => {
+                match batches.hold(&self.shared.store, &batch, why).await {
+                    Ok(n) => {
+                        tracing::info!(job_id, backend_id, %batch, paused = n, "a job of a batch the farm paused failed alike: paused with it")
+                    }
+                    Err(e) => {
+                        tracing::error!(job_id, backend_id, %batch, error = %e, "cannot pause the job with its batch")
+                    }
+                }
+                return;
+            }
             Ok(Verdict::OnOneBox { batch, backend }) => match self.others_take_jobs(&backend).await
             {
                 Ok(true) => return,
