@@ -39,6 +39,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alerts;
 pub mod api;
 pub mod cli;
 pub mod comfy;

@@ -200,6 +200,12 @@ impl Service {
             };
             tasks.spawn(crate::inbox::run(inbox, dir, stop.clone()));
         }
+        tasks.spawn(crate::alerts::run(
+            state.store.clone(),
+            state.events.clone(),
+            state.config.clone(),
+            stop.clone(),
+        ));
         tasks.spawn(crate::webhooks::run(
             state.store.clone(),
             state.events.clone(),

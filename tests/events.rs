@@ -544,3 +544,157 @@ async fn a_webhook_to_an_https_receiver_the_machine_does_not_trust_is_refused_an
         "nothing sent to an unverified server"
     );
 }
+
+/// The night's alerts reach whoever looks after the farm, once each: a
+/// batch the farm paused (one alert, not one a job), a box frozen past
+/// `alerts.offline_after_s`, and the same box back; signed and retried as
+/// webhooks are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nights_alerts_reach_the_farms_keeper_once_each() {
+    let sim = start_sim(20).await;
+    let (hook, got, tries) = receiver(1).await;
+    let (mut config, dir) = farm_config(vec![backend("n1", sim.port, &[], 1)]);
+    config.webhooks.secret = Some("s3cret".into());
+    config.webhooks.retry_backoff_ms = 50;
+    config.alerts.url = Some(hook);
+    config.alerts.offline_after_s = 1;
+    config.dispatch.pause_batch_after = 3;
+    config.dispatch.request_timeout_ms = 500;
+    let mut app = spawn_with(config).await;
+    app.set_dir(dir);
+    app.wait_backend("n1", "online").await;
+    let broken = broken_graph();
+    for n in 0..6 {
+        let (status, body) = app
+            .post_json(
+                "/api/job",
+                &json!({"workflow": broken, "max_attempts": 1, "metadata": {"batch": "night1", "n": n}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let alerts = |kind: &'static str| {
+        let got = got.clone();
+        move || {
+            let got = got.clone();
+            async move {
+                let got = got.lock().unwrap();
+                let of: Vec<Value> = got
+                    .iter()
+                    .map(|(v, _)| v.clone())
+                    .filter(|v| v["kind"] == kind)
+                    .collect();
+                (!of.is_empty()).then_some(of)
+            }
+        }
+    };
+    let paused = poll("the batch's alert", alerts("batch_paused")).await;
+    let text = paused[0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("orchestrator: batch night1 was paused by the farm: 3 of its jobs in a row failed with the same cause, IndexError in ImageToMask"),
+        "{text}"
+    );
+    assert_eq!(paused[0]["batch"], "night1");
+    assert!(
+        *tries.lock().unwrap() >= 2,
+        "the first try failed, and was retried"
+    );
+    // A frozen box: told once it stayed down a second, then when back.
+    sim.hang(true);
+    let down = poll("the offline alert", alerts("backend_offline")).await;
+    assert_eq!(down[0]["backend_id"], "n1");
+    assert!(
+        down[0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("orchestrator: backend n1 has been offline since "),
+        "{}",
+        down[0]
+    );
+    sim.hang(false);
+    poll("the back alert", alerts("backend_back")).await;
+    // One alert each: the batch's three paused jobs made one.
+    let kinds: Vec<Value> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(v, _)| v["kind"].clone())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["batch_paused", "backend_offline", "backend_back"],
+        "{kinds:?}"
+    );
+}
+
+/// A graph that fails on every box (a mask from an alpha channel the
+/// picture lacks): a batch broken in itself.
+fn broken_graph() -> Value {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}
+    })
+}
+
+/// An alert not yet delivered when the orchestrator is killed is told
+/// after its restart, and one told is not told again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_once() {
+    let sim = start_sim(0).await;
+    // The receiver is down at first: the alert is still being tried at the crash.
+    let (hook, got, tries) = receiver(4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "monitor: {{poll_interval_ms: 50}}\nwebhooks: {{secret: s3cret, retry_backoff_ms: 100}}\n\
+             alerts: {{url: '{hook}'}}\ndispatch: {{pause_batch_after: 2}}\n\
+             backends:\n  - {{id: n1, host: 127.0.0.1, port: {}}}\n",
+            sim.port
+        ),
+    );
+    let bin = spawn_binary(&config).await;
+    let night = |batch: &str, n: usize| json!({"workflow": broken_graph(), "max_attempts": 1, "metadata": {"batch": batch, "n": n}});
+    // Two a time on the box: the later ones are still queued when the
+    // first two failures pause the batch.
+    for n in 0..6 {
+        bin.submit(&night("night1", n)).await;
+    }
+    poll("two failed tries", || async {
+        (*tries.lock().unwrap() >= 2).then_some(())
+    })
+    .await;
+    bin.kill9().await;
+    assert!(got.lock().unwrap().is_empty());
+    let bin = spawn_binary(&config).await;
+    let told = |batch: &'static str| {
+        let got = got.clone();
+        move || {
+            let got = got.clone();
+            async move {
+                let n = got
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(v, _)| v["batch"] == batch)
+                    .count();
+                (n > 0).then_some(n)
+            }
+        }
+    };
+    poll("the alert after the restart", told("night1")).await;
+    // Stopped by its service manager (a kill -9 in the instant between the
+    // receiver's answer and its record tells it again), and started once
+    // more; then another batch breaks: its alert comes, the first batch's
+    // does not come again.
+    bin.stop().await;
+    let bin = spawn_binary(&config).await;
+    for n in 0..6 {
+        bin.submit(&night("night2", n)).await;
+    }
+    poll("the second batch's alert", told("night2")).await;
+    assert_eq!(told("night1")().await, Some(1), "told once");
+    bin.kill9().await;
+}

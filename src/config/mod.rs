@@ -40,6 +40,8 @@ pub struct Config {
     pub public_url: Option<String>,
     /// Webhook delivery.
     pub webhooks: WebhookConfig,
+    /// Alerts to the people looking after the farm.
+    pub alerts: AlertsConfig,
     /// Access control.
     pub auth: AuthConfig,
     /// Cross-origin requests from browser tools.
@@ -154,6 +156,30 @@ impl Default for WebhookConfig {
             max_attempts: 10,
             retry_backoff_ms: 1_000,
             timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Alerts: a POST to whoever looks after the farm when the night needs
+/// someone (a batch the farm paused, a box in quarantine, a box down a
+/// while), rather than a surprise in the morning.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Where each alert is POSTed (a JSON body whose `text` a Slack or
+    /// Mattermost incoming webhook shows as it is); `None`: no alerts.
+    /// Signed, retried and timed out as `webhooks` says.
+    pub url: Option<String>,
+    /// A backend offline this long is alerted (and again when it is back);
+    /// one back sooner (a ComfyUI restart) is not.
+    pub offline_after_s: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            url: None,
+            offline_after_s: 300,
         }
     }
 }
@@ -422,6 +448,7 @@ impl Default for Config {
             inbox: InboxConfig::default(),
             public_url: None,
             webhooks: WebhookConfig::default(),
+            alerts: AlertsConfig::default(),
             auth: AuthConfig::default(),
             cors: CorsConfig::default(),
             limits: Limits::default(),

@@ -52,6 +52,12 @@ fn a_bad_value_is_named_in_the_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("dispatch.batch_field"), "{err}");
+    for url in ["hooks.slack.com/services/T", "ftp://alerts.example"] {
+        let err = Config::from_yaml(&format!("alerts:\n  url: '{url}'\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("alerts.url"), "{url}: {err}");
+    }
     let err = Config::from_yaml("backends:\n  - {id: ws, host: h, hours: 8pm-8am}\n")
         .unwrap_err()
         .to_string();

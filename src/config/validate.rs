@@ -53,6 +53,13 @@ impl Config {
                 );
             }
         }
+        if let Some(url) = &self.alerts.url {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
+                Ok(_) => return invalid("alerts.url", "must be an http:// or https:// URL"),
+                Err(e) => return invalid("alerts.url", &format!("`{url}` is not a URL: {e}")),
+            }
+        }
         if self.webhooks.max_attempts == 0 || self.webhooks.timeout_ms == 0 {
             return invalid(
                 "webhooks.max_attempts",

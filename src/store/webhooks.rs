@@ -1,5 +1,7 @@
 //! The webhook outbox: a row per webhook to deliver, written in the same
 //! transaction that ends its job, so a callback can be late but never lost.
+//! And how far the farm's alerts went (`crate::alerts`): the other thing
+//! told to receivers outside, kept so a restart neither skips nor repeats.
 
 use chrono::{DateTime, Utc};
 
@@ -85,6 +87,36 @@ impl Store {
                     .bind(next_at)
                     .bind(error)
                     .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+}
+
+impl Store {
+    /// The last event the farm's alerts have dealt with (`settings`), if
+    /// they ever ran here.
+    pub async fn alerts_cursor(&self) -> Result<Option<i64>, StoreError> {
+        let value: Option<Option<String>> =
+            sqlx::query_scalar("SELECT value FROM settings WHERE name = 'alerts_after'")
+                .fetch_optional(self.reader())
+                .await?;
+        Ok(value.flatten().and_then(|v| v.parse().ok()))
+    }
+
+    /// Records that the alerts have dealt with every event up to `seq`.
+    pub async fn set_alerts_cursor(&self, seq: i64) -> Result<(), StoreError> {
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO settings (name, value) VALUES ('alerts_after', ?1) \
+                         ON CONFLICT (name) DO UPDATE SET value = ?1",
+                    )
+                    .bind(seq.to_string())
                     .execute(&mut *conn)
                     .await?;
                     Ok(())

@@ -290,6 +290,18 @@ impl Binary {
         self.child.start_kill().unwrap();
         let _ = self.child.wait().await;
     }
+
+    /// Stops it as a service manager does (SIGTERM), and waits for its end.
+    pub async fn stop(mut self) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: kill(2) on our own child's pid, which we have not waited for.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("stops within 30 s")
+            .unwrap();
+        assert!(status.success(), "{status}");
+    }
 }
 
 /// Writes a config file for the binary into `dir`.
