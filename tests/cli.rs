@@ -442,12 +442,7 @@ async fn watch_without_a_terminal_prints_lines_and_fails_when_a_job_does() {
     let (status, body) = app
         .post_json(
             "/api/job",
-            &serde_json::json!({"max_attempts": 1, "workflow": {
-                "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
-                "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
-                "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
-                "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}
-            }}),
+            &serde_json::json!({"max_attempts": 1, "workflow": failing_graph()}),
         )
         .await;
     assert_eq!(status, 201, "{body}");

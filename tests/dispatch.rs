@@ -22,16 +22,6 @@ async fn submit(app: &TestApp, manifest: Value) -> String {
     body["job_id"].as_str().unwrap().to_string()
 }
 
-/// The recorded graph that raises at run time (ImageToMask alpha on an RGB image).
-fn failing_graph() -> Value {
-    json!({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
-        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}
-    })
-}
-
 #[tokio::test]
 async fn a_job_completes_and_its_output_downloads_byte_identical_to_the_backends() {
     let sim = start_sim(30).await;

@@ -563,7 +563,7 @@ async fn the_nights_alerts_reach_the_farms_keeper_once_each() {
     let mut app = spawn_with(config).await;
     app.set_dir(dir);
     app.wait_backend("n1", "online").await;
-    let broken = broken_graph();
+    let broken = failing_graph();
     for n in 0..6 {
         let (status, body) = app
             .post_json(
@@ -627,17 +627,6 @@ async fn the_nights_alerts_reach_the_farms_keeper_once_each() {
     );
 }
 
-/// A graph that fails on every box (a mask from an alpha channel the
-/// picture lacks): a batch broken in itself.
-fn broken_graph() -> Value {
-    json!({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
-        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}
-    })
-}
-
 /// An alert not yet delivered when the orchestrator is killed is told
 /// after its restart, and one told is not told again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,7 +645,7 @@ async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_on
         ),
     );
     let bin = spawn_binary(&config).await;
-    let night = |batch: &str, n: usize| json!({"workflow": broken_graph(), "max_attempts": 1, "metadata": {"batch": batch, "n": n}});
+    let night = |batch: &str, n: usize| json!({"workflow": failing_graph(), "max_attempts": 1, "metadata": {"batch": batch, "n": n}});
     // Two a time on the box: the later ones are still queued when the
     // first two failures pause the batch.
     for n in 0..6 {

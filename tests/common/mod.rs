@@ -653,3 +653,13 @@ pub async fn tls_proxy(
 pub fn short(id: &str) -> &str {
     &id[id.len() - 8..]
 }
+
+/// The recorded graph that raises at run time (ImageToMask alpha on an RGB image).
+pub fn failing_graph() -> Value {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}
+    })
+}
