@@ -205,15 +205,8 @@ pub async fn run(store: Store, events: EventHub, config: Arc<Config>, stop: Canc
     let Some(url) = config.alerts.url.clone() else {
         return;
     };
-    let http = match reqwest::Client::builder()
-        .timeout(Duration::from_millis(config.webhooks.timeout_ms))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "alerts off: no HTTP client");
-            return;
-        }
+    let Some(http) = crate::webhooks::client(&config, "alerts") else {
+        return;
     };
     let cursor = match store.alerts_cursor().await {
         Ok(c) => c,
@@ -298,25 +291,11 @@ impl Teller {
             "event_seq": alert.seq,
             "url": format!("{}/", self.config.base_url()),
         });
-        let body = serde_json::to_vec(&body).unwrap_or_default();
         let max = self.config.webhooks.max_attempts.max(1);
         for tries in 1..=max {
-            let mut req = self
-                .http
-                .post(&self.url)
-                .header(reqwest::header::CONTENT_TYPE, "application/json");
-            if let Some(secret) = &self.config.webhooks.secret {
-                req = req.header(
-                    crate::webhooks::SIGNATURE_HEADER,
-                    crate::webhooks::sign(secret, &body),
-                );
-            }
+            let req = self.http.post(&self.url);
             let error = tokio::select! {
-                sent = req.body(body.clone()).send() => match sent {
-                    Ok(r) if r.status().is_success() => None,
-                    Ok(r) => Some(format!("the receiver answered HTTP {}", r.status())),
-                    Err(e) => Some(format!("cannot reach the receiver: {}", crate::with_causes(&e))),
-                },
+                sent = crate::webhooks::post(&self.config, req, &body) => sent.err(),
                 _ = stop.cancelled() => return false,
             };
             let Some(error) = error else {
@@ -327,12 +306,10 @@ impl Teller {
                 tracing::warn!(kind = alert.kind, tries, %error, "alert given up: {}", alert.text);
                 return true;
             }
-            let delay = (self.config.webhooks.retry_backoff_ms as f64
-                * 2f64.powi((tries - 1).min(20) as i32))
-            .min(300_000.0);
+            let delay = crate::webhooks::retry_delay(&self.config, tries as i64);
             tracing::info!(kind = alert.kind, tries, %error, "alert will be retried");
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(delay as u64)) => {}
+                _ = tokio::time::sleep(delay.to_std().unwrap_or_default()) => {}
                 _ = stop.cancelled() => return false,
             }
         }

@@ -34,15 +34,8 @@ pub async fn run(
     config: std::sync::Arc<Config>,
     stop: CancellationToken,
 ) {
-    let http = match reqwest::Client::builder()
-        .timeout(Duration::from_millis(config.webhooks.timeout_ms))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "webhooks off: no HTTP client");
-            return;
-        }
+    let Some(http) = client(&config, "webhooks") else {
+        return;
     };
     let ends = EventFilter {
         statuses: JobStatus::ALL
@@ -123,6 +116,52 @@ pub async fn payload(store: &Store, config: &Config, job_id: &str) -> Option<Val
     }))
 }
 
+/// The HTTP client of deliveries to receivers outside (`what`: webhooks
+/// or alerts), with `webhooks.timeout_ms`; `None`, said in the log, if
+/// there can be none.
+pub(crate) fn client(config: &Config, what: &str) -> Option<reqwest::Client> {
+    match reqwest::Client::builder()
+        .timeout(Duration::from_millis(config.webhooks.timeout_ms))
+        .build()
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "{what} off: no HTTP client");
+            None
+        }
+    }
+}
+
+/// How long after its `tries`-th failed try a delivery is tried again:
+/// `webhooks.retry_backoff_ms`, doubling, at most 5 minutes.
+pub(crate) fn retry_delay(config: &Config, tries: i64) -> chrono::Duration {
+    let ms = (config.webhooks.retry_backoff_ms as f64 * 2f64.powi((tries - 1).clamp(0, 20) as i32))
+        .min(300_000.0);
+    chrono::Duration::milliseconds(ms as i64)
+}
+
+/// POSTs `body` as JSON with `req`, signed when `webhooks.secret` is set;
+/// `Err` says why the receiver did not take it.
+pub(crate) async fn post(
+    config: &Config,
+    req: reqwest::RequestBuilder,
+    body: &Value,
+) -> Result<(), String> {
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    let mut req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+    if let Some(secret) = &config.webhooks.secret {
+        req = req.header(SIGNATURE_HEADER, sign(secret, &body));
+    }
+    match req.body(body).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("the receiver answered HTTP {}", r.status())),
+        Err(e) => Err(format!(
+            "cannot reach the receiver: {}",
+            crate::with_causes(&e)
+        )),
+    }
+}
+
 /// HMAC-SHA256 of `body` with `secret`, as `sha256=HEX`.
 pub fn sign(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
@@ -144,23 +183,10 @@ async fn deliver(store: &Store, config: &Config, http: &reqwest::Client, hook: W
             .await;
         return;
     };
-    let body = serde_json::to_vec(&body).unwrap_or_default();
-    let mut req = http
+    let req = http
         .post(&hook.url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header("X-Orchestrator-Job", &hook.job_id);
-    if let Some(secret) = &config.webhooks.secret {
-        req = req.header(SIGNATURE_HEADER, sign(secret, &body));
-    }
-    let result = req.body(body).send().await;
-    let error = match result {
-        Ok(r) if r.status().is_success() => None,
-        Ok(r) => Some(format!("the receiver answered HTTP {}", r.status())),
-        Err(e) => Some(format!(
-            "cannot reach the receiver: {}",
-            crate::with_causes(&e)
-        )),
-    };
+    let error = post(config, req, &body).await.err();
     let tries = hook.attempts + 1;
     match error {
         None => {
@@ -172,10 +198,7 @@ async fn deliver(store: &Store, config: &Config, http: &reqwest::Client, hook: W
             let _ = store.webhook_tried(hook.id, false, Some(e), None).await;
         }
         Some(e) => {
-            let delay = (config.webhooks.retry_backoff_ms as f64
-                * 2f64.powi((tries - 1).min(20) as i32))
-            .min(300_000.0);
-            let next = chrono::Utc::now() + chrono::Duration::milliseconds(delay as i64);
+            let next = chrono::Utc::now() + retry_delay(config, tries);
             tracing::info!(job_id = %hook.job_id, url = %hook.url, tries, error = %e, retry_at = %next, "webhook will be retried");
             let _ = store
                 .webhook_tried(hook.id, false, Some(e), Some(next))
