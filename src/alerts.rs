@@ -203,6 +203,11 @@ fn local(t: DateTime<Utc>) -> String {
 /// set.
 pub async fn run(store: Store, events: EventHub, config: Arc<Config>, stop: CancellationToken) {
     let Some(url) = config.alerts.url.clone() else {
+        // Off: where they stopped is forgotten, so alerts turned on again
+        // months later tell what happens from then, not the months between.
+        if let Err(e) = store.set_alerts_cursor(None).await {
+            tracing::warn!(error = %e, "cannot forget where the alerts stopped");
+        }
         return;
     };
     let Some(http) = crate::webhooks::client(&config, "alerts") else {
@@ -265,7 +270,7 @@ async fn save(store: &Store, cursor: i64, saved: &mut Option<i64>) {
     if Some(cursor) == *saved {
         return;
     }
-    match store.set_alerts_cursor(cursor).await {
+    match store.set_alerts_cursor(Some(cursor)).await {
         Ok(()) => *saved = Some(cursor),
         Err(e) => tracing::warn!(error = %e, "cannot record how far the alerts went"),
     }

@@ -635,15 +635,18 @@ async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_on
     // The receiver is down at first: the alert is still being tried at the crash.
     let (hook, got, tries) = receiver(4).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "monitor: {{poll_interval_ms: 50}}\nwebhooks: {{secret: s3cret, retry_backoff_ms: 100}}\n\
-             alerts: {{url: '{hook}'}}\ndispatch: {{pause_batch_after: 2}}\n\
-             backends:\n  - {{id: n1, host: 127.0.0.1, port: {}}}\n",
-            sim.port
-        ),
-    );
+    let config_with = |alerts: &str| {
+        write_config(
+            dir.path(),
+            &format!(
+                "monitor: {{poll_interval_ms: 50}}\nwebhooks: {{secret: s3cret, retry_backoff_ms: 100}}\n\
+                 {alerts}dispatch: {{pause_batch_after: 2}}\n\
+                 backends:\n  - {{id: n1, host: 127.0.0.1, port: {}}}\n",
+                sim.port
+            ),
+        )
+    };
+    let config = config_with(&format!("alerts: {{url: '{hook}'}}\n"));
     let bin = spawn_binary(&config).await;
     let night = |batch: &str, n: usize| json!({"workflow": failing_graph(), "max_attempts": 1, "metadata": {"batch": batch, "n": n}});
     // Two a time on the box: the later ones are still queued when the
@@ -697,5 +700,30 @@ async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_on
         seqs.windows(2).all(|w| w[0] < w[1]),
         "each event told once, in order: {seqs:?}"
     );
+    // Alerts turned off for a while, then on: what broke meanwhile is not
+    // told (the first alerts after are of what happens from then).
+    bin.stop().await;
+    let bin = spawn_binary(&config_with("")).await;
+    for n in 0..6 {
+        bin.submit(&night("night3", n)).await;
+    }
+    let paused = |j: &Value| j["status"] == "queued" && j["paused_at"].is_string();
+    poll("the third batch paused", || async {
+        let page = bin.get("/api/jobs?metadata.batch=night3").await;
+        page["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(paused)
+            .then_some(())
+    })
+    .await;
+    bin.stop().await;
+    let bin = spawn_binary(&config_with(&format!("alerts: {{url: '{hook}'}}\n"))).await;
+    for n in 0..6 {
+        bin.submit(&night("night4", n)).await;
+    }
+    poll("the fourth batch's alert", told("night4")).await;
+    assert_eq!(told("night3")().await, None, "not told: alerts were off");
     bin.kill9().await;
 }

@@ -107,18 +107,26 @@ impl Store {
         Ok(value.flatten().and_then(|v| v.parse().ok()))
     }
 
-    /// Records that the alerts have dealt with every event up to `seq`.
-    pub async fn set_alerts_cursor(&self, seq: i64) -> Result<(), StoreError> {
+    /// Records that the alerts have dealt with every event up to `seq`
+    /// (`None`: forgets it, the alerts being off).
+    pub async fn set_alerts_cursor(&self, seq: Option<i64>) -> Result<(), StoreError> {
+        if seq.is_none() && self.alerts_cursor().await?.is_none() {
+            return Ok(());
+        }
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    sqlx::query(
-                        "INSERT INTO settings (name, value) VALUES ('alerts_after', ?1) \
-                         ON CONFLICT (name) DO UPDATE SET value = ?1",
-                    )
-                    .bind(seq.to_string())
-                    .execute(&mut *conn)
-                    .await?;
+                    let sql = match seq {
+                        Some(_) => {
+                            "INSERT INTO settings (name, value) VALUES ('alerts_after', ?1) \
+                             ON CONFLICT (name) DO UPDATE SET value = ?1"
+                        }
+                        None => "DELETE FROM settings WHERE name = 'alerts_after' AND ?1 IS NULL",
+                    };
+                    sqlx::query(sql)
+                        .bind(seq.map(|s| s.to_string()))
+                        .execute(&mut *conn)
+                        .await?;
                     Ok(())
                 })
             })
