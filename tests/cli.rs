@@ -222,6 +222,18 @@ async fn a_batch_is_moved_cancelled_and_retried_by_its_ids() {
             .starts_with(&format!("the first submitted at {}", &first[..19])),
         "{out}"
     );
+    // And why the one left waits.
+    assert_eq!(
+        lines.next(),
+        Some(
+            format!(
+                "the queued ones wait: no backend can take it now: cli1 is disabled (the newest, {})",
+                night[2]
+            )
+            .as_str()
+        ),
+        "{out}"
+    );
     let (ok, _, err) = cli(&app.url, &["jobs", "--count", "--ids"]).await;
     assert!(!ok && err.contains("--ids"), "{err}");
 

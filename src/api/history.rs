@@ -219,6 +219,20 @@ pub struct JobCounts {
     /// cause, the commonest first, at most 10 causes; empty when none
     /// failed.
     pub failures: Vec<FailureCause>,
+    /// Why the queued ones wait: the newest queued job not paused, and its
+    /// page's `waiting_for` (a batch stuck in the morning: "no backend can
+    /// take it now: gpu-2 is outside its hours"); `null` when none is
+    /// queued, or it is about to start.
+    pub waiting: Option<Waiting>,
+}
+
+/// A queued job, and why it waits.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Waiting {
+    /// The job.
+    pub job_id: String,
+    /// As its page says it.
+    pub waiting_for: String,
 }
 
 /// Failed jobs with one cause.
@@ -324,6 +338,10 @@ pub(super) async fn count_jobs(
     let pace_since = counts
         .first_submitted_at
         .map_or(counts.recent_since, |f| f.max(counts.recent_since));
+    let waiting = match jobs[JobStatus::Queued.as_str()] > 0 {
+        true => why_queued_wait(&state, &filter).await?,
+        false => None,
+    };
     let total: i64 = jobs.values().sum();
     let ended: i64 = JobStatus::ALL
         .iter()
@@ -345,6 +363,40 @@ pub(super) async fn count_jobs(
         pace_since,
         ended_recently: counts.ended_recently,
         failures,
+        waiting,
+    }))
+}
+
+/// The newest queued job `filter` matches that is not paused, and why it
+/// waits.
+async fn why_queued_wait(
+    state: &AppState,
+    filter: &JobFilter,
+) -> Result<Option<Waiting>, ApiError> {
+    let queued = JobFilter {
+        statuses: vec![JobStatus::Queued],
+        paused: Some(false),
+        limit: 1,
+        before_seq: None,
+        ..filter.clone()
+    };
+    let Some(job) = state
+        .store
+        .list_jobs(&queued)
+        .await?
+        .jobs
+        .into_iter()
+        .next()
+    else {
+        return Ok(None);
+    };
+    let live = state.farm.live_backends();
+    let detail = state.store.job_detail(&job.job_id, &live).await?;
+    Ok(detail.and_then(|d| {
+        Some(Waiting {
+            waiting_for: d.waiting_for?,
+            job_id: job.job_id,
+        })
     }))
 }
 

@@ -454,6 +454,12 @@ async fn print_counts(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Resu
             c["ended_recently"]
         );
     }
+    if let Some(why) = c["waiting"]["waiting_for"].as_str() {
+        println!(
+            "the queued ones wait: {why} (the newest, {})",
+            c["waiting"]["job_id"].as_str().unwrap_or("")
+        );
+    }
     let failures = c["failures"].as_array().cloned().unwrap_or_default();
     if !failures.is_empty() {
         println!("why they failed:");
