@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
 mod actions;
+mod counts;
 mod outputs;
 mod watch;
 
@@ -343,7 +344,7 @@ pub async fn jobs(remote: &Remote, args: JobsArgs) -> anyhow::Result<()> {
         return print_ids(remote, q).await;
     }
     if args.count {
-        return print_counts(remote, q).await;
+        return counts::print_counts(remote, q).await;
     }
     let page = remote.get(&format!("/api/jobs?{}", encode(q))).await?;
     if remote.json {
@@ -401,78 +402,6 @@ fn starts_at(job: &Value) -> Option<&str> {
     let untried = job["attempts"].as_i64() == Some(0);
     let waits = matches!(job["status"].as_str(), Some("queued" | "waiting"));
     (later && untried && waits).then_some(at)
-}
-
-/// How many jobs the query matches, by status, in a line; then when the
-/// first was submitted and the last finished, when the rest would end at
-/// the present pace, and why those that failed failed.
-async fn print_counts(remote: &Remote, q: Vec<(String, String)>) -> anyhow::Result<()> {
-    let c = remote
-        .get(&format!("/api/jobs/counts?{}", encode(q)))
-        .await?;
-    if remote.json {
-        println!("{c}");
-        return Ok(());
-    }
-    let total = c["total"].as_i64().unwrap_or(0);
-    let mut parts = Vec::new();
-    for status in crate::store::JobStatus::ALL {
-        let n = c["jobs"][status.as_str()].as_i64().unwrap_or(0);
-        if n == 0 {
-            continue;
-        }
-        parts.push(format!("{n} {}", status.as_str()));
-    }
-    let s = if total == 1 { "" } else { "s" };
-    let paused = match c["paused"].as_i64().unwrap_or(0) {
-        0 => String::new(),
-        n => format!(" ({n} of them paused)"),
-    };
-    match parts.is_empty() {
-        true => println!("{total} job{s}"),
-        false => println!("{total} job{s}: {}{paused}", parts.join(", ")),
-    }
-    let time = |f: &str| {
-        let t = c[f].as_str().unwrap_or("");
-        t.get(..19).unwrap_or(t).replace('T', " ")
-    };
-    if total > 0 {
-        let last = match c["last_finished_at"].is_string() {
-            true => format!(", the last finished at {}", time("last_finished_at")),
-            false => String::new(),
-        };
-        println!(
-            "the first submitted at {}{last}",
-            time("first_submitted_at")
-        );
-    }
-    if c["estimated_end"].is_string() {
-        println!(
-            "the rest end about {}, at the pace since {} ({} ended)",
-            time("estimated_end"),
-            time("pace_since"),
-            c["ended_recently"]
-        );
-    }
-    if let Some(why) = c["waiting"]["waiting_for"].as_str() {
-        println!(
-            "the queued ones wait: {why} (the newest, {})",
-            c["waiting"]["job_id"].as_str().unwrap_or("")
-        );
-    }
-    let failures = c["failures"].as_array().cloned().unwrap_or_default();
-    if !failures.is_empty() {
-        println!("why they failed:");
-        for f in failures {
-            println!(
-                "{:>6}  {}  (e.g. {})",
-                f["jobs"].as_i64().unwrap_or(0),
-                f["cause"].as_str().unwrap_or(""),
-                f["example"].as_str().unwrap_or("")
-            );
-        }
-    }
-    Ok(())
 }
 
 /// The ids of every job the query matches, newest first, one a line:

@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod hours;
+mod receivers;
 mod validate;
 pub use hours::Hours;
+pub use receivers::{AlertsConfig, WebhookConfig};
 
 /// Everything the service can be told. Unknown keys are errors.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -132,56 +134,6 @@ pub struct AuthConfig {
 pub struct CorsConfig {
     /// Origins allowed to call the API from a browser, like `http://storyboard.local:3000`.
     pub origins: Vec<String>,
-}
-
-/// Webhook delivery (`callback_url` in a manifest).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WebhookConfig {
-    /// When set, each POST carries `X-Orchestrator-Signature: sha256=HEX`,
-    /// the HMAC-SHA256 of the body with this secret.
-    pub secret: Option<String>,
-    /// Tries before giving up on a receiver.
-    pub max_attempts: u32,
-    /// First retry delay; doubles per try, capped at 5 minutes.
-    pub retry_backoff_ms: u64,
-    /// Timeout of one delivery.
-    pub timeout_ms: u64,
-}
-
-impl Default for WebhookConfig {
-    fn default() -> Self {
-        WebhookConfig {
-            secret: None,
-            max_attempts: 10,
-            retry_backoff_ms: 1_000,
-            timeout_ms: 10_000,
-        }
-    }
-}
-
-/// Alerts: a POST to whoever looks after the farm when the night needs
-/// someone (a batch the farm paused, a box in quarantine, a box down a
-/// while), rather than a surprise in the morning.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AlertsConfig {
-    /// Where each alert is POSTed (a JSON body whose `text` a Slack or
-    /// Mattermost incoming webhook shows as it is); `None`: no alerts.
-    /// Signed, retried and timed out as `webhooks` says.
-    pub url: Option<String>,
-    /// A backend offline this long is alerted (and again when it is back);
-    /// one back sooner (a ComfyUI restart) is not.
-    pub offline_after_s: u64,
-}
-
-impl Default for AlertsConfig {
-    fn default() -> Self {
-        AlertsConfig {
-            url: None,
-            offline_after_s: 300,
-        }
-    }
 }
 
 /// The inbox folder.
