@@ -652,30 +652,7 @@ async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_on
     };
     let config = config_with(&format!("alerts: {{url: '{hook}'}}\n"));
     let bin = spawn_binary(&config).await;
-    // Six jobs of a batch queued while the box is disabled, then let go:
-    // two a time on the box, the later ones are still queued when the
-    // first two failures pause the batch (submitted one by one to a box
-    // that fails at once, they could each have run before the next came).
-    let night = |bin: &Binary, batch: &'static str| {
-        let url = bin.url.clone();
-        async move {
-            let http = reqwest::Client::new();
-            let admin = |what: &str| http.post(format!("{url}/api/backends/n1/{what}")).send();
-            assert!(admin("disable").await.unwrap().status().is_success());
-            for n in 0..6 {
-                let job = json!({"workflow": failing_graph(), "max_attempts": 1, "metadata": {"batch": batch, "n": n}});
-                let r = http
-                    .post(format!("{url}/api/job"))
-                    .json(&job)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 201);
-            }
-            assert!(admin("enable").await.unwrap().status().is_success());
-        }
-    };
-    night(&bin, "night1").await;
+    queue_broken_batch(&bin, "night1").await;
     poll("two failed tries", || async {
         (*tries.lock().unwrap() >= 2).then_some(())
     })
@@ -705,7 +682,7 @@ async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_on
     // does not come again.
     bin.stop().await;
     let bin = spawn_binary(&config).await;
-    night(&bin, "night2").await;
+    queue_broken_batch(&bin, "night2").await;
     poll("the second batch's alert", told("night2")).await;
     // (The first batch may have been paused twice: by the first binary,
     // and by the second if a job of it ran again after the kill and failed
@@ -724,7 +701,7 @@ async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_on
     // told (the first alerts after are of what happens from then).
     bin.stop().await;
     let bin = spawn_binary(&config_with("")).await;
-    night(&bin, "night3").await;
+    queue_broken_batch(&bin, "night3").await;
     let paused = |j: &Value| j["status"] == "queued" && j["paused_at"].is_string();
     poll("the third batch paused", || async {
         let page = bin.get("/api/jobs?metadata.batch=night3").await;
@@ -738,8 +715,26 @@ async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_on
     .await;
     bin.stop().await;
     let bin = spawn_binary(&config_with(&format!("alerts: {{url: '{hook}'}}\n"))).await;
-    night(&bin, "night4").await;
+    queue_broken_batch(&bin, "night4").await;
     poll("the fourth batch's alert", told("night4")).await;
     assert_eq!(told("night3")().await, None, "not told: alerts were off");
     bin.kill9().await;
+}
+
+/// Six jobs of a broken batch, queued while the box `n1` is disabled, then
+/// let go: two a time on the box, the later ones are still queued when the
+/// first two failures pause the batch (submitted one by one to a box that
+/// fails at once, they could each have run before the next came).
+async fn queue_broken_batch(bin: &Binary, batch: &str) {
+    let admin = |what: &'static str| {
+        reqwest::Client::new()
+            .post(format!("{}/api/backends/n1/{what}", bin.url))
+            .send()
+    };
+    assert!(admin("disable").await.unwrap().status().is_success());
+    for n in 0..6 {
+        bin.submit(&json!({"workflow": failing_graph(), "max_attempts": 1, "metadata": {"batch": batch, "n": n}}))
+            .await;
+    }
+    assert!(admin("enable").await.unwrap().status().is_success());
 }

@@ -391,12 +391,10 @@ async fn why_queued_wait(
         return Ok(None);
     };
     let live = state.farm.live_backends();
-    let detail = state.store.job_detail(&job.job_id, &live).await?;
-    Ok(detail.and_then(|d| {
-        Some(Waiting {
-            waiting_for: d.waiting_for?,
-            job_id: job.job_id,
-        })
+    let why = state.store.why_waiting(&job.job_id, &live).await?;
+    Ok(why.map(|waiting_for| Waiting {
+        waiting_for,
+        job_id: job.job_id,
     }))
 }
 

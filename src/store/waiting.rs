@@ -226,3 +226,16 @@ pub(super) async fn why_waiting_in(
         )
     }))
 }
+
+impl super::Store {
+    /// [`why_waiting_in`] on its own read, for a caller that needs the
+    /// sentence alone (a batch's count), not the job's whole page.
+    pub async fn why_waiting(
+        &self,
+        job_id: &str,
+        live: &LiveBackends,
+    ) -> Result<Option<String>, StoreError> {
+        let mut conn = self.reader().acquire().await?;
+        why_waiting_in(&mut conn, job_id, live).await
+    }
+}
