@@ -127,6 +127,42 @@ async fn a_rejected_workflow_fails_with_comfyuis_node_errors_and_is_not_retried_
 }
 
 #[tokio::test]
+async fn a_shot_refused_for_want_of_a_model_runs_when_retried_once_the_model_is_installed() {
+    let sim = start_sim_with(orchestrator::simulator::SimConfig {
+        job_ms: 0,
+        checkpoints: vec!["sdxl.safetensors".into()],
+        ..Default::default()
+    })
+    .await;
+    let app = spawn_farm(vec![backend("node1", sim.port, &[], 2)]).await;
+    app.wait_backend("node1", "online").await;
+    app.wait_inventory("node1").await;
+    sim.set_checkpoints(&[]);
+    let shot = json!({"workflow_id": "txt2img_sdxl", "parameters": {"prompt": "a cat", "checkpoint": "sdxl.safetensors"}});
+    let id = submit(&app, shot).await;
+    let job = app.wait_status(&id, "failed").await;
+    assert_eq!(job["leases"][0]["outcome"], "rejected", "{job:#}");
+    // The artist installs the model, has the box read again, and retries.
+    sim.set_checkpoints(&["sdxl.safetensors"]);
+    let (status, body) = app
+        .post_json("/api/backends/node1/refresh", &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = app
+        .post_json(&format!("/api/job/{id}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let job = app
+        .wait_job(&id, "a final state", |j| {
+            j["status"] == "completed" || j["status"] == "failed"
+        })
+        .await;
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(sim.prompt_posts().len(), 2);
+}
+
+#[tokio::test]
 async fn a_rejection_moves_the_job_to_a_backend_that_accepts_it() {
     let without = start_sim(0).await;
     let with = start_sim_with(orchestrator::simulator::SimConfig {

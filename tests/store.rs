@@ -621,6 +621,84 @@ async fn a_refusal_bars_that_backend_at_once_and_fails_the_job_when_none_is_left
 }
 
 #[tokio::test]
+async fn a_users_retry_starts_the_job_afresh_on_every_backend() {
+    // Every box refused the shot (a model missing), failed it twice, or
+    // died under it; the artist mends the boxes and retries. What the
+    // earlier attempts decided must not keep it waiting for ever.
+    let app = spawn_app().await;
+    farm(&app, &[("n1", &[]), ("n2", &[])]).await;
+    let refused = app.submit_blur(json!({"max_attempts": 5})).await;
+    for b in ["n1", "n2"] {
+        let l = app.store.lease_next(b).await.unwrap().unwrap();
+        app.store
+            .fail_attempt(&refused, l.token, true, failure(), Duration::zero())
+            .await
+            .unwrap();
+    }
+    assert_eq!(app.job(&refused).await["status"], "failed");
+    app.store.retry(&refused).await.unwrap();
+    let l = app
+        .store
+        .lease_next("n1")
+        .await
+        .unwrap()
+        .expect("n1 may take it again once it is retried");
+    assert_eq!(l.job_id, refused);
+    // Refused again by n1 alone: that bar counts anew, and n2 may still.
+    app.store
+        .fail_attempt(&refused, l.token, true, failure(), Duration::zero())
+        .await
+        .unwrap();
+    assert!(app.store.lease_next("n1").await.unwrap().is_none());
+    let job = app.job(&refused).await;
+    assert_eq!(job["status"], "queued", "{job}");
+    assert_eq!(
+        job["leases"].as_array().unwrap().len(),
+        3,
+        "every lease kept"
+    );
+    assert_eq!(
+        app.store.lease_next("n2").await.unwrap().unwrap().job_id,
+        refused
+    );
+
+    // Failed twice on each box.
+    let failing = app.submit_blur(json!({"max_attempts": 9})).await;
+    for b in ["n1", "n1", "n2", "n2"] {
+        let l = app.store.lease_next(b).await.unwrap().unwrap();
+        assert_eq!(l.job_id, failing);
+        app.store
+            .fail_attempt(&failing, l.token, false, failure(), Duration::zero())
+            .await
+            .unwrap();
+    }
+    assert_eq!(app.job(&failing).await["status"], "failed");
+    app.store.retry(&failing).await.unwrap();
+    assert_eq!(
+        app.store.lease_next("n1").await.unwrap().unwrap().job_id,
+        failing
+    );
+
+    // Died under twice on n1 (n1 barred, the job waits for n2), cancelled
+    // while it waited, retried: n1 may take it, and a loss there is the
+    // first of a new count.
+    let lost = app.submit_blur(json!({})).await;
+    assert_eq!(lose_running(&app, "n1", &lost).await, LostOutcome::Requeued);
+    assert_eq!(lose_running(&app, "n1", &lost).await, LostOutcome::Requeued);
+    assert!(app.store.lease_next("n1").await.unwrap().is_none());
+    app.store.request_cancel(&lost).await.unwrap();
+    app.store.retry(&lost).await.unwrap();
+    assert_eq!(lose_running(&app, "n1", &lost).await, LostOutcome::Requeued);
+    let said = app.events(&lost).await.last().unwrap()["message"].clone();
+    assert!(
+        said.as_str()
+            .unwrap()
+            .contains("(lost while running: 1 of 2)"),
+        "{said}"
+    );
+}
+
+#[tokio::test]
 async fn cancel_and_retry_answer_for_each_state() {
     let app = spawn_app().await;
     farm(&app, &[("n1", &[])]).await;

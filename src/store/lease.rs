@@ -29,14 +29,23 @@ pub(super) fn missing_tags(requires: &str, tags: &str) -> String {
     )
 }
 
+/// Whether lease `lease` (a `leases` row alias) counts for the rules of job
+/// `job` (a `jobs` row alias): taken since the user's last retry, if any.
+/// A retry starts the job afresh (migration V18): the box that refused it
+/// may have been mended since.
+pub(super) fn since_retry(lease: &str, job: &str) -> String {
+    format!("({job}.retried_at IS NULL OR {lease}.leased_at >= {job}.retried_at)")
+}
+
 /// Why backend `backend` (a `backends` row alias) may not run job `job` (a
 /// `jobs` row alias), or NULL when it may: the one place these rules live.
 pub(super) fn bar_reason(job: &str, backend: &str) -> String {
     let missing = missing_tags(&format!("{job}.requires"), &format!("{backend}.tags"));
+    let since = since_retry("l", job);
     let leases = |outcome: &str| {
         format!(
             "(SELECT count(*) FROM leases l WHERE l.job_id = {job}.id \
-             AND l.backend_id = {backend}.id AND l.outcome = '{outcome}')"
+             AND l.backend_id = {backend}.id AND l.outcome = '{outcome}' AND {since})"
         )
     };
     let unfit = format!(
@@ -48,7 +57,7 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
     // sound and the box sick, so it goes to another.
     let died = format!(
         "(SELECT max(json_extract(l.error, '$.died_here')) FROM leases l WHERE l.job_id = {job}.id \
-         AND l.backend_id = {backend}.id AND l.outcome = 'lost')"
+         AND l.backend_id = {backend}.id AND l.outcome = 'lost' AND {since})"
     );
     // The most GPU memory a backend had where the job ran out of it: a
     // backend with no more leaves it to a bigger one while one is online
@@ -56,7 +65,7 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
     // workstation rather than fail on the small box again).
     let ran_out = format!(
         "(SELECT max(ob.vram_total) FROM leases l JOIN backends ob ON ob.id = l.backend_id \
-         WHERE l.job_id = {job}.id AND l.outcome = 'failed' AND {})",
+         WHERE l.job_id = {job}.id AND l.outcome = 'failed' AND {since} AND {})",
         super::backend_records::out_of_memory_sql("l.error")
     );
     let bigger_online = format!(

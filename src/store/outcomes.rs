@@ -224,10 +224,12 @@ struct LostSoFar {
 }
 
 async fn lost_so_far(conn: &mut SqliteConnection, held: &Held) -> Result<LostSoFar, StoreError> {
-    let (runs, elsewhere): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE backend_id IS NOT ?2) FROM leases \
-         WHERE job_id = ?1 AND outcome = 'lost' AND started_at IS NOT NULL",
-    )
+    let (runs, elsewhere): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT count(*), count(*) FILTER (WHERE l.backend_id IS NOT ?2) FROM leases l \
+         JOIN jobs j ON j.id = l.job_id \
+         WHERE l.job_id = ?1 AND l.outcome = 'lost' AND l.started_at IS NOT NULL AND {}",
+        super::lease::since_retry("l", "j")
+    ))
     .bind(&held.job_id)
     .bind(&held.backend)
     .fetch_one(&mut *conn)

@@ -277,7 +277,12 @@ impl Store {
             .await
     }
 
-    /// Queues a failed or cancelled job again, as a new attempt.
+    /// Queues a failed or cancelled job again, as a new attempt, and
+    /// afresh: what its earlier attempts decided (a backend that refused
+    /// it, failed it twice, died under it) no longer keeps it from any
+    /// backend, and its lost runs count from none again. A user retries
+    /// once the cause is mended; were the bars kept, a job every backend
+    /// had refused would wait for ever.
     pub async fn retry(&self, job_id: &str) -> Result<(), StoreError> {
         let job_id = job_id.to_string();
         self.writer()
@@ -304,9 +309,10 @@ impl Store {
                     let mut b = Batch::default();
                     b.push(
                         "UPDATE jobs SET max_attempts = ?, finished_at = NULL, cancel_requested = 0, \
-                         paused_at = NULL WHERE id = ?",
+                         paused_at = NULL, retried_at = ? WHERE id = ?",
                     )
                     .bind(max_attempts.max(attempts + 1))
+                    .bind(now.clone())
                     .bind(job_id.clone());
                     push_back_to_queue(&mut b, &job_id, Requeue::default(), &now);
                     let (status, message) = if waits_on.is_empty() {
