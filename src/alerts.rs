@@ -4,7 +4,7 @@
 //! Why from the event log: each thing worth an alert is already an event,
 //! written in the transaction that made it so (a batch the farm paused, a
 //! box put in quarantine, a box too old to drive, a box gone offline and
-//! back). This task follows the log from a cursor kept in the database
+//! back, the data folder's disk running low and space back). This task follows the log from a cursor kept in the database
 //! (`settings`), and moves the cursor past an event only once its alert
 //! was delivered or given up: a restart reads again what it had not told,
 //! and never skips one (it may tell one twice). A box offline is told only
@@ -28,7 +28,7 @@ use crate::store::{EventFilter, JobEvent, Store};
 #[derive(Debug, Clone, PartialEq)]
 struct Alert {
     /// `batch_paused`, `backend_quarantined`, `backend_incompatible`,
-    /// `backend_offline`, `backend_back`.
+    /// `backend_offline`, `backend_back`, `disk_low`, `disk_ok`.
     kind: &'static str,
     /// A sentence for people, shown as it is by a chat's incoming webhook.
     text: String,
@@ -99,6 +99,9 @@ impl Watch {
             }
             // "backend B takes no jobs until T: why".
             "backend_quarantined" => Some(alert("backend_quarantined", message)),
+            // The data folder's disk, under `retention.low_space_bytes` and back.
+            "disk_low" => Some(alert("disk_low", message)),
+            "disk_ok" => Some(alert("disk_ok", message)),
             // It answers, but cannot be driven: not offline.
             "backend_incompatible" => {
                 let b = backend.clone()?;

@@ -200,8 +200,77 @@ pub async fn measure(
     }
 }
 
-/// How often the free space is read (it changes faster than the folders).
-const FREE_SPACE_EVERY: Duration = Duration::from_secs(10);
+/// How often the free space is read (it changes faster than the folders,
+/// and a render of long videos fills a disk in minutes).
+const FREE_SPACE_EVERY: Duration = Duration::from_secs(2);
+
+/// The side of `retention.low_space_bytes` the data folder's disk was last
+/// said to be on, in the event log: `disk_low` when the free space falls
+/// under it, `disk_ok` when it is back a tenth above it (not one event a
+/// reading while it hovers at the line). The alerts tell both: a disk that
+/// fills at night stops the farm (finished jobs' outputs wait on their
+/// boxes, submissions are refused) until someone frees space.
+#[derive(Default)]
+struct LowSpace {
+    /// `None` until a reading was said (or, with space, needed nothing said).
+    said: Option<bool>,
+}
+
+impl LowSpace {
+    async fn note(&mut self, store: &Store, limit: u64, free: Option<u64>) {
+        let Some(free) = free else { return };
+        let low = match self.said {
+            Some(true) => free < limit + limit / 10,
+            _ => free < limit,
+        };
+        if self.said == Some(low) {
+            return;
+        }
+        if self.said.is_none() && !low {
+            // A start with space: nothing to say.
+            self.said = Some(false);
+            return;
+        }
+        let (kind, message) = if low {
+            (
+                "disk_low",
+                format!(
+                    "the data folder's disk has {} free, under retention.low_space_bytes ({}): \
+                     once it is full, finished jobs' outputs wait on their backends and \
+                     submissions are refused; free space, or set retention rules",
+                    size(free),
+                    size(limit)
+                ),
+            )
+        } else {
+            (
+                "disk_ok",
+                format!(
+                    "the data folder's disk has {} free again (retention.low_space_bytes is {})",
+                    size(free),
+                    size(limit)
+                ),
+            )
+        };
+        tracing::warn!(free_bytes = free, low_space_bytes = limit, "{message}");
+        let data = serde_json::json!({"free_bytes": free, "low_space_bytes": limit});
+        match store.farm_event(kind, message, data).await {
+            Ok(()) => self.said = Some(low),
+            // The database may be on the full disk: said at a later reading.
+            Err(e) => tracing::warn!(error = %e, "cannot record the data folder's disk space"),
+        }
+    }
+}
+
+/// A size for people: MiB under a GiB, else GiB.
+fn size(bytes: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    if bytes < GIB {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    }
+}
 
 /// Sweeps and measures every `sweep_interval_s`, and reads the free space
 /// every few seconds, until `stop`.
@@ -215,6 +284,7 @@ pub async fn run(
     let rules = &config.retention;
     let every = Duration::from_secs(rules.sweep_interval_s);
     let mut next_sweep = tokio::time::Instant::now();
+    let mut low = LowSpace::default();
     loop {
         if tokio::time::Instant::now() < next_sweep {
             let dir = config.data_dir.clone();
@@ -223,6 +293,7 @@ pub async fn run(
                 .ok()
                 .flatten();
             usage.lock().expect("usage").free_bytes = free;
+            low.note(&store, rules.low_space_bytes, free).await;
             tokio::select! {
                 _ = tokio::time::sleep(FREE_SPACE_EVERY.min(every)) => {}
                 _ = stop.cancelled() => return,
@@ -252,15 +323,8 @@ pub async fn run(
             &config.inputs_dir(),
         )
         .await;
-        if measured
-            .free_bytes
-            .is_some_and(|f| f < rules.low_space_bytes)
-        {
-            tracing::warn!(
-                free_bytes = measured.free_bytes,
-                "the data folder's disk is running low"
-            );
-        }
+        low.note(&store, rules.low_space_bytes, measured.free_bytes)
+            .await;
         *usage.lock().expect("usage") = measured;
         if stop.is_cancelled() {
             return;

@@ -738,3 +738,64 @@ async fn queue_broken_batch(bin: &Binary, batch: &str) {
     }
     assert!(admin("enable").await.unwrap().status().is_success());
 }
+
+/// The data folder's disk running low is told, and so is space freed: a
+/// disk that fills at night stops the farm (outputs wait on their boxes,
+/// submissions are refused) until someone frees space.
+#[tokio::test]
+async fn a_data_disk_running_low_is_told_and_so_is_space_freed() {
+    let (hook, got, _) = receiver(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "webhooks: {{secret: s3cret}}\nalerts: {{url: '{hook}'}}\nretention: {{low_space_bytes: 33554432}}\n"
+        ),
+    );
+    // The data folder on a disk of its own, of 64 MiB.
+    let Some(bin) = spawn_binary_after(
+        &config,
+        &format!(
+            "mkdir -p '{0}' && mount -t tmpfs -o size=64m tmpfs '{0}'",
+            data.display()
+        ),
+    )
+    .await
+    else {
+        return;
+    };
+    let disk = std::path::Path::new(&format!("/proc/{}/root", bin.child.id().unwrap()))
+        .join(data.strip_prefix("/").unwrap());
+    let kinds = || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .map(|(v, _)| v["kind"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let text = |kind: &str| {
+        got.lock()
+            .unwrap()
+            .iter()
+            .find(|(v, _)| v["kind"] == kind)
+            .map(|(v, _)| v["text"].as_str().unwrap().to_string())
+    };
+    // A render of long videos lands beside the database: 40 MiB.
+    let renders = disk.join("renders.mov");
+    std::fs::write(&renders, vec![1u8; 40 << 20]).unwrap();
+    let low = poll("the disk_low alert", || async { text("disk_low") }).await;
+    assert!(
+        low.contains("under retention.low_space_bytes (32 MiB)"),
+        "{low}"
+    );
+    std::fs::remove_file(&renders).unwrap();
+    let ok = poll("the disk_ok alert", || async { text("disk_ok") }).await;
+    assert!(ok.contains("free again"), "{ok}");
+    assert_eq!(
+        kinds(),
+        ["disk_low", "disk_ok"],
+        "a start with space says nothing"
+    );
+    bin.stop().await;
+}

@@ -584,3 +584,106 @@ async fn a_box_whose_timed_out_prompt_ends_by_itself_takes_the_next_job_at_once(
     let job = app.wait_status(&next, "completed").await;
     assert_eq!(job["backend_id"], "a");
 }
+
+#[tokio::test]
+async fn outputs_that_meet_a_full_disk_wait_on_their_box_and_arrive_once_space_is_freed() {
+    // The orchestrator's disk fills at night (a render of long videos):
+    // the finished shots' outputs cannot be written. That is neither the
+    // box's fault nor the shot's: they wait on the box, spend no attempt,
+    // and arrive once the operator frees space.
+    let sim = start_sim(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "dispatch: {{poll_interval_ms: 50, deaf_after_ms: 100}}\nbackends:\n  - {{id: n1, host: 127.0.0.1, port: {}}}\n",
+            sim.port
+        ),
+    );
+    // The outputs' folder is a disk of its own, of 1 MiB, which the test
+    // fills before the job finishes.
+    let outputs = dir.path().join("data").join("outputs");
+    std::fs::create_dir_all(&outputs).unwrap();
+    let Some(bin) = spawn_binary_after(
+        &config,
+        &format!("mount -t tmpfs -o size=1m tmpfs '{}'", outputs.display()),
+    )
+    .await
+    else {
+        return;
+    };
+    let disk = std::path::Path::new(&format!("/proc/{}/root", bin.child.id().unwrap()))
+        .join(outputs.strip_prefix("/").unwrap());
+    let filler = disk.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let full = (0..64).find_map(|_| f.write_all(&[0u8; 64 * 1024]).err());
+        assert_eq!(
+            full.map(|e| e.raw_os_error()),
+            Some(Some(libc::ENOSPC)),
+            "the binary's outputs folder is a disk of 1 MiB that fills"
+        );
+    }
+    let id = bin
+        .submit(&json!({"workflow": blur_graph("blur", "night/shot")}))
+        .await;
+    let said = poll("the job's log to say its outputs wait", || async {
+        let events = bin.get(&format!("/api/job/{id}/events")).await;
+        let events = events["events"].as_array().unwrap().clone();
+        events
+            .iter()
+            .any(|e| e["kind"] == "outputs_wait")
+            .then_some(events)
+    })
+    .await;
+    let wait = said.iter().find(|e| e["kind"] == "outputs_wait").unwrap();
+    assert!(
+        wait["message"].as_str().unwrap().contains("disk is full"),
+        "{wait}"
+    );
+    // Tried again and again, more times than a backend's failures are
+    // allowed (5), and not failed for it; the box, quiet meanwhile, is not
+    // taken for deaf (the prompt's end was heard).
+    let (views, opens) = (sim.views(), sim.socket_opens());
+    poll("ten more tries to collect", || async {
+        (sim.views() >= views + 10).then_some(())
+    })
+    .await;
+    let job = bin.get(&format!("/api/job/{id}")).await;
+    assert_eq!(job["status"], "running", "{job:#}");
+    assert_eq!(job["attempts"], 1);
+    let events = bin.get(&format!("/api/job/{id}/events")).await;
+    let waits = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "outputs_wait")
+        .count();
+    assert_eq!(waits, 1, "said once: {events:#}");
+    assert!(sim.history_ids().len() == 1, "the box keeps the prompt");
+    assert_eq!(sim.socket_opens(), opens, "no reconnect to the box");
+
+    std::fs::remove_file(&filler).unwrap();
+    let job = poll("the job completed once space is freed", || async {
+        let job = bin.get(&format!("/api/job/{id}")).await;
+        (job["status"] != "running").then_some(job)
+    })
+    .await;
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert_eq!(job["attempts"], 1);
+    let output = &job["outputs"][0];
+    let bytes = reqwest::get(format!(
+        "{}/api/job/{id}/outputs/{}",
+        bin.url,
+        output["name"].as_str().unwrap()
+    ))
+    .await
+    .unwrap()
+    .bytes()
+    .await
+    .unwrap();
+    assert_eq!(bytes.len() as i64, output["size"].as_i64().unwrap());
+    assert!(bytes.starts_with(b"\x89PNG"));
+    bin.stop().await;
+}

@@ -103,7 +103,8 @@ pub struct RetentionConfig {
     pub progress_days: Option<u32>,
     /// How often the sweeper runs (and measures the data folder), seconds.
     pub sweep_interval_s: u64,
-    /// `GET /api/health` warns when the data folder's disk has less free.
+    /// `GET /api/health` warns when the data folder's disk has less free,
+    /// and a `disk_low` event (and alert) says so.
     pub low_space_bytes: u64,
 }
 

@@ -194,11 +194,21 @@ impl Ctx {
         )
     }
 
-    /// Reads the prompt's history and ends the job accordingly.
-    pub(super) async fn finish(self, held: Held) -> Report {
+    /// Reads the prompt's history and ends the job accordingly. `told`:
+    /// its job's log already says its outputs wait for disk space.
+    pub(super) async fn finish(self, held: Held, told: bool) -> Report {
         let pid = held.prompt_id.clone();
         match self.try_finish(&held).await {
             Ok(()) => Report::Done(pid),
+            Err(e) if e.is_disk_full() => {
+                if told {
+                    tracing::debug!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "the job's outputs still wait for disk space");
+                } else {
+                    tracing::warn!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "the data folder's disk is full: the job's outputs wait on its backend for space");
+                    self.say_outputs_wait(&held, &e).await;
+                }
+                Report::Deferred(pid, e)
+            }
             Err(e) => {
                 tracing::warn!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot finish the job now; will ask the backend again");
                 Report::Deferred(pid, e)
@@ -289,6 +299,32 @@ impl Ctx {
         Ok(())
     }
 
+    /// Says in the job's log, once, that its outputs wait for disk space
+    /// (with the database on the same full disk this too may fail: the
+    /// warning logged says so then).
+    async fn say_outputs_wait(&self, held: &Held, why: &DispatchError) {
+        let message = format!(
+            "the prompt finished on backend {}, but its outputs cannot be written: the data \
+             folder's disk is full ({why}); they stay on the backend and are collected once \
+             space is freed, no attempt spent",
+            self.backend_id
+        );
+        if let Err(e) = self
+            .shared
+            .store
+            .note_event(
+                &held.job_id,
+                "outputs_wait",
+                &self.backend_id,
+                message,
+                None,
+            )
+            .await
+        {
+            tracing::warn!(job_id = %held.job_id, backend_id = %self.backend_id, error = %e, "cannot say in the job's log that its outputs wait for space");
+        }
+    }
+
     /// The prompt finished but its outputs could not be had, try after try:
     /// the attempt fails.
     pub(super) async fn uncollectable(self, held: Held, why: DispatchError) -> Report {
@@ -337,7 +373,7 @@ impl Ctx {
                             break;
                         }
                         // It ended there (interrupted, or finished first): the usual end path decides.
-                        Ok(Some(_)) => return self.finish(held).await,
+                        Ok(Some(_)) => return self.finish(held, false).await,
                         Err(_) => {}
                     }
                 }

@@ -153,6 +153,7 @@ impl Worker {
                     limit: self.run_limit(lease.timeout_s),
                     sent: Instant::now(),
                     nodes: std::sync::Arc::new(node_types(&lease.graph)),
+                    waits_for_disk: false,
                 },
             );
             let (posted, heard) = tokio::sync::oneshot::channel();

@@ -82,11 +82,27 @@ pub enum DispatchError {
     /// Reading an input, or writing an output, in the data folder failed.
     #[error("{0}")]
     Files(String),
+    /// The data folder's disk is full (or its quota spent): neither the
+    /// box's fault nor the job's. What was to be written waits for space,
+    /// however long, and no attempt is spent on it.
+    #[error("{0}")]
+    DiskFull(String),
     /// A file the job names is not here and will not be (an input deleted,
     /// an output its parent did not make or retention deleted): no attempt
     /// anywhere can succeed.
     #[error("{0}")]
     Gone(String),
+}
+
+impl DispatchError {
+    /// Whether the orchestrator's own disk is full (an output's file, or
+    /// the database).
+    pub(super) fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            DispatchError::DiskFull(_) | DispatchError::Store(StoreError::Full)
+        )
+    }
 }
 
 /// Messages to a backend's worker.

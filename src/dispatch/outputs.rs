@@ -78,7 +78,11 @@ impl Drop for PartFile {
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> DispatchError {
-    DispatchError::Files(format!("{}: {e}", path.display()))
+    let said = format!("{}: {e}", path.display());
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => DispatchError::DiskFull(said),
+        _ => DispatchError::Files(said),
+    }
 }
 
 /// A name not yet taken by `records`: `NAME-2.EXT` and so on.

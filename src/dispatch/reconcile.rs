@@ -77,6 +77,7 @@ impl Worker {
             }
             let phase = known.unwrap_or_else(|| phase_from(&a));
             // Known already, or read once (a prompt that outlived a restart).
+            let waits_for_disk = self.tracked.get(&pid).is_some_and(|t| t.waits_for_disk);
             let nodes = match self.tracked.get(&pid) {
                 Some(t) => t.nodes.clone(),
                 None => std::sync::Arc::new(match self.shared.store.job(&a.job_id).await {
@@ -97,6 +98,7 @@ impl Worker {
                     limit: self.run_limit(a.timeout_s),
                     sent: Instant::now(),
                     nodes,
+                    waits_for_disk,
                 },
             );
             if a.stop_requested {
@@ -120,8 +122,11 @@ impl Worker {
                 Ok(Some(_)) => {
                     // A prompt we thought waiting or running ended, and the socket
                     // has been silent a while (not just a message on its way): deaf.
+                    // (One whose end was heard, and whose finish waits, is not news.)
+                    let deferred = waits_for_disk || self.finish_failures.contains_key(&pid);
                     unheard |= known
                         .is_some_and(|p| matches!(p, Phase::Queued | Phase::Running(_)))
+                        && !deferred
                         && self.link.last_heard.elapsed() >= self.deaf_after();
                     if self.signal(&pid, Signal::Ended).is_some() {
                         self.spawn_finish(&pid);

@@ -49,6 +49,9 @@ pub(super) struct Tracked {
     pub(super) sent: Instant,
     /// Its graph's node types: progress names the node by its type.
     pub(super) nodes: Arc<NodeTypes>,
+    /// It finished, and its outputs wait for space on the data folder's
+    /// disk (its job's log says so once).
+    pub(super) waits_for_disk: bool,
 }
 
 pub(super) struct Worker {
@@ -66,7 +69,7 @@ pub(super) struct Worker {
     /// Ask the backend again at this time (a submit in doubt).
     reconcile_at: Option<Instant>,
     /// Failed tries to collect each finished prompt.
-    finish_failures: HashMap<String, u32>,
+    pub(super) finish_failures: HashMap<String, u32>,
     pub(super) link: Link,
     /// A prompt given up on still runs there (a hung node): lease nothing.
     pub(super) stuck: bool,
@@ -428,7 +431,8 @@ impl Worker {
     /// Starts the finish of a prompt that ended.
     pub(super) fn spawn_finish(&mut self, pid: &str) {
         if let Some(t) = self.tracked.get(pid) {
-            self.helpers.spawn(self.ctx().finish(t.held.clone()));
+            let told = t.waits_for_disk;
+            self.helpers.spawn(self.ctx().finish(t.held.clone(), told));
         }
     }
 
@@ -491,6 +495,16 @@ impl Worker {
                 self.finish_failures.remove(&pid);
                 if let Some(t) = self.tracked.remove(&pid) {
                     self.progress.forget(&t.held.job_id);
+                }
+            }
+            Report::Deferred(pid, why) if why.is_disk_full() => {
+                // The orchestrator's disk, not the box nor the job: the
+                // prompt stays on the box (its history too) and is
+                // collected once space is freed, its tries not counted.
+                if self.signal(&pid, Signal::FinishDeferred).is_none() {
+                    self.reconcile_soon = true;
+                } else if let Some(t) = self.tracked.get_mut(&pid) {
+                    t.waits_for_disk = true;
                 }
             }
             Report::Deferred(pid, why) => {

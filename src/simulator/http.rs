@@ -355,6 +355,7 @@ async fn view(State(sim): State<S>, Query(q): Query<ViewQuery>) -> Response {
         return StatusCode::FORBIDDEN.into_response();
     }
     let file_type = q.file_type.unwrap_or_else(|| "output".into());
+    sim.lock().views += 1;
     if sim.config.view_fails {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }

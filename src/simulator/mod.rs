@@ -189,6 +189,8 @@ struct Inner {
     sockets: HashMap<String, Socket>,
     /// Sockets registered since it started.
     socket_opens: usize,
+    /// `/view` requests answered.
+    views: usize,
     posts: HashMap<String, usize>,
     posted_at: HashMap<String, Instant>,
     last_graph: Option<Value>,
@@ -342,6 +344,12 @@ impl SimHandle {
     /// reconnects registers again).
     pub fn socket_opens(&self) -> usize {
         self.sim.lock().socket_opens
+    }
+
+    /// How many `/view` requests it has had (a client that collects a
+    /// prompt's outputs again asks again).
+    pub fn views(&self) -> usize {
+        self.sim.lock().views
     }
 
     /// Prompt ids in the simulated history.

@@ -163,7 +163,7 @@ impl Store {
                         format!("backend {id}'s hours ({hours}) began: it takes jobs")
                     };
                     let data = json!({"hours": hours, "off_hours": off});
-                    backend_event(conn, &id, "backend_hours", message, data).await?;
+                    backend_event(conn, Some(&id), "backend_hours", message, data).await?;
                     Ok(Some(true))
                 })
             })
@@ -216,7 +216,7 @@ impl Store {
                         ),
                         None => return Ok(true),
                     };
-                    backend_event(conn, &id, "backend_hours", message, data).await?;
+                    backend_event(conn, Some(&id), "backend_hours", message, data).await?;
                     Ok(true)
                 })
             })
@@ -299,7 +299,7 @@ impl Store {
                         let kind = format!("backend_{}", state.as_str());
                         backend_event(
                             conn,
-                            &id,
+                            Some(&id),
                             &kind,
                             message,
                             json!({"state": state, "comfyui_version": version, "error": error}),

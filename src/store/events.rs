@@ -61,10 +61,11 @@ pub(super) fn push_event(b: &mut Batch<'_>, job_id: &str, ev: EventInput<'_>, no
     .bind(ev.data.map(|d| d.to_string()));
 }
 
-/// Appends a backend event (no job), inside the caller's transaction.
+/// Appends a backend event (no job), inside the caller's transaction; with
+/// no backend, an event of the farm's (its data folder's disk).
 pub(super) async fn backend_event(
     conn: &mut SqliteConnection,
-    backend_id: &str,
+    backend_id: Option<&str>,
     kind: &str,
     message: String,
     data: Value,
@@ -100,7 +101,22 @@ impl Store {
         );
         self.writer()
             .write(move |conn| {
-                Box::pin(async move { backend_event(conn, &id, &kind, message, data).await })
+                Box::pin(async move { backend_event(conn, Some(&id), &kind, message, data).await })
+            })
+            .await
+    }
+
+    /// Appends an event of the farm's own, of no job nor backend (the data
+    /// folder's disk running low, and space back).
+    pub async fn farm_event(
+        &self,
+        kind: &'static str,
+        message: String,
+        data: Value,
+    ) -> Result<(), StoreError> {
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move { backend_event(conn, None, kind, message, data).await })
             })
             .await
     }

@@ -232,13 +232,55 @@ pub async fn spawn_binary(config_path: &Path) -> Binary {
 
 /// The binary, with these environment variables set.
 pub async fn spawn_binary_with_env(config_path: &Path, env: &[(&str, &str)]) -> Binary {
-    let mut child = tokio::process::Command::new(binary_path())
+    let mut command = tokio::process::Command::new(binary_path());
+    command
         .envs(env.iter().copied())
         .arg("serve")
         .arg("--config")
         .arg(config_path)
         .arg("--port")
-        .arg("0")
+        .arg("0");
+    spawn_command(command).await
+}
+
+/// The binary's `serve --config CONFIG --port 0`, run by `sh` after
+/// `script` (which may mount a small disk of its own), in a user and mount
+/// namespace of its own: a disk mounted there is the binary's alone, and
+/// the test reaches it through the binary's `/proc/PID/root`. `None` after
+/// saying the test is skipped where the machine allows no such namespace
+/// (never on CI: `.ci/run` runs as root on Linux).
+pub async fn spawn_binary_after(config_path: &Path, script: &str) -> Option<Binary> {
+    let probe = tempfile::tempdir().unwrap();
+    let can = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=1m tmpfs '{}'",
+            probe.path().display()
+        ))
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must allow a mount namespace (unshare -rm)"
+        );
+        eprintln!("SKIPPED: this machine allows no mount namespace (unshare -rm)");
+        return None;
+    }
+    let mut command = tokio::process::Command::new("unshare");
+    command.arg("-rm").arg("sh").arg("-c").arg(format!(
+        "{script} && exec '{}' serve --config '{}' --port 0",
+        binary_path().display(),
+        config_path.display()
+    ));
+    Some(spawn_command(command).await)
+}
+
+/// Runs `command` (the binary, or a wrapper that `exec`s it) and waits for
+/// its "listening" line.
+async fn spawn_command(mut command: tokio::process::Command) -> Binary {
+    let mut child = command
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
