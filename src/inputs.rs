@@ -7,6 +7,9 @@
 //! a job names exactly the bytes it was checked with. A file is written to
 //! a temporary name, synced, and renamed: a crash leaves no half file under
 //! a real name. Its type is read from its bytes, never taken on trust.
+//!
+//! Over 600 lines only with its unit tests (they read the rules beside
+//! their code): the code is under 600, of one concern, the stored input files.
 
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,9 @@
 //! `status_str` says". Keeping them here, next to nothing else, makes them
 //! one place to check against a new ComfyUI version; dispatch only ever sees
 //! the typed values.
+//!
+//! Over 600 lines only with its unit tests (they read the rules beside
+//! their code): the code is under 600, of one concern, what ComfyUI's answers mean.
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
