@@ -59,8 +59,10 @@ pub struct WaitingFile {
     /// Its modification time, which the wait counts from.
     pub since: chrono::DateTime<chrono::Utc>,
     /// When it is rejected if no job has the key by then
-    /// (`inbox.key_wait_s` after `since`).
-    pub rejected_after: chrono::DateTime<chrono::Utc>,
+    /// (`inbox.key_wait_s` after `since`); `null` for a file held only
+    /// until the service can store it (the data folder's disk full): it
+    /// is never rejected for that.
+    pub rejected_after: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The files waiting now, by name: written by the inbox, read by the
@@ -427,7 +429,10 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
             },
         }
     };
-    inbox.waiting.clear(name);
+    let held = matches!(&outcome, Err(e) if e.status == 503);
+    if !held {
+        inbox.waiting.clear(name);
+    }
     match outcome {
         Ok(response) => {
             let stem = name.trim_end_matches(".json");
@@ -451,8 +456,19 @@ async fn take(inbox: &Inbox, dir: &Path, name: &str, seen: Seen) {
             }
         }
         Err(e) if e.status == 503 => {
-            // The database is full or closing: leave the file for a later scan.
-            tracing::warn!(file = %name, error = %e.body.error.message, "inbox file not submitted now; will try again");
+            // The disk full, the database closing: the file (and the
+            // pictures beside it) stay for a later scan; listed meanwhile.
+            let first = inbox.waiting.set(WaitingFile {
+                file: name.to_string(),
+                message: e.body.error.message.clone(),
+                since: chrono::DateTime::<chrono::Utc>::from(seen.modified),
+                rejected_after: None,
+            });
+            if first {
+                tracing::warn!(file = %name, error = %e.body.error.message, "inbox file not submitted now; will try again");
+            } else {
+                tracing::debug!(file = %name, error = %e.body.error.message, "inbox file still not submitted; will try again");
+            }
         }
         Err(e) => {
             let dest = free_name(&dir.join(REJECTED), name).await;
@@ -508,7 +524,7 @@ fn wait_for_key(waiting: &Waiting, name: &str, seen: Seen, wait: Duration, error
         file: name.to_string(),
         message: error.to_string(),
         since,
-        rejected_after,
+        rejected_after: Some(rejected_after),
     });
     if first {
         tracing::info!(file = %name, error = %error, %rejected_after, "inbox file waits for the job it starts from");

@@ -235,15 +235,36 @@ pub enum InputError {
         /// What the bytes are.
         found: String,
     },
-    /// Reading the upload, or writing the file, failed.
+    /// Reading the upload failed (it broke off), or reading a dropped file.
     #[error("{0}")]
     Io(String),
+    /// Writing the file here failed: this machine's fault, not the
+    /// client's. `full`: its disk is full (or the quota spent), to be
+    /// retried once space is freed.
+    #[error("{message}")]
+    Disk {
+        /// What failed, and why.
+        message: String,
+        /// The disk is full.
+        full: bool,
+    },
     /// The database refused the record.
     #[error("{0}")]
     Store(#[from] StoreError),
 }
 
 impl InputError {
+    /// A write of the file that failed with `e`.
+    fn disk(what: &str, e: std::io::Error) -> InputError {
+        let full = crate::retention::disk_full(&e);
+        let message = if full {
+            format!("{what}: the data folder's disk is full ({e}); nothing was stored. Free space and retry")
+        } else {
+            format!("{what}: {e}")
+        };
+        InputError::Disk { message, full }
+    }
+
     /// The HTTP status a front door answers with.
     pub fn status(&self) -> u16 {
         match self {
@@ -251,6 +272,8 @@ impl InputError {
             InputError::Unsupported => 415,
             InputError::Empty | InputError::Mismatch { .. } => 422,
             InputError::Io(_) => 400,
+            InputError::Disk { full: true, .. } => 503,
+            InputError::Disk { full: false, .. } => 500,
             InputError::Store(StoreError::Full | StoreError::Closed) => 503,
             InputError::Store(_) => 503,
         }
@@ -263,6 +286,8 @@ impl InputError {
             InputError::Unsupported => "unsupported_media_type",
             InputError::Empty | InputError::Mismatch { .. } => "validation_failed",
             InputError::Io(_) => "bad_request",
+            InputError::Disk { full: true, .. } => "storage_full",
+            InputError::Disk { full: false, .. } => "internal_error",
             InputError::Store(StoreError::Full) => "storage_full",
             InputError::Store(_) => "database_unavailable",
         }
@@ -336,7 +361,7 @@ impl Inputs {
         claimed: Option<&str>,
         filename: Option<String>,
     ) -> Result<Staged, InputError> {
-        let io = |e: std::io::Error| InputError::Io(format!("cannot write the file: {e}"));
+        let io = |e: std::io::Error| InputError::disk("cannot write the file", e);
         tokio::fs::create_dir_all(&self.dir).await.map_err(io)?;
         let tmp = self.dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
         let staged = async {
@@ -370,6 +395,10 @@ impl Inputs {
                     });
                 }
             }
+            // A tokio file writes in the background: a write that failed
+            // (the disk full) is told by `flush`, and only by it;
+            // `sync_all` alone would sync what was written and say nothing.
+            file.flush().await.map_err(io)?;
             file.sync_all().await.map_err(io)?;
             Ok(Staged {
                 hex: format!("{:x}", hasher.finalize()),
@@ -389,7 +418,7 @@ impl Inputs {
     /// Gives a staged file its real name and records it; `true` when it
     /// was not stored before.
     pub async fn commit(&self, staged: Staged) -> Result<(InputRecord, bool), InputError> {
-        let io = |e: std::io::Error| InputError::Io(format!("cannot store the file: {e}"));
+        let io = |e: std::io::Error| InputError::disk("cannot store the file", e);
         // A deletion of the same bytes under way ends first: its file
         // removal cannot follow this rename.
         let _named = self.store.name_inputs(&[staged.id()]).await;

@@ -160,6 +160,15 @@ fn folder_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// Whether a write failed because the disk is full (or the user's quota
+/// spent): a condition that passes once space is freed, not a fault of
+/// whoever asked for the write.
+pub fn disk_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
+}
+
 /// Free bytes on the disk that holds `dir`.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;

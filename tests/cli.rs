@@ -725,3 +725,40 @@ async fn the_backends_command_says_how_a_shared_farm_stands() {
         "{out}"
     );
 }
+
+/// Outputs fetched onto a disk that fills are an error, not a short file
+/// kept under the output's name with the command saying all went well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_fetched_onto_a_full_disk_fail_the_command() {
+    if !private_disks_or_skip() {
+        return;
+    }
+    let sim = start_sim(0).await;
+    let app = spawn_farm_online(vec![backend("box1", sim.port, &[], 1)]).await;
+    // A picture small enough to come in one piece: a short write is then
+    // told only by a flush.
+    let id = app
+        .submit_blur(json!({"parameters": {"width": 16, "height": 16}}))
+        .await;
+    app.wait_status(&id, "completed").await;
+    let to = tempfile::tempdir().unwrap();
+    // The folder is a disk of its own, of 64 KiB, filled before the command runs.
+    let out = tokio::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=64k tmpfs '{to}' && head -c 1048576 /dev/zero > '{to}/filler'; \
+             exec '{bin}' outputs {id} --to '{to}' --url {url}",
+            to = to.path().display(),
+            bin = binary_path().display(),
+            url = app.url
+        ))
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("No space left on device") || err.contains("storage full"),
+        "{err}"
+    );
+}

@@ -940,3 +940,111 @@ async fn a_job_names_the_one_it_starts_from_by_its_idempotency_key() {
     let (_, jobs) = app.get("/api/jobs").await;
     assert_eq!(jobs["jobs"].as_array().unwrap().len(), 3);
 }
+
+/// A picture that meets a full disk is refused for now, never as the
+/// client's fault: an upload is a `503 storage_full` (a script sends it
+/// again), and a manifest dropped in the inbox with its picture stays
+/// there, listed by `GET /api/health`, and is taken once space is freed
+/// (it was moved to `rejected/`: the shot lost from the night).
+#[tokio::test]
+async fn a_picture_that_meets_a_full_disk_is_refused_for_now_and_an_inbox_drop_waits_for_space() {
+    let sim = start_sim(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("data").join("inputs");
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir_all(&inputs).unwrap();
+    std::fs::create_dir_all(&inbox).unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "inbox_dir: {}\ninbox: {{settle_ms: 50, rescan_interval_ms: 100}}\n\
+             backends:\n  - {{id: a, host: 127.0.0.1, port: {}}}\n",
+            inbox.display(),
+            sim.port
+        ),
+    );
+    // The input files' folder is a disk of its own, of 1 MiB, filled.
+    let Some(bin) = spawn_binary_after(
+        &config,
+        &format!("mount -t tmpfs -o size=1m tmpfs '{}'", inputs.display()),
+    )
+    .await
+    else {
+        return;
+    };
+    let disk = std::path::Path::new(&format!("/proc/{}/root", bin.child.id().unwrap()))
+        .join(inputs.strip_prefix("/").unwrap());
+    let filler = disk.join("filler");
+    let wrote = std::fs::write(&filler, vec![0u8; 2 << 20]);
+    assert_eq!(
+        wrote.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOSPC)),
+        "{}",
+        filler.display()
+    );
+
+    let (bytes, _) = frame();
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/inputs", bin.url))
+        .header("content-type", "image/png")
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "storage_full", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the data folder's disk is full"),
+        "{body}"
+    );
+
+    std::fs::write(inbox.join("frame.png"), &bytes).unwrap();
+    std::fs::write(
+        inbox.join("shot.json"),
+        json!({"workflow_id": "image_invert", "parameters": {"image": "@frame.png"}}).to_string(),
+    )
+    .unwrap();
+    let held = poll("the drop listed as held", || async {
+        let health = bin.get("/api/health").await;
+        let waiting = health["inbox_waiting"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        waiting.into_iter().find(|w| w["file"] == "shot.json")
+    })
+    .await;
+    assert!(held["rejected_after"].is_null(), "{held}");
+    assert!(
+        held["message"].as_str().unwrap().contains("disk is full"),
+        "{held}"
+    );
+    assert!(inbox.join("shot.json").exists() && inbox.join("frame.png").exists());
+
+    std::fs::remove_file(&filler).unwrap();
+    let accepted = inbox.join("accepted");
+    let names = poll("the manifest and its picture accepted", || async {
+        let names: Vec<String> = std::fs::read_dir(&accepted)
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        (names.len() == 2).then_some(names)
+    })
+    .await;
+    let manifest = names.iter().find(|n| n.ends_with(".json")).unwrap();
+    let job_id = manifest
+        .trim_start_matches("shot.")
+        .trim_end_matches(".json");
+    poll("the shot completed", || async {
+        let job = bin.get(&format!("/api/job/{job_id}")).await;
+        (job["status"] == "completed").then_some(())
+    })
+    .await;
+    let health = bin.get("/api/health").await;
+    assert!(health.get("inbox_waiting").is_none(), "{health}");
+    bin.stop().await;
+}

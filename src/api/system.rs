@@ -47,7 +47,9 @@ pub struct Health {
     pub warnings: Vec<String>,
     /// Inbox files left there until the job they start from (named by its
     /// idempotency key, `job:key:`) is submitted; each is rejected with its
-    /// `message` at `rejected_after` if none comes.
+    /// `message` at `rejected_after` if none comes. Also files the service
+    /// cannot store now (its disk full: `rejected_after` null), taken once
+    /// it can.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub inbox_waiting: Vec<crate::inbox::WaitingFile>,
 }

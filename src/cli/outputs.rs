@@ -162,6 +162,8 @@ async fn fetch_one(
             hasher.update(&piece);
             file.write_all(&piece).await?;
         }
+        // A failed background write (the disk full) is told by `flush` alone.
+        file.flush().await?;
         file.sync_all().await?;
         let got = format!("{:x}", hasher.finalize());
         if !want.is_empty() && got != want {

@@ -351,7 +351,9 @@ async function notices(now) {
   if (h.database && h.database !== "ok") items.push(`The database cannot be used: ${esc(h.database)}`);
   for (const w of h.warnings || []) items.push(esc(w));
   for (const f of h.inbox_waiting || []) {
-    items.push(`Inbox: <span class="mono">${esc(f.file)}</span> waits for the job it starts from: ${esc(f.message)}. It is rejected after ${time(f.rejected_after)} if none comes.`);
+    items.push(f.rejected_after
+      ? `Inbox: <span class="mono">${esc(f.file)}</span> waits for the job it starts from: ${esc(f.message)}. It is rejected after ${time(f.rejected_after)} if none comes.`
+      : `Inbox: <span class="mono">${esc(f.file)}</span> cannot be taken now: ${esc(f.message)}. It is taken once it can be.`);
   }
   document.getElementById("notices").innerHTML = items.map(i => `<div class="notice">${i}</div>`).join("");
 }

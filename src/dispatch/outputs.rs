@@ -79,9 +79,10 @@ impl Drop for PartFile {
 
 fn io_error(path: &Path, e: std::io::Error) -> DispatchError {
     let said = format!("{}: {e}", path.display());
-    match e.raw_os_error() {
-        Some(libc::ENOSPC | libc::EDQUOT) => DispatchError::DiskFull(said),
-        _ => DispatchError::Files(said),
+    if crate::retention::disk_full(&e) {
+        DispatchError::DiskFull(said)
+    } else {
+        DispatchError::Files(said)
     }
 }
 

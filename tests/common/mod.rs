@@ -250,6 +250,22 @@ pub async fn spawn_binary_with_env(config_path: &Path, env: &[(&str, &str)]) -> 
 /// saying the test is skipped where the machine allows no such namespace
 /// (never on CI: `.ci/run` runs as root on Linux).
 pub async fn spawn_binary_after(config_path: &Path, script: &str) -> Option<Binary> {
+    if !private_disks_or_skip() {
+        return None;
+    }
+    let mut command = tokio::process::Command::new("unshare");
+    command.arg("-rm").arg("sh").arg("-c").arg(format!(
+        "{script} && exec '{}' serve --config '{}' --port 0",
+        binary_path().display(),
+        config_path.display()
+    ));
+    Some(spawn_command(command).await)
+}
+
+/// Whether this machine lets a test give a process a small disk of its own
+/// (a user and mount namespace, `unshare -rm`, and a tmpfs in it); `false`
+/// after saying the test is skipped (never on CI).
+pub fn private_disks_or_skip() -> bool {
     let probe = tempfile::tempdir().unwrap();
     let can = std::process::Command::new("unshare")
         .args(["-rm", "sh", "-c"])
@@ -266,15 +282,8 @@ pub async fn spawn_binary_after(config_path: &Path, script: &str) -> Option<Bina
             "CI must allow a mount namespace (unshare -rm)"
         );
         eprintln!("SKIPPED: this machine allows no mount namespace (unshare -rm)");
-        return None;
     }
-    let mut command = tokio::process::Command::new("unshare");
-    command.arg("-rm").arg("sh").arg("-c").arg(format!(
-        "{script} && exec '{}' serve --config '{}' --port 0",
-        binary_path().display(),
-        config_path.display()
-    ));
-    Some(spawn_command(command).await)
+    can
 }
 
 /// Runs `command` (the binary, or a wrapper that `exec`s it) and waits for
