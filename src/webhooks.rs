@@ -178,9 +178,7 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 
 async fn deliver(store: &Store, config: &Config, http: &reqwest::Client, hook: Webhook) {
     let Some(body) = payload(store, config, &hook.job_id).await else {
-        let _ = store
-            .webhook_tried(hook.id, false, Some("job not found".into()), None)
-            .await;
+        record(store, &hook, false, Some("job not found".into()), None).await;
         return;
     };
     let req = http
@@ -191,19 +189,35 @@ async fn deliver(store: &Store, config: &Config, http: &reqwest::Client, hook: W
     match error {
         None => {
             tracing::info!(job_id = %hook.job_id, url = %hook.url, tries, "webhook delivered");
-            let _ = store.webhook_tried(hook.id, true, None, None).await;
+            record(store, &hook, true, None, None).await;
         }
         Some(e) if tries >= config.webhooks.max_attempts as i64 => {
             tracing::warn!(job_id = %hook.job_id, url = %hook.url, tries, error = %e, "webhook given up");
-            let _ = store.webhook_tried(hook.id, false, Some(e), None).await;
+            record(store, &hook, false, Some(e), None).await;
         }
         Some(e) => {
             let next = chrono::Utc::now() + retry_delay(config, tries);
             tracing::info!(job_id = %hook.job_id, url = %hook.url, tries, error = %e, retry_at = %next, "webhook will be retried");
-            let _ = store
-                .webhook_tried(hook.id, false, Some(e), Some(next))
-                .await;
+            record(store, &hook, false, Some(e), Some(next)).await;
         }
+    }
+}
+
+/// Records a try. One that cannot be recorded (the disk full, the service
+/// stopping) is made again later: a receiver may then get the callback
+/// twice, which its job id lets it tell.
+async fn record(
+    store: &Store,
+    hook: &Webhook,
+    delivered: bool,
+    error: Option<String>,
+    retry_at: Option<chrono::DateTime<chrono::Utc>>,
+) {
+    if let Err(e) = store
+        .webhook_tried(hook.id, delivered, error, retry_at)
+        .await
+    {
+        tracing::warn!(job_id = %hook.job_id, url = %hook.url, error = %e, "cannot record the webhook's try; it is made again later");
     }
 }
 
