@@ -91,20 +91,26 @@ async fn a_cached_run_still_reports_its_outputs() {
     assert_eq!(job["outputs"].as_array().unwrap().len(), 1, "{job:#}");
 }
 
-#[tokio::test]
-async fn a_rejected_workflow_fails_with_comfyuis_node_errors_and_is_not_retried_there() {
+/// One box, `node1`, whose model `checkpoint` is deleted after its
+/// inventory was read: the submit check passes, and ComfyUI refuses the
+/// graph.
+async fn a_box_that_lost_its_model(checkpoint: &str) -> (SimHandle, TestApp) {
     let sim = start_sim_with(orchestrator::simulator::SimConfig {
         job_ms: 0,
-        checkpoints: vec!["missing.safetensors".into()],
+        checkpoints: vec![checkpoint.into()],
         ..Default::default()
     })
     .await;
     let app = spawn_farm(vec![backend("node1", sim.port, &[], 2)]).await;
     app.wait_backend("node1", "online").await;
     app.wait_inventory("node1").await;
-    // The model is deleted from the box after its inventory was read: the
-    // submit check passes, and ComfyUI refuses the graph.
     sim.set_checkpoints(&[]);
+    (sim, app)
+}
+
+#[tokio::test]
+async fn a_rejected_workflow_fails_with_comfyuis_node_errors_and_is_not_retried_there() {
+    let (sim, app) = a_box_that_lost_its_model("missing.safetensors").await;
     let id = submit(&app, json!({"workflow_id": "txt2img_sdxl", "parameters": {"prompt": "a cat", "checkpoint": "missing.safetensors"}})).await;
     let job = app.wait_status(&id, "failed").await;
     let message = job["error"]["message"].as_str().unwrap();
@@ -128,16 +134,7 @@ async fn a_rejected_workflow_fails_with_comfyuis_node_errors_and_is_not_retried_
 
 #[tokio::test]
 async fn a_shot_refused_for_want_of_a_model_runs_when_retried_once_the_model_is_installed() {
-    let sim = start_sim_with(orchestrator::simulator::SimConfig {
-        job_ms: 0,
-        checkpoints: vec!["sdxl.safetensors".into()],
-        ..Default::default()
-    })
-    .await;
-    let app = spawn_farm(vec![backend("node1", sim.port, &[], 2)]).await;
-    app.wait_backend("node1", "online").await;
-    app.wait_inventory("node1").await;
-    sim.set_checkpoints(&[]);
+    let (sim, app) = a_box_that_lost_its_model("sdxl.safetensors").await;
     let shot = json!({"workflow_id": "txt2img_sdxl", "parameters": {"prompt": "a cat", "checkpoint": "sdxl.safetensors"}});
     let id = submit(&app, shot).await;
     let job = app.wait_status(&id, "failed").await;

@@ -765,8 +765,7 @@ async fn a_data_disk_running_low_is_told_and_so_is_space_freed() {
     else {
         return;
     };
-    let disk = std::path::Path::new(&format!("/proc/{}/root", bin.child.id().unwrap()))
-        .join(data.strip_prefix("/").unwrap());
+    let disk = bin.sees(&data);
     let kinds = || {
         got.lock()
             .unwrap()

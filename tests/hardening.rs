@@ -612,19 +612,7 @@ async fn outputs_that_meet_a_full_disk_wait_on_their_box_and_arrive_once_space_i
     else {
         return;
     };
-    let disk = std::path::Path::new(&format!("/proc/{}/root", bin.child.id().unwrap()))
-        .join(outputs.strip_prefix("/").unwrap());
-    let filler = disk.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let full = (0..64).find_map(|_| f.write_all(&[0u8; 64 * 1024]).err());
-        assert_eq!(
-            full.map(|e| e.raw_os_error()),
-            Some(Some(libc::ENOSPC)),
-            "the binary's outputs folder is a disk of 1 MiB that fills"
-        );
-    }
+    let filler = fill_disk(&bin.sees(&outputs));
     let id = bin
         .submit(&json!({"workflow": blur_graph("blur", "night/shot")}))
         .await;

@@ -7,6 +7,20 @@ use common::*;
 use orchestrator::simulator::{png, SimConfig};
 use serde_json::{json, Value};
 
+/// The names in the inbox's `accepted` folder once a manifest and its
+/// picture are there.
+async fn accepted_pair(accepted: &std::path::Path) -> Vec<String> {
+    poll("the manifest and its picture accepted", || async {
+        let names: Vec<String> = std::fs::read_dir(accepted)
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        (names.len() == 2).then_some(names)
+    })
+    .await
+}
+
 /// A small picture with distinct pixels.
 fn frame() -> (Vec<u8>, Vec<u8>) {
     let rgb: Vec<u8> = (0..16 * 8 * 3).map(|i| (i * 7 % 256) as u8).collect();
@@ -372,15 +386,7 @@ async fn a_manifest_dropped_in_the_inbox_takes_the_picture_beside_it() {
     )
     .unwrap();
     let accepted = inbox.join("accepted");
-    let names = poll("the manifest and its picture accepted", || async {
-        let names: Vec<String> = std::fs::read_dir(&accepted)
-            .ok()?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        (names.len() == 2).then_some(names)
-    })
-    .await;
+    let names = accepted_pair(&accepted).await;
     assert!(names.iter().any(|n| n.ends_with(".frame.png")), "{names:?}");
     assert!(!inbox.join("frame.png").exists());
     let manifest = names.iter().find(|n| n.ends_with(".json")).unwrap();
@@ -972,16 +978,7 @@ async fn a_picture_that_meets_a_full_disk_is_refused_for_now_and_an_inbox_drop_w
     else {
         return;
     };
-    let disk = std::path::Path::new(&format!("/proc/{}/root", bin.child.id().unwrap()))
-        .join(inputs.strip_prefix("/").unwrap());
-    let filler = disk.join("filler");
-    let wrote = std::fs::write(&filler, vec![0u8; 2 << 20]);
-    assert_eq!(
-        wrote.map_err(|e| e.raw_os_error()),
-        Err(Some(libc::ENOSPC)),
-        "{}",
-        filler.display()
-    );
+    let filler = fill_disk(&bin.sees(&inputs));
 
     let (bytes, _) = frame();
     let r = reqwest::Client::new()
@@ -1026,15 +1023,7 @@ async fn a_picture_that_meets_a_full_disk_is_refused_for_now_and_an_inbox_drop_w
 
     std::fs::remove_file(&filler).unwrap();
     let accepted = inbox.join("accepted");
-    let names = poll("the manifest and its picture accepted", || async {
-        let names: Vec<String> = std::fs::read_dir(&accepted)
-            .ok()?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        (names.len() == 2).then_some(names)
-    })
-    .await;
+    let names = accepted_pair(&accepted).await;
     let manifest = names.iter().find(|n| n.ends_with(".json")).unwrap();
     let job_id = manifest
         .trim_start_matches("shot.")

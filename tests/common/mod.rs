@@ -262,6 +262,22 @@ pub async fn spawn_binary_after(config_path: &Path, script: &str) -> Option<Bina
     Some(spawn_command(command).await)
 }
 
+/// Fills the disk that holds folder `dir` with a file, `filler` in it,
+/// until the disk says it is full; the file's path.
+pub fn fill_disk(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let full = (0..1024).find_map(|_| f.write_all(&[0u8; 64 * 1024]).err());
+    assert_eq!(
+        full.map(|e| e.raw_os_error()),
+        Some(Some(libc::ENOSPC)),
+        "{} is a small disk that fills",
+        dir.display()
+    );
+    filler
+}
+
 /// Whether this machine lets a test give a process a small disk of its own
 /// (a user and mount namespace, `unshare -rm`, and a tmpfs in it); `false`
 /// after saying the test is skipped (never on CI).
@@ -335,6 +351,13 @@ impl Binary {
             .json()
             .await
             .unwrap()
+    }
+
+    /// `path` as the binary sees it, in its own mount namespace (a disk
+    /// mounted there by [`spawn_binary_after`] is seen through this path).
+    pub fn sees(&self, path: &Path) -> PathBuf {
+        let root = PathBuf::from(format!("/proc/{}/root", self.child.id().expect("running")));
+        root.join(path.strip_prefix("/").expect("an absolute path"))
     }
 
     pub async fn kill9(mut self) {
