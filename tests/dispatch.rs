@@ -873,6 +873,49 @@ async fn a_job_that_ran_out_of_gpu_memory_waits_for_a_bigger_box_rather_than_fai
 }
 
 #[tokio::test]
+async fn a_shot_too_big_for_the_small_box_retried_by_hand_still_waits_for_the_big_one() {
+    // The big box was off when the shot ran out of memory on the small one,
+    // so it failed; retried in the morning, it must not spend its one
+    // attempt on the small box again (a retry forgets other bars, not
+    // this one: a box's memory is not mended).
+    let small = start_sim_with(SimConfig {
+        job_ms: 100,
+        vram_bytes: 8 << 30,
+        oom_above_pixels: 1_000_000,
+        ..Default::default()
+    })
+    .await;
+    let big = start_sim(1_500).await;
+    let app = spawn_farm_online(vec![
+        backend("small", small.port, &[], 1),
+        backend("big", big.port, &["big"], 1),
+    ])
+    .await;
+    app.post_json("/api/backends/big/disable", &json!({})).await;
+    let large = submit(
+        &app,
+        blur(json!({"parameters": {"width": 2048, "height": 1024}, "max_attempts": 1})),
+    )
+    .await;
+    let failed = app.wait_status(&large, "failed").await;
+    assert_eq!(leased_on(&failed), ["small"], "{failed}");
+    app.post_json("/api/backends/big/enable", &json!({})).await;
+    let busy = submit(&app, blur(json!({"requires": ["big"]}))).await;
+    app.wait_status(&busy, "running").await;
+    let (status, body) = app
+        .post_json(&format!("/api/job/{large}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let done = app
+        .wait_job(&large, "a final state", |j| {
+            j["status"] == "completed" || j["status"] == "failed"
+        })
+        .await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    assert_eq!(leased_on(&done), ["small", "big"], "{done}");
+}
+
+#[tokio::test]
 async fn a_quarantine_outlives_a_restart_of_the_orchestrator() {
     let (_sick, _good, app, _) = sick_beside_good(900).await;
     let (_, before) = app.get("/api/backends/sick").await;

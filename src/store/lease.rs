@@ -62,10 +62,12 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
     // The most GPU memory a backend had where the job ran out of it: a
     // backend with no more leaves it to a bigger one while one is online
     // (one outside its hours too: the job waits for the night's big
-    // workstation rather than fail on the small box again).
+    // workstation rather than fail on the small box again). Kept across a
+    // user's retry, unlike the rules above: a box's memory is not mended,
+    // and the retry's one attempt would be spent on the small box again.
     let ran_out = format!(
         "(SELECT max(ob.vram_total) FROM leases l JOIN backends ob ON ob.id = l.backend_id \
-         WHERE l.job_id = {job}.id AND l.outcome = 'failed' AND {since} AND {})",
+         WHERE l.job_id = {job}.id AND l.outcome = 'failed' AND {})",
         super::backend_records::out_of_memory_sql("l.error")
     );
     let bigger_online = format!(

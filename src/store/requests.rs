@@ -280,7 +280,8 @@ impl Store {
     /// Queues a failed or cancelled job again, as a new attempt, and
     /// afresh: what its earlier attempts decided (a backend that refused
     /// it, failed it twice, died under it) no longer keeps it from any
-    /// backend, and its lost runs count from none again. A user retries
+    /// backend, and its lost runs count from none again (where it ran out
+    /// of GPU memory still counts: a box's memory is not mended). A user retries
     /// once the cause is mended; were the bars kept, a job every backend
     /// had refused would wait for ever.
     pub async fn retry(&self, job_id: &str) -> Result<(), StoreError> {
