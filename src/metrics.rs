@@ -160,6 +160,12 @@ pub fn quarantined(id: &str, yes: bool) {
     });
 }
 
+/// Free space on the data folder's disk (read every few seconds): a studio's
+/// monitoring alerts on it before the farm stops for want of it.
+pub fn data_disk_free(bytes: u64) {
+    metrics::gauge!("orchestrator_data_disk_free_bytes").set(bytes as f64);
+}
+
 /// A backend's health and VRAM, as its last poll found them.
 pub fn backend(id: &str, up: bool, vram_total: Option<i64>, vram_free: Option<i64>) {
     metrics::gauge!("orchestrator_backend_up", "backend" => id.to_string()).set(if up {

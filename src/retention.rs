@@ -228,6 +228,7 @@ struct LowSpace {
 impl LowSpace {
     async fn note(&mut self, store: &Store, limit: u64, free: Option<u64>) {
         let Some(free) = free else { return };
+        crate::metrics::data_disk_free(free);
         let low = match self.said {
             Some(true) => free < limit + limit / 10,
             _ => free < limit,
