@@ -228,8 +228,9 @@ pub(super) async fn why_waiting_in(
 }
 
 impl super::Store {
-    /// [`why_waiting_in`] on its own read, for a caller that needs the
-    /// sentence alone (a batch's count), not the job's whole page.
+    /// Why a queued job waits (its page's `waiting_for`), on a read of its
+    /// own, for a caller that needs the sentence alone (a batch's count),
+    /// not the job's whole page.
     pub async fn why_waiting(
         &self,
         job_id: &str,
