@@ -27,8 +27,9 @@ use crate::store::{EventFilter, JobEvent, Store};
 /// One alert.
 #[derive(Debug, Clone, PartialEq)]
 struct Alert {
-    /// `batch_paused`, `backend_quarantined`, `backend_incompatible`,
-    /// `backend_offline`, `backend_back`, `disk_low`, `disk_ok`.
+    /// `batch_paused`, `batch_broken`, `backend_quarantined`,
+    /// `backend_incompatible`, `backend_offline`, `backend_back`,
+    /// `disk_low`, `disk_ok`.
     kind: &'static str,
     /// A sentence for people, shown as it is by a chat's incoming webhook.
     text: String,
@@ -50,7 +51,8 @@ struct Watch {
     pending: HashMap<String, JobEvent>,
     /// Told offline: since when.
     down: HashMap<String, DateTime<Utc>>,
-    /// Batch pauses told (a pause writes one event per job, all alike).
+    /// Batch pauses told (a pause writes one event per job, all alike),
+    /// and broken batches told (by cause).
     told: HashSet<(String, String)>,
 }
 
@@ -99,6 +101,27 @@ impl Watch {
             }
             // "backend B takes no jobs until T: why".
             "backend_quarantined" => Some(alert("backend_quarantined", message)),
+            // A batch broken with nothing queued to pause: told once a
+            // batch and cause (it trips again every few jobs that fail).
+            "batch_broken" => {
+                let data = ev.data.as_ref()?;
+                let batch = data["batch"].as_str()?.to_string();
+                let cause = data["cause"].as_str().unwrap_or_default().to_string();
+                if self.told.len() > 10_000 {
+                    self.told.clear();
+                }
+                if !self
+                    .told
+                    .insert((batch.clone(), format!("broken: {cause}")))
+                {
+                    return None;
+                }
+                Some(Alert {
+                    batch: Some(batch),
+                    backend_id: None,
+                    ..alert("batch_broken", message)
+                })
+            }
             // The data folder's disk, under `retention.low_space_bytes` and back.
             "disk_low" => Some(alert("disk_low", message)),
             "disk_ok" => Some(alert("disk_ok", message)),

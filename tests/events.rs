@@ -813,3 +813,78 @@ async fn a_data_disk_running_low_is_told_and_so_is_space_freed() {
     );
     bin.stop().await;
 }
+
+/// A batch fed one shot at a time (a tool that submits each shot as it is
+/// ready) has nothing queued when it breaks, so nothing is paused: its
+/// breaking is told anyway, once a batch and cause, though the farm trips
+/// again every few of its shots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_breaks_with_nothing_queued_to_pause_is_told_once() {
+    let sim = start_sim(0).await;
+    let (hook, got, _) = receiver(0).await;
+    let (mut config, dir) = farm_config(vec![backend("n1", sim.port, &[], 1)]);
+    config.webhooks.secret = Some("s3cret".into());
+    config.alerts.url = Some(hook);
+    config.dispatch.pause_batch_after = 3;
+    let mut app = spawn_with(config).await;
+    app.set_dir(dir);
+    app.wait_backend("n1", "online").await;
+    let one_at_a_time = |batch: &'static str, count: usize| {
+        let app = &app;
+        async move {
+            for n in 0..count {
+                let (status, body) = app
+                    .post_json(
+                        "/api/job",
+                        &json!({"workflow": failing_graph(), "max_attempts": 1, "metadata": {"batch": batch, "n": n}}),
+                    )
+                    .await;
+                assert_eq!(status, 201, "{body}");
+                app.wait_status(body["job_id"].as_str().unwrap(), "failed")
+                    .await;
+            }
+        }
+    };
+    // Six shots: the farm trips twice.
+    one_at_a_time("night1", 6).await;
+    let told = |batch: &'static str| {
+        let got = got.clone();
+        move || {
+            let got = got.clone();
+            async move {
+                let of: Vec<Value> = got
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(v, _)| v.clone())
+                    .filter(|v| v["kind"] == "batch_broken" && v["batch"] == batch)
+                    .collect();
+                (!of.is_empty()).then_some(of)
+            }
+        }
+    };
+    let night1 = poll("night1's alert", told("night1")).await;
+    let text = night1[0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("batch night1: 3 of its jobs in a row failed with the same cause")
+            && text.contains("none of its jobs was queued to pause"),
+        "{text}"
+    );
+    // Another batch breaks after: once its alert is told, every event
+    // before it was weighed, night1's second trip among them.
+    one_at_a_time("night2", 3).await;
+    poll("night2's alert", told("night2")).await;
+    let log = app
+        .store
+        .events_after(0, &orchestrator::store::EventFilter::default(), 10_000)
+        .await
+        .unwrap();
+    let trips = log
+        .iter()
+        .filter(|e| {
+            e.kind == "batch_broken" && e.data.as_ref().is_some_and(|d| d["batch"] == "night1")
+        })
+        .count();
+    assert_eq!(trips, 2, "night1 broke twice");
+    assert_eq!(told("night1")().await.unwrap().len(), 1, "told once");
+}

@@ -210,7 +210,11 @@ impl BadBatches {
         Ok(())
     }
 
-    /// Pauses a broken batch's jobs that have not started; how many.
+    /// Pauses a broken batch's jobs that have not started; how many. With
+    /// none to pause (a tool that submits its shots one at a time, each run
+    /// before the next comes), it says so in the log of events instead
+    /// (`batch_broken`, which the alerts tell): nobody else would hear of
+    /// it before the morning, and the batch's next shots fail alike.
     pub(super) async fn pause(&self, store: &Store, broken: &Broken) -> Result<usize, StoreError> {
         let (field, batch) = (&self.field, &broken.batch);
         let what = format!(
@@ -234,6 +238,21 @@ impl BadBatches {
                 why,
                 banner,
             });
+        } else {
+            let message = format!(
+                "{field} {batch}: {what}; none of its jobs was queued to pause: each of its \
+                 next jobs runs, and fails alike until the cause is mended"
+            );
+            let data = serde_json::json!({
+                "batch": batch,
+                "cause": broken.cause,
+                "jobs": broken.jobs,
+                "backends": broken.backends,
+                "by": "farm",
+            });
+            if let Err(e) = store.farm_event("batch_broken", message, data).await {
+                tracing::warn!(batch = %batch, error = %e, "cannot record that the batch is broken");
+            }
         }
         Ok(n)
     }
