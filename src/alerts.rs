@@ -302,6 +302,10 @@ async fn save(store: &Store, cursor: i64, saved: &mut Option<i64>) {
     }
 }
 
+/// How long a stop lets an alert's POST in flight finish (the whole stop
+/// is bounded by `shutdown_timeout_s` in any case).
+const IN_FLIGHT_AT_STOP: Duration = Duration::from_secs(2);
+
 /// Delivers alerts.
 struct Teller {
     http: reqwest::Client,
@@ -325,9 +329,19 @@ impl Teller {
         let max = self.config.webhooks.max_attempts.max(1);
         for tries in 1..=max {
             let req = self.http.post(&self.url);
+            let sent = crate::webhooks::post(&self.config, req, &body);
+            let mut sent = std::pin::pin!(sent);
             let error = tokio::select! {
-                sent = crate::webhooks::post(&self.config, req, &body) => sent.err(),
-                _ = stop.cancelled() => return false,
+                sent = &mut sent => sent.err(),
+                _ = stop.cancelled() => {
+                    // A POST in flight when the service stops is let finish
+                    // a moment: its receiver may have it already, and an
+                    // alert given up here is told again after the restart.
+                    match tokio::time::timeout(IN_FLIGHT_AT_STOP, &mut sent).await {
+                        Ok(sent) => sent.err(),
+                        Err(_) => return false,
+                    }
+                }
             };
             let Some(error) = error else {
                 tracing::info!(kind = alert.kind, backend_id = ?alert.backend_id, "alert told: {}", alert.text);

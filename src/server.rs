@@ -34,9 +34,35 @@ pub struct DataLock {
     _file: File,
 }
 
+/// How long start-up asks again for a data folder's lock that is held.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
 impl DataLock {
-    /// Takes the lock of `data_dir`, creating the folder if needed.
-    pub fn acquire(data_dir: &Path) -> anyhow::Result<DataLock> {
+    /// Takes the lock of `data_dir`, creating the folder if needed. A lock
+    /// held is asked again for a moment before start-up fails: an instance
+    /// that is stopping (a service manager's restart) holds it until its
+    /// last instant, and a process forked meanwhile (a thumbnailer, a
+    /// test's child) holds its copy until it execs.
+    pub async fn acquire(data_dir: &Path) -> anyhow::Result<DataLock> {
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match Self::try_acquire(data_dir)? {
+                Some(lock) => return Ok(lock),
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => anyhow::bail!(
+                    "another orchestrator is already running on data folder {} (its lock file {} \
+                     is held); stop it first or give this one another --data-dir",
+                    data_dir.display(),
+                    data_dir.join("orchestrator.lock").display()
+                ),
+            }
+        }
+    }
+
+    /// The lock, or `None` while another holds it.
+    fn try_acquire(data_dir: &Path) -> anyhow::Result<Option<DataLock>> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data folder {}", data_dir.display()))?;
         let path = data_dir.join("orchestrator.lock");
@@ -47,13 +73,8 @@ impl DataLock {
             .open(&path)
             .with_context(|| format!("cannot open lock file {}", path.display()))?;
         match file.try_lock() {
-            Ok(()) => Ok(DataLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-                "another orchestrator is already running on data folder {} (its lock file {} is held); \
-                 stop it first or give this one another --data-dir",
-                data_dir.display(),
-                path.display()
-            ),
+            Ok(()) => Ok(Some(DataLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(e).with_context(|| format!("cannot lock {}", path.display()))
             }
@@ -77,7 +98,7 @@ impl Service {
     /// Locks the data folder, opens and migrates the database, loads the
     /// templates, mirrors the configured backends and starts the farm.
     pub async fn start(config: Config) -> anyhow::Result<Service> {
-        let lock = DataLock::acquire(&config.data_dir)?;
+        let lock = DataLock::acquire(&config.data_dir).await?;
         let loopback = matches!(config.host.as_str(), "127.0.0.1" | "localhost" | "::1");
         if !loopback && config.auth.token.is_none() {
             tracing::warn!(host = %config.host, "listening beyond loopback with no auth.token: anyone on the network can submit and cancel jobs");

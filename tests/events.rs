@@ -888,3 +888,77 @@ async fn a_batch_that_breaks_with_nothing_queued_to_pause_is_told_once() {
     assert_eq!(trips, 2, "night1 broke twice");
     assert_eq!(told("night1")().await.unwrap().len(), 1, "told once");
 }
+
+/// An alert receiver on loopback that answers `200` a while after it has
+/// the body (a slow chat server).
+async fn slow_receiver(answer_after: Duration) -> (String, Arc<Mutex<Vec<Value>>>) {
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let g = g.clone();
+            async move {
+                g.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                tokio::time::sleep(answer_after).await;
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+/// A stop that comes while an alert's POST is in flight lets it finish:
+/// the receiver has it, and it is not told again after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_in_flight_at_a_stop_is_not_told_again_after_the_restart() {
+    let sim = start_sim(0).await;
+    let (hook, got) = slow_receiver(Duration::from_millis(500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "monitor: {{poll_interval_ms: 50}}\nalerts: {{url: '{hook}'}}\n\
+             dispatch: {{pause_batch_after: 2}}\n\
+             backends:\n  - {{id: n1, host: 127.0.0.1, port: {}}}\n",
+            sim.port
+        ),
+    );
+    let told = |batch: &'static str| {
+        let got = got.clone();
+        move || {
+            let got = got.clone();
+            async move {
+                let n = got
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|v| v["batch"] == batch)
+                    .count();
+                (n > 0).then_some(n)
+            }
+        }
+    };
+    let bin = spawn_binary(&config).await;
+    queue_broken_batch(&bin, "night1").await;
+    // The receiver has the alert, and answers in half a second: stopped now.
+    poll("night1's alert at the receiver", told("night1")).await;
+    bin.stop().await;
+    let bin = spawn_binary(&config).await;
+    queue_broken_batch(&bin, "night2").await;
+    poll("night2's alert", told("night2")).await;
+    let seqs: Vec<i64> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|v| v["event_seq"].as_i64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "each event told once, in order: {seqs:?}"
+    );
+    bin.kill9().await;
+}
