@@ -802,10 +802,9 @@ async fn a_box_whose_comfyui_dies_under_every_job_is_quarantined_and_the_night_c
     assert!(lost_there >= 3, "{lost_there} lost there");
 }
 
-#[tokio::test]
-async fn a_job_that_ran_out_of_gpu_memory_waits_for_a_bigger_box_rather_than_fail_again() {
-    // A farm whose boxes differ: an 8 GB box that cannot hold a large
-    // picture, and a 24 GB one, busy when the large shot comes in.
+/// A farm whose boxes differ: an 8 GB box that runs out of GPU memory on
+/// a picture over a megapixel, and a bigger one whose jobs take 1.5 s.
+async fn small_and_big_boxes() -> (SimHandle, SimHandle) {
     let small = start_sim_with(SimConfig {
         job_ms: 100,
         vram_bytes: 8 << 30,
@@ -813,7 +812,14 @@ async fn a_job_that_ran_out_of_gpu_memory_waits_for_a_bigger_box_rather_than_fai
         ..Default::default()
     })
     .await;
-    let big = start_sim(1_500).await;
+    (small, start_sim(1_500).await)
+}
+
+#[tokio::test]
+async fn a_job_that_ran_out_of_gpu_memory_waits_for_a_bigger_box_rather_than_fail_again() {
+    // A farm whose boxes differ: an 8 GB box that cannot hold a large
+    // picture, and a 24 GB one, busy when the large shot comes in.
+    let (small, big) = small_and_big_boxes().await;
     let app = spawn_farm_with(
         vec![
             backend("small", small.port, &[], 1),
@@ -878,14 +884,7 @@ async fn a_shot_too_big_for_the_small_box_retried_by_hand_still_waits_for_the_bi
     // so it failed; retried in the morning, it must not spend its one
     // attempt on the small box again (a retry forgets other bars, not
     // this one: a box's memory is not mended).
-    let small = start_sim_with(SimConfig {
-        job_ms: 100,
-        vram_bytes: 8 << 30,
-        oom_above_pixels: 1_000_000,
-        ..Default::default()
-    })
-    .await;
-    let big = start_sim(1_500).await;
+    let (small, big) = small_and_big_boxes().await;
     let app = spawn_farm_online(vec![
         backend("small", small.port, &[], 1),
         backend("big", big.port, &["big"], 1),

@@ -283,10 +283,8 @@ async fn the_websocket_subscribes_unsubscribes_and_relays_live_previews() {
 }
 
 /// A webhook receiver on loopback that fails its first `fail_first` requests.
-async fn receiver(
-    fail_first: usize,
-) -> (String, Arc<Mutex<Vec<(Value, String)>>>, Arc<Mutex<usize>>) {
-    let got: Arc<Mutex<Vec<(Value, String)>>> = Arc::default();
+async fn receiver(fail_first: usize) -> (String, Got, Arc<Mutex<usize>>) {
+    let got: Got = Arc::default();
     let tries: Arc<Mutex<usize>> = Arc::default();
     let (g, t) = (got.clone(), tries.clone());
     let app = axum::Router::new().route(
@@ -319,6 +317,36 @@ async fn receiver(
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, got, tries)
+}
+
+/// What a receiver had: each body, with its signature.
+type Got = Arc<Mutex<Vec<(Value, String)>>>;
+
+/// The alerts `got` holds of `kind` and of `batch` (either, any when
+/// `None`); `None` while there is none, for `poll`.
+fn alerts_in(got: &Got, kind: Option<&str>, batch: Option<&str>) -> Option<Vec<Value>> {
+    let of: Vec<Value> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(v, _)| v.clone())
+        .filter(|v| kind.is_none_or(|k| v["kind"] == k) && batch.is_none_or(|b| v["batch"] == b))
+        .collect();
+    (!of.is_empty()).then_some(of)
+}
+
+/// Asserts that `got` had each event told once, in order.
+fn told_once_in_order(got: &Got) {
+    let seqs: Vec<i64> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(v, _)| v["event_seq"].as_i64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "each event told once, in order: {seqs:?}"
+    );
 }
 
 #[tokio::test]
@@ -578,19 +606,8 @@ async fn the_nights_alerts_reach_the_farms_keeper_once_each() {
     }
     app.post_json("/api/backends/n1/enable", &json!({})).await;
     let alerts = |kind: &'static str| {
-        let got = got.clone();
-        move || {
-            let got = got.clone();
-            async move {
-                let got = got.lock().unwrap();
-                let of: Vec<Value> = got
-                    .iter()
-                    .map(|(v, _)| v.clone())
-                    .filter(|v| v["kind"] == kind)
-                    .collect();
-                (!of.is_empty()).then_some(of)
-            }
-        }
+        let got = &got;
+        move || async move { alerts_in(got, Some(kind), None) }
     };
     let paused = poll("the batch's alert", alerts("batch_paused")).await;
     let text = paused[0]["text"].as_str().unwrap();
@@ -661,19 +678,8 @@ async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_on
     assert!(got.lock().unwrap().is_empty());
     let bin = spawn_binary(&config).await;
     let told = |batch: &'static str| {
-        let got = got.clone();
-        move || {
-            let got = got.clone();
-            async move {
-                let n = got
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|(v, _)| v["batch"] == batch)
-                    .count();
-                (n > 0).then_some(n)
-            }
-        }
+        let got = &got;
+        move || async move { alerts_in(got, None, Some(batch)).map(|a| a.len()) }
     };
     poll("the alert after the restart", told("night1")).await;
     // Stopped by its service manager (a kill -9 in the instant between the
@@ -687,16 +693,7 @@ async fn an_alert_not_told_before_a_kill_9_is_told_after_the_restart_and_only_on
     // (The first batch may have been paused twice: by the first binary,
     // and by the second if a job of it ran again after the kill and failed
     // alike; each pause is its own alert, told once.)
-    let seqs: Vec<i64> = got
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(v, _)| v["event_seq"].as_i64().unwrap())
-        .collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "each event told once, in order: {seqs:?}"
-    );
+    told_once_in_order(&got);
     // Alerts turned off for a while, then on: what broke meanwhile is not
     // told (the first alerts after are of what happens from then).
     bin.stop().await;
@@ -848,20 +845,8 @@ async fn a_batch_that_breaks_with_nothing_queued_to_pause_is_told_once() {
     // Six shots: the farm trips twice.
     one_at_a_time("night1", 6).await;
     let told = |batch: &'static str| {
-        let got = got.clone();
-        move || {
-            let got = got.clone();
-            async move {
-                let of: Vec<Value> = got
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|(v, _)| v.clone())
-                    .filter(|v| v["kind"] == "batch_broken" && v["batch"] == batch)
-                    .collect();
-                (!of.is_empty()).then_some(of)
-            }
-        }
+        let got = &got;
+        move || async move { alerts_in(got, Some("batch_broken"), Some(batch)) }
     };
     let night1 = poll("night1's alert", told("night1")).await;
     let text = night1[0]["text"].as_str().unwrap();
@@ -891,15 +876,17 @@ async fn a_batch_that_breaks_with_nothing_queued_to_pause_is_told_once() {
 
 /// An alert receiver on loopback that answers `200` a while after it has
 /// the body (a slow chat server).
-async fn slow_receiver(answer_after: Duration) -> (String, Arc<Mutex<Vec<Value>>>) {
-    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+async fn slow_receiver(answer_after: Duration) -> (String, Got) {
+    let got: Got = Arc::default();
     let g = got.clone();
     let app = axum::Router::new().route(
         "/hook",
         axum::routing::post(move |body: String| {
             let g = g.clone();
             async move {
-                g.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                g.lock()
+                    .unwrap()
+                    .push((serde_json::from_str(&body).unwrap(), String::new()));
                 tokio::time::sleep(answer_after).await;
                 axum::http::StatusCode::OK
             }
@@ -928,19 +915,8 @@ async fn an_alert_in_flight_at_a_stop_is_not_told_again_after_the_restart() {
         ),
     );
     let told = |batch: &'static str| {
-        let got = got.clone();
-        move || {
-            let got = got.clone();
-            async move {
-                let n = got
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|v| v["batch"] == batch)
-                    .count();
-                (n > 0).then_some(n)
-            }
-        }
+        let got = &got;
+        move || async move { alerts_in(got, None, Some(batch)).map(|a| a.len()) }
     };
     let bin = spawn_binary(&config).await;
     queue_broken_batch(&bin, "night1").await;
@@ -950,15 +926,6 @@ async fn an_alert_in_flight_at_a_stop_is_not_told_again_after_the_restart() {
     let bin = spawn_binary(&config).await;
     queue_broken_batch(&bin, "night2").await;
     poll("night2's alert", told("night2")).await;
-    let seqs: Vec<i64> = got
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|v| v["event_seq"].as_i64().unwrap())
-        .collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "each event told once, in order: {seqs:?}"
-    );
+    told_once_in_order(&got);
     bin.kill9().await;
 }
