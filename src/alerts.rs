@@ -4,12 +4,13 @@
 //! Why from the event log: each thing worth an alert is already an event,
 //! written in the transaction that made it so (a batch the farm paused, a
 //! box put in quarantine, a box too old to drive, a box gone offline and
-//! back, the data folder's disk running low and space back). This task follows the log from a cursor kept in the database
-//! (`settings`), and moves the cursor past an event only once its alert
-//! was delivered or given up: a restart reads again what it had not told,
-//! and never skips one (it may tell one twice). A box offline is told only
-//! once it has stayed down `alerts.offline_after_s`: a ComfyUI restart is
-//! not worth waking anyone.
+//! back, a batch broken with nothing to pause, the data folder's disk
+//! running low and space back). This task follows the log from a cursor
+//! kept in the database (`settings`), and moves the cursor past an event
+//! only once its alert was delivered or given up: a restart reads again
+//! what it had not told, and never skips one (it may tell one twice). A
+//! box offline is told only once it has stayed down
+//! `alerts.offline_after_s`: a ComfyUI restart is not worth waking anyone.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -67,6 +68,15 @@ impl Watch {
         }
     }
 
+    /// Whether `key` (a batch, and what is said of it) is told for the
+    /// first time; the memory of those told stays bounded.
+    fn first_time(&mut self, key: (String, String)) -> bool {
+        if self.told.len() > 10_000 {
+            self.told.clear();
+        }
+        self.told.insert(key)
+    }
+
     /// The alert `ev` makes now, if any.
     fn consider(&mut self, ev: &JobEvent) -> Option<Alert> {
         let message = ev.message.clone().unwrap_or_default();
@@ -107,13 +117,7 @@ impl Watch {
                 let data = ev.data.as_ref()?;
                 let batch = data["batch"].as_str()?.to_string();
                 let cause = data["cause"].as_str().unwrap_or_default().to_string();
-                if self.told.len() > 10_000 {
-                    self.told.clear();
-                }
-                if !self
-                    .told
-                    .insert((batch.clone(), format!("broken: {cause}")))
-                {
+                if !self.first_time((batch.clone(), format!("broken: {cause}"))) {
                     return None;
                 }
                 Some(Alert {
@@ -141,10 +145,7 @@ impl Watch {
                     return None;
                 }
                 let batch = data["batch"].as_str()?.to_string();
-                if self.told.len() > 10_000 {
-                    self.told.clear();
-                }
-                if !self.told.insert((batch.clone(), message.clone())) {
+                if !self.first_time((batch.clone(), message.clone())) {
                     return None;
                 }
                 // "paused with its batch (batch b): WHY" says WHY.
