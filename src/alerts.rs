@@ -52,8 +52,7 @@ struct Watch {
     pending: HashMap<String, JobEvent>,
     /// Told offline: since when.
     down: HashMap<String, DateTime<Utc>>,
-    /// Batch pauses told (a pause writes one event per job, all alike),
-    /// and broken batches told (by cause).
+    /// Batch pauses told (a pause writes one event per job, all alike).
     told: HashSet<(String, String)>,
 }
 
@@ -111,15 +110,11 @@ impl Watch {
             }
             // "backend B takes no jobs until T: why".
             "backend_quarantined" => Some(alert("backend_quarantined", message)),
-            // A batch broken with nothing queued to pause: told once a
-            // batch and cause (it trips again every few jobs that fail).
+            // A batch broken with nothing queued to pause (its next jobs
+            // are held as they come): each is told, as the hold keeps the
+            // farm from tripping on it again until it is let go.
             "batch_broken" => {
-                let data = ev.data.as_ref()?;
-                let batch = data["batch"].as_str()?.to_string();
-                let cause = data["cause"].as_str().unwrap_or_default().to_string();
-                if !self.first_time((batch.clone(), format!("broken: {cause}"))) {
-                    return None;
-                }
+                let batch = ev.data.as_ref()?["batch"].as_str()?.to_string();
                 Some(Alert {
                     batch: Some(batch),
                     backend_id: None,
@@ -141,7 +136,8 @@ impl Watch {
             }
             "paused" => {
                 let data = ev.data.as_ref()?;
-                if data["by"] != "farm" {
+                // A job stored paused for a held batch: its pause was told.
+                if data["by"] != "farm" || data["held"] == true {
                     return None;
                 }
                 let batch = data["batch"].as_str()?.to_string();

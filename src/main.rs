@@ -169,9 +169,14 @@ enum Command {
         remote: RemoteArgs,
     },
     /// Resume paused jobs: they run in their turn.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["batch", "ids"])))]
     Resume {
+        /// Resume a whole batch instead (jobs whose metadata
+        /// `dispatch.batch_field`, `batch` by default, is this): each of its
+        /// paused jobs, and the farm no longer holds it if it found it broken.
+        #[arg(long, conflicts_with = "ids")]
+        batch: Option<String>,
         /// Job ids; `-` reads them from standard input (`jobs --ids`).
-        #[arg(required = true)]
         ids: Vec<String>,
         #[command(flatten)]
         remote: RemoteArgs,
@@ -550,10 +555,13 @@ fn main() -> ExitCode {
                 let ids = orchestrator::cli::job_ids(ids)?;
                 orchestrator::cli::set_paused(&remote.remote(), &ids, "pause", interrupt).await
             }
-            Command::Resume { ids, remote } => {
-                let ids = orchestrator::cli::job_ids(ids)?;
-                orchestrator::cli::set_paused(&remote.remote(), &ids, "resume", false).await
-            }
+            Command::Resume { batch, ids, remote } => match batch {
+                Some(batch) => orchestrator::cli::resume_batch(&remote.remote(), &batch).await,
+                None => {
+                    let ids = orchestrator::cli::job_ids(ids)?;
+                    orchestrator::cli::set_paused(&remote.remote(), &ids, "resume", false).await
+                }
+            },
             Command::Backends { refresh, remote } => match refresh {
                 Some(id) => orchestrator::cli::refresh_backend(&remote.remote(), &id).await,
                 None => orchestrator::cli::backends(&remote.remote()).await,

@@ -323,6 +323,7 @@ pub fn parse(
             paused,
             start_after,
             share: None,
+            hold: None,
         },
         warnings,
         inputs,

@@ -274,21 +274,36 @@ impl Submitter {
         let _inputs = self.check_inputs(&parsed).await?;
         self.check_parents(&parsed).await?;
         self.check_runs_somewhere(&parsed).await?;
+        // A batch the farm found broken: stored paused if still held
+        // when it is written.
+        parsed.job.hold = self.farm.held_batch_of(&parsed.job.metadata);
         let workflow_id = parsed.job.workflow_id.clone();
         let requires = parsed.job.requires.clone();
-        let paused = parsed.job.paused;
+        let asked_paused = parsed.job.paused;
+        let hold = parsed.job.hold.clone();
         let later = parsed.job.start_after.filter(|t| *t > Utc::now());
+        let mut warnings = parsed.warnings;
         let (created, summary) = match self.store.submit(parsed.job).await? {
             SubmitOutcome::Created(s) => {
                 // A waiting one is rung for when its last parent completes,
                 // a paused one when it is resumed, a later one at its time.
                 if let Some(at) = later {
                     self.farm.job_due_at(at);
-                } else if s.status == JobStatus::Queued && !paused {
+                } else if s.status == JobStatus::Queued && !s.paused {
                     self.farm.job_queued(&requires);
                 }
                 crate::metrics::submitted(workflow_id.as_deref());
-                tracing::info!(job_id = %s.id, "job submitted");
+                match hold.filter(|_| s.paused && !asked_paused) {
+                    Some((field, batch)) => {
+                        tracing::info!(job_id = %s.id, %batch, "job submitted paused: its batch is held");
+                        warnings.push(format!(
+                            "stored paused: the farm holds its batch ({field} {batch}), found failing \
+                             job after job alike (its `paused` event says how); once it is mended: \
+                             orchestrator resume --batch {batch}"
+                        ));
+                    }
+                    None => tracing::info!(job_id = %s.id, "job submitted"),
+                }
                 (true, s)
             }
             SubmitOutcome::Existing(s) => (false, s),
@@ -298,8 +313,8 @@ impl Submitter {
             job_id: summary.id,
             status: summary.status,
             submitted_at: summary.submitted_at,
-            warnings: parsed.warnings,
-            paused: created && paused,
+            warnings,
+            paused: created && summary.paused,
             starts_at: later.filter(|_| created),
         })
     }

@@ -270,6 +270,43 @@ async fn a_batch_is_moved_cancelled_and_retried_by_its_ids() {
     }
 }
 
+/// A batch let go in one command: each of its paused jobs is resumed (its
+/// name in the path, spaces and all), another batch's stay paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_resumed_by_its_name() {
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("cli1", sim.port, &[], 1)]).await;
+    app.wait_backend("cli1", "online").await;
+    let mut night = Vec::new();
+    for batch in ["night 1", "night 1", "night 2"] {
+        night.push(
+            app.submit_blur(json!({"paused": true, "metadata": {"batch": batch}}))
+                .await,
+        );
+    }
+    let (ok, out, err) = cli(&app.url, &["resume", "--batch", "night 1"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "batch night 1: the farm did not hold it; 2 resumed:\n{}\n{}\n",
+            night[0], night[1]
+        )
+    );
+    for id in &night[..2] {
+        app.wait_status(id, "completed").await;
+    }
+    assert!(app.job(&night[2]).await["paused_at"].is_string());
+    let (ok, out, err) = cli(&app.url, &["resume", "--batch", "night 1"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "batch night 1: the farm did not hold it; no job of it was paused\n"
+    );
+    let (ok, _, err) = cli(&app.url, &["resume"]).await;
+    assert!(!ok && err.contains("--batch"), "{err}");
+}
+
 /// A batch submitted paused from the command line (by day, for the
 /// night), listed as paused, let go from a pipe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

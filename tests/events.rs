@@ -813,10 +813,11 @@ async fn a_data_disk_running_low_is_told_and_so_is_space_freed() {
 
 /// A batch fed one shot at a time (a tool that submits each shot as it is
 /// ready) has nothing queued when it breaks, so nothing is paused: its
-/// breaking is told anyway, once a batch and cause, though the farm trips
-/// again every few of its shots.
+/// breaking is told, and the farm holds the batch, so each shot submitted
+/// for it after is stored paused, through a restart, until the batch is
+/// resumed. Resumed and broken again, it is told and held again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_that_breaks_with_nothing_queued_to_pause_is_told_once() {
+async fn a_batch_that_breaks_with_nothing_queued_holds_its_next_shots_until_resumed() {
     let sim = start_sim(0).await;
     let (hook, got, _) = receiver(0).await;
     let (mut config, dir) = farm_config(vec![backend("n1", sim.port, &[], 1)]);
@@ -826,52 +827,93 @@ async fn a_batch_that_breaks_with_nothing_queued_to_pause_is_told_once() {
     let mut app = spawn_with(config).await;
     app.set_dir(dir);
     app.wait_backend("n1", "online").await;
-    let one_at_a_time = |batch: &'static str, count: usize| {
-        let app = &app;
-        async move {
-            for n in 0..count {
-                let (status, body) = app
-                    .post_json(
-                        "/api/job",
-                        &json!({"workflow": failing_graph(), "max_attempts": 1, "metadata": {"batch": batch, "n": n}}),
-                    )
-                    .await;
-                assert_eq!(status, 201, "{body}");
-                app.wait_status(body["job_id"].as_str().unwrap(), "failed")
-                    .await;
-            }
-        }
-    };
-    // Six shots: the farm trips twice.
-    one_at_a_time("night1", 6).await;
-    let told = |batch: &'static str| {
-        let got = &got;
-        move || async move { alerts_in(got, Some("batch_broken"), Some(batch)) }
-    };
-    let night1 = poll("night1's alert", told("night1")).await;
+    async fn submit(app: &TestApp, n: usize) -> Value {
+        let shot = json!({"workflow": failing_graph(), "max_attempts": 1, "metadata": {"batch": "night1", "n": n}});
+        let (status, body) = app.post_json("/api/job", &shot).await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+    let told = |got: &Got| alerts_in(got, Some("batch_broken"), Some("night1"));
+    for n in 0..3 {
+        let shot = submit(&app, n).await;
+        assert!(shot.get("paused").is_none(), "{shot}");
+        app.wait_status(shot["job_id"].as_str().unwrap(), "failed")
+            .await;
+    }
+    let night1 = poll("night1's alert", || async { told(&got) }).await;
     let text = night1[0]["text"].as_str().unwrap();
     assert!(
         text.contains("batch night1: 3 of its jobs in a row failed with the same cause")
-            && text.contains("none of its jobs was queued to pause"),
+            && text.contains("none of its jobs was queued to pause: each job submitted for it from now is stored paused"),
         "{text}"
     );
-    // Another batch breaks after: once its alert is told, every event
-    // before it was weighed, night1's second trip among them.
-    one_at_a_time("night2", 3).await;
-    poll("night2's alert", told("night2")).await;
-    let log = app
-        .store
-        .events_after(0, &orchestrator::store::EventFilter::default(), 10_000)
-        .await
-        .unwrap();
-    let trips = log
-        .iter()
-        .filter(|e| {
-            e.kind == "batch_broken" && e.data.as_ref().is_some_and(|d| d["batch"] == "night1")
+    // The next shot waits, and says why.
+    let held = |shot: &Value| {
+        assert_eq!(shot["paused"], true, "{shot}");
+        let warning = shot["warnings"][0].as_str().unwrap_or_default();
+        assert!(
+            warning.contains("the farm holds its batch (batch night1)")
+                && warning.ends_with("orchestrator resume --batch night1"),
+            "{shot}"
+        );
+        shot["job_id"].as_str().unwrap().to_string()
+    };
+    let first = held(&submit(&app, 3).await);
+    let job = app.job(&first).await;
+    let why = job["waiting_for"].as_str().unwrap();
+    assert!(
+        why.starts_with("paused with its batch (batch night1): 3 of its jobs in a row failed with the same cause, IndexError in ImageToMask, on n1"),
+        "{job}"
+    );
+    let events = app.events(&first).await;
+    assert_eq!(events.last().unwrap()["message"], why, "{events:?}");
+    let warned = |h: &Value| {
+        h["warnings"].as_array().into_iter().flatten().any(|w| {
+            w.as_str()
+                .unwrap()
+                .starts_with("batch night1 was paused by the farm at ")
         })
-        .count();
-    assert_eq!(trips, 2, "night1 broke twice");
-    assert_eq!(told("night1")().await.unwrap().len(), 1, "told once");
+    };
+    let (_, health) = app.get("/api/health").await;
+    assert!(warned(&health), "{health}");
+    // A restart keeps the hold.
+    let app = app.restart().await;
+    app.wait_backend("n1", "online").await;
+    let second = held(&submit(&app, 4).await);
+    let (_, health) = app.get("/api/health").await;
+    assert!(warned(&health), "{health}");
+    assert_eq!(app.job(&first).await["status"], "queued");
+    // Mended (or so it is thought): the batch resumed, both held shots run.
+    let (status, resumed) = app.post_json("/api/batch/night1/resume", &json!({})).await;
+    assert_eq!(status, 200, "{resumed}");
+    assert_eq!(resumed["released"], true, "{resumed}");
+    assert_eq!(resumed["resumed"], json!([first, second]), "{resumed}");
+    let (_, health) = app.get("/api/health").await;
+    assert!(!warned(&health), "{health}");
+    app.wait_status(&first, "failed").await;
+    app.wait_status(&second, "failed").await;
+    // Not held any more: the next shot runs, and is the third failure in
+    // a row since the resume: broken again, told again, held again.
+    let third = submit(&app, 5).await;
+    assert!(third.get("paused").is_none(), "{third}");
+    app.wait_status(third["job_id"].as_str().unwrap(), "failed")
+        .await;
+    poll("night1's second alert", || async {
+        told(&got).filter(|a| a.len() == 2)
+    })
+    .await;
+    held(&submit(&app, 6).await);
+    // Another batch is not held.
+    let (status, other) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow": failing_graph(), "max_attempts": 1, "metadata": {"batch": "night2"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{other}");
+    assert!(other.get("paused").is_none(), "{other}");
+    told_once_in_order(&got);
+    app.stop().await;
 }
 
 /// An alert receiver on loopback that answers `200` a while after it has

@@ -6,7 +6,7 @@ use chrono::Duration;
 use common::*;
 use orchestrator::store::{
     AdminState, AttemptOutcome, BackendStats, BackendUpsert, CancelOutcome, CleanupEntry,
-    JobStatus, LeaseTry, LostOutcome, LostRun, OutputRecord, PauseChange, Preference,
+    HeldBatch, JobStatus, LeaseTry, LostOutcome, LostRun, OutputRecord, PauseChange, Preference,
     PriorityChange, StoreError,
 };
 use serde_json::json;
@@ -825,6 +825,85 @@ async fn a_batchs_pace_counts_the_jobs_that_ended_after_they_ran() {
     let all = app.store.count_jobs(&Default::default()).await.unwrap();
     assert_eq!(all.ended_recently, 2, "{all:?}");
     assert_eq!(app.job(&left).await["status"], "queued");
+}
+
+/// A batch the farm holds: its jobs not started are paused, and so is each
+/// job submitted for it after, through a restart, its `paused` event saying
+/// why; another batch is not. The hold ends when the batch's last paused job
+/// is let go (resumed, or cancelled), not while one of them stays paused.
+#[tokio::test]
+async fn a_held_batch_pauses_what_comes_until_its_last_paused_job_is_let_go() {
+    let app = spawn_app().await;
+    let queued = app.submit_blur(json!({"metadata": {"batch": "b1"}})).await;
+    let hold = HeldBatch {
+        field: "batch".into(),
+        batch: "b1".into(),
+        cause: "IndexError in ImageToMask".into(),
+        why: "paused with its batch (batch b1): it broke".into(),
+        banner: "batch b1 is held".into(),
+        held_at: chrono::Utc::now(),
+    };
+    let paused = app.store.hold_batch(hold.clone()).await.unwrap();
+    assert_eq!(paused, std::slice::from_ref(&queued));
+    // The farm reads the holds as it starts.
+    let app = app.restart().await;
+    let submit = |batch: &'static str| {
+        let app = &app;
+        async move {
+            let (status, body) = app
+                .post_json(
+                    "/api/job",
+                    &json!({"workflow_id": "image_blur", "parameters": {"width": 64, "height": 64}, "metadata": {"batch": batch}}),
+                )
+                .await;
+            assert_eq!(status, 201, "{body}");
+            (
+                body["job_id"].as_str().unwrap().to_string(),
+                body["paused"] == true,
+            )
+        }
+    };
+    let (held, paused) = submit("b1").await;
+    assert!(paused, "held");
+    let said = app.events(&held).await;
+    let last = said.last().unwrap();
+    assert_eq!(last["kind"], "paused", "{said:?}");
+    assert_eq!(last["message"], hold.why.as_str(), "{said:?}");
+    assert_eq!(
+        last["data"],
+        json!({"batch": "b1", "by": "farm", "held": true})
+    );
+    assert_eq!(app.job(&held).await["waiting_for"], hold.why.as_str());
+    assert!(!submit("b2").await.1, "another batch is not held");
+    let warned = || async {
+        let (_, health) = app.get("/api/health").await;
+        health["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|w| w == "batch b1 is held")
+    };
+    assert!(warned().await);
+    let still_held = || app.store.held_batch("batch", "b1");
+    // One resumed (a shot let go to check the mend): the hold stands.
+    let (status, body) = app
+        .post_json(&format!("/api/job/{queued}/resume"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let kept = still_held().await.unwrap().expect("still held");
+    assert_eq!((kept.cause, kept.why), (hold.cause, hold.why.clone()));
+    let (later, paused) = submit("b1").await;
+    assert!(paused, "held while some of it stays paused");
+    // The last two let go, one cancelled and one resumed: the hold ends.
+    app.store.request_cancel(&later).await.unwrap();
+    assert!(still_held().await.unwrap().is_some());
+    let (status, body) = app
+        .post_json(&format!("/api/job/{held}/resume"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(still_held().await.unwrap(), None);
+    assert!(!warned().await);
+    assert!(!submit("b1").await.1, "let go");
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use super::wire::{Event, Job, Lease, Output, WebhookDelivery};
 use super::{ApiError, AppState};
+use crate::dispatch::BatchResumed;
 use crate::store::{CancelOutcome, JobStatus};
 use crate::submit::Submitted;
 
@@ -33,6 +34,7 @@ pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
         .route("/api/job/{id}/pause", post(pause_job))
         .route("/api/job/{id}/resume", post(resume_job))
         .route("/api/job/{id}/schedule", post(schedule_job))
+        .route("/api/batch/{batch}/resume", post(resume_batch))
 }
 
 /// Answer to a submission.
@@ -46,9 +48,14 @@ pub struct SubmitResponse {
     pub message: String,
     /// When the job was stored (RFC 3339 UTC).
     pub submitted_at: DateTime<Utc>,
-    /// Things accepted but worth knowing (ignored fields).
+    /// Things accepted but worth knowing (ignored fields; a batch the
+    /// farm holds).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Stored paused (asked to be, or its batch held by the farm): no
+    /// backend takes it until it is resumed. Absent when not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// A request's body, at most `limit` bytes (this route takes larger
@@ -184,6 +191,7 @@ impl From<Submitted> for SubmitResponse {
             status: s.status,
             submitted_at: s.submitted_at,
             warnings: s.warnings,
+            paused: s.paused,
         }
     }
 }
@@ -364,6 +372,7 @@ pub(super) async fn retry_job(
         message: "queued again as a new attempt".into(),
         submitted_at: job.submitted_at,
         warnings: vec![],
+        paused: false,
     }))
 }
 
@@ -565,6 +574,24 @@ pub(super) async fn resume_job(
 ) -> Result<Json<JobDetail>, ApiError> {
     set_paused(&state, &id, false, false).await?;
     detail(&state, &id).await.map(Json)
+}
+
+/// Let a batch go (jobs whose metadata field `dispatch.batch_field`, `batch`
+/// by default, is `{batch}`): the farm no longer holds it, if it found it
+/// broken, and each of its paused jobs is resumed and runs in its turn.
+/// Once the cause is mended; a batch never held or paused changes nothing.
+#[utoipa::path(
+    post,
+    path = "/api/batch/{batch}/resume",
+    tag = "jobs",
+    params(("batch" = String, Path, description = "The batch: its jobs' metadata field `dispatch.batch_field`")),
+    responses((status = 200, description = "Whether it was held, and the jobs resumed", body = BatchResumed))
+)]
+pub(super) async fn resume_batch(
+    State(state): State<AppState>,
+    Path(batch): Path<String>,
+) -> Result<Json<BatchResumed>, ApiError> {
+    Ok(Json(state.farm.resume_batch(&batch).await?))
 }
 
 /// Pauses or resumes a job; whether a backend is being asked to stop it.

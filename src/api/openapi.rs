@@ -26,6 +26,7 @@ use super::{backends, events, farm, history, inputs, jobs, outputs, system, AppS
         jobs::set_priority,
         jobs::pause_job,
         jobs::resume_job,
+        jobs::resume_batch,
         jobs::schedule_job,
         outputs::get_output,
         farm::farm,

@@ -42,7 +42,7 @@ pub struct Health {
     /// (measured by the retention sweeper).
     pub disk: crate::retention::DiskUsage,
     /// Things an operator should look at (low disk space, a batch the farm
-    /// paused because its jobs failed one after the other alike).
+    /// holds because its jobs failed one after the other alike).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// Inbox files left there until the job they start from (named by its

@@ -129,6 +129,42 @@ pub async fn set_paused(
     .await
 }
 
+/// Lets a batch go (`resume --batch`): the farm no longer holds it, and
+/// its paused jobs are resumed; says which.
+pub async fn resume_batch(remote: &Remote, batch: &str) -> anyhow::Result<()> {
+    // A path segment: a space is `%20`, not the form's `+`.
+    let segment = form_urlencoded::byte_serialize(batch.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20");
+    let answer = remote
+        .post(&format!("/api/batch/{segment}/resume"), json!({}))
+        .await?;
+    if remote.json {
+        println!("{answer}");
+        return Ok(());
+    }
+    let field = answer["field"].as_str().unwrap_or("batch");
+    let resumed: Vec<&str> = answer["resumed"]
+        .as_array()
+        .map(|ids| ids.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let held = if answer["released"] == true {
+        "the farm no longer holds it: its new jobs run"
+    } else {
+        "the farm did not hold it"
+    };
+    match resumed.as_slice() {
+        [] => println!("{field} {batch}: {held}; no job of it was paused"),
+        ids => {
+            println!("{field} {batch}: {held}; {} resumed:", ids.len());
+            for id in ids {
+                println!("{id}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Gives each job a new start time (`now`: none).
 pub async fn schedule(remote: &Remote, ids: &[String], start_after: &str) -> anyhow::Result<()> {
     let at = match start_after {

@@ -17,7 +17,7 @@ mod counts;
 mod outputs;
 mod watch;
 
-pub use actions::{job_action, job_ids, schedule, set_paused, set_priority};
+pub use actions::{job_action, job_ids, resume_batch, schedule, set_paused, set_priority};
 
 pub use outputs::{outputs, OutputsArgs};
 pub use watch::watch;

@@ -15,18 +15,25 @@
 //! rest of the farm's night goes on, and one command resumes the batch
 //! once it is mended.
 //!
+//! A broken batch is also held (`store::HeldBatch`): each job submitted
+//! for it after is stored paused, so a tool that feeds its shots one at a
+//! time (none queued to pause when the batch breaks) does not run and
+//! fail them all night; the hold outlives a restart, `GET /api/health`
+//! warns of it, and it ends when the batch's last paused job is resumed
+//! or cancelled, or with `Farm::resume_batch`.
+//!
 //! What counts is kept in memory, per batch: a restart forgets it (it
 //! costs at most that many failures more), and a batch with nothing in a
-//! row costs a completion nothing (no read). So is the list of batches it
-//! paused that `GET /api/health` warns of (the jobs' pages say why after a
-//! restart too: their `paused` event).
+//! row costs a completion nothing (no read). A submission asks the list of
+//! held batches kept here (no read unless its batch may be held); the
+//! store decides in the insert's transaction.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use serde_json::Value;
 
-use crate::store::{Store, StoreError};
+use crate::store::{HeldBatch, Store, StoreError};
 
 /// Failures in a row of each batch that has some.
 pub(super) struct BadBatches {
@@ -38,8 +45,12 @@ pub(super) struct BadBatches {
     /// be on more than one, while another takes jobs.
     many_backends: bool,
     runs: Mutex<HashMap<String, Run>>,
-    /// The batches it paused.
-    paused: Mutex<Vec<Held>>,
+    /// The batches that may be held (the store has the truth: one let go
+    /// by its last paused job's resume stays here until the next
+    /// [`BadBatches::holds`]). Read by every submission.
+    held: RwLock<HashSet<String>>,
+    /// Taken while the store's holds and `held` are brought in step.
+    holding: tokio::sync::Mutex<()>,
 }
 
 /// One batch's failures in a row, all of one cause.
@@ -66,16 +77,18 @@ pub(super) enum Verdict {
     Held { batch: String, why: String },
 }
 
-/// A batch the farm paused.
-#[derive(Clone)]
-struct Held {
-    batch: String,
-    /// The cause it failed with.
-    cause: String,
-    /// Each paused job's event.
-    why: String,
-    /// What `GET /api/health` warns with while some of its jobs stay paused.
-    banner: String,
+/// What resuming a batch did (`Farm::resume_batch`).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct BatchResumed {
+    /// The metadata field naming a batch (`dispatch.batch_field`).
+    pub field: String,
+    /// The batch.
+    pub batch: String,
+    /// Whether the farm held it (its new jobs were stored paused); it no
+    /// longer does.
+    pub released: bool,
+    /// The jobs resumed: each runs in its turn.
+    pub resumed: Vec<String>,
 }
 
 /// A batch found broken.
@@ -95,8 +108,51 @@ impl BadBatches {
             field: field.to_string(),
             many_backends: backends > 1,
             runs: Mutex::new(HashMap::new()),
-            paused: Mutex::new(Vec::new()),
+            held: RwLock::new(HashSet::new()),
+            holding: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The batch of a submission's `metadata` (field, value) if it may be
+    /// held: the store then decides as it writes the job.
+    pub(super) fn may_hold(
+        &self,
+        metadata: &serde_json::Map<String, Value>,
+    ) -> Option<(String, String)> {
+        let held = self.held.read().expect("held batches");
+        if held.is_empty() {
+            return None;
+        }
+        let batch = crate::store::metadata_value(metadata, &self.field)?;
+        held.contains(&batch).then(|| (self.field.clone(), batch))
+    }
+
+    /// The batches held now (the store's, of this farm's batch field),
+    /// oldest first; the list kept for submissions brought in step.
+    pub(super) async fn holds(&self, store: &Store) -> Result<Vec<HeldBatch>, StoreError> {
+        let _step = self.holding.lock().await;
+        let holds: Vec<HeldBatch> = store
+            .held_batches()
+            .await?
+            .into_iter()
+            .filter(|h| h.field == self.field)
+            .collect();
+        *self.held.write().expect("held batches") = holds.iter().map(|h| h.batch.clone()).collect();
+        Ok(holds)
+    }
+
+    /// Lets a batch go: its jobs submitted from now are not held. Whether
+    /// it was held.
+    pub(super) async fn release(&self, store: &Store, batch: &str) -> Result<bool, StoreError> {
+        let _step = self.holding.lock().await;
+        let was = store.release_batch(&self.field, batch).await?;
+        self.held.write().expect("held batches").remove(batch);
+        Ok(was)
+    }
+
+    /// The metadata field naming a batch.
+    pub(super) fn field(&self) -> &str {
+        &self.field
     }
 
     /// Whether a failed attempt's `error` is one it counts (it is on, and
@@ -120,17 +176,16 @@ impl BadBatches {
             return Ok(Verdict::Fine);
         };
         let cause = crate::store::failure_cause(error);
-        let held = self
-            .paused
-            .lock()
-            .expect("bad batches")
-            .iter()
-            .find(|h| h.batch == batch && h.cause == cause)
-            .map(|h| h.why.clone());
-        // Held while some of its jobs stay paused: resumed, it counts anew.
-        if let Some(why) = held {
-            if store.batch_has_paused(&self.field, &batch).await? {
-                return Ok(Verdict::Held { batch, why });
+        // Held for this cause: it goes back paused. Let go, it counts anew.
+        let may = self.held.read().expect("held batches").contains(&batch);
+        if may {
+            if let Some(hold) = store.held_batch(&self.field, &batch).await? {
+                if hold.cause == cause {
+                    return Ok(Verdict::Held {
+                        batch,
+                        why: hold.why,
+                    });
+                }
             }
         }
         let message = error["message"].as_str().unwrap_or_default().to_string();
@@ -210,38 +265,49 @@ impl BadBatches {
         Ok(())
     }
 
-    /// Pauses a broken batch's jobs that have not started; how many. With
-    /// none to pause (a tool that submits its shots one at a time, each run
-    /// before the next comes), it says so in the log of events instead
-    /// (`batch_broken`, which the alerts tell): nobody else would hear of
-    /// it before the morning, and the batch's next shots fail alike.
+    /// Holds a broken batch and pauses its jobs that have not started; how
+    /// many. With none to pause (a tool that submits its shots one at a
+    /// time, each run before the next comes), it says so in the log of
+    /// events (`batch_broken`, which the alerts tell): the hold pauses its
+    /// next jobs as they come, and nothing else would tell anyone before
+    /// the morning.
     pub(super) async fn pause(&self, store: &Store, broken: &Broken) -> Result<usize, StoreError> {
         let (field, batch) = (&self.field, &broken.batch);
         let what = format!(
             "{jobs} of its jobs in a row failed with the same cause, {cause}, on {on} (the last: {last}); \
-             resume the batch once it is mended: orchestrator jobs --ids --paused -m {field}={batch} | orchestrator resume -",
+             resume the batch once it is mended: orchestrator resume --batch {batch}, or \
+             orchestrator jobs --ids --paused -m {field}={batch} | orchestrator resume -",
             jobs = broken.jobs,
             cause = broken.cause,
             on = broken.backends.join(", "),
             last = broken.last_message,
         );
         let why = format!("paused with its batch ({field} {batch}): {what}");
-        let n = store.pause_batch(field, batch, why.clone()).await?.len();
-        if n > 0 {
-            let at = chrono::Local::now().format("%Y-%m-%d %H:%M:%S");
-            let banner = format!("{field} {batch} was paused by the farm at {at}: {what}");
-            let mut paused = self.paused.lock().expect("bad batches");
-            paused.retain(|h| h.batch != *batch);
-            paused.push(Held {
-                batch: batch.clone(),
-                cause: broken.cause.clone(),
-                why,
-                banner,
-            });
-        } else {
+        let at = chrono::Local::now().format("%Y-%m-%d %H:%M:%S");
+        let hold = HeldBatch {
+            field: field.clone(),
+            batch: batch.clone(),
+            cause: broken.cause.clone(),
+            why,
+            banner: format!(
+                "{field} {batch} was paused by the farm at {at}, and its jobs submitted \
+                 since are held paused: {what}"
+            ),
+            held_at: chrono::Utc::now(),
+        };
+        let n = {
+            let _step = self.holding.lock().await;
+            let n = store.hold_batch(hold).await?.len();
+            self.held
+                .write()
+                .expect("held batches")
+                .insert(batch.clone());
+            n
+        };
+        if n == 0 {
             let message = format!(
-                "{field} {batch}: {what}; none of its jobs was queued to pause: each of its \
-                 next jobs runs, and fails alike until the cause is mended"
+                "{field} {batch}: {what}; none of its jobs was queued to pause: each job \
+                 submitted for it from now is stored paused until it is resumed"
             );
             let data = serde_json::json!({
                 "batch": batch,
@@ -268,23 +334,18 @@ impl BadBatches {
         Ok(store.pause_batch(&self.field, batch, why).await?.len())
     }
 
-    /// What `GET /api/health` warns of: each batch this farm paused (since
-    /// it started) that still has jobs paused; one resumed or cancelled is
-    /// forgotten.
+    /// What `GET /api/health` warns of: each batch held, in a sentence
+    /// (none held costs no read).
     pub(super) async fn still_paused(&self, store: &Store) -> Result<Vec<String>, StoreError> {
-        let paused = self.paused.lock().expect("bad batches").clone();
-        let mut warned = Vec::new();
-        for Held { batch, banner, .. } in paused {
-            if store.batch_has_paused(&self.field, &batch).await? {
-                warned.push(banner);
-            } else {
-                self.paused
-                    .lock()
-                    .expect("bad batches")
-                    .retain(|h| h.batch != batch);
-            }
+        if self.held.read().expect("held batches").is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(warned)
+        Ok(self
+            .holds(store)
+            .await?
+            .into_iter()
+            .map(|h| h.banner)
+            .collect())
     }
 }
 

@@ -63,6 +63,7 @@ use crate::config::Config;
 use crate::inventory::{Inventory, Rules};
 use crate::store::{CancelOutcome, JobStatus, PauseChange, Store, StoreError};
 
+pub use batches::BatchResumed;
 pub use health::Quarantine;
 pub use outputs::safe_name;
 pub use progress::Preview;
@@ -379,6 +380,10 @@ impl Farm {
                 .restore(&id, health::Quarantine { until, reason });
             shared.wake_at_quarantine_end(&id, until);
         }
+        // Batches held when the service stopped stay held.
+        for hold in shared.batches.holds(&store).await? {
+            tracing::info!(batch = %hold.batch, cause = %hold.cause, "batch still held: its new jobs are stored paused");
+        }
         // Retries waiting out a back-off across the restart: woken when
         // each falls due, as the attempt that failed them would have.
         for at in store.retry_times(MAX_RETRY_TIMES).await? {
@@ -540,10 +545,47 @@ impl Farm {
         self.backend_changed(backend_id);
     }
 
-    /// The batches the farm paused for failing job after job alike that
-    /// still have jobs paused, each in a sentence (`GET /api/health`).
+    /// The batches the farm holds for failing job after job alike, each in
+    /// a sentence (`GET /api/health`).
     pub async fn broken_batches(&self) -> Result<Vec<String>, crate::store::StoreError> {
         self.shared.batches.still_paused(&self.shared.store).await
+    }
+
+    /// The batch of a submission's `metadata` (field, value) if the farm
+    /// may hold it: the store then stores the job paused if the hold
+    /// still stands as it writes it. No read.
+    pub fn held_batch_of(
+        &self,
+        metadata: &serde_json::Map<String, Value>,
+    ) -> Option<(String, String)> {
+        self.shared.batches.may_hold(metadata)
+    }
+
+    /// Lets a batch go (`POST /api/batch/{batch}/resume`): its hold ends,
+    /// if it had one, and each of its paused jobs is resumed, in that
+    /// order (a job submitted in between is not held, rather than held
+    /// and missed).
+    pub async fn resume_batch(&self, batch: &str) -> Result<BatchResumed, StoreError> {
+        let store = &self.shared.store;
+        let batches = &self.shared.batches;
+        let released = batches.release(store, batch).await?;
+        let mut resumed = Vec::new();
+        for job_id in store.paused_in_batch(batches.field(), batch).await? {
+            match self.set_paused(&job_id, false, false).await {
+                Ok(change) if change.was_paused => resumed.push(job_id),
+                Ok(_) => {}
+                // Gone since (retention), or cancelled: nothing to resume.
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::info!(%batch, released, resumed = resumed.len(), "batch resumed by a user");
+        Ok(BatchResumed {
+            field: batches.field().to_string(),
+            batch: batch.to_string(),
+            released,
+            resumed,
+        })
     }
 
     /// Live previews of running jobs (lagging receivers miss frames, nothing else).

@@ -4,15 +4,9 @@
 //! Why in the store: the cause is read from the error the store keeps, by
 //! the morning's count of a batch's failures (`GET /api/jobs/counts`) and
 //! by the farm as the night goes (`dispatch/batches.rs`), which must agree
-//! on what "the same cause" is; and pausing a batch is one transaction.
+//! on what "the same cause" is.
 
-use chrono::Utc;
-use sqlx::Row;
-
-use super::batch::Batch;
-use super::events::{push_event, EventInput};
-use super::model::JobStatus;
-use super::{fmt_time, Store, StoreError};
+use super::{Store, StoreError};
 
 /// What a failed job's error says of its cause, in a few words that the
 /// same cause on another backend, or at another attempt, says alike.
@@ -71,6 +65,19 @@ pub fn against_the_job(error: &serde_json::Value) -> bool {
         || error.get("timeout_s").is_some()
 }
 
+/// The value of metadata field `key` as `job_metadata` holds it (text as
+/// it was given, other values as JSON), `None` without it: a batch named
+/// by a submission's metadata compares equal to the same batch read back.
+pub fn metadata_value(
+    metadata: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Option<String> {
+    match metadata.get(key)? {
+        serde_json::Value::String(text) => Some(text.clone()),
+        v => Some(v.to_string()),
+    }
+}
+
 impl Store {
     /// The value of metadata field `key` of a job as `job_metadata` holds
     /// it (text as it was given, other values as JSON), `None` without it.
@@ -88,73 +95,8 @@ impl Store {
         let Some(metadata) = metadata else {
             return Ok(None);
         };
-        let metadata: serde_json::Value = serde_json::from_str(&metadata)?;
-        Ok(match metadata.get(key) {
-            None => None,
-            Some(serde_json::Value::String(text)) => Some(text.clone()),
-            Some(v) => Some(v.to_string()),
-        })
-    }
-
-    /// Whether a job of a batch (metadata `key` = `value`) is paused.
-    pub async fn batch_has_paused(&self, key: &str, value: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM job_metadata m JOIN jobs j ON j.seq = m.job_seq \
-             WHERE m.key = ? AND m.value = ? AND j.paused_at IS NOT NULL)",
-        )
-        .bind(key)
-        .bind(value)
-        .fetch_one(self.reader())
-        .await?)
-    }
-
-    /// Pauses every job of a batch (metadata `key` = `value`) that has not
-    /// started and is not paused yet, each with a `paused` event whose
-    /// message is `why`, in one transaction; their ids.
-    pub async fn pause_batch(
-        &self,
-        key: &str,
-        value: &str,
-        why: String,
-    ) -> Result<Vec<String>, StoreError> {
-        let (key, value) = (key.to_string(), value.to_string());
-        self.writer()
-            .write(move |conn| {
-                Box::pin(async move {
-                    let rows = sqlx::query(
-                        "SELECT j.id, j.status FROM job_metadata m JOIN jobs j ON j.seq = m.job_seq \
-                         WHERE m.key = ? AND m.value = ? AND j.status IN ('queued', 'waiting') \
-                         AND j.paused_at IS NULL",
-                    )
-                    .bind(&key)
-                    .bind(&value)
-                    .fetch_all(&mut *conn)
-                    .await?;
-                    let now = fmt_time(Utc::now());
-                    let mut b = Batch::default();
-                    let mut ids = Vec::with_capacity(rows.len());
-                    for r in &rows {
-                        let id: String = r.try_get("id")?;
-                        let status: JobStatus = r.try_get("status")?;
-                        b.push("UPDATE jobs SET paused_at = ?, updated_at = ? WHERE id = ?")
-                            .bind(now.clone())
-                            .bind(now.clone())
-                            .bind(id.clone());
-                        let ev = EventInput {
-                            kind: "paused",
-                            status: Some(status),
-                            message: Some(why.clone()),
-                            data: Some(serde_json::json!({"batch": value, "by": "farm"})),
-                            ..Default::default()
-                        };
-                        push_event(&mut b, &id, ev, &now);
-                        ids.push(id);
-                    }
-                    b.run(conn).await?;
-                    Ok(ids)
-                })
-            })
-            .await
+        let metadata: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&metadata)?;
+        Ok(metadata_value(&metadata, key))
     }
 }
 

@@ -168,6 +168,10 @@ pub struct NewJob {
     /// (`dispatch.share_by`; see [`crate::store::share_of`]); `None` where
     /// it is not.
     pub share: Option<String>,
+    /// Its batch (metadata field, value) when the farm may hold it
+    /// (`Farm::held_batch_of`): stored paused if the hold still stands
+    /// when it is written.
+    pub hold: Option<(String, String)>,
 }
 
 /// What a submission led to.
@@ -188,6 +192,9 @@ pub struct JobSummary {
     pub status: JobStatus,
     /// When it was stored.
     pub submitted_at: DateTime<Utc>,
+    /// A new job stored paused (asked to be, or its batch held).
+    #[sqlx(default)]
+    pub paused: bool,
 }
 
 /// Everything known about a job.

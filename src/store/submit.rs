@@ -50,6 +50,7 @@ pub(super) struct EncodedJob {
     paused: bool,
     not_before: Option<String>,
     share: Option<String>,
+    hold: Option<(String, String)>,
 }
 
 impl From<NewJob> for EncodedJob {
@@ -74,6 +75,7 @@ impl From<NewJob> for EncodedJob {
             paused: job.paused,
             not_before: job.start_after.map(fmt_time),
             share: job.share,
+            hold: job.hold,
         }
     }
 }
@@ -265,7 +267,9 @@ async fn insert_jobs(
     let unfinished = unfinished_parents(conn, &jobs).await?;
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut rows: Vec<(EncodedJob, DateTime<Utc>, JobStatus)> = Vec::new();
-    for job in jobs {
+    // Batches the farm may hold, as this transaction finds them.
+    let mut held: HashMap<(String, String), bool> = HashMap::new();
+    for mut job in jobs {
         if let Some(key) = &job.idempotency_key {
             if let Some((hash, summary)) = known.get(key) {
                 outcomes.push(if *hash == job.manifest_hash {
@@ -301,10 +305,22 @@ async fn insert_jobs(
         } else {
             JobStatus::Queued
         };
+        if let Some(hold) = job.hold.take() {
+            let is_held = match held.get(&hold) {
+                Some(h) => *h,
+                None => {
+                    let h = super::holds::is_held(conn, &hold.0, &hold.1).await?;
+                    held.insert(hold, h);
+                    h
+                }
+            };
+            job.paused |= is_held;
+        }
         let summary = JobSummary {
             id: job.id.clone(),
             status,
             submitted_at: now,
+            paused: job.paused,
         };
         if let Some(key) = &job.idempotency_key {
             // A second submission with this key in the same batch finds this one.
@@ -377,6 +393,7 @@ mod tests {
             paused: false,
             start_after: None,
             share: None,
+            hold: None,
         }
     }
 
