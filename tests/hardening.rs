@@ -596,7 +596,7 @@ async fn outputs_that_meet_a_full_disk_wait_on_their_box_and_arrive_once_space_i
     let config = write_config(
         dir.path(),
         &format!(
-            "dispatch: {{poll_interval_ms: 50, deaf_after_ms: 100}}\nbackends:\n  - {{id: n1, host: 127.0.0.1, port: {}}}\n",
+            "dispatch: {{poll_interval_ms: 50, deaf_after_ms: 100}}\nbackends:\n  - {{id: n1, host: 127.0.0.1, port: {}, max_inflight: 1}}\n",
             sim.port
         ),
     );
@@ -651,6 +651,19 @@ async fn outputs_that_meet_a_full_disk_wait_on_their_box_and_arrive_once_space_i
     assert_eq!(waits, 1, "said once: {events:#}");
     assert!(sim.history_ids().len() == 1, "the box keeps the prompt");
     assert_eq!(sim.socket_opens(), opens, "no reconnect to the box");
+    // The next shot waits behind it, and its page says what to do.
+    let next = bin
+        .submit(&json!({"workflow": blur_graph("blur", "night/next")}))
+        .await;
+    let job = bin.get(&format!("/api/job/{next}")).await;
+    assert_eq!(
+        job["waiting_for"],
+        "no backend can take it now: n1 is busy (1 of 1 slots; 1 of them finished, their outputs \
+         waiting for space on the orchestrator's full disk: free space on it)",
+        "{job:#}"
+    );
+    let box_ = bin.get("/api/backends/n1").await;
+    assert_eq!(box_["outputs_waiting_for_disk"], 1, "{box_:#}");
 
     std::fs::remove_file(&filler).unwrap();
     let job = poll("the job completed once space is freed", || async {
@@ -673,5 +686,13 @@ async fn outputs_that_meet_a_full_disk_wait_on_their_box_and_arrive_once_space_i
     .unwrap();
     assert_eq!(bytes.len() as i64, output["size"].as_i64().unwrap());
     assert!(bytes.starts_with(b"\x89PNG"));
+    let job = poll("the next shot completed", || async {
+        let job = bin.get(&format!("/api/job/{next}")).await;
+        (job["status"] == "completed").then_some(job)
+    })
+    .await;
+    assert_eq!(job["attempts"], 1, "{job:#}");
+    let box_ = bin.get("/api/backends/n1").await;
+    assert_eq!(box_["outputs_waiting_for_disk"], 0, "{box_:#}");
     bin.stop().await;
 }

@@ -41,6 +41,8 @@ pub struct BackendList {
 struct FarmNow {
     /// [`crate::dispatch::Farm::prompts_not_ours`].
     not_ours: HashMap<String, usize>,
+    /// [`crate::dispatch::Farm::outputs_waiting_for_disk`].
+    waiting_for_disk: HashMap<String, usize>,
     /// [`crate::dispatch::Farm::quarantined`].
     quarantined: HashMap<String, Quarantine>,
 }
@@ -49,6 +51,7 @@ impl FarmNow {
     fn read(state: &AppState) -> FarmNow {
         FarmNow {
             not_ours: state.farm.prompts_not_ours(),
+            waiting_for_disk: state.farm.outputs_waiting_for_disk(),
             quarantined: state.farm.quarantined(),
         }
     }
@@ -57,6 +60,7 @@ impl FarmNow {
     fn live(&self, record: crate::store::BackendRecord) -> Backend {
         let mut b = Backend::from(record);
         b.prompts_not_ours = self.not_ours.get(&b.id).copied().unwrap_or(0) as i64;
+        b.outputs_waiting_for_disk = self.waiting_for_disk.get(&b.id).copied().unwrap_or(0) as i64;
         if let Some(q) = self.quarantined.get(&b.id) {
             b.accepting_jobs = false;
             b.quarantined_until = Some(q.until);

@@ -341,6 +341,10 @@ pub struct Backend {
     /// socket: they take its `max_inflight` slots as ours do, so work goes
     /// to a free box rather than waiting behind them.
     pub prompts_not_ours: i64,
+    /// Of its jobs, those that finished and whose outputs wait for space on
+    /// the orchestrator's full disk: they hold their slots (no attempt
+    /// spent) and are collected once space is freed.
+    pub outputs_waiting_for_disk: i64,
     /// Until when it takes no jobs because its jobs failed while the same
     /// jobs completed on other backends (a sick box: a broken driver, a
     /// full disk); `null` when it is not in quarantine. Enabling it ends
@@ -387,6 +391,7 @@ impl From<BackendRecord> for Backend {
             queue_remaining: b.queue_remaining,
             active_jobs: b.active_jobs,
             prompts_not_ours: 0,
+            outputs_waiting_for_disk: 0,
             quarantined_until: None,
             quarantine_reason: None,
             last_error: b.last_error,

@@ -285,7 +285,7 @@ async function renderBackends() {
       <td>${esc(b.admin_state || (b.config_enabled ? "enabled" : "disabled"))}${b.accepting_jobs ? "" : ' <span class="muted">(no new jobs)</span>'}${b.hours ? `<div class="muted hours">${b.off_hours ? "outside its hours" : "hours"} ${esc(b.hours)}${b.hours_override_until ? `; lent by an operator until ${time(b.hours_override_until)}` : ""}</div>` : ""}</td>
       <td>${esc(b.comfyui_version || "–")}</td>
       <td>${gib(b.vram_free)} / ${gib(b.vram_total)}</td>
-      <td>${b.active_jobs} / ${b.max_inflight}${b.prompts_not_ours ? ` <span class="muted" title="prompts in its ComfyUI queue that the orchestrator did not send">+${b.prompts_not_ours} not ours</span>` : ""}${runs(b.id)}</td>
+      <td>${b.active_jobs} / ${b.max_inflight}${b.prompts_not_ours ? ` <span class="muted" title="prompts in its ComfyUI queue that the orchestrator did not send">+${b.prompts_not_ours} not ours</span>` : ""}${b.outputs_waiting_for_disk ? ` <span class="error" title="finished; their outputs wait for space on the orchestrator's full disk">${b.outputs_waiting_for_disk} waiting for disk space</span>` : ""}${runs(b.id)}</td>
       <td>${esc((b.tags || []).join(", "))}</td>
       <td class="muted">${esc(b.quarantine_reason || b.last_error || "")}</td>
       <td><button data-act="/api/backends/${esc(b.id)}/enable">Enable</button> <button data-act="/api/backends/${esc(b.id)}/drain">Drain</button> <button data-act="/api/backends/${esc(b.id)}/disable">Disable</button></td></tr>`).join("");
@@ -310,7 +310,7 @@ async function renderBackend(id) {
     <div class="grid">
       <span class="muted">Address</span><span class="mono"><a href="${esc(b.url)}" target="_blank" rel="noopener" title="its ComfyUI's own page">${esc(b.url)}</a></span>
       <span class="muted">ComfyUI</span><span>${esc(b.comfyui_version || "–")}</span>
-      <span class="muted">Jobs</span><span>${b.active_jobs} / ${b.max_inflight}${b.prompts_not_ours ? ` (+${b.prompts_not_ours} prompts not ours in its queue)` : ""}</span>
+      <span class="muted">Jobs</span><span>${b.active_jobs} / ${b.max_inflight}${b.prompts_not_ours ? ` (+${b.prompts_not_ours} prompts not ours in its queue)` : ""}${b.outputs_waiting_for_disk ? ` (${b.outputs_waiting_for_disk} finished, their outputs waiting for space on the orchestrator's full disk)` : ""}</span>
       <span class="muted">Loaded model</span><span class="mono">${esc(b.loaded_model || "–")}</span>
       <span class="muted">Tags</span><span>${esc((b.tags || []).join(", ") || "–")}</span>
       <span class="muted">Last error</span><span>${esc(b.last_error || "–")}</span>

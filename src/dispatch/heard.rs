@@ -1,7 +1,10 @@
 //! What the worker hears on its backend's WebSocket: that a prompt it
 //! follows started, moved on a node, or ended; a preview of it; that the
 //! backend's queue changed (how many prompts there are not ours); that the
-//! socket is alive and is the one registered for our client id.
+//! socket is alive and is the one registered for our client id. And what
+//! it shows the farm of its slots: those taken by prompts not ours, and by
+//! prompts whose outputs wait for disk space (a queued job's page says why
+//! the box takes no more).
 //!
 //! Why apart from the loop (`worker.rs`): the loop decides when to listen,
 //! ask, lease and give up on the socket; this says what each message means
@@ -54,6 +57,21 @@ impl Worker {
         }
         self.foreign_freed |= foreign < self.foreign;
         self.foreign = foreign;
+    }
+
+    /// Shows the farm how many of its prompts finished and wait for disk
+    /// space to save their outputs (they hold their slots), when it changed.
+    pub(super) fn note_disk_waits(&mut self) {
+        let waits = self.tracked.values().filter(|t| t.waits_for_disk).count();
+        if waits != self.disk_waits {
+            let mut shown = self.shared.disk_waits.lock().expect("disk waits");
+            if waits == 0 {
+                shown.remove(&self.id);
+            } else {
+                shown.insert(self.id.clone(), waits);
+            }
+            self.disk_waits = waits;
+        }
     }
 
     pub(super) async fn on_event(&mut self, ev: WsEvent) {

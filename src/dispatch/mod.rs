@@ -128,6 +128,9 @@ struct Shared {
     /// Prompts not ours in each backend's queue, as its worker last heard
     /// (absent: none, or not heard yet).
     foreign: Mutex<HashMap<String, usize>>,
+    /// Prompts of each backend that finished and wait for disk space to
+    /// save their outputs (absent: none).
+    disk_waits: Mutex<HashMap<String, usize>>,
     previews: tokio::sync::broadcast::Sender<Preview>,
     /// Times at which a retry falls due (the workers are woken then).
     due: DueTimes,
@@ -333,6 +336,7 @@ impl Farm {
             commands,
             progress: Mutex::new(HashMap::new()),
             foreign: Mutex::new(HashMap::new()),
+            disk_waits: Mutex::new(HashMap::new()),
             previews: tokio::sync::broadcast::channel(64).0,
             due: DueTimes::default(),
             inventories: std::sync::RwLock::new(
@@ -508,6 +512,13 @@ impl Farm {
         self.shared.foreign.lock().expect("foreign").clone()
     }
 
+    /// Prompts of each backend (those that have any) that finished and
+    /// wait for space on the data folder's disk to save their outputs:
+    /// they hold its slots until space is freed.
+    pub fn outputs_waiting_for_disk(&self) -> HashMap<String, usize> {
+        self.shared.disk_waits.lock().expect("disk waits").clone()
+    }
+
     /// Backends left out of leasing now because their jobs failed while
     /// the same jobs completed elsewhere (see `dispatch::health`).
     pub fn quarantined(&self) -> HashMap<String, Quarantine> {
@@ -515,10 +526,12 @@ impl Farm {
     }
 
     /// What a queued job's page needs of the running farm to say why it
-    /// waits: prompts not ours, and quarantines in a sentence each.
+    /// waits: prompts not ours, prompts waiting for disk space, and
+    /// quarantines in a sentence each.
     pub fn live_backends(&self) -> crate::store::LiveBackends {
         crate::store::LiveBackends {
             not_ours: self.prompts_not_ours(),
+            waiting_for_disk: self.outputs_waiting_for_disk(),
             quarantined: self
                 .quarantined()
                 .into_iter()

@@ -88,6 +88,8 @@ pub(super) struct Worker {
     pub(super) foreign: usize,
     /// Fewer of them since the worker last looked: a slot may have freed.
     pub(super) foreign_freed: bool,
+    /// Its prompts whose outputs wait for disk space, as last shown.
+    pub(super) disk_waits: usize,
 }
 
 impl Worker {
@@ -119,6 +121,7 @@ impl Worker {
             slot,
             foreign: 0,
             foreign_freed: false,
+            disk_waits: 0,
         }
     }
 
@@ -179,6 +182,7 @@ impl Worker {
             if self.take_reports() || std::mem::take(&mut self.foreign_freed) {
                 wake = wake.max(Some(Wake::SlotFreed));
             }
+            self.note_disk_waits();
             if self.link.stream.is_none() && !Box::pin(self.connect()).await {
                 self.shared.idle.busy(&self.id);
                 let (since, delay) = self.link.connect_failed();

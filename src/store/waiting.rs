@@ -50,6 +50,9 @@ pub(super) async fn unrunnable_reason(
 pub struct LiveBackends {
     /// Prompts not ours in each backend's ComfyUI queue (they take its slots).
     pub not_ours: std::collections::HashMap<String, usize>,
+    /// Prompts of each backend that finished and wait for space on the
+    /// data folder's disk to save their outputs (they hold its slots).
+    pub waiting_for_disk: std::collections::HashMap<String, usize>,
     /// Backends in quarantine, each with a sentence: until when, and why.
     pub quarantined: std::collections::HashMap<String, String>,
 }
@@ -195,10 +198,17 @@ pub(super) async fn why_waiting_in(
         } else if let Some(q) = live.quarantined.get(&id) {
             format!("is in quarantine {q}")
         } else if active + others >= max {
+            let disk = match live.waiting_for_disk.get(&id) {
+                Some(n) => format!(
+                    "; {n} of them finished, their outputs waiting for space on the orchestrator's \
+                     full disk: free space on it"
+                ),
+                None => String::new(),
+            };
             match others {
-                0 => format!("is busy ({active} of {max} slots)"),
+                0 => format!("is busy ({active} of {max} slots{disk})"),
                 n => format!(
-                    "is busy ({active} of {max} slots ours, and {n} prompt{} in its queue not from the orchestrator)",
+                    "is busy ({active} of {max} slots ours{disk}; and {n} prompt{} in its queue not from the orchestrator)",
                     if n == 1 { "" } else { "s" }
                 ),
             }
