@@ -650,6 +650,7 @@ async fn the_openapi_document_describes_every_route_and_the_docs_page_is_served(
         "/api/job/{id}/cancel",
         "/api/job/{id}/priority",
         "/api/job/{id}/pause",
+        "/api/batch/{batch}/resume",
         "/api/jobs",
         "/api/jobs/counts",
         "/api/health",

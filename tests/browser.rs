@@ -937,3 +937,61 @@ async fn the_backends_page_says_a_workstation_is_outside_its_hours() {
     assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
     let _ = b.child.kill().await;
 }
+
+/// A batch the farm holds (its shots failing one after the other alike) is
+/// shown above every page with a button that lets it go, once asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_batch_is_shown_above_every_page_and_let_go_from_there() {
+    let Some(exe) = chromium_or_skip() else {
+        return;
+    };
+    let sim = start_sim(0).await;
+    let app = spawn_farm_with(vec![backend("gpu-box-1", sim.port, &[], 1)], |c| {
+        c.dispatch.pause_batch_after = 2;
+    })
+    .await;
+    app.wait_backend("gpu-box-1", "online").await;
+    let shot =
+        json!({"workflow": failing_graph(), "max_attempts": 1, "metadata": {"batch": "night 1"}});
+    for _ in 0..2 {
+        let (status, body) = app.post_json("/api/job", &shot).await;
+        assert_eq!(status, 201, "{body}");
+        app.wait_status(body["job_id"].as_str().unwrap(), "failed")
+            .await;
+    }
+    let (_, held) = app.post_json("/api/job", &shot).await;
+    assert_eq!(held["paused"], true, "{held}");
+    let held = held["job_id"].as_str().unwrap().to_string();
+    let mut b = Browser::launch(exe).await;
+    b.goto(&format!("{}/#/backends", app.url)).await;
+    let button = "document.querySelector('#notices button.resume-batch')";
+    let asks = b
+        .wait_for(
+            "the held batch's notice",
+            &format!("{button} && {button}.dataset.confirm"),
+        )
+        .await;
+    assert_eq!(
+        asks,
+        json!("Resume batch night 1? Its paused jobs run, and its new ones are no longer held: once the cause (IndexError in ImageToMask) is mended.")
+    );
+    let notice = b.eval("document.getElementById('notices').innerText").await;
+    let notice = notice.as_str().unwrap();
+    assert!(
+        notice.starts_with("batch night 1 was paused by the farm at ")
+            && notice.matches("batch night 1 was paused").count() == 1,
+        "shown once: {notice}"
+    );
+    b.eval(&format!("window.confirm = () => true; {button}.click()"))
+        .await;
+    b.wait_for(
+        "the notice gone",
+        "document.querySelector('#notices button.resume-batch') === null",
+    )
+    .await;
+    app.wait_status(&held, "failed").await;
+    let (_, next) = app.post_json("/api/job", &shot).await;
+    assert!(next.get("paused").is_none(), "let go: {next}");
+    assert!(b.errors.is_empty(), "console errors: {:?}", b.errors);
+    let _ = b.child.kill().await;
+}

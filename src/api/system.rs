@@ -52,6 +52,27 @@ pub struct Health {
     /// it can.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub inbox_waiting: Vec<crate::inbox::WaitingFile>,
+    /// Batches the farm holds, found failing job after job alike: their
+    /// jobs not started are paused, and so is each job submitted for them,
+    /// until `POST /api/batch/{batch}/resume` (each is also in `warnings`,
+    /// as its `message`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held_batches: Vec<HeldBatch>,
+}
+
+/// A batch the farm holds.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeldBatch {
+    /// The metadata field naming a batch (`dispatch.batch_field`).
+    pub field: String,
+    /// The batch.
+    pub batch: String,
+    /// The failure that broke it.
+    pub cause: String,
+    /// Since when.
+    pub held_at: chrono::DateTime<chrono::Utc>,
+    /// For people: what broke it and how to let it go.
+    pub message: String,
 }
 
 /// Health: `200` when the database answers, `503` with the reason when not.
@@ -90,12 +111,26 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
             state.config.retention.low_space_bytes >> 20
         ));
     }
-    match state.farm.broken_batches().await {
-        Ok(broken) => warnings.extend(broken),
-        Err(e) => tracing::warn!(error = %e, "cannot read which broken batches stay paused"),
-    }
+    let held_batches: Vec<HeldBatch> = match state.farm.held_batches().await {
+        Ok(held) => held
+            .into_iter()
+            .map(|h| HeldBatch {
+                field: h.field,
+                batch: h.batch,
+                cause: h.cause,
+                held_at: h.held_at,
+                message: h.banner,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read which batches the farm holds");
+            Vec::new()
+        }
+    };
+    warnings.extend(held_batches.iter().map(|h| h.message.clone()));
     let body = Health {
         inbox_waiting: state.inbox_waiting.list(),
+        held_batches,
         disk,
         warnings,
         status: if ok { "ok" } else { "error" }.into(),

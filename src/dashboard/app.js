@@ -337,8 +337,8 @@ function route() {
 function render() { notices(false); return route()(); }
 
 // What the service wants an operator to see, above every page: a database it
-// cannot use, low disk space, inbox files waiting for the job they start
-// from. Read from /api/health when a page is drawn (at most once a second),
+// cannot use, low disk space, a batch the farm holds (with the button that
+// lets it go), inbox files waiting for the job they start from. Read from /api/health when a page is drawn (at most once a second),
 // when the user moves to another page, and every 15 s.
 let noticesAt = 0;
 async function notices(now) {
@@ -349,13 +349,21 @@ async function notices(now) {
   if (!h) return;
   const items = [];
   if (h.database && h.database !== "ok") items.push(`The database cannot be used: ${esc(h.database)}`);
-  for (const w of h.warnings || []) items.push(esc(w));
+  const held = h.held_batches || [];
+  for (const w of h.warnings || []) if (!held.some(b => b.message === w)) items.push(esc(w));
+  for (const b of held) {
+    items.push(`${esc(b.message)} <button class="resume-batch" data-act="/api/batch/${esc(encodeURIComponent(b.batch))}/resume" data-confirm="Resume ${esc(b.field)} ${esc(b.batch)}? Its paused jobs run, and its new ones are no longer held: once the cause (${esc(b.cause)}) is mended." title="its paused jobs run in their turn; its new ones are not held">Resume the batch</button>`);
+  }
   for (const f of h.inbox_waiting || []) {
     items.push(f.rejected_after
       ? `Inbox: <span class="mono">${esc(f.file)}</span> waits for the job it starts from: ${esc(f.message)}. It is rejected after ${time(f.rejected_after)} if none comes.`
       : `Inbox: <span class="mono">${esc(f.file)}</span> cannot be taken now: ${esc(f.message)}. It is taken once it can be.`);
   }
-  document.getElementById("notices").innerHTML = items.map(i => `<div class="notice">${i}</div>`).join("");
+  const shown = document.getElementById("notices");
+  shown.innerHTML = items.map(i => `<div class="notice">${i}</div>`).join("");
+  shown.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = async () => {
+    if (confirm(btn.dataset.confirm)) { await act(btn.dataset.act); notices(true); }
+  });
 }
 
 // Live updates: progress bars move in place; state changes re-render (at most a few times a second).

@@ -334,18 +334,13 @@ impl BadBatches {
         Ok(store.pause_batch(&self.field, batch, why).await?.len())
     }
 
-    /// What `GET /api/health` warns of: each batch held, in a sentence
-    /// (none held costs no read).
-    pub(super) async fn still_paused(&self, store: &Store) -> Result<Vec<String>, StoreError> {
+    /// What `GET /api/health` warns of: each batch held (none held costs
+    /// no read).
+    pub(super) async fn still_held(&self, store: &Store) -> Result<Vec<HeldBatch>, StoreError> {
         if self.held.read().expect("held batches").is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self
-            .holds(store)
-            .await?
-            .into_iter()
-            .map(|h| h.banner)
-            .collect())
+        self.holds(store).await
     }
 }
 

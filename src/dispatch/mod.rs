@@ -558,10 +558,12 @@ impl Farm {
         self.backend_changed(backend_id);
     }
 
-    /// The batches the farm holds for failing job after job alike, each in
-    /// a sentence (`GET /api/health`).
-    pub async fn broken_batches(&self) -> Result<Vec<String>, crate::store::StoreError> {
-        self.shared.batches.still_paused(&self.shared.store).await
+    /// The batches the farm holds for failing job after job alike, oldest
+    /// first (`GET /api/health`).
+    pub async fn held_batches(
+        &self,
+    ) -> Result<Vec<crate::store::HeldBatch>, crate::store::StoreError> {
+        self.shared.batches.still_held(&self.shared.store).await
     }
 
     /// The batch of a submission's `metadata` (field, value) if the farm
