@@ -270,13 +270,13 @@ async fn a_batch_is_moved_cancelled_and_retried_by_its_ids() {
     }
 }
 
-/// A batch let go in one command: each of its paused jobs is resumed (its
-/// name in the path, spaces and all), another batch's stay paused.
+/// A batch the farm holds, as the morning's count shows it, let go in one
+/// command: each of its paused jobs is resumed (its name in the path,
+/// spaces and all), another batch's stay paused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_is_resumed_by_its_name() {
+async fn a_held_batch_is_counted_as_held_and_resumed_by_its_name() {
     let sim = start_sim(0).await;
     let app = spawn_farm(vec![backend("cli1", sim.port, &[], 1)]).await;
-    app.wait_backend("cli1", "online").await;
     let mut night = Vec::new();
     for batch in ["night 1", "night 1", "night 2"] {
         night.push(
@@ -284,12 +284,33 @@ async fn a_batch_is_resumed_by_its_name() {
                 .await,
         );
     }
+    // Held by the farm (as its breaker holds a batch failing job after job).
+    app.store
+        .hold_batch(orchestrator::store::HeldBatch {
+            field: "batch".into(),
+            batch: "night 1".into(),
+            cause: "IndexError in ImageToMask".into(),
+            why: "paused with its batch (batch night 1): it broke".into(),
+            banner: "batch night 1 is held by the farm: it broke".into(),
+            held_at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    let app = app.restart().await;
+    app.wait_backend("cli1", "online").await;
+    let (ok, out, err) = cli(&app.url, &["jobs", "--count", "-m", "batch=night 1"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("2 jobs: 2 queued (2 of them paused)\n")
+            && out.contains("\nbatch night 1 is held by the farm: it broke\n"),
+        "{out}"
+    );
     let (ok, out, err) = cli(&app.url, &["resume", "--batch", "night 1"]).await;
     assert!(ok, "{err}");
     assert_eq!(
         out,
         format!(
-            "batch night 1: the farm did not hold it; 2 resumed:\n{}\n{}\n",
+            "batch night 1: the farm no longer holds it: its new jobs run; 2 resumed:\n{}\n{}\n",
             night[0], night[1]
         )
     );
@@ -297,6 +318,8 @@ async fn a_batch_is_resumed_by_its_name() {
         app.wait_status(id, "completed").await;
     }
     assert!(app.job(&night[2]).await["paused_at"].is_string());
+    let (ok, out, err) = cli(&app.url, &["jobs", "--count", "-m", "batch=night 1"]).await;
+    assert!(ok && !out.contains("held"), "{out} {err}");
     let (ok, out, err) = cli(&app.url, &["resume", "--batch", "night 1"]).await;
     assert!(ok, "{err}");
     assert_eq!(

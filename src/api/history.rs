@@ -224,6 +224,12 @@ pub struct JobCounts {
     /// take it now: gpu-2 is outside its hours"); `null` when none is
     /// queued, or it is about to start.
     pub waiting: Option<Waiting>,
+    /// When the filters name a batch (`metadata.batch=night1`, by
+    /// `dispatch.batch_field`) that the farm holds, found failing job after
+    /// job alike: why, and since when (its new jobs are stored paused until
+    /// `POST /api/batch/{batch}/resume`). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<super::wire::HeldBatch>,
 }
 
 /// A queued job, and why it waits.
@@ -342,6 +348,11 @@ pub(super) async fn count_jobs(
         true => why_queued_wait(&state, &filter).await?,
         false => None,
     };
+    let held = state
+        .farm
+        .held_batch_named(&filter.metadata)
+        .await?
+        .map(super::wire::HeldBatch::from);
     let total: i64 = jobs.values().sum();
     let ended: i64 = JobStatus::ALL
         .iter()
@@ -364,6 +375,7 @@ pub(super) async fn count_jobs(
         ended_recently: counts.ended_recently,
         failures,
         waiting,
+        held,
     }))
 }
 

@@ -57,22 +57,7 @@ pub struct Health {
     /// until `POST /api/batch/{batch}/resume` (each is also in `warnings`,
     /// as its `message`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub held_batches: Vec<HeldBatch>,
-}
-
-/// A batch the farm holds.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct HeldBatch {
-    /// The metadata field naming a batch (`dispatch.batch_field`).
-    pub field: String,
-    /// The batch.
-    pub batch: String,
-    /// The failure that broke it.
-    pub cause: String,
-    /// Since when.
-    pub held_at: chrono::DateTime<chrono::Utc>,
-    /// For people: what broke it and how to let it go.
-    pub message: String,
+    pub held_batches: Vec<super::wire::HeldBatch>,
 }
 
 /// Health: `200` when the database answers, `503` with the reason when not.
@@ -111,17 +96,8 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
             state.config.retention.low_space_bytes >> 20
         ));
     }
-    let held_batches: Vec<HeldBatch> = match state.farm.held_batches().await {
-        Ok(held) => held
-            .into_iter()
-            .map(|h| HeldBatch {
-                field: h.field,
-                batch: h.batch,
-                cause: h.cause,
-                held_at: h.held_at,
-                message: h.banner,
-            })
-            .collect(),
+    let held_batches: Vec<super::wire::HeldBatch> = match state.farm.held_batches().await {
+        Ok(held) => held.into_iter().map(super::wire::HeldBatch::from).collect(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read which batches the farm holds");
             Vec::new()

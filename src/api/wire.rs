@@ -401,3 +401,30 @@ impl From<BackendRecord> for Backend {
         }
     }
 }
+
+/// A batch the farm holds.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeldBatch {
+    /// The metadata field naming a batch (`dispatch.batch_field`).
+    pub field: String,
+    /// The batch.
+    pub batch: String,
+    /// The failure that broke it.
+    pub cause: String,
+    /// Since when.
+    pub held_at: chrono::DateTime<chrono::Utc>,
+    /// For people: what broke it and how to let it go.
+    pub message: String,
+}
+
+impl From<crate::store::HeldBatch> for HeldBatch {
+    fn from(h: crate::store::HeldBatch) -> Self {
+        HeldBatch {
+            field: h.field,
+            batch: h.batch,
+            cause: h.cause,
+            held_at: h.held_at,
+            message: h.banner,
+        }
+    }
+}

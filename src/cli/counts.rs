@@ -57,6 +57,9 @@ pub(super) async fn print_counts(remote: &Remote, q: Vec<(String, String)>) -> a
             c["ended_recently"]
         );
     }
+    if let Some(held) = c["held"]["message"].as_str() {
+        println!("{held}");
+    }
     if let Some(why) = c["waiting"]["waiting_for"].as_str() {
         println!(
             "the queued ones wait: {why} (the newest, {})",

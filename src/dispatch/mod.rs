@@ -566,6 +566,20 @@ impl Farm {
         self.shared.batches.still_held(&self.shared.store).await
     }
 
+    /// The hold on the batch that history filters name (`metadata.KEY=VALUE`
+    /// pairs, one of them the batch field), if the farm holds it; no read
+    /// when they name none.
+    pub async fn held_batch_named(
+        &self,
+        metadata: &[(String, String)],
+    ) -> Result<Option<crate::store::HeldBatch>, StoreError> {
+        let field = self.shared.batches.field();
+        match metadata.iter().find(|(k, _)| k == field) {
+            Some((_, batch)) => self.shared.store.held_batch(field, batch).await,
+            None => Ok(None),
+        }
+    }
+
     /// The batch of a submission's `metadata` (field, value) if the farm
     /// may hold it: the store then stores the job paused if the hold
     /// still stands as it writes it. No read.
