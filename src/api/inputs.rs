@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::jobs::SubmitResponse;
+use super::wire::SubmitResponse;
 use super::{ApiError, AppState};
 use crate::inputs::{file_refs, replace_file_refs, InputError, Staged};
 use crate::store::{InputDeletion, InputRecord, JobStatus};

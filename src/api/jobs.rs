@@ -12,11 +12,9 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::wire::{Event, Job, Lease, Output, WebhookDelivery};
+use super::wire::{Event, Job, Lease, Output, SubmitResponse, WebhookDelivery};
 use super::{ApiError, AppState};
-use crate::dispatch::BatchResumed;
 use crate::store::{CancelOutcome, JobStatus};
-use crate::submit::Submitted;
 
 pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
     // A multipart submission carries its files.
@@ -34,28 +32,6 @@ pub(super) fn router(max_input_bytes: u64) -> Router<AppState> {
         .route("/api/job/{id}/pause", post(pause_job))
         .route("/api/job/{id}/resume", post(resume_job))
         .route("/api/job/{id}/schedule", post(schedule_job))
-        .route("/api/batch/{batch}/resume", post(resume_batch))
-}
-
-/// Answer to a submission.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct SubmitResponse {
-    /// The job's id.
-    pub job_id: String,
-    /// `queued` for a new job; the current status for an idempotent repeat.
-    pub status: JobStatus,
-    /// A sentence for people.
-    pub message: String,
-    /// When the job was stored (RFC 3339 UTC).
-    pub submitted_at: DateTime<Utc>,
-    /// Things accepted but worth knowing (ignored fields; a batch the
-    /// farm holds).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
-    /// Stored paused (asked to be, or its batch held by the farm): no
-    /// backend takes it until it is resumed. Absent when not.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub paused: bool,
 }
 
 /// A request's body, at most `limit` bytes (this route takes larger
@@ -165,35 +141,6 @@ pub(super) async fn submit_job(
         StatusCode::OK
     };
     Ok((code, Json(SubmitResponse::from(submitted))).into_response())
-}
-
-impl From<Submitted> for SubmitResponse {
-    fn from(s: Submitted) -> SubmitResponse {
-        SubmitResponse {
-            message: if s.paused {
-                format!(
-                    "Job stored paused: no backend takes it until it is resumed (POST /api/job/{}/resume)",
-                    s.job_id
-                )
-            } else if let Some(at) = s.starts_at {
-                format!(
-                    "Job stored; no backend takes it before {} (its start_after)",
-                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                )
-            } else if s.created && s.status == JobStatus::Waiting {
-                "Job stored; it waits for the jobs it starts from to complete".to_string()
-            } else if s.created {
-                "Job stored and queued".to_string()
-            } else {
-                "A job with this idempotency key and manifest exists; this is it".to_string()
-            },
-            job_id: s.job_id,
-            status: s.status,
-            submitted_at: s.submitted_at,
-            warnings: s.warnings,
-            paused: s.paused,
-        }
-    }
 }
 
 /// Everything about a job.
@@ -574,24 +521,6 @@ pub(super) async fn resume_job(
 ) -> Result<Json<JobDetail>, ApiError> {
     set_paused(&state, &id, false, false).await?;
     detail(&state, &id).await.map(Json)
-}
-
-/// Let a batch go (jobs whose metadata field `dispatch.batch_field`, `batch`
-/// by default, is `{batch}`): the farm no longer holds it, if it found it
-/// broken, and each of its paused jobs is resumed and runs in its turn.
-/// Once the cause is mended; a batch never held or paused changes nothing.
-#[utoipa::path(
-    post,
-    path = "/api/batch/{batch}/resume",
-    tag = "jobs",
-    params(("batch" = String, Path, description = "The batch: its jobs' metadata field `dispatch.batch_field`")),
-    responses((status = 200, description = "Whether it was held, and the jobs resumed", body = BatchResumed))
-)]
-pub(super) async fn resume_batch(
-    State(state): State<AppState>,
-    Path(batch): Path<String>,
-) -> Result<Json<BatchResumed>, ApiError> {
-    Ok(Json(state.farm.resume_batch(&batch).await?))
 }
 
 /// Pauses or resumes a job; whether a backend is being asked to stop it.

@@ -7,6 +7,7 @@
 //! "field"?}}`, so clients need one error path.
 
 mod backends;
+mod batches;
 mod dashboard;
 mod error;
 mod events;
@@ -106,6 +107,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(jobs::router(state.config.limits.max_input_bytes))
         .merge(history::router())
+        .merge(batches::router())
         .merge(outputs::router())
         .merge(farm::router())
         .merge(inputs::router(state.config.limits.max_input_bytes))

@@ -8,7 +8,7 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{backends, events, farm, history, inputs, jobs, outputs, system, AppState};
+use super::{backends, batches, events, farm, history, inputs, jobs, outputs, system, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -26,7 +26,7 @@ use super::{backends, events, farm, history, inputs, jobs, outputs, system, AppS
         jobs::set_priority,
         jobs::pause_job,
         jobs::resume_job,
-        jobs::resume_batch,
+        batches::resume_batch,
         jobs::schedule_job,
         outputs::get_output,
         farm::farm,

@@ -1,5 +1,6 @@
-//! What clients see: the JSON shapes of jobs, outputs, leases, events and
-//! backends, built from the store's records.
+//! What clients see: the JSON shapes of jobs, outputs, leases, events,
+//! backends, a submission's answer and a held batch, built from the
+//! store's records.
 //!
 //! Why a layer of its own: these shapes are a contract (the names clients
 //! depend on never change, fields are only added), while the store's
@@ -425,6 +426,56 @@ impl From<crate::store::HeldBatch> for HeldBatch {
             cause: h.cause,
             held_at: h.held_at,
             message: h.banner,
+        }
+    }
+}
+
+/// Answer to a submission.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubmitResponse {
+    /// The job's id.
+    pub job_id: String,
+    /// `queued` for a new job; the current status for an idempotent repeat.
+    pub status: JobStatus,
+    /// A sentence for people.
+    pub message: String,
+    /// When the job was stored (RFC 3339 UTC).
+    pub submitted_at: DateTime<Utc>,
+    /// Things accepted but worth knowing (ignored fields; a batch the
+    /// farm holds).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// Stored paused (asked to be, or its batch held by the farm): no
+    /// backend takes it until it is resumed. Absent when not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+impl From<crate::submit::Submitted> for SubmitResponse {
+    fn from(s: crate::submit::Submitted) -> SubmitResponse {
+        SubmitResponse {
+            message: if s.paused {
+                format!(
+                    "Job stored paused: no backend takes it until it is resumed (POST /api/job/{}/resume)",
+                    s.job_id
+                )
+            } else if let Some(at) = s.starts_at {
+                format!(
+                    "Job stored; no backend takes it before {} (its start_after)",
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            } else if s.created && s.status == JobStatus::Waiting {
+                "Job stored; it waits for the jobs it starts from to complete".to_string()
+            } else if s.created {
+                "Job stored and queued".to_string()
+            } else {
+                "A job with this idempotency key and manifest exists; this is it".to_string()
+            },
+            job_id: s.job_id,
+            status: s.status,
+            submitted_at: s.submitted_at,
+            warnings: s.warnings,
+            paused: s.paused,
         }
     }
 }

@@ -344,6 +344,68 @@ impl BadBatches {
     }
 }
 
+/// What the farm says and does of the batches it holds.
+impl super::Farm {
+    /// The batches the farm holds for failing job after job alike, oldest
+    /// first (`GET /api/health`).
+    pub async fn held_batches(
+        &self,
+    ) -> Result<Vec<crate::store::HeldBatch>, crate::store::StoreError> {
+        self.shared.batches.still_held(&self.shared.store).await
+    }
+
+    /// The hold on the batch that history filters name (`metadata.KEY=VALUE`
+    /// pairs, one of them the batch field), if the farm holds it; no read
+    /// when they name none.
+    pub async fn held_batch_named(
+        &self,
+        metadata: &[(String, String)],
+    ) -> Result<Option<crate::store::HeldBatch>, StoreError> {
+        let field = self.shared.batches.field();
+        match metadata.iter().find(|(k, _)| k == field) {
+            Some((_, batch)) => self.shared.store.held_batch(field, batch).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The batch of a submission's `metadata` (field, value) if the farm
+    /// may hold it: the store then stores the job paused if the hold
+    /// still stands as it writes it. No read.
+    pub fn held_batch_of(
+        &self,
+        metadata: &serde_json::Map<String, Value>,
+    ) -> Option<(String, String)> {
+        self.shared.batches.may_hold(metadata)
+    }
+
+    /// Lets a batch go (`POST /api/batch/{batch}/resume`): its hold ends,
+    /// if it had one, and each of its paused jobs is resumed, in that
+    /// order (a job submitted in between is not held, rather than held
+    /// and missed).
+    pub async fn resume_batch(&self, batch: &str) -> Result<BatchResumed, StoreError> {
+        let store = &self.shared.store;
+        let batches = &self.shared.batches;
+        let released = batches.release(store, batch).await?;
+        let mut resumed = Vec::new();
+        for job_id in store.paused_in_batch(batches.field(), batch).await? {
+            match self.set_paused(&job_id, false, false).await {
+                Ok(change) if change.was_paused => resumed.push(job_id),
+                Ok(_) => {}
+                // Gone since (retention), or cancelled: nothing to resume.
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::info!(%batch, released, resumed = resumed.len(), "batch resumed by a user");
+        Ok(BatchResumed {
+            field: batches.field().to_string(),
+            batch: batch.to_string(),
+            released,
+            resumed,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
