@@ -44,7 +44,10 @@ END;
 -- (the submission's single INSERT: the trigger of V13 made again, its
 -- message read from the hold when there is one, its data as the farm's
 -- pauses' with `held`: the batch's pause, told once, is not told again
--- for each job held after it).
+-- for each job held after it). The hold is read in the select list, so
+-- only for a job stored paused, and from the holds (a few rows) to the
+-- job's metadata by its whole key: a join the other way round reads the
+-- whole `job_metadata` table, which has no index by job, on every insert.
 DROP TRIGGER jobs_submitted;
 CREATE TRIGGER jobs_submitted AFTER INSERT ON jobs BEGIN
     INSERT OR IGNORE INTO job_metadata (key, value, job_seq)
@@ -57,12 +60,14 @@ CREATE TRIGGER jobs_submitted AFTER INSERT ON jobs BEGIN
                      ELSE 'submitted with workflow `' || NEW.workflow_id || '`' END);
     INSERT INTO job_events (job_id, workflow_id, at, kind, status, message, data)
         SELECT NEW.id, NEW.workflow_id, NEW.submitted_at, 'paused', NEW.status,
-               COALESCE(h.why, 'submitted paused: no backend takes it until it is resumed'),
-               CASE WHEN h.batch IS NOT NULL
-                    THEN json_object('batch', h.batch, 'by', 'farm', 'held', json('true')) END
-        FROM (SELECT 1) LEFT JOIN (SELECT hb.why, hb.batch FROM held_batches hb JOIN job_metadata m
-                                     ON m.key = hb.field AND m.value = hb.batch
-                                   WHERE m.job_seq = NEW.seq) h
+               COALESCE((SELECT h.why FROM held_batches h WHERE EXISTS
+                           (SELECT 1 FROM job_metadata m WHERE m.key = h.field
+                              AND m.value = h.batch AND m.job_seq = NEW.seq)),
+                        'submitted paused: no backend takes it until it is resumed'),
+               (SELECT json_object('batch', h.batch, 'by', 'farm', 'held', json('true'))
+                FROM held_batches h WHERE EXISTS
+                  (SELECT 1 FROM job_metadata m WHERE m.key = h.field
+                     AND m.value = h.batch AND m.job_seq = NEW.seq))
         WHERE NEW.paused_at IS NOT NULL;
     INSERT INTO job_events (job_id, workflow_id, at, kind, status, message)
         SELECT NEW.id, NEW.workflow_id, NEW.submitted_at, 'scheduled', NEW.status,
