@@ -208,7 +208,7 @@ pub(super) async fn why_waiting_in(
             match others {
                 0 => format!("is busy ({active} of {max} slots{disk})"),
                 n => format!(
-                    "is busy ({active} of {max} slots ours{disk}; and {n} prompt{} in its queue not from the orchestrator)",
+                    "is busy ({active} of {max} slots ours{disk}, and {n} prompt{} in its queue not from the orchestrator)",
                     if n == 1 { "" } else { "s" }
                 ),
             }
