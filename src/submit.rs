@@ -234,6 +234,8 @@ pub struct Submitted {
     pub warnings: Vec<String>,
     /// A new job stored paused.
     pub paused: bool,
+    /// Stored paused because the farm holds its batch (field, batch).
+    pub held_with: Option<(String, String)>,
     /// A new job stored to start at this time, still to come.
     pub starts_at: Option<DateTime<Utc>>,
 }
@@ -283,6 +285,7 @@ impl Submitter {
         let hold = parsed.job.hold.clone();
         let later = parsed.job.start_after.filter(|t| *t > Utc::now());
         let mut warnings = parsed.warnings;
+        let mut held_with = None;
         let (created, summary) = match self.store.submit(parsed.job).await? {
             SubmitOutcome::Created(s) => {
                 // A waiting one is rung for when its last parent completes,
@@ -301,6 +304,7 @@ impl Submitter {
                              job after job alike (its `paused` event says how); once it is mended: \
                              orchestrator resume --batch {batch}"
                         ));
+                        held_with = Some((field, batch));
                     }
                     None => tracing::info!(job_id = %s.id, "job submitted"),
                 }
@@ -315,6 +319,7 @@ impl Submitter {
             submitted_at: summary.submitted_at,
             warnings,
             paused: created && summary.paused,
+            held_with,
             starts_at: later.filter(|_| created),
         })
     }

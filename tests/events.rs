@@ -850,6 +850,12 @@ async fn a_batch_that_breaks_with_nothing_queued_holds_its_next_shots_until_resu
     // The next shot waits, and says why.
     let held = |shot: &Value| {
         assert_eq!(shot["paused"], true, "{shot}");
+        assert_eq!(
+            shot["message"],
+            "Job stored paused: the farm holds its batch (batch night1), found failing job after \
+             job alike; once it is mended, let the batch go: POST /api/batch/night1/resume",
+            "{shot}"
+        );
         let warning = shot["warnings"][0].as_str().unwrap_or_default();
         assert!(
             warning.contains("the farm holds its batch (batch night1)")

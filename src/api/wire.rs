@@ -454,7 +454,12 @@ pub struct SubmitResponse {
 impl From<crate::submit::Submitted> for SubmitResponse {
     fn from(s: crate::submit::Submitted) -> SubmitResponse {
         SubmitResponse {
-            message: if s.paused {
+            message: if let Some((field, batch)) = &s.held_with {
+                format!(
+                    "Job stored paused: the farm holds its batch ({field} {batch}), found failing job \
+                     after job alike; once it is mended, let the batch go: POST /api/batch/{batch}/resume"
+                )
+            } else if s.paused {
                 format!(
                     "Job stored paused: no backend takes it until it is resumed (POST /api/job/{}/resume)",
                     s.job_id
