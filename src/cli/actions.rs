@@ -132,12 +132,11 @@ pub async fn set_paused(
 /// Lets a batch go (`resume --batch`): the farm no longer holds it, and
 /// its paused jobs are resumed; says which.
 pub async fn resume_batch(remote: &Remote, batch: &str) -> anyhow::Result<()> {
-    // A path segment: a space is `%20`, not the form's `+`.
-    let segment = form_urlencoded::byte_serialize(batch.as_bytes())
-        .collect::<String>()
-        .replace('+', "%20");
     let answer = remote
-        .post(&format!("/api/batch/{segment}/resume"), json!({}))
+        .post(
+            &format!("/api/batch/{}/resume", super::encode_segment(batch)),
+            json!({}),
+        )
         .await?;
     if remote.json {
         println!("{answer}");

@@ -394,6 +394,19 @@ fn encode(pairs: Vec<(String, String)>) -> String {
         .finish()
 }
 
+/// A name as one path segment of a URL (an output's file name, a batch).
+fn encode_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// When a job submitted to start later starts, while that is to come (it
 /// has run no attempt: a later `not_before` is a retry's back-off).
 fn starts_at(job: &Value) -> Option<&str> {

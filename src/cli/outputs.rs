@@ -17,7 +17,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::Remote;
+use super::{encode_segment, Remote};
 
 /// Where and how a batch's outputs are written.
 #[derive(Debug, Clone)]
@@ -200,19 +200,6 @@ async fn checksum_of(path: &Path) -> anyhow::Result<Option<String>> {
         }
         hasher.update(&buf[..n]);
     }
-}
-
-/// A name as one path segment of a URL.
-fn encode_segment(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
