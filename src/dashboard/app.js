@@ -32,9 +32,12 @@ async function api(path, options) {
 
 // An action's answer redraws the page the address shows then, not the one
 // it was asked from: the user may have moved on while it was on its way.
+// The notices are read again at once: an action may end what they say (the
+// last paused job of a held batch resumed ends its hold).
 async function act(path, body) {
   try { await api(path, {method: "POST", body: body || "{}"}); } catch (e) { alert(e.message); }
   countsChanged();
+  notices(true);
   render();
 }
 
@@ -77,8 +80,8 @@ function scheduled(j) {
   return ["waiting", "queued"].includes(j.status) && !j.attempts && j.not_before && new Date(j.not_before) > new Date();
 }
 
-function wireButtons() {
-  main.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = () => {
+function wireButtons(root = main) {
+  root.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = () => {
     if (!btn.dataset.confirm || confirm(btn.dataset.confirm)) act(btn.dataset.act, btn.dataset.body);
   });
 }
@@ -338,8 +341,9 @@ function render() { notices(false); return route()(); }
 
 // What the service wants an operator to see, above every page: a database it
 // cannot use, low disk space, a batch the farm holds (with the button that
-// lets it go), inbox files waiting for the job they start from. Read from /api/health when a page is drawn (at most once a second),
-// when the user moves to another page, and every 15 s.
+// lets it go), inbox files waiting for the job they start from. Read from
+// /api/health when a page is drawn (at most once a second), when the user
+// moves to another page, after an action, and every 15 s.
 let noticesAt = 0;
 async function notices(now) {
   if (!now && Date.now() - noticesAt < 1000) return;
@@ -361,9 +365,7 @@ async function notices(now) {
   }
   const shown = document.getElementById("notices");
   shown.innerHTML = items.map(i => `<div class="notice">${i}</div>`).join("");
-  shown.querySelectorAll("button[data-act]").forEach(btn => btn.onclick = async () => {
-    if (confirm(btn.dataset.confirm)) { await act(btn.dataset.act); notices(true); }
-  });
+  wireButtons(shown);
 }
 
 // Live updates: progress bars move in place; state changes re-render (at most a few times a second).
