@@ -1757,15 +1757,13 @@ async fn a_batch_failing_job_after_job_alike_is_paused_and_the_next_runs() {
     let job = app.job(paused["job_id"].as_str().unwrap()).await;
     assert_eq!(job["waiting_for"], message, "{job}");
     // The health check (the dashboard's notices) warns until it is resumed.
-    let warned = |h: &Value| {
-        h["warnings"].as_array().into_iter().flatten().any(|w| {
-            w.as_str()
-                .unwrap()
-                .starts_with("batch broken was paused by the farm at ")
-        })
+    let warned = |warnings: &[String]| {
+        warnings
+            .iter()
+            .any(|w| w.starts_with("batch broken was paused by the farm at "))
     };
-    let (_, health) = app.get("/api/health").await;
-    assert!(warned(&health), "{health}");
+    let warnings = app.health_warnings().await;
+    assert!(warned(&warnings), "{warnings:?}");
     for job in jobs.iter().filter(|j| !j["paused_at"].is_null()) {
         let id = job["job_id"].as_str().unwrap();
         let (status, body) = app
@@ -1773,8 +1771,8 @@ async fn a_batch_failing_job_after_job_alike_is_paused_and_the_next_runs() {
             .await;
         assert_eq!(status, 200, "{body}");
     }
-    let (_, health) = app.get("/api/health").await;
-    assert!(!warned(&health), "{health}");
+    let warnings = app.health_warnings().await;
+    assert!(!warned(&warnings), "{warnings:?}");
 }
 
 /// A farm down to one box (the other disabled for the night) has nobody

@@ -873,29 +873,27 @@ async fn a_batch_that_breaks_with_nothing_queued_holds_its_next_shots_until_resu
     );
     let events = app.events(&first).await;
     assert_eq!(events.last().unwrap()["message"], why, "{events:?}");
-    let warned = |h: &Value| {
-        h["warnings"].as_array().into_iter().flatten().any(|w| {
-            w.as_str()
-                .unwrap()
-                .starts_with("batch night1 was paused by the farm at ")
-        })
+    let warned = |warnings: &[String]| {
+        warnings
+            .iter()
+            .any(|w| w.starts_with("batch night1 was paused by the farm at "))
     };
-    let (_, health) = app.get("/api/health").await;
-    assert!(warned(&health), "{health}");
+    let warnings = app.health_warnings().await;
+    assert!(warned(&warnings), "{warnings:?}");
     // A restart keeps the hold.
     let app = app.restart().await;
     app.wait_backend("n1", "online").await;
     let second = held(&submit(&app, 4).await);
-    let (_, health) = app.get("/api/health").await;
-    assert!(warned(&health), "{health}");
+    let warnings = app.health_warnings().await;
+    assert!(warned(&warnings), "{warnings:?}");
     assert_eq!(app.job(&first).await["status"], "queued");
     // Mended (or so it is thought): the batch resumed, both held shots run.
     let (status, resumed) = app.post_json("/api/batch/night1/resume", &json!({})).await;
     assert_eq!(status, 200, "{resumed}");
     assert_eq!(resumed["released"], true, "{resumed}");
     assert_eq!(resumed["resumed"], json!([first, second]), "{resumed}");
-    let (_, health) = app.get("/api/health").await;
-    assert!(!warned(&health), "{health}");
+    let warnings = app.health_warnings().await;
+    assert!(!warned(&warnings), "{warnings:?}");
     app.wait_status(&first, "failed").await;
     app.wait_status(&second, "failed").await;
     // Not held any more: the next shot runs, and is the third failure in

@@ -876,11 +876,9 @@ async fn a_held_batch_pauses_what_comes_until_its_last_paused_job_is_let_go() {
     assert_eq!(app.job(&held).await["waiting_for"], hold.why.as_str());
     assert!(!submit("b2").await.1, "another batch is not held");
     let warned = || async {
-        let (_, health) = app.get("/api/health").await;
-        health["warnings"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        app.health_warnings()
+            .await
+            .iter()
             .any(|w| w == "batch b1 is held")
     };
     assert!(warned().await);

@@ -581,6 +581,17 @@ impl TestApp {
         .await
     }
 
+    /// What `GET /api/health` warns of now (the dashboard's notices).
+    pub async fn health_warnings(&self) -> Vec<String> {
+        let (_, health) = self.get("/api/health").await;
+        health["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|w| w.as_str().unwrap().to_string())
+            .collect()
+    }
+
     pub async fn events(&self, id: &str) -> Vec<Value> {
         let (_, e) = self.get(&format!("/api/job/{id}/events")).await;
         e["events"].as_array().unwrap().clone()
