@@ -25,7 +25,7 @@ enum Command {
     Simulate(SimulateArgs),
     /// Submit a job: a manifest file, or --workflow ID with --param name=value.
     Submit {
-        /// Manifest file (the JSON of POST /api/job).
+        /// Manifest file (the JSON of POST /api/job), or a graph saved from ComfyUI with "Save (API)" (run as it is).
         file: Option<PathBuf>,
         /// Workflow template id (instead of, or on top of, the file).
         #[arg(long)]

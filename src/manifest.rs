@@ -196,6 +196,13 @@ pub fn parse(
                 "give either `workflow_id` or `workflow`, not both",
             ))
         }
+        // The body of ComfyUI's own `POST /prompt`, sent here as it is:
+        // say where its graph goes rather than ask for a template.
+        (None, None) if m.get("prompt").is_some_and(Value::is_object) => return Err(err(
+            "prompt",
+            "this is the body of ComfyUI's own POST /prompt; send its graph here as `workflow` \
+                 ({\"workflow\": {…the API-format graph…}}), or name a template as `workflow_id`",
+        )),
         (None, None) => {
             return Err(err(
                 "workflow_id",
@@ -530,6 +537,10 @@ mod tests {
             (
                 json!({"workflow_id": "image_blur", "workflow": {}}),
                 "workflow",
+            ),
+            (
+                json!({"prompt": {"1": {"class_type": "EmptyImage", "inputs": {}}}, "client_id": "x"}),
+                "prompt",
             ),
         ];
         for (body, field) in cases {

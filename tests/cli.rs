@@ -88,6 +88,33 @@ async fn submit_watch_status_jobs_cancel_and_backends_from_the_command_line() {
     let second = second.trim().to_string();
     assert_eq!(second.len(), 36, "prints the job id: {second}");
 
+    // A graph saved from ComfyUI ("Save (API)") is run as it is; its UI
+    // format, and a file that is neither, are refused saying so.
+    let graph = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 7}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "saved"}}
+    });
+    let saved = dir.path().join("graph_api.json");
+    std::fs::write(&saved, graph.to_string()).unwrap();
+    let (ok, out, err) = cli(&app.url, &["submit", saved.to_str().unwrap()]).await;
+    assert!(ok, "{err}");
+    let inline = app.job(out.trim()).await;
+    assert_eq!(inline["graph"], graph, "{inline}");
+    assert_eq!(inline["workflow_id"], Value::Null);
+    let ui = dir.path().join("graph_ui.json");
+    std::fs::write(&ui, r#"{"nodes": [], "links": [], "version": 0.4}"#).unwrap();
+    let (ok, _, err) = cli(&app.url, &["submit", ui.to_str().unwrap()]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("UI format") && err.contains("Save (API)"),
+        "{err}"
+    );
+    let neither = dir.path().join("notes.json");
+    std::fs::write(&neither, r#"{"shot": "sc03"}"#).unwrap();
+    let (ok, _, err) = cli(&app.url, &["submit", neither.to_str().unwrap()]).await;
+    assert!(!ok);
+    assert!(err.contains("notes.json is neither a manifest"), "{err}");
+
     let (ok, out, _) = cli(&app.url, &["jobs", "--meta", "shot=sc01"]).await;
     assert!(ok);
     assert!(out.lines().next().unwrap().starts_with("JOB"), "{out}");

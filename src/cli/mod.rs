@@ -155,14 +155,25 @@ pub async fn submit(remote: &Remote, args: SubmitArgs) -> anyhow::Result<()> {
         }
         None => json!({}),
     };
+    if args.workflow.is_none() && as_graph(&manifest) {
+        // A graph saved from ComfyUI (\"Save (API)\", or its UI format,
+        // which the server names as such): the job runs it as it is.
+        manifest = json!({ "workflow": manifest });
+    }
     let m = manifest
         .as_object_mut()
         .ok_or_else(|| anyhow!("the manifest must be a JSON object"))?;
     if let Some(w) = args.workflow {
         m.insert("workflow_id".into(), json!(w));
     }
-    if !m.contains_key("workflow_id") && !m.contains_key("workflow") {
-        bail!("give a manifest file or --workflow ID");
+    if !m.contains_key("workflow_id") && !m.contains_key("workflow") && !m.contains_key("prompt") {
+        match &args.file {
+            Some(path) => bail!(
+                "{} is neither a manifest (it has no `workflow_id` or `workflow`) nor a graph saved from ComfyUI with \"Save (API)\"; or give --workflow ID",
+                path.display()
+            ),
+            None => bail!("give a manifest file or --workflow ID"),
+        }
     }
     for (field, pairs) in [("parameters", &args.params), ("metadata", &args.meta)] {
         if pairs.is_empty() {
@@ -218,6 +229,19 @@ pub async fn submit(remote: &Remote, args: SubmitArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a file given to `submit` is a ComfyUI graph rather than a
+/// manifest: an API-format graph (each node an object with `class_type`),
+/// or the UI's format (`nodes` and `links`). A manifest has neither.
+fn as_graph(file: &Value) -> bool {
+    let Some(m) = file.as_object() else {
+        return false;
+    };
+    let api = !m.is_empty()
+        && m.values()
+            .all(|node| node.get("class_type").is_some_and(Value::is_string));
+    api || (m.contains_key("nodes") && m.contains_key("links"))
 }
 
 fn progress_text(job: &Value) -> String {
