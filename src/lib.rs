@@ -28,6 +28,7 @@
 //! - [`events`]: live streams (SSE, WebSocket): one reader of the durable
 //!   event log fans out to every subscriber.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`open_files`]: the open-file limit raised at start, and watched.
 //! - [`farm`]: the queue sampled each minute, for the farm view.
 //! - [`thumbs`]: thumbnails of image outputs, made once and kept beside them.
 //! - [`cli`]: the command-line client of a running orchestrator.
@@ -54,6 +55,7 @@ pub mod manifest;
 pub mod memory;
 pub mod metrics;
 pub mod monitor;
+pub mod open_files;
 pub mod periodic;
 pub mod retention;
 pub mod server;

@@ -78,6 +78,14 @@ pub async fn render(store: &Store) -> String {
     if let Ok(n) = store.paused_count().await {
         metrics::gauge!("orchestrator_jobs_paused").set(n as f64);
     }
+    // Under the names Prometheus's own process collectors use, so that
+    // dashboards and alerts written for them work as they are.
+    if let Some(n) = crate::open_files::in_use_now().await {
+        metrics::gauge!("process_open_fds").set(n as f64);
+    }
+    if let Some(n) = crate::open_files::limit() {
+        metrics::gauge!("process_max_fds").set(n as f64);
+    }
     handle.run_upkeep();
     handle.render()
 }

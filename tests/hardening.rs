@@ -3,7 +3,7 @@
 //! half-valid graph, a submit whose answer never came, an old server, a
 //! cancel that loses the race, a deaf socket, a run that never ends, other
 //! refusals, output names ComfyUI would refuse, a frozen backend, a stalled
-//! download. Each test is one case of `docs/operations.md`.
+//! download, a full disk, a low limit on open files. Each test is one case of `docs/operations.md`.
 
 mod common;
 
@@ -695,4 +695,91 @@ async fn outputs_that_meet_a_full_disk_wait_on_their_box_and_arrive_once_space_i
     let box_ = bin.get("/api/backends/n1").await;
     assert_eq!(box_["outputs_waiting_for_disk"], 0, "{box_:#}");
     bin.stop().await;
+}
+
+/// The files (sockets included) process `pid` holds open.
+fn open_files_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test]
+async fn a_low_limit_on_open_files_is_raised_at_start_and_watched_near_its_end() {
+    if !std::path::Path::new("/proc/self/fd").exists() {
+        eprintln!("SKIPPED: no /proc on this system");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    // Started as a login shell or a systemd unit would start it: a soft
+    // limit far under the hard one.
+    let bin = spawn_binary_with_open_files(&config, 64, 200).await;
+    let pid = bin.child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        ["200", "200"],
+        "the soft limit raised to the hard one: {line}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", bin.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(gauge("process_max_fds"), 200.0);
+    let open = gauge("process_open_fds") as usize;
+    let seen = open_files_of(pid);
+    assert!(open.abs_diff(seen) <= 4, "metrics say {open}, /proc {seen}");
+    let health = bin.get("/api/health").await;
+    assert!(health["warnings"].is_null(), "{health}");
+
+    // Dashboards, each holding its live stream open, until four fifths of
+    // the limit are in use.
+    let mut streams = Vec::new();
+    while open_files_of(pid) < 160 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = bin.url.strip_prefix("http://").unwrap();
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /api/events HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        conn.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        streams.push(conn);
+        assert!(streams.len() < 200, "each stream holds a file open");
+    }
+    let health = bin.get("/api/health").await;
+    let warnings = health["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| {
+            let w = w.as_str().unwrap();
+            w.contains("of the 200 files this process may open are open")
+                && w.contains("LimitNOFILE=")
+        }),
+        "{health}"
+    );
+    // Closed, they are counted no longer: the warning goes.
+    drop(streams);
+    poll("the warning to go with the streams", || async {
+        bin.get("/api/health").await["warnings"]
+            .is_null()
+            .then_some(())
+    })
+    .await;
 }

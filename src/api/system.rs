@@ -42,7 +42,8 @@ pub struct Health {
     /// (measured by the retention sweeper).
     pub disk: crate::retention::DiskUsage,
     /// Things an operator should look at (low disk space, a batch the farm
-    /// holds because its jobs failed one after the other alike).
+    /// holds because its jobs failed one after the other alike, open files
+    /// near the process's limit).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// Inbox files left there until the job they start from (named by its
@@ -104,6 +105,12 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
         }
     };
     warnings.extend(held_batches.iter().map(|h| h.message.clone()));
+    if let (Some(open), Some(limit)) = (
+        crate::open_files::in_use_now().await,
+        crate::open_files::limit(),
+    ) {
+        warnings.extend(crate::open_files::warning(open, limit));
+    }
     let body = Health {
         inbox_waiting: state.inbox_waiting.list(),
         held_batches,

@@ -378,6 +378,19 @@ impl Binary {
     }
 }
 
+/// The binary's `serve --config CONFIG --port 0`, started with its limit on
+/// open files lowered to `soft` (and the hard limit to `hard`), as a
+/// service manager or a login shell may start it.
+pub async fn spawn_binary_with_open_files(config_path: &Path, soft: u64, hard: u64) -> Binary {
+    let mut command = tokio::process::Command::new("sh");
+    command.arg("-c").arg(format!(
+        "ulimit -Sn {soft} && ulimit -Hn {hard} && exec '{}' serve --config '{}' --port 0",
+        binary_path().display(),
+        config_path.display()
+    ));
+    spawn_command(command).await
+}
+
 /// Writes a config file for the binary into `dir`.
 pub fn write_config(dir: &Path, yaml_extra: &str) -> PathBuf {
     let path = dir.join("config.yaml");
