@@ -376,6 +376,9 @@ async fn scenario(machines: &Machines<'_>, subscribers: usize, jobs: usize) -> O
 }
 
 fn main() {
+    // A thousand simulated backends or subscribers hold thousands of
+    // sockets in this process: past the 1,024 a login shell allows.
+    orchestrator::open_files::raise();
     if let Ok(filter) = std::env::var("BENCH_LOG") {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))

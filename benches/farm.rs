@@ -829,6 +829,9 @@ async fn big_farms(
 }
 
 fn main() {
+    // A thousand simulated backends or subscribers hold thousands of
+    // sockets in this process: past the 1,024 a login shell allows.
+    orchestrator::open_files::raise();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -224,6 +224,9 @@ async fn memory(queued: i64) {
 }
 
 fn main() {
+    // A thousand simulated backends or subscribers hold thousands of
+    // sockets in this process: past the 1,024 a login shell allows.
+    orchestrator::open_files::raise();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
