@@ -67,6 +67,17 @@ fn free_bytes() -> usize {
     0
 }
 
+/// The process's resident memory in bytes (Linux: `/proc/self/statm`),
+/// what the memory goals are measured by and what `/metrics` shows as
+/// `process_resident_memory_bytes`.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
 /// The CPU time the process has used, where it can be read.
 fn cpu_time() -> Option<Duration> {
     #[cfg(target_os = "linux")]

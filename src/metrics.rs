@@ -80,11 +80,19 @@ pub async fn render(store: &Store) -> String {
     }
     // Under the names Prometheus's own process collectors use, so that
     // dashboards and alerts written for them work as they are.
-    if let Some(n) = crate::open_files::in_use_now().await {
+    let (open, resident) = tokio::task::spawn_blocking(|| {
+        (crate::open_files::in_use(), crate::memory::resident_bytes())
+    })
+    .await
+    .unwrap_or_default();
+    if let Some(n) = open {
         metrics::gauge!("process_open_fds").set(n as f64);
     }
     if let Some(n) = crate::open_files::limit() {
         metrics::gauge!("process_max_fds").set(n as f64);
+    }
+    if let Some(n) = resident {
+        metrics::gauge!("process_resident_memory_bytes").set(n as f64);
     }
     handle.run_upkeep();
     handle.render()

@@ -65,10 +65,7 @@ pub fn raise() -> Option<Raised> {
             };
             // SAFETY: setrlimit reads the struct it is given.
             if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-                return Some(Raised {
-                    before,
-                    now: want,
-                });
+                return Some(Raised { before, now: want });
             }
         }
         Some(Raised {

@@ -745,6 +745,19 @@ async fn a_low_limit_on_open_files_is_raised_at_start_and_watched_near_its_end()
     let open = gauge("process_open_fds") as usize;
     let seen = open_files_of(pid);
     assert!(open.abs_diff(seen) <= 4, "metrics say {open}, /proc {seen}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let resident = gauge("process_resident_memory_bytes") / 1024.0;
+    assert!(
+        (resident - rss_kib).abs() < rss_kib / 4.0,
+        "metrics say {resident} KiB resident, /proc {rss_kib} KiB"
+    );
     let health = bin.get("/api/health").await;
     assert!(health["warnings"].is_null(), "{health}");
 
