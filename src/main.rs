@@ -326,7 +326,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
-    let _guard = orchestrator::server::init_logging(&config);
+    let _guard = orchestrator::server::init_logging(&config)?;
     let mut demo_backends = Vec::new();
     if args.demo {
         for id in ["demo1", "demo2"] {
@@ -426,7 +426,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&a.crash_rate) {
         anyhow::bail!("--crash-rate must be between 0 and 1");
     }
-    let _guard = orchestrator::server::init_logging(&Config::default());
+    let _guard = orchestrator::server::init_logging(&Config::default())?;
     let (host, port) = (a.host.as_str(), a.port);
     let listener = tokio::net::TcpListener::bind((host, port))
         .await

@@ -156,6 +156,7 @@ pub fn retained(s: &crate::retention::Swept) {
     for (kind, files, bytes) in [
         ("outputs", s.output_files, s.output_bytes),
         ("inputs", s.input_files, s.input_bytes),
+        ("logs", s.log_files, s.log_bytes),
     ] {
         metrics::counter!("orchestrator_retention_files_deleted_total", "kind" => kind)
             .increment(files);

@@ -10,6 +10,8 @@
 //! - `inputs_days`: input files no unfinished job uses and that no
 //!   submission named for that long.
 //! - `progress_days`: progress events; state changes stay for ever.
+//! - `logs_days`: the daily log files in `log_dir`, by the day in their
+//!   name (`orchestrator.log.2026-12-07`); no other file there.
 //!
 //! The sweeper works in small batches (the writer is held for milliseconds
 //! at a time), logs and counts what it freed (`/metrics`), and also measures
@@ -43,6 +45,10 @@ pub struct Swept {
     pub input_bytes: u64,
     /// Progress events deleted.
     pub progress_events: u64,
+    /// Log files deleted.
+    pub log_files: u64,
+    /// Their bytes.
+    pub log_bytes: u64,
 }
 
 /// How much of the disk the data folder takes, and what is left.
@@ -142,6 +148,36 @@ pub async fn sweep_once(
         }
     }
     Ok(swept)
+}
+
+/// Deletes the daily log files in `dir` older than the last `days` days
+/// (today's, by `now`, included): the files are named by
+/// [`crate::server::LOG_FILE`] and their day, and the day in the name, not
+/// the file's times, says how old each is. Nothing else in `dir` is
+/// touched. Blocking: call it off the runtime's threads.
+pub fn sweep_logs(dir: &Path, days: u32, now: DateTime<Utc>, swept: &mut Swept) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let first_kept = now.date_naive() - chrono::Duration::days(i64::from(days.max(1)) - 1);
+    let prefix = format!("{}.", crate::server::LOG_FILE);
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(day) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+        else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if day < first_kept && meta.is_file() && std::fs::remove_file(entry.path()).is_ok() {
+            swept.log_files += 1;
+            swept.log_bytes += meta.len();
+        }
+    }
 }
 
 /// Bytes under a folder (files only, links not followed).
@@ -311,19 +347,31 @@ pub async fn run(
             continue;
         }
         next_sweep = tokio::time::Instant::now() + every;
-        match sweep_once(&store, &inputs, &config.outputs_dir(), rules, Utc::now()).await {
-            Ok(s) if s != Swept::default() => {
-                tracing::info!(
-                    output_files = s.output_files,
-                    output_bytes = s.output_bytes,
-                    input_files = s.input_files,
-                    input_bytes = s.input_bytes,
-                    progress_events = s.progress_events,
-                    "retention freed space"
-                );
-                crate::metrics::retained(&s);
+        let swept = sweep_once(&store, &inputs, &config.outputs_dir(), rules, Utc::now()).await;
+        match swept {
+            Ok(mut s) => {
+                if let (Some(dir), Some(days)) = (config.log_dir.clone(), rules.logs_days) {
+                    s = tokio::task::spawn_blocking(move || {
+                        sweep_logs(&dir, days, Utc::now(), &mut s);
+                        s
+                    })
+                    .await
+                    .unwrap_or_default();
+                }
+                if s != Swept::default() {
+                    tracing::info!(
+                        output_files = s.output_files,
+                        output_bytes = s.output_bytes,
+                        input_files = s.input_files,
+                        input_bytes = s.input_bytes,
+                        progress_events = s.progress_events,
+                        log_files = s.log_files,
+                        log_bytes = s.log_bytes,
+                        "retention freed space"
+                    );
+                    crate::metrics::retained(&s);
+                }
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "retention sweep failed; will try again"),
         }
         let measured = measure(
@@ -339,5 +387,46 @@ pub async fn run(
         if stop.is_cancelled() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_files_go_by_the_day_in_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "orchestrator.log.2026-12-05",
+            "orchestrator.log.2026-12-04",
+            "orchestrator.log.2026-12-03",
+            "orchestrator.log.2026-11-30",
+            "orchestrator.log.2026-12-05.gz",
+            "orchestrator.log",
+            "other.log.2026-11-30",
+        ];
+        for n in names {
+            std::fs::write(dir.path().join(n), "12345").unwrap();
+        }
+        let now = "2026-12-05T23:59:00Z".parse().unwrap();
+        let mut swept = Swept::default();
+        sweep_logs(dir.path(), 2, now, &mut swept);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "orchestrator.log",
+                "orchestrator.log.2026-12-04",
+                "orchestrator.log.2026-12-05",
+                "orchestrator.log.2026-12-05.gz",
+                "other.log.2026-11-30",
+            ]
+        );
+        assert_eq!((swept.log_files, swept.log_bytes), (2, 10));
     }
 }

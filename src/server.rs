@@ -312,10 +312,17 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The log files' names in `log_dir`, before their day's date.
+pub const LOG_FILE: &str = "orchestrator.log";
+
 /// Logs to stderr, and to a daily file in `log_dir` when the config sets
 /// one (the guard keeps that file's writer: hold it while the service
-/// runs). `RUST_LOG` overrides the levels.
-pub fn init_logging(config: &Config) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+/// runs; `retention.logs_days` has the old files deleted). `RUST_LOG`
+/// overrides the levels. An error when the log folder cannot be made or
+/// written.
+pub fn init_logging(
+    config: &Config,
+) -> anyhow::Result<Option<tracing_appender::non_blocking::WorkerGuard>> {
     // refinery logs each migration it applies, as the store does with its
     // name: once is enough (a first start would print 32 lines of them).
     let filter = EnvFilter::try_from_default_env()
@@ -323,7 +330,13 @@ pub fn init_logging(config: &Config) -> Option<tracing_appender::non_blocking::W
     let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match &config.log_dir {
         Some(dir) => {
-            let appender = tracing_appender::rolling::daily(dir, "orchestrator.log");
+            // The files keep the names `rolling::daily` gave them
+            // (`orchestrator.log.2026-12-07`), which tools may follow.
+            let appender = tracing_appender::rolling::RollingFileAppender::builder()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix(LOG_FILE)
+                .build(dir)
+                .map_err(|e| anyhow::anyhow!("log_dir {}: {e}", dir.display()))?;
             let (writer, guard) = tracing_appender::non_blocking(appender);
             let file = tracing_subscriber::fmt::layer()
                 .with_ansi(false)
@@ -333,14 +346,14 @@ pub fn init_logging(config: &Config) -> Option<tracing_appender::non_blocking::W
                 .with(stderr)
                 .with(file)
                 .init();
-            Some(guard)
+            Ok(Some(guard))
         }
         None => {
             tracing_subscriber::registry()
                 .with(filter)
                 .with(stderr)
                 .init();
-            None
+            Ok(None)
         }
     }
 }

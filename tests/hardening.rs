@@ -3,7 +3,7 @@
 //! half-valid graph, a submit whose answer never came, an old server, a
 //! cancel that loses the race, a deaf socket, a run that never ends, other
 //! refusals, output names ComfyUI would refuse, a frozen backend, a stalled
-//! download, a full disk, a low limit on open files. Each test is one case of `docs/operations.md`.
+//! download, a full disk, a low limit on open files, log files that pile up. Each test is one case of `docs/operations.md`.
 
 mod common;
 
@@ -795,4 +795,49 @@ async fn a_low_limit_on_open_files_is_raised_at_start_and_watched_near_its_end()
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn log_files_older_than_logs_days_are_deleted_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    // A month of an older run's daily files, and beside them files that
+    // are not the service's logs, or not old.
+    let old: Vec<String> = (1..=30)
+        .map(|d| format!("orchestrator.log.2026-10-{d:02}"))
+        .collect();
+    for name in &old {
+        std::fs::write(logs.join(name), "a day's log\n").unwrap();
+    }
+    let others = [
+        "notes.txt",
+        "orchestrator.log.2026-10-01.gz",
+        "orchestrator.log.2099-01-01",
+    ];
+    for name in others {
+        std::fs::write(logs.join(name), "mine").unwrap();
+    }
+    let config = write_config(
+        dir.path(),
+        &format!("log_dir: {}\nretention: {{logs_days: 3}}\n", logs.display()),
+    );
+    let bin = spawn_binary(&config).await;
+    // The sweeper's first round, at start.
+    poll("the old days' files to go", || async {
+        (!logs.join(&old[29]).exists()).then_some(())
+    })
+    .await;
+    let mut kept: Vec<String> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !others.contains(&n.as_str()))
+        .collect();
+    let today = format!("orchestrator.log.{}", chrono::Utc::now().format("%Y-%m-%d"));
+    kept.retain(|n| *n != today);
+    assert_eq!(kept, Vec::<String>::new(), "only today's file is new");
+    for name in others {
+        assert!(logs.join(name).exists(), "{name} kept");
+    }
+    bin.stop().await;
 }

@@ -99,6 +99,9 @@ pub struct RetentionConfig {
     /// Delete input files that no unfinished job uses and that no
     /// submission named for this many days.
     pub inputs_days: Option<u32>,
+    /// Keep this many days of log files in `log_dir` (one file a day,
+    /// today's included): a farm that runs for months piles them up.
+    pub logs_days: Option<u32>,
     /// Delete progress events older than this many days (state changes stay).
     pub progress_days: Option<u32>,
     /// How often the sweeper runs (and measures the data folder), seconds.
@@ -114,6 +117,7 @@ impl Default for RetentionConfig {
             outputs_days: None,
             inputs_days: None,
             progress_days: None,
+            logs_days: None,
             sweep_interval_s: 3_600,
             low_space_bytes: 5 * 1024 * 1024 * 1024,
         }

@@ -26,6 +26,12 @@ impl Config {
         if self.database.read_connections == 0 {
             return invalid("database.read_connections", "must be at least 1");
         }
+        if self.retention.logs_days == Some(0) {
+            return invalid(
+                "retention.logs_days",
+                "must be at least 1 (null keeps every day's file)",
+            );
+        }
         if self.database.max_batch == 0 {
             return invalid("database.max_batch", "must be at least 1");
         }
