@@ -786,19 +786,7 @@ async fn a_data_disk_running_low_is_told_and_so_is_space_freed() {
         "{low}"
     );
     // And for a studio's monitoring, in /metrics.
-    let metrics = reqwest::get(format!("{}/metrics", bin.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let free: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("orchestrator_data_disk_free_bytes "))
-        .unwrap_or_else(|| panic!("no free-space gauge: {metrics}"))
-        .trim()
-        .parse()
-        .unwrap();
+    let free = bin.metric("orchestrator_data_disk_free_bytes").await;
     assert!(free > 0.0 && free < 32.0 * 1024.0 * 1024.0, "{free}");
     std::fs::remove_file(&renders).unwrap();
     let ok = poll("the disk_ok alert", || async { text("disk_ok") }).await;

@@ -726,23 +726,8 @@ async fn a_low_limit_on_open_files_is_raised_at_start_and_watched_near_its_end()
         ["200", "200"],
         "the soft limit raised to the hard one: {line}"
     );
-    let metrics = reqwest::get(format!("{}/metrics", bin.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let gauge = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("{name} in {metrics}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    assert_eq!(gauge("process_max_fds"), 200.0);
-    let open = gauge("process_open_fds") as usize;
+    assert_eq!(bin.metric("process_max_fds").await, 200.0);
+    let open = bin.metric("process_open_fds").await as usize;
     let seen = open_files_of(pid);
     assert!(open.abs_diff(seen) <= 4, "metrics say {open}, /proc {seen}");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -753,7 +738,7 @@ async fn a_low_limit_on_open_files_is_raised_at_start_and_watched_near_its_end()
         .unwrap()
         .parse()
         .unwrap();
-    let resident = gauge("process_resident_memory_bytes") / 1024.0;
+    let resident = bin.metric("process_resident_memory_bytes").await / 1024.0;
     assert!(
         (resident - rss_kib).abs() < rss_kib / 4.0,
         "metrics say {resident} KiB resident, /proc {rss_kib} KiB"

@@ -353,6 +353,24 @@ impl Binary {
             .unwrap()
     }
 
+    /// The value of gauge `name` in the binary's `/metrics` (one without
+    /// labels), read now.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let metrics = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in /metrics: {metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// `path` as the binary sees it, in its own mount namespace (a disk
     /// mounted there by [`spawn_binary_after`] is seen through this path).
     pub fn sees(&self, path: &Path) -> PathBuf {
