@@ -64,6 +64,11 @@ pub struct DiskUsage {
     pub free_bytes: Option<u64>,
     /// When the folders were last measured.
     pub measured_at: Option<DateTime<Utc>>,
+    /// The network file system the data folder is on (`nfs`, `smb`, …),
+    /// absent on a local disk: SQLite's locks and syncs are not to be
+    /// trusted there, and `GET /api/health` warns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_file_system: Option<&'static str>,
 }
 
 /// The last measurement, shared with the health route.
@@ -227,11 +232,12 @@ pub async fn measure(
         outputs_dir.to_path_buf(),
         inputs_dir.to_path_buf(),
     );
-    let (outputs_bytes, inputs_bytes, free) = tokio::task::spawn_blocking(move || {
+    let (outputs_bytes, inputs_bytes, free, network) = tokio::task::spawn_blocking(move || {
         (
             folder_bytes(&outputs),
             folder_bytes(&inputs),
             free_bytes(&data),
+            network_file_system(&data),
         )
     })
     .await
@@ -242,7 +248,64 @@ pub async fn measure(
         inputs_bytes,
         free_bytes: free,
         measured_at: Some(Utc::now()),
+        network_file_system: network,
     }
+}
+
+/// The network file system `dir` is on, by the kind the kernel reports
+/// (`statfs`); `None` on a local disk, or where it cannot be told.
+///
+/// Why: a studio keeps everything on its NAS, and a data folder put there
+/// holds the database. SQLite's own documentation warns that its locks are
+/// broken on many network file systems and that a sync there may not reach
+/// the disk: an acknowledged job could be lost or the database damaged. The
+/// service still runs (one process on one host is the case that works most
+/// often), but says so at start and in `GET /api/health`.
+pub fn network_file_system(dir: &Path) -> Option<&'static str> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is a valid C string and `s` a valid statfs to fill.
+        if unsafe { libc::statfs(path.as_ptr(), &mut s) } != 0 {
+            return None;
+        }
+        // The kinds are 32-bit magic numbers (linux/magic.h).
+        network_kind(s.f_type as u32)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// The network file systems among the kinds `statfs` reports. FUSE is not
+/// one of them: it also serves local disks (rootless containers' overlays).
+fn network_kind(magic: u32) -> Option<&'static str> {
+    Some(match magic {
+        0x6969 => "nfs",
+        0x517b => "smb",
+        0xff53_4d42 => "cifs",
+        0xfe53_4d42 => "smb2",
+        0x0102_1997 => "9p",
+        0x00c3_6400 => "ceph",
+        0x5346_414f => "afs",
+        0x0bd0_0bd0 => "lustre",
+        0x4750_4653 => "gpfs",
+        _ => return None,
+    })
+}
+
+/// The warning for a data folder on network file system `kind`.
+pub fn network_warning(kind: &str) -> String {
+    format!(
+        "the data folder is on a network file system ({kind}): SQLite's locks and syncs \
+         are not to be trusted there, so an acknowledged job could be lost or the \
+         database damaged; keep data_dir on a local disk (and copy outputs to the share \
+         with `orchestrator outputs --to`)"
+    )
 }
 
 /// How often the free space is read (it changes faster than the folders,
@@ -393,6 +456,29 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_file_systems_are_told_from_local_disks() {
+        assert_eq!(network_kind(0x6969), Some("nfs"));
+        assert_eq!(network_kind(0xff53_4d42), Some("cifs"));
+        // ext4, xfs, btrfs, tmpfs, overlayfs, FUSE.
+        for local in [
+            0xef53,
+            0x5846_5342,
+            0x9123_683e,
+            0x0102_1994,
+            0x794c_7630,
+            0x6573_5546,
+        ] {
+            assert_eq!(network_kind(local), None, "{local:#x}");
+        }
+        let here = tempfile::tempdir().unwrap();
+        assert_eq!(
+            network_file_system(here.path()),
+            None,
+            "a test's own folder"
+        );
+    }
 
     #[test]
     fn log_files_go_by_the_day_in_their_name() {

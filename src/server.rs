@@ -103,6 +103,13 @@ impl Service {
         if !loopback && config.auth.token.is_none() {
             tracing::warn!(host = %config.host, "listening beyond loopback with no auth.token: anyone on the network can submit and cancel jobs");
         }
+        let data_dir = config.data_dir.clone();
+        if let Ok(Some(kind)) =
+            tokio::task::spawn_blocking(move || crate::retention::network_file_system(&data_dir))
+                .await
+        {
+            tracing::warn!(data_dir = %config.data_dir.display(), kind, "{}", crate::retention::network_warning(kind));
+        }
         crate::metrics::init();
         let store = Store::open(&config.database_path(), &config.database).await?;
         store

@@ -97,6 +97,9 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
             state.config.retention.low_space_bytes >> 20
         ));
     }
+    if let Some(kind) = disk.network_file_system {
+        warnings.push(crate::retention::network_warning(kind));
+    }
     let held_batches: Vec<super::wire::HeldBatch> = match state.farm.held_batches().await {
         Ok(held) => held.into_iter().map(super::wire::HeldBatch::from).collect(),
         Err(e) => {
