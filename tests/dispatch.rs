@@ -1630,6 +1630,13 @@ async fn a_backend_behind_an_https_proxy_with_a_token_runs_jobs_and_one_without_
             .then_some(b)
     })
     .await;
+    assert!(
+        nokey["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("give them in this backend's `headers`"),
+        "{nokey}"
+    );
     assert_ne!(nokey["state"], "online", "{nokey}");
     assert!(seen.lock().unwrap().refused > 0);
     bin.kill9().await;

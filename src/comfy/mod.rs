@@ -80,6 +80,16 @@ pub struct ComfyClient {
     limits: Limits,
 }
 
+/// What a `401` or `403` from a box means to whoever reads its
+/// `last_error`: a ComfyUI behind a login (a proxy, an auth extension)
+/// wants credentials the config does not give.
+fn credentials_hint(status: reqwest::StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 | 403 => " (the server asks for credentials: give them in this backend's `headers` in the config, e.g. `Authorization: Bearer …`)",
+        _ => "",
+    }
+}
+
 fn net_error(e: reqwest::Error, timeout: Duration) -> ComfyError {
     if e.is_timeout() {
         ComfyError::Timeout(timeout)
@@ -245,7 +255,8 @@ impl ComfyClient {
         let body = self.body(r).await?;
         if !status.is_success() {
             return Err(ComfyError::BadResponse(format!(
-                "HTTP {status}: {}",
+                "HTTP {status}{}: {}",
+                credentials_hint(status),
                 String::from_utf8_lossy(&body[..body.len().min(300)])
             )));
         }
@@ -286,8 +297,9 @@ impl ComfyClient {
             .map_err(|e| net_error(e, self.connections.timeout))?;
         if !r.status().is_success() {
             return Err(ComfyError::BadResponse(format!(
-                "HTTP {} on {path}",
-                r.status()
+                "HTTP {} on {path}{}",
+                r.status(),
+                credentials_hint(r.status())
             )));
         }
         Ok(())
