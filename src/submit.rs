@@ -118,6 +118,13 @@ impl From<StoreError> for SubmitError {
                 code: "shutting_down",
                 message: "the service is stopping; retry in a moment".into(),
             },
+            other if other.locked() => {
+                tracing::error!(error = %other, "the database is locked by another program");
+                SubmitError::Unavailable {
+                    code: "database_unavailable",
+                    message: StoreError::LOCKED.into(),
+                }
+            }
             other => {
                 tracing::error!(error = %other, "database error on submit");
                 SubmitError::Unavailable {

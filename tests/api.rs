@@ -791,6 +791,48 @@ async fn a_full_disk_answers_503_and_stores_nothing_half_written() {
 }
 
 #[tokio::test]
+async fn a_database_locked_by_another_program_answers_503_saying_so_and_health_warns() {
+    use sqlx::{Connection, Executor};
+    let app = spawn_app().await;
+    let id = app.submit_blur(json!({})).await;
+    // An operator's sqlite3 shell in the middle of a write of its own.
+    let path = app.config.database_path();
+    let mut shell = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    shell.execute("BEGIN IMMEDIATE").await.unwrap();
+    // The submission waits for the lock (SQLite's busy timeout), then is
+    // refused: nothing stored, and the answer says why.
+    let (status, body) = app
+        .post_json("/api/job", &json!({"workflow_id": "image_blur"}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "database_unavailable");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("locked by another program") && message.contains("nothing was stored"),
+        "{message}"
+    );
+    let warnings = app.health_warnings().await;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("the database is locked by another program")),
+        "{warnings:?}"
+    );
+    // Reads go on meanwhile.
+    assert_eq!(job_count(&app).await, 1);
+    shell.execute("ROLLBACK").await.unwrap();
+    drop(shell);
+    let (status, body) = app
+        .post_json("/api/job", &json!({"workflow_id": "image_blur"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(job_count(&app).await, 2);
+    assert_eq!(app.job(&id).await["status"], "queued");
+}
+
+#[tokio::test]
 async fn history_queries_are_served_by_indexes() {
     let app = spawn_app().await;
     use orchestrator::store::JobFilter;

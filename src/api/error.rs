@@ -104,6 +104,14 @@ impl From<StoreError> for ApiError {
             StoreError::LeaseLost => {
                 ApiError::new(StatusCode::CONFLICT, "invalid_state", e.to_string())
             }
+            e @ StoreError::Database(_) if e.locked() => {
+                tracing::error!(error = %e, "the database is locked by another program");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    StoreError::LOCKED,
+                )
+            }
             StoreError::Database(inner) => {
                 tracing::error!(error = %inner, "database error");
                 ApiError::new(

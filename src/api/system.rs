@@ -97,6 +97,14 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
             state.config.retention.low_space_bytes >> 20
         ));
     }
+    if state.store.locked_by_another() {
+        warnings.push(
+            "the database is locked by another program holding a write transaction on it \
+             (a sqlite3 shell, a database browser): every write of the service waits for it \
+             and fails, submissions and the farm's alike, until that transaction ends"
+                .into(),
+        );
+    }
     if let Some(kind) = disk.network_file_system {
         warnings.push(crate::retention::network_warning(kind));
     }

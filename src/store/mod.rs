@@ -125,6 +125,30 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the database was locked by another connection (`SQLITE_BUSY`
+    /// or `SQLITE_LOCKED` past the busy timeout): another program holds a
+    /// write transaction on the file (a `sqlite3` shell, a database
+    /// browser), since this service writes through one connection only.
+    pub fn locked(&self) -> bool {
+        let StoreError::Database(e) = self else {
+            return false;
+        };
+        let sqlx::Error::Database(db) = e.as_ref() else {
+            return false;
+        };
+        db.code()
+            .and_then(|c| c.parse::<i64>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+    }
+
+    /// The sentence for a client whose write did not happen because the
+    /// database is [`locked`](Self::locked).
+    pub const LOCKED: &'static str = "the database is locked by another program holding a \
+        write transaction on it (a sqlite3 shell, a database browser): nothing was stored; \
+        retry once it lets go";
+}
+
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
         StoreError::Database(Arc::new(sqlx::Error::Decode(Box::new(e))))
@@ -255,6 +279,14 @@ impl Store {
     /// The writer, for changes.
     pub(crate) fn writer(&self) -> &writer::Writer {
         &self.writer
+    }
+
+    /// Whether a write found the database locked by another program within
+    /// the last half minute: the health check warns, since every write
+    /// (submissions, the farm's) waits and fails while it lasts.
+    pub fn locked_by_another(&self) -> bool {
+        self.writer
+            .locked_within(std::time::Duration::from_secs(30))
     }
 
     /// The records `sql` selects for one key (its one `?`).

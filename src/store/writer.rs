@@ -15,6 +15,7 @@
 //! Over 600 lines only with its unit tests (they read the rules beside
 //! their code): the code is under 600, of one concern, the single writer and its batching.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -98,6 +99,9 @@ pub struct Writer {
     /// answer does not queue behind a busy farm's dispatch writes.
     urgent: mpsc::Sender<Op>,
     committed: Arc<watch::Sender<u64>>,
+    /// When a write last found the database locked by another program
+    /// (milliseconds since the epoch; 0: never), for the health check.
+    locked_at: Arc<AtomicI64>,
 }
 
 impl Writer {
@@ -116,17 +120,27 @@ impl Writer {
             .build()?;
         let handle = runtime.handle().clone();
         let done = committed.clone();
+        let locked_at = Arc::new(AtomicI64::new(0));
+        let locked = locked_at.clone();
         std::thread::Builder::new()
             .name(WRITER_THREAD.into())
-            .spawn(move || runtime.block_on(run(conn, urgent_rx, rx, max_batch, done)))?;
+            .spawn(move || runtime.block_on(run(conn, urgent_rx, rx, max_batch, done, locked)))?;
         Ok((
             Writer {
                 tx,
                 urgent,
                 committed,
+                locked_at,
             },
             handle,
         ))
+    }
+
+    /// Whether a write found the database locked by another program within
+    /// the last `within`.
+    pub fn locked_within(&self, within: std::time::Duration) -> bool {
+        let at = self.locked_at.load(Ordering::Relaxed);
+        at > 0 && chrono::Utc::now().timestamp_millis() - at < within.as_millis() as i64
     }
 
     /// Changes after every committed batch that may have appended to the
@@ -240,6 +254,7 @@ async fn run(
     mut rx: mpsc::Receiver<Op>,
     max_batch: usize,
     committed: Arc<watch::Sender<u64>>,
+    locked_at: Arc<AtomicI64>,
 ) {
     let mut lanes = Lanes {
         urgent: &mut urgent,
@@ -250,7 +265,7 @@ async fn run(
         let Some(first) = lanes.wait().await else {
             break;
         };
-        if commit_batch(&mut conn, first, &mut lanes, max_batch).await == Some(true) {
+        if commit_batch(&mut conn, first, &mut lanes, max_batch, &locked_at).await == Some(true) {
             committed.send_modify(|n| *n += 1);
         }
     }
@@ -308,8 +323,12 @@ async fn commit_batch(
     first: Op,
     lanes: &mut Lanes<'_>,
     max_batch: usize,
+    locked_at: &AtomicI64,
 ) -> Option<bool> {
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE").await {
+        if e.locked() {
+            locked_at.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        }
         tracing::error!(error = %e, "cannot begin a write transaction");
         (first.finish)(Err(e));
         return None;
