@@ -340,13 +340,11 @@ async fn invalid_prompts_are_rejected_as_recorded() {
     }
 }
 
-#[tokio::test]
-async fn a_runtime_error_is_reported_as_recorded() {
-    let rec = recorded("execution_error.json");
-    let s = sim(0).await;
-    let client = ComfyClient::new("127.0.0.1", s.port, "c1", Duration::from_secs(5));
+/// Runs the recorded prompt of `rec` on `s`: its prompt id, and the
+/// `execution_error` the simulator sent for it, beside the recorded one.
+async fn run_to_its_error(rec: &Value, client: &ComfyClient) -> (String, Value, Value) {
     let mut events = client.connect().await.unwrap();
-    let graph = requests(&rec)[0].0["json"]["prompt"].clone();
+    let graph = requests(rec)[0].0["json"]["prompt"].clone();
     let pid = uuid::Uuid::new_v4().to_string();
     client.submit(&pid, &graph).await.unwrap();
     let mut error = None;
@@ -372,7 +370,48 @@ async fn a_runtime_error_is_reported_as_recorded() {
         .find(|e| e["ws"]["type"] == "execution_error")
         .unwrap()["ws"]["data"]
         .clone();
-    let error = error.expect("execution_error sent");
+    (pid, error.expect("execution_error sent"), recorded_error)
+}
+
+#[tokio::test]
+async fn a_full_disk_on_the_box_is_reported_as_recorded() {
+    let rec = recorded("execution_error_disk_full.json");
+    let s = sim(0).await;
+    s.disk_full(true);
+    let client = ComfyClient::new("127.0.0.1", s.port, "c1", Duration::from_secs(5));
+    let (pid, error, recorded_error) = run_to_its_error(&rec, &client).await;
+    assert_same_shape(&recorded_error, &error, "execution_error");
+    for field in ["node_type", "exception_type", "exception_message"] {
+        assert_eq!(error[field], recorded_error[field], "{field}");
+    }
+    // The rule that leaves such a box out reads ComfyUI's own words.
+    assert!(orchestrator::store::box_disk_full(&recorded_error));
+    assert!(!orchestrator::store::against_the_job(&recorded_error));
+    let entry = client.history(&pid).await.unwrap().unwrap();
+    assert_eq!(entry.status_str, "error");
+    assert!(entry.outputs.is_empty());
+    // Space again: it saves.
+    s.disk_full(false);
+    let graph = requests(&rec)[0].0["json"]["prompt"].clone();
+    let again = uuid::Uuid::new_v4().to_string();
+    client.submit(&again, &graph).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        if let Some(entry) = client.history(&again).await.unwrap() {
+            break entry;
+        }
+        assert!(std::time::Instant::now() < deadline, "no history");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(entry.status_str, "success");
+}
+
+#[tokio::test]
+async fn a_runtime_error_is_reported_as_recorded() {
+    let rec = recorded("execution_error.json");
+    let s = sim(0).await;
+    let client = ComfyClient::new("127.0.0.1", s.port, "c1", Duration::from_secs(5));
+    let (pid, error, recorded_error) = run_to_its_error(&rec, &client).await;
     assert_same_shape(&recorded_error, &error, "execution_error");
     assert_eq!(error["exception_type"], recorded_error["exception_type"]);
     assert_eq!(error["node_id"], recorded_error["node_id"]);

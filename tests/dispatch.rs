@@ -721,6 +721,86 @@ async fn a_box_that_fails_what_others_complete_is_quarantined_until_an_operator_
 }
 
 #[tokio::test]
+async fn a_box_whose_disk_is_full_is_left_out_at_its_first_failure_and_its_batch_is_not_held() {
+    let full = start_sim(20).await;
+    full.disk_full(true);
+    let good = start_sim(20).await;
+    let app = spawn_farm_with(
+        vec![
+            backend("full", full.port, &[], 1),
+            backend("good", good.port, &[], 1),
+        ],
+        |c| {
+            c.dispatch.retry_backoff_ms = 50;
+            c.dispatch.retry_backoff_max_ms = 50;
+            // Two failures alike would hold a batch.
+            c.dispatch.pause_batch_after = 2;
+            c.dispatch.poll_interval_ms = 60_000;
+        },
+    )
+    .await;
+    app.wait_backend("full", "online").await;
+    app.wait_backend("good", "online").await;
+    // The night's first shot meets the full box alone.
+    app.post_json("/api/backends/good/disable", &json!({}))
+        .await;
+    let night = json!({"metadata": {"batch": "night1"}});
+    let first = submit(&app, blur(night.clone())).await;
+    let b = poll("the full box left out", || async {
+        let (_, b) = app.get("/api/backends/full").await;
+        b["quarantined_until"].is_string().then_some(b)
+    })
+    .await;
+    let reason = b["quarantine_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("its disk is full: SaveImage (node 4) raised OSError: [Errno 28] No space left on device; free space on it"),
+        "{b}"
+    );
+    // At its first failure: the shot waits for another box, or the space,
+    // rather than spend its attempts there, and says why.
+    let job = app
+        .wait_job(&first, "its back-off over, waiting for a box", |j| {
+            j["waiting_for"]
+                .as_str()
+                .is_some_and(|w| w.contains("full is in quarantine until"))
+        })
+        .await;
+    assert_eq!(job["attempts"], 1, "{job}");
+    let quarantined = backend_events(&app, "backend_quarantined").await;
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert!(quarantined[0]
+        .message
+        .as_deref()
+        .is_some_and(|m| m.contains("its disk is full")));
+
+    // The good box back: the night completes there, the batch not held
+    // (a full disk says nothing against the shots).
+    app.post_json("/api/backends/good/enable", &json!({})).await;
+    let mut shots = vec![first];
+    for _ in 0..3 {
+        shots.push(submit(&app, blur(night.clone())).await);
+    }
+    for id in &shots {
+        assert_eq!(app.wait_status(id, "completed").await["backend_id"], "good");
+    }
+    assert_eq!(full.prompt_posts().len(), 1, "the full box took one shot");
+    assert!(backend_events(&app, "batch_broken").await.is_empty());
+    assert!(app.health_warnings().await.is_empty());
+
+    // Space freed on it, the operator vouches for it: it takes jobs again.
+    full.disk_full(false);
+    app.post_json("/api/backends/good/disable", &json!({}))
+        .await;
+    let (status, b) = app.post_json("/api/backends/full/enable", &json!({})).await;
+    assert_eq!(status, 200, "{b}");
+    let after = submit(&app, blur(night)).await;
+    assert_eq!(
+        app.wait_status(&after, "completed").await["backend_id"],
+        "full"
+    );
+}
+
+#[tokio::test]
 async fn a_box_whose_comfyui_dies_under_every_job_is_quarantined_and_the_night_completes() {
     // A GPU that faults: its ComfyUI dies mid-run, and its service brings
     // it back empty. Each job it loses completes on the good box.

@@ -83,6 +83,7 @@ impl Ctx {
     ) -> bool {
         let delay = super::backoff(&self.shared.config, held.attempt);
         let against = self.shared.batches.counts(&error).then(|| error.clone());
+        let disk_full = crate::store::box_disk_full(&error).then(|| error.clone());
         let outcome = self
             .shared
             .store
@@ -96,7 +97,48 @@ impl Ctx {
         if let (true, Some(error)) = (recorded, against) {
             self.judge_the_batch(&held.job_id, &error).await;
         }
+        if let (true, Some(error)) = (recorded, disk_full) {
+            self.leave_out_a_full_box(&held.job_id, &error).await;
+        }
         counted
+    }
+
+    /// This box could not write a job's outputs for want of disk space:
+    /// every next job there would fail alike, so it is left out now (not
+    /// after three jobs proven elsewhere), saying what to do.
+    async fn leave_out_a_full_box(&self, job_id: &str, error: &Value) {
+        let backend_id = self.backend_id.as_str();
+        let what = format!(
+            "{} (node {}) raised {}: {}",
+            error["node_type"].as_str().unwrap_or("a node"),
+            error["node_id"].as_str().unwrap_or("?"),
+            error["exception_type"].as_str().unwrap_or("an error"),
+            error["exception_message"].as_str().unwrap_or("").trim()
+        );
+        let reason = format!(
+            "its disk is full: {what}; free space on it (ComfyUI's output folder), then enable \
+             it (POST /api/backends/{backend_id}/enable) or let the quarantine end"
+        );
+        let Some(q) = self.shared.health.quarantine_now(backend_id, reason) else {
+            return;
+        };
+        tracing::warn!(backend_id, until = %q.until, job_id, "backend quarantined: {}", q.reason);
+        self.announce_quarantine(backend_id, &q).await;
+    }
+
+    /// Tells a quarantine (an event, an alert) and looks for work again
+    /// at its end.
+    async fn announce_quarantine(&self, backend_id: &str, q: &super::health::Quarantine) {
+        let message = format!(
+            "backend {backend_id} takes no jobs until {}: {}",
+            q.until.format("%H:%M:%S UTC"),
+            q.reason
+        );
+        let data = json!({"until": q.until, "reason": q.reason});
+        self.shared
+            .quarantine_event(backend_id, "backend_quarantined", &message, data)
+            .await;
+        self.shared.wake_at_quarantine_end(backend_id, q.until);
     }
 
     /// A failed attempt that says something against the job may show its
@@ -243,16 +285,7 @@ impl Ctx {
             .collect();
         for (sick, q) in self.shared.health.proven(job_id, &self.backend_id, &failed) {
             tracing::warn!(backend_id = %sick, until = %q.until, job_id, "backend quarantined: {}", q.reason);
-            let message = format!(
-                "backend {sick} takes no jobs until {}: {}",
-                q.until.format("%H:%M:%S UTC"),
-                q.reason
-            );
-            let data = json!({"until": q.until, "reason": q.reason});
-            self.shared
-                .quarantine_event(&sick, "backend_quarantined", &message, data)
-                .await;
-            self.shared.wake_at_quarantine_end(&sick, q.until);
+            self.announce_quarantine(&sick, &q).await;
         }
     }
 

@@ -19,6 +19,11 @@
 //! Not every failure blames the box: running out of GPU memory says the
 //! job needs a bigger one (a farm whose boxes differ), and an interrupt
 //! that was not ours says someone at the box stopped it. Neither counts.
+//! One failure needs no proof: a node that could not write for want of
+//! space on the box's disk (`store::box_disk_full`) says every next job
+//! there will fail alike, so that box is left out at its first
+//! ([`Health::quarantine_now`]), and the jobs wait for another box, or for
+//! the space, rather than each spend an attempt there.
 //!
 //! Kept in memory; a quarantine's record is its events: a restart of the
 //! orchestrator restores one still in force from them (a sick box would
@@ -140,6 +145,29 @@ impl Health {
             put.push((f.backend_id.clone(), q));
         }
         put
+    }
+
+    /// Leaves `backend_id` out for the quarantine's span now, for
+    /// `reason`, without waiting for proof; `None` if quarantines are off
+    /// or it is in one already.
+    pub(super) fn quarantine_now(&self, backend_id: &str, reason: String) -> Option<Quarantine> {
+        if self.after == 0 {
+            return None;
+        }
+        let now = Utc::now();
+        let mut records = self.records.lock().expect("health");
+        let r = records.entry(backend_id.to_string()).or_default();
+        if active(r, now).is_some() {
+            return None;
+        }
+        let q = Quarantine {
+            until: now + self.span,
+            reason,
+        };
+        r.proven.clear();
+        r.since = Some(q.until);
+        r.quarantine = Some(q.clone());
+        Some(q)
     }
 
     /// The backend's quarantine, while it lasts.

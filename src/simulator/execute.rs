@@ -364,6 +364,16 @@ async fn run_nodes(
                 "current_inputs": {"image": ["<tensor>"], "channel": ["alpha"]}, "current_outputs": order, "timestamp": now_ms()
             }));
         }
+        if class == "SaveImage" && sim.lock().disk_full {
+            // As ComfyUI 0.3.64 reports it (PIL's save in nodes.py).
+            return End::Error(json!({
+                "prompt_id": pid, "node_id": id, "node_type": class, "executed": executed,
+                "exception_message": "[Errno 28] No space left on device\n",
+                "exception_type": "OSError",
+                "traceback": ["  File \"/opt/ComfyUI/nodes.py\", line 1606, in save_images\n"],
+                "current_inputs": {"images": ["<tensor>"]}, "current_outputs": order, "timestamp": now_ms()
+            }));
+        }
         if class == "SaveImage" || class == "PreviewImage" {
             let output = save_images(sim, graph, id);
             sim.event(

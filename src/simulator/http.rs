@@ -64,6 +64,13 @@ fn control() -> Router<S> {
             }),
         )
         .route(
+            "/_sim/disk_full",
+            post(|State(sim): State<S>, Json(b): Json<Value>| async move {
+                sim.lock().disk_full = b["on"].as_bool().unwrap_or(true);
+                StatusCode::OK
+            }),
+        )
+        .route(
             "/_sim/crash",
             post(|State(sim): State<S>| async move {
                 sim.crash();

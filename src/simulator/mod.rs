@@ -38,7 +38,9 @@
 //! - control routes, which always answer: `POST /_sim/hang` (`{"on": bool}`:
 //!   answer nothing, sockets included), `POST /_sim/drop_sockets` (every open
 //!   socket goes silent, as behind a NAT that dropped it), `POST /_sim/crash`,
-//!   `POST /_sim/ignore_interrupts` (`{"count": N}`).
+//!   `POST /_sim/ignore_interrupts` (`{"count": N}`), `POST /_sim/disk_full`
+//!   (`{"on": bool}`: each `SaveImage` raises `OSError` "[Errno 28] No space
+//!   left on device", as on a box whose disk is full).
 //!
 //! What it does not model: real image processing beyond solid colours,
 //! models and VRAM use, uploads, custom node output kinds, and the
@@ -206,6 +208,8 @@ struct Inner {
     loaded: Option<String>,
     /// How many times a prompt loaded another checkpoint.
     switches: usize,
+    /// Its output folder's disk is full: `SaveImage` raises as ComfyUI's does.
+    disk_full: bool,
 }
 
 struct Sim {
@@ -403,6 +407,13 @@ impl SimHandle {
     /// How many times a prompt had to load another checkpoint.
     pub fn loads(&self) -> usize {
         self.sim.lock().switches
+    }
+
+    /// Its output folder's disk fills (`true`): each `SaveImage` raises
+    /// `OSError` ("[Errno 28] No space left on device"), as ComfyUI 0.3.64
+    /// does (recorded); or has space again (`false`).
+    pub fn disk_full(&self, on: bool) {
+        self.sim.lock().disk_full = on;
     }
 
     /// Loses the next `count` interrupts aimed at a running prompt.

@@ -108,6 +108,26 @@ pub fn out_of_memory(error: &serde_json::Value) -> bool {
     })
 }
 
+/// Whether a failed attempt's error says the box's own disk is full: a
+/// node (ComfyUI 0.3.64's `SaveImage`, recorded) raised `OSError` with
+/// "[Errno 28] No space left on device" (or a spent quota). Every job that
+/// saves there fails alike until space is freed on the box: the box is to
+/// blame at once, the job not at all.
+pub fn box_disk_full(error: &serde_json::Value) -> bool {
+    error["exception_type"].is_string()
+        && error["exception_message"].as_str().is_some_and(|m| {
+            let m = m.to_ascii_lowercase();
+            [
+                "[errno 28]",
+                "no space left on device",
+                "[errno 122]",
+                "disk quota exceeded",
+            ]
+            .iter()
+            .any(|s| m.contains(s))
+        })
+}
+
 /// [`out_of_memory`] of the JSON error in column `error`, in SQL (`LIKE`
 /// ignores ASCII case, as the Rust rule does).
 pub(super) fn out_of_memory_sql(error: &str) -> String {

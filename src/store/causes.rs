@@ -53,11 +53,12 @@ pub fn failure_cause(error: &serde_json::Value) -> String {
 
 /// Whether an attempt's error says something against the job (its graph
 /// or its settings) rather than against the box or the farm: a node that
-/// raised (not for want of GPU memory: a bigger box may run it), a refusal
+/// raised (not for want of GPU memory: a bigger box may run it; not for a
+/// full disk on the box: another box saves it), a refusal
 /// of the graph, a run past its time limit. Only these count towards
 /// pausing a batch; a lost connection or a dead box says nothing of it.
 pub fn against_the_job(error: &serde_json::Value) -> bool {
-    if super::out_of_memory(error) {
+    if super::out_of_memory(error) || super::box_disk_full(error) {
         return false;
     }
     error["exception_type"].is_string()
