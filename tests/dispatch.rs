@@ -1250,10 +1250,19 @@ async fn a_backend_that_hangs_or_answers_garbage_does_not_stop_the_others() {
     let (hang, _h) = hanging_backend().await;
     let (garbage, _g) = garbage_backend().await;
     let good = start_sim(0).await;
+    // A port nothing listens on: a ComfyUI not running, or listening on
+    // its own machine only.
+    let nothing = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let (mut config, dir) = farm_config(vec![
         backend("hang", hang, &[], 2),
         backend("garbage", garbage, &[], 2),
         backend("good", good.port, &[], 2),
+        backend("nothing", nothing, &[], 2),
     ]);
     config.dispatch.request_timeout_ms = 300;
     let app = spawn_with(config).await;
@@ -1278,6 +1287,14 @@ async fn a_backend_that_hangs_or_answers_garbage_does_not_stop_the_others() {
     assert!(
         garbage["last_error"].as_str().unwrap().contains("unusable"),
         "{garbage}"
+    );
+    let nothing = app.wait_backend("nothing", "offline").await;
+    assert!(
+        nothing["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("nothing listens there: is ComfyUI running, and, on another machine, started with `--listen`"),
+        "{nothing}"
     );
     drop(dir);
 }

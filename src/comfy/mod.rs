@@ -95,9 +95,32 @@ fn net_error(e: reqwest::Error, timeout: Duration) -> ComfyError {
         ComfyError::Timeout(timeout)
     } else if e.is_decode() || e.is_body() {
         ComfyError::BadResponse(e.to_string())
+    } else if refused(&e) {
+        // The first thing a new farm meets: ComfyUI takes connections from
+        // its own machine only unless started with `--listen`.
+        ComfyError::Unreachable(format!(
+            "{}; nothing listens there: is ComfyUI running, and, on another machine, \
+             started with `--listen` (without it, it takes connections from its own machine only)?",
+            crate::with_causes(&e)
+        ))
     } else {
         ComfyError::Unreachable(crate::with_causes(&e))
     }
+}
+
+/// Whether the connection was refused: the machine answered, but no
+/// server listens on the port (for this client's address).
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// How long an unused connection to a backend is kept.
