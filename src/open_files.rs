@@ -42,14 +42,7 @@ pub struct Raised {
 pub fn raise() -> Option<Raised> {
     #[cfg(unix)]
     {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes the struct it is given.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-            return None;
-        }
+        let lim = current()?;
         let before = lim.rlim_cur;
         // No limit at all is not asked for: the kernel refuses more than
         // its own maximum (`fs.nr_open`, 1,048,576 by default).
@@ -81,20 +74,23 @@ pub fn raise() -> Option<Raised> {
 pub fn limit() -> Option<u64> {
     #[cfg(unix)]
     {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes the struct it is given.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
-            || lim.rlim_cur == libc::RLIM_INFINITY
-        {
-            return None;
-        }
-        Some(lim.rlim_cur)
+        current()
+            .map(|lim| lim.rlim_cur)
+            .filter(|&n| n != libc::RLIM_INFINITY)
     }
     #[cfg(not(unix))]
     None
+}
+
+/// The process's limits on open files (soft and hard).
+#[cfg(unix)]
+fn current() -> Option<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
 }
 
 /// Files the process holds open now (Linux: the entries of

@@ -41,9 +41,10 @@ pub struct Health {
     /// The data folder: database, outputs and inputs, and the free space
     /// (measured by the retention sweeper).
     pub disk: crate::retention::DiskUsage,
-    /// Things an operator should look at (low disk space, a batch the farm
-    /// holds because its jobs failed one after the other alike, open files
-    /// near the process's limit).
+    /// Things an operator should look at (low disk space, a data folder on
+    /// a network share, the database locked by another program, a batch
+    /// the farm holds because its jobs failed one after the other alike,
+    /// open files near the process's limit).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// Inbox files left there until the job they start from (named by its
