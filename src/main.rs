@@ -355,7 +355,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     config.validate()?;
-    open_files_raised(config.backends.len());
+    orchestrator::open_files::raise_for(config.backends.len());
     let service = orchestrator::server::Service::start(config.clone()).await?;
     let addr: SocketAddr = tokio::net::lookup_host((config.host.as_str(), config.port))
         .await?
@@ -371,31 +371,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     service
         .serve(listener, orchestrator::server::shutdown_signal())
         .await
-}
-
-/// Raises the open-file limit for a farm of `backends` and says what it got.
-fn open_files_raised(backends: usize) {
-    use orchestrator::open_files;
-    let Some(raised) = open_files::raise() else {
-        return;
-    };
-    if raised.now > raised.before {
-        tracing::info!(
-            from = raised.before,
-            to = raised.now,
-            "open-file limit raised to the hard limit"
-        );
-    }
-    let need = open_files::need(backends);
-    if raised.now < need {
-        tracing::warn!(
-            limit = raised.now,
-            need,
-            backends,
-            "this process may open only {} files (connections count), about {need} needed for {backends} backends and their dashboards: raise the hard limit (`LimitNOFILE=` in its systemd unit, `ulimit -Hn` as root)",
-            raised.now
-        );
-    }
 }
 
 async fn backup(

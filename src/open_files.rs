@@ -70,6 +70,32 @@ pub fn raise() -> Option<Raised> {
     None
 }
 
+/// [`raise`]s the limit for a farm of `backends` and says what it got in
+/// the log: a warning when even the hard limit is under what such a farm
+/// may [`need`].
+pub fn raise_for(backends: usize) {
+    let Some(raised) = raise() else {
+        return;
+    };
+    if raised.now > raised.before {
+        tracing::info!(
+            from = raised.before,
+            to = raised.now,
+            "open-file limit raised to the hard limit"
+        );
+    }
+    let need = need(backends);
+    if raised.now < need {
+        tracing::warn!(
+            limit = raised.now,
+            need,
+            backends,
+            "this process may open only {} files (connections count), about {need} needed for {backends} backends and their dashboards: raise the hard limit (`LimitNOFILE=` in its systemd unit, `ulimit -Hn` as root)",
+            raised.now
+        );
+    }
+}
+
 /// The soft limit on open files now; `None` where it is not known.
 pub fn limit() -> Option<u64> {
     #[cfg(unix)]
