@@ -128,10 +128,27 @@ pub fn in_use() -> Option<u64> {
     Some(n.saturating_sub(1))
 }
 
-/// [`in_use`], read on a blocking thread.
+/// [`in_use`] as read on a blocking thread at most [`FRESH`] ago. Why not
+/// read each time: `GET /api/health` is what load balancers and the submit
+/// benchmark call thousands of times a second, and a folder read on a
+/// blocking thread per call would be most of its cost; the count moves
+/// slowly next to the limit it is held against.
 pub async fn in_use_now() -> Option<u64> {
-    tokio::task::spawn_blocking(in_use).await.ok().flatten()
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static LAST: Mutex<Option<(Instant, Option<u64>)>> = Mutex::new(None);
+    if let Some((at, n)) = *LAST.lock().expect("open files") {
+        if at.elapsed() < FRESH {
+            return n;
+        }
+    }
+    let n = tokio::task::spawn_blocking(in_use).await.ok().flatten();
+    *LAST.lock().expect("open files") = Some((Instant::now(), n));
+    n
 }
+
+/// How old a count [`in_use_now`] gives may be.
+const FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the process may need for a farm of `backends`, roughly: a limit
 /// under it is worth a word at start.
