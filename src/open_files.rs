@@ -128,7 +128,7 @@ pub fn in_use() -> Option<u64> {
     Some(n.saturating_sub(1))
 }
 
-/// [`in_use`] as read on a blocking thread at most [`FRESH`] ago. Why not
+/// [`in_use`] as read on a blocking thread at most a second ago. Why not
 /// read each time: `GET /api/health` is what load balancers and the submit
 /// benchmark call thousands of times a second, and a folder read on a
 /// blocking thread per call would be most of its cost; the count moves
