@@ -365,12 +365,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
+    // Before the line that says it runs: a stop sent once it is read is
+    // a graceful one.
+    let shutdown = orchestrator::server::shutdown_signal();
     // Scripts and tests read this line to find the port.
     println!("orchestrator listening on http://{local}");
     tracing::info!(%local, data_dir = %config.data_dir.display(), "orchestrator listening");
-    service
-        .serve(listener, orchestrator::server::shutdown_signal())
-        .await
+    service.serve(listener, shutdown).await
 }
 
 async fn backup(
@@ -407,6 +408,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))?;
     let local = listener.local_addr()?;
+    let shutdown = orchestrator::server::shutdown_signal();
     println!(
         "simulated ComfyUI {} listening on http://{local}",
         if a.version.is_empty() {
@@ -430,7 +432,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         queue_delay_ms: a.queue_delay_ms,
         ..Default::default()
     };
-    orchestrator::simulator::serve(listener, config, orchestrator::server::shutdown_signal()).await;
+    orchestrator::simulator::serve(listener, config, shutdown).await;
     Ok(())
 }
 

@@ -504,6 +504,18 @@ async fn sigterm_stops_within_the_bound_and_leaves_the_prompt_running_for_the_ne
 }
 
 #[tokio::test]
+async fn a_sigterm_just_after_the_listening_line_is_a_graceful_stop() {
+    // A service manager (or a script) that stops it as soon as it says it
+    // runs: each stop is the graceful one (exit 0), never the signal's
+    // default death before the handler is in place.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    for _ in 0..5 {
+        spawn_binary(&config).await.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn after_a_restart_with_every_slot_taken_a_freed_slot_takes_the_queued_job_at_once() {
     // The backend's one slot is taken by a prompt that keeps running across
     // the restart; the second job was queued before it, so no submission
