@@ -82,8 +82,10 @@ impl Ctx {
         ran: Option<crate::store::RanAt>,
     ) -> bool {
         let delay = super::backoff(&self.shared.config, held.attempt);
-        let against = self.shared.batches.counts(&error).then(|| error.clone());
-        let disk_full = crate::store::box_disk_full(&error).then(|| error.clone());
+        let against = self.shared.batches.counts(&error);
+        let disk_full = crate::store::box_disk_full(&error);
+        // Read again once the failure is recorded, which takes the error.
+        let kept = (against || disk_full).then(|| error.clone());
         let outcome = self
             .shared
             .store
@@ -94,11 +96,13 @@ impl Ctx {
             Ok(AttemptOutcome::Failed(_) | AttemptOutcome::Retry(_))
         );
         let counted = self.failure_recorded(held, outcome, delay).await;
-        if let (true, Some(error)) = (recorded, against) {
-            self.judge_the_batch(&held.job_id, &error).await;
-        }
-        if let (true, Some(error)) = (recorded, disk_full) {
-            self.leave_out_a_full_box(&held.job_id, &error).await;
+        if let (true, Some(error)) = (recorded, kept) {
+            if against {
+                self.judge_the_batch(&held.job_id, &error).await;
+            }
+            if disk_full {
+                self.leave_out_a_full_box(&held.job_id, &error).await;
+            }
         }
         counted
     }

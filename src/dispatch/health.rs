@@ -129,20 +129,15 @@ impl Health {
             if r.proven.len() < self.after {
                 continue;
             }
-            let until = now + self.span;
-            let q = Quarantine {
-                until,
-                reason: format!(
-                    "{} jobs in a row failed there that other backends then completed (the last on {completed_on}: {})",
-                    r.proven.len(),
-                    f.message
-                ),
-            };
-            r.proven.clear();
-            // What it failed before the quarantine ends was judged already.
-            r.since = Some(until);
-            r.quarantine = Some(q.clone());
-            put.push((f.backend_id.clone(), q));
+            let reason = format!(
+                "{} jobs in a row failed there that other backends then completed (the last on {completed_on}: {})",
+                r.proven.len(),
+                f.message
+            );
+            put.push((
+                f.backend_id.clone(),
+                r.put_in_quarantine(now + self.span, reason),
+            ));
         }
         put
     }
@@ -160,14 +155,7 @@ impl Health {
         if active(r, now).is_some() {
             return None;
         }
-        let q = Quarantine {
-            until: now + self.span,
-            reason,
-        };
-        r.proven.clear();
-        r.since = Some(q.until);
-        r.quarantine = Some(q.clone());
-        Some(q)
+        Some(r.put_in_quarantine(now + self.span, reason))
     }
 
     /// The backend's quarantine, while it lasts.
@@ -228,6 +216,18 @@ impl Health {
 /// from someone at the box.
 pub(super) fn blames_the_box(error: &serde_json::Value) -> bool {
     error["interrupted"] != true && !crate::store::out_of_memory(error)
+}
+
+impl Record {
+    /// Leaves the backend out until `until`; what it failed before then
+    /// was judged already, and counts no more.
+    fn put_in_quarantine(&mut self, until: DateTime<Utc>, reason: String) -> Quarantine {
+        let q = Quarantine { until, reason };
+        self.proven.clear();
+        self.since = Some(until);
+        self.quarantine = Some(q.clone());
+        q
+    }
 }
 
 fn active(r: &Record, now: DateTime<Utc>) -> Option<Quarantine> {

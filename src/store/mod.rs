@@ -108,13 +108,10 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &e {
-            // SQLITE_FULL is 13; extended codes keep it in the low byte.
-            if let Some(code) = db.code() {
-                if code.parse::<i64>().map(|c| c & 0xff == 13).unwrap_or(false) {
-                    return StoreError::Full;
-                }
-            }
-            if db.message().contains("database or disk is full") {
+            // SQLITE_FULL.
+            if primary_code(db.as_ref()) == Some(13)
+                || db.message().contains("database or disk is full")
+            {
                 return StoreError::Full;
             }
         }
@@ -123,6 +120,12 @@ impl From<sqlx::Error> for StoreError {
         }
         StoreError::Database(Arc::new(e))
     }
+}
+
+/// SQLite's primary result code of a database error: extended codes keep
+/// it in their low byte.
+fn primary_code(db: &dyn sqlx::error::DatabaseError) -> Option<i64> {
+    db.code()?.parse::<i64>().ok().map(|c| c & 0xff)
 }
 
 impl StoreError {
@@ -137,9 +140,7 @@ impl StoreError {
         let sqlx::Error::Database(db) = e.as_ref() else {
             return false;
         };
-        db.code()
-            .and_then(|c| c.parse::<i64>().ok())
-            .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+        matches!(primary_code(db.as_ref()), Some(5 | 6))
     }
 
     /// The sentence for a client whose write did not happen because the
