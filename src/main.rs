@@ -250,6 +250,10 @@ struct SimulateArgs {
     /// Largest submit body it takes (ComfyUI's --max-upload-size); a larger one is a 413.
     #[arg(long, default_value_t = 100 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// A proxy in front of it refuses uploads larger than this with its own
+    /// 413, the server unaware (0: no proxy).
+    #[arg(long, default_value_t = 0)]
+    proxy_max_body_bytes: usize,
     /// Extra time a prompt takes when its checkpoint differs from the last
     /// prompt's (loading a model onto the GPU).
     #[arg(long, default_value_t = 0)]
@@ -428,6 +432,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         ignore_interrupts: a.ignore_interrupts,
         view_stall_ms: a.view_stall_ms,
         max_body_bytes: a.max_body_bytes,
+        proxy_max_body_bytes: a.proxy_max_body_bytes,
         load_ms: a.load_ms,
         queue_delay_ms: a.queue_delay_ms,
         ..Default::default()

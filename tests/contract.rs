@@ -733,3 +733,84 @@ async fn the_inventory_routes_answer_as_recorded_and_replies_have_a_size_cap() {
         other => panic!("expected a refusal, got {:?}", other.map(|m| m.len())),
     }
 }
+
+#[tokio::test]
+async fn the_upload_limit_is_said_and_enforced_as_recorded() {
+    let rec = recorded("upload_too_large.json");
+    let exchanges: Vec<Value> = rec["exchange"].as_array().unwrap().clone();
+    let limit = 1024 * 1024;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = simulator::spawn(
+        listener,
+        SimConfig {
+            max_body_bytes: limit,
+            ..Default::default()
+        },
+    );
+    // GET /features: the same body.
+    let features: Value = reqwest::get(format!("{}/features", s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(features, exchanges[0]["response"]["body"]);
+    // The socket's answer to our feature_flags, read by the client: the
+    // recorded message and the simulator's give the same limit.
+    let answer = exchanges[1]["response"]["feature_flags"].to_string();
+    assert_eq!(
+        WsEvent::parse_text(&answer),
+        WsEvent::FeatureFlags {
+            max_upload_bytes: Some(limit as i64)
+        }
+    );
+    let client = ComfyClient::new("127.0.0.1", s.port, "c1", Duration::from_secs(5));
+    let mut events = client.connect().await.unwrap();
+    events.probe().await.unwrap();
+    let flags = loop {
+        match next_event(&mut events).await {
+            e @ WsEvent::FeatureFlags { .. } => break e,
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        flags,
+        WsEvent::FeatureFlags {
+            max_upload_bytes: Some(limit as i64)
+        }
+    );
+    // Uploads under and over it: the recorded statuses and bodies.
+    let http = reqwest::Client::new();
+    for ex in &exchanges[2..] {
+        let part = &ex["request"]["multipart"];
+        let size = part["image"]["bytes"].as_u64().unwrap() as usize;
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "image",
+                reqwest::multipart::Part::bytes(vec![7u8; size])
+                    .file_name("big.png")
+                    .mime_str("image/png")
+                    .unwrap(),
+            )
+            .text("subfolder", "orchestrator")
+            .text("type", "input")
+            .text("overwrite", "true");
+        let r = http
+            .post(format!("{}/upload/image", s.url))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_string();
+        let body = r.text().await.unwrap();
+        assert_eq!(status, ex["response"]["status"], "{}", ex["note"]);
+        let media = |t: &str| t.split(';').next().unwrap_or("").trim().to_string();
+        let recorded_type = ex["response"]["content_type"].as_str().unwrap();
+        assert_eq!(media(&content_type), media(recorded_type), "{}", ex["note"]);
+        match &ex["response"]["body"] {
+            Value::String(text) => assert_eq!(&body, text),
+            shape => assert_eq!(&serde_json::from_str::<Value>(&body).unwrap(), shape),
+        }
+    }
+}

@@ -1037,3 +1037,184 @@ async fn a_picture_that_meets_a_full_disk_is_refused_for_now_and_an_inbox_drop_w
     assert!(health.get("inbox_waiting").is_none(), "{health}");
     bin.stop().await;
 }
+
+/// A picture of about 300 KB that does not compress (the simulator's PNG
+/// stores its rows as they are).
+fn large_frame() -> Vec<u8> {
+    let rgb: Vec<u8> = (0..320u32 * 320 * 3)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    png::encode(320, 320, &rgb)
+}
+
+/// The largest upload each backend takes, as `GET /api/backends` shows it.
+async fn upload_limits(app: &TestApp) -> Vec<(String, Value)> {
+    let (_, list) = app.get("/api/backends").await;
+    list["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["id"].as_str().unwrap().to_string(),
+                b["max_upload_bytes"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_picture_larger_than_a_box_takes_is_left_to_one_that_takes_it() {
+    // `small` was started with a low --max-upload-size (200 KB), `big` with
+    // ComfyUI's default (100 MB); each says so on its socket.
+    let small = start_sim_with(SimConfig {
+        job_ms: 0,
+        max_body_bytes: 200 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let big = start_sim(0).await;
+    let app = spawn_farm(vec![
+        backend("big", big.port, &[], 1),
+        backend("small", small.port, &[], 1),
+    ])
+    .await;
+    let said = poll("each backend's upload limit recorded", || async {
+        let limits = upload_limits(&app).await;
+        limits.iter().all(|(_, l)| l.is_i64()).then_some(limits)
+    })
+    .await;
+    assert_eq!(
+        said,
+        vec![
+            ("big".to_string(), json!(100 * 1024 * 1024)),
+            ("small".to_string(), json!(200 * 1024))
+        ]
+    );
+    let bytes = large_frame();
+    assert!(bytes.len() > 300_000, "{}", bytes.len());
+    let (_, input) = upload(&app, bytes, "image/png").await;
+    let large = input["input_id"].as_str().unwrap().to_string();
+
+    // With `big` off, the large picture's job waits, saying why `small` will not do.
+    app.post_json("/api/backends/big/disable", &json!({})).await;
+    let waiting = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": large}}),
+    )
+    .await;
+    let job = app
+        .wait_job(&waiting, "it says why it waits", |j| {
+            j["waiting_for"]
+                .as_str()
+                .is_some_and(|w| w.contains("small"))
+        })
+        .await;
+    let why = job["waiting_for"].as_str().unwrap();
+    assert!(
+        why.contains("small takes uploads up to 0.2 MB (its ComfyUI's --max-upload-size), and the job starts from a file of 0.3 MB"),
+        "{why}"
+    );
+    // A small picture runs on `small` meanwhile: the box is not left out.
+    let (small_bytes, _) = frame();
+    let (_, input) = upload(&app, small_bytes, "image/png").await;
+    let fits = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": input["input_id"], "filename_prefix": "fits"}}),
+    )
+    .await;
+    let done = app.wait_status(&fits, "completed").await;
+    assert_eq!(leased_on(&done), ["small"]);
+    assert_eq!(app.job(&waiting).await["status"], "queued");
+
+    // `big` back: the large ones run there, each at its first attempt, and
+    // `small` never had them to refuse.
+    app.post_json("/api/backends/big/enable", &json!({})).await;
+    let mut ids = vec![waiting];
+    for n in 0..3 {
+        ids.push(
+            app_submit(
+                &app,
+                json!({"workflow_id": "image_invert", "parameters": {"image": large, "filename_prefix": format!("large{n}")}}),
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        let job = app.wait_status(id, "completed").await;
+        assert_eq!(leased_on(&job), ["big"], "{job}");
+        assert_eq!(job["attempts"], 1);
+    }
+}
+
+#[tokio::test]
+async fn a_picture_a_proxy_refuses_goes_to_another_box_and_the_box_is_not_blamed() {
+    // `proxied` sits behind a proxy that takes bodies up to 100 KB (its
+    // ComfyUI says 100 MB: nothing tells the proxy's limit but its 413).
+    // One failure proven elsewhere would put a box in quarantine.
+    let proxied = start_sim_with(SimConfig {
+        job_ms: 0,
+        proxy_max_body_bytes: 100 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let direct = start_sim(0).await;
+    let app = spawn_farm_with(
+        vec![
+            backend("direct", direct.port, &[], 1),
+            backend("proxied", proxied.port, &[], 1),
+        ],
+        |c| c.dispatch.quarantine_after = 1,
+    )
+    .await;
+    app.wait_backend("direct", "online").await;
+    app.wait_backend("proxied", "online").await;
+    let (_, input) = upload(&app, large_frame(), "image/png").await;
+    let large = input["input_id"].as_str().unwrap().to_string();
+    app.post_json("/api/backends/direct/disable", &json!({}))
+        .await;
+    let id = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": large}}),
+    )
+    .await;
+    let job = app
+        .wait_job(&id, "refused by the proxy", |j| {
+            j["attempts"] == 1 && j["status"] == "queued"
+        })
+        .await;
+    let said = job["error"]["message"].as_str().unwrap();
+    for part in [
+        "backend proxied refused input sha256:",
+        "as larger than it takes (HTTP 413: <html>",
+        "--max-upload-size",
+        "client_max_body_size",
+    ] {
+        assert!(said.contains(part), "{part}: {said}");
+    }
+    assert_eq!(job["error"]["code"], "upload_too_large");
+    let why = job["waiting_for"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("proxied refused a file of the job as too large (HTTP 413)"),
+        "{job}"
+    );
+
+    app.post_json("/api/backends/direct/enable", &json!({}))
+        .await;
+    let job = app.wait_status(&id, "completed").await;
+    assert_eq!(leased_on(&job), ["proxied", "direct"]);
+    // No blame: with `direct` off again, `proxied` takes a small picture.
+    app.post_json("/api/backends/direct/disable", &json!({}))
+        .await;
+    let (small_bytes, _) = frame();
+    let (_, input) = upload(&app, small_bytes, "image/png").await;
+    let fits = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": input["input_id"], "filename_prefix": "fits"}}),
+    )
+    .await;
+    let done = app.wait_status(&fits, "completed").await;
+    assert_eq!(leased_on(&done), ["proxied"]);
+    let (_, backends) = app.get("/api/backends/proxied").await;
+    assert_eq!(backends["quarantined_until"], Value::Null, "{backends}");
+}

@@ -333,6 +333,11 @@ pub struct Backend {
     pub vram_total: Option<i64>,
     /// Free VRAM of the first device, bytes.
     pub vram_free: Option<i64>,
+    /// The largest upload it takes, bytes: its ComfyUI's
+    /// `--max-upload-size` (100 MB unless started with another), as it
+    /// last said; `null` until it has. A job that starts from a larger
+    /// file is left to a backend that takes it.
+    pub max_upload_bytes: Option<i64>,
     /// Prompts in ComfyUI's queue (running and pending).
     pub queue_remaining: Option<i64>,
     /// Jobs this orchestrator has on it now (assigned or running).
@@ -389,6 +394,7 @@ impl From<BackendRecord> for Backend {
             comfyui_version: b.comfyui_version,
             vram_total: b.vram_total,
             vram_free: b.vram_free,
+            max_upload_bytes: b.max_upload_bytes,
             queue_remaining: b.queue_remaining,
             active_jobs: b.active_jobs,
             prompts_not_ours: 0,

@@ -22,6 +22,11 @@ pub enum ComfyError {
     /// An answer we cannot use (not JSON, wrong shape, too large, unexpected status).
     #[error("the backend answered something unusable: {0}")]
     BadResponse(String),
+    /// An upload was refused as larger than the server takes (a `413`:
+    /// ComfyUI's `--max-upload-size`, or a proxy's limit in front of it);
+    /// what it said.
+    #[error("the backend refused the upload as too large (HTTP 413): {0}")]
+    UploadTooLarge(String),
     /// `POST /prompt` was refused: the graph cannot run there as it is.
     #[error("the backend rejected the prompt: {}", .0.summary())]
     Rejected(Rejection),

@@ -507,6 +507,11 @@ impl ComfyClient {
             .send()
             .await
             .map_err(|e| net_error(e, self.connections.timeout))?;
+        if r.status() == reqwest::StatusCode::PAYLOAD_TOO_LARGE {
+            let body = self.body(r).await?;
+            let said = String::from_utf8_lossy(&body[..body.len().min(300)]);
+            return Err(ComfyError::UploadTooLarge(said.trim().to_string()));
+        }
         let v = self.json_of(r).await?;
         uploaded_value(&v)
     }

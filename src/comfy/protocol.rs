@@ -473,8 +473,12 @@ pub enum WsEvent {
         data: Value,
     },
     /// The server's answer to our `feature_flags`: this socket is the one
-    /// ComfyUI sends our prompts' messages to.
-    FeatureFlags,
+    /// ComfyUI sends our prompts' messages to. It says the largest upload
+    /// the server takes (`max_upload_size`, bytes: its `--max-upload-size`).
+    FeatureFlags {
+        /// Bytes, when it says.
+        max_upload_bytes: Option<i64>,
+    },
     /// A binary frame (a preview image, or something to skip).
     Preview(Bytes),
     /// The answer to our ping: the connection is alive.
@@ -525,7 +529,13 @@ impl WsEvent {
             "execution_interrupted" => {
                 with_pid(|prompt_id, data| WsEvent::ExecutionInterrupted { prompt_id, data })
             }
-            "feature_flags" => WsEvent::FeatureFlags,
+            "feature_flags" => WsEvent::FeatureFlags {
+                // A float (MB times 1024 times 1024): 1048576.0.
+                max_upload_bytes: d["max_upload_size"]
+                    .as_f64()
+                    .filter(|b| b.is_finite() && *b > 0.0)
+                    .map(|b| b.min(i64::MAX as f64) as i64),
+            },
             _ => WsEvent::Other(kind),
         }
     }

@@ -111,6 +111,23 @@ impl Ctx {
                     Report::NoAnswer(pid)
                 };
             }
+            Err(DispatchError::TooLarge(why)) => {
+                // This box cannot take the file: never offered the job again,
+                // no blame on it (the box is sound), tried elsewhere at once.
+                let error = json!({
+                    "code": crate::store::UPLOAD_TOO_LARGE,
+                    "message": why,
+                    "backend_id": backend_id,
+                    "attempt": held.attempt,
+                    "http_status": 413,
+                });
+                tracing::warn!(job_id, backend_id, "{}", error["message"]);
+                return if self.fail(&held, true, error).await {
+                    Report::Done(pid)
+                } else {
+                    Report::NoAnswer(pid)
+                };
+            }
             Err(e) => {
                 // An error of this attempt on this backend: retried elsewhere like any other.
                 let error = json!({

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::attempt::Ctx;
 use super::DispatchError;
+use crate::comfy::ComfyError;
 
 /// The folder inputs go to in each backend's input folder.
 const INPUT_SUBFOLDER: &str = "orchestrator";
@@ -113,7 +114,17 @@ impl Ctx {
                 opened,
                 file.size as u64,
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                ComfyError::UploadTooLarge(said) => DispatchError::TooLarge(format!(
+                    "backend {} refused {what} ({:.1} MB) as larger than it takes (HTTP 413: {said}): \
+                     start its ComfyUI with a larger --max-upload-size (in MB, 100 by default), or \
+                     raise the limit of a proxy in front of it (nginx: client_max_body_size)",
+                    self.backend_id,
+                    file.size as f64 / 1_048_576.0
+                )),
+                e => e.into(),
+            })?;
         tracing::info!(file = %what, backend_id = %self.backend_id, "input uploaded");
         Ok(value)
     }

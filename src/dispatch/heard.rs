@@ -74,6 +74,29 @@ impl Worker {
         }
     }
 
+    /// Records the largest upload the backend takes, as its socket's
+    /// `feature_flags` said, when it differs from the last record (a box
+    /// started again with another `--max-upload-size`): leasing leaves it
+    /// the jobs whose files fit, and a larger limit may let it take one
+    /// that waited.
+    async fn note_upload_limit(&mut self, limit: Option<i64>) {
+        let Some(limit) = limit.filter(|l| Some(*l) != self.upload_limit) else {
+            return;
+        };
+        match self.shared.store.set_upload_limit(&self.id, limit).await {
+            Ok(changed) => {
+                self.upload_limit = Some(limit);
+                if changed {
+                    tracing::info!(backend_id = %self.id, max_upload_bytes = limit, "the backend's upload limit is recorded");
+                    self.shared.wake();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(backend_id = %self.id, error = %e, "cannot record the backend's upload limit")
+            }
+        }
+    }
+
     pub(super) async fn on_event(&mut self, ev: WsEvent) {
         self.pulse.heard();
         if ev == WsEvent::Pong {
@@ -83,8 +106,9 @@ impl Worker {
         }
         self.link.heard();
         let pid = match &ev {
-            WsEvent::FeatureFlags => {
+            WsEvent::FeatureFlags { max_upload_bytes } => {
                 self.link.confirmed();
+                self.note_upload_limit(*max_upload_bytes).await;
                 return;
             }
             WsEvent::Status {

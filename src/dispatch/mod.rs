@@ -88,6 +88,10 @@ pub enum DispatchError {
     /// however long, and no attempt is spent on it.
     #[error("{0}")]
     DiskFull(String),
+    /// A file the job needs is larger than the backend takes (a `413` to
+    /// its upload): that backend cannot run the job, others may.
+    #[error("{0}")]
+    TooLarge(String),
     /// A file the job names is not here and will not be (an input deleted,
     /// an output its parent did not make or retention deleted): no attempt
     /// anywhere can succeed.

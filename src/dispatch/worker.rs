@@ -90,6 +90,8 @@ pub(super) struct Worker {
     pub(super) foreign_freed: bool,
     /// Its prompts whose outputs wait for disk space, as last shown.
     pub(super) disk_waits: usize,
+    /// The largest upload it takes, as last recorded.
+    pub(super) upload_limit: Option<i64>,
 }
 
 impl Worker {
@@ -122,6 +124,7 @@ impl Worker {
             foreign: 0,
             foreign_freed: false,
             disk_waits: 0,
+            upload_limit: None,
         }
     }
 

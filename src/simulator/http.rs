@@ -31,6 +31,10 @@ pub(super) fn router(sim: S) -> Router {
         .route("/history/{id}", get(get_history))
         .route("/view", get(view))
         .route("/system_stats", get(system_stats))
+        .route(
+            "/features",
+            get(|State(sim): State<S>| async move { Json(features(&sim)) }),
+        )
         .route("/object_info", get(object_info))
         .route("/object_info/{class}", get(object_info_of))
         .route("/models", get(models))
@@ -216,7 +220,30 @@ fn enqueue(sim: &Sim, mut prompt: Prompt) -> u64 {
 /// `POST /upload/image` as ComfyUI answers it: into the input folder (or a
 /// subfolder of it); without `overwrite`, other bytes under a taken name
 /// get `NAME (1).EXT` and the same bytes are recognised as a duplicate.
-async fn upload_image(State(sim): State<S>, mut form: axum::extract::Multipart) -> Response {
+async fn upload_image(
+    State(sim): State<S>,
+    headers: axum::http::HeaderMap,
+    mut form: axum::extract::Multipart,
+) -> Response {
+    let proxy = sim.config.proxy_max_body_bytes;
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if proxy > 0 && length.is_some_and(|n| n > proxy) {
+        // nginx's answer past its client_max_body_size; ComfyUI never sees
+        // it. Read to its end first, as nginx's lingering close does, so the
+        // client, still sending, gets the answer rather than a reset.
+        while let Ok(Some(mut field)) = form.next_field().await {
+            while let Ok(Some(_)) = field.chunk().await {}
+        }
+        let page = "<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            [(header::CONTENT_TYPE, "text/html")],
+            page,
+        )
+            .into_response();
+    }
     let (mut file, mut subfolder, mut overwrite) = (None, String::new(), false);
     while let Ok(Some(field)) = form.next_field().await {
         match field.name().unwrap_or("") {
@@ -224,6 +251,19 @@ async fn upload_image(State(sim): State<S>, mut form: axum::extract::Multipart) 
                 let name = field.file_name().unwrap_or("image.png").to_string();
                 match field.bytes().await {
                     Ok(b) => file = Some((name, b)),
+                    Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                        // aiohttp's words (recorded: upload_too_large.json).
+                        let said = format!(
+                            "Maximum request body size {} exceeded.",
+                            sim.config.max_body_bytes
+                        );
+                        return (
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                            said,
+                        )
+                            .into_response();
+                    }
                     Err(_) => return StatusCode::BAD_REQUEST.into_response(),
                 }
             }
@@ -396,6 +436,12 @@ async fn view(State(sim): State<S>, Query(q): Query<ViewQuery>) -> Response {
         axum::body::Body::from_stream(body),
     )
         .into_response()
+}
+
+/// What `GET /features` answers, and the socket's `feature_flags`: the
+/// upload limit in bytes, a float as ComfyUI computes it (MB × 1024 × 1024).
+pub(super) fn features(sim: &super::Sim) -> Value {
+    json!({"supports_preview_metadata": true, "max_upload_size": sim.config.max_body_bytes as f64})
 }
 
 async fn system_stats(State(sim): State<S>) -> Json<Value> {

@@ -31,7 +31,9 @@
 //! - `ignore_interrupts`: the first N interrupts aimed at a prompt are lost;
 //! - `queue_delay_ms`: `GET /queue` answers late;
 //! - `view_stall_ms`: a download stalls mid-way; `max_body_bytes`: a larger
-//!   submit is a `413`, as `--max-upload-size` makes it;
+//!   submit or upload is a `413`, as `--max-upload-size` makes it (and the
+//!   server says the limit); `proxy_max_body_bytes`: a proxy in front
+//!   refuses a larger upload with its own `413`, the server unaware;
 //! - `load_ms`: a prompt whose checkpoint differs from the last one's takes
 //!   this much longer (loading a model); `POST /_sim/checkpoints`
 //!   (`{"checkpoints": [...]}`) changes the models it has;
@@ -98,9 +100,14 @@ pub struct SimConfig {
     /// `/view` sends the headers and the first bytes, then stalls this long
     /// (a transfer that hangs mid-way).
     pub view_stall_ms: u64,
-    /// Largest request body it takes (`--max-upload-size`); a larger one
-    /// is a `413`, as aiohttp answers it.
+    /// Largest request body it takes (`--max-upload-size`), as it says in
+    /// `GET /features` and its socket's `feature_flags`; a larger one is a
+    /// `413`, as aiohttp answers it.
     pub max_body_bytes: usize,
+    /// A proxy in front of it (nginx) refuses an upload whose body is larger
+    /// than this with its own `413` page (0: no proxy); the server's own
+    /// limit, which it says, is larger.
+    pub proxy_max_body_bytes: usize,
     /// How long a crash keeps the server down before it comes back empty.
     pub crash_down_ms: u64,
     /// The first N interrupts aimed at a running prompt are lost (ComfyUI
@@ -133,6 +140,7 @@ impl Default for SimConfig {
             view_fails: false,
             view_stall_ms: 0,
             max_body_bytes: 100 * 1024 * 1024,
+            proxy_max_body_bytes: 0,
             crash_down_ms: 300,
             ignore_interrupts: 0,
             load_ms: 0,

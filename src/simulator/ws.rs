@@ -72,7 +72,7 @@ fn first_message(sim: &Sim, client_id: &str, text: &str) {
     let mut inner = sim.lock();
     if let Some(s) = inner.sockets.get_mut(client_id) {
         s.preview_metadata = v["data"]["supports_preview_metadata"] == true;
-        let answer = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true, "max_upload_size": 104857600}});
+        let answer = json!({"type": "feature_flags", "data": super::http::features(sim)});
         let _ = s.tx.send(Message::Text(answer.to_string().into()));
     }
 }

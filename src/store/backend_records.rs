@@ -178,6 +178,9 @@ pub struct BackendRecord {
     pub vram_total: Option<i64>,
     /// Free VRAM of the first device, bytes.
     pub vram_free: Option<i64>,
+    /// The largest upload it takes, bytes (its ComfyUI's
+    /// `--max-upload-size`), as it last said; `None` until it has.
+    pub max_upload_bytes: Option<i64>,
     /// Prompts in ComfyUI's queue (running and pending).
     pub queue_remaining: Option<i64>,
     /// Jobs this orchestrator has on it now (assigned or running).
@@ -272,6 +275,7 @@ mod tests {
             comfyui_version: None,
             vram_total: None,
             vram_free: None,
+            max_upload_bytes: None,
             queue_remaining: None,
             active_jobs: 0,
             last_error: None,

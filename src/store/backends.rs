@@ -254,6 +254,30 @@ impl Store {
             .await
     }
 
+    /// Records the largest upload a backend takes, in bytes, as its ComfyUI
+    /// said it (each socket it opens hears it): leasing leaves it the jobs
+    /// whose files fit. Whether it changed (a box started again with
+    /// another `--max-upload-size`); one statement, no event.
+    pub async fn set_upload_limit(&self, id: &str, bytes: i64) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.writer()
+            .write_one(move |conn| {
+                Box::pin(async move {
+                    let n = sqlx::query(
+                        "UPDATE backends SET max_upload_bytes = ?1 \
+                         WHERE id = ?2 AND max_upload_bytes IS NOT ?1",
+                    )
+                    .bind(bytes)
+                    .bind(&id)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    Ok(n == 1)
+                })
+            })
+            .await
+    }
+
     /// Records a failed poll; `offline_since` keeps the first failure's time.
     pub async fn backend_offline(&self, id: &str, error: String) -> Result<(), StoreError> {
         self.backend_seen(id, Seen::Offline(error)).await

@@ -37,6 +37,16 @@ pub(super) fn since_retry(lease: &str, job: &str) -> String {
     format!("({job}.retried_at IS NULL OR {lease}.leased_at >= {job}.retried_at)")
 }
 
+/// Room left in a backend's upload limit for what a file's upload carries
+/// besides the file (ComfyUI counts the whole form: the part headers and
+/// the other fields, a few hundred bytes).
+pub const UPLOAD_MARGIN_BYTES: i64 = 64 * 1024;
+
+/// The error `code` of an attempt whose file a backend refused as larger
+/// than it takes (a `413` to the upload): that backend is not offered the
+/// job again, and the failure says nothing against it.
+pub const UPLOAD_TOO_LARGE: &str = "upload_too_large";
+
 /// Why backend `backend` (a `backends` row alias) may not run job `job` (a
 /// `jobs` row alias), or NULL when it may: the one place these rules live.
 pub(super) fn bar_reason(job: &str, backend: &str) -> String {
@@ -75,10 +85,28 @@ pub(super) fn bar_reason(job: &str, backend: &str) -> String {
          AND {} AND big.vram_total > {ran_out})",
         super::backend_records::admitted_sql("big")
     );
+    // The largest stored file the job starts from, against the largest
+    // upload the backend said it takes (known once its socket has said).
+    let largest = format!(
+        "(SELECT max(i.size) FROM json_each({job}.inputs) f JOIN inputs i ON i.id = f.value)"
+    );
+    let too_large = format!(
+        "{backend}.max_upload_bytes IS NOT NULL AND {job}.inputs <> '[]' \
+         AND {largest} > {backend}.max_upload_bytes - {UPLOAD_MARGIN_BYTES}"
+    );
+    let refused_upload = format!(
+        "(SELECT count(*) FROM leases l WHERE l.job_id = {job}.id AND l.backend_id = {backend}.id \
+         AND l.outcome = 'rejected' AND json_extract(l.error, '$.code') = '{UPLOAD_TOO_LARGE}' AND {since})"
+    );
     format!(
         "CASE \
          WHEN EXISTS {missing} THEN 'lacks tags ' || (SELECT json_group_array(value) FROM {missing}) \
          WHEN {unfit} IS NOT NULL THEN 'cannot run it: ' || {unfit} \
+         WHEN {too_large} THEN 'takes uploads up to ' || \
+         printf('%.1f MB', {backend}.max_upload_bytes / 1048576.0) || \
+         ' (its ComfyUI''s --max-upload-size), and the job starts from a file of ' || \
+         printf('%.1f MB', {largest} / 1048576.0) \
+         WHEN {refused_upload} > 0 THEN 'refused a file of the job as too large (HTTP 413)' \
          WHEN {rejected} > 0 THEN 'rejected the workflow' \
          WHEN {failed} >= {MAX_FAILURES_PER_BACKEND} THEN 'failed it ' || {failed} || ' times' \
          WHEN {died} IS NOT NULL THEN 'died under it ' || {died} || ' times (dispatch.max_lost_runs)' \
