@@ -283,6 +283,7 @@ impl Submitter {
         let _inputs = self.check_inputs(&parsed).await?;
         self.check_parents(&parsed).await?;
         self.check_runs_somewhere(&parsed).await?;
+        self.check_upload_limits(&parsed).await?;
         // A batch the farm found broken: stored paused if still held
         // when it is written.
         parsed.job.hold = self.farm.held_batch_of(&parsed.job.metadata);
@@ -363,6 +364,55 @@ impl Submitter {
             &first.expect("checked at least one"),
             &checked_list(&enabled),
         ))
+    }
+
+    /// A file larger than every enabled backend takes (ComfyUI's
+    /// `--max-upload-size`, as each said it) could never reach one: refused
+    /// now, naming its field, rather than left to wait all night. While an
+    /// enabled backend has not said its limit, the job is accepted (leasing
+    /// applies the same rule, `store::lease::bar_reason`).
+    async fn check_upload_limits(&self, parsed: &manifest::Parsed) -> Result<(), SubmitError> {
+        if parsed.inputs.is_empty() {
+            return Ok(());
+        }
+        let enabled = self
+            .store
+            .enabled_backends_with_tags(&parsed.job.requires)
+            .await?;
+        let limits = self.store.upload_limits(&enabled).await?;
+        let Some(said) = limits
+            .iter()
+            .map(|(id, limit)| limit.map(|l| (id, l)))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(());
+        };
+        let Some(largest) = said.iter().map(|(_, l)| *l).max() else {
+            return Ok(());
+        };
+        for (field, id) in &parsed.inputs {
+            let Some(input) = self.store.input(id).await? else {
+                continue;
+            };
+            if input.size + crate::store::UPLOAD_MARGIN_BYTES > largest {
+                let mb = |b: i64| format!("{:.1} MB", b as f64 / 1_048_576.0);
+                let each: Vec<String> = said
+                    .iter()
+                    .map(|(id, l)| format!("{id} {}", mb(*l)))
+                    .collect();
+                return Err(SubmitError::invalid(
+                    field,
+                    format!(
+                        "input {id} is {}, larger than any enabled backend takes ({}: its ComfyUI's \
+                         --max-upload-size); start one with a larger --max-upload-size (in MB), or give \
+                         the job a smaller file",
+                        mb(input.size),
+                        each.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Every input file the graph names must be stored: the job could

@@ -1096,13 +1096,35 @@ async fn a_picture_larger_than_a_box_takes_is_left_to_one_that_takes_it() {
     let (_, input) = upload(&app, bytes, "image/png").await;
     let large = input["input_id"].as_str().unwrap().to_string();
 
-    // With `big` off, the large picture's job waits, saying why `small` will not do.
+    // With `big` off, no enabled box takes it: refused at once, nothing stored.
     app.post_json("/api/backends/big/disable", &json!({})).await;
+    let (status, body) = app
+        .post_json(
+            "/api/job",
+            &json!({"workflow_id": "image_invert", "parameters": {"image": large}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "parameters.image", "{body}");
+    let said = body["error"]["message"].as_str().unwrap();
+    assert!(
+        said.contains("is 0.3 MB, larger than any enabled backend takes (small 0.2 MB: its ComfyUI's --max-upload-size)"),
+        "{said}"
+    );
+    let (_, counts) = app.get("/api/jobs/counts").await;
+    assert_eq!(counts["total"], 0, "{counts}");
+
+    // Accepted while `big` takes it (paused), then waiting with `big` off,
+    // saying why `small` will not do.
+    app.post_json("/api/backends/big/enable", &json!({})).await;
     let waiting = app_submit(
         &app,
-        json!({"workflow_id": "image_invert", "parameters": {"image": large}}),
+        json!({"workflow_id": "image_invert", "paused": true, "parameters": {"image": large}}),
     )
     .await;
+    app.post_json("/api/backends/big/disable", &json!({})).await;
+    app.post_json(&format!("/api/job/{waiting}/resume"), &json!({}))
+        .await;
     let job = app
         .wait_job(&waiting, "it says why it waits", |j| {
             j["waiting_for"]

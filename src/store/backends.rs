@@ -278,6 +278,21 @@ impl Store {
             .await
     }
 
+    /// The largest upload each of these backends takes, bytes (`None`
+    /// for one that has not said), by id.
+    pub async fn upload_limits(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<(String, Option<i64>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, max_upload_bytes FROM backends \
+             WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+        )
+        .bind(serde_json::to_string(ids)?)
+        .fetch_all(self.reader())
+        .await?)
+    }
+
     /// Records a failed poll; `offline_since` keeps the first failure's time.
     pub async fn backend_offline(&self, id: &str, error: String) -> Result<(), StoreError> {
         self.backend_seen(id, Seen::Offline(error)).await
