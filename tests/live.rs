@@ -310,6 +310,24 @@ async fn a_picture_is_uploaded_to_comfyui_and_comes_back_inverted() {
 
 #[tokio::test]
 #[ignore = "needs a real ComfyUI: ORCH_LIVE_COMFYUI=host:port"]
+async fn the_box_upload_limit_is_recorded_as_comfyui_says_it() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (app, comfy) = live_app().await;
+    // ComfyUI's own word: `--max-upload-size` in bytes, a float.
+    let features = comfy_json(&app, format!("{comfy}/features")).await;
+    let said = features["max_upload_size"]
+        .as_f64()
+        .expect("GET /features names max_upload_size");
+    let recorded = poll("the limit recorded from the socket", || async {
+        let (_, b) = app.get("/api/backends/live").await;
+        b["max_upload_bytes"].as_i64()
+    })
+    .await;
+    assert_eq!(recorded, said as i64, "{features}");
+}
+
+#[tokio::test]
+#[ignore = "needs a real ComfyUI: ORCH_LIVE_COMFYUI=host:port"]
 async fn a_value_comfyui_would_refuse_is_a_422_naming_its_field_and_nothing_is_stored() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (app, _) = live_app().await;
