@@ -1933,6 +1933,53 @@ async fn a_batch_failing_on_the_only_box_taking_jobs_is_paused_too() {
     );
 }
 
+/// An operator who switches the breaker off (`pause_batch_after: 0`) and
+/// starts the service again gets the batch's next shots run, not paused by
+/// a hold the config no longer keeps; the jobs it paused stay paused until
+/// resumed, and nothing warns of the hold.
+#[tokio::test]
+async fn a_hold_ends_when_the_breaker_is_switched_off_and_the_service_started_again() {
+    let a = start_sim(0).await;
+    let app = spawn_farm_with(vec![backend("a", a.port, &[], 1)], |c| {
+        c.dispatch.pause_batch_after = 3;
+        c.dispatch.retry_backoff_ms = 60_000;
+        c.dispatch.retry_backoff_max_ms = 60_000;
+    })
+    .await;
+    app.wait_backend("a", "online").await;
+    let mut broken = Vec::new();
+    for n in 0..5 {
+        let job = json!({"workflow": failing_graph(), "max_attempts": 2, "metadata": {"batch": "broken", "n": n}});
+        broken.push(submit(&app, job).await);
+    }
+    let held = |warnings: &[String]| {
+        warnings
+            .iter()
+            .any(|w| w.starts_with("batch broken was paused by the farm at "))
+    };
+    poll("the batch held", || async {
+        held(&app.health_warnings().await).then_some(())
+    })
+    .await;
+    let next = submit(&app, blur(json!({"metadata": {"batch": "broken", "n": 5}}))).await;
+    assert!(app.job(&next).await["paused_at"].is_string(), "held");
+
+    let app = app.restart_with(|c| c.dispatch.pause_batch_after = 0).await;
+    app.wait_backend("a", "online").await;
+    let warnings = app.health_warnings().await;
+    assert!(!held(&warnings), "{warnings:?}");
+    let after = submit(
+        &app,
+        blur(json!({"metadata": {"batch": "broken", "n": 6}, "parameters": {"width": 65}})),
+    )
+    .await;
+    let job = app.wait_status(&after, "completed").await;
+    assert!(job["paused_at"].is_null(), "{job}");
+    // What the hold paused stays paused: each a user's to resume.
+    let job = app.job(&next).await;
+    assert!(job["paused_at"].is_string(), "{job}");
+}
+
 /// The `backend_hours` events' messages so far.
 async fn hours_events(app: &TestApp) -> Vec<String> {
     let said = backend_events(app, "backend_hours").await;

@@ -155,6 +155,25 @@ impl BadBatches {
         &self.field
     }
 
+    /// Whether a hold stored before this start is one this config keeps:
+    /// batches are held (`dispatch.pause_batch_after` is not 0) and named
+    /// by the hold's field (`dispatch.batch_field`).
+    pub(super) fn reads(&self, hold: &HeldBatch) -> bool {
+        self.after > 0 && hold.field == self.field
+    }
+
+    /// Why a hold [`BadBatches::reads`] refuses is not kept, in words.
+    pub(super) fn why_not_read(&self) -> String {
+        if self.after == 0 {
+            "dispatch.pause_batch_after is 0: the farm holds no batch".to_string()
+        } else {
+            format!(
+                "batches are named by `{}` now (dispatch.batch_field)",
+                self.field
+            )
+        }
+    }
+
     /// Whether a failed attempt's `error` is one it counts (it is on, and
     /// the error says something against the job): only those are given to
     /// [`BadBatches::failed`].

@@ -388,7 +388,19 @@ impl Farm {
                 .restore(&id, health::Quarantine { until, reason });
             shared.wake_at_quarantine_end(&id, until);
         }
-        // Batches held when the service stopped stay held.
+        // Batches held when the service stopped stay held, unless the
+        // config no longer holds batches (`pause_batch_after: 0`) or names
+        // them by another field: such a hold would go on pausing the
+        // batch's new jobs, or warn, with nothing to lift it but a resume.
+        // It ends; the jobs it paused stay paused, each a user's to resume.
+        for hold in store.held_batches().await? {
+            if shared.batches.reads(&hold) {
+                continue;
+            }
+            if store.release_batch(&hold.field, &hold.batch).await? {
+                tracing::warn!(batch = %hold.batch, field = %hold.field, "the batch's hold ends: {} (its paused jobs stay paused: orchestrator jobs --ids --paused -m {}={} | orchestrator resume -)", shared.batches.why_not_read(), hold.field, hold.batch);
+            }
+        }
         for hold in shared.batches.holds(&store).await? {
             tracing::info!(batch = %hold.batch, cause = %hold.cause, "batch still held: its new jobs are stored paused");
         }

@@ -115,6 +115,17 @@ impl TestApp {
         app
     }
 
+    /// Stops and starts again on the same data folder, its config first
+    /// changed by `tune` (an operator's edit between two runs).
+    #[allow(dead_code)]
+    pub async fn restart_with(self, tune: impl FnOnce(&mut Config)) -> TestApp {
+        let (mut config, dir) = self.stop().await;
+        tune(&mut config);
+        let mut app = spawn_with(config).await;
+        app._dir = dir;
+        app
+    }
+
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = self
             .client
