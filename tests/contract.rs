@@ -814,3 +814,23 @@ async fn the_upload_limit_is_said_and_enforced_as_recorded() {
         }
     }
 }
+
+#[test]
+fn a_loader_file_the_box_lacks_is_refused_on_its_input_as_recorded() {
+    let rec = recorded("upload_loadimage.json");
+    let missing = rec["exchange"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["note"] == "a file that is not in the input folder: 400")
+        .expect("the recorded refusal");
+    let r = orchestrator::comfy::Rejection {
+        status: 400,
+        body: missing["response"]["body"].clone(),
+        queued: false,
+    };
+    assert_eq!(
+        r.refused_inputs(),
+        vec![("1".to_string(), "image".to_string())]
+    );
+}

@@ -1240,3 +1240,33 @@ async fn a_picture_a_proxy_refuses_goes_to_another_box_and_the_box_is_not_blamed
     let (_, backends) = app.get("/api/backends/proxied").await;
     assert_eq!(backends["quarantined_until"], Value::Null, "{backends}");
 }
+
+#[tokio::test]
+async fn a_picture_gone_from_the_box_is_uploaded_again_and_the_job_runs() {
+    // One box: a refusal there would leave the job no backend at all.
+    let sim = start_sim(0).await;
+    let app = spawn_farm(vec![backend("a", sim.port, &[], 1)]).await;
+    app.wait_backend("a", "online").await;
+    let (bytes, rgb) = frame();
+    let (_, input) = upload(&app, bytes, "image/png").await;
+    let image = input["input_id"].as_str().unwrap().to_string();
+    let first = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": image}}),
+    )
+    .await;
+    app.wait_status(&first, "completed").await;
+    // Someone empties the box's input folder; its socket stays up.
+    assert_eq!(sim.clear_inputs(), 1);
+    let second = app_submit(
+        &app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": image, "filename_prefix": "again"}}),
+    )
+    .await;
+    let job = app.wait_status(&second, "completed").await;
+    assert_eq!(job["attempts"], 1, "{job}");
+    assert_eq!(sim.input_count(), 1, "uploaded again");
+    let (_, _, out) = first_output(&app, &job).await;
+    let inverted: Vec<u8> = rgb.iter().map(|v| 255 - v).collect();
+    assert_eq!(out, inverted);
+}

@@ -126,6 +126,23 @@ impl Rejection {
     pub fn node_errors(&self) -> Value {
         self.body.get("node_errors").cloned().unwrap_or(Value::Null)
     }
+
+    /// The inputs its per-node errors name, as (node id, input name): a
+    /// loader's file that is not in the box's input folder is refused on
+    /// its input (`Invalid image file: …`, recorded in
+    /// `upload_loadimage.json`).
+    pub fn refused_inputs(&self) -> Vec<(String, String)> {
+        let mut named = Vec::new();
+        let nodes = self.body.get("node_errors").and_then(Value::as_object);
+        for (node, e) in nodes.into_iter().flatten() {
+            for err in e["errors"].as_array().into_iter().flatten() {
+                if let Some(input) = err["extra_info"]["input_name"].as_str() {
+                    named.push((node.clone(), input.to_string()));
+                }
+            }
+        }
+        named
+    }
 }
 
 /// At most `n` bytes of `s`, on a character boundary.

@@ -94,7 +94,7 @@ impl Ctx {
         let held = Held::from(&lease);
         let pid = held.prompt_id.clone();
         let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
-        let graph = match self.with_inputs(lease.graph).await {
+        let (graph, placed) = match self.with_inputs(lease.graph).await {
             Ok(g) => g,
             Err(DispatchError::Gone(why)) => {
                 // No backend could do better: the job fails now, attempts left unused.
@@ -147,8 +147,26 @@ impl Ctx {
             // Ok or a dropped sender: either way the previous one is done posting.
             let _ = after.await;
         }
-        let answer = self.client.submit(&pid, &graph).await;
+        let mut answer = self.client.submit(&pid, &graph).await;
         drop(turn.posted);
+        // A file uploaded earlier on this connection that the box no longer
+        // has (its input folder emptied while it ran): ComfyUI refuses the
+        // loader's input. Uploaded again, and the prompt sent once more.
+        if let Err(ComfyError::Rejected(r)) = &answer {
+            let again = (!r.queued)
+                .then(|| self.refused_files(graph, &placed, &r.refused_inputs()))
+                .flatten();
+            if let Some(graph) = again {
+                tracing::info!(
+                    job_id,
+                    backend_id,
+                    "the backend no longer has a file uploaded to it earlier; uploading it again"
+                );
+                if let Ok((graph, _)) = self.with_inputs(graph).await {
+                    answer = self.client.submit(&pid, &graph).await;
+                }
+            }
+        }
         match answer {
             Ok(()) => match self.shared.store.mark_submitted(job_id, held.token).await {
                 Ok(true) => Report::AcceptedCancelled(pid),

@@ -21,19 +21,29 @@ impl Ctx {
     /// Uploads each input file the graph names, and each output of another
     /// job it starts from (once per backend and connection: a backend that
     /// restarted gets them again; uploading twice is harmless), and puts the
-    /// names ComfyUI answered in their place.
-    pub(super) async fn with_inputs(&self, mut graph: Value) -> Result<Value, DispatchError> {
+    /// names ComfyUI answered in their place. Also says where it put them.
+    pub(super) async fn with_inputs(
+        &self,
+        mut graph: Value,
+    ) -> Result<(Value, Vec<Placed>), DispatchError> {
+        let mut placed = Vec::new();
         let Some(nodes) = graph.as_object_mut() else {
-            return Ok(graph);
+            return Ok((graph, placed));
         };
-        for node in nodes.values_mut() {
+        for (node_id, node) in nodes.iter_mut() {
             let Some(inputs) = node.get_mut("inputs").and_then(Value::as_object_mut) else {
                 continue;
             };
-            for v in inputs.values_mut() {
+            for (input, v) in inputs.iter_mut() {
                 let Some(file) = self.file_of(v).await? else {
                     continue;
                 };
+                placed.push(Placed {
+                    node: node_id.clone(),
+                    input: input.clone(),
+                    hex: file.hex.clone(),
+                    value: v.clone(),
+                });
                 let known = self
                     .uploaded
                     .lock()
@@ -54,7 +64,35 @@ impl Ctx {
                 *v = Value::String(value);
             }
         }
-        Ok(graph)
+        Ok((graph, placed))
+    }
+
+    /// The graph with the values `placed` took put back (the job's own
+    /// references), and the files ComfyUI refused on their inputs
+    /// forgotten as uploaded: the box no longer has them (its input folder
+    /// emptied while it ran), and [`Ctx::with_inputs`] uploads them again.
+    /// `None` when it refused none of them.
+    pub(super) fn refused_files(
+        &self,
+        mut graph: Value,
+        placed: &[Placed],
+        refused: &[(String, String)],
+    ) -> Option<Value> {
+        let gone: Vec<&Placed> = placed
+            .iter()
+            .filter(|p| refused.iter().any(|(n, i)| *n == p.node && *i == p.input))
+            .collect();
+        if gone.is_empty() {
+            return None;
+        }
+        let mut uploaded = self.uploaded.lock().expect("uploads");
+        for p in &gone {
+            uploaded.remove(&p.hex);
+        }
+        for p in placed {
+            graph[&p.node]["inputs"][&p.input] = p.value.clone();
+        }
+        Some(graph)
     }
 
     /// The file an input value stands for, if it names one: a stored input
@@ -128,6 +166,15 @@ impl Ctx {
         tracing::info!(file = %what, backend_id = %self.backend_id, "input uploaded");
         Ok(value)
     }
+}
+
+/// Where [`Ctx::with_inputs`] put a file's name on the box, and what the
+/// job's graph said there.
+pub(super) struct Placed {
+    node: String,
+    input: String,
+    hex: String,
+    value: Value,
 }
 
 /// A file a job needs on the backend before it runs, named there by its

@@ -424,6 +424,20 @@ impl SimHandle {
         self.sim.lock().disk_full = on;
     }
 
+    /// Its input folder is emptied while it runs (a cleanup on the box):
+    /// the files uploaded to it are gone. How many there were.
+    pub fn clear_inputs(&self) -> usize {
+        let mut inner = self.sim.lock();
+        let n = inner.input_files.len();
+        inner.input_files.clear();
+        n
+    }
+
+    /// Files in its input folder now.
+    pub fn input_count(&self) -> usize {
+        self.sim.lock().input_files.len()
+    }
+
     /// Loses the next `count` interrupts aimed at a running prompt.
     pub fn ignore_interrupts(&self, count: u32) {
         self.sim.lock().interrupts_to_ignore = count;
