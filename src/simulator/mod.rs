@@ -44,9 +44,10 @@
 //!   (`{"on": bool}`: each `SaveImage` raises `OSError` "[Errno 28] No space
 //!   left on device", as on a box whose disk is full).
 //!
-//! What it does not model: real image processing beyond solid colours,
-//! models and VRAM use, uploads, custom node output kinds, and the
-//! 10,000-entry history cap.
+//! What it does not model: image processing beyond the few nodes
+//! `nodes.rs` computes, models' real loading and VRAM use, custom node
+//! output kinds, and the 10,000-entry history cap. Uploads it keeps, as
+//! ComfyUI's input folder does (names, duplicates, its limit).
 
 mod config;
 mod execute;
