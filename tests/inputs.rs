@@ -1063,6 +1063,20 @@ async fn upload_limits(app: &TestApp) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// Where an invert of a small picture ran (its leases' backends), once
+/// completed.
+async fn small_picture_runs_on(app: &TestApp) -> Vec<String> {
+    let (bytes, _) = frame();
+    let (_, input) = upload(app, bytes, "image/png").await;
+    let id = app_submit(
+        app,
+        json!({"workflow_id": "image_invert", "parameters": {"image": input["input_id"], "filename_prefix": "small"}}),
+    )
+    .await;
+    let job = app.wait_status(&id, "completed").await;
+    leased_on(&job).into_iter().map(str::to_string).collect()
+}
+
 #[tokio::test]
 async fn a_picture_larger_than_a_box_takes_is_left_to_one_that_takes_it() {
     // `small` was started with a low --max-upload-size (200 KB), `big` with
@@ -1138,15 +1152,7 @@ async fn a_picture_larger_than_a_box_takes_is_left_to_one_that_takes_it() {
         "{why}"
     );
     // A small picture runs on `small` meanwhile: the box is not left out.
-    let (small_bytes, _) = frame();
-    let (_, input) = upload(&app, small_bytes, "image/png").await;
-    let fits = app_submit(
-        &app,
-        json!({"workflow_id": "image_invert", "parameters": {"image": input["input_id"], "filename_prefix": "fits"}}),
-    )
-    .await;
-    let done = app.wait_status(&fits, "completed").await;
-    assert_eq!(leased_on(&done), ["small"]);
+    assert_eq!(small_picture_runs_on(&app).await, ["small"]);
     assert_eq!(app.job(&waiting).await["status"], "queued");
 
     // `big` back: the large ones run there, each at its first attempt, and
@@ -1228,15 +1234,7 @@ async fn a_picture_a_proxy_refuses_goes_to_another_box_and_the_box_is_not_blamed
     // No blame: with `direct` off again, `proxied` takes a small picture.
     app.post_json("/api/backends/direct/disable", &json!({}))
         .await;
-    let (small_bytes, _) = frame();
-    let (_, input) = upload(&app, small_bytes, "image/png").await;
-    let fits = app_submit(
-        &app,
-        json!({"workflow_id": "image_invert", "parameters": {"image": input["input_id"], "filename_prefix": "fits"}}),
-    )
-    .await;
-    let done = app.wait_status(&fits, "completed").await;
-    assert_eq!(leased_on(&done), ["proxied"]);
+    assert_eq!(small_picture_runs_on(&app).await, ["proxied"]);
     let (_, backends) = app.get("/api/backends/proxied").await;
     assert_eq!(backends["quarantined_until"], Value::Null, "{backends}");
 }
