@@ -145,6 +145,12 @@ fn plain_file_name(name: &str) -> bool {
         && !name.chars().any(char::is_control)
 }
 
+/// A size for people, in MB (MiB, as ComfyUI's `--max-upload-size`
+/// counts them), one decimal: `2.9 MB`.
+pub fn megabytes(bytes: i64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1_048_576.0)
+}
+
 /// The types ComfyUI's loaders take, by their first bytes: the MIME type.
 pub fn sniff(head: &[u8]) -> Option<&'static str> {
     let at = |i: usize, m: &[u8]| head.get(i..i + m.len()) == Some(m);

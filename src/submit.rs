@@ -7,6 +7,7 @@
 //! Its error type says what went wrong in terms any front door can render
 //! (the API as a status and JSON body, the inbox as an `.error.json` file).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -280,10 +281,10 @@ impl Submitter {
         self.look_up_keys(&mut parsed).await?;
         self.check_requires(&parsed.job.requires).await?;
         // Held until the job is stored or refused.
-        let _inputs = self.check_inputs(&parsed).await?;
+        let (_inputs, sizes) = self.check_inputs(&parsed).await?;
         self.check_parents(&parsed).await?;
         self.check_runs_somewhere(&parsed).await?;
-        self.check_upload_limits(&parsed).await?;
+        self.check_upload_limits(&parsed, &sizes).await?;
         // A batch the farm found broken: stored paused if still held
         // when it is written.
         parsed.job.hold = self.farm.held_batch_of(&parsed.job.metadata);
@@ -371,7 +372,12 @@ impl Submitter {
     /// now, naming its field, rather than left to wait all night. While an
     /// enabled backend has not said its limit, the job is accepted (leasing
     /// applies the same rule, `store::lease::bar_reason`).
-    async fn check_upload_limits(&self, parsed: &manifest::Parsed) -> Result<(), SubmitError> {
+    /// `sizes`: the job's stored inputs' sizes, by id.
+    async fn check_upload_limits(
+        &self,
+        parsed: &manifest::Parsed,
+        sizes: &HashMap<String, i64>,
+    ) -> Result<(), SubmitError> {
         if parsed.inputs.is_empty() {
             return Ok(());
         }
@@ -391,11 +397,11 @@ impl Submitter {
             return Ok(());
         };
         for (field, id) in &parsed.inputs {
-            let Some(input) = self.store.input(id).await? else {
+            let Some(&size) = sizes.get(id) else {
                 continue;
             };
-            if input.size + crate::store::UPLOAD_MARGIN_BYTES > largest {
-                let mb = |b: i64| format!("{:.1} MB", b as f64 / 1_048_576.0);
+            if size + crate::store::UPLOAD_MARGIN_BYTES > largest {
+                let mb = crate::inputs::megabytes;
                 let each: Vec<String> = said
                     .iter()
                     .map(|(id, l)| format!("{id} {}", mb(*l)))
@@ -406,7 +412,7 @@ impl Submitter {
                         "input {id} is {}, larger than any enabled backend takes ({}: its ComfyUI's \
                          --max-upload-size); start one with a larger --max-upload-size (in MB), or give \
                          the job a smaller file",
-                        mb(input.size),
+                        mb(size),
                         each.join(", ")
                     ),
                 ));
@@ -417,17 +423,17 @@ impl Submitter {
 
     /// Every input file the graph names must be stored: the job could
     /// never run otherwise. The answer holds them until the job is stored
-    /// (no deletion takes them in between).
+    /// (no deletion takes them in between), and gives their sizes by id.
     async fn check_inputs(
         &self,
         parsed: &manifest::Parsed,
-    ) -> Result<crate::store::InputsNamed, SubmitError> {
+    ) -> Result<(crate::store::InputsNamed, HashMap<String, i64>), SubmitError> {
         // The job's distinct ids; each reference for the field to name.
         let ids = &parsed.job.inputs;
         let named = self.store.name_inputs(ids).await;
-        let missing = self.store.missing_inputs(ids).await?;
-        match parsed.inputs.iter().find(|(_, id)| missing.contains(id)) {
-            None => Ok(named),
+        let sizes = self.store.input_sizes(ids).await?;
+        match parsed.inputs.iter().find(|(_, id)| !sizes.contains_key(id)) {
+            None => Ok((named, sizes)),
             Some((field, id)) => Err(SubmitError::invalid(
                 field,
                 format!(
@@ -456,7 +462,7 @@ impl Submitter {
             .collect();
         let found = self.store.jobs_by_keys(&keys).await?;
         // Each reference's text → the job and output it reads as.
-        let mut resolved = std::collections::HashMap::new();
+        let mut resolved = HashMap::new();
         for (rest, readings) in readings {
             let hit = readings
                 .into_iter()

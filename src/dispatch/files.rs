@@ -155,11 +155,11 @@ impl Ctx {
             .await
             .map_err(|e| match e {
                 ComfyError::UploadTooLarge(said) => DispatchError::TooLarge(format!(
-                    "backend {} refused {what} ({:.1} MB) as larger than it takes (HTTP 413: {said}): \
+                    "backend {} refused {what} ({}) as larger than it takes (HTTP 413: {said}): \
                      start its ComfyUI with a larger --max-upload-size (in MB, 100 by default), or \
                      raise the limit of a proxy in front of it (nginx: client_max_body_size)",
                     self.backend_id,
-                    file.size as f64 / 1_048_576.0
+                    crate::inputs::megabytes(file.size)
                 )),
                 e => e.into(),
             })?;

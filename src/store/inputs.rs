@@ -157,15 +157,19 @@ impl Store {
         .await
     }
 
-    /// Of these input ids, the ones not stored.
-    pub async fn missing_inputs(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
-        let mut missing = Vec::new();
+    /// The size of each of these inputs that is stored, by id (one not
+    /// stored is not in the answer).
+    pub async fn input_sizes(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        let mut sizes = std::collections::HashMap::new();
         for id in ids {
-            if self.input(id).await?.is_none() {
-                missing.push(id.clone());
+            if let Some(input) = self.input(id).await? {
+                sizes.insert(id.clone(), input.size);
             }
         }
-        Ok(missing)
+        Ok(sizes)
     }
 
     /// Every input, newest first, with the jobs that use it.
