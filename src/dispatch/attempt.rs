@@ -96,52 +96,7 @@ impl Ctx {
         let (job_id, backend_id) = (held.job_id.as_str(), self.backend_id.as_str());
         let (graph, placed) = match self.with_inputs(lease.graph).await {
             Ok(g) => g,
-            Err(DispatchError::Gone(why)) => {
-                // No backend could do better: the job fails now, attempts left unused.
-                let error = json!({
-                    "code": "input_missing",
-                    "message": format!("a file the job starts from is missing: {why}"),
-                    "backend_id": backend_id,
-                    "attempt": held.attempt,
-                });
-                tracing::warn!(job_id, backend_id, "{}", error["message"]);
-                return if self.fail_hopeless(&held, error).await {
-                    Report::Done(pid)
-                } else {
-                    Report::NoAnswer(pid)
-                };
-            }
-            Err(DispatchError::TooLarge(why)) => {
-                // This box cannot take the file: never offered the job again,
-                // no blame on it (the box is sound), tried elsewhere at once.
-                let error = json!({
-                    "code": crate::store::UPLOAD_TOO_LARGE,
-                    "message": why,
-                    "backend_id": backend_id,
-                    "attempt": held.attempt,
-                    "http_status": 413,
-                });
-                tracing::warn!(job_id, backend_id, "{}", error["message"]);
-                return if self.fail(&held, true, error).await {
-                    Report::Done(pid)
-                } else {
-                    Report::NoAnswer(pid)
-                };
-            }
-            Err(e) => {
-                // An error of this attempt on this backend: retried elsewhere like any other.
-                let error = json!({
-                    "message": format!("backend {backend_id}: cannot upload the job's input files: {e}"),
-                    "backend_id": backend_id,
-                    "attempt": held.attempt,
-                });
-                tracing::warn!(job_id, backend_id, "{}", error["message"]);
-                return if self.fail(&held, false, error).await {
-                    Report::Done(pid)
-                } else {
-                    Report::NoAnswer(pid)
-                };
-            }
+            Err(e) => return self.files_not_sent(&held, e).await,
         };
         if let Some(after) = turn.after {
             // Ok or a dropped sender: either way the previous one is done posting.
@@ -191,17 +146,45 @@ impl Ctx {
                     self.forget_prompt(&held, "part of its graph was refused")
                         .await;
                 }
-                if self.fail(&held, true, error).await {
-                    Report::Done(pid)
-                } else {
-                    Report::NoAnswer(pid)
-                }
+                reported(self.fail(&held, true, error).await, pid)
             }
             Err(e) => {
                 tracing::warn!(job_id, backend_id, error = %e, "submit got no usable answer; the backend will be asked whether it has the prompt");
                 Report::NoAnswer(pid)
             }
         }
+    }
+
+    /// The job's files could not be put on the box: the attempt ends as
+    /// what the error says of it. A file gone for good: no backend could do
+    /// better, the job fails now, attempts left unused. A file larger than
+    /// the box takes: the box is never offered the job again and not blamed
+    /// (it is sound), another tries at once. Anything else: an error of this
+    /// attempt on this backend, retried elsewhere like any other.
+    async fn files_not_sent(&self, held: &Held, e: DispatchError) -> Report {
+        let backend_id = self.backend_id.as_str();
+        let (mut error, rejected) = match &e {
+            DispatchError::Gone(why) => (
+                json!({"code": "input_missing", "message": format!("a file the job starts from is missing: {why}")}),
+                None,
+            ),
+            DispatchError::TooLarge(why) => (
+                json!({"code": crate::store::UPLOAD_TOO_LARGE, "message": why, "http_status": 413}),
+                Some(true),
+            ),
+            e => (
+                json!({"message": format!("backend {backend_id}: cannot upload the job's input files: {e}")}),
+                Some(false),
+            ),
+        };
+        error["backend_id"] = json!(backend_id);
+        error["attempt"] = json!(held.attempt);
+        tracing::warn!(job_id = %held.job_id, backend_id, "{}", error["message"]);
+        let recorded = match rejected {
+            None => self.fail_hopeless(held, error).await,
+            Some(rejected) => self.fail(held, rejected, error).await,
+        };
+        reported(recorded, held.prompt_id.clone())
     }
 
     /// Removes a prompt from the backend at once, and puts it on the
@@ -482,5 +465,15 @@ fn ran_before(
             Some(crate::store::RanAt { started, ended })
         }
         _ => None,
+    }
+}
+
+/// What a worker hears of an attempt ended here: done with the prompt once
+/// its end is `recorded`; otherwise it asks the backend again.
+fn reported(recorded: bool, pid: String) -> Report {
+    if recorded {
+        Report::Done(pid)
+    } else {
+        Report::NoAnswer(pid)
     }
 }
